@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs on a Debian 12 machine (run as root).
+#
+# Every step checks first and only installs what is missing, so a second run
+# takes about a second. Safe to run unattended (CI=true, no stdin).
+#
+# What gets installed and why:
+#   - PostgreSQL 15 server, client tools and contrib (amcheck): real servers
+#     for the integration tests; the client tools (psql, pg_basebackup, ...)
+#     are what `dr` drives.
+#   - redis-server / redis-tools: real Redis for the integration tests.
+#   - zstd, age: command-line tools used to cross-check the formats `dr` writes.
+#   - ca-certificates, pkg-config, gcc, make: building crates with C parts.
+#   - curl: scripts/testenv.sh uses it to check that the S3 endpoint answers.
+#   - cargo-nextest: the test runner.
+#   - Garage 2.x: a small S3-compatible object store, built from crates.io
+#     because Debian 12 does not package it.
+set -euo pipefail
+
+# cargo-installed tools live here; make sure they are found even when the
+# caller's PATH does not include it (CI starts from a minimal environment).
+CARGO_BIN_DIR="${CARGO_HOME:-$HOME/.cargo}/bin"
+export PATH="$CARGO_BIN_DIR:$PATH"
+export DEBIAN_FRONTEND=noninteractive
+
+# Garage major version the test environment is written for (config keys and
+# CLI syntax changed between 1.x and 2.x).
+GARAGE_VERSION_REQ='^2'
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+die() {
+    printf '[setup] ERROR: %s\n' "$*" >&2
+    exit 1
+}
+
+# ---------------------------------------------------------------------------
+# Debian packages
+# ---------------------------------------------------------------------------
+# Each entry is "package:check". A check starting with "/" is a file that the
+# package installs; anything else is a command that must be on PATH. Checking
+# files/commands instead of dpkg status also covers virtual packages such as
+# postgresql-contrib-15 (provided by postgresql-15 on Debian 12).
+APT_PACKAGES=(
+    "postgresql-15:/usr/lib/postgresql/15/bin/postgres"
+    "postgresql-client-15:/usr/lib/postgresql/15/bin/pg_basebackup"
+    "postgresql-contrib-15:/usr/share/postgresql/15/extension/amcheck.control"
+    "redis-server:redis-server"
+    "redis-tools:redis-cli"
+    "zstd:zstd"
+    "age:age"
+    "ca-certificates:/etc/ssl/certs/ca-certificates.crt"
+    "pkg-config:pkg-config"
+    "gcc:cc"
+    "make:make"
+    "curl:curl"
+)
+
+is_present() {
+    local check=$1
+    if [[ $check == /* ]]; then
+        [[ -e $check ]]
+    else
+        command -v "$check" >/dev/null 2>&1
+    fi
+}
+
+install_apt_packages() {
+    local entry pkg check
+    local missing=()
+    for entry in "${APT_PACKAGES[@]}"; do
+        pkg=${entry%%:*}
+        check=${entry#*:}
+        is_present "$check" || missing+=("$pkg")
+    done
+
+    if ((${#missing[@]} == 0)); then
+        log "Debian packages: all present"
+        return 0
+    fi
+
+    [[ $(id -u) == 0 ]] ||
+        die "missing Debian packages (${missing[*]}) and not running as root; re-run as root or install them with: sudo apt-get install ${missing[*]}"
+    command -v apt-get >/dev/null 2>&1 ||
+        die "missing packages (${missing[*]}) and apt-get is not available; this script expects Debian 12"
+
+    log "Debian packages: installing ${missing[*]}"
+    # Wait for a concurrent apt/dpkg run instead of failing on its lock.
+    local apt=(apt-get -q -y -o DPkg::Lock::Timeout=600)
+    "${apt[@]}" update ||
+        die "'apt-get update' failed; check that the Debian package mirrors in /etc/apt/sources.list* are reachable"
+    "${apt[@]}" install --no-install-recommends "${missing[@]}" ||
+        die "'apt-get install ${missing[*]}' failed; see the apt output above (try 'dpkg --configure -a' if dpkg was interrupted)"
+
+    for entry in "${APT_PACKAGES[@]}"; do
+        is_present "${entry#*:}" ||
+            die "package ${entry%%:*} was installed but ${entry#*:} is still missing"
+    done
+}
+
+# ---------------------------------------------------------------------------
+# Rust tools
+# ---------------------------------------------------------------------------
+require_cargo() {
+    command -v cargo >/dev/null 2>&1 ||
+        die "cargo not found (looked on PATH and in $CARGO_BIN_DIR); install the Rust toolchain with rustup"
+}
+
+install_nextest() {
+    if cargo nextest --version >/dev/null 2>&1; then
+        log "cargo-nextest: present"
+        return 0
+    fi
+    log "cargo-nextest: installing from crates.io (a few minutes)"
+    # CARGO_TARGET_DIR is unset so that the tool builds in cargo's own
+    # temporary directory, not in the project's (possibly shared) target dir.
+    env -u CARGO_TARGET_DIR cargo install cargo-nextest --locked ||
+        die "'cargo install cargo-nextest --locked' failed; see the cargo output above"
+}
+
+# Sets GARAGE_BIN/GARAGE_VERSION to a Garage 2.x binary, or leaves GARAGE_BIN empty.
+find_garage() {
+    local bin version
+    GARAGE_BIN=
+    GARAGE_VERSION=
+    for bin in "$(command -v garage 2>/dev/null || true)" "$CARGO_BIN_DIR/garage"; do
+        [[ -n $bin && -x $bin ]] || continue
+        # Captured first rather than piped into grep -q: with pipefail an
+        # early-exiting grep could turn a good binary into a failure.
+        version=$("$bin" --version 2>/dev/null || true)
+        if [[ $version =~ (^|[^0-9.])v?2\.[0-9]+ ]]; then
+            GARAGE_BIN=$bin
+            GARAGE_VERSION=${version%%$'\n'*}
+            return 0
+        fi
+    done
+}
+
+# Another process may already be building Garage (it takes a long time on a
+# small machine). Starting a second build would compete for the same cores
+# and the same install destination, so wait for that one instead.
+wait_for_other_garage_install() {
+    local waited=0 max_wait=$((120 * 60))
+    while pgrep -f '^[^ ]*cargo install .*garage' >/dev/null 2>&1; do
+        if ((waited == 0)); then
+            log "Garage: another 'cargo install garage' is running; waiting for it to finish"
+        elif ((waited % 300 == 0)); then
+            log "Garage: still waiting for the other build ($((waited / 60)) min so far)"
+        fi
+        if ((waited >= max_wait)); then
+            die "gave up after $((max_wait / 60)) min waiting for another 'cargo install garage' (see: pgrep -af 'cargo install'); stop it or let it finish, then re-run"
+        fi
+        sleep 10
+        waited=$((waited + 10))
+    done
+}
+
+install_garage() {
+    find_garage
+    if [[ -z $GARAGE_BIN ]]; then
+        wait_for_other_garage_install
+        find_garage
+    fi
+    if [[ -n $GARAGE_BIN ]]; then
+        log "Garage: present ($GARAGE_BIN, $GARAGE_VERSION)"
+        return 0
+    fi
+
+    log "Garage: building 2.x from crates.io (takes 20+ minutes on 2 cores)"
+    # bundled-libs: no system libsodium/zstd/sqlite needed.
+    # sqlite only: the default LMDB engine is not needed for a test server.
+    env -u CARGO_TARGET_DIR cargo install garage --locked --version "$GARAGE_VERSION_REQ" \
+        --no-default-features --features bundled-libs,sqlite ||
+        die "'cargo install garage' failed; see the cargo output above (a C compiler and make are required)"
+
+    find_garage
+    [[ -n $GARAGE_BIN ]] || die "Garage was built but no 2.x 'garage' binary is on PATH or in $CARGO_BIN_DIR"
+    log "Garage: installed ($GARAGE_BIN, $GARAGE_VERSION)"
+}
+
+install_apt_packages
+require_cargo
+install_nextest
+install_garage
+log "done"

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Runs every test against real servers: installs prerequisites, starts a
+# private throwaway test environment, runs the test suite, stops the servers.
+#
+# Usage: scripts/test.sh [extra cargo-nextest arguments]
+# Exits with the test runner's status.
+set -euo pipefail
+
+ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+banner() { printf '\n===== %s =====\n' "$*"; }
+
+banner "1/3 Installing prerequisites (scripts/setup.sh)"
+bash "$ROOT/scripts/setup.sh"
+
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+# Outside the work tree so that builds are reused across fresh clones (CI
+# clones the repository anew for every run).
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/dr/target}"
+mkdir -p -- "$CARGO_TARGET_DIR"
+
+banner "2/3 Starting test servers (scripts/testenv.sh)"
+# A state directory of its own (unless the caller chose one), so this run
+# neither reuses leftover data nor stops an environment someone started by
+# hand at the default location.
+export DR_TESTENV_DIR="${DR_TESTENV_DIR:-/tmp/dr-testenv.run-$$}"
+
+# shellcheck disable=SC2317  # invoked through the trap below
+stop_env() {
+    local rc=$?
+    trap - EXIT INT TERM
+    banner "Stopping test servers"
+    bash "$ROOT/scripts/testenv.sh" stop ||
+        echo "warning: 'scripts/testenv.sh stop' failed; leftover state in $DR_TESTENV_DIR" >&2
+    exit "$rc"
+}
+trap stop_env EXIT
+# Turn signals into a normal exit so the EXIT trap stops the servers.
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+bash "$ROOT/scripts/testenv.sh" start >/dev/null
+# shellcheck disable=SC1091
+source "$DR_TESTENV_DIR/env.sh"
+bash "$ROOT/scripts/testenv.sh" status
+
+banner "3/3 Running tests (cargo nextest run)"
+echo "cargo:   $(cargo --version)"
+echo "nextest: $(cargo nextest --version 2>/dev/null | head -n1)"
+echo "target:  $CARGO_TARGET_DIR"
+status=0
+cargo nextest run --locked --no-fail-fast "$@" || status=$?
+
+if ((status == 0)); then
+    banner "Tests passed"
+else
+    banner "Tests FAILED (cargo nextest exit status $status)"
+fi
+exit "$status"

@@ -1,0 +1,549 @@
+#!/usr/bin/env bash
+# Throwaway PostgreSQL 15, Redis and Garage (S3) servers for the integration
+# tests, on free loopback ports, all state under one directory.
+#
+# Usage: scripts/testenv.sh start|stop|status|env
+#
+#   start   start all servers (no-op if already running) and print the
+#           environment file; progress goes to stderr, so
+#           `eval "$(scripts/testenv.sh start)"` works.
+#   stop    stop the servers and delete the state directory.
+#   status  report each server; exit 0 only if all of them answer.
+#   env     print the environment file ($DR_TESTENV_DIR/env.sh).
+#
+# State directory: ${DR_TESTENV_DIR:-/tmp/dr-testenv}. Run as root (or as the
+# OS user below): PostgreSQL refuses to run as root, so PostgreSQL and Redis
+# run as an unprivileged user via runuser. Prerequisites: scripts/setup.sh.
+#
+# The servers never use the default ports, so system-wide PostgreSQL/Redis
+# instances started by Debian's packages neither conflict nor get used.
+set -euo pipefail
+
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+
+STATE_DIR=$(realpath -m -- "${DR_TESTENV_DIR:-/tmp/dr-testenv}")
+MARKER=$STATE_DIR/.dr-testenv
+ENV_FILE=$STATE_DIR/env.sh
+
+OS_USER=postgres
+PG_BIN_DIR=/usr/lib/postgresql/15/bin
+PG_DIR=$STATE_DIR/postgres
+PG_DATA=$PG_DIR/data
+PG_SOCKET_DIR=$PG_DIR/socket
+PG_LOG=$PG_DIR/postgres.log
+
+REDIS_DIR=$STATE_DIR/redis
+REDIS_CONF=$REDIS_DIR/redis.conf
+REDIS_PIDFILE=$REDIS_DIR/redis.pid
+REDIS_LOG=$REDIS_DIR/redis.log
+
+GARAGE_DIR=$STATE_DIR/garage
+GARAGE_CONF=$GARAGE_DIR/garage.toml
+GARAGE_PIDFILE=$GARAGE_DIR/garage.pid
+GARAGE_LOG=$GARAGE_DIR/garage.log
+
+S3_REGION=garage
+S3_BUCKET=dr-test
+S3_KEY_NAME=dr-test
+
+# How long to wait for each server to answer before giving up.
+START_TIMEOUT=60
+
+log() { printf '[testenv] %s\n' "$*" >&2; }
+die() {
+    printf '[testenv] ERROR: %s\n' "$*" >&2
+    exit 1
+}
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+# Runs a command as the unprivileged OS user. The working directory is "/"
+# because the caller's directory (e.g. /root) may not be readable by it.
+as_os_user() {
+    if [[ $(id -un) == "$OS_USER" ]]; then
+        (cd / && "$@")
+    else
+        (cd / && runuser -u "$OS_USER" -- "$@")
+    fi
+}
+
+random_hex() { # random_hex BYTES
+    od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'
+}
+
+# Prints N distinct free TCP ports on 127.0.0.1. All sockets are held open
+# together so the kernel cannot hand out the same port twice.
+free_ports() {
+    local n=$1
+    local out
+    if command -v python3 >/dev/null 2>&1 && out=$(python3 - "$n" 2>/dev/null <<'EOF'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+    ); then
+        echo "$out"
+        return 0
+    fi
+    # Fallback without python3: probe random high ports for a listener.
+    local ports=() p
+    while ((${#ports[@]} < n)); do
+        p=$((20000 + RANDOM % 30000))
+        [[ " ${ports[*]} " == *" $p "* ]] && continue
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            ports+=("$p")
+        fi
+    done
+    echo "${ports[*]}"
+}
+
+# True if PID is a live process whose command line mentions NAME (guards
+# against a recycled PID from a previous boot or crashed run).
+pid_is() { # pid_is PID NAME
+    local pid=$1 name=$2 cmdline
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    cmdline=$(tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline") || return 1
+    [[ $cmdline == *"$name"* ]]
+}
+
+read_pid() { # read_pid FILE -> first line of FILE, or nothing
+    if [[ -r $1 ]]; then head -n1 -- "$1" 2>/dev/null || true; fi
+}
+
+pg_pid() { read_pid "$PG_DATA/postmaster.pid"; }
+redis_pid() { read_pid "$REDIS_PIDFILE"; }
+garage_pid() { read_pid "$GARAGE_PIDFILE"; }
+
+# Sends SIGTERM, waits, then SIGKILL if the process is still there.
+kill_and_wait() { # kill_and_wait LABEL PID NAME
+    local label=$1 pid=$2 name=$3 i
+    pid_is "$pid" "$name" || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        pid_is "$pid" "$name" || return 0
+        sleep 0.2
+    done
+    log "$label (pid $pid) ignored SIGTERM for 20s; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+# Reports a server that failed to start, with the end of its log, stops
+# whatever was already started (the logs stay in the state dir) and exits.
+start_failed() { # start_failed LABEL LOGFILE MESSAGE
+    local label=$1 logfile=$2 msg=$3
+    printf '[testenv] ERROR: %s: %s\n' "$label" "$msg" >&2
+    if [[ -s $logfile ]]; then
+        printf '[testenv] ---- last lines of %s ----\n' "$logfile" >&2
+        tail -n 40 -- "$logfile" >&2 || true
+        printf '[testenv] ---- end of %s ----\n' "$logfile" >&2
+    else
+        printf '[testenv] (no log output in %s)\n' "$logfile" >&2
+    fi
+    stop_servers
+    printf '[testenv] servers stopped; logs kept in %s (scripts/testenv.sh stop removes it)\n' "$STATE_DIR" >&2
+    exit 1
+}
+
+# ---------------------------------------------------------------------------
+# PostgreSQL
+# ---------------------------------------------------------------------------
+ensure_os_user() {
+    id -u "$OS_USER" >/dev/null 2>&1 && return 0
+    log "creating system user $OS_USER"
+    useradd --system --user-group --home-dir /var/lib/postgresql --shell /usr/sbin/nologin "$OS_USER" ||
+        die "could not create OS user '$OS_USER' (useradd failed); create it manually"
+}
+
+start_postgres() {
+    local port=$1
+    local label="PostgreSQL (127.0.0.1:$port)"
+    mkdir -p "$PG_DIR" "$PG_SOCKET_DIR"
+    chown -R "$OS_USER:" "$PG_DIR"
+
+    log "PostgreSQL: initdb"
+    # Trust auth is fine: the server only listens on loopback and on a socket
+    # inside the state dir. The C locale avoids depending on generated locales.
+    if ! as_os_user "$PG_BIN_DIR/initdb" -D "$PG_DATA" -U postgres --data-checksums \
+        --auth=trust --encoding=UTF8 --locale=C >"$PG_DIR/initdb.log" 2>&1; then
+        start_failed "$label" "$PG_DIR/initdb.log" "initdb failed"
+    fi
+
+    # Replication entries are separate in pg_hba ("all" does not match them)
+    # and are needed for pg_basebackup / pg_receivewal.
+    cat >"$PG_DATA/pg_hba.conf" <<EOF
+# TYPE  DATABASE     USER  ADDRESS        METHOD
+local   all          all                  trust
+local   replication  all                  trust
+host    all          all   127.0.0.1/32   trust
+host    replication  all   127.0.0.1/32   trust
+EOF
+    # Settings go into postgresql.conf (not the pg_ctl command line) so that a
+    # test restarting the server with plain `pg_ctl restart` keeps them.
+    # archive_command is a placeholder; tests that exercise WAL archiving set
+    # their own (ALTER SYSTEM or editing this file, then reload).
+    cat >>"$PG_DATA/postgresql.conf" <<EOF
+
+# ---- dr test environment (scripts/testenv.sh) ----
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$PG_SOCKET_DIR'
+wal_level = replica
+max_wal_senders = 10
+archive_mode = on
+archive_command = '/bin/true'
+EOF
+    chown "$OS_USER:" "$PG_DATA/pg_hba.conf" "$PG_DATA/postgresql.conf"
+
+    log "PostgreSQL: starting on 127.0.0.1:$port"
+    touch "$PG_LOG" && chown "$OS_USER:" "$PG_LOG"
+    if ! as_os_user "$PG_BIN_DIR/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t "$START_TIMEOUT" start >/dev/null; then
+        start_failed "$label" "$PG_LOG" "pg_ctl start failed"
+    fi
+    if ! "$PG_BIN_DIR/psql" -h 127.0.0.1 -p "$port" -U postgres -d postgres -XAtqc 'select 1' >/dev/null 2>&1; then
+        start_failed "$label" "$PG_LOG" "server started but does not answer queries over TCP"
+    fi
+}
+
+stop_postgres() {
+    local pid
+    pid=$(pg_pid)
+    pid_is "$pid" postgres || return 0
+    log "PostgreSQL: stopping (pid $pid)"
+    if ! as_os_user "$PG_BIN_DIR/pg_ctl" -D "$PG_DATA" -m fast -w -t 30 stop >/dev/null 2>&1; then
+        # e.g. a test replaced the data directory under the running server.
+        log "PostgreSQL: pg_ctl stop failed; signalling pid $pid directly"
+        kill_and_wait PostgreSQL "$pid" postgres
+    fi
+}
+
+# ---------------------------------------------------------------------------
+# Redis
+# ---------------------------------------------------------------------------
+start_redis() {
+    local port=$1 bin
+    local label="Redis (127.0.0.1:$port)"
+    bin=$(command -v redis-server)
+
+    mkdir -p "$REDIS_DIR"
+    # A config file (rather than flags) keeps CONFIG REWRITE working for tests.
+    # No persistence by default: tests that need RDB/AOF files turn it on.
+    cat >"$REDIS_CONF" <<EOF
+# dr test environment (scripts/testenv.sh)
+bind 127.0.0.1
+port $port
+daemonize yes
+pidfile $REDIS_PIDFILE
+logfile $REDIS_LOG
+dir $REDIS_DIR
+save ""
+appendonly no
+EOF
+    chown -R "$OS_USER:" "$REDIS_DIR"
+
+    log "Redis: starting on 127.0.0.1:$port"
+    if ! as_os_user "$bin" "$REDIS_CONF" >/dev/null 2>&1; then
+        start_failed "$label" "$REDIS_LOG" "redis-server exited with an error"
+    fi
+    # redis-server daemonizes before binding, so poll until it answers.
+    local deadline=$((SECONDS + START_TIMEOUT)) reply pid
+    while :; do
+        reply=$(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null || true)
+        [[ $reply == PONG ]] && break
+        pid=$(redis_pid)
+        if [[ -n $pid ]] && ! pid_is "$pid" redis-server; then
+            start_failed "$label" "$REDIS_LOG" "redis-server exited during startup"
+        fi
+        ((SECONDS < deadline)) || start_failed "$label" "$REDIS_LOG" "no PONG within ${START_TIMEOUT}s"
+        sleep 0.1
+    done
+}
+
+stop_redis() {
+    local pid
+    pid=$(redis_pid)
+    pid_is "$pid" redis-server || return 0
+    log "Redis: stopping (pid $pid)"
+    kill_and_wait Redis "$pid" redis-server
+}
+
+# ---------------------------------------------------------------------------
+# Garage (S3)
+# ---------------------------------------------------------------------------
+garage_cli() { garage -c "$GARAGE_CONF" "$@"; }
+
+# Runs a garage CLI step during setup; on failure shows its output and the
+# server log, then aborts the start.
+garage_step() { # garage_step ARGS...
+    local out
+    if ! out=$(garage_cli "$@" 2>&1); then
+        printf '%s\n' "$out" >&2
+        start_failed "Garage" "$GARAGE_LOG" "'garage $*' failed"
+    fi
+}
+
+start_garage() {
+    local s3_port=$1 rpc_port=$2 admin_port=$3
+    local label="Garage (S3 on 127.0.0.1:$s3_port)"
+
+    mkdir -p "$GARAGE_DIR/meta" "$GARAGE_DIR/data"
+    chmod 700 "$GARAGE_DIR"
+
+    # Fixed-format credentials generated here and imported below, so the
+    # script never has to parse `garage key create` output.
+    # Access key IDs follow Garage's own format: "GK" + 24 hex digits.
+    S3_ACCESS_KEY_ID="GK$(random_hex 12)"
+    S3_SECRET_ACCESS_KEY=$(random_hex 32)
+
+    cat >"$GARAGE_CONF" <<EOF
+# dr test environment (scripts/testenv.sh): single node, loopback only.
+metadata_dir = "$GARAGE_DIR/meta"
+data_dir = "$GARAGE_DIR/data"
+db_engine = "sqlite"
+replication_factor = 1
+
+rpc_bind_addr = "127.0.0.1:$rpc_port"
+rpc_public_addr = "127.0.0.1:$rpc_port"
+rpc_secret = "$(random_hex 32)"
+
+[s3_api]
+s3_region = "$S3_REGION"
+api_bind_addr = "127.0.0.1:$s3_port"
+root_domain = ".s3.garage.localhost"
+
+[admin]
+api_bind_addr = "127.0.0.1:$admin_port"
+admin_token = "$(random_hex 32)"
+EOF
+    chmod 600 "$GARAGE_CONF"
+
+    log "Garage: starting (S3 127.0.0.1:$s3_port, RPC :$rpc_port, admin :$admin_port)"
+    # Garage has no daemon mode: run it in the background and record its PID.
+    # stdin/stdout are detached so callers capturing our output do not hang.
+    RUST_LOG=${GARAGE_LOG_LEVEL:-garage=info} garage -c "$GARAGE_CONF" server \
+        </dev/null >>"$GARAGE_LOG" 2>&1 &
+    echo $! >"$GARAGE_PIDFILE"
+
+    local pid deadline=$((SECONDS + START_TIMEOUT))
+    pid=$(garage_pid)
+    until garage_cli status >/dev/null 2>&1; do
+        pid_is "$pid" garage || start_failed "$label" "$GARAGE_LOG" "server process exited"
+        ((SECONDS < deadline)) || start_failed "$label" "$GARAGE_LOG" "RPC did not answer within ${START_TIMEOUT}s"
+        sleep 0.2
+    done
+
+    # Single-node cluster layout: the node must be given a role (zone and
+    # capacity) before it stores anything.
+    # `node id -q` prints "<64 hex digits>@<rpc_public_addr>".
+    local node_id
+    node_id=$(garage_cli node id -q 2>&1) ||
+        start_failed "$label" "$GARAGE_LOG" "'garage node id -q' failed: $node_id"
+    node_id=${node_id%%@*}
+    [[ $node_id =~ ^[0-9a-f]{64}$ ]] ||
+        start_failed "$label" "$GARAGE_LOG" "unexpected output from 'garage node id -q': $node_id"
+    garage_step layout assign -z dc1 -c 1G "$node_id"
+    garage_step layout apply --version 1
+
+    garage_step key import --yes -n "$S3_KEY_NAME" "$S3_ACCESS_KEY_ID" "$S3_SECRET_ACCESS_KEY"
+    garage_step bucket create "$S3_BUCKET"
+    garage_step bucket allow --read --write --owner "$S3_BUCKET" --key "$S3_ACCESS_KEY_ID"
+
+    # End-to-end check: a SigV4-signed ListObjectsV2 on the bucket must
+    # succeed, which proves the layout, key and permissions all took effect.
+    local code url="http://127.0.0.1:$s3_port/$S3_BUCKET?list-type=2"
+    while :; do
+        code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 5 \
+            --aws-sigv4 "aws:amz:$S3_REGION:s3" --user "$S3_ACCESS_KEY_ID:$S3_SECRET_ACCESS_KEY" \
+            "$url" 2>/dev/null || true)
+        [[ $code == 200 ]] && break
+        ((SECONDS < deadline)) ||
+            start_failed "$label" "$GARAGE_LOG" "signed S3 ListObjectsV2 on $url returned HTTP '${code:-none}' (expected 200)"
+        sleep 0.2
+    done
+}
+
+stop_garage() {
+    local pid
+    pid=$(garage_pid)
+    pid_is "$pid" garage || return 0
+    log "Garage: stopping (pid $pid)"
+    kill_and_wait Garage "$pid" garage
+}
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+stop_servers() {
+    stop_garage
+    stop_redis
+    stop_postgres
+}
+
+all_running() {
+    pid_is "$(pg_pid)" postgres && pid_is "$(redis_pid)" redis-server && pid_is "$(garage_pid)" garage
+}
+
+# Refuses to delete a directory this script did not create.
+remove_state_dir() {
+    [[ -e $STATE_DIR ]] || return 0
+    [[ $STATE_DIR != / && -e $MARKER ]] ||
+        die "refusing to delete $STATE_DIR: it was not created by scripts/testenv.sh (no $MARKER)"
+    rm -rf -- "$STATE_DIR"
+}
+
+write_env_file() {
+    local pg_port=$1 redis_port=$2 s3_port=$3 tmp=$ENV_FILE.tmp
+    {
+        echo "# Generated by scripts/testenv.sh start; removed by scripts/testenv.sh stop."
+        printf 'export %s=%q\n' \
+            DR_TEST_PG_HOST 127.0.0.1 \
+            DR_TEST_PG_PORT "$pg_port" \
+            DR_TEST_PG_USER postgres \
+            DR_TEST_PG_BIN_DIR "$PG_BIN_DIR" \
+            DR_TEST_PG_DATA "$PG_DATA" \
+            DR_TEST_PG_SOCKET_DIR "$PG_SOCKET_DIR" \
+            DR_TEST_OS_USER "$OS_USER" \
+            DR_TEST_REDIS_URL "redis://127.0.0.1:$redis_port" \
+            DR_TEST_REDIS_SERVER_BIN "$(command -v redis-server)" \
+            DR_TEST_S3_ENDPOINT "http://127.0.0.1:$s3_port" \
+            DR_TEST_S3_REGION "$S3_REGION" \
+            DR_TEST_S3_BUCKET "$S3_BUCKET" \
+            DR_TEST_S3_ACCESS_KEY_ID "$S3_ACCESS_KEY_ID" \
+            DR_TEST_S3_SECRET_ACCESS_KEY "$S3_SECRET_ACCESS_KEY" \
+            DR_TESTENV_DIR "$STATE_DIR"
+    } >"$tmp"
+    mv -f -- "$tmp" "$ENV_FILE"
+}
+
+# Checked before anything starts, so a missing tool never leaves a
+# half-started environment behind.
+check_prereqs() {
+    local missing=() tool
+    for tool in "$PG_BIN_DIR/initdb" "$PG_BIN_DIR/pg_ctl" "$PG_BIN_DIR/psql"; do
+        [[ -x $tool ]] || missing+=("$tool")
+    done
+    for tool in redis-server redis-cli garage curl runuser od; do
+        command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+    done
+    ((${#missing[@]} == 0)) ||
+        die "missing: ${missing[*]}; run scripts/setup.sh (garage is looked for on PATH and in ~/.cargo/bin)"
+}
+
+cmd_start() {
+    if [[ -f $ENV_FILE ]] && all_running; then
+        log "already running ($STATE_DIR)"
+        cat -- "$ENV_FILE"
+        return 0
+    fi
+    if [[ -e $STATE_DIR ]]; then
+        if [[ -e $MARKER ]]; then
+            log "cleaning up a stale or partial test env in $STATE_DIR"
+            stop_servers
+            remove_state_dir
+        elif [[ -n $(ls -A -- "$STATE_DIR" 2>/dev/null) ]]; then
+            die "$STATE_DIR exists, is not empty and was not created by this script; set DR_TESTENV_DIR to another path"
+        fi
+    fi
+
+    [[ $(id -u) == 0 || $(id -un) == "$OS_USER" ]] ||
+        die "run as root (PostgreSQL and Redis are started as user '$OS_USER' via runuser)"
+    [[ $(id -u) != 0 ]] || ensure_os_user
+    check_prereqs
+
+    local t0=$SECONDS
+    mkdir -p -- "$STATE_DIR"
+    touch -- "$MARKER"
+    # The servers run as $OS_USER and must be able to reach their
+    # subdirectories (e.g. mktemp -d creates mode 0700 directories).
+    chmod 755 -- "$STATE_DIR"
+    as_os_user test -x "$STATE_DIR" ||
+        die "user '$OS_USER' cannot access $STATE_DIR (a parent directory is not searchable); set DR_TESTENV_DIR to a path under /tmp"
+    # Unix socket paths are limited to 107 bytes.
+    ((${#PG_SOCKET_DIR} < 80)) ||
+        die "DR_TESTENV_DIR is too long for PostgreSQL's Unix socket path; use a shorter one"
+
+    local ports pg_port redis_port s3_port rpc_port admin_port
+    ports=$(free_ports 5)
+    read -r pg_port redis_port s3_port rpc_port admin_port <<<"$ports"
+
+    start_postgres "$pg_port"
+    start_redis "$redis_port"
+    start_garage "$s3_port" "$rpc_port" "$admin_port"
+
+    write_env_file "$pg_port" "$redis_port" "$s3_port"
+    log "all servers up in $((SECONDS - t0))s; environment in $ENV_FILE"
+    cat -- "$ENV_FILE"
+}
+
+cmd_stop() {
+    if [[ ! -e $STATE_DIR ]]; then
+        log "not running (no $STATE_DIR)"
+        return 0
+    fi
+    stop_servers
+    remove_state_dir
+    log "stopped; removed $STATE_DIR"
+}
+
+cmd_status() {
+    if [[ ! -f $ENV_FILE ]]; then
+        log "not running (no $ENV_FILE)"
+        return 3
+    fi
+    # shellcheck disable=SC1090
+    source "$ENV_FILE"
+    local ok=0 pid reply code
+    local redis_port=${DR_TEST_REDIS_URL##*:}
+
+    pid=$(pg_pid)
+    if pid_is "$pid" postgres &&
+        "$PG_BIN_DIR/pg_isready" -q -h 127.0.0.1 -p "$DR_TEST_PG_PORT" -U postgres; then
+        echo "postgres: running (pid $pid, 127.0.0.1:$DR_TEST_PG_PORT, data $PG_DATA)"
+    else
+        echo "postgres: NOT answering (127.0.0.1:$DR_TEST_PG_PORT; log $PG_LOG)"
+        ok=3
+    fi
+
+    pid=$(redis_pid)
+    reply=$(redis-cli -h 127.0.0.1 -p "$redis_port" ping 2>/dev/null || true)
+    if pid_is "$pid" redis-server && [[ $reply == PONG ]]; then
+        echo "redis:    running (pid $pid, 127.0.0.1:$redis_port)"
+    else
+        echo "redis:    NOT answering (127.0.0.1:$redis_port; log $REDIS_LOG)"
+        ok=3
+    fi
+
+    pid=$(garage_pid)
+    code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 5 \
+        --aws-sigv4 "aws:amz:$DR_TEST_S3_REGION:s3" \
+        --user "$DR_TEST_S3_ACCESS_KEY_ID:$DR_TEST_S3_SECRET_ACCESS_KEY" \
+        "$DR_TEST_S3_ENDPOINT/$DR_TEST_S3_BUCKET?list-type=2" 2>/dev/null || true)
+    if pid_is "$pid" garage && [[ $code == 200 ]]; then
+        echo "garage:   running (pid $pid, S3 $DR_TEST_S3_ENDPOINT, bucket $DR_TEST_S3_BUCKET)"
+    else
+        echo "garage:   NOT answering (S3 $DR_TEST_S3_ENDPOINT returned '${code:-none}'; log $GARAGE_LOG)"
+        ok=3
+    fi
+    return "$ok"
+}
+
+cmd_env() {
+    [[ -f $ENV_FILE ]] || die "test env not started (no $ENV_FILE); run: scripts/testenv.sh start"
+    cat -- "$ENV_FILE"
+}
+
+case "${1:-}" in
+start) cmd_start ;;
+stop) cmd_stop ;;
+status) cmd_status ;;
+env) cmd_env ;;
+*)
+    echo "usage: $0 start|stop|status|env" >&2
+    exit 2
+    ;;
+esac

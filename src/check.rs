@@ -1,0 +1,171 @@
+//! `dr check`: is this host ready? Config, every region, the repository
+//! descriptor and the identity.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use chrono::Utc;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::keys;
+use crate::repo::layout::{BackupId, ObjectKey};
+use crate::store::Regions;
+
+/// Outcome of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Fine.
+    Ok,
+    /// Works, but something needs attention.
+    Warn,
+    /// Broken.
+    Fail,
+}
+
+/// One line of the report.
+#[derive(Debug, Serialize)]
+pub struct CheckItem {
+    /// What was checked (e.g. `region local`).
+    pub name: String,
+    /// Result.
+    pub status: Status,
+    /// Details or guidance.
+    pub detail: String,
+}
+
+/// The whole report.
+#[derive(Debug, Serialize)]
+pub struct CheckReport {
+    /// Every check, in order.
+    pub checks: Vec<CheckItem>,
+}
+
+impl CheckReport {
+    /// True when nothing failed.
+    pub fn ok(&self) -> bool {
+        self.checks.iter().all(|c| c.status != Status::Fail)
+    }
+
+    fn push(&mut self, name: impl Into<String>, status: Status, detail: impl Into<String>) {
+        self.checks.push(CheckItem {
+            name: name.into(),
+            status,
+            detail: detail.into(),
+        });
+    }
+}
+
+/// Runs every check against a loaded (hence valid) config.
+pub async fn run(cfg: &Config) -> CheckReport {
+    let mut rep = CheckReport { checks: Vec::new() };
+    rep.push(
+        "config",
+        Status::Ok,
+        format!("{} ({} region(s), min_regions = {})", cfg.source.display(), cfg.region_specs.len(), cfg.repository.min_regions.get_ref()),
+    );
+    identity_check(cfg, &mut rep);
+    let regions = match Regions::from_config(cfg).await {
+        Ok(r) => r,
+        Err(e) => {
+            rep.push("regions", Status::Fail, e.to_string());
+            return rep;
+        }
+    };
+    let info_key = ObjectKey::RepoInfo.to_string();
+    let mut healthy = 0;
+    let mut repo_ids = Vec::new();
+    for r in regions.iter() {
+        let name = format!("region {}", r.name);
+        let t = Instant::now();
+        let probe = ObjectKey::Selftest {
+            id: BackupId::new(Utc::now()),
+        }
+        .to_string();
+        let payload = Bytes::from(format!("dr check probe {}", Utc::now().to_rfc3339()));
+        let res = async {
+            r.store.put_bytes(&probe, payload.clone()).await?;
+            let back = r.store.get_bytes(&probe).await?;
+            r.store.delete(&probe).await?;
+            Ok::<bool, crate::store::StoreError>(back == payload)
+        }
+        .await;
+        match res {
+            Ok(true) => {
+                healthy += 1;
+                rep.push(
+                    &name,
+                    Status::Ok,
+                    format!("{}: writable, {} ms round trip", r.store.describe(), t.elapsed().as_millis()),
+                );
+            }
+            Ok(false) => rep.push(&name, Status::Fail, format!("{}: read back different bytes than written", r.store.describe())),
+            Err(e) => rep.push(&name, Status::Fail, e.to_string()),
+        }
+        match r.store.get_bytes(&info_key).await {
+            Ok(b) => match serde_json::from_slice::<crate::repo::RepoInfo>(&b) {
+                Ok(info) if info.version == crate::repo::FORMAT_VERSION => {
+                    repo_ids.push(info.id.clone());
+                    rep.push(format!("repository in {}", r.name), Status::Ok, format!("id {}, created {}", info.id, info.created.format("%Y-%m-%d %H:%M:%SZ")));
+                    let fps: Vec<String> = cfg.repository.recipients.get_ref().iter().map(|x| keys::fingerprint(x)).collect();
+                    if !fps.iter().all(|f| info.recipient_fingerprints.contains(f)) {
+                        rep.push(
+                            format!("recipients in {}", r.name),
+                            Status::Warn,
+                            "the configured recipients differ from those at `dr repo init`; older backups need the old identities",
+                        );
+                    }
+                }
+                Ok(info) => rep.push(format!("repository in {}", r.name), Status::Fail, format!("format version {} is not supported by this dr (reads {})", info.version, crate::repo::FORMAT_VERSION)),
+                Err(e) => rep.push(format!("repository in {}", r.name), Status::Fail, format!("dr-repo.json is not a dr descriptor: {e}")),
+            },
+            Err(e) if e.is_not_found() => rep.push(format!("repository in {}", r.name), Status::Warn, "not initialized; run `dr repo init`"),
+            Err(e) => rep.push(format!("repository in {}", r.name), Status::Fail, e.to_string()),
+        }
+    }
+    repo_ids.dedup();
+    if repo_ids.len() > 1 {
+        rep.push("repository", Status::Fail, format!("regions hold different repositories: {}", repo_ids.join(", ")));
+    }
+    let min = regions.min_regions();
+    let status = if healthy >= min {
+        if healthy < regions.len() { Status::Warn } else { Status::Ok }
+    } else {
+        Status::Fail
+    };
+    let detail = if status == Status::Warn {
+        format!("{healthy} of {} regions healthy (min_regions = {min}): degraded, writes still succeed", regions.len())
+    } else {
+        format!("{healthy} of {} regions healthy (min_regions = {min})", regions.len())
+    };
+    rep.push("write quorum", status, detail);
+    rep
+}
+
+fn identity_check(cfg: &Config, rep: &mut CheckReport) {
+    let Some(path) = cfg.identity_file() else {
+        rep.push("identity", Status::Ok, "none configured (backup-only host: encrypts to public keys only)");
+        return;
+    };
+    if !path.exists() {
+        rep.push("identity", Status::Warn, format!("{} does not exist; restores and verification need it", path.display()));
+        return;
+    }
+    match keys::load_identities(path) {
+        Ok(ids) => {
+            let rcpts = cfg.repository.recipients.get_ref();
+            let matching = ids.iter().filter(|i| rcpts.contains(&i.to_public().to_string())).count();
+            if matching == 0 {
+                rep.push(
+                    "identity",
+                    Status::Fail,
+                    format!("{}: none of its {} key(s) matches a configured recipient, so it cannot decrypt new backups", path.display(), ids.len()),
+                );
+            } else {
+                rep.push("identity", Status::Ok, format!("{}: {matching} key(s) match configured recipients", path.display()));
+            }
+        }
+        Err(e) => rep.push("identity", Status::Fail, e.to_string()),
+    }
+}

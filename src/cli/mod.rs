@@ -1,0 +1,105 @@
+//! Argument parsing and output. Handlers parse, call the library, print.
+
+mod check;
+mod keygen;
+mod output;
+mod repo;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use output::Out;
+
+/// Backup, disaster recovery and failover for PostgreSQL and Redis.
+#[derive(Parser)]
+#[command(name = "dr", version, about, long_about = None)]
+struct Cli {
+    /// Config file [default: $DR_CONFIG, else ./dr.toml, else /etc/dr/dr.toml]
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Machine-readable JSON output on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Logs as JSON lines on stderr (default: human-readable).
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate an age key pair: the identity file (0600) and its public recipient.
+    Keygen(keygen::Args),
+    /// Manage the repository.
+    #[command(subcommand)]
+    Repo(repo::Command),
+    /// Check the config, every region, the repository and the identity.
+    Check,
+}
+
+/// Parses arguments, runs the command, prints a one-line cause on failure.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let out = Out { json: cli.json };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Keygen(args) => keygen::run(args, &out),
+            Command::Repo(cmd) => repo::run(cmd, cli.config.as_deref(), &out).await,
+            Command::Check => check::run(cli.config.as_deref(), &out).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            out.error(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    let default = if cli.quiet {
+        "error"
+    } else {
+        match cli.verbose {
+            0 => "warn,dr=info",
+            1 => "info,dr=debug",
+            _ => "debug,dr=trace",
+        }
+    };
+    let filter = EnvFilter::try_from_env("DR_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_json {
+        builder.json().init();
+    } else {
+        builder.without_time().with_target(false).init();
+    }
+}
+
+/// Loads the config named by `--config` or the default search.
+fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<dr::config::Config> {
+    let p = path
+        .map(|p| p.to_path_buf())
+        .unwrap_or_else(dr::config::default_config_path);
+    Ok(dr::config::Config::load(&p)?)
+}

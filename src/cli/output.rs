@@ -1,0 +1,77 @@
+//! Printing: human tables or JSON, and one-line errors.
+
+use serde::Serialize;
+
+/// Output mode for a command.
+pub struct Out {
+    /// Print JSON on stdout instead of text.
+    pub json: bool,
+}
+
+impl Out {
+    /// Prints `value` as pretty JSON.
+    pub fn json<T: Serialize>(&self, value: &T) {
+        match serde_json::to_string_pretty(value) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("error: cannot encode output as JSON: {e}"),
+        }
+    }
+
+    /// Prints an error: a one-line cause on stderr, and a JSON object on stdout
+    /// in `--json` mode so scripts always get a parseable answer.
+    pub fn error(&self, e: &anyhow::Error) {
+        let msg = e
+            .chain()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(": ");
+        if self.json {
+            self.json(&serde_json::json!({ "ok": false, "error": msg }));
+        }
+        eprintln!("error: {msg}");
+    }
+}
+
+/// Renders rows as an aligned text table.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        s.trim_end().to_string()
+    };
+    let mut out = vec![line(header.to_vec())];
+    for r in rows {
+        out.push(line(r.iter().map(String::as_str).collect()));
+    }
+    out.join("\n")
+}
+
+/// Formats a byte count for humans.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,652 @@
+//! Streaming codec: plaintext → BLAKE3 → zstd → age, and back.
+//!
+//! Encoding runs as a two-stage pipeline on blocking threads (hash + zstd in one,
+//! age in the other) joined by bounded channels, so the async reactor never does
+//! CPU work and memory stays bounded whatever the object size. A stream is only
+//! finished cleanly when every stage finished cleanly: a failing input turns into
+//! an error item on the output, so a store never commits a truncated object.
+
+use std::io::{self, BufRead, Read, Write};
+use std::sync::Arc;
+use std::sync::mpsc::{SyncSender, sync_channel};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{ByteStream, channel_stream};
+
+/// Size of the chunks passed between pipeline stages.
+const CHUNK: usize = 1 << 20;
+/// Bounded depth of each inter-stage channel.
+const DEPTH: usize = 4;
+/// Objects at least this large (or of unknown size) use multithreaded zstd.
+const MT_THRESHOLD: u64 = 4 << 20;
+
+/// What decoding an object can fail with. Each case says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// None of the configured identities can open the object.
+    #[error(
+        "{key}: none of the configured age identities can decrypt this object; it was \
+         encrypted to other recipients (check identity_file, or the repository's recipients)"
+    )]
+    WrongKey {
+        /// Object key.
+        key: String,
+    },
+    /// The object is shorter than recorded.
+    #[error("{key}: object is truncated ({got} of {expected} bytes); read it from another region or run `dr repo sync`")]
+    Truncated {
+        /// Object key.
+        key: String,
+        /// Bytes present.
+        got: u64,
+        /// Bytes expected ("unknown" shown as 0).
+        expected: u64,
+    },
+    /// The object fails authentication or its content hash.
+    #[error("{key}: object is corrupt ({what}); read it from another region or run `dr repo sync`")]
+    Corrupt {
+        /// Object key.
+        key: String,
+        /// Which check failed.
+        what: String,
+    },
+    /// The object is not an age-encrypted `dr` object at all.
+    #[error("{key}: not a dr repository object (no age header); was something else written here?")]
+    Foreign {
+        /// Object key.
+        key: String,
+    },
+    /// Decryption is needed but no identity is configured.
+    #[error("no identity configured: set [repository] identity_file (restores need the private key)")]
+    NoIdentity,
+    /// The input stream failed (e.g. the store connection dropped).
+    #[error("{key}: reading failed: {source}")]
+    Input {
+        /// Object key.
+        key: String,
+        /// Cause.
+        source: io::Error,
+    },
+    /// Internal failure in the pipeline (a thread died).
+    #[error("codec pipeline failed: {0}")]
+    Pipeline(String),
+}
+
+impl CodecError {
+    /// Extracts a codec error carried inside an `io::Error` on a stream.
+    pub fn from_io(e: &io::Error) -> Option<&CodecError> {
+        e.get_ref().and_then(|inner| inner.downcast_ref::<CodecError>())
+    }
+}
+
+/// Result of encoding one object, recorded in manifests.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Encoded {
+    /// Plaintext bytes.
+    pub plain_size: u64,
+    /// BLAKE3 of the plaintext, hex.
+    pub plain_hash: String,
+    /// Bytes stored (ciphertext).
+    pub stored_size: u64,
+}
+
+/// What a reader expects of an object; every known field is checked.
+#[derive(Debug, Clone, Default)]
+pub struct Expect {
+    /// Object key (for messages).
+    pub key: String,
+    /// Stored size, to tell truncation from corruption.
+    pub stored_size: Option<u64>,
+    /// Plaintext BLAKE3, hex.
+    pub plain_hash: Option<String>,
+    /// Plaintext size.
+    pub plain_size: Option<u64>,
+}
+
+impl Expect {
+    /// Expectations from a manifest entry.
+    pub fn from_encoded(key: &str, e: &Encoded) -> Expect {
+        Expect {
+            key: key.to_string(),
+            stored_size: Some(e.stored_size),
+            plain_hash: Some(e.plain_hash.clone()),
+            plain_size: Some(e.plain_size),
+        }
+    }
+}
+
+/// Encoder/decoder configured with the repository's keys.
+#[derive(Clone)]
+pub struct Codec {
+    recipients: Arc<Vec<age::x25519::Recipient>>,
+    identities: Option<Arc<Vec<age::x25519::Identity>>>,
+    level: i32,
+    workers: u32,
+}
+
+/// Resolves to the encoding result once the output stream has ended.
+pub type EncodeResult = oneshot::Receiver<Result<Encoded, CodecError>>;
+
+enum Stage {
+    Data(Vec<u8>),
+    End { plain_size: u64, plain_hash: String },
+}
+
+impl Codec {
+    /// A codec that encrypts to `recipients` and, if given, decrypts with `identities`.
+    pub fn new(
+        recipients: Vec<age::x25519::Recipient>,
+        identities: Option<Vec<age::x25519::Identity>>,
+        level: i32,
+    ) -> Codec {
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        Codec {
+            recipients: Arc::new(recipients),
+            identities: identities.map(Arc::new),
+            level,
+            workers,
+        }
+    }
+
+    /// True when this codec can decrypt.
+    pub fn can_decrypt(&self) -> bool {
+        self.identities.is_some()
+    }
+
+    /// Encodes a plaintext stream. Returns the stored-form stream (hand it to a
+    /// store) and a receiver for the sizes and hash, ready once the stream ends.
+    /// `size_hint` selects single- or multi-threaded compression.
+    pub fn encode(&self, mut input: ByteStream, size_hint: Option<u64>) -> (ByteStream, EncodeResult) {
+        let (in_tx, mut in_rx) = mpsc::channel::<io::Result<Bytes>>(DEPTH);
+        let (mid_tx, mid_rx) = sync_channel::<Stage>(DEPTH);
+        let (out_tx, out_rx) = mpsc::channel::<io::Result<Bytes>>(DEPTH);
+        let (done_tx, done_rx) = oneshot::channel();
+
+        tokio::spawn(async move {
+            while let Some(item) = input.next().await {
+                if in_tx.send(item).await.is_err() {
+                    break;
+                }
+            }
+        });
+
+        let level = self.level;
+        let workers = match size_hint {
+            Some(n) if n < MT_THRESHOLD => 0,
+            _ => self.workers,
+        };
+        let out_err = out_tx.clone();
+        // Stage 1: hash + compress.
+        tokio::task::spawn_blocking(move || {
+            let res = (|| -> io::Result<()> {
+                let mut hasher = blake3::Hasher::new();
+                let mut plain = 0u64;
+                let sink = StageWriter {
+                    tx: mid_tx.clone(),
+                    buf: Vec::with_capacity(CHUNK),
+                };
+                let mut enc = zstd::stream::write::Encoder::new(sink, level)?;
+                if workers > 1 {
+                    enc.multithread(workers)?;
+                }
+                if let Some(n) = size_hint {
+                    enc.set_pledged_src_size(Some(n)).ok();
+                }
+                while let Some(item) = in_rx.blocking_recv() {
+                    let chunk = item?;
+                    hasher.update(&chunk);
+                    plain += chunk.len() as u64;
+                    enc.write_all(&chunk)?;
+                }
+                let mut sink = enc.finish()?;
+                sink.flush()?;
+                mid_tx
+                    .send(Stage::End {
+                        plain_size: plain,
+                        plain_hash: hasher.finalize().to_hex().to_string(),
+                    })
+                    .map_err(|_| io::Error::other("encoder stage 2 stopped"))?;
+                Ok(())
+            })();
+            if let Err(e) = res {
+                // Stage 2 sees the channel close without End and fails the output.
+                let _ = out_err.blocking_send(Err(e));
+            }
+        });
+
+        // Stage 2: encrypt.
+        let recipients = self.recipients.clone();
+        tokio::task::spawn_blocking(move || {
+            let res = (|| -> Result<Encoded, io::Error> {
+                let enc = age::Encryptor::with_recipients(
+                    recipients.iter().map(|r| r as &dyn age::Recipient),
+                )
+                .map_err(|e| io::Error::other(format!("age: {e}")))?;
+                let sink = OutWriter {
+                    tx: out_tx.clone(),
+                    buf: Vec::with_capacity(CHUNK),
+                    written: 0,
+                };
+                let mut w = enc.wrap_output(sink)?;
+                loop {
+                    match mid_rx.recv() {
+                        Ok(Stage::Data(d)) => w.write_all(&d)?,
+                        Ok(Stage::End {
+                            plain_size,
+                            plain_hash,
+                        }) => {
+                            let mut sink = w.finish()?;
+                            sink.flush()?;
+                            return Ok(Encoded {
+                                plain_size,
+                                plain_hash,
+                                stored_size: sink.written,
+                            });
+                        }
+                        Err(_) => {
+                            return Err(io::Error::other("input ended without completing"));
+                        }
+                    }
+                }
+            })();
+            match res {
+                Ok(enc) => {
+                    drop(out_tx);
+                    let _ = done_tx.send(Ok(enc));
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    let _ = out_tx.blocking_send(Err(e));
+                    let _ = done_tx.send(Err(CodecError::Pipeline(msg)));
+                }
+            }
+        });
+        (channel_stream(out_rx), done_rx)
+    }
+
+    /// Encodes an in-memory buffer; returns the stored form and its metadata.
+    pub async fn encode_bytes(&self, data: Bytes) -> Result<(Bytes, Encoded), CodecError> {
+        let n = data.len() as u64;
+        let (s, done) = self.encode(crate::store::once(data), Some(n));
+        let stored = crate::store::collect(s)
+            .await
+            .map_err(|e| CodecError::Pipeline(e.to_string()))?;
+        let enc = done
+            .await
+            .map_err(|_| CodecError::Pipeline("encoder stopped".into()))??;
+        Ok((stored, enc))
+    }
+
+    /// Decodes a stored-form stream into plaintext, checking every expectation.
+    /// Errors arrive as an `io::Error` item wrapping a [`CodecError`].
+    pub fn decode(&self, input: ByteStream, expect: Expect) -> ByteStream {
+        let (out_tx, out_rx) = mpsc::channel::<io::Result<Bytes>>(DEPTH);
+        let Some(ids) = self.identities.clone() else {
+            return Box::pin(futures::stream::once(async {
+                Err(io::Error::other(CodecError::NoIdentity))
+            }));
+        };
+        let (in_tx, in_rx) = mpsc::channel::<io::Result<Bytes>>(DEPTH);
+        let key = expect.key.clone();
+        tokio::spawn(async move {
+            let mut input = input;
+            while let Some(item) = input.next().await {
+                if in_tx.send(item).await.is_err() {
+                    break;
+                }
+            }
+        });
+        tokio::task::spawn_blocking(move || {
+            let mut reader = ChanReader {
+                rx: in_rx,
+                cur: Bytes::new(),
+                read: 0,
+                input_error: None,
+            };
+            let res = decode_blocking(&mut reader, &ids, &expect, &out_tx);
+            if let Err(e) = res {
+                let e = classify(e, &mut reader, &expect, &key);
+                let _ = out_tx.blocking_send(Err(io::Error::other(e)));
+            }
+        });
+        channel_stream(out_rx)
+    }
+
+    /// Decodes a whole (small) object into memory.
+    pub async fn decode_bytes(&self, input: ByteStream, expect: Expect) -> Result<Bytes, CodecError> {
+        let key = expect.key.clone();
+        crate::store::collect(self.decode(input, expect))
+            .await
+            .map_err(|e| into_codec_error(e, &key))
+    }
+}
+
+/// Turns a stream error back into a [`CodecError`].
+pub fn into_codec_error(e: io::Error, key: &str) -> CodecError {
+    if CodecError::from_io(&e).is_some() {
+        match e.into_inner().map(|b| b.downcast::<CodecError>()) {
+            Some(Ok(ce)) => return *ce,
+            Some(Err(other)) => return CodecError::Pipeline(other.to_string()),
+            None => return CodecError::Pipeline("unknown".into()),
+        }
+    }
+    CodecError::Input {
+        key: key.to_string(),
+        source: e,
+    }
+}
+
+enum DecodeFail {
+    Age(age::DecryptError),
+    Io(io::Error),
+    Hash(String),
+}
+
+fn decode_blocking(
+    reader: &mut ChanReader,
+    ids: &[age::x25519::Identity],
+    expect: &Expect,
+    out: &mpsc::Sender<io::Result<Bytes>>,
+) -> Result<(), DecodeFail> {
+    let dec = age::Decryptor::new_buffered(reader).map_err(DecodeFail::Age)?;
+    let plain_reader = dec
+        .decrypt(ids.iter().map(|i| i as &dyn age::Identity))
+        .map_err(DecodeFail::Age)?;
+    let mut z = zstd::stream::read::Decoder::new(plain_reader).map_err(DecodeFail::Io)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut total = 0u64;
+    loop {
+        let mut buf = vec![0u8; CHUNK];
+        let mut filled = 0;
+        while filled < CHUNK {
+            let n = z.read(&mut buf[filled..]).map_err(DecodeFail::Io)?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            break;
+        }
+        buf.truncate(filled);
+        hasher.update(&buf);
+        total += filled as u64;
+        if out.blocking_send(Ok(Bytes::from(buf))).is_err() {
+            // The consumer went away; nothing more to do.
+            return Ok(());
+        }
+    }
+    // Drain: the age stream must end exactly here (authenticates the last chunk).
+    let mut age_reader = z.finish();
+    let mut rest = Vec::new();
+    age_reader.read_to_end(&mut rest).map_err(DecodeFail::Io)?;
+    if !rest.is_empty() {
+        return Err(DecodeFail::Hash("trailing data after the compressed stream".into()));
+    }
+    if let Some(sz) = expect.plain_size {
+        if sz != total {
+            return Err(DecodeFail::Hash(format!(
+                "plaintext is {total} bytes, manifest says {sz}"
+            )));
+        }
+    }
+    if let Some(h) = &expect.plain_hash {
+        let got = hasher.finalize().to_hex().to_string();
+        if &got != h {
+            return Err(DecodeFail::Hash(format!("content hash {got} != recorded {h}")));
+        }
+    }
+    Ok(())
+}
+
+/// Maps a low-level failure to what the user needs to know: wrong key, truncated,
+/// corrupt, foreign, or an input (transport) problem.
+fn classify(f: DecodeFail, reader: &mut ChanReader, expect: &Expect, key: &str) -> CodecError {
+    if let Some(e) = reader.input_error.take() {
+        return CodecError::Input {
+            key: key.to_string(),
+            source: e,
+        };
+    }
+    // Count what is left so truncation can be told from corruption.
+    let mut sink = [0u8; 64 * 1024];
+    while let Ok(n) = reader.read(&mut sink) {
+        if n == 0 {
+            break;
+        }
+    }
+    let got = reader.read;
+    let short = expect.stored_size.is_some_and(|s| got < s);
+    let truncated = || CodecError::Truncated {
+        key: key.to_string(),
+        got,
+        expected: expect.stored_size.unwrap_or(0),
+    };
+    let corrupt = |what: String| CodecError::Corrupt {
+        key: key.to_string(),
+        what,
+    };
+    match f {
+        DecodeFail::Age(age::DecryptError::NoMatchingKeys) => CodecError::WrongKey {
+            key: key.to_string(),
+        },
+        DecodeFail::Age(age::DecryptError::InvalidHeader | age::DecryptError::UnknownFormat) => {
+            CodecError::Foreign {
+                key: key.to_string(),
+            }
+        }
+        _ if short => truncated(),
+        DecodeFail::Age(age::DecryptError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            if got == 0 {
+                corrupt("object is empty".into())
+            } else {
+                truncated()
+            }
+        }
+        DecodeFail::Age(e) => corrupt(format!("age header: {e}")),
+        DecodeFail::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => truncated(),
+        DecodeFail::Io(e) => corrupt(format!("authentication failed: {e}")),
+        DecodeFail::Hash(what) => corrupt(what),
+    }
+}
+
+/// Writes chunks into the stage-2 channel.
+struct StageWriter {
+    tx: SyncSender<Stage>,
+    buf: Vec<u8>,
+}
+
+impl Write for StageWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+            self.tx
+                .send(Stage::Data(chunk))
+                .map_err(|_| io::Error::other("encoder stage 2 stopped"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes chunks to the async output channel.
+struct OutWriter {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    buf: Vec<u8>,
+    written: u64,
+}
+
+impl Write for OutWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        self.written += data.len() as u64;
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+            self.tx
+                .blocking_send(Ok(Bytes::from(chunk)))
+                .map_err(|_| io::Error::other("output consumer stopped"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Blocking reader over the async input channel; remembers transport errors so
+/// they are reported as such, not as corruption.
+struct ChanReader {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    cur: Bytes,
+    read: u64,
+    input_error: Option<io::Error>,
+}
+
+impl Read for ChanReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.cur.is_empty() {
+            if self.input_error.is_some() {
+                return Err(io::Error::other("input failed"));
+            }
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => {
+                    self.input_error = Some(e);
+                    return Err(io::Error::other("input failed"));
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.cur.len());
+        out[..n].copy_from_slice(&self.cur[..n]);
+        let _ = self.cur.split_to(n);
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+impl BufRead for ChanReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => {
+                    self.input_error = Some(e);
+                    return Err(io::Error::other("input failed"));
+                }
+                None => break,
+            }
+        }
+        Ok(&self.cur)
+    }
+    fn consume(&mut self, n: usize) {
+        let _ = self.cur.split_to(n);
+        self.read += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn codec() -> (Codec, age::x25519::Identity) {
+        let id = age::x25519::Identity::generate();
+        let c = Codec::new(vec![id.to_public()], Some(vec![id.clone()]), 3);
+        (c, id)
+    }
+
+    fn sample(n: usize) -> Bytes {
+        let mut v = Vec::with_capacity(n);
+        let mut x = 0x1234_5678u32;
+        for i in 0..n {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            // Half compressible, half noise.
+            v.push(if (i / 4096) % 2 == 0 { (i % 7) as u8 } else { x as u8 });
+        }
+        Bytes::from(v)
+    }
+
+    #[tokio::test]
+    async fn round_trip_checks_hash_and_sizes() {
+        let (c, _) = codec();
+        let data = sample(3 << 20);
+        let (stored, enc) = c.encode_bytes(data.clone()).await.expect("encode");
+        assert_eq!(enc.plain_size, data.len() as u64);
+        assert_eq!(enc.stored_size, stored.len() as u64);
+        assert!(stored.len() < data.len());
+        let back = c
+            .decode_bytes(crate::store::once(stored), Expect::from_encoded("k", &enc))
+            .await
+            .expect("decode");
+        assert_eq!(back, data);
+    }
+
+    #[tokio::test]
+    async fn wrong_key_truncation_and_bitflip_are_distinct() {
+        let (c, _) = codec();
+        let data = sample(2 << 20);
+        let (stored, enc) = c.encode_bytes(data).await.expect("encode");
+        let expect = Expect::from_encoded("obj", &enc);
+
+        let (other, _) = codec();
+        let other = Codec {
+            recipients: c.recipients.clone(),
+            ..other
+        };
+        let e = other
+            .decode_bytes(crate::store::once(stored.clone()), expect.clone())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CodecError::WrongKey { .. }), "{e}");
+
+        let cut = stored.slice(..stored.len() - 1000);
+        let e = c
+            .decode_bytes(crate::store::once(cut), expect.clone())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CodecError::Truncated { .. }), "{e}");
+
+        let mut flipped = stored.to_vec();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0x40;
+        let e = c
+            .decode_bytes(crate::store::once(Bytes::from(flipped)), expect.clone())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CodecError::Corrupt { .. }), "{e}");
+
+        let e = c
+            .decode_bytes(crate::store::once(Bytes::from_static(b"{\"hello\": 1}")), expect)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CodecError::Foreign { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn failing_input_never_yields_a_clean_stream() {
+        let (c, _) = codec();
+        let input: ByteStream = Box::pin(futures::stream::iter(vec![
+            Ok(sample(1 << 20)),
+            Err(io::Error::other("source died")),
+        ]));
+        let (s, done) = c.encode(input, None);
+        assert!(crate::store::collect(s).await.is_err());
+        assert!(done.await.map(|r| r.is_err()).unwrap_or(true));
+    }
+}

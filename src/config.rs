@@ -1,0 +1,606 @@
+//! TOML configuration: parsing, validation and error reporting with file:line.
+//!
+//! Every struct denies unknown fields so a typo is an error that names the key and
+//! the line, never a silently ignored setting.
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A configuration error, already formatted as `file:line: message` plus a hint.
+#[derive(Debug, thiserror::Error)]
+#[error("{location}: {message}")]
+pub struct ConfigError {
+    /// `path:line` (or just the path when no position is known).
+    pub location: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// The whole `dr.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Encryption and write policy shared by all regions.
+    pub repository: RepositoryConfig,
+    /// Storage regions; the first listed is preferred for reads.
+    #[serde(rename = "region", default)]
+    pub regions: Vec<Spanned<RegionConfig>>,
+    /// Where this file was loaded from (for messages).
+    #[serde(skip)]
+    pub source: PathBuf,
+    /// Validated regions, in preference order.
+    #[serde(skip)]
+    pub region_specs: Vec<RegionSpec>,
+}
+
+/// A validated region: its name and backend.
+#[derive(Debug, Clone)]
+pub struct RegionSpec {
+    /// Unique region name.
+    pub name: String,
+    /// Backend settings.
+    pub kind: RegionKind,
+}
+
+fn pick_secret(
+    literal: &Option<String>,
+    env: &Option<String>,
+    file: &Option<PathBuf>,
+) -> Result<Option<SecretSource>, ()> {
+    let mut out = Vec::new();
+    if let Some(v) = literal {
+        out.push(SecretSource::Literal(v.clone()));
+    }
+    if let Some(v) = env {
+        out.push(SecretSource::Env(v.clone()));
+    }
+    if let Some(v) = file {
+        out.push(SecretSource::File(v.clone()));
+    }
+    match out.len() {
+        0 => Ok(None),
+        1 => Ok(out.pop()),
+        _ => Err(()),
+    }
+}
+
+/// `[repository]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryConfig {
+    /// age recipients (public keys). Backup hosts need only these.
+    #[serde(default = "no_recipients")]
+    pub recipients: Spanned<Vec<String>>,
+    /// age identity file (private key); needed only where restores run.
+    #[serde(default)]
+    pub identity_file: Option<Spanned<PathBuf>>,
+    /// zstd level (1..=19).
+    #[serde(default = "default_level")]
+    pub compression_level: Spanned<i32>,
+    /// Regions that must hold an object durably before a write counts.
+    #[serde(default = "default_min_regions")]
+    pub min_regions: Spanned<usize>,
+}
+
+fn no_recipients() -> Spanned<Vec<String>> {
+    Spanned::new(0..0, Vec::new())
+}
+
+fn default_level() -> Spanned<i32> {
+    Spanned::new(0..0, 3)
+}
+
+fn default_min_regions() -> Spanned<usize> {
+    Spanned::new(0..0, 1)
+}
+
+/// One `[[region]]`. Kept flat (no serde `flatten`) so that unknown keys are
+/// rejected and every key keeps its line number.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    /// Unique name, used in messages and `--region`.
+    pub name: Spanned<String>,
+    /// `"fs"` or `"s3"`.
+    #[serde(rename = "type")]
+    pub kind: Spanned<String>,
+    /// fs: directory that holds the repository.
+    pub path: Option<PathBuf>,
+    /// s3: endpoint URL; omitted means AWS.
+    pub endpoint: Option<String>,
+    /// s3: bucket name.
+    pub bucket: Option<String>,
+    /// s3: key prefix inside the bucket.
+    pub prefix: Option<String>,
+    /// s3: signing region.
+    pub s3_region: Option<String>,
+    /// s3: path-style addressing (most S3-compatible servers want this).
+    pub path_style: Option<bool>,
+    /// s3: literal access key id (prefer `_env` or `_file`).
+    pub access_key_id: Option<String>,
+    /// s3: environment variable holding the access key id.
+    pub access_key_id_env: Option<String>,
+    /// s3: file holding the access key id.
+    pub access_key_id_file: Option<PathBuf>,
+    /// s3: literal secret key (prefer `_env` or `_file`).
+    pub secret_access_key: Option<String>,
+    /// s3: environment variable holding the secret key.
+    pub secret_access_key_env: Option<String>,
+    /// s3: file holding the secret key.
+    pub secret_access_key_file: Option<PathBuf>,
+    /// s3: multipart part size in MiB.
+    pub part_size_mib: Option<usize>,
+}
+
+/// A validated region backend.
+#[derive(Debug, Clone)]
+pub enum RegionKind {
+    /// A local (or mounted) filesystem directory.
+    Fs {
+        /// Directory that holds the repository.
+        path: PathBuf,
+    },
+    /// An S3-compatible bucket.
+    S3(S3Region),
+}
+
+/// Validated `type = "s3"` settings.
+#[derive(Clone)]
+pub struct S3Region {
+    /// Endpoint URL; `None` means AWS.
+    pub endpoint: Option<String>,
+    /// Bucket name.
+    pub bucket: String,
+    /// Key prefix inside the bucket (no leading or trailing '/').
+    pub prefix: String,
+    /// Signing region.
+    pub s3_region: String,
+    /// Path-style addressing.
+    pub path_style: bool,
+    /// Where the access key id comes from; `None` = standard AWS chain.
+    pub access_key_id: Option<SecretSource>,
+    /// Where the secret key comes from.
+    pub secret_access_key: Option<SecretSource>,
+    /// Multipart part size in bytes.
+    pub part_size: usize,
+}
+
+/// Where a secret is read from.
+#[derive(Clone)]
+pub enum SecretSource {
+    /// Written in the config (discouraged).
+    Literal(String),
+    /// An environment variable name.
+    Env(String),
+    /// A file path.
+    File(PathBuf),
+}
+
+impl fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::Literal(_) => f.write_str("Literal([redacted])"),
+            SecretSource::Env(n) => write!(f, "Env({n})"),
+            SecretSource::File(p) => write!(f, "File({})", p.display()),
+        }
+    }
+}
+
+impl SecretSource {
+    /// Resolves the secret; the error says which variable or file is missing.
+    pub fn resolve(&self) -> Result<String, String> {
+        match self {
+            SecretSource::Literal(s) => Ok(s.clone()),
+            SecretSource::Env(n) => std::env::var(n)
+                .map_err(|_| format!("environment variable {n} is not set; export it or use a *_file setting")),
+            SecretSource::File(p) => std::fs::read_to_string(p)
+                .map(|s| s.trim().to_string())
+                .map_err(|e| format!("cannot read {}: {e}", p.display())),
+        }
+    }
+}
+
+impl fmt::Debug for S3Region {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Region")
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("s3_region", &self.s3_region)
+            .field("path_style", &self.path_style)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &self.secret_access_key)
+            .field("part_size", &self.part_size)
+            .finish()
+    }
+}
+
+impl fmt::Debug for RegionConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegionConfig")
+            .field("name", self.name.get_ref())
+            .field("type", self.kind.get_ref())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where to look for the config when `--config` is not given.
+pub fn default_config_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("DR_CONFIG") {
+        return PathBuf::from(p);
+    }
+    let local = PathBuf::from("dr.toml");
+    if local.exists() {
+        return local;
+    }
+    PathBuf::from("/etc/dr/dr.toml")
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            location: path.display().to_string(),
+            message: format!(
+                "cannot read config: {e}; pass --config FILE, set DR_CONFIG, or create ./dr.toml \
+                 (see config/dr.toml for an example)"
+            ),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is used in messages only.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| {
+            let span = e.span();
+            ConfigError {
+                location: location(path, text, span.clone()),
+                message: with_hint(e.message().trim()),
+            }
+        })?;
+        cfg.source = path.to_path_buf();
+        if let Ok(id) = std::env::var("DR_IDENTITY_FILE") {
+            if !id.is_empty() {
+                cfg.repository.identity_file = Some(Spanned::new(0..0, PathBuf::from(id)));
+            }
+        }
+        cfg.validate(text)?;
+        Ok(cfg)
+    }
+
+    fn err(&self, text: &str, span: Range<usize>, message: String) -> ConfigError {
+        ConfigError {
+            location: location(&self.source, text, Some(span)),
+            message,
+        }
+    }
+
+    fn validate(&mut self, text: &str) -> Result<(), ConfigError> {
+        let mut specs = Vec::new();
+        let repo = &self.repository;
+        if repo.recipients.get_ref().is_empty() {
+            return Err(self.err(
+                text,
+                repo.recipients.span(),
+                "[repository] has no recipients; add `recipients = [\"age1…\"]` \
+                 (create a key pair with `dr keygen --output identity.txt`)"
+                    .into(),
+            ));
+        }
+        for r in repo.recipients.get_ref() {
+            if r.parse::<age::x25519::Recipient>().is_err() {
+                return Err(self.err(
+                    text,
+                    repo.recipients.span(),
+                    format!(
+                        "recipient {r:?} is not an age X25519 public key (expected \"age1…\"); \
+                         `dr keygen` prints one"
+                    ),
+                ));
+            }
+        }
+        let level = *repo.compression_level.get_ref();
+        if !(1..=19).contains(&level) {
+            return Err(self.err(
+                text,
+                repo.compression_level.span(),
+                format!("compression_level = {level} is out of range; use 1 (fastest) to 19"),
+            ));
+        }
+        if self.regions.is_empty() {
+            return Err(ConfigError {
+                location: self.source.display().to_string(),
+                message: "no [[region]] is configured; add one, e.g. \
+                          [[region]] name = \"local\" type = \"fs\" path = \"/var/lib/dr/repo\""
+                    .into(),
+            });
+        }
+        let min = *repo.min_regions.get_ref();
+        if min == 0 || min > self.regions.len() {
+            return Err(self.err(
+                text,
+                repo.min_regions.span(),
+                format!(
+                    "min_regions = {min} but {} region(s) are configured; use a value from 1 to {}",
+                    self.regions.len(),
+                    self.regions.len()
+                ),
+            ));
+        }
+        for (i, region) in self.regions.iter().enumerate() {
+            let r = region.get_ref();
+            let name = r.name.get_ref();
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(self.err(
+                    text,
+                    r.name.span(),
+                    format!("region name {name:?} must be non-empty and use only letters, digits, '-' and '_'"),
+                ));
+            }
+            if let Some(prev) = self.regions[..i]
+                .iter()
+                .find(|p| p.get_ref().name.get_ref() == name)
+            {
+                let prev_line = line_of(text, prev.get_ref().name.span().start);
+                return Err(self.err(
+                    text,
+                    r.name.span(),
+                    format!(
+                        "duplicate region name {name:?} (first used on line {prev_line}); \
+                         give each [[region]] a unique name"
+                    ),
+                ));
+            }
+            let spec = self.region_kind(text, region)?;
+            specs.push(RegionSpec {
+                name: name.clone(),
+                kind: spec,
+            });
+        }
+        if let Some(id) = &repo.identity_file {
+            // Only check permissions when the file exists: a backup-only host has none.
+            crate::keys::check_identity_permissions(id.get_ref())
+                .map_err(|e| self.err(text, id.span(), e.to_string()))?;
+        }
+        self.region_specs = specs;
+        Ok(())
+    }
+
+    fn region_kind(
+        &self,
+        text: &str,
+        region: &Spanned<RegionConfig>,
+    ) -> Result<RegionKind, ConfigError> {
+        let r = region.get_ref();
+        let name = r.name.get_ref();
+        let fail = |msg: String| Err(self.err(text, region.span(), format!("region {name:?}: {msg}")));
+        let s3_keys = [
+            ("endpoint", r.endpoint.is_some()),
+            ("bucket", r.bucket.is_some()),
+            ("prefix", r.prefix.is_some()),
+            ("s3_region", r.s3_region.is_some()),
+            ("path_style", r.path_style.is_some()),
+            ("access_key_id", r.access_key_id.is_some()),
+            ("access_key_id_env", r.access_key_id_env.is_some()),
+            ("access_key_id_file", r.access_key_id_file.is_some()),
+            ("secret_access_key", r.secret_access_key.is_some()),
+            ("secret_access_key_env", r.secret_access_key_env.is_some()),
+            ("secret_access_key_file", r.secret_access_key_file.is_some()),
+            ("part_size_mib", r.part_size_mib.is_some()),
+        ];
+        match r.kind.get_ref().as_str() {
+            "fs" => {
+                if let Some((k, _)) = s3_keys.iter().find(|(_, set)| *set) {
+                    return fail(format!("`{k}` only applies to type = \"s3\"; remove it"));
+                }
+                match &r.path {
+                    None => fail("type = \"fs\" needs a path; add `path = \"/var/lib/dr/repo\"`".into()),
+                    Some(p) if !p.is_absolute() => fail(format!(
+                        "path {} is relative; use an absolute path",
+                        p.display()
+                    )),
+                    Some(p) => Ok(RegionKind::Fs { path: p.clone() }),
+                }
+            }
+            "s3" => {
+                if r.path.is_some() {
+                    return fail("`path` only applies to type = \"fs\"; use bucket and prefix".into());
+                }
+                let bucket = r.bucket.clone().unwrap_or_default();
+                if bucket.is_empty() {
+                    return fail("type = \"s3\" needs a bucket; add `bucket = \"…\"`".into());
+                }
+                let key = pick_secret(&r.access_key_id, &r.access_key_id_env, &r.access_key_id_file);
+                let secret = pick_secret(
+                    &r.secret_access_key,
+                    &r.secret_access_key_env,
+                    &r.secret_access_key_file,
+                );
+                let (Ok(key), Ok(secret)) = (key, secret) else {
+                    return fail(
+                        "set at most one of access_key_id / access_key_id_env / access_key_id_file \
+                         (and of the secret_access_key settings)"
+                            .into(),
+                    );
+                };
+                if key.is_some() != secret.is_some() {
+                    return fail(
+                        "set both an access key id and a secret access key, or neither to use \
+                         the standard AWS credential chain"
+                            .into(),
+                    );
+                }
+                let part_mib = r.part_size_mib.unwrap_or(8);
+                if !(5..=4096).contains(&part_mib) {
+                    return fail(format!("part_size_mib = {part_mib} is out of range; S3 needs 5 to 4096"));
+                }
+                let prefix = r.prefix.clone().unwrap_or_default();
+                if prefix.starts_with('/') || prefix.split('/').any(|c| c == "..") {
+                    return fail(format!("prefix {prefix:?} must be relative and must not contain '..'"));
+                }
+                if let Some(ep) = &r.endpoint {
+                    if !(ep.starts_with("http://") || ep.starts_with("https://")) {
+                        return fail(format!("endpoint {ep:?} must start with http:// or https://"));
+                    }
+                }
+                Ok(RegionKind::S3(S3Region {
+                    endpoint: r.endpoint.clone(),
+                    bucket,
+                    prefix: prefix.trim_matches('/').to_string(),
+                    s3_region: r.s3_region.clone().unwrap_or_else(|| "us-east-1".into()),
+                    path_style: r.path_style.unwrap_or(false),
+                    access_key_id: key,
+                    secret_access_key: secret,
+                    part_size: part_mib << 20,
+                }))
+            }
+            other => Err(self.err(
+                text,
+                r.kind.span(),
+                format!("region {name:?}: unknown type {other:?}; use \"fs\" or \"s3\""),
+            )),
+        }
+    }
+
+    /// The identity file, if configured.
+    pub fn identity_file(&self) -> Option<&Path> {
+        self.repository
+            .identity_file
+            .as_ref()
+            .map(|s| s.get_ref().as_path())
+    }
+}
+
+fn with_hint(msg: &str) -> String {
+    if msg.starts_with("unknown field") {
+        format!("{msg}; remove or correct the key (see config/dr.toml for every supported key)")
+    } else if msg.starts_with("missing field") {
+        format!("{msg}; add it (see config/dr.toml)")
+    } else if msg.contains("unknown variant") {
+        format!("{msg}; region type must be \"fs\" or \"s3\"")
+    } else {
+        msg.to_string()
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+fn location(path: &Path, text: &str, span: Option<Range<usize>>) -> String {
+    match span {
+        Some(s) if s.end > 0 => format!("{}:{}", path.display(), line_of(text, s.start)),
+        _ => path.display().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RCPT: &str = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(t, Path::new("dr.toml"))
+    }
+
+    fn base() -> String {
+        format!(
+            "[repository]\nrecipients = [\"{RCPT}\"]\n\n[[region]]\nname = \"local\"\ntype = \"fs\"\npath = \"/tmp/x\"\n"
+        )
+    }
+
+    #[test]
+    fn minimal_config_parses() {
+        let c = parse(&base()).expect("valid");
+        assert_eq!(c.regions.len(), 1);
+        assert_eq!(*c.repository.compression_level.get_ref(), 3);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let t = base() + "compresion = 3\n";
+        let e = parse(&t).unwrap_err().to_string();
+        assert!(e.starts_with("dr.toml:8:"), "{e}");
+        assert!(e.contains("compresion"), "{e}");
+        assert!(e.contains("remove or correct"), "{e}");
+    }
+
+    #[test]
+    fn missing_recipients() {
+        let t = "[repository]\n\n[[region]]\nname = \"a\"\ntype = \"fs\"\npath = \"/x\"\n";
+        let e = parse(t).unwrap_err().to_string();
+        assert!(e.contains("no recipients"), "{e}");
+        assert!(e.contains("dr keygen"), "{e}");
+    }
+
+    #[test]
+    fn bad_recipient() {
+        let t = "[repository]\nrecipients = [\"age1nope\"]\n[[region]]\nname = \"a\"\ntype = \"fs\"\npath = \"/x\"\n";
+        let e = parse(t).unwrap_err().to_string();
+        assert!(e.starts_with("dr.toml:2:"), "{e}");
+        assert!(e.contains("not an age X25519 public key"), "{e}");
+    }
+
+    #[test]
+    fn region_without_path() {
+        let t = format!("[repository]\nrecipients = [\"{RCPT}\"]\n[[region]]\nname = \"a\"\ntype = \"fs\"\n");
+        let e = parse(&t).unwrap_err().to_string();
+        assert!(e.contains("needs a path"), "{e}");
+        assert!(e.starts_with("dr.toml:3:"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_region_name() {
+        let t = base() + "[[region]]\nname = \"local\"\ntype = \"fs\"\npath = \"/tmp/y\"\n";
+        let e = parse(&t).unwrap_err().to_string();
+        assert!(e.starts_with("dr.toml:9:"), "{e}");
+        assert!(e.contains("duplicate region name \"local\" (first used on line 5)"), "{e}");
+    }
+
+    #[test]
+    fn min_regions_out_of_range() {
+        let t = format!(
+            "[repository]\nrecipients = [\"{RCPT}\"]\nmin_regions = 2\n[[region]]\nname = \"a\"\ntype = \"fs\"\npath = \"/x\"\n"
+        );
+        let e = parse(&t).unwrap_err().to_string();
+        assert!(e.starts_with("dr.toml:3:"), "{e}");
+        assert!(e.contains("min_regions = 2"), "{e}");
+    }
+
+    #[test]
+    fn unknown_region_type() {
+        let t = format!(
+            "[repository]\nrecipients = [\"{RCPT}\"]\n[[region]]\nname = \"a\"\ntype = \"ftp\"\n"
+        );
+        let e = parse(&t).unwrap_err().to_string();
+        assert!(e.contains("\"fs\" or \"s3\""), "{e}");
+    }
+
+    #[test]
+    fn s3_half_credentials_rejected() {
+        let t = format!(
+            "[repository]\nrecipients = [\"{RCPT}\"]\n[[region]]\nname = \"a\"\ntype = \"s3\"\nbucket = \"b\"\naccess_key_id_env = \"K\"\n"
+        );
+        let e = parse(&t).unwrap_err().to_string();
+        assert!(e.contains("set both an access key id"), "{e}");
+    }
+
+    #[test]
+    fn s3_debug_redacts_secrets() {
+        let t = format!(
+            "[repository]\nrecipients = [\"{RCPT}\"]\n[[region]]\nname = \"a\"\ntype = \"s3\"\nbucket = \"b\"\naccess_key_id = \"AKIDSECRETVALUE\"\nsecret_access_key = \"TOPSECRETVALUE\"\n"
+        );
+        let c = parse(&t).expect("valid");
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("TOPSECRETVALUE") && !dbg.contains("AKIDSECRETVALUE"), "{dbg}");
+    }
+}

@@ -1,0 +1,13 @@
+//! `dr`: backup, disaster-recovery and failover orchestration for PostgreSQL and
+//! Redis. The library is the product; the `dr` binary is a thin CLI over it.
+//!
+//! Data flows `source → zstd → age → store` through bounded channels; the
+//! repository is append-only and a backup exists only once its manifest is
+//! durable. See `docs/repository-format.md`.
+
+pub mod check;
+pub mod codec;
+pub mod config;
+pub mod keys;
+pub mod repo;
+pub mod store;

@@ -1,0 +1,437 @@
+//! Typed object keys. Every key the repository uses is built by `Display` and
+//! recognised by `FromStr`, and the two round-trip. Keys carry no secrets: no
+//! table, database or Redis key names, only ids, LSNs and timestamps.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+
+/// Error parsing a key or id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a valid {what}: {input:?}")]
+pub struct ParseKeyError {
+    /// What was expected.
+    pub what: &'static str,
+    /// The input.
+    pub input: String,
+}
+
+fn perr<T>(what: &'static str, input: &str) -> Result<T, ParseKeyError> {
+    Err(ParseKeyError {
+        what,
+        input: input.to_string(),
+    })
+}
+
+/// A backup or snapshot id: `YYYYMMDDTHHMMSSZ-xxxxxx`, sortable by time.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackupId {
+    time: NaiveDateTime,
+    suffix: String,
+}
+
+impl BackupId {
+    /// A new id for `time` with a random suffix.
+    pub fn new(time: DateTime<Utc>) -> BackupId {
+        BackupId {
+            time: time.naive_utc().with_nanosecond_zero(),
+            suffix: format!("{:06x}", rand::random::<u32>() & 0xff_ffff),
+        }
+    }
+
+    /// The time the id was made (second precision, UTC).
+    pub fn time(&self) -> DateTime<Utc> {
+        self.time.and_utc()
+    }
+}
+
+trait NanoZero {
+    fn with_nanosecond_zero(self) -> Self;
+}
+
+impl NanoZero for NaiveDateTime {
+    fn with_nanosecond_zero(self) -> Self {
+        use chrono::Timelike;
+        self.with_nanosecond(0).unwrap_or(self)
+    }
+}
+
+impl fmt::Display for BackupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.time.format("%Y%m%dT%H%M%SZ"), self.suffix)
+    }
+}
+
+impl FromStr for BackupId {
+    type Err = ParseKeyError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let Some((t, suffix)) = s.split_once('-') else {
+            return perr("backup id", s);
+        };
+        let Ok(time) = NaiveDateTime::parse_from_str(t, "%Y%m%dT%H%M%SZ") else {
+            return perr("backup id", s);
+        };
+        if suffix.len() != 6 || !suffix.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+            return perr("backup id", s);
+        }
+        Ok(BackupId {
+            time,
+            suffix: suffix.to_string(),
+        })
+    }
+}
+
+/// A PostgreSQL timeline id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TimelineId(pub u32);
+
+impl fmt::Display for TimelineId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:08X}", self.0)
+    }
+}
+
+impl FromStr for TimelineId {
+    type Err = ParseKeyError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() != 8 {
+            return perr("timeline id", s);
+        }
+        u32::from_str_radix(s, 16)
+            .map(TimelineId)
+            .or_else(|_| perr("timeline id", s))
+    }
+}
+
+/// A WAL segment file name `TTTTTTTTXXXXXXXXYYYYYYYY` (timeline, log, segment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WalSegmentName {
+    /// Timeline.
+    pub timeline: TimelineId,
+    /// High 32 bits of the segment's LSN range ("log").
+    pub log: u32,
+    /// Segment number within `log`.
+    pub seg: u32,
+}
+
+impl fmt::Display for WalSegmentName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{:08X}{:08X}", self.timeline, self.log, self.seg)
+    }
+}
+
+impl FromStr for WalSegmentName {
+    type Err = ParseKeyError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() != 24 || !s.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)) {
+            return perr("WAL segment name", s);
+        }
+        let part = |r: std::ops::Range<usize>| u32::from_str_radix(&s[r], 16);
+        match (part(0..8), part(8..16), part(16..24)) {
+            (Ok(t), Ok(log), Ok(seg)) => Ok(WalSegmentName {
+                timeline: TimelineId(t),
+                log,
+                seg,
+            }),
+            _ => perr("WAL segment name", s),
+        }
+    }
+}
+
+/// A name safe to use as a key component (config names: clusters, instances).
+fn check_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Every kind of object the repository holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ObjectKey {
+    /// `dr-repo.json`, the plaintext repository descriptor.
+    RepoInfo,
+    /// `pg/<cluster>/<system-id>/backups/<id>/manifest`
+    PgManifest {
+        /// Cluster name from the config.
+        cluster: String,
+        /// PostgreSQL system identifier.
+        system_id: u64,
+        /// Backup id.
+        backup: BackupId,
+    },
+    /// `pg/<cluster>/<system-id>/backups/<id>/data/<n>` (a block or a pack of small files).
+    PgData {
+        /// Cluster name.
+        cluster: String,
+        /// System identifier.
+        system_id: u64,
+        /// Backup that first stored it.
+        backup: BackupId,
+        /// Object number within the backup.
+        n: u32,
+    },
+    /// `pg/<cluster>/<system-id>/wal/<timeline>/<log>/<segment>`
+    Wal {
+        /// Cluster name.
+        cluster: String,
+        /// System identifier.
+        system_id: u64,
+        /// The segment.
+        segment: WalSegmentName,
+    },
+    /// `pg/<cluster>/<system-id>/wal/<timeline>.history`
+    TimelineHistory {
+        /// Cluster name.
+        cluster: String,
+        /// System identifier.
+        system_id: u64,
+        /// The timeline the history file describes.
+        timeline: TimelineId,
+    },
+    /// `redis/<instance>/snapshots/<id>/manifest`
+    RedisManifest {
+        /// Instance name.
+        instance: String,
+        /// Snapshot id.
+        snapshot: BackupId,
+    },
+    /// `redis/<instance>/snapshots/<id>/rdb`
+    RedisRdb {
+        /// Instance name.
+        instance: String,
+        /// Snapshot id.
+        snapshot: BackupId,
+    },
+    /// `audit/<yyyy>/<mm>/<id>`: one encrypted audit record.
+    Audit {
+        /// Record id (time-sortable).
+        id: BackupId,
+    },
+    /// `selftest/<id>`: a temporary object written by `dr repo selftest`.
+    Selftest {
+        /// Test id.
+        id: BackupId,
+    },
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ObjectKey::RepoInfo => f.write_str("dr-repo.json"),
+            ObjectKey::PgManifest {
+                cluster,
+                system_id,
+                backup,
+            } => write!(f, "pg/{cluster}/{system_id}/backups/{backup}/manifest"),
+            ObjectKey::PgData {
+                cluster,
+                system_id,
+                backup,
+                n,
+            } => write!(f, "pg/{cluster}/{system_id}/backups/{backup}/data/{n:08x}"),
+            ObjectKey::Wal {
+                cluster,
+                system_id,
+                segment,
+            } => write!(
+                f,
+                "pg/{cluster}/{system_id}/wal/{}/{:08X}/{segment}",
+                segment.timeline, segment.log
+            ),
+            ObjectKey::TimelineHistory {
+                cluster,
+                system_id,
+                timeline,
+            } => write!(f, "pg/{cluster}/{system_id}/wal/{timeline}.history"),
+            ObjectKey::RedisManifest { instance, snapshot } => {
+                write!(f, "redis/{instance}/snapshots/{snapshot}/manifest")
+            }
+            ObjectKey::RedisRdb { instance, snapshot } => {
+                write!(f, "redis/{instance}/snapshots/{snapshot}/rdb")
+            }
+            ObjectKey::Audit { id } => {
+                write!(f, "audit/{}/{id}", id.time().format("%Y/%m"))
+            }
+            ObjectKey::Selftest { id } => write!(f, "selftest/{id}"),
+        }
+    }
+}
+
+impl FromStr for ObjectKey {
+    type Err = ParseKeyError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parts: Vec<&str> = s.split('/').collect();
+        let bad = || perr("object key", s);
+        let name = |x: &str| -> Result<String, ParseKeyError> {
+            if check_name(x) {
+                Ok(x.to_string())
+            } else {
+                perr("object key", s)
+            }
+        };
+        let sysid = |x: &str| -> Result<u64, ParseKeyError> {
+            if x.starts_with('0') && x != "0" {
+                return perr("object key", s);
+            }
+            x.parse().or_else(|_| perr("object key", s))
+        };
+        match parts.as_slice() {
+            ["dr-repo.json"] => Ok(ObjectKey::RepoInfo),
+            ["pg", c, sid, "backups", b, "manifest"] => Ok(ObjectKey::PgManifest {
+                cluster: name(c)?,
+                system_id: sysid(sid)?,
+                backup: b.parse()?,
+            }),
+            ["pg", c, sid, "backups", b, "data", n] => {
+                if n.len() != 8 {
+                    return bad();
+                }
+                Ok(ObjectKey::PgData {
+                    cluster: name(c)?,
+                    system_id: sysid(sid)?,
+                    backup: b.parse()?,
+                    n: u32::from_str_radix(n, 16).or_else(|_| perr("object key", s))?,
+                })
+            }
+            ["pg", c, sid, "wal", tli, log, seg] => {
+                let segment: WalSegmentName = seg.parse()?;
+                let tli: TimelineId = tli.parse()?;
+                if segment.timeline != tli || format!("{:08X}", segment.log) != *log {
+                    return bad();
+                }
+                Ok(ObjectKey::Wal {
+                    cluster: name(c)?,
+                    system_id: sysid(sid)?,
+                    segment,
+                })
+            }
+            ["pg", c, sid, "wal", hist] => {
+                let Some(t) = hist.strip_suffix(".history") else {
+                    return bad();
+                };
+                Ok(ObjectKey::TimelineHistory {
+                    cluster: name(c)?,
+                    system_id: sysid(sid)?,
+                    timeline: t.parse()?,
+                })
+            }
+            ["redis", i, "snapshots", id, "manifest"] => Ok(ObjectKey::RedisManifest {
+                instance: name(i)?,
+                snapshot: id.parse()?,
+            }),
+            ["redis", i, "snapshots", id, "rdb"] => Ok(ObjectKey::RedisRdb {
+                instance: name(i)?,
+                snapshot: id.parse()?,
+            }),
+            ["audit", y, m, id] => {
+                let id: BackupId = id.parse()?;
+                if id.time().format("%Y").to_string() != *y || id.time().format("%m").to_string() != *m {
+                    return bad();
+                }
+                Ok(ObjectKey::Audit { id })
+            }
+            ["selftest", id] => Ok(ObjectKey::Selftest { id: id.parse()? }),
+            _ => bad(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::RngExt;
+
+    fn random_name(rng: &mut impl rand::Rng) -> String {
+        const CH: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_";
+        let n = rng.random_range(1..=64);
+        (0..n)
+            .map(|_| CH[rng.random_range(0..CH.len())] as char)
+            .collect()
+    }
+
+    fn random_id(rng: &mut impl rand::Rng) -> BackupId {
+        let secs = rng.random_range(0..4_000_000_000i64);
+        BackupId::new(DateTime::from_timestamp(secs, 0).unwrap_or_default())
+    }
+
+    #[test]
+    fn keys_round_trip() {
+        let mut rng = rand::rng();
+        for _ in 0..2000 {
+            let cluster = random_name(&mut rng);
+            let system_id: u64 = rng.random();
+            let seg = WalSegmentName {
+                timeline: TimelineId(rng.random_range(1..u32::MAX)),
+                log: rng.random(),
+                seg: rng.random_range(0..256),
+            };
+            let keys = [
+                ObjectKey::RepoInfo,
+                ObjectKey::PgManifest {
+                    cluster: cluster.clone(),
+                    system_id,
+                    backup: random_id(&mut rng),
+                },
+                ObjectKey::PgData {
+                    cluster: cluster.clone(),
+                    system_id,
+                    backup: random_id(&mut rng),
+                    n: rng.random(),
+                },
+                ObjectKey::Wal {
+                    cluster: cluster.clone(),
+                    system_id,
+                    segment: seg,
+                },
+                ObjectKey::TimelineHistory {
+                    cluster,
+                    system_id,
+                    timeline: seg.timeline,
+                },
+                ObjectKey::RedisManifest {
+                    instance: random_name(&mut rng),
+                    snapshot: random_id(&mut rng),
+                },
+                ObjectKey::RedisRdb {
+                    instance: random_name(&mut rng),
+                    snapshot: random_id(&mut rng),
+                },
+                ObjectKey::Audit {
+                    id: random_id(&mut rng),
+                },
+                ObjectKey::Selftest {
+                    id: random_id(&mut rng),
+                },
+            ];
+            for k in keys {
+                let s = k.to_string();
+                crate::store::validate_key(&s).expect("valid store key");
+                assert_eq!(s.parse::<ObjectKey>(), Ok(k.clone()), "{s}");
+            }
+        }
+    }
+
+    #[test]
+    fn ids_sort_by_time() {
+        let a = BackupId::new(DateTime::from_timestamp(1_000, 0).unwrap_or_default());
+        let b = BackupId::new(DateTime::from_timestamp(2_000, 0).unwrap_or_default());
+        assert!(a.to_string() < b.to_string());
+        assert!(a < b);
+    }
+
+    #[test]
+    fn foreign_keys_are_rejected() {
+        for s in [
+            "pg/main/1/backups/nope/manifest",
+            "pg/ma in/1/backups/20261125T184412Z-abcdef/manifest",
+            "pg/main/01/backups/20261125T184412Z-abcdef/manifest",
+            "pg/main/1/wal/00000001/00000000/000000020000000000000001",
+            "pg/main/1/wal/00000001/00000001/000000010000000000000001",
+            "pg/main/1/wal/0000000g.history",
+            "random/thing",
+        ] {
+            assert!(s.parse::<ObjectKey>().is_err(), "{s} accepted");
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! Local filesystem store, the embedded default.
+//!
+//! A put writes a temp file under `<root>/.tmp/`, fsyncs it, hard-links it to its
+//! final name (which fails if the name exists, so objects are create-only), and
+//! fsyncs the directories. A crash at any point leaves at most a temp file, which
+//! is never listed.
+
+use std::io;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+use super::{ByteStream, ObjectInfo, StoreError};
+
+const TMP_DIR: &str = ".tmp";
+
+/// A repository region in a local directory.
+pub struct FsStore {
+    root: PathBuf,
+}
+
+impl FsStore {
+    /// A store rooted at `root` (created on first write).
+    pub fn new(root: impl Into<PathBuf>) -> FsStore {
+        FsStore { root: root.into() }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub(super) fn describe(&self) -> String {
+        format!("fs:{}", self.root.display())
+    }
+
+    fn err(&self, op: &'static str, key: &str, e: io::Error) -> StoreError {
+        if e.kind() == io::ErrorKind::NotFound && op != "put" {
+            return StoreError::NotFound {
+                store: self.describe(),
+                key: key.to_string(),
+            };
+        }
+        let hint = match e.kind() {
+            io::ErrorKind::PermissionDenied => {
+                "; check that the user running dr owns the repository directory"
+            }
+            io::ErrorKind::StorageFull => "; the filesystem is full",
+            _ => "",
+        };
+        StoreError::Backend {
+            store: self.describe(),
+            op,
+            key: key.to_string(),
+            message: format!("{e}{hint}"),
+            transient: false,
+        }
+    }
+
+    pub(super) async fn put(&self, key: &str, mut body: ByteStream) -> Result<u64, StoreError> {
+        let tmp_dir = self.root.join(TMP_DIR);
+        tokio::fs::create_dir_all(&tmp_dir)
+            .await
+            .map_err(|e| self.err("put", key, e))?;
+        let tmp = tmp_dir.join(format!("{:016x}", rand::random::<u64>()));
+        let result = async {
+            let mut f = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .await
+                .map_err(|e| self.err("put", key, e))?;
+            let mut n = 0u64;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|source| StoreError::Source {
+                    store: self.describe(),
+                    key: key.to_string(),
+                    source,
+                })?;
+                f.write_all(&chunk)
+                    .await
+                    .map_err(|e| self.err("put", key, e))?;
+                n += chunk.len() as u64;
+            }
+            f.flush().await.map_err(|e| self.err("put", key, e))?;
+            f.sync_all().await.map_err(|e| self.err("put", key, e))?;
+            drop(f);
+            let dest = self.root.join(key);
+            let (root, dest2, tmp2) = (self.root.clone(), dest.clone(), tmp.clone());
+            tokio::task::spawn_blocking(move || publish(&root, &tmp2, &dest2))
+                .await
+                .map_err(|e| self.err("put", key, io::Error::other(e)))?
+                .map_err(|e| {
+                    if e.kind() == io::ErrorKind::AlreadyExists {
+                        StoreError::AlreadyExists {
+                            store: self.describe(),
+                            key: key.to_string(),
+                        }
+                    } else {
+                        self.err("put", key, e)
+                    }
+                })?;
+            Ok(n)
+        }
+        .await;
+        // The temp file is garbage whether the put succeeded (it was linked) or not.
+        let _ = tokio::fs::remove_file(&tmp).await;
+        result
+    }
+
+    pub(super) async fn get(
+        &self,
+        key: &str,
+        range: Option<Range<u64>>,
+    ) -> Result<ByteStream, StoreError> {
+        let path = self.root.join(key);
+        let mut f = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| self.err("get", key, e))?;
+        let stream: ByteStream = match range {
+            None => Box::pin(tokio_util::io::ReaderStream::with_capacity(f, 1 << 20)),
+            Some(r) => {
+                f.seek(io::SeekFrom::Start(r.start))
+                    .await
+                    .map_err(|e| self.err("get", key, e))?;
+                let len = r.end.saturating_sub(r.start);
+                Box::pin(tokio_util::io::ReaderStream::with_capacity(
+                    f.take(len),
+                    1 << 20,
+                ))
+            }
+        };
+        Ok(stream)
+    }
+
+    pub(super) async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        match tokio::fs::metadata(self.root.join(key)).await {
+            Ok(m) if m.is_file() => Ok(Some(m.len())),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.err("head", key, e)),
+        }
+    }
+
+    pub(super) async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let root = self.root.clone();
+        let p = prefix.to_string();
+        let res = tokio::task::spawn_blocking(move || list_blocking(&root, &p))
+            .await
+            .map_err(io::Error::other)
+            .and_then(|r| r);
+        res.map_err(|e| self.err("list", prefix, e))
+    }
+
+    pub(super) async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match tokio::fs::remove_file(self.root.join(key)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.err("delete", key, e)),
+        }
+    }
+}
+
+/// Links the synced temp file to its final name and makes the new directory
+/// entries durable.
+fn publish(root: &Path, tmp: &Path, dest: &Path) -> io::Result<()> {
+    let parent = dest.parent().unwrap_or(root);
+    create_dirs_durable(root, parent)?;
+    std::fs::hard_link(tmp, dest)?;
+    fsync_dir(parent)
+}
+
+/// `mkdir -p` that fsyncs the parent of every directory it creates.
+fn create_dirs_durable(root: &Path, dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut cur = dir;
+    while !cur.is_dir() {
+        missing.push(cur.to_path_buf());
+        match cur.parent() {
+            Some(p) if p.starts_with(root) || p == root => cur = p,
+            _ => break,
+        }
+    }
+    for d in missing.iter().rev() {
+        match std::fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(p) = d.parent() {
+            fsync_dir(p)?;
+        }
+    }
+    Ok(())
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn list_blocking(root: &Path, prefix: &str) -> io::Result<Vec<ObjectInfo>> {
+    // Walk only the deepest directory the prefix names.
+    let dir_part = match prefix.rfind('/') {
+        Some(i) => &prefix[..i],
+        None => "",
+    };
+    let start = if dir_part.is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(dir_part)
+    };
+    let mut out = Vec::new();
+    let mut stack = vec![start];
+    while let Some(dir) = stack.pop() {
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in rd {
+            let entry = entry?;
+            let path = entry.path();
+            let Ok(rel) = path.strip_prefix(root) else {
+                continue;
+            };
+            let Some(rel) = rel.to_str() else { continue };
+            if rel == TMP_DIR || rel.starts_with(".tmp/") {
+                continue;
+            }
+            let ft = entry.file_type()?;
+            if ft.is_dir() {
+                let with_slash = format!("{rel}/");
+                if with_slash.starts_with(prefix) || prefix.starts_with(&with_slash) {
+                    stack.push(path);
+                }
+            } else if ft.is_file() && rel.starts_with(prefix) {
+                out.push(ObjectInfo {
+                    key: rel.to_string(),
+                    size: entry.metadata()?.len(),
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}

@@ -1,0 +1,389 @@
+//! S3-compatible object storage through aws-sdk-s3.
+//!
+//! Large objects are sent as a multipart upload with a few parts in flight, so
+//! memory stays bounded by `part_size × (in-flight + 1)`. An upload that fails or is
+//! interrupted is aborted; S3 never shows an incomplete multipart upload as an
+//! object, so a crash mid-put leaves nothing visible.
+
+use std::io;
+use std::ops::Range;
+use std::time::Duration;
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{Credentials, Region as SdkRegion, retry::RetryConfig, timeout::TimeoutConfig};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream as SdkBody;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use bytes::{Bytes, BytesMut};
+use futures::stream::FuturesUnordered;
+use futures::{StreamExt, TryStreamExt};
+
+use super::{ByteStream, ObjectInfo, StoreError};
+use crate::config::S3Region;
+
+/// Parts uploaded concurrently per object.
+const PARTS_IN_FLIGHT: usize = 4;
+
+/// One bucket + prefix.
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    prefix: String,
+    part_size: usize,
+    label: String,
+}
+
+impl S3Store {
+    /// Builds a client. With credentials in the config, no AWS credential chain or
+    /// instance-metadata endpoint is ever contacted.
+    pub async fn connect(cfg: &S3Region) -> Result<S3Store, String> {
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(Duration::from_secs(60))
+            .build();
+        let retry = RetryConfig::standard().with_max_attempts(4);
+        let mut builder = match (&cfg.access_key_id, &cfg.secret_access_key) {
+            (Some(k), Some(s)) => {
+                let creds = Credentials::new(k.resolve()?, s.resolve()?, None, None, "dr-config");
+                aws_sdk_s3::Config::builder()
+                    .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+                    .credentials_provider(creds)
+            }
+            _ => {
+                let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                    .region(SdkRegion::new(cfg.s3_region.clone()))
+                    .load()
+                    .await;
+                aws_sdk_s3::config::Builder::from(&shared)
+            }
+        };
+        builder = builder
+            .region(SdkRegion::new(cfg.s3_region.clone()))
+            .force_path_style(cfg.path_style)
+            .timeout_config(timeouts)
+            .retry_config(retry);
+        if let Some(ep) = &cfg.endpoint {
+            builder = builder.endpoint_url(ep);
+        }
+        let label = format!(
+            "s3:{}/{}{}",
+            cfg.endpoint.as_deref().unwrap_or("aws"),
+            cfg.bucket,
+            if cfg.prefix.is_empty() {
+                String::new()
+            } else {
+                format!("/{}", cfg.prefix)
+            }
+        );
+        Ok(S3Store {
+            client: Client::from_conf(builder.build()),
+            bucket: cfg.bucket.clone(),
+            prefix: cfg.prefix.clone(),
+            part_size: cfg.part_size,
+            label,
+        })
+    }
+
+    pub(super) fn describe(&self) -> String {
+        self.label.clone()
+    }
+
+    fn full(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}/{}", self.prefix, key)
+        }
+    }
+
+    fn err<E, R>(&self, op: &'static str, key: &str, e: SdkError<E, R>) -> StoreError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug + Send + Sync + 'static,
+    {
+        let (transient, message) = match &e {
+            SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => (
+                true,
+                format!(
+                    "endpoint unreachable ({}); check that the S3 server is up and the endpoint is right",
+                    DisplayErrorContext(&e)
+                ),
+            ),
+            SdkError::ResponseError(_) => (true, DisplayErrorContext(&e).to_string()),
+            SdkError::ServiceError(se) => {
+                let code = se.err().code().unwrap_or("unknown");
+                let msg = se.err().message().unwrap_or("");
+                let hint = match code {
+                    "NoSuchBucket" => "; create the bucket or fix `bucket` in the config",
+                    "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" => {
+                        "; check the region's access key settings"
+                    }
+                    _ => "",
+                };
+                let transient = matches!(
+                    code,
+                    "SlowDown" | "InternalError" | "ServiceUnavailable" | "RequestTimeout"
+                );
+                (transient, format!("{code}: {msg}{hint}"))
+            }
+            _ => (false, DisplayErrorContext(&e).to_string()),
+        };
+        StoreError::Backend {
+            store: self.describe(),
+            op,
+            key: key.to_string(),
+            message,
+            transient,
+        }
+    }
+
+    pub(super) async fn put(&self, key: &str, mut body: ByteStream) -> Result<u64, StoreError> {
+        let full = self.full(key);
+        let source_err = |source| StoreError::Source {
+            store: self.describe(),
+            key: key.to_string(),
+            source,
+        };
+        let mut buf = BytesMut::with_capacity(self.part_size.min(1 << 20));
+        // Fill the first part; a small object is a single PUT.
+        let mut ended = false;
+        while buf.len() < self.part_size {
+            match body.next().await {
+                Some(chunk) => buf.extend_from_slice(&chunk.map_err(source_err)?),
+                None => {
+                    ended = true;
+                    break;
+                }
+            }
+        }
+        if ended {
+            let n = buf.len() as u64;
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .body(SdkBody::from(buf.freeze()))
+                .send()
+                .await
+                .map_err(|e| self.err("put", key, e))?;
+            return Ok(n);
+        }
+        let upload = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| self.err("put", key, e))?;
+        let Some(upload_id) = upload.upload_id().map(str::to_string) else {
+            return Err(StoreError::Backend {
+                store: self.describe(),
+                op: "put",
+                key: key.to_string(),
+                message: "server returned no multipart upload id".into(),
+                transient: false,
+            });
+        };
+        let result = self.put_parts(key, &full, &upload_id, buf, body).await;
+        match result {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                // Best effort: an unaborted upload is invisible but costs storage.
+                let _ = self
+                    .client
+                    .abort_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .upload_id(&upload_id)
+                    .send()
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn put_parts(
+        &self,
+        key: &str,
+        full: &str,
+        upload_id: &str,
+        mut buf: BytesMut,
+        mut body: ByteStream,
+    ) -> Result<u64, StoreError> {
+        let mut in_flight = FuturesUnordered::new();
+        let mut done: Vec<CompletedPart> = Vec::new();
+        let mut part_number = 0i32;
+        let mut total = 0u64;
+        let mut ended = false;
+        loop {
+            // Cut a full part (or the final remainder).
+            while buf.len() < self.part_size && !ended {
+                match body.next().await {
+                    Some(chunk) => buf.extend_from_slice(&chunk.map_err(|source| {
+                        StoreError::Source {
+                            store: self.describe(),
+                            key: key.to_string(),
+                            source,
+                        }
+                    })?),
+                    None => ended = true,
+                }
+            }
+            if !buf.is_empty() {
+                let take = buf.len().min(self.part_size);
+                let part: Bytes = buf.split_to(take).freeze();
+                part_number += 1;
+                total += part.len() as u64;
+                let n = part_number;
+                in_flight.push(async move {
+                    let out = self
+                        .client
+                        .upload_part()
+                        .bucket(&self.bucket)
+                        .key(full)
+                        .upload_id(upload_id)
+                        .part_number(n)
+                        .body(SdkBody::from(part))
+                        .send()
+                        .await
+                        .map_err(|e| self.err("put", key, e))?;
+                    Ok::<_, StoreError>(
+                        CompletedPart::builder()
+                            .part_number(n)
+                            .set_e_tag(out.e_tag().map(str::to_string))
+                            .build(),
+                    )
+                });
+            }
+            if in_flight.len() >= PARTS_IN_FLIGHT || (ended && buf.is_empty()) {
+                match in_flight.try_next().await? {
+                    Some(p) => done.push(p),
+                    None if ended && buf.is_empty() => break,
+                    None => {}
+                }
+            }
+        }
+        done.sort_by_key(|p| p.part_number());
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(full)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(done))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| self.err("put", key, e))?;
+        Ok(total)
+    }
+
+    pub(super) async fn get(
+        &self,
+        key: &str,
+        range: Option<Range<u64>>,
+    ) -> Result<ByteStream, StoreError> {
+        let mut req = self.client.get_object().bucket(&self.bucket).key(self.full(key));
+        if let Some(r) = &range {
+            if r.end <= r.start {
+                return Ok(Box::pin(futures::stream::empty()));
+            }
+            req = req.range(format!("bytes={}-{}", r.start, r.end - 1));
+        }
+        let out = req.send().await.map_err(|e| {
+            if let SdkError::ServiceError(se) = &e {
+                if se.err().is_no_such_key() {
+                    return StoreError::NotFound {
+                        store: self.describe(),
+                        key: key.to_string(),
+                    };
+                }
+            }
+            self.err("get", key, e)
+        })?;
+        let body = out.body;
+        Ok(Box::pin(futures::stream::unfold(body, |mut b| async move {
+            b.next()
+                .await
+                .map(|r| (r.map_err(io::Error::other), b))
+        })))
+    }
+
+    pub(super) async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.full(key))
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
+            Err(SdkError::ServiceError(se)) if se.err().is_not_found() => Ok(None),
+            Err(e) => Err(self.err("head", key, e)),
+        }
+    }
+
+    pub(super) async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        let full_prefix = self.full(prefix);
+        let strip = if self.prefix.is_empty() {
+            0
+        } else {
+            self.prefix.len() + 1
+        };
+        let mut out = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full_prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.err("list", prefix, e))?;
+            for o in page.contents() {
+                if let Some(k) = o.key() {
+                    if k.len() >= strip {
+                        out.push(ObjectInfo {
+                            key: k[strip..].to_string(),
+                            size: o.size().unwrap_or(0).max(0) as u64,
+                        });
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    pub(super) async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.full(key))
+            .send()
+            .await
+            .map_err(|e| self.err("delete", key, e))?;
+        Ok(())
+    }
+
+    /// Creates the bucket if it does not exist (for `dr repo init`).
+    pub async fn ensure_bucket(&self) -> Result<(), StoreError> {
+        match self.client.head_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(SdkError::ServiceError(se)) if se.err().is_not_found() => {
+                self.client
+                    .create_bucket()
+                    .bucket(&self.bucket)
+                    .send()
+                    .await
+                    .map_err(|e| self.err("create bucket", &self.bucket, e))?;
+                Ok(())
+            }
+            Err(e) => Err(self.err("head bucket", &self.bucket, e)),
+        }
+    }
+}
