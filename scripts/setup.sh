@@ -17,10 +17,11 @@
 #     because Debian 12 does not package it.
 set -euo pipefail
 
-# cargo-installed tools live here; make sure they are found even when the
-# caller's PATH does not include it (CI starts from a minimal environment).
+# cargo-installed tools live in ~/.cargo/bin; the system directories are
+# appended because a minimal PATH may lack them (runuser, useradd are in
+# /usr/sbin; the machine's own cargo-nextest may be in /usr/local/bin).
 CARGO_BIN_DIR="${CARGO_HOME:-$HOME/.cargo}/bin"
-export PATH="$CARGO_BIN_DIR:$PATH"
+export PATH="$CARGO_BIN_DIR:$PATH:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 export DEBIAN_FRONTEND=noninteractive
 
 # Garage major version the test environment is written for (config keys and

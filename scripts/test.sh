@@ -14,7 +14,8 @@ banner() { printf '\n===== %s =====\n' "$*"; }
 banner "1/3 Installing prerequisites (scripts/setup.sh)"
 bash "$ROOT/scripts/setup.sh"
 
-export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+# Same search path as setup.sh: cargo-installed tools first, system dirs last.
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Outside the work tree so that builds are reused across fresh clones (CI
 # clones the repository anew for every run).
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/dr/target}"

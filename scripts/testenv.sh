@@ -19,7 +19,9 @@
 # instances started by Debian's packages neither conflict nor get used.
 set -euo pipefail
 
-export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+# garage is cargo-installed; runuser/useradd live in /usr/sbin, which a
+# minimal PATH may lack.
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 STATE_DIR=$(realpath -m -- "${DR_TESTENV_DIR:-/tmp/dr-testenv}")
 MARKER=$STATE_DIR/.dr-testenv
@@ -139,6 +141,12 @@ start_failed() { # start_failed LABEL LOGFILE MESSAGE
     local label=$1 logfile=$2 msg=$3
     printf '[testenv] ERROR: %s: %s\n' "$label" "$msg" >&2
     if [[ -s $logfile ]]; then
+        # Error lines first: a server may keep logging after the real cause
+        # (Garage keeps running when its S3 port cannot be bound).
+        if grep -qE 'ERROR|FATAL|PANIC|panicked' -- "$logfile"; then
+            printf '[testenv] ---- error lines in %s ----\n' "$logfile" >&2
+            grep -E 'ERROR|FATAL|PANIC|panicked' -- "$logfile" | tail -n 10 >&2 || true
+        fi
         printf '[testenv] ---- last lines of %s ----\n' "$logfile" >&2
         tail -n 40 -- "$logfile" >&2 || true
         printf '[testenv] ---- end of %s ----\n' "$logfile" >&2
@@ -325,7 +333,7 @@ EOF
     log "Garage: starting (S3 127.0.0.1:$s3_port, RPC :$rpc_port, admin :$admin_port)"
     # Garage has no daemon mode: run it in the background and record its PID.
     # stdin/stdout are detached so callers capturing our output do not hang.
-    RUST_LOG=${GARAGE_LOG_LEVEL:-garage=info} garage -c "$GARAGE_CONF" server \
+    NO_COLOR=1 RUST_LOG=${GARAGE_LOG_LEVEL:-garage=info} garage -c "$GARAGE_CONF" server \
         </dev/null >>"$GARAGE_LOG" 2>&1 &
     echo $! >"$GARAGE_PIDFILE"
 
@@ -355,16 +363,27 @@ EOF
 
     # End-to-end check: a SigV4-signed ListObjectsV2 on the bucket must
     # succeed, which proves the layout, key and permissions all took effect.
-    local code url="http://127.0.0.1:$s3_port/$S3_BUCKET?list-type=2"
+    # A short budget: by now the server is up, so a persistent error is a
+    # configuration problem, not slowness.
+    local code endpoint="http://127.0.0.1:$s3_port"
+    deadline=$((SECONDS + 15))
     while :; do
-        code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 5 \
-            --aws-sigv4 "aws:amz:$S3_REGION:s3" --user "$S3_ACCESS_KEY_ID:$S3_SECRET_ACCESS_KEY" \
-            "$url" 2>/dev/null || true)
+        code=$(s3_list_status "$endpoint" "$S3_ACCESS_KEY_ID" "$S3_SECRET_ACCESS_KEY")
         [[ $code == 200 ]] && break
         ((SECONDS < deadline)) ||
-            start_failed "$label" "$GARAGE_LOG" "signed S3 ListObjectsV2 on $url returned HTTP '${code:-none}' (expected 200)"
+            start_failed "$label" "$GARAGE_LOG" "signed S3 ListObjectsV2 on $endpoint/$S3_BUCKET returned HTTP '${code:-none}' (expected 200)"
         sleep 0.2
     done
+}
+
+# Prints the HTTP status of a SigV4-signed ListObjectsV2 on the bucket
+# ("000" if nothing answered). Garage requires the x-amz-content-sha256
+# header, which curl only signs when given explicitly (here: empty body).
+s3_list_status() { # s3_list_status ENDPOINT KEY_ID SECRET
+    curl -sS -o /dev/null -w '%{http_code}' --max-time 5 \
+        --aws-sigv4 "aws:amz:$S3_REGION:s3" --user "$2:$3" \
+        -H 'x-amz-content-sha256: e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855' \
+        "$1/$S3_BUCKET?list-type=2" 2>/dev/null || true
 }
 
 stop_garage() {
@@ -519,10 +538,7 @@ cmd_status() {
     fi
 
     pid=$(garage_pid)
-    code=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 5 \
-        --aws-sigv4 "aws:amz:$DR_TEST_S3_REGION:s3" \
-        --user "$DR_TEST_S3_ACCESS_KEY_ID:$DR_TEST_S3_SECRET_ACCESS_KEY" \
-        "$DR_TEST_S3_ENDPOINT/$DR_TEST_S3_BUCKET?list-type=2" 2>/dev/null || true)
+    code=$(s3_list_status "$DR_TEST_S3_ENDPOINT" "$DR_TEST_S3_ACCESS_KEY_ID" "$DR_TEST_S3_SECRET_ACCESS_KEY")
     if pid_is "$pid" garage && [[ $code == 200 ]]; then
         echo "garage:   running (pid $pid, S3 $DR_TEST_S3_ENDPOINT, bucket $DR_TEST_S3_BUCKET)"
     else

@@ -63,7 +63,12 @@ pub async fn run(cfg: &Config) -> CheckReport {
     rep.push(
         "config",
         Status::Ok,
-        format!("{} ({} region(s), min_regions = {})", cfg.source.display(), cfg.region_specs.len(), cfg.repository.min_regions.get_ref()),
+        format!(
+            "{} ({} region(s), min_regions = {})",
+            cfg.source.display(),
+            cfg.region_specs.len(),
+            cfg.repository.min_regions.get_ref()
+        ),
     );
     identity_check(cfg, &mut rep);
     let regions = match Regions::from_config(cfg).await {
@@ -97,18 +102,43 @@ pub async fn run(cfg: &Config) -> CheckReport {
                 rep.push(
                     &name,
                     Status::Ok,
-                    format!("{}: writable, {} ms round trip", r.store.describe(), t.elapsed().as_millis()),
+                    format!(
+                        "{}: writable, {} ms round trip",
+                        r.store.describe(),
+                        t.elapsed().as_millis()
+                    ),
                 );
             }
-            Ok(false) => rep.push(&name, Status::Fail, format!("{}: read back different bytes than written", r.store.describe())),
+            Ok(false) => rep.push(
+                &name,
+                Status::Fail,
+                format!(
+                    "{}: read back different bytes than written",
+                    r.store.describe()
+                ),
+            ),
             Err(e) => rep.push(&name, Status::Fail, e.to_string()),
         }
         match r.store.get_bytes(&info_key).await {
             Ok(b) => match serde_json::from_slice::<crate::repo::RepoInfo>(&b) {
                 Ok(info) if info.version == crate::repo::FORMAT_VERSION => {
                     repo_ids.push(info.id.clone());
-                    rep.push(format!("repository in {}", r.name), Status::Ok, format!("id {}, created {}", info.id, info.created.format("%Y-%m-%d %H:%M:%SZ")));
-                    let fps: Vec<String> = cfg.repository.recipients.get_ref().iter().map(|x| keys::fingerprint(x)).collect();
+                    rep.push(
+                        format!("repository in {}", r.name),
+                        Status::Ok,
+                        format!(
+                            "id {}, created {}",
+                            info.id,
+                            info.created.format("%Y-%m-%d %H:%M:%SZ")
+                        ),
+                    );
+                    let fps: Vec<String> = cfg
+                        .repository
+                        .recipients
+                        .get_ref()
+                        .iter()
+                        .map(|x| keys::fingerprint(x))
+                        .collect();
                     if !fps.iter().all(|f| info.recipient_fingerprints.contains(f)) {
                         rep.push(
                             format!("recipients in {}", r.name),
@@ -117,27 +147,64 @@ pub async fn run(cfg: &Config) -> CheckReport {
                         );
                     }
                 }
-                Ok(info) => rep.push(format!("repository in {}", r.name), Status::Fail, format!("format version {} is not supported by this dr (reads {})", info.version, crate::repo::FORMAT_VERSION)),
-                Err(e) => rep.push(format!("repository in {}", r.name), Status::Fail, format!("dr-repo.json is not a dr descriptor: {e}")),
+                Ok(info) => rep.push(
+                    format!("repository in {}", r.name),
+                    Status::Fail,
+                    format!(
+                        "format version {} is not supported by this dr (reads {})",
+                        info.version,
+                        crate::repo::FORMAT_VERSION
+                    ),
+                ),
+                Err(e) => rep.push(
+                    format!("repository in {}", r.name),
+                    Status::Fail,
+                    format!("dr-repo.json is not a dr descriptor: {e}"),
+                ),
             },
-            Err(e) if e.is_not_found() => rep.push(format!("repository in {}", r.name), Status::Warn, "not initialized; run `dr repo init`"),
-            Err(e) => rep.push(format!("repository in {}", r.name), Status::Fail, e.to_string()),
+            Err(e) if e.is_not_found() => rep.push(
+                format!("repository in {}", r.name),
+                Status::Warn,
+                "not initialized; run `dr repo init`",
+            ),
+            Err(e) => rep.push(
+                format!("repository in {}", r.name),
+                Status::Fail,
+                e.to_string(),
+            ),
         }
     }
     repo_ids.dedup();
     if repo_ids.len() > 1 {
-        rep.push("repository", Status::Fail, format!("regions hold different repositories: {}", repo_ids.join(", ")));
+        rep.push(
+            "repository",
+            Status::Fail,
+            format!(
+                "regions hold different repositories: {}",
+                repo_ids.join(", ")
+            ),
+        );
     }
     let min = regions.min_regions();
     let status = if healthy >= min {
-        if healthy < regions.len() { Status::Warn } else { Status::Ok }
+        if healthy < regions.len() {
+            Status::Warn
+        } else {
+            Status::Ok
+        }
     } else {
         Status::Fail
     };
     let detail = if status == Status::Warn {
-        format!("{healthy} of {} regions healthy (min_regions = {min}): degraded, writes still succeed", regions.len())
+        format!(
+            "{healthy} of {} regions healthy (min_regions = {min}): degraded, writes still succeed",
+            regions.len()
+        )
     } else {
-        format!("{healthy} of {} regions healthy (min_regions = {min})", regions.len())
+        format!(
+            "{healthy} of {} regions healthy (min_regions = {min})",
+            regions.len()
+        )
     };
     rep.push("write quorum", status, detail);
     rep
@@ -145,17 +212,31 @@ pub async fn run(cfg: &Config) -> CheckReport {
 
 fn identity_check(cfg: &Config, rep: &mut CheckReport) {
     let Some(path) = cfg.identity_file() else {
-        rep.push("identity", Status::Ok, "none configured (backup-only host: encrypts to public keys only)");
+        rep.push(
+            "identity",
+            Status::Ok,
+            "none configured (backup-only host: encrypts to public keys only)",
+        );
         return;
     };
     if !path.exists() {
-        rep.push("identity", Status::Warn, format!("{} does not exist; restores and verification need it", path.display()));
+        rep.push(
+            "identity",
+            Status::Warn,
+            format!(
+                "{} does not exist; restores and verification need it",
+                path.display()
+            ),
+        );
         return;
     }
     match keys::load_identities(path) {
         Ok(ids) => {
             let rcpts = cfg.repository.recipients.get_ref();
-            let matching = ids.iter().filter(|i| rcpts.contains(&i.to_public().to_string())).count();
+            let matching = ids
+                .iter()
+                .filter(|i| rcpts.contains(&i.to_public().to_string()))
+                .count();
             if matching == 0 {
                 rep.push(
                     "identity",
@@ -163,7 +244,14 @@ fn identity_check(cfg: &Config, rep: &mut CheckReport) {
                     format!("{}: none of its {} key(s) matches a configured recipient, so it cannot decrypt new backups", path.display(), ids.len()),
                 );
             } else {
-                rep.push("identity", Status::Ok, format!("{}: {matching} key(s) match configured recipients", path.display()));
+                rep.push(
+                    "identity",
+                    Status::Ok,
+                    format!(
+                        "{}: {matching} key(s) match configured recipients",
+                        path.display()
+                    ),
+                );
             }
         }
         Err(e) => rep.push("identity", Status::Fail, e.to_string()),

@@ -36,7 +36,9 @@ pub enum CodecError {
         key: String,
     },
     /// The object is shorter than recorded.
-    #[error("{key}: object is truncated ({got} of {expected} bytes); read it from another region or run `dr repo sync`")]
+    #[error(
+        "{key}: object is truncated ({got} of {expected} bytes); read it from another region or run `dr repo sync`"
+    )]
     Truncated {
         /// Object key.
         key: String,
@@ -60,7 +62,9 @@ pub enum CodecError {
         key: String,
     },
     /// Decryption is needed but no identity is configured.
-    #[error("no identity configured: set [repository] identity_file (restores need the private key)")]
+    #[error(
+        "no identity configured: set [repository] identity_file (restores need the private key)"
+    )]
     NoIdentity,
     /// The input stream failed (e.g. the store connection dropped).
     #[error("{key}: reading failed: {source}")]
@@ -78,7 +82,8 @@ pub enum CodecError {
 impl CodecError {
     /// Extracts a codec error carried inside an `io::Error` on a stream.
     pub fn from_io(e: &io::Error) -> Option<&CodecError> {
-        e.get_ref().and_then(|inner| inner.downcast_ref::<CodecError>())
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<CodecError>())
     }
 }
 
@@ -161,7 +166,11 @@ impl Codec {
     /// Encodes a plaintext stream. Returns the stored-form stream (hand it to a
     /// store) and a receiver for the sizes and hash, ready once the stream ends.
     /// `size_hint` selects single- or multi-threaded compression.
-    pub fn encode(&self, mut input: ByteStream, size_hint: Option<u64>) -> (ByteStream, EncodeResult) {
+    pub fn encode(
+        &self,
+        mut input: ByteStream,
+        size_hint: Option<u64>,
+    ) -> (ByteStream, EncodeResult) {
         let (in_tx, mut in_rx) = mpsc::channel::<io::Result<Bytes>>(DEPTH);
         let (mid_tx, mid_rx) = sync_channel::<Stage>(DEPTH);
         let (out_tx, out_rx) = mpsc::channel::<io::Result<Bytes>>(DEPTH);
@@ -318,7 +327,11 @@ impl Codec {
     }
 
     /// Decodes a whole (small) object into memory.
-    pub async fn decode_bytes(&self, input: ByteStream, expect: Expect) -> Result<Bytes, CodecError> {
+    pub async fn decode_bytes(
+        &self,
+        input: ByteStream,
+        expect: Expect,
+    ) -> Result<Bytes, CodecError> {
         let key = expect.key.clone();
         crate::store::collect(self.decode(input, expect))
             .await
@@ -386,7 +399,9 @@ fn decode_blocking(
     let mut rest = Vec::new();
     age_reader.read_to_end(&mut rest).map_err(DecodeFail::Io)?;
     if !rest.is_empty() {
-        return Err(DecodeFail::Hash("trailing data after the compressed stream".into()));
+        return Err(DecodeFail::Hash(
+            "trailing data after the compressed stream".into(),
+        ));
     }
     if let Some(sz) = expect.plain_size {
         if sz != total {
@@ -398,7 +413,9 @@ fn decode_blocking(
     if let Some(h) = &expect.plain_hash {
         let got = hasher.finalize().to_hex().to_string();
         if &got != h {
-            return Err(DecodeFail::Hash(format!("content hash {got} != recorded {h}")));
+            return Err(DecodeFail::Hash(format!(
+                "content hash {got} != recorded {h}"
+            )));
         }
     }
     Ok(())
@@ -577,7 +594,11 @@ mod tests {
             x ^= x >> 17;
             x ^= x << 5;
             // Half compressible, half noise.
-            v.push(if (i / 4096) % 2 == 0 { (i % 7) as u8 } else { x as u8 });
+            v.push(if (i / 4096) % 2 == 0 {
+                (i % 7) as u8
+            } else {
+                x as u8
+            });
         }
         Bytes::from(v)
     }
@@ -632,7 +653,10 @@ mod tests {
         assert!(matches!(e, CodecError::Corrupt { .. }), "{e}");
 
         let e = c
-            .decode_bytes(crate::store::once(Bytes::from_static(b"{\"hello\": 1}")), expect)
+            .decode_bytes(
+                crate::store::once(Bytes::from_static(b"{\"hello\": 1}")),
+                expect,
+            )
             .await
             .unwrap_err();
         assert!(matches!(e, CodecError::Foreign { .. }), "{e}");

@@ -195,8 +195,9 @@ impl SecretSource {
     pub fn resolve(&self) -> Result<String, String> {
         match self {
             SecretSource::Literal(s) => Ok(s.clone()),
-            SecretSource::Env(n) => std::env::var(n)
-                .map_err(|_| format!("environment variable {n} is not set; export it or use a *_file setting")),
+            SecretSource::Env(n) => std::env::var(n).map_err(|_| {
+                format!("environment variable {n} is not set; export it or use a *_file setting")
+            }),
             SecretSource::File(p) => std::fs::read_to_string(p)
                 .map(|s| s.trim().to_string())
                 .map_err(|e| format!("cannot read {}: {e}", p.display())),
@@ -381,7 +382,8 @@ impl Config {
     ) -> Result<RegionKind, ConfigError> {
         let r = region.get_ref();
         let name = r.name.get_ref();
-        let fail = |msg: String| Err(self.err(text, region.span(), format!("region {name:?}: {msg}")));
+        let fail =
+            |msg: String| Err(self.err(text, region.span(), format!("region {name:?}: {msg}")));
         let s3_keys = [
             ("endpoint", r.endpoint.is_some()),
             ("bucket", r.bucket.is_some()),
@@ -402,7 +404,9 @@ impl Config {
                     return fail(format!("`{k}` only applies to type = \"s3\"; remove it"));
                 }
                 match &r.path {
-                    None => fail("type = \"fs\" needs a path; add `path = \"/var/lib/dr/repo\"`".into()),
+                    None => {
+                        fail("type = \"fs\" needs a path; add `path = \"/var/lib/dr/repo\"`".into())
+                    }
                     Some(p) if !p.is_absolute() => fail(format!(
                         "path {} is relative; use an absolute path",
                         p.display()
@@ -412,13 +416,19 @@ impl Config {
             }
             "s3" => {
                 if r.path.is_some() {
-                    return fail("`path` only applies to type = \"fs\"; use bucket and prefix".into());
+                    return fail(
+                        "`path` only applies to type = \"fs\"; use bucket and prefix".into(),
+                    );
                 }
                 let bucket = r.bucket.clone().unwrap_or_default();
                 if bucket.is_empty() {
                     return fail("type = \"s3\" needs a bucket; add `bucket = \"…\"`".into());
                 }
-                let key = pick_secret(&r.access_key_id, &r.access_key_id_env, &r.access_key_id_file);
+                let key = pick_secret(
+                    &r.access_key_id,
+                    &r.access_key_id_env,
+                    &r.access_key_id_file,
+                );
                 let secret = pick_secret(
                     &r.secret_access_key,
                     &r.secret_access_key_env,
@@ -440,15 +450,21 @@ impl Config {
                 }
                 let part_mib = r.part_size_mib.unwrap_or(8);
                 if !(5..=4096).contains(&part_mib) {
-                    return fail(format!("part_size_mib = {part_mib} is out of range; S3 needs 5 to 4096"));
+                    return fail(format!(
+                        "part_size_mib = {part_mib} is out of range; S3 needs 5 to 4096"
+                    ));
                 }
                 let prefix = r.prefix.clone().unwrap_or_default();
                 if prefix.starts_with('/') || prefix.split('/').any(|c| c == "..") {
-                    return fail(format!("prefix {prefix:?} must be relative and must not contain '..'"));
+                    return fail(format!(
+                        "prefix {prefix:?} must be relative and must not contain '..'"
+                    ));
                 }
                 if let Some(ep) = &r.endpoint {
                     if !(ep.starts_with("http://") || ep.starts_with("https://")) {
-                        return fail(format!("endpoint {ep:?} must start with http:// or https://"));
+                        return fail(format!(
+                            "endpoint {ep:?} must start with http:// or https://"
+                        ));
                     }
                 }
                 Ok(RegionKind::S3(S3Region {
@@ -552,7 +568,9 @@ mod tests {
 
     #[test]
     fn region_without_path() {
-        let t = format!("[repository]\nrecipients = [\"{RCPT}\"]\n[[region]]\nname = \"a\"\ntype = \"fs\"\n");
+        let t = format!(
+            "[repository]\nrecipients = [\"{RCPT}\"]\n[[region]]\nname = \"a\"\ntype = \"fs\"\n"
+        );
         let e = parse(&t).unwrap_err().to_string();
         assert!(e.contains("needs a path"), "{e}");
         assert!(e.starts_with("dr.toml:3:"), "{e}");
@@ -563,7 +581,10 @@ mod tests {
         let t = base() + "[[region]]\nname = \"local\"\ntype = \"fs\"\npath = \"/tmp/y\"\n";
         let e = parse(&t).unwrap_err().to_string();
         assert!(e.starts_with("dr.toml:9:"), "{e}");
-        assert!(e.contains("duplicate region name \"local\" (first used on line 5)"), "{e}");
+        assert!(
+            e.contains("duplicate region name \"local\" (first used on line 5)"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -601,6 +622,9 @@ mod tests {
         );
         let c = parse(&t).expect("valid");
         let dbg = format!("{c:?}");
-        assert!(!dbg.contains("TOPSECRETVALUE") && !dbg.contains("AKIDSECRETVALUE"), "{dbg}");
+        assert!(
+            !dbg.contains("TOPSECRETVALUE") && !dbg.contains("AKIDSECRETVALUE"),
+            "{dbg}"
+        );
     }
 }

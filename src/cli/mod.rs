@@ -51,7 +51,10 @@ pub fn run() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
     let out = Out { json: cli.json };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

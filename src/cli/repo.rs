@@ -85,12 +85,22 @@ pub async fn run(cmd: Command, config: Option<&Path>, out: &Out) -> anyhow::Resu
                         ]
                     })
                     .collect();
-                println!("{}", table(&["REGION", "READ BACK", "TIME", "ERROR"], &rows));
+                println!(
+                    "{}",
+                    table(&["REGION", "READ BACK", "TIME", "ERROR"], &rows)
+                );
                 if !rep.cleaned_up {
-                    println!("note: the temporary object {} could not be removed everywhere", rep.key);
+                    println!(
+                        "note: the temporary object {} could not be removed everywhere",
+                        rep.key
+                    );
                 }
             }
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

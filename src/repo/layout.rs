@@ -72,7 +72,11 @@ impl FromStr for BackupId {
         let Ok(time) = NaiveDateTime::parse_from_str(t, "%Y%m%dT%H%M%SZ") else {
             return perr("backup id", s);
         };
-        if suffix.len() != 6 || !suffix.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+        if suffix.len() != 6
+            || !suffix
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
             return perr("backup id", s);
         }
         Ok(BackupId {
@@ -124,7 +128,11 @@ impl fmt::Display for WalSegmentName {
 impl FromStr for WalSegmentName {
     type Err = ParseKeyError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.len() != 24 || !s.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)) {
+        if s.len() != 24
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+        {
             return perr("WAL segment name", s);
         }
         let part = |r: std::ops::Range<usize>| u32::from_str_radix(&s[r], 16);
@@ -143,7 +151,8 @@ impl FromStr for WalSegmentName {
 fn check_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Every kind of object the repository holds.
@@ -326,7 +335,9 @@ impl FromStr for ObjectKey {
             }),
             ["audit", y, m, id] => {
                 let id: BackupId = id.parse()?;
-                if id.time().format("%Y").to_string() != *y || id.time().format("%m").to_string() != *m {
+                if id.time().format("%Y").to_string() != *y
+                    || id.time().format("%m").to_string() != *m
+                {
                     return bad();
                 }
                 Ok(ObjectKey::Audit { id })

@@ -342,7 +342,11 @@ pub struct SelftestReport {
 impl Repository {
     /// Round-trips `body` through the codec and every region: encode, write,
     /// read back from each region, decode, compare hashes, then delete.
-    pub async fn selftest(&self, body: ByteStream, size_hint: Option<u64>) -> Result<SelftestReport, RepoError> {
+    pub async fn selftest(
+        &self,
+        body: ByteStream,
+        size_hint: Option<u64>,
+    ) -> Result<SelftestReport, RepoError> {
         let key = ObjectKey::Selftest {
             id: BackupId::new(Utc::now()),
         };

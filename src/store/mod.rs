@@ -40,26 +40,29 @@ pub fn channel_stream(rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>) -> Byt
 pub fn generated(size: u64) -> ByteStream {
     const BLOCK: u64 = 1 << 20;
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    Box::pin(futures::stream::iter((0..size.div_ceil(BLOCK)).map(move |i| {
-        let n = BLOCK.min(size - i * BLOCK) as usize;
-        let mut v = Vec::with_capacity(n);
-        if i % 2 == 0 {
-            while v.len() < n {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                v.extend_from_slice(&state.to_le_bytes());
+    Box::pin(futures::stream::iter((0..size.div_ceil(BLOCK)).map(
+        move |i| {
+            let n = BLOCK.min(size - i * BLOCK) as usize;
+            let mut v = Vec::with_capacity(n);
+            if i % 2 == 0 {
+                while v.len() < n {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    v.extend_from_slice(&state.to_le_bytes());
+                }
+                v.truncate(n);
+            } else {
+                let line =
+                    format!("{i:08} INSERT INTO accounts VALUES (42, 'compressible text');\n");
+                while v.len() < n {
+                    v.extend_from_slice(line.as_bytes());
+                }
+                v.truncate(n);
             }
-            v.truncate(n);
-        } else {
-            let line = format!("{i:08} INSERT INTO accounts VALUES (42, 'compressible text');\n");
-            while v.len() < n {
-                v.extend_from_slice(line.as_bytes());
-            }
-            v.truncate(n);
-        }
-        Ok(Bytes::from(v))
-    })))
+            Ok(Bytes::from(v))
+        },
+    )))
 }
 
 /// Collects a stream into memory (for small objects only).
@@ -216,7 +219,11 @@ impl Store {
     }
 
     /// Streams an object, or the byte `range` of it.
-    pub async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<ByteStream, StoreError> {
+    pub async fn get(
+        &self,
+        key: &str,
+        range: Option<Range<u64>>,
+    ) -> Result<ByteStream, StoreError> {
         validate_key(key)?;
         match self {
             Store::Fs(s) => s.get(key, range).await,
@@ -274,7 +281,9 @@ mod tests {
     #[test]
     fn keys_are_validated() {
         assert!(validate_key("pg/main/1/backups/x/manifest").is_ok());
-        for bad in ["", "/abs", "a//b", "a/../b", "a/./b", "a b", "a/.tmp/x", "ü"] {
+        for bad in [
+            "", "/abs", "a//b", "a/../b", "a/./b", "a b", "a/.tmp/x", "ü",
+        ] {
             assert!(validate_key(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -102,12 +102,14 @@ impl Regions {
         for spec in &cfg.region_specs {
             let store = match &spec.kind {
                 RegionKind::Fs { path } => Store::Fs(super::FsStore::new(path.clone())),
-                RegionKind::S3(s3) => Store::S3(super::S3Store::connect(s3).await.map_err(
-                    |message| RegionsError::Setup {
-                        region: spec.name.clone(),
-                        message,
-                    },
-                )?),
+                RegionKind::S3(s3) => {
+                    Store::S3(super::S3Store::connect(s3).await.map_err(|message| {
+                        RegionsError::Setup {
+                            region: spec.name.clone(),
+                            message,
+                        }
+                    })?)
+                }
             };
             out.push(Region {
                 name: spec.name.clone(),
@@ -175,9 +177,7 @@ impl Regions {
                     }
                     Err(e) => {
                         for tx in senders.iter().flatten() {
-                            let _ = tx
-                                .send(Err(io::Error::new(e.kind(), e.to_string())))
-                                .await;
+                            let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string()))).await;
                         }
                         return Err(e);
                     }

@@ -10,7 +10,9 @@ use std::ops::Range;
 use std::time::Duration;
 
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::{Credentials, Region as SdkRegion, retry::RetryConfig, timeout::TimeoutConfig};
+use aws_sdk_s3::config::{
+    Credentials, Region as SdkRegion, retry::RetryConfig, timeout::TimeoutConfig,
+};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream as SdkBody;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
@@ -220,13 +222,13 @@ impl S3Store {
             // Cut a full part (or the final remainder).
             while buf.len() < self.part_size && !ended {
                 match body.next().await {
-                    Some(chunk) => buf.extend_from_slice(&chunk.map_err(|source| {
-                        StoreError::Source {
+                    Some(chunk) => {
+                        buf.extend_from_slice(&chunk.map_err(|source| StoreError::Source {
                             store: self.describe(),
                             key: key.to_string(),
                             source,
-                        }
-                    })?),
+                        })?)
+                    }
                     None => ended = true,
                 }
             }
@@ -286,7 +288,11 @@ impl S3Store {
         key: &str,
         range: Option<Range<u64>>,
     ) -> Result<ByteStream, StoreError> {
-        let mut req = self.client.get_object().bucket(&self.bucket).key(self.full(key));
+        let mut req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.full(key));
         if let Some(r) = &range {
             if r.end <= r.start {
                 return Ok(Box::pin(futures::stream::empty()));
@@ -305,11 +311,10 @@ impl S3Store {
             self.err("get", key, e)
         })?;
         let body = out.body;
-        Ok(Box::pin(futures::stream::unfold(body, |mut b| async move {
-            b.next()
-                .await
-                .map(|r| (r.map_err(io::Error::other), b))
-        })))
+        Ok(Box::pin(futures::stream::unfold(
+            body,
+            |mut b| async move { b.next().await.map(|r| (r.map_err(io::Error::other), b)) },
+        )))
     }
 
     pub(super) async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {

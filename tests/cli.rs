@@ -1,0 +1,357 @@
+//! The `dr` binary as a user runs it: keygen, repo init, check, selftest, and
+//! the bad-input cases with the messages they must print.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{dr_bin, fs_region_toml, garage_region_toml};
+
+struct Env {
+    dir: tempfile::TempDir,
+    recipient: String,
+    identity: PathBuf,
+}
+
+fn dr(args: &[&str]) -> Output {
+    Command::new(dr_bin())
+        .args(args)
+        .env_remove("DR_CONFIG")
+        .env_remove("DR_IDENTITY_FILE")
+        .output()
+        .expect("run dr")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn setup() -> Env {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let identity = dir.path().join("identity.txt");
+    let o = dr(&[
+        "keygen",
+        "--json",
+        "--output",
+        identity.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "keygen: {}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("keygen json");
+    let recipient = v["recipient"].as_str().expect("recipient").to_string();
+    assert!(recipient.starts_with("age1"));
+    Env {
+        dir,
+        recipient,
+        identity,
+    }
+}
+
+impl Env {
+    fn write_config(&self, regions: &str) -> PathBuf {
+        let p = self.dir.path().join("dr.toml");
+        let text = format!(
+            "[repository]\nrecipients = [\"{}\"]\nidentity_file = \"{}\"\n\n{regions}",
+            self.recipient,
+            self.identity.display()
+        );
+        std::fs::write(&p, text).expect("write config");
+        p
+    }
+    fn repo(&self) -> PathBuf {
+        self.dir.path().join("repo")
+    }
+}
+
+fn run_cfg(cfg: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["--config", cfg.to_str().expect("utf8")];
+    all.extend_from_slice(args);
+    dr(&all)
+}
+
+#[test]
+fn keygen_init_check_selftest_on_fs() {
+    let env = setup();
+    let mode = std::fs::metadata(&env.identity)
+        .expect("meta")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    let cfg = env.write_config(&fs_region_toml("local", &env.repo()));
+
+    let o = run_cfg(&cfg, &["check", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("check json");
+    let checks = v["checks"].as_array().expect("checks");
+    assert!(
+        checks
+            .iter()
+            .any(|c| c["name"] == "repository in local" && c["status"] == "warn")
+    );
+
+    let o = run_cfg(&cfg, &["repo", "init", "--json"]);
+    assert!(o.status.success(), "init: {}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("init json");
+    assert_eq!(v["repository"]["initialized"][0], "local");
+    assert!(env.repo().join("dr-repo.json").exists());
+
+    let o = run_cfg(&cfg, &["repo", "init"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("already initialized"), "{}", stderr(&o));
+
+    let o = run_cfg(&cfg, &["check", "--json"]);
+    assert!(o.status.success(), "check: {} {}", stdout(&o), stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("check json");
+    assert_eq!(v["ok"], true);
+    for c in v["checks"].as_array().expect("checks") {
+        assert_eq!(c["status"], "ok", "{c}");
+    }
+
+    let input = env.dir.path().join("input.bin");
+    let data: Vec<u8> = (0..5_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&input, &data).expect("write input");
+    let o = run_cfg(
+        &cfg,
+        &[
+            "repo",
+            "selftest",
+            "--json",
+            "--file",
+            input.to_str().expect("utf8"),
+        ],
+    );
+    assert!(o.status.success(), "selftest: {}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("selftest json");
+    assert_eq!(v["selftest"]["plain_size"], 5_000_000);
+    assert_eq!(v["selftest"]["regions"][0]["ok"], true);
+    assert_eq!(
+        v["selftest"]["plain_hash"],
+        blake3::hash(&data).to_hex().to_string()
+    );
+    assert_eq!(v["selftest"]["cleaned_up"], true);
+}
+
+#[test]
+fn init_and_check_on_garage() {
+    let env = setup();
+    let regions = fs_region_toml("local", &env.repo()) + "\n" + &garage_region_toml("garage");
+    let cfg = env.write_config(&regions);
+    let o = run_cfg(&cfg, &["repo", "init", "--json"]);
+    assert!(o.status.success(), "init: {}", stderr(&o));
+    let o = run_cfg(&cfg, &["check", "--json"]);
+    assert!(o.status.success(), "check: {} {}", stdout(&o), stderr(&o));
+    let o = run_cfg(&cfg, &["repo", "selftest", "--size", "20000000"]);
+    assert!(o.status.success(), "selftest: {}", stderr(&o));
+    assert!(stdout(&o).contains("garage"), "{}", stdout(&o));
+}
+
+#[test]
+fn unreachable_region_is_reported_by_check() {
+    let env = setup();
+    // A port nothing listens on: connection refused.
+    let regions = fs_region_toml("local", &env.repo())
+        + "\n[[region]]\nname = \"down\"\ntype = \"s3\"\nendpoint = \"http://127.0.0.1:9\"\nbucket = \"b\"\npath_style = true\naccess_key_id = \"k\"\nsecret_access_key = \"s\"\n";
+    let cfg = env.write_config(&regions);
+    let o = run_cfg(&cfg, &["check", "--json"]);
+    assert!(!o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let down = v["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["name"] == "region down")
+        .expect("region down row");
+    assert_eq!(down["status"], "fail");
+    assert!(
+        down["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("unreachable"),
+        "{down}"
+    );
+}
+
+fn config_error(env: &Env, text: &str) -> String {
+    let p = env.dir.path().join("bad.toml");
+    std::fs::write(&p, text).expect("write");
+    let o = run_cfg(&p, &["check"]);
+    assert!(!o.status.success(), "bad config accepted: {text}");
+    let e = stderr(&o);
+    assert_eq!(e.lines().count(), 1, "error must be one line: {e}");
+    e
+}
+
+#[test]
+fn bad_config_errors_name_file_line_and_fix() {
+    let env = setup();
+    let r = &env.recipient;
+    let e = config_error(
+        &env,
+        &format!(
+            "[repository]\nrecipients = [\"{r}\"]\ncompresion_level = 3\n[[region]]\nname = \"a\"\ntype = \"fs\"\npath = \"/x\"\n"
+        ),
+    );
+    assert!(
+        e.contains("bad.toml:3") && e.contains("compresion_level"),
+        "{e}"
+    );
+
+    let e = config_error(
+        &env,
+        "[repository]\n[[region]]\nname = \"a\"\ntype = \"fs\"\npath = \"/x\"\n",
+    );
+    assert!(
+        e.contains("no recipients") && e.contains("dr keygen"),
+        "{e}"
+    );
+
+    let e = config_error(
+        &env,
+        &format!("[repository]\nrecipients = [\"{r}\"]\n[[region]]\nname = \"a\"\ntype = \"fs\"\n"),
+    );
+    assert!(
+        e.contains("bad.toml:3") && e.contains("needs a path"),
+        "{e}"
+    );
+
+    let e = config_error(
+        &env,
+        &format!(
+            "[repository]\nrecipients = [\"{r}\"]\n[[region]]\nname = \"a\"\ntype = \"fs\"\npath = \"/x\"\n[[region]]\nname = \"a\"\ntype = \"fs\"\npath = \"/y\"\n"
+        ),
+    );
+    assert!(
+        e.contains("bad.toml:8") && e.contains("duplicate region name"),
+        "{e}"
+    );
+
+    std::fs::set_permissions(&env.identity, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let cfg = env.write_config(&fs_region_toml("local", &env.repo()));
+    let o = run_cfg(&cfg, &["check"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains(&format!("chmod 600 {}", env.identity.display())),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = dr(&["--config", "/nonexistent/dr.toml", "check"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("cannot read config"), "{}", stderr(&o));
+}
+
+#[test]
+fn foreign_or_newer_repository_is_refused() {
+    let env = setup();
+    let cfg = env.write_config(&fs_region_toml("local", &env.repo()));
+    std::fs::create_dir_all(env.repo()).expect("mkdir");
+    std::fs::write(
+        env.repo().join("dr-repo.json"),
+        r#"{"format":"dr-repository","version":99,"id":"x","created":"2026-01-01T00:00:00Z","recipient_fingerprints":[]}"#,
+    )
+    .expect("write");
+    let o = run_cfg(&cfg, &["repo", "selftest", "--size", "1000"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("format version 99") && stderr(&o).contains("upgrade dr"),
+        "{}",
+        stderr(&o)
+    );
+
+    std::fs::write(env.repo().join("dr-repo.json"), "[pgbackrest info]\n").expect("write");
+    let o = run_cfg(&cfg, &["repo", "init"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("not a dr repository descriptor"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// Kills `dr` with SIGKILL in the middle of writing a large object and checks
+/// that no object becomes visible, then that the repository still works.
+fn kill_mid_put(regions: String, list: impl Fn() -> Vec<String>) {
+    let env = setup();
+    let cfg = env.write_config(&regions);
+    let o = run_cfg(&cfg, &["repo", "init"]);
+    assert!(o.status.success(), "init: {}", stderr(&o));
+    let mut child = Command::new(dr_bin())
+        .args([
+            "--config",
+            cfg.to_str().expect("utf8"),
+            "repo",
+            "selftest",
+            "--size",
+            "8000000000",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // Let it stream for a while, then kill it hard.
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "selftest ended before the kill"
+    );
+    child.kill().expect("kill");
+    child.wait().expect("reap");
+    assert!(start.elapsed() < Duration::from_secs(60));
+    assert!(
+        list().is_empty(),
+        "objects visible after a crash: {:?}",
+        list()
+    );
+    let o = run_cfg(&cfg, &["repo", "selftest", "--size", "1000000"]);
+    assert!(o.status.success(), "selftest after crash: {}", stderr(&o));
+}
+
+#[test]
+fn crash_mid_put_fs_leaves_no_object() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("repo");
+    let root2 = root.clone();
+    kill_mid_put(fs_region_toml("local", &root), move || {
+        let sel = root2.join("selftest");
+        match std::fs::read_dir(&sel) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    });
+}
+
+#[test]
+fn crash_mid_put_s3_leaves_no_object() {
+    let region = garage_region_toml("garage");
+    let prefix = region
+        .lines()
+        .find_map(|l| l.strip_prefix("prefix = \""))
+        .map(|p| p.trim_end_matches('"').to_string())
+        .expect("prefix");
+    kill_mid_put(region, move || {
+        let rt = tokio::runtime::Runtime::new().expect("rt");
+        rt.block_on(async {
+            let cfg = common::garage_region(&prefix);
+            let store = dr::store::Store::S3(dr::store::S3Store::connect(&cfg).await.expect("s3"));
+            store
+                .list("selftest/")
+                .await
+                .expect("list")
+                .into_iter()
+                .map(|o| o.key)
+                .collect()
+        })
+    });
+}

@@ -1,0 +1,225 @@
+//! One contract suite, run unchanged against every backend: the local
+//! filesystem and a real Garage S3 server.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use dr::codec::{Codec, Expect};
+use dr::store::{FaultPlan, FaultyStore, FsStore, Store, StoreError, collect, generated};
+use futures::StreamExt;
+
+async fn small_round_trip(store: Store) {
+    let key = "a/b/object-1";
+    assert_eq!(store.head(key).await.expect("head"), None);
+    let n = store
+        .put_bytes(key, Bytes::from_static(b"hello, repository"))
+        .await
+        .expect("put");
+    assert_eq!(n, 17);
+    assert_eq!(store.head(key).await.expect("head"), Some(17));
+    assert_eq!(
+        store.get_bytes(key).await.expect("get"),
+        Bytes::from_static(b"hello, repository")
+    );
+    let missing = store.get("a/b/missing", None).await;
+    assert!(
+        matches!(missing, Err(StoreError::NotFound { .. })),
+        "missing object must be NotFound"
+    );
+}
+
+async fn ranged_read(store: Store) {
+    let data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
+    store
+        .put_bytes("ranged/obj", Bytes::from(data.clone()))
+        .await
+        .expect("put");
+    let s = store
+        .get("ranged/obj", Some(1_000_000..2_500_001))
+        .await
+        .expect("get range");
+    let got = collect(s).await.expect("read");
+    assert_eq!(&got[..], &data[1_000_000..2_500_001]);
+    let tail = collect(
+        store
+            .get(
+                "ranged/obj",
+                Some(data.len() as u64 - 10..data.len() as u64),
+            )
+            .await
+            .expect("tail"),
+    )
+    .await
+    .expect("read tail");
+    assert_eq!(&tail[..], &data[data.len() - 10..]);
+}
+
+async fn list_many(store: Store) {
+    // > 1000 keys forces S3 pagination.
+    let keys: Vec<String> = (0..1100).map(|i| format!("many/k{i:05}")).collect();
+    futures::stream::iter(keys.iter().cloned())
+        .for_each_concurrent(32, |k| {
+            let store = &store;
+            async move {
+                store
+                    .put_bytes(&k, Bytes::from(k.clone().into_bytes()))
+                    .await
+                    .expect("put");
+            }
+        })
+        .await;
+    store
+        .put_bytes("manyother/x", Bytes::from_static(b"x"))
+        .await
+        .expect("put");
+    let listed = store.list("many/").await.expect("list");
+    assert_eq!(listed.len(), 1100);
+    let names: Vec<&str> = listed.iter().map(|o| o.key.as_str()).collect();
+    assert_eq!(names, keys.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(listed.iter().all(|o| o.size == 11));
+    assert_eq!(store.list("many").await.expect("list").len(), 1101);
+    assert!(store.list("nothing/").await.expect("list").is_empty());
+}
+
+async fn delete_is_idempotent(store: Store) {
+    store
+        .put_bytes("del/x", Bytes::from_static(b"1"))
+        .await
+        .expect("put");
+    store.delete("del/x").await.expect("delete");
+    assert_eq!(store.head("del/x").await.expect("head"), None);
+    store.delete("del/x").await.expect("delete missing");
+}
+
+async fn crash_mid_put_leaves_nothing(store: Store) {
+    // A writer that dies after 20 MiB of a larger object (several S3 parts).
+    let faulty = Store::Faulty(Box::new(FaultyStore::new(
+        store,
+        FaultPlan {
+            fail_put_after: Some(20 << 20),
+            ..FaultPlan::default()
+        },
+    )));
+    let err = faulty
+        .put("crash/obj", generated(64 << 20))
+        .await
+        .expect_err("put must fail");
+    assert!(matches!(err, StoreError::Source { .. }), "{err}");
+    let Store::Faulty(f) = &faulty else {
+        unreachable!()
+    };
+    assert_eq!(f.inner().head("crash/obj").await.expect("head"), None);
+    assert!(f.inner().list("crash/").await.expect("list").is_empty());
+    // The same key can be written afterwards.
+    f.set_plan(FaultPlan::default());
+    faulty
+        .put_bytes("crash/obj", Bytes::from_static(b"ok"))
+        .await
+        .expect("put after crash");
+}
+
+async fn gib_through_codec(store: Store) {
+    let id = age::x25519::Identity::generate();
+    let codec = Codec::new(vec![id.to_public()], Some(vec![id]), 3);
+    let size = 1u64 << 30;
+    let (stream, done) = codec.encode(generated(size), Some(size));
+    let stored = store.put("big/gib", stream).await.expect("put 1 GiB");
+    let enc = done.await.expect("encoder").expect("encode");
+    assert_eq!(enc.plain_size, size);
+    assert_eq!(enc.stored_size, stored);
+    let expected_hash = {
+        let mut h = blake3::Hasher::new();
+        let mut g = generated(size);
+        while let Some(c) = g.next().await {
+            h.update(&c.expect("gen"));
+        }
+        h.finalize().to_hex().to_string()
+    };
+    assert_eq!(enc.plain_hash, expected_hash);
+    let mut plain = codec.decode(
+        store.get("big/gib", None).await.expect("get"),
+        Expect::from_encoded("big/gib", &enc),
+    );
+    let mut h = blake3::Hasher::new();
+    let mut n = 0u64;
+    while let Some(c) = plain.next().await {
+        let c = c.expect("decode");
+        n += c.len() as u64;
+        h.update(&c);
+    }
+    assert_eq!(n, size);
+    assert_eq!(h.finalize().to_hex().to_string(), expected_hash);
+}
+
+macro_rules! contract {
+    ($backend:ident, $make:expr) => {
+        mod $backend {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn small_round_trip() {
+                let (store, _guard) = $make;
+                super::small_round_trip(store).await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn ranged_read() {
+                let (store, _guard) = $make;
+                super::ranged_read(store).await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn list_many() {
+                let (store, _guard) = $make;
+                super::list_many(store).await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn delete_is_idempotent() {
+                let (store, _guard) = $make;
+                super::delete_is_idempotent(store).await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn crash_mid_put_leaves_nothing() {
+                let (store, _guard) = $make;
+                super::crash_mid_put_leaves_nothing(store).await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn gib_through_codec() {
+                let (store, _guard) = $make;
+                tokio::time::timeout(Duration::from_secs(900), super::gib_through_codec(store))
+                    .await
+                    .expect("1 GiB round trip took over 15 minutes")
+            }
+        }
+    };
+}
+
+/// An fs store in a temp dir that is removed when the guard drops.
+fn fs_store() -> (Store, Option<tempfile::TempDir>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    (Store::Fs(FsStore::new(dir.path())), Some(dir))
+}
+
+contract!(fs, fs_store());
+contract!(
+    s3,
+    (common::garage_store().await, None::<tempfile::TempDir>)
+);
+
+#[tokio::test]
+async fn fs_objects_are_create_only() {
+    let (store, _guard) = fs_store();
+    store
+        .put_bytes("once", Bytes::from_static(b"first"))
+        .await
+        .expect("put");
+    let err = store
+        .put_bytes("once", Bytes::from_static(b"second"))
+        .await
+        .expect_err("overwrite must fail");
+    assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err}");
+    assert_eq!(
+        store.get_bytes("once").await.expect("get"),
+        Bytes::from_static(b"first")
+    );
+}
