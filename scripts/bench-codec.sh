@@ -50,22 +50,35 @@ TOML
 # Warm the page cache so both sides read the input from memory.
 cat "$WORK/input.bin" >/dev/null
 
-echo "== zstd -3 -T0 | age (command-line pipeline)"
-start=$(date +%s.%N)
-zstd -3 -T0 -q -c "$WORK/input.bin" | age -r "$RCPT" > "$WORK/pipeline.age"
-end=$(date +%s.%N)
-PIPE_S=$(python3 -c "print($end - $start)")
-PIPE_OUT=$(stat -c %s "$WORK/pipeline.age")
-rm -f "$WORK/pipeline.age"
-sync
+# Both sides make their output durable: dr fsyncs every object it stores, so the
+# pipeline's output goes through `dd conv=fsync`. Each side runs RUNS times,
+# alternating, and the best run counts (the least disturbed by other load).
+RUNS=${RUNS:-3}
+PIPE_TIMES=()
+DR_TIMES=()
+RSS_KB=0
+for i in $(seq 1 "$RUNS"); do
+    echo "== run $i/$RUNS: zstd -3 -T0 | age | dd conv=fsync"
+    start=$(date +%s.%N)
+    zstd -3 -T0 -q -c "$WORK/input.bin" | age -r "$RCPT" | dd of="$WORK/pipeline.age" bs=1M conv=fsync status=none
+    end=$(date +%s.%N)
+    PIPE_TIMES+=("$(python3 -c "print($end - $start)")")
+    PIPE_OUT=$(stat -c %s "$WORK/pipeline.age")
+    rm -f "$WORK/pipeline.age"
 
-echo "== dr codec (encode + durable write to the fs repository)"
-/usr/bin/time -f "%M" -o "$WORK/rss" \
-  "$DR" --config "$WORK/dr.toml" --json repo selftest --file "$WORK/input.bin" > "$WORK/dr.json"
-DR_S=$(python3 -c "import json;print(json.load(open('$WORK/dr.json'))['selftest']['write_seconds'])")
-DR_OUT=$(python3 -c "import json;print(json.load(open('$WORK/dr.json'))['selftest']['stored_size'])")
-DR_OK=$(python3 -c "import json;print(json.load(open('$WORK/dr.json'))['ok'])")
-RSS_KB=$(cat "$WORK/rss")
+    echo "== run $i/$RUNS: dr codec (encode + BLAKE3 + fsync'd write, then read back and verify)"
+    /usr/bin/time -f "%M" -o "$WORK/rss" \
+        "$DR" --config "$WORK/dr.toml" --json repo selftest --file "$WORK/input.bin" > "$WORK/dr.json"
+    DR_TIMES+=("$(python3 -c "import json;print(json.load(open('$WORK/dr.json'))['selftest']['write_seconds'])")")
+    DR_OUT=$(python3 -c "import json;print(json.load(open('$WORK/dr.json'))['selftest']['stored_size'])")
+    DR_OK=$(python3 -c "import json;print(json.load(open('$WORK/dr.json'))['ok'])")
+    [[ "$DR_OK" == "True" ]] || { echo "dr read-back verification failed" >&2; exit 1; }
+    RSS_KB=$(( $(cat "$WORK/rss") > RSS_KB ? $(cat "$WORK/rss") : RSS_KB ))
+done
+PIPE_S=$(printf '%s\n' "${PIPE_TIMES[@]}" | sort -g | head -1)
+DR_S=$(printf '%s\n' "${DR_TIMES[@]}" | sort -g | head -1)
+echo "pipeline runs (s): ${PIPE_TIMES[*]}"
+echo "dr runs (s):       ${DR_TIMES[*]}"
 
 python3 - "$BYTES" "$PIPE_S" "$PIPE_OUT" "$DR_S" "$DR_OUT" "$RSS_KB" "$DR_OK" <<'PY'
 import sys
@@ -75,9 +88,9 @@ mb = b / 1e6
 print()
 print(f"input: {b / 2**20:.0f} MiB, {__import__('os').cpu_count()} cores")
 print(f"{'':28}{'MB/s':>10}{'seconds':>10}{'stored MiB':>12}")
-print(f"{'zstd -3 -T0 | age':28}{mb / ps:>10.0f}{ps:>10.2f}{po / 2**20:>12.1f}")
+print(f"{'zstd -3 -T0 | age | dd':28}{mb / ps:>10.0f}{ps:>10.2f}{po / 2**20:>12.1f}")
 print(f"{'dr codec (+fsync, +BLAKE3)':28}{mb / ds:>10.0f}{ds:>10.2f}{do / 2**20:>12.1f}")
 print(f"ratio dr / pipeline: {ps / ds:.2f}x")
 print(f"dr peak RSS (encode, then read back + decode + verify): {rss / 1024:.0f} MiB")
-print(f"dr read-back verification ok: {ok}")
+print(f"dr read-back verification ok: {ok} (best of each side's runs shown)")
 PY

@@ -12,6 +12,7 @@
 #   - zstd, age: command-line tools used to cross-check the formats `dr` writes.
 #   - ca-certificates, pkg-config, gcc, make: building crates with C parts.
 #   - curl: scripts/testenv.sh uses it to check that the S3 endpoint answers.
+#   - time (GNU): the benchmarks report peak memory with it.
 #   - cargo-nextest: the test runner.
 #   - Garage 2.x: a small S3-compatible object store, built from crates.io
 #     because Debian 12 does not package it.
@@ -54,6 +55,7 @@ APT_PACKAGES=(
     "gcc:cc"
     "make:make"
     "curl:curl"
+    "time:/usr/bin/time"
 )
 
 is_present() {
