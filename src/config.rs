@@ -29,12 +29,55 @@ pub struct Config {
     /// Storage regions; the first listed is preferred for reads.
     #[serde(rename = "region", default)]
     pub regions: Vec<Spanned<RegionConfig>>,
+    /// PostgreSQL clusters, by name (`[postgres.<name>]`).
+    #[serde(default)]
+    pub postgres: std::collections::BTreeMap<String, Spanned<PgConfig>>,
     /// Where this file was loaded from (for messages).
     #[serde(skip)]
     pub source: PathBuf,
     /// Validated regions, in preference order.
     #[serde(skip)]
     pub region_specs: Vec<RegionSpec>,
+}
+
+/// `[postgres.<name>]`: one PostgreSQL cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgConfig {
+    /// libpq-style connection string (key=value or postgresql:// URL).
+    pub conninfo: String,
+    /// PGDATA: read by local-mode backups and `wal-push`, and the default restore target.
+    pub data_dir: PathBuf,
+    /// Directory holding `postgres` and `pg_ctl`, for servers `dr` starts.
+    #[serde(default = "default_pg_bin")]
+    pub bin_dir: PathBuf,
+    /// Unprivileged OS user that runs PostgreSQL servers `dr` starts.
+    #[serde(default = "default_os_user")]
+    pub os_user: String,
+    /// Files copied in parallel during a base backup.
+    #[serde(default = "default_parallel")]
+    pub parallel: usize,
+    /// Where `wal-fetch` keeps prefetched segments (default: `<PGDATA>/pg_wal/dr-spool`).
+    pub spool_dir: Option<PathBuf>,
+    /// Segments `wal-fetch` downloads ahead of the one PostgreSQL asked for.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+}
+
+fn default_pg_bin() -> PathBuf {
+    PathBuf::from("/usr/lib/postgresql/15/bin")
+}
+
+fn default_os_user() -> String {
+    "postgres".into()
+}
+
+fn default_parallel() -> usize {
+    4
+}
+
+fn default_prefetch() -> usize {
+    8
 }
 
 /// A validated region: its name and backend.
@@ -366,6 +409,43 @@ impl Config {
                 kind: spec,
             });
         }
+        for (name, pg) in &self.postgres {
+            let p = pg.get_ref();
+            if !layout_name_ok(name) {
+                return Err(self.err(
+                    text,
+                    pg.span(),
+                    format!("[postgres.{name}]: names may use only letters, digits, '-' and '_' (max 64)"),
+                ));
+            }
+            if !p.data_dir.is_absolute() {
+                return Err(self.err(
+                    text,
+                    pg.span(),
+                    format!(
+                        "[postgres.{name}]: data_dir {} must be absolute",
+                        p.data_dir.display()
+                    ),
+                ));
+            }
+            if p.parallel == 0 || p.parallel > 64 {
+                return Err(self.err(
+                    text,
+                    pg.span(),
+                    format!(
+                        "[postgres.{name}]: parallel = {} is out of range; use 1 to 64",
+                        p.parallel
+                    ),
+                ));
+            }
+            if p.conninfo.parse::<tokio_postgres::Config>().is_err() {
+                return Err(self.err(
+                    text,
+                    pg.span(),
+                    format!("[postgres.{name}]: conninfo is not a valid libpq connection string (e.g. \"host=127.0.0.1 port=5432 user=postgres dbname=postgres\")"),
+                ));
+            }
+        }
         if let Some(id) = &repo.identity_file {
             // Only check permissions when the file exists: a backup-only host has none.
             crate::keys::check_identity_permissions(id.get_ref())
@@ -493,6 +573,40 @@ impl Config {
             .as_ref()
             .map(|s| s.get_ref().as_path())
     }
+}
+
+fn layout_name_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl Config {
+    /// The PostgreSQL cluster named `name`, or the only one when `name` is `None`.
+    pub fn pg(&self, name: Option<&str>) -> Result<(String, &PgConfig), ConfigError> {
+        let names: Vec<&String> = self.postgres.keys().collect();
+        let pick = match name {
+            Some(n) => self.postgres.get_key_value(n),
+            None if names.len() == 1 => self.postgres.iter().next(),
+            None => None,
+        };
+        match pick {
+            Some((n, c)) => Ok((n.clone(), c.get_ref())),
+            None => Err(ConfigError {
+                location: self.source.display().to_string(),
+                message: match (name, names.is_empty()) {
+                    (_, true) => "no [postgres.<name>] section is configured; add one with conninfo and data_dir".into(),
+                    (Some(n), false) => format!("no [postgres.{n}] in the config; configured: {}", join(&names)),
+                    (None, false) => format!("several PostgreSQL clusters are configured ({}); name one", join(&names)),
+                },
+            }),
+        }
+    }
+}
+
+fn join(v: &[&String]) -> String {
+    v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
 }
 
 fn with_hint(msg: &str) -> String {

@@ -9,5 +9,6 @@ pub mod check;
 pub mod codec;
 pub mod config;
 pub mod keys;
+pub mod postgres;
 pub mod repo;
 pub mod store;

@@ -3,6 +3,7 @@
 mod check;
 mod keygen;
 mod output;
+mod pg;
 mod repo;
 
 use std::path::PathBuf;
@@ -44,6 +45,57 @@ enum Command {
     Repo(repo::Command),
     /// Check the config, every region, the repository and the identity.
     Check,
+    /// Take a backup.
+    #[command(subcommand)]
+    Backup(BackupCmd),
+    /// Restore to a point in time.
+    #[command(subcommand)]
+    Restore(RestoreCmd),
+    /// List backups and the recoverable window.
+    #[command(subcommand)]
+    List(ListCmd),
+    /// Archive one WAL file (archive_command = 'dr wal-push %p').
+    WalPush {
+        /// Cluster name (default: the only [postgres.*]).
+        #[arg(long)]
+        cluster: Option<String>,
+        /// The file, as PostgreSQL passes it (%p).
+        path: PathBuf,
+    },
+    /// Fetch one WAL file (restore_command = 'dr wal-fetch %f %p'); exits 1 if absent.
+    WalFetch {
+        /// Cluster name (default: the only [postgres.*]).
+        #[arg(long)]
+        cluster: Option<String>,
+        /// File name PostgreSQL wants (%f).
+        file: String,
+        /// Where to write it (%p).
+        dest: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackupCmd {
+    /// PostgreSQL base backup (local mode: run on the database host).
+    Pg {
+        /// Cluster name (default: the only [postgres.*]).
+        name: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RestoreCmd {
+    /// PostgreSQL point-in-time restore.
+    Pg(pg::RestoreArgs),
+}
+
+#[derive(Subcommand)]
+enum ListCmd {
+    /// PostgreSQL backups, WAL and recoverable window.
+    Pg {
+        /// Cluster name (default: the only [postgres.*]).
+        name: Option<String>,
+    },
 }
 
 /// Parses arguments, runs the command, prints a one-line cause on failure.
@@ -66,6 +118,23 @@ pub fn run() -> ExitCode {
             Command::Keygen(args) => keygen::run(args, &out),
             Command::Repo(cmd) => repo::run(cmd, cli.config.as_deref(), &out).await,
             Command::Check => check::run(cli.config.as_deref(), &out).await,
+            Command::Backup(BackupCmd::Pg { name }) => {
+                pg::backup(name, cli.config.as_deref(), &out).await
+            }
+            Command::Restore(RestoreCmd::Pg(args)) => {
+                pg::restore(args, cli.config.as_deref(), &out).await
+            }
+            Command::List(ListCmd::Pg { name }) => {
+                pg::list(name, cli.config.as_deref(), &out).await
+            }
+            Command::WalPush { cluster, path } => {
+                pg::wal_push(cluster, path, cli.config.as_deref(), &out).await
+            }
+            Command::WalFetch {
+                cluster,
+                file,
+                dest,
+            } => pg::wal_fetch(cluster, file, dest, cli.config.as_deref()).await,
         }
     });
     match result {

@@ -147,6 +147,54 @@ impl FromStr for WalSegmentName {
     }
 }
 
+/// The kind of file archived under a segment name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WalSuffix {
+    /// A complete segment.
+    None,
+    /// `.partial`: the last, incomplete segment of a timeline at promotion.
+    Partial,
+    /// `.XXXXXXXX.backup`: a backup history file (start offset in the segment).
+    Backup(u32),
+}
+
+impl fmt::Display for WalSuffix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WalSuffix::None => Ok(()),
+            WalSuffix::Partial => f.write_str(".partial"),
+            WalSuffix::Backup(off) => write!(f, ".{off:08X}.backup"),
+        }
+    }
+}
+
+impl WalSuffix {
+    /// Parses the part of a file name after the 24-digit segment name.
+    pub fn parse(s: &str) -> Option<WalSuffix> {
+        match s {
+            "" => Some(WalSuffix::None),
+            ".partial" => Some(WalSuffix::Partial),
+            _ => {
+                let off = s.strip_prefix('.')?.strip_suffix(".backup")?;
+                if off.len() != 8
+                    || !off
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+                {
+                    return None;
+                }
+                u32::from_str_radix(off, 16).ok().map(WalSuffix::Backup)
+            }
+        }
+    }
+}
+
+fn is_hash(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// A name safe to use as a key component (config names: clusters, instances).
 fn check_name(s: &str) -> bool {
     !s.is_empty()
@@ -180,7 +228,9 @@ pub enum ObjectKey {
         /// Object number within the backup.
         n: u32,
     },
-    /// `pg/<cluster>/<system-id>/wal/<timeline>/<log>/<segment>`
+    /// `pg/<cluster>/<system-id>/wal/<timeline>/<log>/<segment>[suffix]-<blake3>`:
+    /// a WAL segment, `.partial` segment or `.backup` history file. The plaintext
+    /// hash in the name makes `wal-push` idempotent without decrypting anything.
     Wal {
         /// Cluster name.
         cluster: String,
@@ -188,8 +238,12 @@ pub enum ObjectKey {
         system_id: u64,
         /// The segment.
         segment: WalSegmentName,
+        /// Which file of that segment.
+        suffix: WalSuffix,
+        /// BLAKE3 of the plaintext, 64 hex digits.
+        hash: String,
     },
-    /// `pg/<cluster>/<system-id>/wal/<timeline>.history`
+    /// `pg/<cluster>/<system-id>/wal/<timeline>.history-<blake3>`
     TimelineHistory {
         /// Cluster name.
         cluster: String,
@@ -197,6 +251,8 @@ pub enum ObjectKey {
         system_id: u64,
         /// The timeline the history file describes.
         timeline: TimelineId,
+        /// BLAKE3 of the plaintext, 64 hex digits.
+        hash: String,
     },
     /// `redis/<instance>/snapshots/<id>/manifest`
     RedisManifest {
@@ -243,16 +299,19 @@ impl fmt::Display for ObjectKey {
                 cluster,
                 system_id,
                 segment,
+                suffix,
+                hash,
             } => write!(
                 f,
-                "pg/{cluster}/{system_id}/wal/{}/{:08X}/{segment}",
+                "pg/{cluster}/{system_id}/wal/{}/{:08X}/{segment}{suffix}-{hash}",
                 segment.timeline, segment.log
             ),
             ObjectKey::TimelineHistory {
                 cluster,
                 system_id,
                 timeline,
-            } => write!(f, "pg/{cluster}/{system_id}/wal/{timeline}.history"),
+                hash,
+            } => write!(f, "pg/{cluster}/{system_id}/wal/{timeline}.history-{hash}"),
             ObjectKey::RedisManifest { instance, snapshot } => {
                 write!(f, "redis/{instance}/snapshots/{snapshot}/manifest")
             }
@@ -303,8 +362,17 @@ impl FromStr for ObjectKey {
                     n: u32::from_str_radix(n, 16).or_else(|_| perr("object key", s))?,
                 })
             }
-            ["pg", c, sid, "wal", tli, log, seg] => {
-                let segment: WalSegmentName = seg.parse()?;
+            ["pg", c, sid, "wal", tli, log, file] => {
+                let Some((fname, hash)) = file.rsplit_once('-') else {
+                    return bad();
+                };
+                if fname.len() < 24 || !is_hash(hash) || !fname.is_char_boundary(24) {
+                    return bad();
+                }
+                let segment: WalSegmentName = fname[..24].parse()?;
+                let Some(suffix) = WalSuffix::parse(&fname[24..]) else {
+                    return bad();
+                };
                 let tli: TimelineId = tli.parse()?;
                 if segment.timeline != tli || format!("{:08X}", segment.log) != *log {
                     return bad();
@@ -313,16 +381,22 @@ impl FromStr for ObjectKey {
                     cluster: name(c)?,
                     system_id: sysid(sid)?,
                     segment,
+                    suffix,
+                    hash: hash.to_string(),
                 })
             }
             ["pg", c, sid, "wal", hist] => {
-                let Some(t) = hist.strip_suffix(".history") else {
+                let Some((t, hash)) = hist.split_once(".history-") else {
                     return bad();
                 };
+                if !is_hash(hash) {
+                    return bad();
+                }
                 Ok(ObjectKey::TimelineHistory {
                     cluster: name(c)?,
                     system_id: sysid(sid)?,
                     timeline: t.parse()?,
+                    hash: hash.to_string(),
                 })
             }
             ["redis", i, "snapshots", id, "manifest"] => Ok(ObjectKey::RedisManifest {
@@ -394,11 +468,18 @@ mod tests {
                     cluster: cluster.clone(),
                     system_id,
                     segment: seg,
+                    suffix: [
+                        WalSuffix::None,
+                        WalSuffix::Partial,
+                        WalSuffix::Backup(rng.random()),
+                    ][rng.random_range(0..3)],
+                    hash: hex::encode(rng.random::<[u8; 32]>()),
                 },
                 ObjectKey::TimelineHistory {
                     cluster,
                     system_id,
                     timeline: seg.timeline,
+                    hash: hex::encode(rng.random::<[u8; 32]>()),
                 },
                 ObjectKey::RedisManifest {
                     instance: random_name(&mut rng),
@@ -439,7 +520,10 @@ mod tests {
             "pg/main/01/backups/20261125T184412Z-abcdef/manifest",
             "pg/main/1/wal/00000001/00000000/000000020000000000000001",
             "pg/main/1/wal/00000001/00000001/000000010000000000000001",
+            "pg/main/1/wal/00000001/00000000/000000010000000000000001-abc",
+            "pg/main/1/wal/00000001/00000000/000000010000000000000001.gz-0000000000000000000000000000000000000000000000000000000000000000",
             "pg/main/1/wal/0000000g.history",
+            "pg/main/1/wal/00000002.history",
             "random/thing",
         ] {
             assert!(s.parse::<ObjectKey>().is_err(), "{s} accepted");

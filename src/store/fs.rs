@@ -264,9 +264,14 @@ fn list_blocking(root: &Path, prefix: &str) -> io::Result<Vec<ObjectInfo>> {
                     stack.push(path);
                 }
             } else if ft.is_file() && rel.starts_with(prefix) {
+                let meta = entry.metadata()?;
                 out.push(ObjectInfo {
                     key: rel.to_string(),
-                    size: entry.metadata()?.len(),
+                    size: meta.len(),
+                    modified: meta
+                        .modified()
+                        .ok()
+                        .map(chrono::DateTime::<chrono::Utc>::from),
                 });
             }
         }

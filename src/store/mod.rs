@@ -81,6 +81,8 @@ pub struct ObjectInfo {
     pub key: String,
     /// Stored size in bytes.
     pub size: u64,
+    /// When the object was written, if the backend says.
+    pub modified: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// A storage failure, with whether retrying can help.

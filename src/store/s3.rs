@@ -355,6 +355,9 @@ impl S3Store {
                         out.push(ObjectInfo {
                             key: k[strip..].to_string(),
                             size: o.size().unwrap_or(0).max(0) as u64,
+                            modified: o.last_modified().and_then(|t| {
+                                chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())
+                            }),
                         });
                     }
                 }

@@ -73,6 +73,9 @@ pub fn fs_region_toml(name: &str, path: &Path) -> String {
 }
 
 /// Path of the built `dr` binary.
+pub mod pg;
+
+/// Path of the built `dr` binary.
 pub fn dr_bin() -> &'static str {
     env!("CARGO_BIN_EXE_dr")
 }

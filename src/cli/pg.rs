@@ -1,0 +1,282 @@
+//! PostgreSQL commands: backup, restore, list, wal-push, wal-fetch.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use dr::postgres::catalog::Catalog;
+use dr::postgres::restore::{ExtraTarget, RestoreOptions, Target, parse_time};
+use dr::postgres::{backup, restore, wal};
+use dr::repo::Repository;
+
+use super::output::{bytes, table};
+use super::{Out, load_config};
+
+/// `dr restore pg` arguments.
+#[derive(clap::Args)]
+pub struct RestoreArgs {
+    /// Cluster name (default: the only [postgres.*] in the config).
+    name: Option<String>,
+    /// Target: a time (RFC 3339, or 'YYYY-MM-DD HH:MM:SS[+TZ]' local) or 'latest'.
+    #[arg(long)]
+    to: String,
+    /// Directory to restore into; must be absent or empty.
+    #[arg(long)]
+    target: PathBuf,
+    /// Stop at this LSN instead of the time (the time still picks the backup).
+    #[arg(long, conflicts_with_all = ["xid", "restore_point"])]
+    lsn: Option<String>,
+    /// Stop at this transaction id.
+    #[arg(long, conflicts_with = "restore_point")]
+    xid: Option<String>,
+    /// Stop at this named restore point.
+    #[arg(long = "name", id = "restore_point")]
+    restore_point: Option<String>,
+    /// Start the server, wait until it reaches the target and accepts writes.
+    #[arg(long)]
+    start: bool,
+    /// Port for --start (listens on 127.0.0.1 only).
+    #[arg(long, default_value_t = 5433, requires = "start")]
+    port: u16,
+    /// With --start: run with archive_mode=off (for scratch copies that must not archive).
+    #[arg(long, requires = "start")]
+    no_archive: bool,
+}
+
+pub async fn backup(
+    name: Option<String>,
+    config: Option<&Path>,
+    out: &Out,
+) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(config)?;
+    let (cluster, pg) = cfg.pg(name.as_deref())?;
+    let repo = Repository::open(&cfg).await?;
+    if !out.json {
+        eprintln!(
+            "backing up [postgres.{cluster}] ({})…",
+            pg.data_dir.display()
+        );
+    }
+    let r = backup::backup(&repo, &cluster, pg).await?;
+    if out.json {
+        out.json(&serde_json::json!({ "ok": true, "backup": r }));
+    } else {
+        println!(
+            "backup {} of {}: {} in {} files → {} stored in {} objects, {:.1}s ({:.0} MB/s), WAL {}..{} timeline {}",
+            r.id,
+            r.cluster,
+            bytes(r.size),
+            r.files,
+            bytes(r.stored_size),
+            r.objects,
+            r.duration_seconds,
+            r.size as f64 / 1e6 / r.duration_seconds.max(1e-9),
+            r.start_lsn,
+            r.stop_lsn,
+            r.timeline
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn restore(
+    args: RestoreArgs,
+    config: Option<&Path>,
+    out: &Out,
+) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(config)?;
+    let (cluster, pg) = cfg.pg(args.name.as_deref())?;
+    let target = if args.to == "latest" {
+        Target::Latest
+    } else {
+        let (t, local) = parse_time(&args.to).map_err(anyhow::Error::msg)?;
+        if local && !out.json {
+            eprintln!(
+                "{} has no offset; using local time = {} UTC",
+                args.to,
+                t.format("%Y-%m-%d %H:%M:%S%.3f")
+            );
+        }
+        Target::Time(t)
+    };
+    let cfg_path = std::fs::canonicalize(&cfg.source).unwrap_or(cfg.source.clone());
+    let exe = std::env::current_exe()?;
+    let restore_command = format!(
+        "{} --config {} wal-fetch --cluster {cluster}",
+        exe.display(),
+        cfg_path.display()
+    );
+    let repo = Repository::open(&cfg).await?;
+    let opts = RestoreOptions {
+        target,
+        extra: ExtraTarget {
+            lsn: args.lsn,
+            xid: args.xid,
+            name: args.restore_point,
+        },
+        dir: args.target,
+        start: args.start.then_some(args.port),
+        no_archive: args.no_archive,
+        restore_command,
+    };
+    let r = restore::restore(&repo, &cluster, pg, &opts).await?;
+    if out.json {
+        out.json(&serde_json::json!({ "ok": true, "restore": r }));
+    } else {
+        println!(
+            "restored backup {} into {} ({} in {} files, {:.1}s), target {}",
+            r.backup,
+            r.dir,
+            bytes(r.bytes),
+            r.files,
+            r.restore_seconds,
+            r.target
+        );
+        if r.started {
+            println!(
+                "server running on 127.0.0.1:{}; recovery took {:.1}s; last replayed transaction: {}",
+                r.port.unwrap_or_default(),
+                r.recovery_seconds.unwrap_or_default(),
+                r.last_replayed.as_deref().unwrap_or("none")
+            );
+        } else {
+            println!("start it with: pg_ctl -D {} start", r.dir);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn list(
+    name: Option<String>,
+    config: Option<&Path>,
+    out: &Out,
+) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(config)?;
+    let (cluster, _) = cfg.pg(name.as_deref())?;
+    let repo = Repository::open(&cfg).await?;
+    let cat = Catalog::load(&repo, &cluster).await?;
+    if out.json {
+        let backups: Vec<_> = cat
+            .backups
+            .iter()
+            .map(|b| {
+                serde_json::json!({
+                    "id": b.id, "start_time": b.start_time, "stop_time": b.stop_time,
+                    "start_lsn": b.start_lsn, "stop_lsn": b.stop_lsn, "timeline": b.timeline,
+                    "size": b.size, "stored_size": b.stored_size, "files": b.files.len(),
+                })
+            })
+            .collect();
+        out.json(&serde_json::json!({
+            "ok": true, "cluster": cluster, "backups": backups,
+            "wal_segments": cat.wal.len(), "windows": cat.windows,
+            "unreadable": cat.unreadable,
+        }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let fmt = |t: &chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%SZ").to_string();
+    let rows: Vec<Vec<String>> = cat
+        .backups
+        .iter()
+        .map(|b| {
+            vec![
+                b.id.clone(),
+                fmt(&b.start_time),
+                fmt(&b.stop_time),
+                format!("{}..{}", b.start_lsn, b.stop_lsn),
+                b.timeline.to_string(),
+                bytes(b.size),
+                bytes(b.stored_size),
+            ]
+        })
+        .collect();
+    println!("[postgres.{cluster}]");
+    println!(
+        "{}",
+        table(
+            &["BACKUP", "START", "STOP", "LSN", "TL", "SIZE", "STORED"],
+            &rows
+        )
+    );
+    println!("\n{} WAL segments archived", cat.wal.len());
+    if cat.windows.is_empty() {
+        println!("recoverable window: none");
+    }
+    for w in &cat.windows {
+        println!(
+            "recoverable window: {} .. {} (from backup {}, timeline {})",
+            fmt(&w.from),
+            fmt(&w.to),
+            w.backup,
+            w.timeline
+        );
+    }
+    for (k, e) in &cat.unreadable {
+        println!("warning: {k}: {e}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn wal_push(
+    cluster: Option<String>,
+    path: PathBuf,
+    config: Option<&Path>,
+    out: &Out,
+) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(config)?;
+    let (cluster, pg) = cfg.pg(cluster.as_deref())?;
+    // archive_command runs in PGDATA; prefer it so a restored copy reports its own id.
+    let here = Path::new("global/pg_control");
+    let system_id = if here.exists() {
+        dr::postgres::system_id(Path::new("."))?
+    } else {
+        dr::postgres::system_id(&pg.data_dir)?
+    };
+    let repo = Repository::open(&cfg).await?;
+    let r = wal::push(&repo, &cluster, system_id, &path).await?;
+    if out.json {
+        out.json(&serde_json::json!({ "ok": true, "wal_push": r }));
+    } else {
+        tracing::info!(file = %r.file, already = r.already_archived, regions = ?r.regions, "archived");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn wal_fetch(
+    cluster: Option<String>,
+    file: String,
+    dest: PathBuf,
+    config: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(config)?;
+    let (cluster, pg) = cfg.pg(cluster.as_deref())?;
+    let here = Path::new("global/pg_control");
+    let base = if here.exists() {
+        PathBuf::from(".")
+    } else {
+        pg.data_dir.clone()
+    };
+    let system_id = dr::postgres::system_id(&base)?;
+    let spool = pg
+        .spool_dir
+        .clone()
+        .unwrap_or_else(|| base.join("pg_wal").join("dr-spool"));
+    let repo = Repository::open(&cfg).await?;
+    match wal::fetch(
+        &repo,
+        &cluster,
+        system_id,
+        &file,
+        &dest,
+        &spool,
+        pg.prefetch,
+    )
+    .await?
+    {
+        wal::FetchOutcome::Fetched { source } => {
+            tracing::info!(file, source, "fetched");
+            Ok(ExitCode::SUCCESS)
+        }
+        // PostgreSQL asks for files past the end of the archive; say nothing.
+        wal::FetchOutcome::NotFound => Ok(ExitCode::from(1)),
+    }
+}

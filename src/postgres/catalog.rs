@@ -1,0 +1,249 @@
+//! What exists for a cluster: backups (from manifests) and archived WAL, and
+//! the recoverable window derived from them. Nothing here is stored; it is
+//! rebuilt from listings every time.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::PgError;
+use super::manifest::PgManifest;
+use super::wal::next_segment;
+use crate::codec::Expect;
+use crate::repo::Repository;
+use crate::repo::layout::{ObjectKey, WalSegmentName, WalSuffix};
+
+/// One archived WAL segment.
+#[derive(Debug, Clone)]
+pub struct WalEntry {
+    /// Object key.
+    pub key: String,
+    /// When it was archived (upper bound of the commit times it holds).
+    pub archived: Option<DateTime<Utc>>,
+}
+
+/// A span of time that can be restored to.
+#[derive(Debug, Clone, Serialize)]
+pub struct Window {
+    /// Earliest restorable time (the backup's end).
+    pub from: DateTime<Utc>,
+    /// Latest restorable time (archive time of the last contiguous segment).
+    pub to: DateTime<Utc>,
+    /// Backup that starts it.
+    pub backup: String,
+    /// Timeline.
+    pub timeline: u32,
+    /// Last contiguous WAL segment.
+    pub last_segment: String,
+}
+
+/// Backups and WAL of one cluster.
+pub struct Catalog {
+    /// Backups, oldest first.
+    pub backups: Vec<PgManifest>,
+    /// Complete segments.
+    pub wal: BTreeMap<WalSegmentName, WalEntry>,
+    /// One window per usable backup.
+    pub windows: Vec<Window>,
+    /// Backups whose manifests could not be read (id, reason).
+    pub unreadable: Vec<(String, String)>,
+}
+
+impl Catalog {
+    /// Lists and reads everything stored for `cluster`.
+    pub async fn load(repo: &Repository, cluster: &str) -> Result<Catalog, PgError> {
+        let (_, objects) = repo.regions.list(&format!("pg/{cluster}/")).await?;
+        let mut manifests = Vec::new();
+        let mut wal = BTreeMap::new();
+        for o in &objects {
+            match o.key.parse::<ObjectKey>() {
+                Ok(ObjectKey::PgManifest { .. }) => manifests.push(o.clone()),
+                Ok(ObjectKey::Wal {
+                    segment,
+                    suffix: WalSuffix::None,
+                    ..
+                }) => {
+                    wal.insert(
+                        segment,
+                        WalEntry {
+                            key: o.key.clone(),
+                            archived: o.modified,
+                        },
+                    );
+                }
+                _ => {}
+            }
+        }
+        let read: Vec<(String, Result<PgManifest, PgError>)> = futures::stream::iter(manifests)
+            .map(|o| async move {
+                let res = read_manifest(repo, &o.key, o.size).await;
+                (o.key, res)
+            })
+            .buffered(8)
+            .collect()
+            .await;
+        let mut backups = Vec::new();
+        let mut unreadable = Vec::new();
+        for (key, r) in read {
+            match r {
+                Ok(m) => backups.push(m),
+                Err(e) => unreadable.push((key, e.to_string())),
+            }
+        }
+        backups.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut cat = Catalog {
+            backups,
+            wal,
+            windows: Vec::new(),
+            unreadable,
+        };
+        cat.windows = cat.compute_windows();
+        Ok(cat)
+    }
+
+    fn compute_windows(&self) -> Vec<Window> {
+        let mut out = Vec::new();
+        for b in &self.backups {
+            let Ok(start) = b.start_segment.parse::<WalSegmentName>() else {
+                continue;
+            };
+            let Ok(stop) = b.stop_segment.parse::<WalSegmentName>() else {
+                continue;
+            };
+            // Walk contiguous segments from the backup's start.
+            let mut cur = start;
+            let mut last = None;
+            while let Some(e) = self.wal.get(&cur) {
+                last = Some((cur, e));
+                cur = next_segment(cur);
+            }
+            let Some((last_seg, last_entry)) = last else {
+                continue;
+            };
+            if last_seg < stop {
+                continue; // a gap before consistency: this backup cannot be restored
+            }
+            let to = last_entry.archived.unwrap_or(b.stop_time).max(b.stop_time);
+            out.push(Window {
+                from: b.stop_time,
+                to,
+                backup: b.id.clone(),
+                timeline: b.timeline,
+                last_segment: last_seg.to_string(),
+            });
+        }
+        out
+    }
+
+    /// The backup to restore for `target` (None = latest): the newest one that
+    /// ended before the target and whose WAL reaches it.
+    pub fn pick(&self, target: Option<DateTime<Utc>>) -> Result<&PgManifest, PgError> {
+        let chosen = self
+            .windows
+            .iter()
+            .rev()
+            .find(|w| target.is_none_or(|t| w.from <= t && t <= w.to));
+        match chosen {
+            Some(w) => self
+                .backups
+                .iter()
+                .find(|b| b.id == w.backup)
+                .ok_or_else(|| PgError::Other("catalog inconsistency".into())),
+            None => Err(PgError::Other(self.outside_message(target))),
+        }
+    }
+
+    fn outside_message(&self, target: Option<DateTime<Utc>>) -> String {
+        if self.windows.is_empty() {
+            return format!(
+                "no restorable backup: {} backup(s), none with the WAL it needs archived{}; \
+                 take one with `dr backup pg` and check archive_command",
+                self.backups.len(),
+                if self.unreadable.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({} manifest(s) unreadable: {})",
+                        self.unreadable.len(),
+                        self.unreadable[0].1
+                    )
+                }
+            );
+        }
+        let Some(t) = target else {
+            return "no restorable backup".into();
+        };
+        let fmt = |d: &DateTime<Utc>| d.format("%Y-%m-%dT%H:%M:%SZ").to_string();
+        let windows = self
+            .windows
+            .iter()
+            .map(|w| format!("{} .. {}", fmt(&w.from), fmt(&w.to)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let first = self.windows.iter().map(|w| w.from).min().unwrap_or(t);
+        let last = self.windows.iter().map(|w| w.to).max().unwrap_or(t);
+        let why = if t < first {
+            format!(
+                "is before the end of the oldest usable backup ({})",
+                fmt(&first)
+            )
+        } else if t > last {
+            format!("is after the last archived WAL ({})", fmt(&last))
+        } else {
+            "falls in a gap in the archived WAL".into()
+        };
+        format!(
+            "target {} {why}; the recoverable window is: {windows}",
+            t.format("%Y-%m-%dT%H:%M:%S%.3fZ")
+        )
+    }
+}
+
+/// Reads and decodes one manifest.
+pub async fn read_manifest(
+    repo: &Repository,
+    key: &str,
+    stored: u64,
+) -> Result<PgManifest, PgError> {
+    if !repo.codec.can_decrypt() {
+        return Err(PgError::Other(
+            "manifests are encrypted and no identity_file is configured; the catalog needs the private key".into(),
+        ));
+    }
+    let mut last = String::new();
+    for r in repo.regions.iter() {
+        let stream = match r.store.get(key, None).await {
+            Ok(s) => s,
+            Err(e) => {
+                last = e.to_string();
+                continue;
+            }
+        };
+        let expect = Expect {
+            key: key.to_string(),
+            stored_size: Some(stored),
+            ..Expect::default()
+        };
+        match repo.codec.decode_bytes(stream, expect).await {
+            Ok(bytes) => {
+                let m: PgManifest = serde_json::from_slice(&bytes).map_err(|e| {
+                    PgError::Other(format!("{key}: not a dr PostgreSQL manifest ({e})"))
+                })?;
+                if m.kind != "dr-pg-backup" || m.version != super::manifest::MANIFEST_VERSION {
+                    return Err(PgError::Other(format!(
+                        "{key}: manifest kind {:?} version {} is not supported by this dr",
+                        m.kind, m.version
+                    )));
+                }
+                return Ok(m);
+            }
+            Err(e) => {
+                tracing::warn!(region = %r.name, key, error = %e, "bad manifest copy; trying the next region");
+                last = e.to_string();
+            }
+        }
+    }
+    Err(PgError::Other(last))
+}

@@ -1,0 +1,142 @@
+//! Base-backup manifests: written last, encrypted like every other object, and
+//! the only thing that makes a backup exist.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::Lsn;
+use crate::codec::Encoded;
+use crate::repo::layout::BackupId;
+
+/// Manifest format version.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// A PostgreSQL base backup.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgManifest {
+    /// Always `"dr-pg-backup"`.
+    pub kind: String,
+    /// Manifest format version.
+    pub version: u32,
+    /// Cluster name from the config.
+    pub cluster: String,
+    /// Database system identifier.
+    pub system_id: u64,
+    /// Backup id.
+    pub id: BackupIdStr,
+    /// `server_version_num`.
+    pub server_version: u32,
+    /// When `pg_backup_start` returned.
+    pub start_time: DateTime<Utc>,
+    /// When `pg_backup_stop` returned (the earliest restorable time).
+    pub stop_time: DateTime<Utc>,
+    /// WAL position at start (replay begins at its checkpoint).
+    pub start_lsn: Lsn,
+    /// WAL position at stop (consistency is reached here).
+    pub stop_lsn: Lsn,
+    /// Timeline at start.
+    pub timeline: u32,
+    /// First WAL segment needed.
+    pub start_segment: String,
+    /// Last WAL segment needed for consistency.
+    pub stop_segment: String,
+    /// WAL segment size in bytes.
+    pub wal_segment_size: u64,
+    /// Content of `backup_label` from `pg_backup_stop`.
+    pub backup_label: String,
+    /// Content of `tablespace_map` (empty when there are no tablespaces).
+    pub tablespace_map: String,
+    /// Directories to create, relative to PGDATA.
+    pub dirs: Vec<DirEntry>,
+    /// Files and where their bytes are.
+    pub files: Vec<FileEntry>,
+    /// Data objects (packs of file extents), by number.
+    pub objects: Vec<DataObject>,
+    /// Plaintext bytes of all files.
+    pub size: u64,
+    /// Bytes stored for this backup.
+    pub stored_size: u64,
+    /// Seconds the backup took.
+    pub duration_seconds: f64,
+    /// Pages that failed checksum verification while reading (path, block).
+    pub checksum_failures: Vec<(String, u64)>,
+}
+
+/// A backup id kept as its string form in JSON.
+pub type BackupIdStr = String;
+
+/// A directory in PGDATA.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirEntry {
+    /// Path relative to PGDATA.
+    pub path: String,
+    /// Permission bits.
+    pub mode: u32,
+}
+
+/// A regular file in PGDATA.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    /// Path relative to PGDATA.
+    pub path: String,
+    /// Bytes copied.
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Where the file's bytes are, in order.
+    pub extents: Vec<Extent>,
+}
+
+/// A run of a file's bytes inside a data object.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Extent {
+    /// Data object number.
+    pub object: u32,
+    /// Offset inside the object's plaintext.
+    pub offset: u64,
+    /// Length.
+    pub len: u64,
+}
+
+/// One stored data object.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataObject {
+    /// Number within the backup (key suffix).
+    pub n: u32,
+    /// Sizes and plaintext hash.
+    pub encoded: Encoded,
+}
+
+impl PgManifest {
+    /// The parsed backup id.
+    pub fn backup_id(&self) -> Option<BackupId> {
+        self.id.parse().ok()
+    }
+}
+
+/// Checks a manifest path: relative, no `..`, no empty or absolute components.
+/// Restore refuses manifests that try to escape the target directory.
+pub fn safe_relative_path(p: &str) -> bool {
+    !p.is_empty()
+        && !p.starts_with('/')
+        && !p.contains('\0')
+        && p.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_escapes_are_refused() {
+        assert!(safe_relative_path("base/1/1234"));
+        for bad in ["", "/etc/passwd", "../x", "base/../../x", "a//b", "./a"] {
+            assert!(!safe_relative_path(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! PostgreSQL: base backups, WAL archiving, catalog and point-in-time restore.
+
+pub mod backup;
+pub mod catalog;
+pub mod manifest;
+pub mod restore;
+pub mod server;
+pub mod wal;
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use crate::config::PgConfig;
+
+/// Errors talking to or reading PostgreSQL, with guidance.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    /// Could not connect or a query failed.
+    #[error("PostgreSQL {what}: {source}")]
+    Sql {
+        /// What was being done.
+        what: String,
+        /// Cause.
+        source: tokio_postgres::Error,
+    },
+    /// A local file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Anything else, already phrased for the user.
+    #[error("{0}")]
+    Other(String),
+    /// Repository failure.
+    #[error(transparent)]
+    Repo(#[from] crate::repo::RepoError),
+}
+
+impl PgError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> PgError {
+        PgError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+impl From<crate::store::RegionsError> for PgError {
+    fn from(e: crate::store::RegionsError) -> Self {
+        PgError::Repo(e.into())
+    }
+}
+
+impl From<crate::codec::CodecError> for PgError {
+    fn from(e: crate::codec::CodecError) -> Self {
+        PgError::Repo(e.into())
+    }
+}
+
+/// A WAL location.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(into = "String", try_from = "String")]
+pub struct Lsn(pub u64);
+
+impl Lsn {
+    /// The segment holding this LSN (16 MiB segments).
+    pub fn segment(self, timeline: u32, seg_size: u64) -> crate::repo::layout::WalSegmentName {
+        let segno = self.0 / seg_size;
+        let per_log = 0x1_0000_0000u64 / seg_size;
+        crate::repo::layout::WalSegmentName {
+            timeline: crate::repo::layout::TimelineId(timeline),
+            log: (segno / per_log) as u32,
+            seg: (segno % per_log) as u32,
+        }
+    }
+}
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xffff_ffff)
+    }
+}
+
+impl FromStr for Lsn {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (hi, lo) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not an LSN (expected e.g. 0/16B3748)"))?;
+        let hi = u64::from_str_radix(hi, 16).map_err(|_| format!("{s:?} is not an LSN"))?;
+        let lo = u64::from_str_radix(lo, 16).map_err(|_| format!("{s:?} is not an LSN"))?;
+        if hi > 0xffff_ffff || lo > 0xffff_ffff {
+            return Err(format!("{s:?} is not an LSN"));
+        }
+        Ok(Lsn(hi << 32 | lo))
+    }
+}
+
+impl From<Lsn> for String {
+    fn from(l: Lsn) -> String {
+        l.to_string()
+    }
+}
+
+impl TryFrom<String> for Lsn {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+/// Default WAL segment size.
+pub const WAL_SEGMENT_SIZE: u64 = 16 << 20;
+
+/// Reads the database system identifier from `global/pg_control` (its first
+/// eight bytes, native-endian). No connection needed, so `wal-push` stays cheap.
+pub fn system_id(data_dir: &Path) -> Result<u64, PgError> {
+    let p = data_dir.join("global/pg_control");
+    let bytes = std::fs::read(&p).map_err(|e| {
+        PgError::Other(format!(
+            "cannot read {}: {e}; is {} a PostgreSQL data directory?",
+            p.display(),
+            data_dir.display()
+        ))
+    })?;
+    let Some(first) = bytes.get(..8) else {
+        return Err(PgError::Other(format!(
+            "{} is too short to be pg_control",
+            p.display()
+        )));
+    };
+    let mut b = [0u8; 8];
+    b.copy_from_slice(first);
+    Ok(u64::from_ne_bytes(b))
+}
+
+/// Connects with the configured conninfo. TLS modes that require encryption are
+/// refused rather than silently downgraded.
+pub async fn connect(cfg: &PgConfig) -> Result<tokio_postgres::Client, PgError> {
+    let pc: tokio_postgres::Config = cfg
+        .conninfo
+        .parse()
+        .map_err(|e| PgError::Other(format!("invalid conninfo: {e}")))?;
+    if pc.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        return Err(PgError::Other(
+            "conninfo asks for sslmode=require, but this build of dr connects to PostgreSQL \
+             without TLS; use a local socket or loopback address with sslmode=disable/prefer"
+                .into(),
+        ));
+    }
+    let (client, conn) =
+        pc.connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|source| PgError::Sql {
+                what: "connect".into(),
+                source,
+            })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "PostgreSQL connection closed");
+        }
+    });
+    Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_round_trip_and_segment() {
+        let l: Lsn = "1/2A000028".parse().expect("lsn");
+        assert_eq!(l.0, 0x1_2A00_0028);
+        assert_eq!(l.to_string(), "1/2A000028");
+        assert_eq!(
+            l.segment(1, WAL_SEGMENT_SIZE).to_string(),
+            "00000001000000010000002A"
+        );
+        assert!("zz".parse::<Lsn>().is_err());
+    }
+}

@@ -1,0 +1,460 @@
+//! Point-in-time restore: pick the backup, rebuild PGDATA from its objects in
+//! parallel, write the recovery settings, optionally start the server and wait
+//! until it reaches the target.
+
+use std::io::Write;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::PgError;
+use super::catalog::Catalog;
+use super::manifest::{PgManifest, safe_relative_path};
+use crate::codec::Expect;
+use crate::config::PgConfig;
+use crate::repo::Repository;
+use crate::repo::layout::ObjectKey;
+
+/// Where recovery should stop.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Replay all archived WAL.
+    Latest,
+    /// `recovery_target_time`.
+    Time(DateTime<Utc>),
+}
+
+/// Extra stop conditions (mutually exclusive with each other).
+#[derive(Debug, Clone, Default)]
+pub struct ExtraTarget {
+    /// `recovery_target_lsn`.
+    pub lsn: Option<String>,
+    /// `recovery_target_xid`.
+    pub xid: Option<String>,
+    /// `recovery_target_name`.
+    pub name: Option<String>,
+}
+
+/// Restore options.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// Recovery target.
+    pub target: Target,
+    /// Other recovery targets.
+    pub extra: ExtraTarget,
+    /// Directory to restore into (must be absent or empty).
+    pub dir: PathBuf,
+    /// Start the server and wait for the target.
+    pub start: Option<u16>,
+    /// Start with `archive_mode=off` (scratch restores must not archive).
+    pub no_archive: bool,
+    /// The `dr` command line PostgreSQL runs as restore_command (`%f %p` appended).
+    pub restore_command: String,
+}
+
+/// What a restore did.
+#[derive(Debug, Serialize)]
+pub struct RestoreReport {
+    /// Backup restored.
+    pub backup: String,
+    /// Target dir.
+    pub dir: String,
+    /// Requested target.
+    pub target: String,
+    /// Bytes written.
+    pub bytes: u64,
+    /// Files written.
+    pub files: usize,
+    /// Seconds to rebuild PGDATA.
+    pub restore_seconds: f64,
+    /// Whether the server was started.
+    pub started: bool,
+    /// Port, if started.
+    pub port: Option<u16>,
+    /// Timestamp of the last replayed transaction, if started.
+    pub last_replayed: Option<String>,
+    /// Seconds from start until the server accepted writes, if started.
+    pub recovery_seconds: Option<f64>,
+}
+
+/// Restores `cluster` as described by `opts`.
+pub async fn restore(
+    repo: &Repository,
+    cluster: &str,
+    cfg: &PgConfig,
+    opts: &RestoreOptions,
+) -> Result<RestoreReport, PgError> {
+    let t0 = Instant::now();
+    if !repo.codec.can_decrypt() {
+        return Err(PgError::Other(
+            "restore needs the private key: set [repository] identity_file (or DR_IDENTITY_FILE)"
+                .into(),
+        ));
+    }
+    check_target_dir(&opts.dir)?;
+    let catalog = Catalog::load(repo, cluster).await?;
+    let when = match opts.target {
+        Target::Latest => None,
+        Target::Time(t) => Some(t),
+    };
+    let m = catalog.pick(when)?.clone();
+    tracing::info!(backup = %m.id, "restoring");
+    let bytes = rebuild(repo, &m, &opts.dir, cfg.parallel).await?;
+    write_recovery(&m, &opts.dir, opts).map_err(|e| PgError::io(&opts.dir, e))?;
+    std::fs::set_permissions(&opts.dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| PgError::io(&opts.dir, e))?;
+    super::server::chown_to(&opts.dir, &cfg.os_user).await?;
+    let restore_seconds = t0.elapsed().as_secs_f64();
+    let mut report = RestoreReport {
+        backup: m.id.clone(),
+        dir: opts.dir.display().to_string(),
+        target: match &opts.target {
+            Target::Latest => "latest".into(),
+            Target::Time(t) => t.to_rfc3339(),
+        },
+        bytes,
+        files: m.files.len(),
+        restore_seconds,
+        started: false,
+        port: None,
+        last_replayed: None,
+        recovery_seconds: None,
+    };
+    if let Some(port) = opts.start {
+        let mut extra = Vec::new();
+        if opts.no_archive {
+            extra.push("archive_mode=off".to_string());
+        }
+        let log = opts.dir.join("log").join("dr-recovery.log");
+        let _ = std::fs::create_dir_all(opts.dir.join("log"));
+        super::server::chown_to(&opts.dir.join("log"), &cfg.os_user).await?;
+        super::server::start(&cfg.bin_dir, &cfg.os_user, &opts.dir, port, &extra, &log).await?;
+        let client =
+            super::server::connect_local(port, "postgres", Duration::from_secs(60)).await?;
+        // Recovery promotes when it reaches the target; wait for that.
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        loop {
+            let row = client
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .map_err(|source| PgError::Sql {
+                    what: "pg_is_in_recovery()".into(),
+                    source,
+                })?;
+            let in_recovery: bool = row.get(0);
+            if !in_recovery {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(PgError::Other(
+                    "recovery did not finish within an hour".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let row = client
+            .query_one("SELECT pg_last_xact_replay_timestamp()::text", &[])
+            .await
+            .map_err(|source| PgError::Sql {
+                what: "pg_last_xact_replay_timestamp()".into(),
+                source,
+            })?;
+        report.last_replayed = row.get::<_, Option<String>>(0);
+        report.started = true;
+        report.port = Some(port);
+        report.recovery_seconds = Some(t0.elapsed().as_secs_f64() - restore_seconds);
+    }
+    Ok(report)
+}
+
+fn check_target_dir(dir: &Path) -> Result<(), PgError> {
+    if !dir.is_absolute() {
+        return Err(PgError::Other(format!(
+            "--target {} must be an absolute path",
+            dir.display()
+        )));
+    }
+    match std::fs::read_dir(dir) {
+        Ok(mut rd) => {
+            if rd.next().is_some() {
+                return Err(PgError::Other(format!(
+                    "--target {} is not empty; restore into an empty or new directory \
+                     (dr never overwrites an existing data directory)",
+                    dir.display()
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(|e| PgError::io(dir, e))
+        }
+        Err(e) => Err(PgError::io(dir, e)),
+    }
+}
+
+/// Recreates directories and files, objects fetched and decoded in parallel.
+async fn rebuild(
+    repo: &Repository,
+    m: &PgManifest,
+    dir: &Path,
+    parallel: usize,
+) -> Result<u64, PgError> {
+    for d in &m.dirs {
+        if !safe_relative_path(&d.path) {
+            return Err(PgError::Other(format!(
+                "manifest of backup {} names directory {:?}, which escapes the target; refusing to restore",
+                m.id, d.path
+            )));
+        }
+        let p = dir.join(&d.path);
+        std::fs::create_dir_all(&p).map_err(|e| PgError::io(&p, e))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(d.mode & 0o700 | 0o700))
+            .map_err(|e| PgError::io(&p, e))?;
+    }
+    // Which (file, offset in file) each object's bytes go to.
+    let mut by_object: Vec<Vec<(usize, u64, u64, u64)>> = vec![Vec::new(); m.objects.len()];
+    let index: std::collections::HashMap<u32, usize> = m
+        .objects
+        .iter()
+        .enumerate()
+        .map(|(i, o)| (o.n, i))
+        .collect();
+    for (fi, f) in m.files.iter().enumerate() {
+        if !safe_relative_path(&f.path) {
+            return Err(PgError::Other(format!(
+                "manifest of backup {} names file {:?}, which escapes the target; refusing to restore",
+                m.id, f.path
+            )));
+        }
+        let p = dir.join(&f.path);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+            .map_err(|e| PgError::io(&p, e))?;
+        file.set_len(f.size).map_err(|e| PgError::io(&p, e))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode & 0o600 | 0o600))
+            .map_err(|e| PgError::io(&p, e))?;
+        let mut file_off = 0u64;
+        for ext in &f.extents {
+            let Some(&oi) = index.get(&ext.object) else {
+                return Err(PgError::Other(format!(
+                    "manifest of backup {} references data object {} that it does not list",
+                    m.id, ext.object
+                )));
+            };
+            by_object[oi].push((fi, file_off, ext.offset, ext.len));
+            file_off += ext.len;
+        }
+    }
+    let system_id = m.system_id;
+    let jobs = m.objects.iter().zip(by_object).map(|(o, pieces)| {
+        let key = ObjectKey::PgData {
+            cluster: m.cluster.clone(),
+            system_id,
+            backup: m
+                .backup_id()
+                .unwrap_or_else(|| crate::repo::layout::BackupId::new(Utc::now())),
+            n: o.n,
+        }
+        .to_string();
+        let expect = Expect::from_encoded(&key, &o.encoded);
+        async move {
+            let data = fetch_object(repo, &key, expect).await?;
+            let paths: Vec<PathBuf> = pieces
+                .iter()
+                .map(|p| dir.join(&m.files[p.0].path))
+                .collect();
+            tokio::task::spawn_blocking(move || -> Result<u64, PgError> {
+                let mut n = 0;
+                for ((_, file_off, obj_off, len), path) in pieces.iter().zip(paths) {
+                    let start = *obj_off as usize;
+                    let end = start + *len as usize;
+                    let Some(slice) = data.get(start..end) else {
+                        return Err(PgError::Other(format!(
+                            "{key}: extent beyond the object's end"
+                        )));
+                    };
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(|e| PgError::io(&path, e))?;
+                    f.write_all_at(slice, *file_off)
+                        .map_err(|e| PgError::io(&path, e))?;
+                    n += *len;
+                }
+                Ok(n)
+            })
+            .await
+            .map_err(|e| PgError::Other(e.to_string()))?
+        }
+    });
+    let results: Vec<Result<u64, PgError>> = futures::stream::iter(jobs)
+        .buffer_unordered(parallel.max(1))
+        .collect()
+        .await;
+    let mut total = 0;
+    for r in results {
+        total += r?;
+    }
+    // Make every restored file durable before PostgreSQL is pointed at it.
+    let files: Vec<PathBuf> = m.files.iter().map(|f| dir.join(&f.path)).collect();
+    tokio::task::spawn_blocking(move || -> Result<(), PgError> {
+        for p in files {
+            std::fs::File::open(&p)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| PgError::io(&p, e))?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| PgError::Other(e.to_string()))??;
+    Ok(total)
+}
+
+/// Reads one object from the first region with a valid copy.
+async fn fetch_object(
+    repo: &Repository,
+    key: &str,
+    expect: Expect,
+) -> Result<bytes::Bytes, PgError> {
+    let mut errors = Vec::new();
+    for r in repo.regions.iter() {
+        let stream = match r.store.get(key, None).await {
+            Ok(s) => s,
+            Err(e) => {
+                errors.push(format!("[{}] {e}", r.name));
+                continue;
+            }
+        };
+        match repo.codec.decode_bytes(stream, expect.clone()).await {
+            Ok(b) => return Ok(b),
+            Err(e) => {
+                tracing::warn!(region = %r.name, key, error = %e, "bad copy; trying the next region");
+                errors.push(format!("[{}] {e}", r.name));
+            }
+        }
+    }
+    Err(PgError::Other(format!(
+        "{key}: no region has a valid copy: {}",
+        errors.join("; ")
+    )))
+}
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn write_recovery(m: &PgManifest, dir: &Path, opts: &RestoreOptions) -> std::io::Result<()> {
+    std::fs::write(dir.join("backup_label"), &m.backup_label)?;
+    if !m.tablespace_map.is_empty() {
+        std::fs::write(dir.join("tablespace_map"), &m.tablespace_map)?;
+    }
+    std::fs::write(dir.join("recovery.signal"), b"")?;
+    let mut conf = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(dir.join("postgresql.auto.conf"))?;
+    let mut lines = vec![
+        format!("\n# Added by dr restore of backup {}", m.id),
+        format!(
+            "restore_command = {}",
+            quote(&format!("{} %f %p", opts.restore_command))
+        ),
+        "recovery_target_timeline = 'latest'".to_string(),
+        "recovery_target_action = 'promote'".to_string(),
+    ];
+    let extra = &opts.extra;
+    let has_extra = extra.lsn.is_some() || extra.xid.is_some() || extra.name.is_some();
+    if let (Target::Time(t), false) = (&opts.target, has_extra) {
+        lines.push(format!(
+            "recovery_target_time = {}",
+            quote(&t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())
+        ));
+    }
+    if let Some(l) = &opts.extra.lsn {
+        lines.push(format!("recovery_target_lsn = {}", quote(l)));
+    }
+    if let Some(x) = &opts.extra.xid {
+        lines.push(format!("recovery_target_xid = {}", quote(x)));
+    }
+    if let Some(n) = &opts.extra.name {
+        lines.push(format!("recovery_target_name = {}", quote(n)));
+    }
+    writeln!(conf, "{}", lines.join("\n"))?;
+    conf.sync_all()
+}
+
+/// Parses a restore target time: RFC 3339 (`2026-11-25T18:44:12Z`, offsets) or
+/// `YYYY-MM-DD HH:MM:SS[.fff][+TZ]`; without an offset the time is local.
+/// Returns the instant and whether it was interpreted as local time.
+pub fn parse_time(s: &str) -> Result<(DateTime<Utc>, bool), String> {
+    use chrono::{Local, NaiveDateTime, TimeZone};
+    let s = s.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok((t.with_timezone(&Utc), false));
+    }
+    for f in [
+        "%Y-%m-%d %H:%M:%S%.f%#z",
+        "%Y-%m-%d %H:%M:%S%.f%:z",
+        "%Y-%m-%d %H:%M:%S%.f %#z",
+    ] {
+        if let Ok(t) = DateTime::parse_from_str(s, f) {
+            return Ok((t.with_timezone(&Utc), false));
+        }
+    }
+    if let Some(rest) = s.strip_suffix('Z').or_else(|| s.strip_suffix(" UTC")) {
+        for f in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
+            if let Ok(n) = NaiveDateTime::parse_from_str(rest, f) {
+                return Ok((n.and_utc(), false));
+            }
+        }
+    }
+    for f in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
+        if let Ok(n) = NaiveDateTime::parse_from_str(s, f) {
+            return match Local.from_local_datetime(&n).single() {
+                Some(t) => Ok((t.with_timezone(&Utc), true)),
+                None => Err(format!(
+                    "{s:?} is ambiguous or skipped in local time (DST); add an offset like +01:00"
+                )),
+            };
+        }
+    }
+    Err(format!(
+        "{s:?} is not a time; use RFC 3339 (2026-11-25T18:44:12Z, 2026-11-25T19:44:12+01:00), \
+         'YYYY-MM-DD HH:MM:SS[+TZ]' (local time without an offset), or 'latest'"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_formats() {
+        let utc = |s: &str| parse_time(s).map(|(t, _)| t.to_rfc3339());
+        assert_eq!(
+            utc("2026-11-25T18:44:12Z").as_deref(),
+            Ok("2026-11-25T18:44:12+00:00")
+        );
+        assert_eq!(
+            utc("2026-11-25T19:44:12+01:00").as_deref(),
+            Ok("2026-11-25T18:44:12+00:00")
+        );
+        assert_eq!(
+            utc("2026-11-25 19:44:12+01").as_deref(),
+            Ok("2026-11-25T18:44:12+00:00")
+        );
+        assert_eq!(
+            utc("2026-11-25 18:44:12.250Z").as_deref(),
+            Ok("2026-11-25T18:44:12.250+00:00")
+        );
+        assert!(parse_time("2026-11-25 18:44:12").is_ok_and(|(_, local)| local));
+        assert!(parse_time("yesterday").is_err());
+        assert!(parse_time("2026-13-01 00:00:00").is_err());
+    }
+}

@@ -1,0 +1,161 @@
+//! Starting and stopping PostgreSQL servers that `dr` restored, as the
+//! configured unprivileged OS user (PostgreSQL refuses to run as root).
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use super::PgError;
+
+/// True when this process runs as root.
+pub fn is_root() -> bool {
+    // Read from /proc: no unsafe libc call needed (the crate forbids unsafe).
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Builds a command that runs as `os_user` (via runuser when root).
+pub fn as_user(os_user: &str, program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.arg("-u").arg(os_user).arg("--").arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Gives `dir` (recursively) to `os_user` when running as root.
+pub async fn chown_to(dir: &Path, os_user: &str) -> Result<(), PgError> {
+    if !is_root() {
+        return Ok(());
+    }
+    let st = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{os_user}:"))
+        .arg(dir)
+        .status()
+        .await
+        .map_err(|e| PgError::io(dir, e))?;
+    if !st.success() {
+        return Err(PgError::Other(format!(
+            "chown -R {os_user}: {} failed; does the OS user {os_user} exist?",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Starts PostgreSQL on `data_dir`, listening only on 127.0.0.1:`port`, and
+/// waits until it accepts connections. `extra` are `-c name=value` settings.
+pub async fn start(
+    bin_dir: &Path,
+    os_user: &str,
+    data_dir: &Path,
+    port: u16,
+    extra: &[String],
+    log: &Path,
+) -> Result<(), PgError> {
+    let mut opts =
+        format!("-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''");
+    for e in extra {
+        opts.push_str(&format!(" -c {e}"));
+    }
+    let out = as_user(os_user, &bin_dir.join("pg_ctl"))
+        .arg("-D")
+        .arg(data_dir)
+        .arg("-l")
+        .arg(log)
+        .arg("-o")
+        .arg(&opts)
+        .arg("-w")
+        .arg("-t")
+        .arg("3600")
+        .arg("start")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| {
+            PgError::Other(format!(
+                "cannot run {}/pg_ctl: {e}; set bin_dir",
+                bin_dir.display()
+            ))
+        })?;
+    if !out.status.success() {
+        let tail = std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .take(8)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n  ");
+        return Err(PgError::Other(format!(
+            "PostgreSQL did not start on {}: {}\n  {tail}",
+            data_dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Stops the server on `data_dir` (fast mode).
+pub async fn stop(bin_dir: &Path, os_user: &str, data_dir: &Path) -> Result<(), PgError> {
+    let st = as_user(os_user, &bin_dir.join("pg_ctl"))
+        .arg("-D")
+        .arg(data_dir)
+        .args(["-m", "fast", "-w", "stop"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .map_err(|e| PgError::io(data_dir, e))?;
+    if !st.success() {
+        return Err(PgError::Other(format!(
+            "pg_ctl stop failed for {}",
+            data_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Connects to a server `dr` started on loopback, retrying while it starts.
+pub async fn connect_local(
+    port: u16,
+    user: &str,
+    timeout: Duration,
+) -> Result<tokio_postgres::Client, PgError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host("127.0.0.1")
+            .port(port)
+            .user(user)
+            .dbname("postgres");
+        match cfg.connect(tokio_postgres::NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                return Ok(client);
+            }
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(PgError::Sql {
+                    what: format!("connect to 127.0.0.1:{port}"),
+                    source: e,
+                });
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}

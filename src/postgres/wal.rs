@@ -1,0 +1,398 @@
+//! `wal-push` (archive_command) and `wal-fetch` (restore_command).
+//!
+//! Object names carry the plaintext BLAKE3, so pushing the same file twice is
+//! recognised without decrypting anything (backup hosts hold no private key),
+//! and a different file under an archived name is refused, never overwritten.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::PgError;
+use crate::codec::Expect;
+use crate::repo::Repository;
+use crate::repo::layout::{ObjectKey, TimelineId, WalSegmentName, WalSuffix};
+
+/// A file PostgreSQL archives, parsed from its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalFile {
+    /// A segment, `.partial` segment or `.backup` history file.
+    Segment(WalSegmentName, WalSuffix),
+    /// `TTTTTTTT.history`.
+    History(TimelineId),
+}
+
+impl WalFile {
+    /// Parses a file name as PostgreSQL writes it in `pg_wal/`.
+    pub fn parse(name: &str) -> Option<WalFile> {
+        if let Some(t) = name.strip_suffix(".history") {
+            return t.parse().ok().map(WalFile::History);
+        }
+        if name.len() < 24 || !name.is_char_boundary(24) {
+            return None;
+        }
+        let seg: WalSegmentName = name[..24].parse().ok()?;
+        let suffix = WalSuffix::parse(&name[24..])?;
+        Some(WalFile::Segment(seg, suffix))
+    }
+
+    /// The object key for this file with content hash `hash`.
+    pub fn key(&self, cluster: &str, system_id: u64, hash: &str) -> ObjectKey {
+        match *self {
+            WalFile::Segment(segment, suffix) => ObjectKey::Wal {
+                cluster: cluster.to_string(),
+                system_id,
+                segment,
+                suffix,
+                hash: hash.to_string(),
+            },
+            WalFile::History(timeline) => ObjectKey::TimelineHistory {
+                cluster: cluster.to_string(),
+                system_id,
+                timeline,
+                hash: hash.to_string(),
+            },
+        }
+    }
+
+    /// Key prefix under which every version of this file would be stored
+    /// (`<name>-`), used to find it without knowing its hash.
+    pub fn key_prefix(&self, cluster: &str, system_id: u64) -> String {
+        let k = self.key(cluster, system_id, &"0".repeat(64)).to_string();
+        k[..k.len() - 64].to_string()
+    }
+}
+
+/// What `wal-push` did.
+#[derive(Debug, serde::Serialize)]
+pub struct PushReport {
+    /// File name.
+    pub file: String,
+    /// Object key.
+    pub key: String,
+    /// Plaintext bytes.
+    pub size: u64,
+    /// True when the identical file was already archived.
+    pub already_archived: bool,
+    /// Regions that took the write.
+    pub regions: Vec<String>,
+}
+
+/// Archives one WAL file. `path` is as given by PostgreSQL (`%p`, relative to
+/// PGDATA, which is the working directory of archive_command).
+pub async fn push(
+    repo: &Repository,
+    cluster: &str,
+    system_id: u64,
+    path: &Path,
+) -> Result<PushReport, PgError> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| PgError::Other(format!("{}: not a file path", path.display())))?;
+    let file = WalFile::parse(name).ok_or_else(|| {
+        PgError::Other(format!(
+            "{name} is not a WAL segment, .partial, .backup or .history file name; \
+             archive_command must pass %p"
+        ))
+    })?;
+    let data = tokio::fs::read(path)
+        .await
+        .map_err(|e| PgError::io(path, e))?;
+    let hash = blake3::hash(&data).to_hex().to_string();
+    let key = file.key(cluster, system_id, &hash);
+    let prefix = file.key_prefix(cluster, system_id);
+    // An archived copy of this name, in any region: same hash → done; other → refuse.
+    let mut present_in = Vec::new();
+    for r in repo.regions.iter() {
+        match r.store.list(&prefix).await {
+            Ok(objs) => {
+                for o in objs {
+                    let Some(other) = o.key.strip_prefix(&prefix) else {
+                        continue;
+                    };
+                    if other == hash {
+                        present_in.push(r.name.clone());
+                    } else if other.len() == 64 {
+                        return Err(PgError::Other(format!(
+                            "{name} is already archived with different content (region {}, blake3 {} vs {hash}); \
+                             refusing to overwrite. Two clusters may be archiving to the same [postgres.{cluster}] \
+                             repository path, or the file was modified after archiving",
+                            r.name, other
+                        )));
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(region = %r.name, error = %e, "cannot list WAL prefix"),
+        }
+    }
+    if present_in.len() >= repo.regions.min_regions() {
+        return Ok(PushReport {
+            file: name.to_string(),
+            key: key.to_string(),
+            size: data.len() as u64,
+            already_archived: true,
+            regions: present_in,
+        });
+    }
+    let size = data.len() as u64;
+    let regions = match repo
+        .put_encoded(&key, crate::store::once(Bytes::from(data)), Some(size))
+        .await
+    {
+        Ok((_, report)) => report.ok,
+        Err(e) => match concurrent_duplicate(&e, repo.regions.min_regions()) {
+            Some(regions) => regions,
+            None => return Err(e.into()),
+        },
+    };
+    Ok(PushReport {
+        file: name.to_string(),
+        key: key.to_string(),
+        size,
+        already_archived: false,
+        regions,
+    })
+}
+
+/// A create-only region that rejects the put already holds this exact key —
+/// same name and same content hash, e.g. from a concurrent push — so it counts.
+fn concurrent_duplicate(e: &crate::repo::RepoError, min: usize) -> Option<Vec<String>> {
+    let crate::repo::RepoError::Regions(crate::store::RegionsError::NotEnoughRegions {
+        failures,
+        ok,
+        ..
+    }) = e
+    else {
+        return None;
+    };
+    let dup: Vec<String> = failures
+        .iter()
+        .filter(|(_, f)| matches!(f, crate::store::StoreError::AlreadyExists { .. }))
+        .map(|(n, _)| n.clone())
+        .collect();
+    (!dup.is_empty() && ok + dup.len() >= min).then_some(dup)
+}
+
+/// Outcome of `wal-fetch`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FetchOutcome {
+    /// Written to the destination; from the spool or a region.
+    Fetched {
+        /// Region that served it, or `"spool"`.
+        source: String,
+    },
+    /// Not in the repository (PostgreSQL treats this as the end of the archive).
+    NotFound,
+}
+
+/// Fetches `name` into `dest`, verifying it, and prefetches up to `prefetch`
+/// following segments of the same timeline into `spool` in parallel.
+pub async fn fetch(
+    repo: &Repository,
+    cluster: &str,
+    system_id: u64,
+    name: &str,
+    dest: &Path,
+    spool: &Path,
+    prefetch: usize,
+) -> Result<FetchOutcome, PgError> {
+    let file = WalFile::parse(name).ok_or_else(|| {
+        PgError::Other(format!(
+            "{name} is not a WAL file name; restore_command must pass %f"
+        ))
+    })?;
+    let spooled = spool.join(name);
+    if tokio::fs::metadata(&spooled).await.is_ok() {
+        tokio::fs::rename(&spooled, dest)
+            .await
+            .or_else(|_| std::fs::copy(&spooled, dest).map(|_| ()))
+            .map_err(|e| PgError::io(dest, e))?;
+        return Ok(FetchOutcome::Fetched {
+            source: "spool".into(),
+        });
+    }
+    // One listing of this segment's 4 GiB group finds it and its successors.
+    let (list_prefix, want) = match file {
+        WalFile::Segment(seg, _) => {
+            let k = file.key_prefix(cluster, system_id);
+            let dir = k[..k.rfind('/').map(|i| i + 1).unwrap_or(0)].to_string();
+            (dir, Some(seg))
+        }
+        WalFile::History(_) => (file.key_prefix(cluster, system_id), None),
+    };
+    let (_, listed) = repo.regions.list(&list_prefix).await?;
+    let find = |fname: &str| -> Option<(String, u64)> {
+        let wanted = WalFile::parse(fname)?;
+        let p = wanted.key_prefix(cluster, system_id);
+        listed
+            .iter()
+            .find(|o| o.key.strip_prefix(&p).is_some_and(|h| h.len() == 64))
+            .map(|o| (o.key.clone(), o.size))
+    };
+    let Some((key, size)) = find(name) else {
+        return Ok(FetchOutcome::NotFound);
+    };
+    let mut jobs = vec![(name.to_string(), key, size, dest.to_path_buf())];
+    if let Some(seg) = want {
+        if prefetch > 0 {
+            let _ = tokio::fs::create_dir_all(spool).await;
+        }
+        let mut next = seg;
+        for _ in 0..prefetch {
+            next = next_segment(next);
+            let n = next.to_string();
+            if tokio::fs::metadata(spool.join(&n)).await.is_ok() {
+                continue;
+            }
+            match find(&n) {
+                Some((k, s)) => jobs.push((n.clone(), k, s, spool.join(&n))),
+                None => break,
+            }
+        }
+    }
+    let results: Vec<Result<String, PgError>> =
+        futures::stream::iter(jobs)
+            .map(|(fname, key, size, path)| async move {
+                download(repo, &fname, &key, size, &path).await
+            })
+            .buffered(4)
+            .collect()
+            .await;
+    let mut results = results.into_iter();
+    let first = results
+        .next()
+        .unwrap_or_else(|| Err(PgError::Other("nothing fetched".into())))?;
+    for r in results {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "prefetch failed; the segment is fetched on demand");
+        }
+    }
+    Ok(FetchOutcome::Fetched { source: first })
+}
+
+/// Downloads and verifies one object into `path` (temp file + fsync + rename),
+/// falling back to the next region on a missing, unreachable or corrupt copy.
+async fn download(
+    repo: &Repository,
+    name: &str,
+    key: &str,
+    _size: u64,
+    path: &Path,
+) -> Result<String, PgError> {
+    let hash = key.rsplit('-').next().unwrap_or_default().to_string();
+    let tmp = tmp_path(path);
+    let mut last_err = None;
+    for r in repo.regions.iter() {
+        let stored = match r.store.head(key).await {
+            Ok(Some(n)) => n,
+            Ok(None) => continue,
+            Err(e) => {
+                last_err = Some(e.to_string());
+                continue;
+            }
+        };
+        let stream = match r.store.get(key, None).await {
+            Ok(s) => s,
+            Err(e) => {
+                last_err = Some(e.to_string());
+                continue;
+            }
+        };
+        let expect = Expect {
+            key: key.to_string(),
+            stored_size: Some(stored),
+            plain_hash: Some(hash.clone()),
+            plain_size: None,
+        };
+        let mut plain = repo.codec.decode(stream, expect);
+        let res = async {
+            let mut buf = Vec::with_capacity(super::WAL_SEGMENT_SIZE as usize);
+            while let Some(c) = plain.next().await {
+                buf.extend_from_slice(&c.map_err(|e| crate::codec::into_codec_error(e, key))?);
+            }
+            write_durable(&tmp, path, &buf).map_err(|e| PgError::io(path, e))?;
+            Ok::<(), PgError>(())
+        }
+        .await;
+        match res {
+            Ok(()) => return Ok(r.name.clone()),
+            Err(e) => {
+                tracing::warn!(region = %r.name, file = name, error = %e, "bad WAL copy; trying the next region");
+                last_err = Some(format!("[{}] {e}", r.name));
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&tmp);
+    Err(PgError::Other(format!(
+        "{name}: no region could serve a valid copy: {}",
+        last_err.unwrap_or_else(|| "missing everywhere".into())
+    )))
+}
+
+fn tmp_path(p: &Path) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(format!(".dr-tmp-{:08x}", rand::random::<u32>()));
+    PathBuf::from(s)
+}
+
+fn write_durable(tmp: &Path, dest: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(tmp, dest)
+}
+
+/// The segment after `s` on the same timeline.
+pub fn next_segment(s: WalSegmentName) -> WalSegmentName {
+    let per_log = (0x1_0000_0000u64 / super::WAL_SEGMENT_SIZE) as u32;
+    if s.seg + 1 >= per_log {
+        WalSegmentName {
+            timeline: s.timeline,
+            log: s.log + 1,
+            seg: 0,
+        }
+    } else {
+        WalSegmentName {
+            seg: s.seg + 1,
+            ..s
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wal_file_names() {
+        assert!(matches!(
+            WalFile::parse("000000010000000000000001"),
+            Some(WalFile::Segment(_, WalSuffix::None))
+        ));
+        assert!(matches!(
+            WalFile::parse("000000010000000000000001.partial"),
+            Some(WalFile::Segment(_, WalSuffix::Partial))
+        ));
+        assert!(matches!(
+            WalFile::parse("000000010000000000000002.00000028.backup"),
+            Some(WalFile::Segment(_, WalSuffix::Backup(0x28)))
+        ));
+        assert_eq!(
+            WalFile::parse("00000002.history"),
+            Some(WalFile::History(TimelineId(2)))
+        );
+        for bad in [
+            "RECOVERYXLOG",
+            "00000001000000000000000",
+            "000000010000000000000001.gz",
+            "x.history",
+        ] {
+            assert_eq!(WalFile::parse(bad), None, "{bad}");
+        }
+        let s: WalSegmentName = "0000000100000000000000FF".parse().expect("seg");
+        assert_eq!(next_segment(s).to_string(), "000000010000000100000000");
+    }
+}

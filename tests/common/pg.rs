@@ -1,0 +1,270 @@
+//! A throwaway PostgreSQL 15 cluster per test, run as the unprivileged OS user
+//! from `scripts/testenv.sh` (PostgreSQL refuses root), archiving with `dr`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use super::require_env;
+
+/// A cluster plus a `dr` setup that archives it.
+pub struct TestPg {
+    /// Temp dir holding everything (readable by the OS user).
+    pub dir: tempfile::TempDir,
+    /// PGDATA.
+    pub data: PathBuf,
+    /// Server port on 127.0.0.1.
+    pub port: u16,
+    /// `dr` binary copied where the OS user can run it.
+    pub dr: PathBuf,
+    /// The config file.
+    pub cfg: PathBuf,
+    /// OS user running PostgreSQL and dr.
+    pub user: String,
+    /// PostgreSQL binaries.
+    pub bin: PathBuf,
+    /// Servers to stop on drop.
+    pub started: Vec<PathBuf>,
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+fn run_as(user: &str, program: &Path, args: &[&str]) -> Output {
+    Command::new("runuser")
+        .arg("-u")
+        .arg(user)
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .current_dir("/")
+        .output()
+        .expect("runuser")
+}
+
+impl TestPg {
+    /// initdb + start, with archive_command = dr wal-push; `regions` is TOML.
+    pub fn new(regions: &str) -> TestPg {
+        let user = require_env("DR_TEST_OS_USER", "PostgreSQL");
+        let bin = PathBuf::from(require_env("DR_TEST_PG_BIN_DIR", "PostgreSQL"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        chown(dir.path(), &user);
+        let dr = dir.path().join("dr");
+        std::fs::copy(super::dr_bin(), &dr).expect("copy dr");
+        let data = dir.path().join("data");
+        let o = run_as(
+            &user,
+            &bin.join("initdb"),
+            &[
+                "-D",
+                data.to_str().expect("utf8"),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--data-checksums",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ],
+        );
+        assert!(
+            o.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let id = dir.path().join("identity.txt");
+        let o = run_as(
+            &user,
+            &dr,
+            &["keygen", "--json", "--output", id.to_str().expect("utf8")],
+        );
+        assert!(
+            o.status.success(),
+            "keygen: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        let rcpt = v["recipient"].as_str().expect("recipient").to_string();
+        let port = free_port();
+        let cfg = dir.path().join("dr.toml");
+        let cfg_text = format!(
+            "[repository]\nrecipients = [\"{rcpt}\"]\nidentity_file = \"{}\"\n\n{regions}\n[postgres.main]\nconninfo = \"host=127.0.0.1 port={port} user=postgres dbname=postgres\"\ndata_dir = \"{}\"\nbin_dir = \"{}\"\nos_user = \"{user}\"\n",
+            id.display(),
+            data.display(),
+            bin.display()
+        );
+        std::fs::write(&cfg, cfg_text).expect("config");
+        chown(&cfg, &user);
+        let conf = format!(
+            "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\nwal_level = replica\narchive_mode = on\narchive_command = '{} --config {} wal-push %p'\nmax_wal_senders = 4\nfsync = on\n",
+            dr.display(),
+            cfg.display()
+        );
+        let mut pc = std::fs::read_to_string(data.join("postgresql.conf")).expect("read conf");
+        pc.push_str(&conf);
+        std::fs::write(data.join("postgresql.conf"), pc).expect("write conf");
+        let mut t = TestPg {
+            dir,
+            data: data.clone(),
+            port,
+            dr,
+            cfg,
+            user,
+            bin,
+            started: Vec::new(),
+        };
+        let log = t.dir.path().join("pg.log");
+        let o = run_as(
+            &t.user,
+            &t.bin.join("pg_ctl"),
+            &[
+                "-D",
+                data.to_str().expect("utf8"),
+                "-l",
+                log.to_str().expect("utf8"),
+                "-w",
+                "start",
+            ],
+        );
+        assert!(
+            o.status.success(),
+            "pg_ctl start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        t.started.push(data);
+        t.dr(&["repo", "init"]);
+        t
+    }
+
+    /// Runs `dr --config <cfg> args…` as the OS user; panics on failure.
+    pub fn dr(&self, args: &[&str]) -> Output {
+        let o = self.dr_raw(args);
+        assert!(
+            o.status.success(),
+            "dr {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o
+    }
+
+    /// Runs dr and returns the output whatever the status.
+    pub fn dr_raw(&self, args: &[&str]) -> Output {
+        let mut all = vec!["--config", self.cfg.to_str().expect("utf8")];
+        all.extend_from_slice(args);
+        run_as(&self.user, &self.dr, &all)
+    }
+
+    /// Runs SQL on 127.0.0.1:`port` and returns the trimmed output.
+    pub fn sql_at(&self, port: u16, sql: &str) -> String {
+        let o = Command::new(self.bin.join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-XAtq",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("psql");
+        assert!(
+            o.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+
+    /// SQL on the primary.
+    pub fn sql(&self, sql: &str) -> String {
+        self.sql_at(self.port, sql)
+    }
+
+    /// Runs pgbench against the primary.
+    pub fn pgbench(&self, args: &[&str]) {
+        let port = self.port.to_string();
+        let mut all = vec!["-h", "127.0.0.1", "-p", &port, "-U", "postgres"];
+        all.extend_from_slice(args);
+        all.push("postgres");
+        let o = Command::new(self.bin.join("pgbench"))
+            .args(&all)
+            .output()
+            .expect("pgbench");
+        assert!(
+            o.status.success(),
+            "pgbench: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// Forces a WAL switch and waits until the archiver has pushed it.
+    pub fn archive_now(&self) {
+        let seg = self.sql("SELECT pg_walfile_name(pg_switch_wal())");
+        for _ in 0..300 {
+            let last = self.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+            if last.as_str() >= seg.as_str() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!(
+            "segment {seg} was not archived within 30s: {}",
+            self.sql("SELECT * FROM pg_stat_archiver")
+        );
+    }
+
+    /// A fresh path for a restore target (not created).
+    pub fn target(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Registers a restored data dir to stop on drop.
+    pub fn track(&mut self, data: PathBuf) {
+        self.started.push(data);
+    }
+
+    /// Stops the server on `data`.
+    pub fn stop(&self, data: &Path) {
+        let _ = run_as(
+            &self.user,
+            &self.bin.join("pg_ctl"),
+            &[
+                "-D",
+                data.to_str().expect("utf8"),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+}
+
+impl Drop for TestPg {
+    fn drop(&mut self) {
+        for d in &self.started {
+            self.stop(d);
+        }
+    }
+}
+
+/// Gives `p` to `user` (recursively).
+pub fn chown(p: &Path, user: &str) {
+    let st = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{user}:"))
+        .arg(p)
+        .status()
+        .expect("chown");
+    assert!(st.success());
+}
