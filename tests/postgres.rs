@@ -117,3 +117,267 @@ fn exact_pitr_fs() {
 fn exact_pitr_garage() {
     exact_pitr(&common::garage_region_toml("garage"));
 }
+
+fn fs_repo(dir: &tempfile::TempDir) -> String {
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo).expect("mkdir");
+    common::pg::chown(&repo, &common::require_env("DR_TEST_OS_USER", "PostgreSQL"));
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    common::fs_region_toml("local", &repo)
+}
+
+#[test]
+fn restore_follows_timelines_after_promotion() {
+    let repo_dir = tempfile::tempdir().expect("tempdir");
+    let mut pg = TestPg::new(&fs_repo(&repo_dir));
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+    pg.dr(&["backup", "pg"]);
+    pg.pgbench(&["-t", "200", "-n"]);
+    let a = mark(&pg);
+    pg.pgbench(&["-t", "50", "-n"]);
+    pg.archive_now();
+
+    // Disaster: restore the latest state and promote it; it keeps archiving
+    // (timeline 2) into the same repository and becomes the new primary.
+    let promoted = pg.target("promoted");
+    let p2 = free_port();
+    pg.track(promoted.clone());
+    pg.dr(&[
+        "restore",
+        "pg",
+        "--to",
+        "latest",
+        "--target",
+        promoted.to_str().expect("utf8"),
+        "--start",
+        "--port",
+        &p2.to_string(),
+    ]);
+    assert_eq!(
+        pg.sql_at(p2, "SELECT timeline_id FROM pg_control_checkpoint()"),
+        "2"
+    );
+    let cfg2 = pg.config_for(&promoted, p2, "dr2.toml");
+    pg.pgbench_at(p2, &["-t", "100", "-n"]);
+    pg.dr_with(&cfg2, &["backup", "pg"]);
+    pg.pgbench_at(p2, &["-t", "100", "-n"]);
+    sleep(Duration::from_millis(600));
+    let b_at = pg.sql_at(
+        p2,
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    );
+    let b_balance = pg.sql_at(p2, "SELECT sum(abalance) FROM pgbench_accounts");
+    let b_history = pg.sql_at(p2, "SELECT count(*) FROM pgbench_history");
+    sleep(Duration::from_millis(600));
+    pg.pgbench_at(p2, &["-t", "50", "-n"]);
+    pg.archive_now_at(p2);
+
+    let o = pg.dr(&["--json", "list", "pg"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let tls: Vec<u64> = v["windows"]
+        .as_array()
+        .expect("windows")
+        .iter()
+        .filter_map(|w| w["timeline"].as_u64())
+        .collect();
+    assert_eq!(tls, vec![1, 2], "{v}");
+
+    // A point on timeline 2, and a point on timeline 1 before the promotion.
+    restore_and_check(&mut pg, &b_at, "tl2", &b_balance, &b_history);
+    restore_and_check(&mut pg, &a.at, "tl1", &a.balance, &a.history);
+}
+
+fn expect_fail(pg: &TestPg, args: &[&str], needles: &[&str]) -> String {
+    let o = pg.dr_raw(args);
+    assert!(!o.status.success(), "dr {args:?} should fail");
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    for n in needles {
+        assert!(e.contains(n), "dr {args:?}: expected {n:?} in: {e}");
+    }
+    e
+}
+
+#[test]
+fn restore_bad_inputs_are_clear_and_leave_nothing() {
+    let repo_dir = tempfile::tempdir().expect("tempdir");
+    let pg = TestPg::new(&fs_repo(&repo_dir));
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+    pg.dr(&["backup", "pg"]);
+    pg.pgbench(&["-t", "50", "-n"]);
+    pg.archive_now();
+    let t = pg.target("bad");
+    let ts = t.to_str().expect("utf8");
+
+    expect_fail(
+        &pg,
+        &[
+            "restore",
+            "pg",
+            "--to",
+            "2000-01-01T00:00:00Z",
+            "--target",
+            ts,
+        ],
+        &[
+            "before the end of the oldest usable backup",
+            "recoverable window is",
+        ],
+    );
+    expect_fail(
+        &pg,
+        &[
+            "restore",
+            "pg",
+            "--to",
+            "2100-01-01 00:00:00+00",
+            "--target",
+            ts,
+        ],
+        &["after the last archived WAL", "recoverable window is"],
+    );
+    expect_fail(
+        &pg,
+        &["restore", "pg", "--to", "yesterday", "--target", ts],
+        &["is not a time", "RFC 3339"],
+    );
+
+    std::fs::create_dir_all(&t).expect("mkdir");
+    std::fs::write(t.join("keep.txt"), "precious").expect("write");
+    expect_fail(
+        &pg,
+        &["restore", "pg", "--to", "latest", "--target", ts],
+        &["is not empty"],
+    );
+    assert_eq!(
+        std::fs::read_to_string(t.join("keep.txt")).expect("kept"),
+        "precious"
+    );
+    std::fs::remove_dir_all(&t).expect("rm");
+
+    // Tampered data object: restore fails naming the object, and removes what it wrote.
+    let data_dir = repo_dir.path().join("repo");
+    let objs: Vec<std::path::PathBuf> = walk(&data_dir)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("/data/"))
+        .collect();
+    assert!(!objs.is_empty());
+    let victim = &objs[0];
+    let orig = std::fs::read(victim).expect("read");
+    let mut bad = orig.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x10;
+    std::fs::write(victim, &bad).expect("tamper");
+    expect_fail(
+        &pg,
+        &["restore", "pg", "--to", "latest", "--target", ts],
+        &["corrupt", "no region has a valid copy"],
+    );
+    assert!(
+        std::fs::read_dir(&t)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(true),
+        "half-restored files left behind"
+    );
+
+    // Missing data object.
+    std::fs::remove_file(victim).expect("rm");
+    expect_fail(
+        &pg,
+        &["restore", "pg", "--to", "latest", "--target", ts],
+        &["not found"],
+    );
+    std::fs::write(victim, &orig).expect("restore object");
+
+    // Wrong identity: a config whose identity is not a recipient of the repository.
+    let other_id = pg.dir.path().join("other-identity.txt");
+    pg.dr(&["keygen", "--output", other_id.to_str().expect("utf8")]);
+    let text = std::fs::read_to_string(&pg.cfg).expect("cfg");
+    let idline = text
+        .lines()
+        .find(|l| l.starts_with("identity_file"))
+        .expect("identity line")
+        .to_string();
+    let cfg3 = pg.dir.path().join("dr-wrongkey.toml");
+    std::fs::write(
+        &cfg3,
+        text.replace(
+            &idline,
+            &format!("identity_file = \"{}\"", other_id.display()),
+        ),
+    )
+    .expect("write");
+    common::pg::chown(&cfg3, &pg.user);
+    let o = pg.dr_raw_with(&cfg3, &["restore", "pg", "--to", "latest", "--target", ts]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("none of the configured age identities can decrypt"),
+        "{e}"
+    );
+}
+
+#[test]
+fn manifest_paths_cannot_escape_the_target() {
+    let repo_dir = tempfile::tempdir().expect("tempdir");
+    let pg = TestPg::new(&fs_repo(&repo_dir));
+    pg.dr(&["backup", "pg"]);
+    pg.archive_now();
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    rt.block_on(async {
+        let cfg = dr::config::Config::load(&pg.cfg).expect("cfg");
+        let repo = dr::repo::Repository::open(&cfg).await.expect("open");
+        let cat = dr::postgres::catalog::Catalog::load(&repo, "main")
+            .await
+            .expect("catalog");
+        let mut m = cat.backups[0].clone();
+        m.files[0].path = "../../escaped-by-manifest".into();
+        let id = dr::repo::layout::BackupId::new(chrono::Utc::now());
+        m.id = id.to_string();
+        let key = dr::repo::layout::ObjectKey::PgManifest {
+            cluster: "main".into(),
+            system_id: m.system_id,
+            backup: id,
+        };
+        let body = bytes::Bytes::from(serde_json::to_vec(&m).expect("json"));
+        let n = body.len() as u64;
+        repo.put_encoded(&key, dr::store::once(body), Some(n))
+            .await
+            .expect("put");
+    });
+    common::pg::chown(&repo_dir.path().join("repo"), &pg.user);
+    let t = pg.target("escape/inner");
+    expect_fail(
+        &pg,
+        &[
+            "restore",
+            "pg",
+            "--to",
+            "latest",
+            "--target",
+            t.to_str().expect("utf8"),
+        ],
+        &["escapes the target"],
+    );
+    assert!(!pg.dir.path().join("escaped-by-manifest").exists());
+}
+
+fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![p.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}

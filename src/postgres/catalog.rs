@@ -212,38 +212,19 @@ pub async fn read_manifest(
             "manifests are encrypted and no identity_file is configured; the catalog needs the private key".into(),
         ));
     }
-    let mut last = String::new();
-    for r in repo.regions.iter() {
-        let stream = match r.store.get(key, None).await {
-            Ok(s) => s,
-            Err(e) => {
-                last = e.to_string();
-                continue;
-            }
-        };
-        let expect = Expect {
-            key: key.to_string(),
-            stored_size: Some(stored),
-            ..Expect::default()
-        };
-        match repo.codec.decode_bytes(stream, expect).await {
-            Ok(bytes) => {
-                let m: PgManifest = serde_json::from_slice(&bytes).map_err(|e| {
-                    PgError::Other(format!("{key}: not a dr PostgreSQL manifest ({e})"))
-                })?;
-                if m.kind != "dr-pg-backup" || m.version != super::manifest::MANIFEST_VERSION {
-                    return Err(PgError::Other(format!(
-                        "{key}: manifest kind {:?} version {} is not supported by this dr",
-                        m.kind, m.version
-                    )));
-                }
-                return Ok(m);
-            }
-            Err(e) => {
-                tracing::warn!(region = %r.name, key, error = %e, "bad manifest copy; trying the next region");
-                last = e.to_string();
-            }
-        }
+    let expect = Expect {
+        key: key.to_string(),
+        stored_size: Some(stored),
+        ..Expect::default()
+    };
+    let (_, bytes) = repo.get_verified(key, expect).await?;
+    let m: PgManifest = serde_json::from_slice(&bytes)
+        .map_err(|e| PgError::Other(format!("{key}: not a dr PostgreSQL manifest ({e})")))?;
+    if m.kind != "dr-pg-backup" || m.version != super::manifest::MANIFEST_VERSION {
+        return Err(PgError::Other(format!(
+            "{key}: manifest kind {:?} version {} is not supported by this dr",
+            m.kind, m.version
+        )));
     }
-    Err(PgError::Other(last))
+    Ok(m)
 }

@@ -103,8 +103,20 @@ pub async fn restore(
     };
     let m = catalog.pick(when)?.clone();
     tracing::info!(backup = %m.id, "restoring");
-    let bytes = rebuild(repo, &m, &opts.dir, cfg.parallel).await?;
-    write_recovery(&m, &opts.dir, opts).map_err(|e| PgError::io(&opts.dir, e))?;
+    let rebuilt = match rebuild(repo, &m, &opts.dir, cfg.parallel).await {
+        Ok(n) => write_recovery(&m, &opts.dir, opts)
+            .map(|_| n)
+            .map_err(|e| PgError::io(&opts.dir, e)),
+        Err(e) => Err(e),
+    };
+    let bytes = match rebuilt {
+        Ok(n) => n,
+        Err(e) => {
+            // The directory was empty or new: leave nothing half-restored behind.
+            clear_dir(&opts.dir);
+            return Err(e);
+        }
+    };
     std::fs::set_permissions(&opts.dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| PgError::io(&opts.dir, e))?;
     super::server::chown_to(&opts.dir, &cfg.os_user).await?;
@@ -196,6 +208,19 @@ fn check_target_dir(dir: &Path) -> Result<(), PgError> {
     }
 }
 
+fn clear_dir(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            let _ = if p.is_dir() && !p.is_symlink() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+        }
+    }
+}
+
 /// Recreates directories and files, objects fetched and decoded in parallel.
 async fn rebuild(
     repo: &Repository,
@@ -264,7 +289,7 @@ async fn rebuild(
         .to_string();
         let expect = Expect::from_encoded(&key, &o.encoded);
         async move {
-            let data = fetch_object(repo, &key, expect).await?;
+            let (_, data) = repo.get_verified(&key, expect).await?;
             let paths: Vec<PathBuf> = pieces
                 .iter()
                 .map(|p| dir.join(&m.files[p.0].path))
@@ -314,35 +339,6 @@ async fn rebuild(
     .await
     .map_err(|e| PgError::Other(e.to_string()))??;
     Ok(total)
-}
-
-/// Reads one object from the first region with a valid copy.
-async fn fetch_object(
-    repo: &Repository,
-    key: &str,
-    expect: Expect,
-) -> Result<bytes::Bytes, PgError> {
-    let mut errors = Vec::new();
-    for r in repo.regions.iter() {
-        let stream = match r.store.get(key, None).await {
-            Ok(s) => s,
-            Err(e) => {
-                errors.push(format!("[{}] {e}", r.name));
-                continue;
-            }
-        };
-        match repo.codec.decode_bytes(stream, expect.clone()).await {
-            Ok(b) => return Ok(b),
-            Err(e) => {
-                tracing::warn!(region = %r.name, key, error = %e, "bad copy; trying the next region");
-                errors.push(format!("[{}] {e}", r.name));
-            }
-        }
-    }
-    Err(PgError::Other(format!(
-        "{key}: no region has a valid copy: {}",
-        errors.join("; ")
-    )))
 }
 
 fn quote(s: &str) -> String {

@@ -252,14 +252,11 @@ pub async fn fetch(
             }
         }
     }
-    let results: Vec<Result<String, PgError>> =
-        futures::stream::iter(jobs)
-            .map(|(fname, key, size, path)| async move {
-                download(repo, &fname, &key, size, &path).await
-            })
-            .buffered(4)
-            .collect()
-            .await;
+    let results: Vec<Result<String, PgError>> = futures::stream::iter(jobs)
+        .map(|(_, key, size, path)| async move { download(repo, &key, size, &path).await })
+        .buffered(4)
+        .collect()
+        .await;
     let mut results = results.into_iter();
     let first = results
         .next()
@@ -276,59 +273,31 @@ pub async fn fetch(
 /// falling back to the next region on a missing, unreachable or corrupt copy.
 async fn download(
     repo: &Repository,
-    name: &str,
     key: &str,
-    _size: u64,
+    stored: u64,
     path: &Path,
 ) -> Result<String, PgError> {
     let hash = key.rsplit('-').next().unwrap_or_default().to_string();
+    let expect = Expect {
+        key: key.to_string(),
+        stored_size: Some(stored),
+        plain_hash: Some(hash),
+        plain_size: None,
+    };
+    let (region, data) = repo.get_verified(key, expect).await?;
     let tmp = tmp_path(path);
-    let mut last_err = None;
-    for r in repo.regions.iter() {
-        let stored = match r.store.head(key).await {
-            Ok(Some(n)) => n,
-            Ok(None) => continue,
-            Err(e) => {
-                last_err = Some(e.to_string());
-                continue;
-            }
-        };
-        let stream = match r.store.get(key, None).await {
-            Ok(s) => s,
-            Err(e) => {
-                last_err = Some(e.to_string());
-                continue;
-            }
-        };
-        let expect = Expect {
-            key: key.to_string(),
-            stored_size: Some(stored),
-            plain_hash: Some(hash.clone()),
-            plain_size: None,
-        };
-        let mut plain = repo.codec.decode(stream, expect);
-        let res = async {
-            let mut buf = Vec::with_capacity(super::WAL_SEGMENT_SIZE as usize);
-            while let Some(c) = plain.next().await {
-                buf.extend_from_slice(&c.map_err(|e| crate::codec::into_codec_error(e, key))?);
-            }
-            write_durable(&tmp, path, &buf).map_err(|e| PgError::io(path, e))?;
-            Ok::<(), PgError>(())
+    let dest = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let res = write_durable(&tmp, &dest, &data);
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
-        .await;
-        match res {
-            Ok(()) => return Ok(r.name.clone()),
-            Err(e) => {
-                tracing::warn!(region = %r.name, file = name, error = %e, "bad WAL copy; trying the next region");
-                last_err = Some(format!("[{}] {e}", r.name));
-            }
-        }
-    }
-    let _ = std::fs::remove_file(&tmp);
-    Err(PgError::Other(format!(
-        "{name}: no region could serve a valid copy: {}",
-        last_err.unwrap_or_else(|| "missing everywhere".into())
-    )))
+        res
+    })
+    .await
+    .map_err(|e| PgError::Other(e.to_string()))?
+    .map_err(|e| PgError::io(path, e))?;
+    Ok(region)
 }
 
 fn tmp_path(p: &Path) -> PathBuf {

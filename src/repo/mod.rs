@@ -71,6 +71,14 @@ pub enum RepoError {
         /// What is wrong and what to do.
         why: String,
     },
+    /// No region holds a valid copy of an object.
+    #[error("{key}: no region has a valid copy: {details}")]
+    Unreadable {
+        /// Object key.
+        key: String,
+        /// What each region said.
+        details: String,
+    },
     /// Storage failed.
     #[error(transparent)]
     Regions(#[from] RegionsError),
@@ -263,6 +271,37 @@ impl Repository {
             .await
             .map_err(|_| CodecError::Pipeline("encoder stopped".into()))??;
         Ok((enc, report))
+    }
+
+    /// Reads and decodes a whole object, trying regions in preference order and
+    /// falling back on a missing, unreachable, truncated or corrupt copy.
+    /// Returns the serving region with the plaintext.
+    pub async fn get_verified(
+        &self,
+        key: &str,
+        expect: Expect,
+    ) -> Result<(String, Bytes), RepoError> {
+        let mut details = Vec::new();
+        for r in self.regions.iter() {
+            let stream = match r.store.get(key, None).await {
+                Ok(s) => s,
+                Err(e) => {
+                    details.push(format!("[{}] {e}", r.name));
+                    continue;
+                }
+            };
+            match self.codec.decode_bytes(stream, expect.clone()).await {
+                Ok(b) => return Ok((r.name.clone(), b)),
+                Err(e) => {
+                    tracing::warn!(region = %r.name, key, error = %e, "bad copy; trying the next region");
+                    details.push(format!("[{}] {e}", r.name));
+                }
+            }
+        }
+        Err(RepoError::Unreadable {
+            key: key.to_string(),
+            details: details.join("; "),
+        })
     }
 
     /// Reads and decodes an object from one named region.

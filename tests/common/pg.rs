@@ -268,3 +268,72 @@ pub fn chown(p: &Path, user: &str) {
         .expect("chown");
     assert!(st.success());
 }
+
+impl TestPg {
+    /// Runs pgbench against 127.0.0.1:`port`.
+    pub fn pgbench_at(&self, port: u16, args: &[&str]) {
+        let port = port.to_string();
+        let mut all = vec!["-h", "127.0.0.1", "-p", &port, "-U", "postgres"];
+        all.extend_from_slice(args);
+        all.push("postgres");
+        let o = Command::new(self.bin.join("pgbench"))
+            .args(&all)
+            .output()
+            .expect("pgbench");
+        assert!(
+            o.status.success(),
+            "pgbench: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// Forces a WAL switch on `port` and waits until it is archived.
+    pub fn archive_now_at(&self, port: u16) {
+        let seg = self.sql_at(port, "SELECT pg_walfile_name(pg_switch_wal())");
+        for _ in 0..300 {
+            let last = self.sql_at(
+                port,
+                "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver",
+            );
+            if last.as_str() >= seg.as_str() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("segment {seg} was not archived within 30s");
+    }
+
+    /// Writes a copy of the config with another data dir and port, as the
+    /// config of a host whose primary now lives there; returns its path.
+    pub fn config_for(&self, data: &Path, port: u16, name: &str) -> PathBuf {
+        let text = std::fs::read_to_string(&self.cfg).expect("read cfg");
+        let text = text
+            .replace(
+                &format!("data_dir = \"{}\"", self.data.display()),
+                &format!("data_dir = \"{}\"", data.display()),
+            )
+            .replace(&format!("port={} ", self.port), &format!("port={port} "));
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).expect("write cfg");
+        chown(&p, &self.user);
+        p
+    }
+
+    /// Runs dr with another config as the OS user; panics on failure.
+    pub fn dr_with(&self, cfg: &Path, args: &[&str]) -> Output {
+        let o = self.dr_raw_with(cfg, args);
+        assert!(
+            o.status.success(),
+            "dr {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o
+    }
+
+    /// Runs dr with another config and returns the output whatever the status.
+    pub fn dr_raw_with(&self, cfg: &Path, args: &[&str]) -> Output {
+        let mut all = vec!["--config", cfg.to_str().expect("utf8")];
+        all.extend_from_slice(args);
+        run_as(&self.user, &self.dr, &all)
+    }
+}
