@@ -182,6 +182,11 @@ install_garage() {
 
 install_apt_packages
 require_cargo
+# --demo: what scripts/demo.sh needs (no test runner, no S3 server).
+if [[ ${1:-} == --demo ]]; then
+    log "done (demo prerequisites)"
+    exit 0
+fi
 install_nextest
 install_garage
 log "done"
