@@ -62,6 +62,18 @@ pub struct PgConfig {
     /// Segments `wal-fetch` downloads ahead of the one PostgreSQL asked for.
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
+    /// Local state (the last backup's block map) for block-incremental backups
+    /// (default: /var/lib/dr/state).
+    pub state_dir: Option<PathBuf>,
+}
+
+impl PgConfig {
+    /// Where local backup state lives.
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/lib/dr/state"))
+    }
 }
 
 fn default_pg_bin() -> PathBuf {

@@ -381,3 +381,31 @@ fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
     out.sort();
     out
 }
+
+#[test]
+fn block_incremental_backup_stores_little_and_restores_exactly() {
+    let repo_dir = tempfile::tempdir().expect("tempdir");
+    let mut pg = TestPg::new(&fs_repo(&repo_dir));
+    pg.pgbench(&["-i", "-s", "5", "-q"]);
+    let o = pg.dr(&["--json", "backup", "pg"]);
+    let first: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let full_stored = first["backup"]["stored_size"].as_u64().expect("stored");
+    assert!(first["backup"]["incremental_of"].is_null());
+
+    // Change 1% of the rows.
+    pg.sql("UPDATE pgbench_accounts SET abalance = abalance + 7 WHERE aid <= 5000");
+    let o = pg.dr(&["--json", "backup", "pg"]);
+    let second: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let incr_stored = second["backup"]["stored_size"].as_u64().expect("stored");
+    assert_eq!(second["backup"]["incremental_of"], first["backup"]["id"]);
+    eprintln!("full backup stored {full_stored} bytes, incremental {incr_stored} bytes");
+    assert!(
+        incr_stored * 10 < full_stored,
+        "incremental stored {incr_stored} bytes, not < 10% of the full backup's {full_stored}"
+    );
+
+    let balance = pg.sql("SELECT sum(abalance) FROM pgbench_accounts");
+    let history = pg.sql("SELECT count(*) FROM pgbench_history");
+    pg.archive_now();
+    restore_and_check(&mut pg, "latest", "incr", &balance, &history);
+}

@@ -11,7 +11,12 @@ use futures::StreamExt;
 use serde::Serialize;
 use tokio::io::AsyncReadExt;
 
-use super::manifest::{DataObject, DirEntry, Extent, FileEntry, MANIFEST_VERSION, PgManifest};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::manifest::{
+    BLOCK_SIZE, DataObject, DirEntry, Extent, FileEntry, MANIFEST_VERSION, PgManifest,
+};
 use super::{Lsn, PgError};
 use crate::config::PgConfig;
 use crate::repo::Repository;
@@ -71,6 +76,87 @@ pub struct BackupReport {
     pub timeline: u32,
     /// Regions holding the manifest.
     pub regions: Vec<String>,
+    /// Backup whose unchanged blocks were referenced, if any.
+    pub incremental_of: Option<String>,
+    /// Bytes referenced from earlier backups instead of stored again.
+    pub reused_bytes: u64,
+}
+
+fn state_file(cfg: &PgConfig, cluster: &str, system_id: u64) -> PathBuf {
+    cfg.state_dir()
+        .join(format!("{cluster}-{system_id}.last-backup.json"))
+}
+
+/// The previous backup's manifest, to reference unchanged blocks: from the
+/// local state file (works on hosts with only public keys) if the repository
+/// still has that backup, else decrypted from the repository if this host has
+/// the identity, else none (a full backup).
+async fn load_previous(
+    repo: &Repository,
+    cluster: &str,
+    system_id: u64,
+    cfg: &PgConfig,
+) -> Option<PgManifest> {
+    let path = state_file(cfg, cluster, system_id);
+    if let Ok(bytes) = tokio::fs::read(&path).await {
+        match serde_json::from_slice::<PgManifest>(&bytes) {
+            Ok(m) if m.system_id == system_id && m.cluster == cluster => {
+                let key = m.backup_id().map(|b| {
+                    ObjectKey::PgManifest {
+                        cluster: cluster.to_string(),
+                        system_id,
+                        backup: b,
+                    }
+                    .to_string()
+                });
+                if let Some(key) = key {
+                    if let Ok((_, found)) = repo.regions.list(&key).await {
+                        if !found.is_empty() {
+                            return Some(m);
+                        }
+                    }
+                }
+                tracing::info!(state = %path.display(), "previous backup in the state file is gone from the repository");
+            }
+            _ => tracing::warn!(state = %path.display(), "ignoring an unreadable state file"),
+        }
+    }
+    if !repo.codec.can_decrypt() {
+        tracing::info!("no state file and no identity: taking a full backup");
+        return None;
+    }
+    let prefix = format!("pg/{cluster}/{system_id}/backups/");
+    let (_, objs) = repo.regions.list(&prefix).await.ok()?;
+    let newest = objs
+        .iter()
+        .filter(|o| o.key.ends_with("/manifest"))
+        .max_by(|a, b| a.key.cmp(&b.key))?;
+    match super::catalog::read_manifest(repo, &newest.key, newest.size).await {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the previous manifest: taking a full backup");
+            None
+        }
+    }
+}
+
+/// Keeps a plaintext copy of the manifest for the next block-incremental
+/// backup. Best effort: without it the next backup reads the repository or
+/// is full, never wrong.
+async fn save_state(cfg: &PgConfig, cluster: &str, system_id: u64, manifest: &[u8]) {
+    let path = state_file(cfg, cluster, system_id);
+    let tmp = path.with_extension("tmp");
+    let res = async {
+        if let Some(dir) = path.parent() {
+            tokio::fs::create_dir_all(dir).await?;
+        }
+        tokio::fs::write(&tmp, manifest).await?;
+        tokio::fs::rename(&tmp, &path).await
+    }
+    .await;
+    if let Err(e) = res {
+        tracing::warn!(state = %path.display(), error = %e, "cannot save backup state; the next backup may be full");
+    }
 }
 
 struct Walked {
@@ -132,22 +218,56 @@ fn walk(root: &Path) -> Result<Walked, PgError> {
     Ok(Walked { dirs, files })
 }
 
+/// A piece of a file: either bytes placed in the current pack, or a block
+/// unchanged since the previous backup, referenced where it already is.
+struct Piece {
+    file: usize,
+    file_off: u64,
+    extent: Extent,
+}
+
 struct Pack {
     n: u32,
     data: Bytes,
-    /// (file index, offset in file, offset in pack, len)
-    pieces: Vec<(usize, u64, u64, u64)>,
+    pieces: Vec<Piece>,
 }
 
-/// Reads files in order and cuts them into packs of about `PACK_SIZE`.
+/// Blocks of the previous backup, by (path, block index).
+type PrevBlocks = HashMap<(String, u64), Extent>;
+
+/// Builds the lookup of the previous backup's blocks, with owners made explicit.
+fn prev_blocks(prev: Option<&PgManifest>) -> PrevBlocks {
+    let mut out = HashMap::new();
+    let Some(m) = prev else { return out };
+    for f in &m.files {
+        let mut off = 0u64;
+        for e in &f.extents {
+            let mut e = e.clone();
+            e.backup = Some(e.backup.clone().unwrap_or_else(|| m.id.clone()));
+            out.insert((f.path.clone(), off / BLOCK_SIZE as u64), e.clone());
+            off += e.len;
+        }
+    }
+    out
+}
+
+fn block_hash(b: &[u8]) -> String {
+    hex::encode(&blake3::hash(b).as_bytes()[..16])
+}
+
+/// Reads files in order in page-aligned blocks; a block identical to the same
+/// block of the previous backup is referenced, the rest is cut into packs of
+/// about `PACK_SIZE`.
 async fn produce_packs(
     root: PathBuf,
     files: Vec<(String, u32)>,
+    prev: Arc<PrevBlocks>,
     tx: tokio::sync::mpsc::Sender<Result<Pack, PgError>>,
 ) {
     let mut n = 0u32;
     let mut buf = BytesMut::with_capacity(PACK_SIZE);
-    let mut pieces = Vec::new();
+    let mut pieces: Vec<Piece> = Vec::new();
+    let mut block = vec![0u8; BLOCK_SIZE];
     for (idx, (rel, _)) in files.iter().enumerate() {
         let path = root.join(rel);
         let mut f = match tokio::fs::File::open(&path).await {
@@ -160,22 +280,44 @@ async fn produce_packs(
             }
         };
         let mut file_off = 0u64;
+        let mut any = false;
         loop {
-            let room = PACK_SIZE - buf.len();
-            let start = buf.len();
-            buf.resize(PACK_SIZE, 0);
-            let read = match read_full(&mut f, &mut buf[start..start + room]).await {
+            let read = match read_full(&mut f, &mut block).await {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = tx.send(Err(PgError::io(&path, e))).await;
                     return;
                 }
             };
-            buf.truncate(start + read);
-            if read > 0 {
-                pieces.push((idx, file_off, start as u64, read as u64));
-                file_off += read as u64;
+            if read == 0 {
+                break;
             }
+            any = true;
+            let data = &block[..read];
+            let hash = block_hash(data);
+            let reused = prev
+                .get(&(rel.clone(), file_off / BLOCK_SIZE as u64))
+                .filter(|e| e.hash == hash && e.len == read as u64);
+            let extent = match reused {
+                Some(e) => e.clone(),
+                None => {
+                    let off = buf.len() as u64;
+                    buf.extend_from_slice(data);
+                    Extent {
+                        backup: None,
+                        object: n,
+                        offset: off,
+                        len: read as u64,
+                        hash,
+                    }
+                }
+            };
+            pieces.push(Piece {
+                file: idx,
+                file_off,
+                extent,
+            });
+            file_off += read as u64;
             if buf.len() >= PACK_SIZE {
                 let pack = Pack {
                     n,
@@ -187,13 +329,23 @@ async fn produce_packs(
                     return;
                 }
             }
-            if read < room {
+            if read < BLOCK_SIZE {
                 break; // end of file
             }
         }
-        if pieces.iter().all(|p| p.0 != idx) && file_off == 0 {
-            // Empty file: an extent-less entry, recorded below.
-            pieces.push((idx, 0, buf.len() as u64, 0));
+        if !any {
+            // An empty file still needs an entry; a zero-length piece marks it.
+            pieces.push(Piece {
+                file: idx,
+                file_off: 0,
+                extent: Extent {
+                    backup: None,
+                    object: n,
+                    offset: 0,
+                    len: 0,
+                    hash: String::new(),
+                },
+            });
         }
     }
     if !buf.is_empty() || !pieces.is_empty() {
@@ -315,7 +467,11 @@ pub async fn backup(
     })?;
     tracing::info!(backup = %id, %start_lsn, "backup started");
 
-    let copy = copy_files(repo, cluster, system_id, &id, cfg).await;
+    let prev = load_previous(repo, cluster, system_id, cfg).await;
+    if let Some(p) = &prev {
+        tracing::info!(previous = %p.id, "block-incremental against the previous backup");
+    }
+    let copy = copy_files(repo, cluster, system_id, &id, cfg, prev.as_ref()).await;
     // Always end backup mode, even when copying failed.
     let stop = client
         .query_one(
@@ -371,7 +527,11 @@ pub async fn backup(
         tablespace_map: sget(3)?,
         dirs,
         files,
-        stored_size: objects.iter().map(|o| o.encoded.stored_size).sum(),
+        stored_size: objects
+            .iter()
+            .filter(|o| o.backup.is_none())
+            .map(|o| o.encoded.stored_size)
+            .sum(),
         objects,
         size,
         duration_seconds: 0.0,
@@ -386,9 +546,19 @@ pub async fn backup(
     };
     let n = body.len() as u64;
     let (_, put) = repo
-        .put_encoded(&key, crate::store::once(Bytes::from(body)), Some(n))
+        .put_encoded(&key, crate::store::once(Bytes::from(body.clone())), Some(n))
         .await?;
+    save_state(cfg, cluster, system_id, &body).await;
+    let reused: u64 = manifest
+        .files
+        .iter()
+        .flat_map(|f| &f.extents)
+        .filter(|e| e.backup.is_some())
+        .map(|e| e.len)
+        .sum();
     Ok(BackupReport {
+        incremental_of: prev.map(|p| p.id),
+        reused_bytes: reused,
         id: id.to_string(),
         cluster: cluster.to_string(),
         size,
@@ -411,6 +581,7 @@ async fn copy_files(
     system_id: u64,
     id: &BackupId,
     cfg: &PgConfig,
+    prev: Option<&PgManifest>,
 ) -> Result<Copied, PgError> {
     let root = cfg.data_dir.clone();
     let walked = {
@@ -419,12 +590,16 @@ async fn copy_files(
             .await
             .map_err(|e| PgError::Other(e.to_string()))??
     };
+    let prev_index = Arc::new(prev_blocks(prev));
     let (tx, rx) = tokio::sync::mpsc::channel(cfg.parallel);
-    let producer = tokio::spawn(produce_packs(root, walked.files.clone(), tx));
+    let producer = tokio::spawn(produce_packs(root, walked.files.clone(), prev_index, tx));
     let uploads =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|p| (p, rx)) })
             .map(|pack: Result<Pack, PgError>| async move {
                 let pack = pack?;
+                if pack.data.is_empty() {
+                    return Ok::<_, PgError>((pack.pieces, None));
+                }
                 let key = ObjectKey::PgData {
                     cluster: cluster.to_string(),
                     system_id,
@@ -435,7 +610,14 @@ async fn copy_files(
                 let (enc, _) = repo
                     .put_encoded(&key, crate::store::once(pack.data), Some(len))
                     .await?;
-                Ok::<_, PgError>((pack.n, pack.pieces, enc))
+                Ok((
+                    pack.pieces,
+                    Some(DataObject {
+                        backup: None,
+                        n: pack.n,
+                        encoded: enc,
+                    }),
+                ))
             })
             .buffer_unordered(cfg.parallel);
     let done: Vec<Result<_, PgError>> = uploads.collect().await;
@@ -454,25 +636,47 @@ async fn copy_files(
     let mut objects = Vec::new();
     let mut pieces_all = Vec::new();
     for r in done {
-        let (n, pieces, enc) = r?;
-        objects.push(DataObject { n, encoded: enc });
-        for (idx, file_off, pack_off, len) in pieces {
-            pieces_all.push((idx, file_off, n, pack_off, len));
+        let (pieces, obj) = r?;
+        objects.extend(obj);
+        pieces_all.extend(pieces);
+    }
+    // Objects of earlier backups that reused blocks live in.
+    let mut referenced: HashMap<(String, u32), DataObject> = HashMap::new();
+    if let Some(p) = prev {
+        for o in &p.objects {
+            let owner = o.backup.clone().unwrap_or_else(|| p.id.clone());
+            referenced.insert(
+                (owner.clone(), o.n),
+                DataObject {
+                    backup: Some(owner),
+                    ..o.clone()
+                },
+            );
         }
     }
-    pieces_all.sort_by_key(|p| (p.0, p.1));
-    for (idx, _file_off, n, pack_off, len) in pieces_all {
-        present[idx] = true;
-        if len > 0 {
-            files[idx].extents.push(Extent {
-                object: n,
-                offset: pack_off,
-                len,
-            });
-            files[idx].size += len;
+    let mut used = std::collections::BTreeMap::new();
+    pieces_all.sort_by_key(|p| (p.file, p.file_off));
+    for piece in pieces_all {
+        present[piece.file] = true;
+        if piece.extent.len == 0 {
+            continue;
         }
+        if let Some(owner) = &piece.extent.backup {
+            let k = (owner.clone(), piece.extent.object);
+            let Some(o) = referenced.get(&k) else {
+                return Err(PgError::Other(format!(
+                    "previous backup {owner} does not list data object {}; taking a full backup is safe: \
+                     remove the state file and retry",
+                    piece.extent.object
+                )));
+            };
+            used.insert(k, o.clone());
+        }
+        files[piece.file].size += piece.extent.len;
+        files[piece.file].extents.push(piece.extent);
     }
     objects.sort_by_key(|o| o.n);
+    objects.extend(used.into_values());
     let files = files
         .into_iter()
         .zip(present)

@@ -90,23 +90,37 @@ pub struct FileEntry {
     pub extents: Vec<Extent>,
 }
 
-/// A run of a file's bytes inside a data object.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One block of a file (at most [`BLOCK_SIZE`] bytes, page-aligned) and where
+/// its bytes are: in a data object of this backup, or — when unchanged since
+/// the previous backup — in an object an earlier backup stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Extent {
-    /// Data object number.
+    /// Backup that stored the object (`None`: this backup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
+    /// Data object number within that backup.
     pub object: u32,
     /// Offset inside the object's plaintext.
     pub offset: u64,
     /// Length.
     pub len: u64,
+    /// First 16 bytes of the block's BLAKE3, hex.
+    pub hash: String,
 }
 
-/// One stored data object.
+/// Size of the blocks files are cut into for block-incremental backups
+/// (16 PostgreSQL pages).
+pub const BLOCK_SIZE: usize = 128 << 10;
+
+/// A data object this backup's files use: its own, or an earlier backup's.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataObject {
-    /// Number within the backup (key suffix).
+    /// Backup that stored it (`None`: this backup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
+    /// Number within that backup (key suffix).
     pub n: u32,
     /// Sizes and plaintext hash.
     pub encoded: Encoded,
@@ -116,6 +130,20 @@ impl PgManifest {
     /// The parsed backup id.
     pub fn backup_id(&self) -> Option<BackupId> {
         self.id.parse().ok()
+    }
+
+    /// The backup that owns `backup` (`None` = this one), as an id.
+    pub fn owner(&self, backup: &Option<String>) -> Option<BackupId> {
+        backup.as_deref().unwrap_or(&self.id).parse().ok()
+    }
+
+    /// Stored bytes this backup added (objects it owns).
+    pub fn own_stored_size(&self) -> u64 {
+        self.objects
+            .iter()
+            .filter(|o| o.backup.is_none())
+            .map(|o| o.encoded.stored_size)
+            .sum()
     }
 }
 

@@ -242,11 +242,12 @@ async fn rebuild(
     }
     // Which (file, offset in file) each object's bytes go to.
     let mut by_object: Vec<Vec<(usize, u64, u64, u64)>> = vec![Vec::new(); m.objects.len()];
-    let index: std::collections::HashMap<u32, usize> = m
+    let owner_of = |b: &Option<String>| b.clone().unwrap_or_else(|| m.id.clone());
+    let index: std::collections::HashMap<(String, u32), usize> = m
         .objects
         .iter()
         .enumerate()
-        .map(|(i, o)| (o.n, i))
+        .map(|(i, o)| ((owner_of(&o.backup), o.n), i))
         .collect();
     for (fi, f) in m.files.iter().enumerate() {
         if !safe_relative_path(&f.path) {
@@ -266,7 +267,7 @@ async fn rebuild(
             .map_err(|e| PgError::io(&p, e))?;
         let mut file_off = 0u64;
         for ext in &f.extents {
-            let Some(&oi) = index.get(&ext.object) else {
+            let Some(&oi) = index.get(&(owner_of(&ext.backup), ext.object)) else {
                 return Err(PgError::Other(format!(
                     "manifest of backup {} references data object {} that it does not list",
                     m.id, ext.object
@@ -278,17 +279,23 @@ async fn rebuild(
     }
     let system_id = m.system_id;
     let jobs = m.objects.iter().zip(by_object).map(|(o, pieces)| {
-        let key = ObjectKey::PgData {
-            cluster: m.cluster.clone(),
-            system_id,
-            backup: m
-                .backup_id()
-                .unwrap_or_else(|| crate::repo::layout::BackupId::new(Utc::now())),
-            n: o.n,
-        }
-        .to_string();
-        let expect = Expect::from_encoded(&key, &o.encoded);
+        let key = m.owner(&o.backup).map(|backup| {
+            ObjectKey::PgData {
+                cluster: m.cluster.clone(),
+                system_id,
+                backup,
+                n: o.n,
+            }
+            .to_string()
+        });
         async move {
+            let key = key.ok_or_else(|| {
+                PgError::Other(format!(
+                    "manifest of backup {} names an invalid owner backup id",
+                    m.id
+                ))
+            })?;
+            let expect = Expect::from_encoded(&key, &o.encoded);
             let (_, data) = repo.get_verified(&key, expect).await?;
             let paths: Vec<PathBuf> = pieces
                 .iter()

@@ -90,10 +90,11 @@ impl TestPg {
         let port = free_port();
         let cfg = dir.path().join("dr.toml");
         let cfg_text = format!(
-            "[repository]\nrecipients = [\"{rcpt}\"]\nidentity_file = \"{}\"\n\n{regions}\n[postgres.main]\nconninfo = \"host=127.0.0.1 port={port} user=postgres dbname=postgres\"\ndata_dir = \"{}\"\nbin_dir = \"{}\"\nos_user = \"{user}\"\n",
+            "[repository]\nrecipients = [\"{rcpt}\"]\nidentity_file = \"{}\"\n\n{regions}\n[postgres.main]\nconninfo = \"host=127.0.0.1 port={port} user=postgres dbname=postgres\"\ndata_dir = \"{}\"\nbin_dir = \"{}\"\nos_user = \"{user}\"\nstate_dir = \"{}\"\n",
             id.display(),
             data.display(),
-            bin.display()
+            bin.display(),
+            dir.path().join("state").display()
         );
         std::fs::write(&cfg, cfg_text).expect("config");
         chown(&cfg, &user);
