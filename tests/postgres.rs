@@ -409,3 +409,79 @@ fn block_incremental_backup_stores_little_and_restores_exactly() {
     pg.archive_now();
     restore_and_check(&mut pg, "latest", "incr", &balance, &history);
 }
+
+#[test]
+fn wal_push_is_idempotent_and_refuses_different_content() {
+    let repo_dir = tempfile::tempdir().expect("tempdir");
+    let pg = TestPg::new(&fs_repo(&repo_dir));
+    pg.sql("CREATE TABLE t AS SELECT g FROM generate_series(1, 10000) g");
+    let seg = pg.sql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    pg.archive_now();
+
+    // A directory laid out like PGDATA, as archive_command sees it.
+    let fake = pg.dir.path().join("fake");
+    std::fs::create_dir_all(fake.join("global")).expect("mkdir");
+    std::fs::create_dir_all(fake.join("pg_wal")).expect("mkdir");
+    std::fs::copy(
+        pg.data.join("global/pg_control"),
+        fake.join("global/pg_control"),
+    )
+    .expect("copy");
+    common::pg::chown(&fake, &pg.user);
+    let cfg = pg.cfg.to_str().expect("utf8").to_string();
+    let run = |args: &[&str]| {
+        let mut all = vec!["--config", cfg.as_str()];
+        all.extend_from_slice(args);
+        common::pg::run_as_in(&pg.user, &pg.dr, &all, &fake)
+    };
+    let dest = format!("pg_wal/{seg}");
+    let o = run(&["wal-fetch", &seg, &dest]);
+    assert!(
+        o.status.success(),
+        "fetch: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        std::fs::metadata(fake.join(&dest)).expect("fetched").len(),
+        16 << 20
+    );
+
+    let o = run(&["--json", "wal-push", &dest]);
+    assert!(
+        o.status.success(),
+        "push again: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["wal_push"]["already_archived"], true);
+
+    let mut bytes = std::fs::read(fake.join(&dest)).expect("read");
+    bytes[1000] ^= 1;
+    std::fs::write(fake.join(&dest), &bytes).expect("write");
+    let o = run(&["wal-push", &dest]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("already archived with different content")
+            && e.contains("refusing to overwrite"),
+        "{e}"
+    );
+
+    // Past the end of the archive: exit 1, nothing on stderr (PostgreSQL asks routinely).
+    let o = run(&[
+        "wal-fetch",
+        "0000000100000000000000FE",
+        "pg_wal/RECOVERYXLOG",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!fake.join("pg_wal/RECOVERYXLOG").exists());
+
+    let o = run(&["wal-push", "pg_wal/not-a-wal-file"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is not a WAL segment"));
+}

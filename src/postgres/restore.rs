@@ -176,6 +176,19 @@ pub async fn restore(
                 source,
             })?;
         report.last_replayed = row.get::<_, Option<String>>(0);
+        // Segments prefetched past the target are no longer needed.
+        let spool = cfg
+            .spool_dir
+            .clone()
+            .unwrap_or_else(|| opts.dir.join("pg_wal").join("dr-spool"));
+        let prefix = format!("{}-", m.system_id);
+        if let Ok(rd) = std::fs::read_dir(&spool) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         report.started = true;
         report.port = Some(port);
         report.recovery_seconds = Some(t0.elapsed().as_secs_f64() - restore_seconds);

@@ -203,7 +203,10 @@ pub async fn fetch(
             "{name} is not a WAL file name; restore_command must pass %f"
         ))
     })?;
-    let spooled = spool.join(name);
+    // Spool names carry the system id: a shared spool never serves another
+    // cluster's segment of the same name.
+    let spool_name = |n: &str| spool.join(format!("{system_id}-{n}"));
+    let spooled = spool_name(name);
     if tokio::fs::metadata(&spooled).await.is_ok() {
         tokio::fs::rename(&spooled, dest)
             .await
@@ -243,11 +246,11 @@ pub async fn fetch(
         for _ in 0..prefetch {
             next = next_segment(next);
             let n = next.to_string();
-            if tokio::fs::metadata(spool.join(&n)).await.is_ok() {
+            if tokio::fs::metadata(spool_name(&n)).await.is_ok() {
                 continue;
             }
             match find(&n) {
-                Some((k, s)) => jobs.push((n.clone(), k, s, spool.join(&n))),
+                Some((k, s)) => jobs.push((n.clone(), k, s, spool_name(&n))),
                 None => break,
             }
         }

@@ -33,13 +33,18 @@ pub fn free_port() -> u16 {
 }
 
 fn run_as(user: &str, program: &Path, args: &[&str]) -> Output {
+    run_as_in(user, program, args, Path::new("/"))
+}
+
+/// Runs `program` as `user` in working directory `cwd`.
+pub fn run_as_in(user: &str, program: &Path, args: &[&str], cwd: &Path) -> Output {
     Command::new("runuser")
         .arg("-u")
         .arg(user)
         .arg("--")
         .arg(program)
         .args(args)
-        .current_dir("/")
+        .current_dir(cwd)
         .output()
         .expect("runuser")
 }
