@@ -10,5 +10,6 @@ pub mod codec;
 pub mod config;
 pub mod keys;
 pub mod postgres;
+pub mod progress;
 pub mod repo;
 pub mod store;

@@ -75,3 +75,42 @@ pub fn bytes(n: u64) -> String {
         format!("{v:.1} {}", UNITS[u])
     }
 }
+
+/// Shows a progress line on stderr while `work` runs, if stderr is a terminal
+/// and output is not JSON.
+pub async fn with_progress<T>(
+    out: &Out,
+    label: &str,
+    progress: std::sync::Arc<dr::progress::Progress>,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    use std::io::IsTerminal;
+    if out.json || !std::io::stderr().is_terminal() {
+        return work.await;
+    }
+    let start = std::time::Instant::now();
+    let ticker = async {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let (done, total) = progress.get();
+            let secs = start.elapsed().as_secs_f64().max(1e-3);
+            let pct = if total > 0 {
+                done as f64 * 100.0 / total as f64
+            } else {
+                0.0
+            };
+            eprint!(
+                "\r{label}: {} / {} ({pct:.0}%), {:.0} MB/s   ",
+                bytes(done),
+                bytes(total),
+                done as f64 / 1e6 / secs
+            );
+        }
+    };
+    let result = tokio::select! {
+        r = work => r,
+        _ = ticker => unreachable!("the ticker never ends"),
+    };
+    eprint!("\r\x1b[2K");
+    result
+}

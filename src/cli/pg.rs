@@ -8,7 +8,7 @@ use dr::postgres::restore::{ExtraTarget, RestoreOptions, Target, parse_time};
 use dr::postgres::{backup, restore, wal};
 use dr::repo::Repository;
 
-use super::output::{bytes, table};
+use super::output::{bytes, table, with_progress};
 use super::{Out, load_config};
 
 /// `dr restore pg` arguments.
@@ -56,7 +56,14 @@ pub async fn backup(
             pg.data_dir.display()
         );
     }
-    let r = backup::backup(&repo, &cluster, pg).await?;
+    let progress = dr::progress::Progress::new();
+    let r = with_progress(
+        out,
+        "backup",
+        progress.clone(),
+        backup::backup(&repo, &cluster, pg, progress),
+    )
+    .await?;
     if out.json {
         out.json(&serde_json::json!({ "ok": true, "backup": r }));
     } else {
@@ -118,7 +125,14 @@ pub async fn restore(
         no_archive: args.no_archive,
         restore_command,
     };
-    let r = restore::restore(&repo, &cluster, pg, &opts).await?;
+    let progress = dr::progress::Progress::new();
+    let r = with_progress(
+        out,
+        "restore",
+        progress.clone(),
+        restore::restore(&repo, &cluster, pg, &opts, progress),
+    )
+    .await?;
     if out.json {
         out.json(&serde_json::json!({ "ok": true, "restore": r }));
     } else {

@@ -19,6 +19,7 @@ use super::manifest::{
 };
 use super::{Lsn, PgError};
 use crate::config::PgConfig;
+use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::repo::layout::{BackupId, ObjectKey};
 
@@ -263,6 +264,7 @@ async fn produce_packs(
     files: Vec<(String, u32)>,
     prev: Arc<PrevBlocks>,
     tx: tokio::sync::mpsc::Sender<Result<Pack, PgError>>,
+    progress: Arc<Progress>,
 ) {
     let mut n = 0u32;
     let mut buf = BytesMut::with_capacity(PACK_SIZE);
@@ -293,6 +295,7 @@ async fn produce_packs(
                 break;
             }
             any = true;
+            progress.add(read as u64);
             let data = &block[..read];
             let hash = block_hash(data);
             let reused = prev
@@ -390,6 +393,7 @@ pub async fn backup(
     repo: &Repository,
     cluster: &str,
     cfg: &PgConfig,
+    progress: Arc<Progress>,
 ) -> Result<BackupReport, PgError> {
     let t0 = Instant::now();
     let client = super::connect(cfg).await?;
@@ -471,7 +475,7 @@ pub async fn backup(
     if let Some(p) = &prev {
         tracing::info!(previous = %p.id, "block-incremental against the previous backup");
     }
-    let copy = copy_files(repo, cluster, system_id, &id, cfg, prev.as_ref()).await;
+    let copy = copy_files(repo, cluster, system_id, &id, cfg, prev.as_ref(), progress).await;
     // Always end backup mode, even when copying failed.
     let stop = client
         .query_one(
@@ -582,6 +586,7 @@ async fn copy_files(
     id: &BackupId,
     cfg: &PgConfig,
     prev: Option<&PgManifest>,
+    progress: Arc<Progress>,
 ) -> Result<Copied, PgError> {
     let root = cfg.data_dir.clone();
     let walked = {
@@ -591,8 +596,19 @@ async fn copy_files(
             .map_err(|e| PgError::Other(e.to_string()))??
     };
     let prev_index = Arc::new(prev_blocks(prev));
+    for (rel, _) in &walked.files {
+        if let Ok(m) = std::fs::metadata(root.join(rel)) {
+            progress.add_total(m.len());
+        }
+    }
     let (tx, rx) = tokio::sync::mpsc::channel(cfg.parallel);
-    let producer = tokio::spawn(produce_packs(root, walked.files.clone(), prev_index, tx));
+    let producer = tokio::spawn(produce_packs(
+        root,
+        walked.files.clone(),
+        prev_index,
+        tx,
+        progress,
+    ));
     let uploads =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|p| (p, rx)) })
             .map(|pack: Result<Pack, PgError>| async move {

@@ -87,6 +87,7 @@ pub async fn restore(
     cluster: &str,
     cfg: &PgConfig,
     opts: &RestoreOptions,
+    progress: std::sync::Arc<crate::progress::Progress>,
 ) -> Result<RestoreReport, PgError> {
     let t0 = Instant::now();
     if !repo.codec.can_decrypt() {
@@ -103,7 +104,8 @@ pub async fn restore(
     };
     let m = catalog.pick(when)?.clone();
     tracing::info!(backup = %m.id, "restoring");
-    let rebuilt = match rebuild(repo, &m, &opts.dir, cfg.parallel).await {
+    progress.add_total(m.size);
+    let rebuilt = match rebuild(repo, &m, &opts.dir, cfg.parallel, &progress).await {
         Ok(n) => write_recovery(&m, &opts.dir, opts)
             .map(|_| n)
             .map_err(|e| PgError::io(&opts.dir, e)),
@@ -240,6 +242,7 @@ async fn rebuild(
     m: &PgManifest,
     dir: &Path,
     parallel: usize,
+    progress: &crate::progress::Progress,
 ) -> Result<u64, PgError> {
     for d in &m.dirs {
         if !safe_relative_path(&d.path) {
@@ -314,9 +317,11 @@ async fn rebuild(
                 .iter()
                 .map(|p| dir.join(&m.files[p.0].path))
                 .collect();
-            tokio::task::spawn_blocking(move || -> Result<u64, PgError> {
+            let n = tokio::task::spawn_blocking(move || -> Result<u64, PgError> {
                 let mut n = 0;
-                for ((_, file_off, obj_off, len), path) in pieces.iter().zip(paths) {
+                // Pieces come grouped by file: open each file once.
+                let mut open: Option<(usize, std::fs::File)> = None;
+                for ((fi, file_off, obj_off, len), path) in pieces.iter().zip(paths) {
                     let start = *obj_off as usize;
                     let end = start + *len as usize;
                     let Some(slice) = data.get(start..end) else {
@@ -324,18 +329,25 @@ async fn rebuild(
                             "{key}: extent beyond the object's end"
                         )));
                     };
-                    let f = std::fs::OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .map_err(|e| PgError::io(&path, e))?;
-                    f.write_all_at(slice, *file_off)
-                        .map_err(|e| PgError::io(&path, e))?;
+                    if open.as_ref().is_none_or(|(i, _)| i != fi) {
+                        let f = std::fs::OpenOptions::new()
+                            .write(true)
+                            .open(&path)
+                            .map_err(|e| PgError::io(&path, e))?;
+                        open = Some((*fi, f));
+                    }
+                    if let Some((_, f)) = &open {
+                        f.write_all_at(slice, *file_off)
+                            .map_err(|e| PgError::io(&path, e))?;
+                    }
                     n += *len;
                 }
                 Ok(n)
             })
             .await
-            .map_err(|e| PgError::Other(e.to_string()))?
+            .map_err(|e| PgError::Other(e.to_string()))??;
+            progress.add(n);
+            Ok(n)
         }
     });
     let results: Vec<Result<u64, PgError>> = futures::stream::iter(jobs)
