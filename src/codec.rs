@@ -162,6 +162,14 @@ impl Codec {
         }
     }
 
+    /// The same keys with another compression level.
+    pub fn with_level(&self, level: i32) -> Codec {
+        Codec {
+            level,
+            ..self.clone()
+        }
+    }
+
     /// True when this codec can decrypt.
     pub fn can_decrypt(&self) -> bool {
         self.identities.is_some()

@@ -136,6 +136,9 @@ pub struct RepositoryConfig {
     /// zstd level (1..=19).
     #[serde(default = "default_level")]
     pub compression_level: Spanned<i32>,
+    /// zstd level for WAL segments, where archive latency matters more than size.
+    #[serde(default = "default_wal_level")]
+    pub wal_compression_level: Spanned<i32>,
     /// Regions that must hold an object durably before a write counts.
     #[serde(default = "default_min_regions")]
     pub min_regions: Spanned<usize>,
@@ -147,6 +150,10 @@ fn no_recipients() -> Spanned<Vec<String>> {
 
 fn default_level() -> Spanned<i32> {
     Spanned::new(0..0, 3)
+}
+
+fn default_wal_level() -> Spanned<i32> {
+    Spanned::new(0..0, 1)
 }
 
 fn default_min_regions() -> Spanned<usize> {
@@ -359,13 +366,18 @@ impl Config {
                 ));
             }
         }
-        let level = *repo.compression_level.get_ref();
-        if !(1..=19).contains(&level) {
-            return Err(self.err(
-                text,
-                repo.compression_level.span(),
-                format!("compression_level = {level} is out of range; use 1 (fastest) to 19"),
-            ));
+        for (name, l) in [
+            ("compression_level", &repo.compression_level),
+            ("wal_compression_level", &repo.wal_compression_level),
+        ] {
+            let level = *l.get_ref();
+            if !(1..=19).contains(&level) {
+                return Err(self.err(
+                    text,
+                    l.span(),
+                    format!("{name} = {level} is out of range; use 1 (fastest) to 19"),
+                ));
+            }
         }
         if self.regions.is_empty() {
             return Err(ConfigError {

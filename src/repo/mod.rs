@@ -101,6 +101,8 @@ pub struct Repository {
     pub regions: Regions,
     /// Encoder/decoder with this host's keys.
     pub codec: Codec,
+    /// The codec for WAL (`wal_compression_level`).
+    pub wal_codec: Codec,
 }
 
 /// Builds the codec from the config: recipients always, identities if the file
@@ -250,10 +252,12 @@ impl Repository {
                 details: tried.join("; "),
             });
         };
+        let codec = codec_from_config(cfg)?;
         Ok(Repository {
             info,
             regions,
-            codec: codec_from_config(cfg)?,
+            wal_codec: codec.with_level(*cfg.repository.wal_compression_level.get_ref()),
+            codec,
         })
     }
 
@@ -264,8 +268,12 @@ impl Repository {
         body: ByteStream,
         size_hint: Option<u64>,
     ) -> Result<(Encoded, crate::store::PutReport), RepoError> {
+        let codec = match key {
+            ObjectKey::Wal { .. } | ObjectKey::TimelineHistory { .. } => &self.wal_codec,
+            _ => &self.codec,
+        };
         let k = key.to_string();
-        let (stream, done) = self.codec.encode(body, size_hint);
+        let (stream, done) = codec.encode(body, size_hint);
         let report = self.regions.put(&k, stream).await?;
         let enc = done
             .await
