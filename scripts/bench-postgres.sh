@@ -7,6 +7,7 @@
 # Usage (as root on Debian 12): scripts/bench-postgres.sh [SCALE] [SEGMENTS]
 #   SCALE     pgbench scale factor (default 100, about 1.5 GB of data)
 #   SEGMENTS  WAL segments timed for the archive-push latency (default 20)
+# DR_COMPRESSION_LEVEL sets dr's zstd level for data files (default 3).
 # Everything lives in $DR_BENCH_DIR (default /tmp/dr-bench-pg), recreated each
 # run; the PostgreSQL server it starts is stopped on exit.
 #
@@ -107,6 +108,7 @@ for name in repo walrepo; do
 [repository]
 recipients = ["$RCPT"]
 identity_file = "$BENCH/identity.txt"
+compression_level = ${DR_COMPRESSION_LEVEL:-3}
 
 [[region]]
 name = "local"

@@ -65,6 +65,13 @@ pub struct PgConfig {
     /// Local state (the last backup's block map) for block-incremental backups
     /// (default: /var/lib/dr/state).
     pub state_dir: Option<PathBuf>,
+    /// Verify page checksums while backing up (when the cluster has them).
+    #[serde(default = "yes")]
+    pub verify_checksums: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl PgConfig {

@@ -485,3 +485,35 @@ fn wal_push_is_idempotent_and_refuses_different_content() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("is not a WAL segment"));
 }
+
+#[test]
+fn backup_reports_pages_with_bad_checksums() {
+    let repo_dir = tempfile::tempdir().expect("tempdir");
+    let pg = TestPg::new(&fs_repo(&repo_dir));
+    pg.sql(
+        "CREATE TABLE victim AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 2000) g",
+    );
+    pg.sql("CHECKPOINT");
+    let o = pg.dr(&["--json", "backup", "pg"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["backup"]["checksums_verified"], true);
+    assert_eq!(
+        v["backup"]["checksum_failures"],
+        serde_json::json!([]),
+        "false positives: {v}"
+    );
+
+    // Flip a byte inside page 1 of the table's file, behind PostgreSQL's back.
+    let rel = pg.sql("SELECT pg_relation_filepath('victim')");
+    let path = pg.data.join(&rel);
+    let mut bytes = std::fs::read(&path).expect("read relation");
+    bytes[8192 + 4000] ^= 0xff;
+    std::fs::write(&path, &bytes).expect("write relation");
+    let o = pg.dr(&["--json", "backup", "pg"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(
+        v["backup"]["checksum_failures"],
+        serde_json::json!([[rel, 1]]),
+        "{v}"
+    );
+}

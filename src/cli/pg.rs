@@ -81,6 +81,26 @@ pub async fn backup(
             r.stop_lsn,
             r.timeline
         );
+        if let Some(prev) = &r.incremental_of {
+            println!(
+                "block-incremental against {prev}: {} of {} unchanged and referenced ({:.0}%)",
+                bytes(r.reused_bytes),
+                bytes(r.size),
+                r.reused_bytes as f64 * 100.0 / r.size.max(1) as f64
+            );
+        }
+        if !r.checksums_verified {
+            println!(
+                "page checksums: not verified (the cluster has data_checksums off, or verify_checksums = false)"
+            );
+        } else if r.checksum_failures.is_empty() {
+            println!("page checksums: verified, no failures");
+        }
+        for (path, blk) in &r.checksum_failures {
+            println!(
+                "CORRUPT PAGE: {path} block {blk} (checksum mismatch; the backup holds the page as read)"
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use super::manifest::{
     BLOCK_SIZE, DataObject, DirEntry, Extent, FileEntry, MANIFEST_VERSION, PgManifest,
 };
-use super::{Lsn, PgError};
+use super::{Lsn, PgError, checksum};
 use crate::config::PgConfig;
 use crate::progress::Progress;
 use crate::repo::Repository;
@@ -81,6 +81,10 @@ pub struct BackupReport {
     pub incremental_of: Option<String>,
     /// Bytes referenced from earlier backups instead of stored again.
     pub reused_bytes: u64,
+    /// Pages whose checksum failed (path, block), if verification ran.
+    pub checksum_failures: Vec<(String, u64)>,
+    /// Whether page checksums were verified.
+    pub checksums_verified: bool,
 }
 
 fn state_file(cfg: &PgConfig, cluster: &str, system_id: u64) -> PathBuf {
@@ -233,6 +237,31 @@ struct Pack {
     pieces: Vec<Piece>,
 }
 
+/// Page-checksum verification while files are read.
+pub(crate) struct PageChecks {
+    start_lsn: u64,
+    bad: std::sync::Mutex<Vec<(String, u64)>>,
+}
+
+impl PageChecks {
+    fn check(&self, rel: &str, file_off: u64, data: &[u8]) {
+        let Some(seg) = checksum::relation_segment(rel) else {
+            return;
+        };
+        for (i, page) in data.chunks(checksum::PAGE_SIZE).enumerate() {
+            let blk = seg * checksum::PAGES_PER_SEGMENT
+                + file_off / checksum::PAGE_SIZE as u64
+                + i as u64;
+            if checksum::check_page(page, blk as u32, self.start_lsn) == checksum::PageCheck::Bad {
+                tracing::warn!(file = rel, block = blk, "page checksum mismatch");
+                if let Ok(mut b) = self.bad.lock() {
+                    b.push((rel.to_string(), blk));
+                }
+            }
+        }
+    }
+}
+
 /// Blocks of the previous backup, by (path, block index).
 type PrevBlocks = HashMap<(String, u64), Extent>;
 
@@ -265,6 +294,7 @@ async fn produce_packs(
     prev: Arc<PrevBlocks>,
     tx: tokio::sync::mpsc::Sender<Result<Pack, PgError>>,
     progress: Arc<Progress>,
+    checks: Option<Arc<PageChecks>>,
 ) {
     let mut n = 0u32;
     let mut buf = BytesMut::with_capacity(PACK_SIZE);
@@ -297,6 +327,9 @@ async fn produce_packs(
             any = true;
             progress.add(read as u64);
             let data = &block[..read];
+            if let Some(c) = &checks {
+                c.check(rel, file_off, data);
+            }
             let hash = block_hash(data);
             let reused = prev
                 .get(&(rel.clone(), file_off / BLOCK_SIZE as u64))
@@ -416,6 +449,8 @@ pub async fn backup(
         )));
     }
     let archive_mode = query_one_text(&client, "SELECT current_setting('archive_mode')").await?;
+    let data_checksums =
+        query_one_text(&client, "SELECT current_setting('data_checksums')").await?;
     if archive_mode == "off" {
         return Err(PgError::Other(
             "archive_mode is off, so the WAL this backup needs would never be archived; set \
@@ -475,7 +510,23 @@ pub async fn backup(
     if let Some(p) = &prev {
         tracing::info!(previous = %p.id, "block-incremental against the previous backup");
     }
-    let copy = copy_files(repo, cluster, system_id, &id, cfg, prev.as_ref(), progress).await;
+    let checks = (cfg.verify_checksums && data_checksums == "on").then(|| {
+        Arc::new(PageChecks {
+            start_lsn: start_lsn.0,
+            bad: std::sync::Mutex::new(Vec::new()),
+        })
+    });
+    let copy = copy_files(CopyJob {
+        repo,
+        cluster,
+        system_id,
+        id: &id,
+        cfg,
+        prev: prev.as_ref(),
+        progress,
+        checks: checks.clone(),
+    })
+    .await;
     // Always end backup mode, even when copying failed.
     let stop = client
         .query_one(
@@ -539,7 +590,9 @@ pub async fn backup(
         objects,
         size,
         duration_seconds: 0.0,
-        checksum_failures: Vec::new(),
+        checksum_failures: checks
+            .and_then(|c| c.bad.lock().ok().map(|b| b.clone()))
+            .unwrap_or_default(),
     };
     manifest.duration_seconds = t0.elapsed().as_secs_f64();
     let body = serde_json::to_vec(&manifest).map_err(|e| PgError::Other(e.to_string()))?;
@@ -561,6 +614,8 @@ pub async fn backup(
         .map(|e| e.len)
         .sum();
     Ok(BackupReport {
+        checksum_failures: manifest.checksum_failures.clone(),
+        checksums_verified: cfg.verify_checksums && data_checksums == "on",
         incremental_of: prev.map(|p| p.id),
         reused_bytes: reused,
         id: id.to_string(),
@@ -579,15 +634,29 @@ pub async fn backup(
 
 type Copied = (Vec<DirEntry>, Vec<FileEntry>, Vec<DataObject>);
 
-async fn copy_files(
-    repo: &Repository,
-    cluster: &str,
+/// Everything `copy_files` needs about the backup being taken.
+struct CopyJob<'a> {
+    repo: &'a Repository,
+    cluster: &'a str,
     system_id: u64,
-    id: &BackupId,
-    cfg: &PgConfig,
-    prev: Option<&PgManifest>,
+    id: &'a BackupId,
+    cfg: &'a PgConfig,
+    prev: Option<&'a PgManifest>,
     progress: Arc<Progress>,
-) -> Result<Copied, PgError> {
+    checks: Option<Arc<PageChecks>>,
+}
+
+async fn copy_files(job: CopyJob<'_>) -> Result<Copied, PgError> {
+    let CopyJob {
+        repo,
+        cluster,
+        system_id,
+        id,
+        cfg,
+        prev,
+        progress,
+        checks,
+    } = job;
     let root = cfg.data_dir.clone();
     let walked = {
         let r = root.clone();
@@ -608,6 +677,7 @@ async fn copy_files(
         prev_index,
         tx,
         progress,
+        checks,
     ));
     let uploads =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|p| (p, rx)) })

@@ -2,6 +2,7 @@
 
 pub mod backup;
 pub mod catalog;
+pub mod checksum;
 pub mod manifest;
 pub mod restore;
 pub mod server;

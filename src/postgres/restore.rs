@@ -293,8 +293,17 @@ async fn rebuild(
             file_off += ext.len;
         }
     }
+    // A file is fsynced by whichever job writes its last piece, so syncing
+    // overlaps with decoding instead of trailing it.
+    let remaining: std::sync::Arc<Vec<std::sync::atomic::AtomicUsize>> = std::sync::Arc::new(
+        m.files
+            .iter()
+            .map(|f| std::sync::atomic::AtomicUsize::new(f.extents.len()))
+            .collect(),
+    );
     let system_id = m.system_id;
     let jobs = m.objects.iter().zip(by_object).map(|(o, pieces)| {
+        let remaining = remaining.clone();
         let key = m.owner(&o.backup).map(|backup| {
             ObjectKey::PgData {
                 cluster: m.cluster.clone(),
@@ -339,6 +348,9 @@ async fn rebuild(
                     if let Some((_, f)) = &open {
                         f.write_all_at(slice, *file_off)
                             .map_err(|e| PgError::io(&path, e))?;
+                        if remaining[*fi].fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+                            f.sync_all().map_err(|e| PgError::io(&path, e))?;
+                        }
                     }
                     n += *len;
                 }
@@ -358,13 +370,14 @@ async fn rebuild(
     for r in results {
         total += r?;
     }
-    // Make every restored file durable before PostgreSQL is pointed at it.
-    let files: Vec<PathBuf> = m.files.iter().map(|f| dir.join(&f.path)).collect();
+    // Files are durable; make their directory entries durable too.
+    let mut dirs: Vec<PathBuf> = m.dirs.iter().map(|d| dir.join(&d.path)).collect();
+    dirs.push(dir.to_path_buf());
     tokio::task::spawn_blocking(move || -> Result<(), PgError> {
-        for p in files {
-            std::fs::File::open(&p)
+        for d in dirs {
+            std::fs::File::open(&d)
                 .and_then(|f| f.sync_all())
-                .map_err(|e| PgError::io(&p, e))?;
+                .map_err(|e| PgError::io(&d, e))?;
         }
         Ok(())
     })
