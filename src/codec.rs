@@ -289,17 +289,36 @@ impl Codec {
         (channel_stream(out_rx), done_rx)
     }
 
-    /// Encodes an in-memory buffer; returns the stored form and its metadata.
+    /// Encodes an in-memory buffer (packs, WAL segments, manifests) in one
+    /// blocking task: one-shot zstd over the whole buffer avoids the streaming
+    /// encoder's window copies, and there are no channel hand-offs.
     pub async fn encode_bytes(&self, data: Bytes) -> Result<(Bytes, Encoded), CodecError> {
-        let n = data.len() as u64;
-        let (s, done) = self.encode(crate::store::once(data), Some(n));
-        let stored = crate::store::collect(s)
-            .await
-            .map_err(|e| CodecError::Pipeline(e.to_string()))?;
-        let enc = done
-            .await
-            .map_err(|_| CodecError::Pipeline("encoder stopped".into()))??;
-        Ok((stored, enc))
+        let level = self.level;
+        let recipients = self.recipients.clone();
+        tokio::task::spawn_blocking(move || -> Result<(Bytes, Encoded), CodecError> {
+            let fail = |e: &dyn std::fmt::Display| CodecError::Pipeline(e.to_string());
+            let plain_hash = blake3::hash(&data).to_hex().to_string();
+            let compressed = zstd::bulk::compress(&data, level).map_err(|e| fail(&e))?;
+            let enc = age::Encryptor::with_recipients(
+                recipients.iter().map(|r| r as &dyn age::Recipient),
+            )
+            .map_err(|e| fail(&e))?;
+            let mut out = Vec::with_capacity(compressed.len() + 1024);
+            let mut w = enc.wrap_output(&mut out).map_err(|e| fail(&e))?;
+            w.write_all(&compressed).map_err(|e| fail(&e))?;
+            w.finish().map_err(|e| fail(&e))?;
+            let stored_size = out.len() as u64;
+            Ok((
+                Bytes::from(out),
+                Encoded {
+                    plain_size: data.len() as u64,
+                    plain_hash,
+                    stored_size,
+                },
+            ))
+        })
+        .await
+        .map_err(|e| CodecError::Pipeline(e.to_string()))?
     }
 
     /// Decodes a stored-form stream into plaintext, checking every expectation.

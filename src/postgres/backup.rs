@@ -9,7 +9,6 @@ use bytes::{Bytes, BytesMut};
 use chrono::Utc;
 use futures::StreamExt;
 use serde::Serialize;
-use tokio::io::AsyncReadExt;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -287,8 +286,9 @@ fn block_hash(b: &[u8]) -> String {
 
 /// Reads files in order in page-aligned blocks; a block identical to the same
 /// block of the previous backup is referenced, the rest is cut into packs of
-/// about `PACK_SIZE`.
-async fn produce_packs(
+/// about `PACK_SIZE`. Runs on one blocking thread with plain reads: per-read
+/// hand-offs to the async runtime cost more than the reads themselves.
+fn produce_packs(
     root: PathBuf,
     files: Vec<(String, u32)>,
     prev: Arc<PrevBlocks>,
@@ -302,22 +302,22 @@ async fn produce_packs(
     let mut block = vec![0u8; BLOCK_SIZE];
     for (idx, (rel, _)) in files.iter().enumerate() {
         let path = root.join(rel);
-        let mut f = match tokio::fs::File::open(&path).await {
+        let mut f = match std::fs::File::open(&path) {
             Ok(f) => f,
             // Dropped while the backup ran: WAL replay recreates the truth.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => {
-                let _ = tx.send(Err(PgError::io(&path, e))).await;
+                let _ = tx.blocking_send(Err(PgError::io(&path, e)));
                 return;
             }
         };
         let mut file_off = 0u64;
         let mut any = false;
         loop {
-            let read = match read_full(&mut f, &mut block).await {
+            let read = match read_full(&mut f, &mut block) {
                 Ok(r) => r,
                 Err(e) => {
-                    let _ = tx.send(Err(PgError::io(&path, e))).await;
+                    let _ = tx.blocking_send(Err(PgError::io(&path, e)));
                     return;
                 }
             };
@@ -361,7 +361,7 @@ async fn produce_packs(
                     pieces: std::mem::take(&mut pieces),
                 };
                 n += 1;
-                if tx.send(Ok(pack)).await.is_err() {
+                if tx.blocking_send(Ok(pack)).is_err() {
                     return;
                 }
             }
@@ -385,20 +385,19 @@ async fn produce_packs(
         }
     }
     if !buf.is_empty() || !pieces.is_empty() {
-        let _ = tx
-            .send(Ok(Pack {
-                n,
-                data: buf.freeze(),
-                pieces,
-            }))
-            .await;
+        let _ = tx.blocking_send(Ok(Pack {
+            n,
+            data: buf.freeze(),
+            pieces,
+        }));
     }
 }
 
-async fn read_full(f: &mut tokio::fs::File, out: &mut [u8]) -> std::io::Result<usize> {
+fn read_full(f: &mut std::fs::File, out: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
     let mut done = 0;
     while done < out.len() {
-        let n = f.read(&mut out[done..]).await?;
+        let n = f.read(&mut out[done..])?;
         if n == 0 {
             break;
         }
@@ -601,10 +600,7 @@ pub async fn backup(
         system_id,
         backup: id.clone(),
     };
-    let n = body.len() as u64;
-    let (_, put) = repo
-        .put_encoded(&key, crate::store::once(Bytes::from(body.clone())), Some(n))
-        .await?;
+    let (_, put) = repo.put_buffer(&key, Bytes::from(body.clone())).await?;
     save_state(cfg, cluster, system_id, &body).await;
     let reused: u64 = manifest
         .files
@@ -671,14 +667,10 @@ async fn copy_files(job: CopyJob<'_>) -> Result<Copied, PgError> {
         }
     }
     let (tx, rx) = tokio::sync::mpsc::channel(cfg.parallel);
-    let producer = tokio::spawn(produce_packs(
-        root,
-        walked.files.clone(),
-        prev_index,
-        tx,
-        progress,
-        checks,
-    ));
+    let files_for_producer = walked.files.clone();
+    let producer = tokio::task::spawn_blocking(move || {
+        produce_packs(root, files_for_producer, prev_index, tx, progress, checks)
+    });
     let uploads =
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|p| (p, rx)) })
             .map(|pack: Result<Pack, PgError>| async move {
@@ -692,10 +684,7 @@ async fn copy_files(job: CopyJob<'_>) -> Result<Copied, PgError> {
                     backup: id.clone(),
                     n: pack.n,
                 };
-                let len = pack.data.len() as u64;
-                let (enc, _) = repo
-                    .put_encoded(&key, crate::store::once(pack.data), Some(len))
-                    .await?;
+                let (enc, _) = repo.put_buffer(&key, pack.data).await?;
                 Ok((
                     pack.pieces,
                     Some(DataObject {

@@ -137,10 +137,7 @@ pub async fn push(
         });
     }
     let size = data.len() as u64;
-    let regions = match repo
-        .put_encoded(&key, crate::store::once(Bytes::from(data)), Some(size))
-        .await
-    {
+    let regions = match repo.put_buffer(&key, Bytes::from(data)).await {
         Ok((_, report)) => report.ok,
         Err(e) => match concurrent_duplicate(&e, repo.regions.min_regions()) {
             Some(regions) => regions,

@@ -281,6 +281,21 @@ impl Repository {
         Ok((enc, report))
     }
 
+    /// Encodes an in-memory object in one step and writes it to every region.
+    pub async fn put_buffer(
+        &self,
+        key: &ObjectKey,
+        data: Bytes,
+    ) -> Result<(Encoded, crate::store::PutReport), RepoError> {
+        let codec = match key {
+            ObjectKey::Wal { .. } | ObjectKey::TimelineHistory { .. } => &self.wal_codec,
+            _ => &self.codec,
+        };
+        let (stored, enc) = codec.encode_bytes(data).await?;
+        let report = self.regions.put_bytes(&key.to_string(), stored).await?;
+        Ok((enc, report))
+    }
+
     /// Reads and decodes a whole object, trying regions in preference order and
     /// falling back on a missing, unreachable, truncated or corrupt copy.
     /// Returns the serving region with the plaintext.
