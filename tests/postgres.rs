@@ -517,3 +517,80 @@ fn backup_reports_pages_with_bad_checksums() {
         "{v}"
     );
 }
+
+#[test]
+fn delta_restore_rewrites_only_what_differs() {
+    let repo_dir = tempfile::tempdir().expect("tempdir");
+    let mut pg = TestPg::new(&fs_repo(&repo_dir));
+    pg.pgbench(&["-i", "-s", "2", "-q"]);
+    pg.dr(&["backup", "pg"]);
+    pg.pgbench(&["-t", "100", "-n"]);
+    let balance = pg.sql("SELECT sum(abalance) FROM pgbench_accounts");
+    let history = pg.sql("SELECT count(*) FROM pgbench_history");
+    pg.archive_now();
+
+    let dir = pg.target("delta");
+    let ds = dir.to_str().expect("utf8").to_string();
+    pg.dr(&["restore", "pg", "--to", "latest", "--target", &ds]);
+    // Damage the copy: a changed block, a deleted file, a stray file and dir.
+    let rel = pg.sql("SELECT pg_relation_filepath('pgbench_accounts')");
+    let f = dir.join(&rel);
+    let mut bytes = std::fs::read(&f).expect("read");
+    bytes[300_000] ^= 0x55;
+    std::fs::write(&f, &bytes).expect("write");
+    std::fs::remove_file(dir.join("PG_VERSION")).expect("rm");
+    std::fs::write(dir.join("stray.txt"), "x").expect("stray");
+    std::fs::create_dir_all(dir.join("base/stray_dir")).expect("stray dir");
+    common::pg::chown(&dir, &pg.user);
+
+    let o = pg.dr_raw(&["restore", "pg", "--to", "latest", "--target", &ds]);
+    assert!(!o.status.success(), "a non-empty target needs --delta");
+    let port = free_port();
+    pg.track(dir.clone());
+    let o = pg.dr(&[
+        "--json",
+        "restore",
+        "pg",
+        "--to",
+        "latest",
+        "--target",
+        &ds,
+        "--delta",
+        "--start",
+        "--port",
+        &port.to_string(),
+        "--no-archive",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let written = v["restore"]["bytes"].as_u64().expect("bytes");
+    let kept = v["restore"]["bytes_unchanged"].as_u64().expect("kept");
+    assert!(
+        written < kept / 10,
+        "delta rewrote {written} bytes, kept {kept}"
+    );
+    assert!(
+        v["restore"]["removed"].as_u64().expect("removed") >= 2,
+        "{v}"
+    );
+    assert!(!dir.join("stray.txt").exists() && !dir.join("base/stray_dir").exists());
+    assert_eq!(
+        pg.sql_at(port, "SELECT sum(abalance) FROM pgbench_accounts"),
+        balance
+    );
+    assert_eq!(
+        pg.sql_at(port, "SELECT count(*) FROM pgbench_history"),
+        history
+    );
+
+    // A running server's directory is refused.
+    let o = pg.dr_raw(&[
+        "restore", "pg", "--to", "latest", "--target", &ds, "--delta",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("is running"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    pg.stop(&dir);
+}

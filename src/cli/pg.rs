@@ -40,6 +40,10 @@ pub struct RestoreArgs {
     /// With --start: run with archive_mode=off (for scratch copies that must not archive).
     #[arg(long, requires = "start")]
     no_archive: bool,
+    /// Restore over an existing, stopped data directory: rewrite only blocks
+    /// that differ and remove files the backup does not have.
+    #[arg(long)]
+    delta: bool,
 }
 
 pub async fn backup(
@@ -133,6 +137,7 @@ pub async fn restore(
         cfg_path.display()
     );
     let repo = Repository::open(&cfg).await?;
+    let args_delta = args.delta;
     let opts = RestoreOptions {
         target,
         extra: ExtraTarget {
@@ -144,6 +149,7 @@ pub async fn restore(
         start: args.start.then_some(args.port),
         no_archive: args.no_archive,
         restore_command,
+        delta: args.delta,
     };
     let progress = dr::progress::Progress::new();
     let r = with_progress(
@@ -165,6 +171,13 @@ pub async fn restore(
             r.restore_seconds,
             r.target
         );
+        if args_delta {
+            println!(
+                "delta: {} already correct and kept, {} entries removed",
+                bytes(r.bytes_unchanged),
+                r.removed
+            );
+        }
         if r.started {
             println!(
                 "server running on 127.0.0.1:{}; recovery took {:.1}s; last replayed transaction: {}",

@@ -54,6 +54,9 @@ pub struct RestoreOptions {
     pub no_archive: bool,
     /// The `dr` command line PostgreSQL runs as restore_command (`%f %p` appended).
     pub restore_command: String,
+    /// Restore over an existing (stopped) data directory, rewriting only
+    /// blocks that differ and removing files the backup does not have.
+    pub delta: bool,
 }
 
 /// What a restore did.
@@ -67,6 +70,10 @@ pub struct RestoreReport {
     pub target: String,
     /// Bytes written.
     pub bytes: u64,
+    /// Bytes already correct in the target and left alone (`--delta`).
+    pub bytes_unchanged: u64,
+    /// Files and directories removed from the target (`--delta`).
+    pub removed: usize,
     /// Files written.
     pub files: usize,
     /// Seconds to rebuild PGDATA.
@@ -96,7 +103,11 @@ pub async fn restore(
                 .into(),
         ));
     }
-    check_target_dir(&opts.dir)?;
+    if opts.delta {
+        check_delta_target(&opts.dir)?;
+    } else {
+        check_target_dir(&opts.dir)?;
+    }
     let catalog = Catalog::load(repo, cluster).await?;
     let when = match opts.target {
         Target::Latest => None,
@@ -105,7 +116,7 @@ pub async fn restore(
     let m = catalog.pick(when)?.clone();
     tracing::info!(backup = %m.id, "restoring");
     progress.add_total(m.size);
-    let rebuilt = match rebuild(repo, &m, &opts.dir, cfg.parallel, &progress).await {
+    let rebuilt = match rebuild(repo, &m, &opts.dir, cfg.parallel, &progress, opts.delta).await {
         Ok(n) => write_recovery(&m, &opts.dir, opts)
             .map(|_| n)
             .map_err(|e| PgError::io(&opts.dir, e)),
@@ -113,12 +124,20 @@ pub async fn restore(
     };
     let bytes = match rebuilt {
         Ok(n) => n,
+        Err(e) if opts.delta => {
+            return Err(PgError::Other(format!(
+                "{e}; the delta restore stopped part-way, so {} is partly updated — \
+                 fix the cause and run the same --delta restore again",
+                opts.dir.display()
+            )));
+        }
         Err(e) => {
             // The directory was empty or new: leave nothing half-restored behind.
             clear_dir(&opts.dir);
             return Err(e);
         }
     };
+    let (bytes, bytes_unchanged, removed) = bytes;
     std::fs::set_permissions(&opts.dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| PgError::io(&opts.dir, e))?;
     super::server::chown_to(&opts.dir, &cfg.os_user).await?;
@@ -131,6 +150,8 @@ pub async fn restore(
             Target::Time(t) => t.to_rfc3339(),
         },
         bytes,
+        bytes_unchanged,
+        removed,
         files: m.files.len(),
         restore_seconds,
         started: false,
@@ -223,6 +244,62 @@ fn check_target_dir(dir: &Path) -> Result<(), PgError> {
     }
 }
 
+/// `--delta` needs an existing data directory that no server is using.
+fn check_delta_target(dir: &Path) -> Result<(), PgError> {
+    if !dir.is_absolute() {
+        return Err(PgError::Other(format!(
+            "--target {} must be an absolute path",
+            dir.display()
+        )));
+    }
+    if !dir.is_dir() {
+        return check_target_dir(dir);
+    }
+    if let Ok(pid) = std::fs::read_to_string(dir.join("postmaster.pid")) {
+        let pid = pid.lines().next().unwrap_or("").trim().to_string();
+        if !pid.is_empty() && Path::new("/proc").join(&pid).exists() {
+            return Err(PgError::Other(format!(
+                "a PostgreSQL server (pid {pid}) is running on {}; stop it before a --delta restore",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Removes everything under `dir` that the manifest does not list (never
+/// following symlinks). Returns how many entries were removed.
+fn prune(dir: &Path, m: &PgManifest) -> Result<usize, PgError> {
+    let keep_files: std::collections::HashSet<&str> =
+        m.files.iter().map(|f| f.path.as_str()).collect();
+    let keep_dirs: std::collections::HashSet<&str> =
+        m.dirs.iter().map(|d| d.path.as_str()).collect();
+    let mut removed = 0;
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let abs = dir.join(&rel);
+        let rd = std::fs::read_dir(&abs).map_err(|e| PgError::io(&abs, e))?;
+        for e in rd.flatten() {
+            let child = rel.join(e.file_name());
+            let key = child.to_string_lossy().into_owned();
+            let path = e.path();
+            let ft = e.file_type().map_err(|err| PgError::io(&path, err))?;
+            if ft.is_dir() {
+                if keep_dirs.contains(key.as_str()) {
+                    stack.push(child);
+                } else {
+                    std::fs::remove_dir_all(&path).map_err(|err| PgError::io(&path, err))?;
+                    removed += 1;
+                }
+            } else if !(ft.is_file() && keep_files.contains(key.as_str())) {
+                std::fs::remove_file(&path).map_err(|err| PgError::io(&path, err))?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
 fn clear_dir(dir: &Path) {
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
@@ -243,7 +320,8 @@ async fn rebuild(
     dir: &Path,
     parallel: usize,
     progress: &crate::progress::Progress,
-) -> Result<u64, PgError> {
+    delta: bool,
+) -> Result<(u64, u64, usize), PgError> {
     for d in &m.dirs {
         if !safe_relative_path(&d.path) {
             return Err(PgError::Other(format!(
@@ -252,10 +330,16 @@ async fn rebuild(
             )));
         }
         let p = dir.join(&d.path);
+        if delta && p.is_symlink() {
+            std::fs::remove_file(&p).map_err(|e| PgError::io(&p, e))?;
+        }
         std::fs::create_dir_all(&p).map_err(|e| PgError::io(&p, e))?;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(d.mode & 0o700 | 0o700))
             .map_err(|e| PgError::io(&p, e))?;
     }
+    let removed = if delta { prune(dir, m)? } else { 0 };
+    let mut unchanged = 0u64;
+    let mut resized: Vec<PathBuf> = Vec::new();
     // Which (file, offset in file) each object's bytes go to.
     let mut by_object: Vec<Vec<(usize, u64, u64, u64)>> = vec![Vec::new(); m.objects.len()];
     let owner_of = |b: &Option<String>| b.clone().unwrap_or_else(|| m.id.clone());
@@ -273,15 +357,26 @@ async fn rebuild(
             )));
         }
         let p = dir.join(&f.path);
+        let existing = delta && std::fs::symlink_metadata(&p).is_ok_and(|md| md.is_file());
         let file = std::fs::OpenOptions::new()
+            .read(true)
             .write(true)
-            .create_new(true)
+            .create_new(!existing)
             .open(&p)
             .map_err(|e| PgError::io(&p, e))?;
+        let old_len = if existing {
+            file.metadata().map(|md| md.len()).unwrap_or(0)
+        } else {
+            0
+        };
         file.set_len(f.size).map_err(|e| PgError::io(&p, e))?;
+        if existing && old_len != f.size {
+            resized.push(p.clone());
+        }
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode & 0o600 | 0o600))
             .map_err(|e| PgError::io(&p, e))?;
         let mut file_off = 0u64;
+        let mut buf = Vec::new();
         for ext in &f.extents {
             let Some(&oi) = index.get(&(owner_of(&ext.backup), ext.object)) else {
                 return Err(PgError::Other(format!(
@@ -289,79 +384,102 @@ async fn rebuild(
                     m.id, ext.object
                 )));
             };
-            by_object[oi].push((fi, file_off, ext.offset, ext.len));
+            // --delta: a block already holding the right bytes stays as it is.
+            let same = existing && file_off + ext.len <= old_len && {
+                buf.resize(ext.len as usize, 0);
+                file.read_exact_at(&mut buf, file_off).is_ok()
+                    && hex::encode(&blake3::hash(&buf).as_bytes()[..16]) == ext.hash
+            };
+            if same {
+                unchanged += ext.len;
+            } else {
+                by_object[oi].push((fi, file_off, ext.offset, ext.len));
+            }
             file_off += ext.len;
         }
     }
     // A file is fsynced by whichever job writes its last piece, so syncing
     // overlaps with decoding instead of trailing it.
+    let mut needed = vec![0usize; m.files.len()];
+    for pieces in &by_object {
+        for p in pieces {
+            needed[p.0] += 1;
+        }
+    }
     let remaining: std::sync::Arc<Vec<std::sync::atomic::AtomicUsize>> = std::sync::Arc::new(
-        m.files
-            .iter()
-            .map(|f| std::sync::atomic::AtomicUsize::new(f.extents.len()))
+        needed
+            .into_iter()
+            .map(std::sync::atomic::AtomicUsize::new)
             .collect(),
     );
+    progress.add(unchanged);
     let system_id = m.system_id;
-    let jobs = m.objects.iter().zip(by_object).map(|(o, pieces)| {
-        let remaining = remaining.clone();
-        let key = m.owner(&o.backup).map(|backup| {
-            ObjectKey::PgData {
-                cluster: m.cluster.clone(),
-                system_id,
-                backup,
-                n: o.n,
-            }
-            .to_string()
-        });
-        async move {
-            let key = key.ok_or_else(|| {
-                PgError::Other(format!(
-                    "manifest of backup {} names an invalid owner backup id",
-                    m.id
-                ))
-            })?;
-            let expect = Expect::from_encoded(&key, &o.encoded);
-            let (_, data) = repo.get_verified(&key, expect).await?;
-            let paths: Vec<PathBuf> = pieces
-                .iter()
-                .map(|p| dir.join(&m.files[p.0].path))
-                .collect();
-            let n = tokio::task::spawn_blocking(move || -> Result<u64, PgError> {
-                let mut n = 0;
-                // Pieces come grouped by file: open each file once.
-                let mut open: Option<(usize, std::fs::File)> = None;
-                for ((fi, file_off, obj_off, len), path) in pieces.iter().zip(paths) {
-                    let start = *obj_off as usize;
-                    let end = start + *len as usize;
-                    let Some(slice) = data.get(start..end) else {
-                        return Err(PgError::Other(format!(
-                            "{key}: extent beyond the object's end"
-                        )));
-                    };
-                    if open.as_ref().is_none_or(|(i, _)| i != fi) {
-                        let f = std::fs::OpenOptions::new()
-                            .write(true)
-                            .open(&path)
-                            .map_err(|e| PgError::io(&path, e))?;
-                        open = Some((*fi, f));
-                    }
-                    if let Some((_, f)) = &open {
-                        f.write_all_at(slice, *file_off)
-                            .map_err(|e| PgError::io(&path, e))?;
-                        if remaining[*fi].fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
-                            f.sync_all().map_err(|e| PgError::io(&path, e))?;
-                        }
-                    }
-                    n += *len;
+    let jobs = m
+        .objects
+        .iter()
+        .zip(by_object)
+        .filter(|(_, pieces)| !pieces.is_empty())
+        .map(|(o, pieces)| {
+            let remaining = remaining.clone();
+            let key = m.owner(&o.backup).map(|backup| {
+                ObjectKey::PgData {
+                    cluster: m.cluster.clone(),
+                    system_id,
+                    backup,
+                    n: o.n,
                 }
+                .to_string()
+            });
+            async move {
+                let key = key.ok_or_else(|| {
+                    PgError::Other(format!(
+                        "manifest of backup {} names an invalid owner backup id",
+                        m.id
+                    ))
+                })?;
+                let expect = Expect::from_encoded(&key, &o.encoded);
+                let (_, data) = repo.get_verified(&key, expect).await?;
+                let paths: Vec<PathBuf> = pieces
+                    .iter()
+                    .map(|p| dir.join(&m.files[p.0].path))
+                    .collect();
+                let n = tokio::task::spawn_blocking(move || -> Result<u64, PgError> {
+                    let mut n = 0;
+                    // Pieces come grouped by file: open each file once.
+                    let mut open: Option<(usize, std::fs::File)> = None;
+                    for ((fi, file_off, obj_off, len), path) in pieces.iter().zip(paths) {
+                        let start = *obj_off as usize;
+                        let end = start + *len as usize;
+                        let Some(slice) = data.get(start..end) else {
+                            return Err(PgError::Other(format!(
+                                "{key}: extent beyond the object's end"
+                            )));
+                        };
+                        if open.as_ref().is_none_or(|(i, _)| i != fi) {
+                            let f = std::fs::OpenOptions::new()
+                                .write(true)
+                                .open(&path)
+                                .map_err(|e| PgError::io(&path, e))?;
+                            open = Some((*fi, f));
+                        }
+                        if let Some((_, f)) = &open {
+                            f.write_all_at(slice, *file_off)
+                                .map_err(|e| PgError::io(&path, e))?;
+                            if remaining[*fi].fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1
+                            {
+                                f.sync_all().map_err(|e| PgError::io(&path, e))?;
+                            }
+                        }
+                        n += *len;
+                    }
+                    Ok(n)
+                })
+                .await
+                .map_err(|e| PgError::Other(e.to_string()))??;
+                progress.add(n);
                 Ok(n)
-            })
-            .await
-            .map_err(|e| PgError::Other(e.to_string()))??;
-            progress.add(n);
-            Ok(n)
-        }
-    });
+            }
+        });
     let results: Vec<Result<u64, PgError>> = futures::stream::iter(jobs)
         .buffer_unordered(parallel.max(1))
         .collect()
@@ -370,9 +488,11 @@ async fn rebuild(
     for r in results {
         total += r?;
     }
-    // Files are durable; make their directory entries durable too.
+    // Files are durable; make their directory entries (and files only
+    // truncated or extended by --delta) durable too.
     let mut dirs: Vec<PathBuf> = m.dirs.iter().map(|d| dir.join(&d.path)).collect();
     dirs.push(dir.to_path_buf());
+    dirs.extend(resized);
     tokio::task::spawn_blocking(move || -> Result<(), PgError> {
         for d in dirs {
             std::fs::File::open(&d)
@@ -383,7 +503,7 @@ async fn rebuild(
     })
     .await
     .map_err(|e| PgError::Other(e.to_string()))??;
-    Ok(total)
+    Ok((total, unchanged, removed))
 }
 
 fn quote(s: &str) -> String {
