@@ -469,7 +469,9 @@ impl Config {
                     ),
                 ));
             }
-            if p.conninfo.parse::<tokio_postgres::Config>().is_err() {
+            let split = crate::postgres::tls::split(&p.conninfo)
+                .map_err(|e| self.err(text, pg.span(), format!("[postgres.{name}]: {e}")))?;
+            if split.conninfo.parse::<tokio_postgres::Config>().is_err() {
                 return Err(self.err(
                     text,
                     pg.span(),

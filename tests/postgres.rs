@@ -594,3 +594,151 @@ fn delta_restore_rewrites_only_what_differs() {
     );
     pg.stop(&dir);
 }
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let o = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn backup_connects_over_verified_tls() {
+    let repo_dir = tempfile::tempdir().expect("tempdir");
+    let pg = TestPg::new(&fs_repo(&repo_dir));
+    let tls = pg.dir.path().join("tls");
+    std::fs::create_dir_all(&tls).expect("mkdir");
+    for ca in ["ca", "other-ca"] {
+        openssl(
+            &tls,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.crt"),
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=dr test {ca}"),
+            ],
+        );
+    }
+    openssl(
+        &tls,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(tls.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
+    openssl(
+        &tls,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    std::fs::copy(tls.join("server.crt"), pg.data.join("server.crt")).expect("cert");
+    std::fs::copy(tls.join("server.key"), pg.data.join("server.key")).expect("key");
+    std::fs::set_permissions(
+        pg.data.join("server.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    common::pg::chown(&pg.data, &pg.user);
+    common::pg::chown(&tls, &pg.user);
+    // Plain-text TCP connections are refused from now on.
+    let hba = std::fs::read_to_string(pg.data.join("pg_hba.conf")).expect("hba");
+    std::fs::write(
+        pg.data.join("pg_hba.conf"),
+        format!("hostnossl all all 127.0.0.1/32 reject\n{hba}"),
+    )
+    .expect("hba");
+    pg.sql("ALTER SYSTEM SET ssl = on");
+    pg.sql("SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let text = std::fs::read_to_string(&pg.cfg).expect("cfg");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("conninfo"))
+        .expect("conninfo")
+        .to_string();
+    let with = |extra: &str, name: &str| {
+        let p = pg.dir.path().join(name);
+        std::fs::write(
+            &p,
+            text.replace(
+                &line,
+                &line.replace("dbname=postgres", &format!("dbname=postgres {extra}")),
+            ),
+        )
+        .expect("write");
+        common::pg::chown(&p, &pg.user);
+        p
+    };
+    let ok = with(
+        &format!(
+            "sslmode=verify-full sslrootcert={}",
+            tls.join("ca.crt").display()
+        ),
+        "tls.toml",
+    );
+    let o = pg.dr_with(&ok, &["--json", "backup", "pg"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert!(v["backup"]["id"].is_string());
+
+    let plain = with("sslmode=disable", "plain.toml");
+    let o = pg.dr_raw_with(&plain, &["backup", "pg"]);
+    assert!(
+        !o.status.success(),
+        "plain text must be rejected by the server"
+    );
+
+    let wrong = with(
+        &format!(
+            "sslmode=require sslrootcert={}",
+            tls.join("other-ca.crt").display()
+        ),
+        "wrong.toml",
+    );
+    let o = pg.dr_raw_with(&wrong, &["backup", "pg"]);
+    assert!(
+        !o.status.success(),
+        "a certificate from an unknown CA must be refused"
+    );
+    let e = String::from_utf8_lossy(&o.stderr).to_lowercase();
+    assert!(e.contains("certificate") || e.contains("issuer"), "{e}");
+}

@@ -6,6 +6,7 @@ pub mod checksum;
 pub mod manifest;
 pub mod restore;
 pub mod server;
+pub mod tls;
 pub mod wal;
 
 use std::fmt;
@@ -141,33 +142,42 @@ pub fn system_id(data_dir: &Path) -> Result<u64, PgError> {
     Ok(u64::from_ne_bytes(b))
 }
 
-/// Connects with the configured conninfo. TLS modes that require encryption are
-/// refused rather than silently downgraded.
+/// Connects with the configured conninfo. With any sslmode but `disable`, TLS
+/// is negotiated and the server certificate verified; `require` and stricter
+/// fail rather than fall back to plain text.
 pub async fn connect(cfg: &PgConfig) -> Result<tokio_postgres::Client, PgError> {
-    let pc: tokio_postgres::Config = cfg
+    let split = tls::split(&cfg.conninfo)?;
+    let pc: tokio_postgres::Config = split
         .conninfo
         .parse()
         .map_err(|e| PgError::Other(format!("invalid conninfo: {e}")))?;
-    if pc.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-        return Err(PgError::Other(
-            "conninfo asks for sslmode=require, but this build of dr connects to PostgreSQL \
-             without TLS; use a local socket or loopback address with sslmode=disable/prefer"
-                .into(),
-        ));
-    }
-    let (client, conn) =
-        pc.connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|source| PgError::Sql {
-                what: "connect".into(),
-                source,
-            })?;
+    let sql_err = |source| PgError::Sql {
+        what: "connect".into(),
+        source,
+    };
+    let client = if split.sslmode == "disable" {
+        let (client, conn) = pc.connect(tokio_postgres::NoTls).await.map_err(sql_err)?;
+        spawn_connection(conn);
+        client
+    } else {
+        let tls = tls::connector(split.sslrootcert.as_ref())?;
+        let (client, conn) = pc.connect(tls).await.map_err(sql_err)?;
+        spawn_connection(conn);
+        client
+    };
+    Ok(client)
+}
+
+fn spawn_connection<S, T>(conn: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "PostgreSQL connection closed");
         }
     });
-    Ok(client)
 }
 
 #[cfg(test)]
