@@ -292,12 +292,17 @@ impl Codec {
     /// Encodes an in-memory buffer (packs, WAL segments, manifests) in one
     /// blocking task: one-shot zstd over the whole buffer avoids the streaming
     /// encoder's window copies, and there are no channel hand-offs.
-    pub async fn encode_bytes(&self, data: Bytes) -> Result<(Bytes, Encoded), CodecError> {
+    /// `known_hash` is the plaintext BLAKE3 when the caller already computed it.
+    pub async fn encode_bytes(
+        &self,
+        data: Bytes,
+        known_hash: Option<String>,
+    ) -> Result<(Bytes, Encoded), CodecError> {
         let level = self.level;
         let recipients = self.recipients.clone();
         tokio::task::spawn_blocking(move || -> Result<(Bytes, Encoded), CodecError> {
             let fail = |e: &dyn std::fmt::Display| CodecError::Pipeline(e.to_string());
-            let plain_hash = blake3::hash(&data).to_hex().to_string();
+            let plain_hash = known_hash.unwrap_or_else(|| blake3::hash(&data).to_hex().to_string());
             let compressed = zstd::bulk::compress(&data, level).map_err(|e| fail(&e))?;
             let enc = age::Encryptor::with_recipients(
                 recipients.iter().map(|r| r as &dyn age::Recipient),
@@ -637,7 +642,7 @@ mod tests {
     async fn round_trip_checks_hash_and_sizes() {
         let (c, _) = codec();
         let data = sample(3 << 20);
-        let (stored, enc) = c.encode_bytes(data.clone()).await.expect("encode");
+        let (stored, enc) = c.encode_bytes(data.clone(), None).await.expect("encode");
         assert_eq!(enc.plain_size, data.len() as u64);
         assert_eq!(enc.stored_size, stored.len() as u64);
         assert!(stored.len() < data.len());
@@ -652,7 +657,7 @@ mod tests {
     async fn wrong_key_truncation_and_bitflip_are_distinct() {
         let (c, _) = codec();
         let data = sample(2 << 20);
-        let (stored, enc) = c.encode_bytes(data).await.expect("encode");
+        let (stored, enc) = c.encode_bytes(data, None).await.expect("encode");
         let expect = Expect::from_encoded("obj", &enc);
 
         let (other, _) = codec();

@@ -102,15 +102,7 @@ fn exact_pitr(regions: &str) {
 #[test]
 fn exact_pitr_fs() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let repo = dir.path().join("repo");
-    std::fs::create_dir_all(&repo).expect("mkdir");
-    common::pg::chown(&repo, &common::require_env("DR_TEST_OS_USER", "PostgreSQL"));
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .expect("chmod");
-    exact_pitr(&common::fs_region_toml("local", &repo));
+    exact_pitr(&fs_repo(&dir));
 }
 
 #[test]

@@ -271,13 +271,7 @@ pub async fn wal_push(
 ) -> anyhow::Result<ExitCode> {
     let cfg = load_config(config)?;
     let (cluster, pg) = cfg.pg(cluster.as_deref())?;
-    // archive_command runs in PGDATA; prefer it so a restored copy reports its own id.
-    let here = Path::new("global/pg_control");
-    let system_id = if here.exists() {
-        dr::postgres::system_id(Path::new("."))?
-    } else {
-        dr::postgres::system_id(&pg.data_dir)?
-    };
+    let system_id = dr::postgres::system_id(&dr::postgres::archive_data_dir(pg))?;
     let repo = Repository::open(&cfg).await?;
     let r = wal::push(&repo, &cluster, system_id, &path).await?;
     if out.json {
@@ -296,12 +290,7 @@ pub async fn wal_fetch(
 ) -> anyhow::Result<ExitCode> {
     let cfg = load_config(config)?;
     let (cluster, pg) = cfg.pg(cluster.as_deref())?;
-    let here = Path::new("global/pg_control");
-    let base = if here.exists() {
-        PathBuf::from(".")
-    } else {
-        pg.data_dir.clone()
-    };
+    let base = dr::postgres::archive_data_dir(pg);
     let system_id = dr::postgres::system_id(&base)?;
     let spool = pg
         .spool_dir

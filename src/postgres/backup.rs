@@ -600,7 +600,9 @@ pub async fn backup(
         system_id,
         backup: id.clone(),
     };
-    let (_, put) = repo.put_buffer(&key, Bytes::from(body.clone())).await?;
+    let (_, put) = repo
+        .put_buffer(&key, Bytes::from(body.clone()), None)
+        .await?;
     save_state(cfg, cluster, system_id, &body).await;
     let reused: u64 = manifest
         .files
@@ -684,7 +686,7 @@ async fn copy_files(job: CopyJob<'_>) -> Result<Copied, PgError> {
                     backup: id.clone(),
                     n: pack.n,
                 };
-                let (enc, _) = repo.put_buffer(&key, pack.data).await?;
+                let (enc, _) = repo.put_buffer(&key, pack.data, None).await?;
                 Ok((
                     pack.pieces,
                     Some(DataObject {

@@ -52,9 +52,9 @@ pub fn page_checksum(page: &[u8], blkno: u32) -> u16 {
 pub enum PageCheck {
     /// Checksum matches (or the page is new and all zero).
     Ok,
-    /// Changed after the backup started: WAL replay rewrites it, so a torn or
-    /// stale read is expected and harmless.
-    Skipped,
+    /// Changed after the backup started (or a partial page of a file being
+    /// extended): WAL replay rewrites it, so a torn read is expected and harmless.
+    ChangedSinceStart,
     /// Checksum mismatch on a page the backup relies on.
     Bad,
 }
@@ -62,7 +62,7 @@ pub enum PageCheck {
 /// Checks one page read from a relation file; `start_lsn` is the backup's start.
 pub fn check_page(page: &[u8], blkno: u32, start_lsn: u64) -> PageCheck {
     if page.len() != PAGE_SIZE {
-        return PageCheck::Skipped;
+        return PageCheck::ChangedSinceStart;
     }
     let upper = u16::from_le_bytes([page[14], page[15]]);
     if upper == 0 {
@@ -76,7 +76,7 @@ pub fn check_page(page: &[u8], blkno: u32, start_lsn: u64) -> PageCheck {
     let hi = u32::from_le_bytes([page[0], page[1], page[2], page[3]]) as u64;
     let lo = u32::from_le_bytes([page[4], page[5], page[6], page[7]]) as u64;
     if (hi << 32 | lo) >= start_lsn {
-        return PageCheck::Skipped;
+        return PageCheck::ChangedSinceStart;
     }
     let stored = u16::from_le_bytes([page[8], page[9]]);
     if stored == page_checksum(page, blkno) {

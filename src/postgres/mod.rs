@@ -70,19 +70,6 @@ impl From<crate::codec::CodecError> for PgError {
 #[serde(into = "String", try_from = "String")]
 pub struct Lsn(pub u64);
 
-impl Lsn {
-    /// The segment holding this LSN (16 MiB segments).
-    pub fn segment(self, timeline: u32, seg_size: u64) -> crate::repo::layout::WalSegmentName {
-        let segno = self.0 / seg_size;
-        let per_log = 0x1_0000_0000u64 / seg_size;
-        crate::repo::layout::WalSegmentName {
-            timeline: crate::repo::layout::TimelineId(timeline),
-            log: (segno / per_log) as u32,
-            seg: (segno % per_log) as u32,
-        }
-    }
-}
-
 impl fmt::Display for Lsn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xffff_ffff)
@@ -142,6 +129,18 @@ pub fn system_id(data_dir: &Path) -> Result<u64, PgError> {
     Ok(u64::from_ne_bytes(b))
 }
 
+/// The data directory `wal-push` / `wal-fetch` work for. PostgreSQL runs
+/// archive_command and restore_command in PGDATA, so the working directory
+/// wins when it holds `global/pg_control` (a restored copy then reports its own
+/// system id); otherwise the configured `data_dir`.
+pub fn archive_data_dir(cfg: &PgConfig) -> std::path::PathBuf {
+    if Path::new("global/pg_control").exists() {
+        std::path::PathBuf::from(".")
+    } else {
+        cfg.data_dir.clone()
+    }
+}
+
 /// Connects with the configured conninfo. With any sslmode but `disable`, TLS
 /// is negotiated and the server certificate verified; `require` and stricter
 /// fail rather than fall back to plain text.
@@ -185,14 +184,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lsn_round_trip_and_segment() {
+    fn lsn_round_trip() {
         let l: Lsn = "1/2A000028".parse().expect("lsn");
         assert_eq!(l.0, 0x1_2A00_0028);
         assert_eq!(l.to_string(), "1/2A000028");
-        assert_eq!(
-            l.segment(1, WAL_SEGMENT_SIZE).to_string(),
-            "00000001000000010000002A"
-        );
         assert!("zz".parse::<Lsn>().is_err());
     }
 }

@@ -580,7 +580,7 @@ pub fn parse_time(s: &str) -> Result<(DateTime<Utc>, bool), String> {
             return match Local.from_local_datetime(&n).single() {
                 Some(t) => Ok((t.with_timezone(&Utc), true)),
                 None => Err(format!(
-                    "{s:?} is ambiguous or skipped in local time (DST); add an offset like +01:00"
+                    "{s:?} does not exist or is ambiguous in local time (a DST change); add an offset like +01:00"
                 )),
             };
         }

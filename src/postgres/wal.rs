@@ -137,7 +137,7 @@ pub async fn push(
         });
     }
     let size = data.len() as u64;
-    let regions = match repo.put_buffer(&key, Bytes::from(data)).await {
+    let regions = match repo.put_buffer(&key, Bytes::from(data), Some(hash)).await {
         Ok((_, report)) => report.ok,
         Err(e) => match concurrent_duplicate(&e, repo.regions.min_regions()) {
             Some(regions) => regions,
@@ -234,7 +234,7 @@ pub async fn fetch(
     let Some((key, size)) = find(name) else {
         return Ok(FetchOutcome::NotFound);
     };
-    let mut jobs = vec![(name.to_string(), key, size, dest.to_path_buf())];
+    let mut jobs = vec![(key, size, dest.to_path_buf())];
     if let Some(seg) = want {
         if prefetch > 0 {
             let _ = tokio::fs::create_dir_all(spool).await;
@@ -247,13 +247,13 @@ pub async fn fetch(
                 continue;
             }
             match find(&n) {
-                Some((k, s)) => jobs.push((n.clone(), k, s, spool_name(&n))),
+                Some((k, s)) => jobs.push((k, s, spool_name(&n))),
                 None => break,
             }
         }
     }
     let results: Vec<Result<String, PgError>> = futures::stream::iter(jobs)
-        .map(|(_, key, size, path)| async move { download(repo, &key, size, &path).await })
+        .map(|(key, size, path)| async move { download(repo, &key, size, &path).await })
         .buffered(4)
         .collect()
         .await;

@@ -282,16 +282,18 @@ impl Repository {
     }
 
     /// Encodes an in-memory object in one step and writes it to every region.
+    /// `known_hash`: the plaintext BLAKE3, if the caller already has it.
     pub async fn put_buffer(
         &self,
         key: &ObjectKey,
         data: Bytes,
+        known_hash: Option<String>,
     ) -> Result<(Encoded, crate::store::PutReport), RepoError> {
         let codec = match key {
             ObjectKey::Wal { .. } | ObjectKey::TimelineHistory { .. } => &self.wal_codec,
             _ => &self.codec,
         };
-        let (stored, enc) = codec.encode_bytes(data).await?;
+        let (stored, enc) = codec.encode_bytes(data, known_hash).await?;
         let report = self.regions.put_bytes(&key.to_string(), stored).await?;
         Ok((enc, report))
     }

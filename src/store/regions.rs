@@ -2,7 +2,6 @@
 //! once `min_regions` hold it; reads try regions in preference order.
 
 use std::io;
-use std::ops::Range;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -58,8 +57,6 @@ pub enum RegionsError {
         key: String,
         /// One entry per region tried.
         details: String,
-        /// True when every region reported the object missing.
-        all_missing: bool,
     },
     /// The body being written failed at its source.
     #[error("writing {key} aborted, nothing stored: {source}")]
@@ -233,32 +230,6 @@ impl Regions {
         self.put(key, super::once(body)).await
     }
 
-    /// Opens `key` from the first region that has it, in preference order.
-    /// Returns the serving region's name with the stream.
-    pub async fn get(
-        &self,
-        key: &str,
-        range: Option<Range<u64>>,
-    ) -> Result<(String, ByteStream), RegionsError> {
-        let mut tried = Vec::new();
-        let mut all_missing = true;
-        for r in &self.regions {
-            match r.store.get(key, range.clone()).await {
-                Ok(s) => return Ok((r.name.clone(), s)),
-                Err(e) => {
-                    all_missing &= e.is_not_found();
-                    tracing::debug!(region = %r.name, key, error = %e, "read fell back");
-                    tried.push(format!("[{}] {e}", r.name));
-                }
-            }
-        }
-        Err(RegionsError::Unavailable {
-            key: key.to_string(),
-            details: tried.join("; "),
-            all_missing,
-        })
-    }
-
     /// Lists `prefix` in the first region that answers.
     pub async fn list(&self, prefix: &str) -> Result<(String, Vec<ObjectInfo>), RegionsError> {
         let mut tried = Vec::new();
@@ -271,7 +242,6 @@ impl Regions {
         Err(RegionsError::Unavailable {
             key: prefix.to_string(),
             details: tried.join("; "),
-            all_missing: false,
         })
     }
 }

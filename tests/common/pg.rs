@@ -198,35 +198,12 @@ impl TestPg {
 
     /// Runs pgbench against the primary.
     pub fn pgbench(&self, args: &[&str]) {
-        let port = self.port.to_string();
-        let mut all = vec!["-h", "127.0.0.1", "-p", &port, "-U", "postgres"];
-        all.extend_from_slice(args);
-        all.push("postgres");
-        let o = Command::new(self.bin.join("pgbench"))
-            .args(&all)
-            .output()
-            .expect("pgbench");
-        assert!(
-            o.status.success(),
-            "pgbench: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        self.pgbench_at(self.port, args)
     }
 
     /// Forces a WAL switch and waits until the archiver has pushed it.
     pub fn archive_now(&self) {
-        let seg = self.sql("SELECT pg_walfile_name(pg_switch_wal())");
-        for _ in 0..300 {
-            let last = self.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
-            if last.as_str() >= seg.as_str() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        panic!(
-            "segment {seg} was not archived within 30s: {}",
-            self.sql("SELECT * FROM pg_stat_archiver")
-        );
+        self.archive_now_at(self.port)
     }
 
     /// A fresh path for a restore target (not created).
