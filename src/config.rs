@@ -32,12 +32,36 @@ pub struct Config {
     /// PostgreSQL clusters, by name (`[postgres.<name>]`).
     #[serde(default)]
     pub postgres: std::collections::BTreeMap<String, Spanned<PgConfig>>,
+    /// Audit log settings.
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// Where this file was loaded from (for messages).
     #[serde(skip)]
     pub source: PathBuf,
     /// Validated regions, in preference order.
     #[serde(skip)]
     pub region_specs: Vec<RegionSpec>,
+}
+
+/// `[audit]`: where the append-only audit log lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// JSON-lines file (default: /var/log/dr/audit.jsonl).
+    #[serde(default = "default_audit_path")]
+    pub path: PathBuf,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            path: default_audit_path(),
+        }
+    }
+}
+
+fn default_audit_path() -> PathBuf {
+    PathBuf::from(crate::audit::DEFAULT_PATH)
 }
 
 /// `[postgres.<name>]`: one PostgreSQL cluster.

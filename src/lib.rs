@@ -5,6 +5,7 @@
 //! repository is append-only and a backup exists only once its manifest is
 //! durable. See `docs/repository-format.md`.
 
+pub mod audit;
 pub mod check;
 pub mod codec;
 pub mod config;

@@ -97,6 +97,21 @@ fn exact_pitr(regions: &str) {
         restore_and_check(&mut pg, &m.at, &format!("r{i}"), &m.balance, &m.history);
     }
     restore_and_check(&mut pg, "latest", "rlatest", &final_balance, &final_history);
+
+    // Every restore left a started and a finished line in the audit log.
+    let log = dr::audit::AuditLog::at(pg.dir.path().join("audit.jsonl"));
+    let recs = log.read_all().expect("audit log");
+    let finished: Vec<_> = recs.iter().filter(|r| r.phase == "finished").collect();
+    assert_eq!(recs.len(), 2 * (marks.len() + 1), "{recs:?}");
+    assert_eq!(finished.len(), marks.len() + 1);
+    for r in finished {
+        assert_eq!(
+            (r.action.as_str(), r.outcome.as_str()),
+            ("restore.pg", "ok")
+        );
+        assert_eq!(r.target, "main");
+        assert!(r.details["backup"].is_string(), "{:?}", r.details);
+    }
 }
 
 #[test]

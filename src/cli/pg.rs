@@ -136,7 +136,19 @@ pub async fn restore(
         exe.display(),
         cfg_path.display()
     );
-    let repo = Repository::open(&cfg).await?;
+    let audit = dr::audit::Audit::begin(
+        dr::audit::AuditLog::from_config(&cfg),
+        "restore.pg",
+        &cluster,
+        serde_json::json!({ "to": args.to, "target_dir": args.target }),
+    )?;
+    let repo = match Repository::open(&cfg).await {
+        Ok(r) => r,
+        Err(e) => {
+            audit.finish(None, Err(e.to_string())).await;
+            return Err(e.into());
+        }
+    };
     let args_delta = args.delta;
     let opts = RestoreOptions {
         target,
@@ -158,7 +170,13 @@ pub async fn restore(
         progress.clone(),
         restore::restore(&repo, &cluster, pg, &opts, progress),
     )
-    .await?;
+    .await;
+    let details = match &r {
+        Ok(r) => serde_json::to_value(r).map_err(|e| e.to_string()),
+        Err(e) => Err(format!("{e:#}")),
+    };
+    audit.finish(Some(&repo), details).await;
+    let r = r?;
     if out.json {
         out.json(&serde_json::json!({ "ok": true, "restore": r }));
     } else {

@@ -95,8 +95,9 @@ impl TestPg {
         let port = free_port();
         let cfg = dir.path().join("dr.toml");
         let cfg_text = format!(
-            "[repository]\nrecipients = [\"{rcpt}\"]\nidentity_file = \"{}\"\n\n{regions}\n[postgres.main]\nconninfo = \"host=127.0.0.1 port={port} user=postgres dbname=postgres\"\ndata_dir = \"{}\"\nbin_dir = \"{}\"\nos_user = \"{user}\"\nstate_dir = \"{}\"\n",
+            "[repository]\nrecipients = [\"{rcpt}\"]\nidentity_file = \"{}\"\n\n[audit]\npath = \"{}\"\n\n{regions}\n[postgres.main]\nconninfo = \"host=127.0.0.1 port={port} user=postgres dbname=postgres\"\ndata_dir = \"{}\"\nbin_dir = \"{}\"\nos_user = \"{user}\"\nstate_dir = \"{}\"\n",
             id.display(),
+            dir.path().join("audit.jsonl").display(),
             data.display(),
             bin.display(),
             dir.path().join("state").display()
