@@ -32,6 +32,9 @@ pub struct Config {
     /// PostgreSQL clusters, by name (`[postgres.<name>]`).
     #[serde(default)]
     pub postgres: std::collections::BTreeMap<String, Spanned<PgConfig>>,
+    /// Redis instances, by name (`[redis.<name>]`).
+    #[serde(default)]
+    pub redis: std::collections::BTreeMap<String, Spanned<RedisConfig>>,
     /// Audit log settings.
     #[serde(default)]
     pub audit: AuditConfig,
@@ -62,6 +65,36 @@ impl Default for AuditConfig {
 
 fn default_audit_path() -> PathBuf {
     PathBuf::from(crate::audit::DEFAULT_PATH)
+}
+
+/// `[redis.<name>]`: one Redis instance, snapshotted over the replication protocol.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user[:password]@]host[:port]` or `rediss://…` for TLS.
+    pub url: String,
+    /// Environment variable holding the password (instead of one in the URL).
+    pub password_env: Option<String>,
+    /// File holding the password (instead of one in the URL).
+    pub password_file: Option<PathBuf>,
+    /// PEM CA bundle for `rediss://` servers with a private CA (default: system roots).
+    pub ca_file: Option<PathBuf>,
+    /// `redis-server` binary, for servers `dr` starts on restored snapshots.
+    #[serde(default = "default_redis_server")]
+    pub server_bin: PathBuf,
+    /// Unprivileged OS user for servers `dr` starts (default: the current user).
+    pub os_user: Option<String>,
+    /// Seconds without a byte from the server before a snapshot is abandoned.
+    #[serde(default = "default_redis_timeout")]
+    pub timeout_seconds: u64,
+}
+
+fn default_redis_server() -> PathBuf {
+    PathBuf::from("/usr/bin/redis-server")
+}
+
+fn default_redis_timeout() -> u64 {
+    60
 }
 
 /// `[postgres.<name>]`: one PostgreSQL cluster.
@@ -464,6 +497,26 @@ impl Config {
                 kind: spec,
             });
         }
+        for (name, r) in &self.redis {
+            if !layout_name_ok(name) {
+                return Err(self.err(
+                    text,
+                    r.span(),
+                    format!(
+                        "[redis.{name}]: names may use only letters, digits, '-' and '_' (max 64)"
+                    ),
+                ));
+            }
+            crate::redis::Endpoint::check(r.get_ref())
+                .map_err(|e| self.err(text, r.span(), format!("[redis.{name}]: {e}")))?;
+            if r.get_ref().timeout_seconds == 0 {
+                return Err(self.err(
+                    text,
+                    r.span(),
+                    format!("[redis.{name}]: timeout_seconds must be at least 1"),
+                ));
+            }
+        }
         for (name, pg) in &self.postgres {
             let p = pg.get_ref();
             if !layout_name_ok(name) {
@@ -642,10 +695,32 @@ fn layout_name_ok(s: &str) -> bool {
 impl Config {
     /// The PostgreSQL cluster named `name`, or the only one when `name` is `None`.
     pub fn pg(&self, name: Option<&str>) -> Result<(String, &PgConfig), ConfigError> {
-        let names: Vec<&String> = self.postgres.keys().collect();
+        self.pick(
+            &self.postgres,
+            name,
+            "postgres",
+            "PostgreSQL clusters",
+            "conninfo and data_dir",
+        )
+    }
+
+    /// The named Redis instance, or the only one when `name` is `None`.
+    pub fn redis(&self, name: Option<&str>) -> Result<(String, &RedisConfig), ConfigError> {
+        self.pick(&self.redis, name, "redis", "Redis instances", "a url")
+    }
+
+    fn pick<'a, T>(
+        &self,
+        map: &'a std::collections::BTreeMap<String, Spanned<T>>,
+        name: Option<&str>,
+        section: &str,
+        what: &str,
+        needs: &str,
+    ) -> Result<(String, &'a T), ConfigError> {
+        let names: Vec<&String> = map.keys().collect();
         let pick = match name {
-            Some(n) => self.postgres.get_key_value(n),
-            None if names.len() == 1 => self.postgres.iter().next(),
+            Some(n) => map.get_key_value(n),
+            None if names.len() == 1 => map.iter().next(),
             None => None,
         };
         match pick {
@@ -653,9 +728,16 @@ impl Config {
             None => Err(ConfigError {
                 location: self.source.display().to_string(),
                 message: match (name, names.is_empty()) {
-                    (_, true) => "no [postgres.<name>] section is configured; add one with conninfo and data_dir".into(),
-                    (Some(n), false) => format!("no [postgres.{n}] in the config; configured: {}", join(&names)),
-                    (None, false) => format!("several PostgreSQL clusters are configured ({}); name one", join(&names)),
+                    (_, true) => {
+                        format!("no [{section}.<name>] section is configured; add one with {needs}")
+                    }
+                    (Some(n), false) => format!(
+                        "no [{section}.{n}] in the config; configured: {}",
+                        join(&names)
+                    ),
+                    (None, false) => {
+                        format!("several {what} are configured ({}); name one", join(&names))
+                    }
                 },
             }),
         }

@@ -12,5 +12,8 @@ pub mod config;
 pub mod keys;
 pub mod postgres;
 pub mod progress;
+pub mod redis;
 pub mod repo;
 pub mod store;
+pub mod time;
+pub mod tls;

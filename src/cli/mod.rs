@@ -4,6 +4,7 @@ mod check;
 mod keygen;
 mod output;
 mod pg;
+mod redis;
 mod repo;
 
 use std::path::PathBuf;
@@ -81,12 +82,19 @@ enum BackupCmd {
         /// Cluster name (default: the only [postgres.*]).
         name: Option<String>,
     },
+    /// Redis snapshot over the replication protocol.
+    Redis {
+        /// Instance name (default: the only [redis.*]).
+        name: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
 enum RestoreCmd {
     /// PostgreSQL point-in-time restore.
     Pg(pg::RestoreArgs),
+    /// Redis: the newest snapshot at or before a time, as dump.rdb.
+    Redis(redis::RestoreArgs),
 }
 
 #[derive(Subcommand)]
@@ -94,6 +102,11 @@ enum ListCmd {
     /// PostgreSQL backups, WAL and recoverable window.
     Pg {
         /// Cluster name (default: the only [postgres.*]).
+        name: Option<String>,
+    },
+    /// Redis snapshots.
+    Redis {
+        /// Instance name (default: the only [redis.*]).
         name: Option<String>,
     },
 }
@@ -120,6 +133,15 @@ pub fn run() -> ExitCode {
             Command::Check => check::run(cli.config.as_deref(), &out).await,
             Command::Backup(BackupCmd::Pg { name }) => {
                 pg::backup(name, cli.config.as_deref(), &out).await
+            }
+            Command::Backup(BackupCmd::Redis { name }) => {
+                redis::backup(name, cli.config.as_deref(), &out).await
+            }
+            Command::Restore(RestoreCmd::Redis(args)) => {
+                redis::restore(args, cli.config.as_deref(), &out).await
+            }
+            Command::List(ListCmd::Redis { name }) => {
+                redis::list(name, cli.config.as_deref(), &out).await
             }
             Command::Restore(RestoreCmd::Pg(args)) => {
                 pg::restore(args, cli.config.as_deref(), &out).await
@@ -174,4 +196,43 @@ fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<dr::config::Con
         .map(|p| p.to_path_buf())
         .unwrap_or_else(dr::config::default_config_path);
     Ok(dr::config::Config::load(&p)?)
+}
+
+/// Parses `--to`: `latest` (None) or a time, telling the user when a time
+/// without an offset was read as local time.
+fn parse_to(to: &str, out: &Out) -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
+    if to == "latest" {
+        return Ok(None);
+    }
+    let (t, local) = dr::time::parse_time(to).map_err(anyhow::Error::msg)?;
+    if local && !out.json {
+        eprintln!(
+            "{to} has no offset; using local time = {} UTC",
+            t.format("%Y-%m-%d %H:%M:%S%.3f")
+        );
+    }
+    Ok(Some(t))
+}
+
+/// Writes the audit record of an operation that is about to start, then opens
+/// the repository (a failure to open is audited too).
+async fn audited_open(
+    cfg: &dr::config::Config,
+    action: &str,
+    target: &str,
+    details: serde_json::Value,
+) -> anyhow::Result<(dr::audit::Audit, dr::repo::Repository)> {
+    let audit = dr::audit::Audit::begin(
+        dr::audit::AuditLog::from_config(cfg),
+        action,
+        target,
+        details,
+    )?;
+    match dr::repo::Repository::open(cfg).await {
+        Ok(r) => Ok((audit, r)),
+        Err(e) => {
+            audit.finish(None, Err(e.to_string())).await;
+            Err(e.into())
+        }
+    }
 }

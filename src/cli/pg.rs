@@ -4,12 +4,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use dr::postgres::catalog::Catalog;
-use dr::postgres::restore::{ExtraTarget, RestoreOptions, Target, parse_time};
+use dr::postgres::restore::{ExtraTarget, RestoreOptions, Target};
 use dr::postgres::{backup, restore, wal};
 use dr::repo::Repository;
 
 use super::output::{bytes, table, with_progress};
-use super::{Out, load_config};
+use super::{Out, audited_open, load_config, parse_to};
 
 /// `dr restore pg` arguments.
 #[derive(clap::Args)]
@@ -116,18 +116,9 @@ pub async fn restore(
 ) -> anyhow::Result<ExitCode> {
     let cfg = load_config(config)?;
     let (cluster, pg) = cfg.pg(args.name.as_deref())?;
-    let target = if args.to == "latest" {
-        Target::Latest
-    } else {
-        let (t, local) = parse_time(&args.to).map_err(anyhow::Error::msg)?;
-        if local && !out.json {
-            eprintln!(
-                "{} has no offset; using local time = {} UTC",
-                args.to,
-                t.format("%Y-%m-%d %H:%M:%S%.3f")
-            );
-        }
-        Target::Time(t)
+    let target = match parse_to(&args.to, out)? {
+        None => Target::Latest,
+        Some(t) => Target::Time(t),
     };
     let cfg_path = std::fs::canonicalize(&cfg.source).unwrap_or(cfg.source.clone());
     let exe = std::env::current_exe()?;
@@ -136,19 +127,13 @@ pub async fn restore(
         exe.display(),
         cfg_path.display()
     );
-    let audit = dr::audit::Audit::begin(
-        dr::audit::AuditLog::from_config(&cfg),
+    let (audit, repo) = audited_open(
+        &cfg,
         "restore.pg",
         &cluster,
         serde_json::json!({ "to": args.to, "target_dir": args.target }),
-    )?;
-    let repo = match Repository::open(&cfg).await {
-        Ok(r) => r,
-        Err(e) => {
-            audit.finish(None, Err(e.to_string())).await;
-            return Err(e.into());
-        }
-    };
+    )
+    .await?;
     let args_delta = args.delta;
     let opts = RestoreOptions {
         target,

@@ -3,10 +3,6 @@
 //! and host name) — against `sslrootcert` if given, else the system roots.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 
 use super::PgError;
 
@@ -97,36 +93,8 @@ pub fn split(conninfo: &str) -> Result<SplitConninfo, PgError> {
 pub fn connector(
     root: Option<&PathBuf>,
 ) -> Result<tokio_postgres_rustls::MakeRustlsConnect, PgError> {
-    let mut roots = rustls::RootCertStore::empty();
-    match root {
-        Some(path) => {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| PgError::Other(format!("sslrootcert {}: {e}", path.display())))?;
-            if certs.is_empty() {
-                return Err(PgError::Other(format!(
-                    "sslrootcert {} holds no certificate",
-                    path.display()
-                )));
-            }
-            for c in certs {
-                roots
-                    .add(c)
-                    .map_err(|e| PgError::Other(format!("sslrootcert {}: {e}", path.display())))?;
-            }
-        }
-        None => {
-            for c in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(c);
-            }
-        }
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| PgError::Other(format!("TLS setup: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = crate::tls::client_config(root.map(|p| p.as_path()))
+        .map_err(|e| PgError::Other(format!("sslrootcert: {e}")))?;
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
