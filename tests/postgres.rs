@@ -602,81 +602,13 @@ fn delta_restore_rewrites_only_what_differs() {
     pg.stop(&dir);
 }
 
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let o = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl");
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 #[test]
 fn backup_connects_over_verified_tls() {
     let repo_dir = tempfile::tempdir().expect("tempdir");
     let pg = TestPg::new(&fs_repo(&repo_dir));
     let tls = pg.dir.path().join("tls");
     std::fs::create_dir_all(&tls).expect("mkdir");
-    for ca in ["ca", "other-ca"] {
-        openssl(
-            &tls,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{ca}.key"),
-                "-out",
-                &format!("{ca}.crt"),
-                "-days",
-                "2",
-                "-subj",
-                &format!("/CN=dr test {ca}"),
-            ],
-        );
-    }
-    openssl(
-        &tls,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ],
-    );
-    std::fs::write(tls.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
-    openssl(
-        &tls,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-    );
+    common::test_certificates(&tls);
     std::fs::copy(tls.join("server.crt"), pg.data.join("server.crt")).expect("cert");
     std::fs::copy(tls.join("server.key"), pg.data.join("server.key")).expect("key");
     std::fs::set_permissions(

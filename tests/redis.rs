@@ -379,3 +379,55 @@ fn broken_corrupt_or_killed_transfers_leave_no_snapshot() {
     assert_eq!(snapshot_count(&dr, "cache"), 1);
     restore_and_compare(&dr, &src, "after-kill", 300, total, "cache");
 }
+
+#[test]
+fn snapshot_over_verified_tls() {
+    let tls = tempfile::tempdir().expect("tempdir");
+    common::test_certificates(tls.path());
+    let user = common::require_env("DR_TEST_OS_USER", "Redis");
+    common::pg::chown(tls.path(), &user);
+    let tls_port = common::pg::free_port();
+    let t = |f: &str| tls.path().join(f).display().to_string();
+    let src = TestRedis::start(&[
+        &format!("tls-port {tls_port}"),
+        &format!("tls-cert-file {}", t("server.crt")),
+        &format!("tls-key-file {}", t("server.key")),
+        &format!("tls-ca-cert-file {}", t("ca.crt")),
+        "tls-auth-clients no",
+        "repl-diskless-sync-delay 0",
+    ]);
+    src.populate(20_000);
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+    let repo = tempfile::tempdir().expect("tempdir");
+    let sections = format!(
+        "{}\n{}\n{}",
+        redis_section(&url, &format!("ca_file = \"{}\"", t("ca.crt"))),
+        redis_section(&url, &format!("ca_file = \"{}\"", t("other-ca.crt")))
+            .replace("[redis.cache]", "[redis.wrongca]"),
+        redis_section(&url, "").replace("[redis.cache]", "[redis.systemroots]"),
+    );
+    let dr = DrSetup::new(&fs_region(&repo), &sections);
+    let v = dr.dr_json(&["backup", "redis", "cache"]);
+    assert_eq!(v["snapshot"]["keys"].as_u64(), Some(20_010), "{v}");
+    for name in ["wrongca", "systemroots"] {
+        expect_fail(
+            &dr,
+            &["backup", "redis", name],
+            &["cannot connect to Redis", "TLS handshake"],
+        );
+    }
+    restore_and_compare(&dr, &src, "restored", 200, 20_000, "cache");
+}
+
+#[test]
+fn falls_back_to_sync_when_psync_is_unavailable() {
+    // Servers older than 2.8 know only SYNC; renaming PSYNC away makes a
+    // current server answer the same way ("unknown command").
+    let src = TestRedis::start(&["rename-command PSYNC \"\"", "repl-diskless-sync no"]);
+    src.populate(20_000);
+    let repo = tempfile::tempdir().expect("tempdir");
+    let dr = DrSetup::new(&fs_region(&repo), &redis_section(&src.url(), ""));
+    let v = dr.dr_json(&["backup", "redis"]);
+    assert_eq!(v["snapshot"]["sync"], "sync", "{v}");
+    restore_and_compare(&dr, &src, "restored", 200, 20_000, "cache");
+}

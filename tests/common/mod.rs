@@ -80,3 +80,78 @@ pub mod redis;
 pub fn dr_bin() -> &'static str {
     env!("CARGO_BIN_EXE_dr")
 }
+
+/// Writes a test CA (`ca.crt`), an unrelated CA (`other-ca.crt`) and a server
+/// certificate for 127.0.0.1 signed by the first (`server.crt`, `server.key`)
+/// into `tls`.
+pub fn test_certificates(tls: &Path) {
+    for ca in ["ca", "other-ca"] {
+        openssl(
+            tls,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.crt"),
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=dr test {ca}"),
+            ],
+        );
+    }
+    openssl(
+        tls,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(tls.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
+    openssl(
+        tls,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let o = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
