@@ -56,6 +56,7 @@ APT_PACKAGES=(
     "make:make"
     "curl:curl"
     "time:/usr/bin/time"
+    "python3-venv:/usr/lib/python3.11/ensurepip/__init__.py"
 )
 
 is_present() {
@@ -180,6 +181,23 @@ install_garage() {
     log "Garage: installed ($GARAGE_BIN, $GARAGE_VERSION)"
 }
 
+# moto's S3 server (the S3 implementation with Object Lock used by the tests),
+# in a virtualenv of its own so the system Python stays untouched.
+MOTO_VENV=${DR_MOTO_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/dr/moto-venv}
+MOTO_VERSION_REQ="moto[server]>=5.1,<6"
+install_moto() {
+    if [[ -x $MOTO_VENV/bin/moto_server ]] && "$MOTO_VENV/bin/python" -c 'import moto.server' 2>/dev/null; then
+        log "moto: present ($MOTO_VENV, $("$MOTO_VENV/bin/python" -c 'import moto; print(moto.__version__)'))"
+        return 0
+    fi
+    log "moto: installing '$MOTO_VERSION_REQ' from PyPI into $MOTO_VENV"
+    /usr/bin/python3 -m venv "$MOTO_VENV" ||
+        die "'python3 -m venv $MOTO_VENV' failed (is python3-venv installed?)"
+    "$MOTO_VENV/bin/pip" install -q "$MOTO_VERSION_REQ" ||
+        die "'pip install $MOTO_VERSION_REQ' failed; see the pip output above (PyPI must be reachable)"
+    log "moto: installed"
+}
+
 install_apt_packages
 require_cargo
 # --demo: what scripts/demo.sh needs (no test runner, no S3 server).
@@ -189,4 +207,5 @@ if [[ ${1:-} == --demo ]]; then
 fi
 install_nextest
 install_garage
+install_moto
 log "done"

@@ -80,6 +80,11 @@ pub enum RegionsError {
 pub struct Regions {
     regions: Vec<Region>,
     min_regions: usize,
+    /// Regions that failed a write in this process, with the first failure.
+    /// They are skipped for the rest of the process: paying a dead region's
+    /// timeouts once per object would stall a backup, and it keeps the rule
+    /// that a manifest goes only to regions that took every object before it.
+    down: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl Regions {
@@ -89,6 +94,32 @@ impl Regions {
         Regions {
             regions,
             min_regions,
+            down: Default::default(),
+        }
+    }
+
+    /// Regions skipped for writes after a failure, with the reason.
+    pub fn degraded(&self) -> Vec<(String, String)> {
+        match self.down.lock() {
+            Ok(d) => d.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn is_down(&self, name: &str) -> Option<String> {
+        self.down.lock().ok().and_then(|d| d.get(name).cloned())
+    }
+
+    fn mark_down(&self, name: &str, why: &StoreError) {
+        // Only backend failures say something about the region itself.
+        if !matches!(why, StoreError::Backend { .. }) {
+            return;
+        }
+        if let Ok(mut d) = self.down.lock()
+            && !d.contains_key(name)
+        {
+            tracing::warn!(region = %name, error = %why, "region marked degraded: further writes skip it; `dr repo sync` catches it up");
+            d.insert(name.to_string(), why.to_string());
         }
     }
 
@@ -147,10 +178,26 @@ impl Regions {
     pub async fn put(&self, key: &str, mut body: ByteStream) -> Result<PutReport, RegionsError> {
         let mut senders = Vec::with_capacity(self.regions.len());
         let mut puts = Vec::with_capacity(self.regions.len());
+        let mut skipped = Vec::new();
+        let mut live_regions = Vec::new();
         for r in &self.regions {
+            if let Some(why) = self.is_down(&r.name) {
+                skipped.push((
+                    r.name.clone(),
+                    StoreError::Backend {
+                        store: r.name.clone(),
+                        op: "put",
+                        key: key.to_string(),
+                        message: format!("skipped: region degraded earlier in this run ({why})"),
+                        transient: true,
+                    },
+                ));
+                continue;
+            }
             let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
             senders.push(Some(tx));
             puts.push(r.store.put(key, super::channel_stream(rx)));
+            live_regions.push(r);
         }
         let pump = async move {
             let mut total = 0u64;
@@ -192,9 +239,9 @@ impl Regions {
         let mut report = PutReport {
             bytes: 0,
             ok: Vec::new(),
-            failed: Vec::new(),
+            failed: skipped,
         };
-        for (r, res) in self.regions.iter().zip(results) {
+        for (r, res) in live_regions.into_iter().zip(results) {
             match res {
                 Ok(n) => {
                     report.bytes = n;
@@ -202,6 +249,7 @@ impl Regions {
                 }
                 Err(e) => {
                     tracing::warn!(region = %r.name, key, error = %e, "region write failed");
+                    self.mark_down(&r.name, &e);
                     report.failed.push((r.name.clone(), e));
                 }
             }
@@ -230,18 +278,42 @@ impl Regions {
         self.put(key, super::once(body)).await
     }
 
-    /// Lists `prefix` in the first region that answers.
+    /// Lists `prefix` in every region and returns the union (an object one
+    /// region lost is still found in another), with the first answering
+    /// region's name. Fails only when no region answers.
     pub async fn list(&self, prefix: &str) -> Result<(String, Vec<ObjectInfo>), RegionsError> {
+        let listings = self.list_each(prefix).await;
         let mut tried = Vec::new();
-        for r in &self.regions {
-            match r.store.list(prefix).await {
-                Ok(v) => return Ok((r.name.clone(), v)),
-                Err(e) => tried.push(format!("[{}] {e}", r.name)),
+        let mut first = None;
+        let mut union: std::collections::BTreeMap<String, ObjectInfo> = Default::default();
+        for (name, res) in listings {
+            match res {
+                Ok(v) => {
+                    first.get_or_insert(name);
+                    for o in v {
+                        union.entry(o.key.clone()).or_insert(o);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(region = %name, error = %e, "listing failed; using the other regions");
+                    tried.push(format!("[{name}] {e}"));
+                }
             }
         }
-        Err(RegionsError::Unavailable {
-            key: prefix.to_string(),
-            details: tried.join("; "),
-        })
+        match first {
+            Some(name) => Ok((name, union.into_values().collect())),
+            None => Err(RegionsError::Unavailable {
+                key: prefix.to_string(),
+                details: tried.join("; "),
+            }),
+        }
+    }
+
+    /// Lists `prefix` in every region concurrently, in preference order.
+    pub async fn list_each(&self, prefix: &str) -> Vec<(String, Result<Vec<ObjectInfo>, StoreError>)> {
+        let lists = self.regions.iter().map(|r| async move {
+            (r.name.clone(), r.store.list(prefix).await)
+        });
+        futures::future::join_all(lists).await
     }
 }
