@@ -89,10 +89,19 @@ pub async fn run(cfg: &Config) -> CheckReport {
         }
         .to_string();
         let payload = Bytes::from(format!("dr check probe {}", Utc::now().to_rfc3339()));
+        let mut note = String::new();
         let res = async {
+            if let crate::store::Store::S3(s3) = &r.store {
+                s3.check_object_lock().await?;
+            }
             r.store.put_bytes(&probe, payload.clone()).await?;
             let back = r.store.get_bytes(&probe).await?;
-            r.store.delete(&probe).await?;
+            match r.store.delete(&probe).await {
+                Err(crate::store::StoreError::Locked { until, .. }) => {
+                    note = format!("; Object Lock on, probe kept until {until}");
+                }
+                other => other?,
+            }
             Ok::<bool, crate::store::StoreError>(back == payload)
         }
         .await;
@@ -103,7 +112,7 @@ pub async fn run(cfg: &Config) -> CheckReport {
                     &name,
                     Status::Ok,
                     format!(
-                        "{}: writable, {} ms round trip",
+                        "{}: writable, {} ms round trip{note}",
                         r.store.describe(),
                         t.elapsed().as_millis()
                     ),

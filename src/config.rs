@@ -260,6 +260,11 @@ pub struct RegionConfig {
     pub secret_access_key_file: Option<PathBuf>,
     /// s3: multipart part size in MiB.
     pub part_size_mib: Option<usize>,
+    /// s3: write every object with S3 Object Lock retention of this many days
+    /// (the bucket must have Object Lock enabled).
+    pub object_lock_days: Option<u32>,
+    /// s3: `"compliance"` (default; nobody can shorten it) or `"governance"`.
+    pub object_lock_mode: Option<String>,
 }
 
 /// A validated region backend.
@@ -293,6 +298,17 @@ pub struct S3Region {
     pub secret_access_key: Option<SecretSource>,
     /// Multipart part size in bytes.
     pub part_size: usize,
+    /// Object Lock retention written with every object, if any.
+    pub object_lock: Option<ObjectLock>,
+}
+
+/// S3 Object Lock retention applied to every object a region stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectLock {
+    /// Retention period.
+    pub days: u32,
+    /// COMPLIANCE (true) or GOVERNANCE mode.
+    pub compliance: bool,
 }
 
 /// Where a secret is read from.
@@ -342,6 +358,7 @@ impl fmt::Debug for S3Region {
             .field("access_key_id", &self.access_key_id)
             .field("secret_access_key", &self.secret_access_key)
             .field("part_size", &self.part_size)
+            .field("object_lock", &self.object_lock)
             .finish()
     }
 }
@@ -587,6 +604,8 @@ impl Config {
             ("secret_access_key_env", r.secret_access_key_env.is_some()),
             ("secret_access_key_file", r.secret_access_key_file.is_some()),
             ("part_size_mib", r.part_size_mib.is_some()),
+            ("object_lock_days", r.object_lock_days.is_some()),
+            ("object_lock_mode", r.object_lock_mode.is_some()),
         ];
         match r.kind.get_ref().as_str() {
             "fs" => {
@@ -657,7 +676,31 @@ impl Config {
                         ));
                     }
                 }
+                let object_lock = match (r.object_lock_days, r.object_lock_mode.as_deref()) {
+                    (None, None) => None,
+                    (None, Some(_)) => {
+                        return fail(
+                            "object_lock_mode needs object_lock_days (the retention period)".into(),
+                        );
+                    }
+                    (Some(0), _) => {
+                        return fail("object_lock_days must be at least 1".into());
+                    }
+                    (Some(days), mode) => {
+                        let compliance = match mode.unwrap_or("compliance") {
+                            "compliance" => true,
+                            "governance" => false,
+                            m => {
+                                return fail(format!(
+                                    "object_lock_mode {m:?} is unknown; use \"compliance\" or \"governance\""
+                                ));
+                            }
+                        };
+                        Some(ObjectLock { days, compliance })
+                    }
+                };
                 Ok(RegionKind::S3(S3Region {
+                    object_lock,
                     endpoint: r.endpoint.clone(),
                     bucket,
                     prefix: prefix.trim_matches('/').to_string(),

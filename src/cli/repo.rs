@@ -91,9 +91,12 @@ pub async fn run(cmd: Command, config: Option<&Path>, out: &Out) -> anyhow::Resu
                 );
                 if !rep.cleaned_up {
                     println!(
-                        "note: the temporary object {} could not be removed everywhere",
+                        "note: the temporary object {} could not be removed everywhere:",
                         rep.key
                     );
+                    for n in &rep.cleanup_notes {
+                        println!("  {n}");
+                    }
                 }
             }
             Ok(if ok {

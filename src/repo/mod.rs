@@ -401,6 +401,8 @@ pub struct SelftestReport {
     pub regions: Vec<SelftestRegion>,
     /// Whether the temporary object was removed afterwards.
     pub cleaned_up: bool,
+    /// Why the object was kept in some region (e.g. locked by Object Lock).
+    pub cleanup_notes: Vec<String>,
 }
 
 impl Repository {
@@ -440,9 +442,11 @@ impl Repository {
             });
         }
         let mut cleaned_up = true;
+        let mut cleanup_notes = Vec::new();
         for r in self.regions.iter() {
-            if r.store.delete(&key.to_string()).await.is_err() {
+            if let Err(e) = r.store.delete(&key.to_string()).await {
                 cleaned_up = false;
+                cleanup_notes.push(format!("[{}] {e}", r.name));
             }
         }
         Ok(SelftestReport {
@@ -453,6 +457,7 @@ impl Repository {
             write_seconds,
             regions,
             cleaned_up,
+            cleanup_notes,
         })
     }
 }

@@ -104,6 +104,16 @@ pub enum StoreError {
         /// Object key.
         key: String,
     },
+    /// Deletion refused: the object's S3 Object Lock retention has not expired.
+    #[error("{store}: {key} is locked until {until} (S3 Object Lock); kept")]
+    Locked {
+        /// Store name.
+        store: String,
+        /// Object key.
+        key: String,
+        /// Retention end (UTC).
+        until: String,
+    },
     /// The key is not a valid repository key.
     #[error("invalid object key {key:?}: {why}")]
     InvalidKey {

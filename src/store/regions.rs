@@ -310,10 +310,14 @@ impl Regions {
     }
 
     /// Lists `prefix` in every region concurrently, in preference order.
-    pub async fn list_each(&self, prefix: &str) -> Vec<(String, Result<Vec<ObjectInfo>, StoreError>)> {
-        let lists = self.regions.iter().map(|r| async move {
-            (r.name.clone(), r.store.list(prefix).await)
-        });
+    pub async fn list_each(
+        &self,
+        prefix: &str,
+    ) -> Vec<(String, Result<Vec<ObjectInfo>, StoreError>)> {
+        let lists = self
+            .regions
+            .iter()
+            .map(|r| async move { (r.name.clone(), r.store.list(prefix).await) });
         futures::future::join_all(lists).await
     }
 }

@@ -33,6 +33,7 @@ pub struct S3Store {
     prefix: String,
     part_size: usize,
     label: String,
+    object_lock: Option<crate::config::ObjectLock>,
 }
 
 impl S3Store {
@@ -83,6 +84,7 @@ impl S3Store {
             prefix: cfg.prefix.clone(),
             part_size: cfg.part_size,
             label,
+            object_lock: cfg.object_lock,
         })
     }
 
@@ -160,21 +162,27 @@ impl S3Store {
         }
         if ended {
             let n = buf.len() as u64;
+            let (mode, until) = self.retention();
             self.client
                 .put_object()
                 .bucket(&self.bucket)
                 .key(&full)
                 .body(SdkBody::from(buf.freeze()))
+                .set_object_lock_mode(mode)
+                .set_object_lock_retain_until_date(until)
                 .send()
                 .await
                 .map_err(|e| self.err("put", key, e))?;
             return Ok(n);
         }
+        let (mode, until) = self.retention();
         let upload = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(&full)
+            .set_object_lock_mode(mode)
+            .set_object_lock_retain_until_date(until)
             .send()
             .await
             .map_err(|e| self.err("put", key, e))?;
@@ -280,6 +288,25 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| self.err("put", key, e))?;
+        // Not every server applies retention given at upload creation; set it
+        // on the completed object as well (extending retention is always allowed).
+        if let (Some(mode), Some(until)) = self.retention() {
+            self.client
+                .put_object_retention()
+                .bucket(&self.bucket)
+                .key(full)
+                .retention(
+                    aws_sdk_s3::types::ObjectLockRetention::builder()
+                        .mode(aws_sdk_s3::types::ObjectLockRetentionMode::from(
+                            mode.as_str(),
+                        ))
+                        .retain_until_date(until)
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| self.err("put (object lock retention)", key, e))?;
+        }
         Ok(total)
     }
 
@@ -367,25 +394,165 @@ impl S3Store {
         Ok(out)
     }
 
+    /// Object Lock settings for a new object.
+    fn retention(
+        &self,
+    ) -> (
+        Option<aws_sdk_s3::types::ObjectLockMode>,
+        Option<aws_smithy_types::DateTime>,
+    ) {
+        use aws_sdk_s3::types::ObjectLockMode;
+        match self.object_lock {
+            None => (None, None),
+            Some(l) => {
+                let until = chrono::Utc::now() + chrono::Duration::days(i64::from(l.days));
+                let mode = if l.compliance {
+                    ObjectLockMode::Compliance
+                } else {
+                    ObjectLockMode::Governance
+                };
+                (
+                    Some(mode),
+                    Some(aws_smithy_types::DateTime::from_secs(until.timestamp())),
+                )
+            }
+        }
+    }
+
     pub(super) async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.client
-            .delete_object()
+        let full = self.full(key);
+        if self.object_lock.is_none() {
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .send()
+                .await
+                .map_err(|e| self.err("delete", key, e))?;
+            return Ok(());
+        }
+        // A locked bucket is versioned: a plain delete would only hide the
+        // object behind a delete marker. Refuse while retention runs, then
+        // delete every version for real.
+        let head = match self
+            .client
+            .head_object()
             .bucket(&self.bucket)
-            .key(self.full(key))
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(h) => Some(h),
+            Err(SdkError::ServiceError(se)) if se.err().is_not_found() => None,
+            Err(e) => return Err(self.err("delete", key, e)),
+        };
+        if let Some(until) = head
+            .as_ref()
+            .and_then(|h| h.object_lock_retain_until_date())
+            && until.secs() > chrono::Utc::now().timestamp()
+        {
+            let until = chrono::DateTime::from_timestamp(until.secs(), 0)
+                .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                .unwrap_or_else(|| until.to_string());
+            return Err(StoreError::Locked {
+                store: self.describe(),
+                key: key.to_string(),
+                until,
+            });
+        }
+        let versions = self
+            .client
+            .list_object_versions()
+            .bucket(&self.bucket)
+            .prefix(&full)
             .send()
             .await
             .map_err(|e| self.err("delete", key, e))?;
+        let ids: Vec<String> = versions
+            .versions()
+            .iter()
+            .filter(|v| v.key() == Some(full.as_str()))
+            .filter_map(|v| v.version_id().map(str::to_string))
+            .chain(
+                versions
+                    .delete_markers()
+                    .iter()
+                    .filter(|m| m.key() == Some(full.as_str()))
+                    .filter_map(|m| m.version_id().map(str::to_string)),
+            )
+            .collect();
+        for id in ids {
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .version_id(id)
+                .send()
+                .await
+                .map_err(|e| self.err("delete", key, e))?;
+        }
         Ok(())
+    }
+
+    /// Fails unless the bucket has Object Lock enabled, when this region is
+    /// configured to lock objects (checked by `dr repo init` and `dr check`).
+    pub async fn check_object_lock(&self) -> Result<(), StoreError> {
+        let Some(lock) = self.object_lock else {
+            return Ok(());
+        };
+        let not_enabled = |why: String| StoreError::Backend {
+            store: self.describe(),
+            op: "object lock check",
+            key: self.bucket.clone(),
+            message: format!(
+                "object_lock_days = {} but {why}; create the bucket with Object Lock enabled \
+                 (it cannot be turned on later for existing buckets on most servers) or remove object_lock_days",
+                lock.days
+            ),
+            transient: false,
+        };
+        match self
+            .client
+            .get_object_lock_configuration()
+            .bucket(&self.bucket)
+            .send()
+            .await
+        {
+            Ok(out) => {
+                let enabled = out
+                    .object_lock_configuration()
+                    .and_then(|c| c.object_lock_enabled())
+                    .is_some_and(|e| e.as_str() == "Enabled");
+                if enabled {
+                    Ok(())
+                } else {
+                    Err(not_enabled(format!(
+                        "bucket {} does not have Object Lock enabled",
+                        self.bucket
+                    )))
+                }
+            }
+            Err(SdkError::ServiceError(se))
+                if se.err().code() == Some("ObjectLockConfigurationNotFoundError") =>
+            {
+                Err(not_enabled(format!(
+                    "bucket {} has no Object Lock configuration",
+                    self.bucket
+                )))
+            }
+            Err(e) => Err(self.err("object lock check", &self.bucket, e)),
+        }
     }
 
     /// Creates the bucket if it does not exist (for `dr repo init`).
     pub async fn ensure_bucket(&self) -> Result<(), StoreError> {
         match self.client.head_bucket().bucket(&self.bucket).send().await {
-            Ok(_) => Ok(()),
+            Ok(_) => self.check_object_lock().await,
             Err(SdkError::ServiceError(se)) if se.err().is_not_found() => {
                 self.client
                     .create_bucket()
                     .bucket(&self.bucket)
+                    .set_object_lock_enabled_for_bucket(self.object_lock.map(|_| true))
                     .send()
                     .await
                     .map_err(|e| self.err("create bucket", &self.bucket, e))?;

@@ -44,6 +44,7 @@ pub fn garage_region(prefix: &str) -> S3Region {
             "Garage (S3)",
         ))),
         part_size: 8 << 20,
+        object_lock: None,
     }
 }
 
