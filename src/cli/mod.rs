@@ -6,6 +6,7 @@ mod output;
 mod pg;
 mod redis;
 mod repo;
+mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,6 +53,9 @@ enum Command {
     /// Restore to a point in time.
     #[command(subcommand)]
     Restore(RestoreCmd),
+    /// Check every object in every region: --list (exists, right size) or
+    /// --read-data (decode and hash every copy).
+    Verify(verify::Args),
     /// List backups and the recoverable window.
     #[command(subcommand)]
     List(ListCmd),
@@ -131,6 +135,7 @@ pub fn run() -> ExitCode {
             Command::Keygen(args) => keygen::run(args, &out),
             Command::Repo(cmd) => repo::run(cmd, cli.config.as_deref(), &out).await,
             Command::Check => check::run(cli.config.as_deref(), &out).await,
+            Command::Verify(args) => verify::run(args, cli.config.as_deref(), &out).await,
             Command::Backup(BackupCmd::Pg { name }) => {
                 pg::backup(name, cli.config.as_deref(), &out).await
             }
@@ -235,4 +240,25 @@ async fn audited_open(
             Err(e.into())
         }
     }
+}
+
+/// Says which regions were skipped after a failure (degraded mode) and returns
+/// them for JSON output. Writes still met `min_regions`.
+fn report_degraded(repo: &dr::repo::Repository, out: &Out) -> serde_json::Value {
+    let d = repo.regions.degraded();
+    if !out.json {
+        for (region, why) in &d {
+            eprintln!(
+                "DEGRADED: region {region} missed writes ({why}); {} of {} regions hold this run's data (min_regions = {}). Run `dr repo sync` once it is back.",
+                repo.regions.len() - d.len(),
+                repo.regions.len(),
+                repo.regions.min_regions()
+            );
+        }
+    }
+    serde_json::json!(
+        d.iter()
+            .map(|(r, why)| serde_json::json!({ "region": r, "error": why }))
+            .collect::<Vec<_>>()
+    )
 }

@@ -9,7 +9,7 @@ use dr::postgres::{backup, restore, wal};
 use dr::repo::Repository;
 
 use super::output::{bytes, table, with_progress};
-use super::{Out, audited_open, load_config, parse_to};
+use super::{Out, audited_open, load_config, parse_to, report_degraded};
 
 /// `dr restore pg` arguments.
 #[derive(clap::Args)]
@@ -68,8 +68,9 @@ pub async fn backup(
         backup::backup(&repo, &cluster, pg, progress),
     )
     .await?;
+    let degraded = report_degraded(&repo, out);
     if out.json {
-        out.json(&serde_json::json!({ "ok": true, "backup": r }));
+        out.json(&serde_json::json!({ "ok": true, "backup": r, "degraded": degraded }));
     } else {
         println!(
             "backup {} of {}: {} in {} files → {} stored in {} objects, {:.1}s ({:.0} MB/s), WAL {}..{} timeline {}",
@@ -277,8 +278,9 @@ pub async fn wal_push(
     let system_id = dr::postgres::system_id(&dr::postgres::archive_data_dir(pg))?;
     let repo = Repository::open(&cfg).await?;
     let r = wal::push(&repo, &cluster, system_id, &path).await?;
+    let degraded = report_degraded(&repo, out);
     if out.json {
-        out.json(&serde_json::json!({ "ok": true, "wal_push": r }));
+        out.json(&serde_json::json!({ "ok": true, "wal_push": r, "degraded": degraded }));
     } else {
         tracing::info!(file = %r.file, already = r.already_archived, regions = ?r.regions, "archived");
     }

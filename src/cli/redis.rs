@@ -8,7 +8,7 @@ use dr::redis::{restore, snapshot};
 use dr::repo::Repository;
 
 use super::output::{bytes, table, with_progress};
-use super::{Out, audited_open, load_config, parse_to};
+use super::{Out, audited_open, load_config, parse_to, report_degraded};
 
 /// `dr restore redis` arguments.
 #[derive(clap::Args)]
@@ -49,8 +49,9 @@ pub async fn backup(
         snapshot::snapshot(&repo, &instance, rc, progress),
     )
     .await?;
+    let degraded = report_degraded(&repo, out);
     if out.json {
-        out.json(&serde_json::json!({ "ok": true, "snapshot": r }));
+        out.json(&serde_json::json!({ "ok": true, "snapshot": r, "degraded": degraded }));
     } else {
         println!(
             "snapshot {} of [redis.{instance}] (Redis {}, {}{}): {} keys, {} → {} stored in {:.1}s ({:.0} MB/s; server took {:.1}s to start sending)",

@@ -23,11 +23,25 @@ pub enum Command {
         #[arg(long, default_value_t = 64 << 20)]
         size: u64,
     },
+    /// Copy what a region is missing (and replace bad copies) from the others,
+    /// as ciphertext; manifests go last.
+    Sync {
+        /// Only bring this region up to date.
+        #[arg(long)]
+        region: Option<String>,
+        /// Also decode every copy to find bad ones of the right size (needs
+        /// the identity; reads everything).
+        #[arg(long)]
+        read_data: bool,
+    },
 }
 
 pub async fn run(cmd: Command, config: Option<&Path>, out: &Out) -> anyhow::Result<ExitCode> {
     let cfg = load_config(config)?;
     match cmd {
+        Command::Sync { region, read_data } => {
+            super::verify::sync(&cfg, region.as_deref(), read_data, out).await
+        }
         Command::Init => {
             let rep = Repository::init(&cfg).await?;
             if out.json {

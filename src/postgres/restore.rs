@@ -177,7 +177,10 @@ pub async fn restore(
                 .query_one("SELECT pg_is_in_recovery()", &[])
                 .await
                 .map_err(|source| PgError::Sql {
-                    what: "pg_is_in_recovery()".into(),
+                    what: format!(
+                        "waiting for recovery (pg_is_in_recovery()){}",
+                        super::server::log_tail(&log)
+                    ),
                     source,
                 })?;
             let in_recovery: bool = row.get(0);

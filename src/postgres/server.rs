@@ -90,23 +90,29 @@ pub async fn start(
             ))
         })?;
     if !out.status.success() {
-        let tail = std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .lines()
-            .rev()
-            .take(8)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect::<Vec<_>>()
-            .join("\n  ");
         return Err(PgError::Other(format!(
-            "PostgreSQL did not start on {}: {}\n  {tail}",
+            "PostgreSQL did not start on {}: {}{}",
             data_dir.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
+            String::from_utf8_lossy(&out.stderr).trim(),
+            log_tail(log)
         )));
     }
     Ok(())
+}
+
+/// The last lines of a server log, indented, for error messages.
+pub fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(8).collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let lines: Vec<&str> = lines.into_iter().rev().collect();
+    format!(
+        "\n  server log {}:\n  {}",
+        log.display(),
+        lines.join("\n  ")
+    )
 }
 
 /// Stops the server on `data_dir` (fast mode).

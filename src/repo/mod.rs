@@ -1,6 +1,8 @@
 //! The repository: regions + codec + the `dr-repo.json` descriptor.
 
 pub mod layout;
+pub mod sync;
+pub mod verify;
 
 use std::time::Instant;
 
@@ -91,6 +93,9 @@ pub enum RepoError {
     /// Key material problem.
     #[error(transparent)]
     Keys(#[from] keys::KeyError),
+    /// Anything else, already worded for the user.
+    #[error("{0}")]
+    Other(String),
 }
 
 /// An open repository.

@@ -156,3 +156,115 @@ fn openssl(dir: &std::path::Path, args: &[&str]) {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// A TCP forwarder to a real server that can be switched off, so a region
+/// becomes unreachable (connections refused) and comes back, as a network
+/// outage would, without stopping the server other tests share.
+pub struct Gate {
+    /// Port on 127.0.0.1.
+    pub port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Gate {
+    /// Forwards 127.0.0.1:`port` to 127.0.0.1:`upstream`, open.
+    pub fn start(upstream: u16) -> Gate {
+        use std::sync::atomic::Ordering;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        l.set_nonblocking(true).expect("nonblocking");
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (o, s) = (open.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let Ok((client, _)) = l.accept() else {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    continue;
+                };
+                if !o.load(Ordering::Relaxed) {
+                    drop(client);
+                    continue;
+                }
+                let _ = client.set_nonblocking(false);
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                for (mut from, mut to, o) in [
+                    (client.try_clone(), server.try_clone(), o.clone()),
+                    (server.try_clone(), client.try_clone(), o.clone()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b, o)| Some((a.ok()?, b.ok()?, o)))
+                {
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buf = [0u8; 64 << 10];
+                        // A closed gate also cuts connections already open.
+                        let _ = from.set_read_timeout(Some(std::time::Duration::from_millis(200)));
+                        loop {
+                            if !o.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            match from.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock
+                                            | std::io::ErrorKind::TimedOut
+                                    ) => {}
+                                Err(_) => break,
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Gate { port, open, stop }
+    }
+
+    /// Opens or closes the gate.
+    pub fn set_open(&self, open: bool) {
+        self.open.store(open, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// TOML for an S3 region; credentials are read from the named variables.
+pub fn s3_region_toml(
+    name: &str,
+    endpoint: &str,
+    bucket: &str,
+    prefix: &str,
+    s3_region: &str,
+    key_env: &str,
+    secret_env: &str,
+    extra: &str,
+) -> String {
+    format!(
+        "[[region]]\nname = \"{name}\"\ntype = \"s3\"\nendpoint = \"{endpoint}\"\nbucket = \"{bucket}\"\nprefix = \"{prefix}\"\ns3_region = \"{s3_region}\"\npath_style = true\naccess_key_id_env = \"{key_env}\"\nsecret_access_key_env = \"{secret_env}\"\n{extra}\n"
+    )
+}
+
+/// The port of an `http://127.0.0.1:PORT` endpoint.
+pub fn endpoint_port(endpoint: &str) -> u16 {
+    endpoint
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .unwrap_or_else(|| panic!("no port in endpoint {endpoint}"))
+}

@@ -321,3 +321,89 @@ impl TestPg {
         run_as(&self.user, &self.dr, &all)
     }
 }
+
+/// Data at a moment, to compare a restore against.
+pub struct Mark {
+    /// The moment, RFC 3339 UTC.
+    pub at: String,
+    /// sum(abalance).
+    pub balance: String,
+    /// count(*) of pgbench_history.
+    pub history: String,
+}
+
+/// Records the moment between two quiet gaps, and the data at it.
+pub fn mark(pg: &TestPg) -> Mark {
+    // Quiet gaps around the mark so the target falls between commits.
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let at = pg.sql(
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    );
+    let balance = pg.sql("SELECT sum(abalance) FROM pgbench_accounts");
+    let history = pg.sql("SELECT count(*) FROM pgbench_history");
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    Mark {
+        at,
+        balance,
+        history,
+    }
+}
+
+/// Restores to `to` with --start and checks the data, a promoted server and
+/// amcheck on every btree index.
+pub fn restore_and_check(pg: &mut TestPg, to: &str, name: &str, balance: &str, history: &str) {
+    let dir = pg.target(name);
+    let port = free_port();
+    pg.track(dir.clone());
+    let o = pg.dr(&[
+        "--json",
+        "restore",
+        "pg",
+        "--to",
+        to,
+        "--target",
+        dir.to_str().expect("utf8"),
+        "--start",
+        "--port",
+        &port.to_string(),
+        "--no-archive",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("restore json");
+    assert_eq!(v["restore"]["started"], true);
+    eprintln!(
+        "restored {to}: expect balance {balance} history {history}; report {}",
+        v["restore"]
+    );
+    assert_eq!(
+        pg.sql_at(port, "SELECT sum(abalance) FROM pgbench_accounts"),
+        balance,
+        "balance at {to}"
+    );
+    assert_eq!(
+        pg.sql_at(port, "SELECT count(*) FROM pgbench_history"),
+        history,
+        "history at {to}"
+    );
+    assert_eq!(pg.sql_at(port, "SELECT pg_is_in_recovery()"), "f");
+    pg.sql_at(port, "CREATE EXTENSION IF NOT EXISTS amcheck");
+    let bad = pg.sql_at(
+        port,
+        "SELECT count(*) FROM (SELECT bt_index_check(c.oid) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+         JOIN pg_am a ON a.oid = c.relam WHERE a.amname = 'btree' AND c.relpersistence <> 't') x",
+    );
+    assert!(!bad.is_empty());
+    pg.stop(&dir);
+}
+
+/// An fs region the PostgreSQL OS user can write (archive_command runs as it).
+pub fn fs_repo(dir: &tempfile::TempDir) -> String {
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&repo).expect("mkdir");
+    chown(&repo, &super::require_env("DR_TEST_OS_USER", "PostgreSQL"));
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    super::fs_region_toml("local", &repo)
+}

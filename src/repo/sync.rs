@@ -1,0 +1,272 @@
+//! `dr repo sync`: copy what a region is missing, and replace copies that are
+//! bad, from regions holding good copies. Copies are ciphertext as stored:
+//! nothing is decrypted or re-encrypted, so a host without the identity can
+//! run it (except `--read-data`, which decodes every copy to find bad ones).
+//!
+//! Data objects go first and manifests last, and a region that failed any
+//! copy gets no manifests in that run: a manifest never becomes visible in a
+//! region before the objects it lists.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::verify::{ExpectedObject, Level};
+use super::{RepoError, Repository};
+use crate::store::Store;
+
+/// What one region received.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RegionSync {
+    /// Region name.
+    pub region: String,
+    /// Objects it lacked.
+    pub missing: u64,
+    /// Copies it held that were bad (wrong size, or failing `--read-data`).
+    pub bad: u64,
+    /// Objects copied in.
+    pub copied: u64,
+    /// Bad copies replaced.
+    pub replaced: u64,
+    /// Stored bytes copied.
+    pub bytes: u64,
+    /// Manifests not copied because an object copy failed.
+    pub manifests_held_back: u64,
+    /// Failures, one line each.
+    pub failed: Vec<String>,
+    /// The region could not be listed.
+    pub unreachable: Option<String>,
+}
+
+/// Result of a sync.
+#[derive(Debug, Clone, Serialize)]
+pub struct SyncReport {
+    /// Distinct objects seen over all regions.
+    pub objects: usize,
+    /// Per target region.
+    pub regions: Vec<RegionSync>,
+}
+
+impl SyncReport {
+    /// True when every target region is now complete.
+    pub fn complete(&self) -> bool {
+        self.regions
+            .iter()
+            .all(|r| r.failed.is_empty() && r.unreachable.is_none() && r.manifests_held_back == 0)
+    }
+}
+
+/// Brings `only` (or every region) up to date. `expected` (from the
+/// manifests) gives authoritative sizes and, with `read_data`, lets bad
+/// copies of the same size be found by decoding them.
+pub async fn sync(
+    repo: &Repository,
+    only: Option<&str>,
+    expected: Option<&[ExpectedObject]>,
+    read_data: bool,
+) -> Result<SyncReport, RepoError> {
+    if let Some(name) = only
+        && repo.regions.get_region(name).is_none()
+    {
+        let names: Vec<&str> = repo.regions.iter().map(|r| r.name.as_str()).collect();
+        return Err(RepoError::Other(format!(
+            "no region named {name:?}; configured: {}",
+            names.join(", ")
+        )));
+    }
+    let listings = repo.regions.list_each("").await;
+    let mut have: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut unreachable = BTreeMap::new();
+    for (region, res) in listings {
+        match res {
+            Ok(v) => {
+                let m = v
+                    .into_iter()
+                    .filter(|o| !o.key.starts_with("selftest/"))
+                    .map(|o| (o.key, o.size))
+                    .collect();
+                have.insert(region, m);
+            }
+            Err(e) => {
+                unreachable.insert(region, e.to_string());
+            }
+        }
+    }
+    let order: Vec<String> = repo.regions.iter().map(|r| r.name.clone()).collect();
+    let keys: BTreeSet<&String> = have.values().flat_map(|m| m.keys()).collect();
+    let authoritative: BTreeMap<&str, u64> = expected
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|o| Some((o.key.as_str(), o.expect.stored_size?)))
+        .collect();
+    // The right stored size of each key: from a manifest, else the size most
+    // regions agree on (ties: the preferred region's).
+    let mut reference: BTreeMap<String, u64> = BTreeMap::new();
+    for k in &keys {
+        let size = authoritative.get(k.as_str()).copied().or_else(|| {
+            let mut votes: BTreeMap<u64, (usize, usize)> = BTreeMap::new();
+            for (i, r) in order.iter().enumerate() {
+                if let Some(s) = have.get(r).and_then(|m| m.get(*k)) {
+                    let v = votes.entry(*s).or_insert((0, i));
+                    v.0 += 1;
+                }
+            }
+            votes
+                .into_iter()
+                .max_by(|a, b| a.1.0.cmp(&b.1.0).then(b.1.1.cmp(&a.1.1)))
+                .map(|(s, _)| s)
+        });
+        if let Some(s) = size {
+            reference.insert((*k).clone(), s);
+        }
+    }
+    // Copies that decode badly, per region.
+    let mut corrupt: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    if read_data {
+        let expected = expected.ok_or_else(|| {
+            RepoError::Other("--read-data needs the manifests; configure identity_file".into())
+        })?;
+        let rep = super::verify::verify(repo, expected, Level::ReadData, None, Vec::new()).await?;
+        for p in rep.problems.iter().filter(|p| p.kind == "corrupt") {
+            corrupt
+                .entry(p.region.clone())
+                .or_default()
+                .insert(p.key.clone());
+        }
+    }
+
+    let mut out = Vec::new();
+    for target in order
+        .iter()
+        .filter(|r| only.is_none_or(|n| n == r.as_str()))
+    {
+        let mut rs = RegionSync {
+            region: target.clone(),
+            ..RegionSync::default()
+        };
+        if let Some(e) = unreachable.get(target) {
+            rs.unreachable = Some(e.clone());
+            out.push(rs);
+            continue;
+        }
+        let empty = BTreeMap::new();
+        let mine = have.get(target).unwrap_or(&empty);
+        let bad_here = corrupt.get(target);
+        let mut todo: Vec<(String, bool)> = Vec::new();
+        for (k, size) in &reference {
+            match mine.get(k) {
+                None => {
+                    rs.missing += 1;
+                    todo.push((k.clone(), false));
+                }
+                Some(s) if s != size || bad_here.is_some_and(|b| b.contains(k)) => {
+                    rs.bad += 1;
+                    todo.push((k.clone(), true));
+                }
+                Some(_) => {}
+            }
+        }
+        let (manifests, objects): (Vec<_>, Vec<_>) = todo
+            .into_iter()
+            .partition(|(k, _)| k.ends_with("/manifest"));
+        for batch in [objects, manifests] {
+            let is_manifests = batch.first().is_some_and(|(k, _)| k.ends_with("/manifest"));
+            if is_manifests && !rs.failed.is_empty() {
+                rs.manifests_held_back = batch.len() as u64;
+                break;
+            }
+            let results: Vec<(String, bool, Result<u64, String>)> = futures::stream::iter(batch)
+                .map(|(k, replace)| {
+                    let sources = sources_for(&k, &order, target, &have, &reference, &corrupt);
+                    async move {
+                        let r = copy_one(repo, &k, target, &sources, replace).await;
+                        (k, replace, r)
+                    }
+                })
+                .buffer_unordered(4)
+                .collect()
+                .await;
+            for (k, replace, r) in results {
+                match r {
+                    Ok(n) => {
+                        rs.bytes += n;
+                        if replace {
+                            rs.replaced += 1;
+                        } else {
+                            rs.copied += 1;
+                        }
+                    }
+                    Err(e) => rs.failed.push(format!("{k}: {e}")),
+                }
+            }
+        }
+        out.push(rs);
+    }
+    Ok(SyncReport {
+        objects: reference.len(),
+        regions: out,
+    })
+}
+
+/// Regions holding a good copy of `key`, in preference order.
+fn sources_for(
+    key: &str,
+    order: &[String],
+    target: &str,
+    have: &BTreeMap<String, BTreeMap<String, u64>>,
+    reference: &BTreeMap<String, u64>,
+    corrupt: &BTreeMap<String, BTreeSet<String>>,
+) -> Vec<String> {
+    let want = reference.get(key);
+    order
+        .iter()
+        .filter(|r| r.as_str() != target)
+        .filter(|r| have.get(*r).and_then(|m| m.get(key)) == want)
+        .filter(|r| !corrupt.get(*r).is_some_and(|b| b.contains(key)))
+        .cloned()
+        .collect()
+}
+
+/// Copies the stored bytes of `key` from the first source that works.
+async fn copy_one(
+    repo: &Repository,
+    key: &str,
+    target: &str,
+    sources: &[String],
+    replace: bool,
+) -> Result<u64, String> {
+    let t = repo
+        .regions
+        .get_region(target)
+        .ok_or_else(|| format!("no region {target}"))?;
+    if sources.is_empty() {
+        return Err("no region holds a good copy".into());
+    }
+    let mut errors = Vec::new();
+    for s in sources {
+        let Some(src) = repo.regions.get_region(s) else {
+            continue;
+        };
+        let body = match src.store.get(key, None).await {
+            Ok(b) => b,
+            Err(e) => {
+                errors.push(format!("[{s}] {e}"));
+                continue;
+            }
+        };
+        // fs objects are create-only: a bad copy goes first. S3 puts replace
+        // (or, in a versioned bucket, add a version) in one step.
+        if replace && matches!(t.store, Store::Fs(_)) {
+            t.store
+                .delete(key)
+                .await
+                .map_err(|e| format!("removing the bad copy: {e}"))?;
+        }
+        match t.store.put(key, body).await {
+            Ok(n) => return Ok(n),
+            Err(e) => errors.push(format!("[{s} → {target}] {e}")),
+        }
+    }
+    Err(errors.join("; "))
+}

@@ -1,0 +1,351 @@
+//! `dr verify --list | --read-data`: does every region hold every object the
+//! manifests and the WAL archive need, with the right size (`--list`), and does
+//! every copy decrypt and hash to what was written (`--read-data`)?
+
+use std::collections::BTreeMap;
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::layout::ObjectKey;
+use super::{RepoError, Repository};
+use crate::codec::Expect;
+
+/// How deep to look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Level {
+    /// Existence and stored size.
+    List,
+    /// Decode every copy and check its hash.
+    ReadData,
+}
+
+/// Which sources to verify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every configured PostgreSQL cluster and Redis instance.
+    All,
+    /// PostgreSQL clusters (one, or all configured).
+    Pg(Vec<String>),
+    /// Redis instances (one, or all configured).
+    Redis(Vec<String>),
+}
+
+/// One object the repository must hold.
+#[derive(Debug, Clone)]
+pub struct ExpectedObject {
+    /// Object key.
+    pub key: String,
+    /// What a correct copy looks like (stored size, plaintext hash and size
+    /// where known).
+    pub expect: Expect,
+}
+
+/// A copy that is missing or bad.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    /// Region holding the bad copy (or lacking it).
+    pub region: String,
+    /// Object key.
+    pub key: String,
+    /// `missing`, `corrupt` or `unreadable`.
+    pub kind: String,
+    /// What was seen.
+    pub detail: String,
+}
+
+/// Per-region tally.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RegionTally {
+    /// Region name.
+    pub region: String,
+    /// Good copies.
+    pub ok: u64,
+    /// Objects not there.
+    pub missing: u64,
+    /// Copies with the wrong size or content.
+    pub corrupt: u64,
+    /// Stored bytes checked.
+    pub bytes: u64,
+    /// The region could not be listed at all.
+    pub unreachable: Option<String>,
+}
+
+/// Result of a verification.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    /// Level used.
+    pub level: Level,
+    /// Objects expected in every region.
+    pub objects: usize,
+    /// Per region.
+    pub regions: Vec<RegionTally>,
+    /// Every problem found.
+    pub problems: Vec<Problem>,
+    /// Manifests that could not be read from any region.
+    pub unreadable_manifests: Vec<(String, String)>,
+}
+
+impl VerifyReport {
+    /// True when every region holds a good copy of everything.
+    pub fn clean(&self) -> bool {
+        self.problems.is_empty()
+            && self.unreadable_manifests.is_empty()
+            && self.regions.iter().all(|r| r.unreachable.is_none())
+    }
+}
+
+/// Collects the objects a scope needs: manifests, the data objects they list,
+/// WAL segments and timeline histories, RDB snapshots. Needs the identity
+/// (manifests are encrypted).
+pub async fn expected_objects(
+    repo: &Repository,
+    scope: &Scope,
+    all_pg: &[String],
+    all_redis: &[String],
+) -> Result<(Vec<ExpectedObject>, Vec<(String, String)>), RepoError> {
+    if !repo.codec.can_decrypt() {
+        return Err(RepoError::Other(
+            "verification reads the encrypted manifests; configure identity_file (or DR_IDENTITY_FILE)".into(),
+        ));
+    }
+    let (pg, redis): (Vec<String>, Vec<String>) = match scope {
+        Scope::All => (all_pg.to_vec(), all_redis.to_vec()),
+        Scope::Pg(v) => (v.clone(), Vec::new()),
+        Scope::Redis(v) => (Vec::new(), v.clone()),
+    };
+    let mut out = BTreeMap::new();
+    let mut unreadable = Vec::new();
+    for cluster in &pg {
+        let (_, objects) = repo.regions.list(&format!("pg/{cluster}/")).await?;
+        for o in &objects {
+            match o.key.parse::<ObjectKey>() {
+                Ok(ObjectKey::PgManifest { system_id, .. }) => {
+                    let m =
+                        match crate::postgres::catalog::read_manifest(repo, &o.key, o.size).await {
+                            Ok(m) => m,
+                            Err(e) => {
+                                unreadable.push((o.key.clone(), e.to_string()));
+                                continue;
+                            }
+                        };
+                    add(&mut out, &o.key, stored(&o.key, o.size));
+                    for d in &m.objects {
+                        let backup = d.backup.clone().unwrap_or_else(|| m.id.to_string());
+                        let Ok(backup) = backup.parse() else {
+                            unreadable.push((o.key.clone(), format!("bad backup id {backup:?}")));
+                            continue;
+                        };
+                        let key = ObjectKey::PgData {
+                            cluster: cluster.clone(),
+                            system_id,
+                            backup,
+                            n: d.n,
+                        }
+                        .to_string();
+                        let e = Expect::from_encoded(&key, &d.encoded);
+                        add(&mut out, &key, e);
+                    }
+                }
+                Ok(ObjectKey::Wal { hash, .. } | ObjectKey::TimelineHistory { hash, .. }) => {
+                    let mut e = stored(&o.key, o.size);
+                    e.plain_hash = Some(hash);
+                    add(&mut out, &o.key, e);
+                }
+                _ => {}
+            }
+        }
+    }
+    for instance in &redis {
+        let cat = crate::redis::restore::RedisCatalog::load(repo, instance)
+            .await
+            .map_err(|e| RepoError::Other(e.to_string()))?;
+        unreadable.extend(cat.unreadable);
+        let (_, objects) = repo
+            .regions
+            .list(&format!("redis/{instance}/snapshots/"))
+            .await?;
+        let sizes: BTreeMap<&str, u64> = objects.iter().map(|o| (o.key.as_str(), o.size)).collect();
+        for m in &cat.snapshots {
+            let Ok(id) = m.id.parse() else { continue };
+            let mkey = ObjectKey::RedisManifest {
+                instance: instance.clone(),
+                snapshot: id,
+            }
+            .to_string();
+            if let Some(size) = sizes.get(mkey.as_str()) {
+                add(&mut out, &mkey, stored(&mkey, *size));
+            }
+            let Ok(id) = m.id.parse() else { continue };
+            let rkey = ObjectKey::RedisRdb {
+                instance: instance.clone(),
+                snapshot: id,
+            }
+            .to_string();
+            let e = Expect::from_encoded(&rkey, &m.rdb);
+            add(&mut out, &rkey, e);
+        }
+    }
+    Ok((out.into_values().collect(), unreadable))
+}
+
+fn stored(key: &str, size: u64) -> Expect {
+    Expect {
+        key: key.to_string(),
+        stored_size: Some(size),
+        ..Expect::default()
+    }
+}
+
+fn add(out: &mut BTreeMap<String, ExpectedObject>, key: &str, expect: Expect) {
+    out.entry(key.to_string()).or_insert(ExpectedObject {
+        key: key.to_string(),
+        expect,
+    });
+}
+
+/// Checks `expected` in every region (or only `only`).
+pub async fn verify(
+    repo: &Repository,
+    expected: &[ExpectedObject],
+    level: Level,
+    only: Option<&str>,
+    unreadable_manifests: Vec<(String, String)>,
+) -> Result<VerifyReport, RepoError> {
+    if let Some(name) = only
+        && repo.regions.get_region(name).is_none()
+    {
+        let names: Vec<&str> = repo.regions.iter().map(|r| r.name.as_str()).collect();
+        return Err(RepoError::Other(format!(
+            "no region named {name:?}; configured: {}",
+            names.join(", ")
+        )));
+    }
+    let mut regions = Vec::new();
+    let mut problems = Vec::new();
+    for r in repo
+        .regions
+        .iter()
+        .filter(|r| only.is_none_or(|n| n == r.name))
+    {
+        let mut t = RegionTally {
+            region: r.name.clone(),
+            ..RegionTally::default()
+        };
+        let present = match list_region(repo, &r.name, expected).await {
+            Ok(p) => p,
+            Err(e) => {
+                t.unreachable = Some(e);
+                regions.push(t);
+                continue;
+            }
+        };
+        let mut to_read = Vec::new();
+        for o in expected {
+            match (present.get(&o.key), o.expect.stored_size) {
+                (None, _) => {
+                    t.missing += 1;
+                    problems.push(problem(
+                        &r.name,
+                        &o.key,
+                        "missing",
+                        "not in this region".into(),
+                    ));
+                }
+                (Some(&have), Some(want)) if have != want => {
+                    t.corrupt += 1;
+                    problems.push(problem(
+                        &r.name,
+                        &o.key,
+                        "corrupt",
+                        format!("stored size {have} bytes, expected {want}"),
+                    ));
+                }
+                (Some(&have), _) => {
+                    t.bytes += have;
+                    if level == Level::ReadData {
+                        to_read.push(o);
+                    } else {
+                        t.ok += 1;
+                    }
+                }
+            }
+        }
+        let results: Vec<(String, Result<(), String>)> = futures::stream::iter(to_read)
+            .map(|o| async move {
+                let res = read_copy(repo, &r.name, o).await;
+                (o.key.clone(), res)
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        for (key, res) in results {
+            match res {
+                Ok(()) => t.ok += 1,
+                Err(e) => {
+                    t.corrupt += 1;
+                    problems.push(problem(&r.name, &key, "corrupt", e));
+                }
+            }
+        }
+        regions.push(t);
+    }
+    problems.sort_by(|a, b| (&a.key, &a.region).cmp(&(&b.key, &b.region)));
+    Ok(VerifyReport {
+        level,
+        objects: expected.len(),
+        regions,
+        problems,
+        unreadable_manifests,
+    })
+}
+
+fn problem(region: &str, key: &str, kind: &str, detail: String) -> Problem {
+    Problem {
+        region: region.to_string(),
+        key: key.to_string(),
+        kind: kind.to_string(),
+        detail,
+    }
+}
+
+/// Key → stored size in one region, for the top-level prefixes `expected` uses.
+pub(crate) async fn list_region(
+    repo: &Repository,
+    region: &str,
+    expected: &[ExpectedObject],
+) -> Result<BTreeMap<String, u64>, String> {
+    let Some(r) = repo.regions.get_region(region) else {
+        return Err(format!("no region {region}"));
+    };
+    let mut prefixes: Vec<String> = expected
+        .iter()
+        .filter_map(|o| {
+            let mut parts = o.key.splitn(3, '/');
+            Some(format!("{}/{}/", parts.next()?, parts.next()?))
+        })
+        .collect();
+    prefixes.sort();
+    prefixes.dedup();
+    let mut out = BTreeMap::new();
+    for p in prefixes {
+        for o in r.store.list(&p).await.map_err(|e| e.to_string())? {
+            out.insert(o.key, o.size);
+        }
+    }
+    Ok(out)
+}
+
+/// Decodes one region's copy and checks it against the expectation.
+async fn read_copy(repo: &Repository, region: &str, o: &ExpectedObject) -> Result<(), String> {
+    let key: ObjectKey = o.key.parse().map_err(|e| format!("{e}"))?;
+    let mut s = repo
+        .get_decoded_from(region, &key, o.expect.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    while let Some(chunk) = s.next().await {
+        chunk.map_err(|e| crate::codec::into_codec_error(e, &o.key).to_string())?;
+    }
+    Ok(())
+}
