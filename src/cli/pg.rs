@@ -276,7 +276,10 @@ pub async fn wal_push(
     let cfg = load_config(config)?;
     let (cluster, pg) = cfg.pg(cluster.as_deref())?;
     let system_id = dr::postgres::system_id(&dr::postgres::archive_data_dir(pg))?;
-    let repo = Repository::open(&cfg).await?;
+    let mut repo = Repository::open(&cfg).await?;
+    // One process per segment: remember a dead region between them.
+    repo.regions
+        .remember_failures(pg.state_dir().join("region-health.json"));
     let r = wal::push(&repo, &cluster, system_id, &path).await?;
     let degraded = report_degraded(&repo, out);
     if out.json {

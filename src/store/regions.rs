@@ -85,6 +85,21 @@ pub struct Regions {
     /// timeouts once per object would stall a backup, and it keeps the rule
     /// that a manifest goes only to regions that took every object before it.
     down: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
+    /// Where failures are remembered across runs (see [`Regions::remember_failures`]).
+    health_file: Option<std::path::PathBuf>,
+}
+
+/// How long a region that failed stays skipped by later runs before it is
+/// tried again.
+pub const RETRY_AFTER_SECS: i64 = 60;
+
+/// One remembered failure.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Failure {
+    /// Unix time of the failure.
+    since: i64,
+    /// What failed.
+    error: String,
 }
 
 impl Regions {
@@ -95,6 +110,65 @@ impl Regions {
             regions,
             min_regions,
             down: Default::default(),
+            health_file: None,
+        }
+    }
+
+    /// Remembers write failures in `file` so that the next short-lived runs
+    /// (one `wal-push` per segment) skip a dead region for
+    /// [`RETRY_AFTER_SECS`] instead of each paying its timeouts, and marks
+    /// regions that failed recently as degraded for this run.
+    pub fn remember_failures(&mut self, file: std::path::PathBuf) {
+        let now = chrono::Utc::now().timestamp();
+        if let Some(dir) = file.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let known = read_health(&file);
+        if let Ok(mut d) = self.down.lock() {
+            for (region, f) in known {
+                if now - f.since < RETRY_AFTER_SECS && self.get_region(&region).is_some() {
+                    d.insert(
+                        region,
+                        format!(
+                            "failed {}s ago in an earlier run ({}); retried after {RETRY_AFTER_SECS}s",
+                            now - f.since,
+                            f.error
+                        ),
+                    );
+                }
+            }
+        }
+        self.health_file = Some(file);
+    }
+
+    fn save_health(&self, region: &str, failure: Option<String>) {
+        let Some(file) = &self.health_file else {
+            return;
+        };
+        let mut known = read_health(file);
+        let changed = match failure {
+            Some(error) => {
+                known.insert(
+                    region.to_string(),
+                    Failure {
+                        since: chrono::Utc::now().timestamp(),
+                        error,
+                    },
+                );
+                true
+            }
+            None => known.remove(region).is_some(),
+        };
+        if !changed {
+            return;
+        }
+        let tmp = file.with_extension("tmp");
+        let ok = serde_json::to_vec(&known)
+            .ok()
+            .and_then(|b| std::fs::write(&tmp, b).ok())
+            .and_then(|_| std::fs::rename(&tmp, file).ok());
+        if ok.is_none() {
+            tracing::debug!(file = %file.display(), "cannot record region health");
         }
     }
 
@@ -120,6 +194,8 @@ impl Regions {
         {
             tracing::warn!(region = %name, error = %why, "region marked degraded: further writes skip it; `dr repo sync` catches it up");
             d.insert(name.to_string(), why.to_string());
+            drop(d);
+            self.save_health(name, Some(why.to_string()));
         }
     }
 
@@ -246,6 +322,7 @@ impl Regions {
                 Ok(n) => {
                     report.bytes = n;
                     report.ok.push(r.name.clone());
+                    self.save_health(&r.name, None);
                 }
                 Err(e) => {
                     tracing::warn!(region = %r.name, key, error = %e, "region write failed");
@@ -320,4 +397,11 @@ impl Regions {
             .map(|r| async move { (r.name.clone(), r.store.list(prefix).await) });
         futures::future::join_all(lists).await
     }
+}
+
+fn read_health(file: &std::path::Path) -> std::collections::BTreeMap<String, Failure> {
+    std::fs::read(file)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
 }
