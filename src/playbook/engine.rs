@@ -223,6 +223,11 @@ impl RunReport {
     }
 }
 
+/// The plan of `pb`: every step as written, nothing evaluated yet.
+pub fn plan(pb: &Playbook) -> Vec<StepReport> {
+    pb.steps.iter().map(planned).collect()
+}
+
 fn planned(step: &Step) -> StepReport {
     let descr = |g: &super::model::Gate| {
         if g.negate {
@@ -266,7 +271,7 @@ pub async fn run(
         total_seconds: 0.0,
         rto_seconds: None,
         rto_basis: None,
-        steps: pb.steps.iter().map(planned).collect(),
+        steps: plan(pb),
         rollback: Vec::new(),
         audit_id: None,
         warnings: Vec::new(),

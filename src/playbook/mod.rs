@@ -393,6 +393,26 @@ mod tests {
     }
 
     #[test]
+    fn samples_parse_and_name_servers_of_the_example_config() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let cfg = root.join("config/dr.toml");
+        let text = std::fs::read_to_string(&cfg).expect("read config/dr.toml");
+        let cfg = Config::parse(&text, &cfg).expect("config/dr.toml is valid");
+        let env = cfg.environment("prod").expect("[env.prod]");
+        for name in [
+            "pg-promote-standby",
+            "redis-promote-replica",
+            "region-failover",
+        ] {
+            let pb = Playbook::load(&root.join(format!("playbooks/{name}.toml")))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(pb.name, name);
+            pb.check_targets("prod", env)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
+    #[test]
     fn playbook_names_resolve_next_to_the_config() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir(dir.path().join("playbooks")).expect("mkdir");

@@ -771,6 +771,34 @@ impl Playbook {
                     });
                 }
             }
+            // pg_ctl needs the data directory: say so now, not mid-failover.
+            for a in step.action.iter().chain(&step.rollback) {
+                if let Action::PgFence {
+                    target,
+                    mode: FenceMode::Stop,
+                }
+                | Action::PgUnfence {
+                    target,
+                    mode: FenceMode::Stop,
+                } = a
+                {
+                    let has_dir = env
+                        .postgres
+                        .get(target)
+                        .is_some_and(|t| t.get_ref().data_dir.is_some());
+                    if !has_dir {
+                        return Err(ConfigError {
+                            location: format!("{}:{}", self.source.display(), step.line),
+                            message: format!(
+                                "step {:?}: mode = \"stop\" runs pg_ctl, which needs data_dir in \
+                                 [env.{env_name}.postgres.{target}] (and dr on that host); add it, \
+                                 or fence with mode = \"read_only\"",
+                                step.name
+                            ),
+                        });
+                    }
+                }
+            }
         }
         Ok(())
     }
