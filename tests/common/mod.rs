@@ -74,6 +74,7 @@ pub fn fs_region_toml(name: &str, path: &Path) -> String {
 
 /// Path of the built `dr` binary.
 pub mod pg;
+pub mod topology;
 
 /// Path of the built `dr` binary.
 pub fn dr_bin() -> &'static str {
