@@ -507,6 +507,13 @@ fn region_failover_moves_postgres_and_redis_and_runs_hooks() {
         )
         .replace("127.0.0.1:8080", &format!("127.0.0.1:{app_port}"));
     let pb = setup.playbook("region.toml", &text);
+    // standby2 does not follow timeline switches: pg.repoint must set
+    // recovery_target_timeline = latest and restart it.
+    let (p, s1, s2) = topo.ports();
+    topo.sql(s2, "ALTER SYSTEM SET recovery_target_timeline = 'current'");
+    topo.restart(&topo.standbys[1]);
+    topo.wait_streaming(s2, p);
+    assert_eq!(topo.sql(s2, "SHOW recovery_target_timeline"), "current");
 
     let (o, report) = setup.run_json(&pb, &[]);
     assert!(o.status.success(), "failover failed: {}", stderr(&o));
@@ -516,7 +523,14 @@ fn region_failover_moves_postgres_and_redis_and_runs_hooks() {
     assert!(r["rto_seconds"].as_f64().is_some());
 
     // PostgreSQL: new primary writable, old one read-only, standby2 follows.
-    let (p, s1, s2) = topo.ports();
+    assert!(
+        r["steps"][5]["attempts"][0]["action"]["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("restarted (recovery_target_timeline = latest)"),
+        "{r:#}"
+    );
+    assert_eq!(topo.sql(s2, "SHOW recovery_target_timeline"), "latest");
     topo.sql(
         s1,
         "CREATE TABLE moved (id int); INSERT INTO moved VALUES (1)",

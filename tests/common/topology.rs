@@ -142,22 +142,27 @@ impl PgTopology {
             &node.data.join("postgresql.conf"),
             &format!("port = {}\n", node.port),
         );
+        self.pg_ctl(node, &["-w", "start"]);
+    }
+
+    /// Restarts `node` with pg_ctl (fast shutdown), as the OS user.
+    pub fn restart(&self, node: &PgNode) {
+        self.pg_ctl(node, &["-m", "fast", "-w", "restart"]);
+    }
+
+    /// Runs `pg_ctl -D <data> -l <log> args…` as the OS user; panics on failure.
+    fn pg_ctl(&self, node: &PgNode, args: &[&str]) {
         let log = self.dir.path().join(format!("{}.log", node.port));
+        let mut all = vec![
+            "-D",
+            node.data.to_str().expect("utf8"),
+            "-l",
+            log.to_str().expect("utf8"),
+        ];
+        all.extend_from_slice(args);
         ok(
-            run_as_in(
-                &self.user,
-                &self.bin.join("pg_ctl"),
-                &[
-                    "-D",
-                    node.data.to_str().expect("utf8"),
-                    "-l",
-                    log.to_str().expect("utf8"),
-                    "-w",
-                    "start",
-                ],
-                Path::new("/"),
-            ),
-            "pg_ctl start",
+            run_as_in(&self.user, &self.bin.join("pg_ctl"), &all, Path::new("/")),
+            "pg_ctl",
         );
     }
 
