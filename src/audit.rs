@@ -213,6 +213,12 @@ impl Audit {
         self.id.to_string()
     }
 
+    /// Replaces the details the `finished` record will carry, so a failed
+    /// operation can still record what it did before failing.
+    pub fn set_details(&mut self, details: serde_json::Value) {
+        self.record.details = details;
+    }
+
     /// Writes the `finished` record locally and, when `repo` is given, stores
     /// it in the repository. Returns the record. A failure to store the copy
     /// in the repository is returned as a warning string: the local line is

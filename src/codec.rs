@@ -438,12 +438,12 @@ fn decode_blocking(
             "trailing data after the compressed stream".into(),
         ));
     }
-    if let Some(sz) = expect.plain_size {
-        if sz != total {
-            return Err(DecodeFail::Hash(format!(
-                "plaintext is {total} bytes, manifest says {sz}"
-            )));
-        }
+    if let Some(sz) = expect.plain_size
+        && sz != total
+    {
+        return Err(DecodeFail::Hash(format!(
+            "plaintext is {total} bytes, manifest says {sz}"
+        )));
     }
     if let Some(h) = &expect.plain_hash {
         let got = hasher.finalize().to_hex().to_string();

@@ -38,6 +38,9 @@ pub struct Config {
     /// Audit log settings.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Failover environments, by name (`[env.<name>]`): the servers playbooks act on.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, Spanned<EnvConfig>>,
     /// Where this file was loaded from (for messages).
     #[serde(skip)]
     pub source: PathBuf,
@@ -154,6 +157,68 @@ fn default_parallel() -> usize {
 
 fn default_prefetch() -> usize {
     8
+}
+
+/// `[env.<name>]`: the servers of one environment, named so that playbooks
+/// can refer to them (`target = "standby1"`) without holding addresses.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvConfig {
+    /// Holds the failover lock of this environment (default: /var/lib/dr/state).
+    pub state_dir: Option<PathBuf>,
+    /// PostgreSQL servers, by name (`[env.<name>.postgres.<server>]`).
+    #[serde(default)]
+    pub postgres: std::collections::BTreeMap<String, Spanned<PgTarget>>,
+    /// Redis servers, by name (`[env.<name>.redis.<server>]`).
+    #[serde(default)]
+    pub redis: std::collections::BTreeMap<String, Spanned<RedisTarget>>,
+}
+
+impl EnvConfig {
+    /// Where the failover lock lives.
+    pub fn state_dir(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/lib/dr/state"))
+    }
+}
+
+/// One PostgreSQL server a playbook may act on.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgTarget {
+    /// How `dr` connects (libpq key=value or URL; sslmode honoured).
+    pub conninfo: String,
+    /// What standbys put in `primary_conninfo` to stream from this server
+    /// (`pg.repoint`); default: `conninfo`. Differs when standbys reach it by
+    /// another address or user.
+    pub replication_conninfo: Option<String>,
+    /// PGDATA, for actions that run pg_ctl (`pg.fence mode = "stop"`, restarts).
+    /// Those actions only work when `dr` runs on this server's host.
+    pub data_dir: Option<PathBuf>,
+    /// Directory holding `pg_ctl`.
+    #[serde(default = "default_pg_bin")]
+    pub bin_dir: PathBuf,
+    /// Unprivileged OS user pg_ctl runs as.
+    #[serde(default = "default_os_user")]
+    pub os_user: String,
+}
+
+impl PgTarget {
+    /// The conninfo standbys stream from.
+    pub fn replication_conninfo(&self) -> &str {
+        self.replication_conninfo
+            .as_deref()
+            .unwrap_or(&self.conninfo)
+    }
+}
+
+/// One Redis server a playbook may act on.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisTarget {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS.
+    pub url: String,
 }
 
 /// A validated region: its name and backend.
@@ -407,10 +472,10 @@ impl Config {
             }
         })?;
         cfg.source = path.to_path_buf();
-        if let Ok(id) = std::env::var("DR_IDENTITY_FILE") {
-            if !id.is_empty() {
-                cfg.repository.identity_file = Some(Spanned::new(0..0, PathBuf::from(id)));
-            }
+        if let Ok(id) = std::env::var("DR_IDENTITY_FILE")
+            && !id.is_empty()
+        {
+            cfg.repository.identity_file = Some(Spanned::new(0..0, PathBuf::from(id)));
         }
         cfg.validate(text)?;
         Ok(cfg)
@@ -563,15 +628,11 @@ impl Config {
                     ),
                 ));
             }
-            let split = crate::postgres::tls::split(&p.conninfo)
+            check_conninfo(&p.conninfo)
                 .map_err(|e| self.err(text, pg.span(), format!("[postgres.{name}]: {e}")))?;
-            if split.conninfo.parse::<tokio_postgres::Config>().is_err() {
-                return Err(self.err(
-                    text,
-                    pg.span(),
-                    format!("[postgres.{name}]: conninfo is not a valid libpq connection string (e.g. \"host=127.0.0.1 port=5432 user=postgres dbname=postgres\")"),
-                ));
-            }
+        }
+        for (name, env) in &self.env {
+            self.validate_env(text, name, env)?;
         }
         if let Some(id) = &repo.identity_file {
             // Only check permissions when the file exists: a backup-only host has none.
@@ -579,6 +640,70 @@ impl Config {
                 .map_err(|e| self.err(text, id.span(), e.to_string()))?;
         }
         self.region_specs = specs;
+        Ok(())
+    }
+
+    fn validate_env(
+        &self,
+        text: &str,
+        name: &str,
+        env: &Spanned<EnvConfig>,
+    ) -> Result<(), ConfigError> {
+        let fail = |span: Range<usize>, msg: String| Err(self.err(text, span, msg));
+        let check_name = |n: &str, section: &str, span: Range<usize>| {
+            if layout_name_ok(n) {
+                Ok(())
+            } else {
+                fail(
+                    span,
+                    format!("{section}: names may use only letters, digits, '-' and '_' (max 64)"),
+                )
+            }
+        };
+        check_name(name, &format!("[env.{name}]"), env.span())?;
+        let e = env.get_ref();
+        if e.postgres.is_empty() && e.redis.is_empty() {
+            return fail(
+                env.span(),
+                format!(
+                    "[env.{name}] names no server; add [env.{name}.postgres.<server>] with conninfo or [env.{name}.redis.<server>] with url"
+                ),
+            );
+        }
+        for (server, t) in &e.postgres {
+            let section = format!("[env.{name}.postgres.{server}]");
+            check_name(server, &section, t.span())?;
+            let p = t.get_ref();
+            check_conninfo(&p.conninfo)
+                .map_err(|m| self.err(text, t.span(), format!("{section}: {m}")))?;
+            if let Some(r) = &p.replication_conninfo {
+                check_conninfo(r).map_err(|m| {
+                    self.err(
+                        text,
+                        t.span(),
+                        format!("{section}: replication_conninfo: {m}"),
+                    )
+                })?;
+            }
+            if let Some(d) = p.data_dir.as_ref().filter(|d| !d.is_absolute()) {
+                return fail(
+                    t.span(),
+                    format!("{section}: data_dir {} must be absolute", d.display()),
+                );
+            }
+        }
+        for (server, t) in &e.redis {
+            let section = format!("[env.{name}.redis.{server}]");
+            check_name(server, &section, t.span())?;
+            if let Err(err) = redis::Client::open(t.get_ref().url.as_str()) {
+                return fail(
+                    t.span(),
+                    format!(
+                        "{section}: url is not a Redis URL ({err}); use e.g. \"redis://127.0.0.1:6379\""
+                    ),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -669,12 +794,12 @@ impl Config {
                         "prefix {prefix:?} must be relative and must not contain '..'"
                     ));
                 }
-                if let Some(ep) = &r.endpoint {
-                    if !(ep.starts_with("http://") || ep.starts_with("https://")) {
-                        return fail(format!(
-                            "endpoint {ep:?} must start with http:// or https://"
-                        ));
-                    }
+                if let Some(ep) = &r.endpoint
+                    && !(ep.starts_with("http://") || ep.starts_with("https://"))
+                {
+                    return fail(format!(
+                        "endpoint {ep:?} must start with http:// or https://"
+                    ));
                 }
                 let object_lock = match (r.object_lock_days, r.object_lock_mode.as_deref()) {
                     (None, None) => None,
@@ -726,6 +851,15 @@ impl Config {
             .as_ref()
             .map(|s| s.get_ref().as_path())
     }
+}
+
+/// Checks that `conninfo` is one `dr` can use; the error says what to write.
+fn check_conninfo(conninfo: &str) -> Result<(), String> {
+    let split = crate::postgres::tls::split(conninfo).map_err(|e| e.to_string())?;
+    if split.conninfo.parse::<tokio_postgres::Config>().is_err() {
+        return Err("conninfo is not a valid libpq connection string (e.g. \"host=127.0.0.1 port=5432 user=postgres dbname=postgres\")".into());
+    }
+    Ok(())
 }
 
 fn layout_name_ok(s: &str) -> bool {
@@ -787,6 +921,23 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The environment named `name`; the error lists the configured ones.
+    pub fn environment(&self, name: &str) -> Result<&EnvConfig, ConfigError> {
+        self.env.get(name).map(|e| e.get_ref()).ok_or_else(|| {
+            let names: Vec<&String> = self.env.keys().collect();
+            ConfigError {
+                location: self.source.display().to_string(),
+                message: if names.is_empty() {
+                    format!("no [env.{name}] in the config; add one naming its servers, e.g. [env.{name}.postgres.primary] conninfo = \"…\"")
+                } else {
+                    format!("no [env.{name}] in the config; configured: {}", join(&names))
+                },
+            }
+        })
+    }
+}
+
 fn join(v: &[&String]) -> String {
     v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
 }
@@ -803,7 +954,7 @@ fn with_hint(msg: &str) -> String {
     }
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
+pub(crate) fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
@@ -909,6 +1060,34 @@ mod tests {
         );
         let e = parse(&t).unwrap_err().to_string();
         assert!(e.contains("set both an access key id"), "{e}");
+    }
+
+    #[test]
+    fn env_targets_parse_and_are_checked() {
+        let t = base()
+            + "[env.prod]\nstate_dir = \"/tmp/s\"\n[env.prod.postgres.primary]\nconninfo = \"host=127.0.0.1 port=5432\"\ndata_dir = \"/d\"\n[env.prod.redis.cache]\nurl = \"redis://127.0.0.1:6379\"\n";
+        let c = parse(&t).expect("valid");
+        let e = c.environment("prod").expect("prod");
+        assert_eq!(e.postgres["primary"].get_ref().os_user, "postgres");
+        assert!(e.redis.contains_key("cache"));
+        let missing = c.environment("staging").unwrap_err().to_string();
+        assert!(missing.contains("configured: prod"), "{missing}");
+
+        let t = base() + "[env.prod.postgres.primary]\nconninfo = \"host=x\"\ndatadir = \"/d\"\n";
+        let e = parse(&t).unwrap_err().to_string();
+        assert!(e.starts_with("dr.toml:10:") && e.contains("datadir"), "{e}");
+
+        let t = base() + "[env.prod.redis.cache]\nurl = \"http://x\"\n";
+        let e = parse(&t).unwrap_err().to_string();
+        assert!(e.starts_with("dr.toml:8:"), "{e}");
+        assert!(
+            e.contains("[env.prod.redis.cache]: url is not a Redis URL"),
+            "{e}"
+        );
+
+        let t = base() + "[env.prod.postgres.primary]\nconninfo = \"host=x\"\ndata_dir = \"rel\"\n";
+        let e = parse(&t).unwrap_err().to_string();
+        assert!(e.contains("must be absolute"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod check;
 pub mod codec;
 pub mod config;
 pub mod keys;
+pub mod playbook;
 pub mod postgres;
 pub mod progress;
 pub mod redis;

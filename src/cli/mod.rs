@@ -1,6 +1,7 @@
 //! Argument parsing and output. Handlers parse, call the library, print.
 
 mod check;
+mod failover;
 mod keygen;
 mod output;
 mod pg;
@@ -59,6 +60,8 @@ enum Command {
     /// List backups and the recoverable window.
     #[command(subcommand)]
     List(ListCmd),
+    /// Run a failover playbook (see playbooks/ and README, section Failover).
+    Failover(failover::Args),
     /// Archive one WAL file (archive_command = 'dr wal-push %p').
     WalPush {
         /// Cluster name (default: the only [postgres.*]).
@@ -154,6 +157,7 @@ pub fn run() -> ExitCode {
             Command::List(ListCmd::Pg { name }) => {
                 pg::list(name, cli.config.as_deref(), &out).await
             }
+            Command::Failover(args) => failover::run(args, cli.config.as_deref(), &out).await,
             Command::WalPush { cluster, path } => {
                 pg::wal_push(cluster, path, cli.config.as_deref(), &out).await
             }

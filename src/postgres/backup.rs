@@ -113,12 +113,11 @@ async fn load_previous(
                     }
                     .to_string()
                 });
-                if let Some(key) = key {
-                    if let Ok((_, found)) = repo.regions.list(&key).await {
-                        if !found.is_empty() {
-                            return Some(m);
-                        }
-                    }
+                if let Some(key) = key
+                    && let Ok((_, found)) = repo.regions.list(&key).await
+                    && !found.is_empty()
+                {
+                    return Some(m);
                 }
                 tracing::info!(state = %path.display(), "previous backup in the state file is gone from the repository");
             }

@@ -145,11 +145,23 @@ pub fn archive_data_dir(cfg: &PgConfig) -> std::path::PathBuf {
 /// is negotiated and the server certificate verified; `require` and stricter
 /// fail rather than fall back to plain text.
 pub async fn connect(cfg: &PgConfig) -> Result<tokio_postgres::Client, PgError> {
-    let split = tls::split(&cfg.conninfo)?;
-    let pc: tokio_postgres::Config = split
+    connect_to(&cfg.conninfo, None).await
+}
+
+/// Connects with `conninfo` as [`connect`] does. `connect_timeout` applies
+/// when the conninfo sets none, so a probe of a dead host ends in time.
+pub async fn connect_to(
+    conninfo: &str,
+    connect_timeout: Option<std::time::Duration>,
+) -> Result<tokio_postgres::Client, PgError> {
+    let split = tls::split(conninfo)?;
+    let mut pc: tokio_postgres::Config = split
         .conninfo
         .parse()
         .map_err(|e| PgError::Other(format!("invalid conninfo: {e}")))?;
+    if let (None, Some(t)) = (pc.get_connect_timeout(), connect_timeout) {
+        pc.connect_timeout(t);
+    }
     let sql_err = |source| PgError::Sql {
         what: "connect".into(),
         source,

@@ -327,13 +327,13 @@ impl S3Store {
             req = req.range(format!("bytes={}-{}", r.start, r.end - 1));
         }
         let out = req.send().await.map_err(|e| {
-            if let SdkError::ServiceError(se) = &e {
-                if se.err().is_no_such_key() {
-                    return StoreError::NotFound {
-                        store: self.describe(),
-                        key: key.to_string(),
-                    };
-                }
+            if let SdkError::ServiceError(se) = &e
+                && se.err().is_no_such_key()
+            {
+                return StoreError::NotFound {
+                    store: self.describe(),
+                    key: key.to_string(),
+                };
             }
             self.err("get", key, e)
         })?;
@@ -377,16 +377,16 @@ impl S3Store {
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| self.err("list", prefix, e))?;
             for o in page.contents() {
-                if let Some(k) = o.key() {
-                    if k.len() >= strip {
-                        out.push(ObjectInfo {
-                            key: k[strip..].to_string(),
-                            size: o.size().unwrap_or(0).max(0) as u64,
-                            modified: o.last_modified().and_then(|t| {
-                                chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())
-                            }),
-                        });
-                    }
+                if let Some(k) = o.key()
+                    && k.len() >= strip
+                {
+                    out.push(ObjectInfo {
+                        key: k[strip..].to_string(),
+                        size: o.size().unwrap_or(0).max(0) as u64,
+                        modified: o.last_modified().and_then(|t| {
+                            chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())
+                        }),
+                    });
                 }
             }
         }

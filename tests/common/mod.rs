@@ -76,6 +76,7 @@ pub fn fs_region_toml(name: &str, path: &Path) -> String {
 /// Path of the built `dr` binary.
 pub mod pg;
 pub mod redis;
+pub mod topology;
 
 /// Path of the built `dr` binary.
 pub fn dr_bin() -> &'static str {
@@ -245,6 +246,7 @@ impl Drop for Gate {
 }
 
 /// TOML for an S3 region; credentials are read from the named variables.
+#[allow(clippy::too_many_arguments)]
 pub fn s3_region_toml(
     name: &str,
     endpoint: &str,

@@ -166,30 +166,7 @@ impl TestPg {
 
     /// Runs SQL on 127.0.0.1:`port` and returns the trimmed output.
     pub fn sql_at(&self, port: u16, sql: &str) -> String {
-        let o = Command::new(self.bin.join("psql"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-XAtq",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                sql,
-            ])
-            .output()
-            .expect("psql");
-        assert!(
-            o.status.success(),
-            "psql {sql}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
+        psql(&self.bin, port, sql).unwrap_or_else(|e| panic!("psql {sql}: {e}"))
     }
 
     /// SQL on the primary.
@@ -239,6 +216,33 @@ impl Drop for TestPg {
         for d in &self.started {
             self.stop(d);
         }
+    }
+}
+
+/// Runs SQL with psql on 127.0.0.1:`port`: the trimmed output, or psql's error.
+pub fn psql(bin: &Path, port: u16, sql: &str) -> Result<String, String> {
+    let o = Command::new(bin.join("psql"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-XAtq",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
+        .output()
+        .expect("psql");
+    if o.status.success() {
+        Ok(String::from_utf8_lossy(&o.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&o.stderr).trim().to_string())
     }
 }
 
