@@ -90,6 +90,8 @@ pub struct RedisConfig {
     /// Seconds without a byte from the server before a snapshot is abandoned.
     #[serde(default = "default_redis_timeout")]
     pub timeout_seconds: u64,
+    /// What `dr expire` keeps (nothing is deleted without it).
+    pub retention: Option<RedisRetention>,
 }
 
 fn default_redis_server() -> PathBuf {
@@ -128,6 +130,50 @@ pub struct PgConfig {
     /// Verify page checksums while backing up (when the cluster has them).
     #[serde(default = "yes")]
     pub verify_checksums: bool,
+    /// What `dr expire` keeps (nothing is deleted without it).
+    pub retention: Option<PgRetention>,
+}
+
+/// `[postgres.<name>.retention]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgRetention {
+    /// Keep the N newest base backups.
+    pub keep_full: Option<usize>,
+    /// Keep every backup and WAL segment needed to restore to any point of
+    /// this recent span, e.g. "14d".
+    #[serde(default, with = "humantime_serde_opt")]
+    pub keep_within: Option<std::time::Duration>,
+}
+
+/// `[redis.<name>.retention]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisRetention {
+    /// Keep the N newest snapshots.
+    pub keep_snapshots: Option<usize>,
+    /// Keep the snapshots needed for any point of this recent span, e.g. "7d".
+    #[serde(default, with = "humantime_serde_opt")]
+    pub keep_within: Option<std::time::Duration>,
+}
+
+/// `"14d"`-style durations in TOML.
+mod humantime_serde_opt {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<std::time::Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| {
+            humantime::parse_duration(&s).map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "{s:?} is not a duration ({e}); write e.g. \"14d\", \"36h\" or \"2weeks\""
+                ))
+            })
+        })
+        .transpose()
+    }
 }
 
 fn yes() -> bool {

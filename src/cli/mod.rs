@@ -1,6 +1,7 @@
 //! Argument parsing and output. Handlers parse, call the library, print.
 
 mod check;
+mod expire;
 mod failover;
 mod keygen;
 mod output;
@@ -57,6 +58,9 @@ enum Command {
     /// Check every object in every region: --list (exists, right size) or
     /// --read-data (decode and hash every copy).
     Verify(verify::Args),
+    /// Delete what each source's retention policy no longer keeps (manifests
+    /// first, shared blocks and needed WAL kept, Object Lock respected).
+    Expire(expire::Args),
     /// List backups and the recoverable window.
     #[command(subcommand)]
     List(ListCmd),
@@ -139,6 +143,7 @@ pub fn run() -> ExitCode {
             Command::Repo(cmd) => repo::run(cmd, cli.config.as_deref(), &out).await,
             Command::Check => check::run(cli.config.as_deref(), &out).await,
             Command::Verify(args) => verify::run(args, cli.config.as_deref(), &out).await,
+            Command::Expire(args) => expire::run(args, cli.config.as_deref(), &out).await,
             Command::Backup(BackupCmd::Pg { name }) => {
                 pg::backup(name, cli.config.as_deref(), &out).await
             }

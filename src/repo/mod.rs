@@ -1,6 +1,8 @@
 //! The repository: regions + codec + the `dr-repo.json` descriptor.
 
+pub mod expire;
 pub mod layout;
+pub mod retention;
 pub mod sync;
 pub mod verify;
 
