@@ -197,7 +197,7 @@ pub fn plan_pg(
     let by_id: BTreeMap<&str, &PgBackup> =
         backups.iter().map(|b| (b.item.id.as_str(), b)).collect();
     let mut deletions = Vec::new();
-    let mut expired_dirs = Vec::new();
+    let mut expired = BTreeSet::new();
     for d in decisions.iter().filter(|d| !d.keep) {
         if let Some(b) = by_id.get(d.id.as_str()) {
             deletions.push(Deletion {
@@ -205,10 +205,7 @@ pub fn plan_pg(
                 kind: "manifest".into(),
                 why: format!("backup {} expires: {}", d.id, d.why),
             });
-            expired_dirs.push((
-                d.id.clone(),
-                b.manifest.trim_end_matches("manifest").to_string(),
-            ));
+            expired.insert(d.id.as_str());
         }
     }
     let referenced: BTreeSet<&str> = backups
@@ -216,43 +213,41 @@ pub fn plan_pg(
         .filter(|b| kept.contains(b.item.id.as_str()))
         .flat_map(|b| b.reads.iter().map(String::as_str))
         .collect();
-    let mut kept_shared = 0;
-    for (id, dir) in &expired_dirs {
-        for key in data.iter().filter(|k| k.starts_with(dir.as_str())) {
-            if referenced.contains(key.as_str()) {
-                kept_shared += 1;
-            } else {
-                deletions.push(Deletion {
-                    key: key.clone(),
-                    kind: "data".into(),
-                    why: format!("stored by expired backup {id}, read by no kept backup"),
-                });
-            }
-        }
-    }
-    // Objects of backups without a manifest: left by an interrupted backup or
-    // by an earlier expiry that kept them for a reader that has gone since.
-    // Only directories older than the newest complete backup: a backup still
-    // running has no manifest yet either.
+    // A data object may go when its backup expires now, or when its backup
+    // has no manifest (interrupted, or expired earlier while still read) and
+    // is older than the newest complete backup (a running backup has no
+    // manifest yet either) — and in both cases no kept backup reads it.
     let known: BTreeSet<&str> = backups.iter().map(|b| b.item.id.as_str()).collect();
     let newest = known.iter().next_back().copied();
+    let mut kept_shared = 0;
+    let mut data_deletions = Vec::new();
     for key in data {
         let Some(id) = key.split('/').nth(4) else {
             continue;
         };
-        if known.contains(id) || newest.is_none_or(|n| id >= n) {
+        let why = if expired.contains(id) {
+            format!("stored by expired backup {id}, read by no kept backup")
+        } else if !known.contains(id) && newest.is_some_and(|n| id < n) {
+            format!("left by backup {id}, which has no manifest, read by no kept backup")
+        } else {
             continue;
-        }
+        };
         if referenced.contains(key.as_str()) {
             kept_shared += 1;
         } else {
-            deletions.push(Deletion {
-                key: key.clone(),
-                kind: "data".into(),
-                why: format!("left by backup {id}, which has no manifest, read by no kept backup"),
-            });
+            data_deletions.push((
+                id,
+                Deletion {
+                    key: key.clone(),
+                    kind: "data".into(),
+                    why,
+                },
+            ));
         }
     }
+    // Newest backup first, like the decisions.
+    data_deletions.sort_by(|a, b| b.0.cmp(a.0));
+    deletions.extend(data_deletions.into_iter().map(|(_, d)| d));
     // WAL older than the oldest kept backup's start is needed by nothing kept.
     let mut oldest: BTreeMap<u64, ((u32, u32), &str)> = BTreeMap::new();
     for b in backups.iter().filter(|b| kept.contains(b.item.id.as_str())) {
