@@ -91,7 +91,7 @@ pub async fn run(cfg: &Config) -> CheckReport {
         let payload = Bytes::from(format!("dr check probe {}", Utc::now().to_rfc3339()));
         let mut note = String::new();
         let res = async {
-            if let crate::store::Store::S3(s3) = &r.store {
+            if let crate::store::Store::S3(s3) = r.store.as_ref() {
                 s3.check_object_lock().await?;
             }
             r.store.put_bytes(&probe, payload.clone()).await?;

@@ -183,7 +183,7 @@ impl Repository {
     pub async fn init(cfg: &Config) -> Result<InitReport, RepoError> {
         let regions = Regions::from_config(cfg).await?;
         for r in regions.iter() {
-            if let crate::store::Store::S3(s3) = &r.store {
+            if let crate::store::Store::S3(s3) = r.store.as_ref() {
                 s3.ensure_bucket().await?;
             }
         }

@@ -257,7 +257,7 @@ async fn copy_one(
         };
         // fs objects are create-only: a bad copy goes first. S3 puts replace
         // (or, in a versioned bucket, add a version) in one step.
-        if replace && matches!(t.store, Store::Fs(_)) {
+        if replace && matches!(*t.store, Store::Fs(_)) {
             t.store
                 .delete(key)
                 .await

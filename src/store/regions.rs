@@ -14,8 +14,8 @@ use crate::config::{Config, RegionKind};
 pub struct Region {
     /// Region name from the config.
     pub name: String,
-    /// Its backend.
-    pub store: Store,
+    /// Its backend (shared so each region's writes run on a task of their own).
+    pub store: std::sync::Arc<Store>,
 }
 
 /// Outcome of a fan-out write.
@@ -217,7 +217,7 @@ impl Regions {
             };
             out.push(Region {
                 name: spec.name.clone(),
-                store,
+                store: std::sync::Arc::new(store),
             });
         }
         Ok(Regions::new(out, *cfg.repository.min_regions.get_ref()))
@@ -272,7 +272,24 @@ impl Regions {
             }
             let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
             senders.push(Some(tx));
-            puts.push(r.store.put(key, super::channel_stream(rx)));
+            // A task per region: request signing and checksums are CPU work
+            // that would otherwise run region after region on one thread.
+            let store = r.store.clone();
+            let k = key.to_string();
+            let name = r.name.clone();
+            puts.push(async move {
+                tokio::spawn(async move { store.put(&k, super::channel_stream(rx)).await })
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(StoreError::Backend {
+                            store: name,
+                            op: "put",
+                            key: String::new(),
+                            message: format!("upload task failed: {e}"),
+                            transient: true,
+                        })
+                    })
+            });
             live_regions.push(r);
         }
         let pump = async move {
