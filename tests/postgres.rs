@@ -602,4 +602,82 @@ fn backup_connects_over_verified_tls() {
     );
     let e = String::from_utf8_lossy(&o.stderr).to_lowercase();
     assert!(e.contains("certificate") || e.contains("issuer"), "{e}");
+
+    // Certificate authentication: the server now wants a client certificate
+    // signed by the CA whose CN is the user (X.509 v3, as rustls requires).
+    std::fs::write(tls.join("client.cnf"), "extendedKeyUsage=clientAuth\n").expect("ext");
+    for args in [
+        vec![
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+            "-subj",
+            "/CN=postgres",
+        ],
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "client.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "client.cnf",
+        ],
+    ] {
+        common::openssl(&tls, &args);
+    }
+    std::fs::set_permissions(
+        tls.join("client.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    std::fs::copy(tls.join("ca.crt"), pg.data.join("root.crt")).expect("ca");
+    common::pg::chown(&pg.data, &pg.user);
+    common::pg::chown(&tls, &pg.user);
+    std::fs::write(
+        pg.data.join("pg_hba.conf"),
+        format!("hostssl all all 127.0.0.1/32 cert\nhostnossl all all 127.0.0.1/32 reject\n{hba}"),
+    )
+    .expect("hba");
+    pg.sql("ALTER SYSTEM SET ssl_ca_file = 'root.crt'");
+    pg.sql("SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(500));
+    let o = pg.dr_raw_with(&ok, &["backup", "pg"]);
+    assert!(
+        !o.status.success(),
+        "without a client certificate the server refuses"
+    );
+    let cert = with(
+        &format!(
+            "sslmode=verify-full sslrootcert={} sslcert={} sslkey={}",
+            tls.join("ca.crt").display(),
+            tls.join("client.crt").display(),
+            tls.join("client.key").display()
+        ),
+        "cert.toml",
+    );
+    let o = pg.dr_with(&cert, &["--json", "backup", "pg"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert!(v["backup"]["id"].is_string());
+    std::fs::set_permissions(
+        tls.join("client.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .expect("chmod");
+    let o = pg.dr_raw_with(&cert, &["backup", "pg"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("chmod 600"), "{e}");
 }

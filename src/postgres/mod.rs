@@ -171,7 +171,7 @@ pub async fn connect_to(
         spawn_connection(conn);
         client
     } else {
-        let tls = tls::connector(split.sslrootcert.as_ref())?;
+        let tls = tls::connector(&split)?;
         let (client, conn) = pc.connect(tls).await.map_err(sql_err)?;
         spawn_connection(conn);
         client

@@ -1,5 +1,5 @@
-//! TLS to PostgreSQL. libpq-style `sslmode` / `sslrootcert` in the conninfo are
-//! honoured; whenever TLS is used the server certificate is verified (chain
+//! TLS to PostgreSQL. libpq-style `sslmode`, `sslrootcert`, `sslcert` and
+//! `sslkey` in the conninfo are honoured; whenever TLS is used the server certificate is verified (chain
 //! and host name) — against `sslrootcert` if given, else the system roots.
 
 use std::path::PathBuf;
@@ -15,12 +15,18 @@ pub struct SplitConninfo {
     pub sslmode: String,
     /// CA bundle to verify the server with.
     pub sslrootcert: Option<PathBuf>,
+    /// Client certificate (PEM) for certificate authentication.
+    pub sslcert: Option<PathBuf>,
+    /// Its private key (PEM, mode 0600).
+    pub sslkey: Option<PathBuf>,
 }
 
 /// Splits `sslmode` and `sslrootcert` out of a key=value or URL conninfo.
 pub fn split(conninfo: &str) -> Result<SplitConninfo, PgError> {
     let mut sslmode = "prefer".to_string();
     let mut root = None;
+    let mut cert = None;
+    let mut key = None;
     let mut handle = |k: &str, v: &str| -> Result<bool, PgError> {
         match k {
             "sslmode" => {
@@ -31,9 +37,17 @@ pub fn split(conninfo: &str) -> Result<SplitConninfo, PgError> {
                 root = Some(PathBuf::from(v));
                 Ok(true)
             }
-            "sslcert" | "sslkey" | "sslcrl" | "sslpassword" => Err(PgError::Other(format!(
-                "conninfo option {k} (TLS client certificates) is not supported; \
-                 authenticate with a password or peer/trust on a local socket"
+            "sslcert" => {
+                cert = Some(PathBuf::from(v));
+                Ok(true)
+            }
+            "sslkey" => {
+                key = Some(PathBuf::from(v));
+                Ok(true)
+            }
+            "sslcrl" | "sslpassword" => Err(PgError::Other(format!(
+                "conninfo option {k} is not supported; use an unencrypted key file (mode 0600) \
+                 and no CRL"
             ))),
             _ => Ok(false),
         }
@@ -82,19 +96,33 @@ pub fn split(conninfo: &str) -> Result<SplitConninfo, PgError> {
     } else {
         " "
     };
+    if cert.is_some() != key.is_some() {
+        return Err(PgError::Other(
+            "sslcert and sslkey go together: give both (client certificate and its key)".into(),
+        ));
+    }
+    if cert.is_some() && sslmode == "disable" {
+        return Err(PgError::Other(
+            "sslcert is set but sslmode=disable; use sslmode=verify-full".into(),
+        ));
+    }
     Ok(SplitConninfo {
         conninfo: format!("{rest}{sep}sslmode={mode_for_tokio}"),
         sslmode,
         sslrootcert: root,
+        sslcert: cert,
+        sslkey: key,
     })
 }
 
-/// A TLS connector that verifies the server against `root` or the system roots.
+/// A TLS connector that verifies the server against `sslrootcert` or the
+/// system roots, presenting `sslcert`/`sslkey` when given.
 pub fn connector(
-    root: Option<&PathBuf>,
+    split: &SplitConninfo,
 ) -> Result<tokio_postgres_rustls::MakeRustlsConnect, PgError> {
-    let config = crate::tls::client_config(root.map(|p| p.as_path()))
-        .map_err(|e| PgError::Other(format!("sslrootcert: {e}")))?;
+    let client = split.sslcert.as_deref().zip(split.sslkey.as_deref());
+    let config = crate::tls::client_config(split.sslrootcert.as_deref(), client)
+        .map_err(|e| PgError::Other(format!("TLS settings in conninfo: {e}")))?;
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 

@@ -216,7 +216,7 @@ impl Endpoint {
         if !self.tls {
             return Ok(Box::new(tcp));
         }
-        let cfg = crate::tls::client_config(self.ca_file.as_deref())
+        let cfg = crate::tls::client_config(self.ca_file.as_deref(), None)
             .map_err(|e| RedisError::Config(format!("ca_file: {e}")))?;
         let name = rustls_pki_types::ServerName::try_from(self.host.clone())
             .map_err(|e| err(format!("invalid TLS server name: {e}")))?;

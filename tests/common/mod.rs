@@ -145,7 +145,8 @@ pub fn test_certificates(tls: &Path) {
     );
 }
 
-fn openssl(dir: &std::path::Path, args: &[&str]) {
+/// Runs openssl in `dir`; panics with its stderr on failure.
+pub fn openssl(dir: &std::path::Path, args: &[&str]) {
     let o = std::process::Command::new("openssl")
         .args(args)
         .current_dir(dir)
