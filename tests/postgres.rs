@@ -681,3 +681,113 @@ fn backup_connects_over_verified_tls() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("chmod 600"), "{e}");
 }
+
+#[test]
+fn tablespaces_restore_in_place_or_where_mapped_never_to_the_original() {
+    let repo_dir = tempfile::tempdir().expect("tempdir");
+    let mut pg = TestPg::new(&fs_repo(&repo_dir));
+    let ts = pg.dir.path().join("ts-fast");
+    std::fs::create_dir_all(&ts).expect("mkdir");
+    common::pg::chown(&ts, &pg.user);
+    pg.sql(&format!(
+        "CREATE TABLESPACE fast LOCATION '{}'",
+        ts.display()
+    ));
+    pg.sql("CREATE TABLE t_fast (id int PRIMARY KEY, v text) TABLESPACE fast");
+    pg.sql("INSERT INTO t_fast SELECT g, md5(g::text) FROM generate_series(1, 20000) g");
+    pg.dr(&["backup", "pg"]);
+    pg.sql("INSERT INTO t_fast SELECT g, 'after' FROM generate_series(20001, 25000) g");
+    let sum = pg.sql("SELECT count(*) || ':' || sum(id) FROM t_fast");
+    pg.archive_now();
+    let oid = pg.sql("SELECT oid FROM pg_tablespace WHERE spcname = 'fast'");
+    let original: Vec<_> = walk(&ts);
+
+    // Default: the tablespace comes back inside the target, linked from pg_tblspc.
+    let r1 = pg.target("ts-in-place");
+    pg.track(r1.clone());
+    let port = free_port();
+    pg.dr(&[
+        "restore",
+        "pg",
+        "--to",
+        "latest",
+        "--target",
+        r1.to_str().expect("utf8"),
+        "--start",
+        "--port",
+        &port.to_string(),
+        "--no-archive",
+    ]);
+    assert_eq!(
+        pg.sql_at(port, "SELECT count(*) || ':' || sum(id) FROM t_fast"),
+        sum
+    );
+    let link = r1.join("pg_tblspc").join(&oid);
+    assert_eq!(
+        std::fs::read_link(&link).expect("symlink"),
+        r1.join("dr_tablespaces").join(&oid)
+    );
+    pg.stop(&r1);
+    assert_eq!(
+        walk(&ts),
+        original,
+        "the original tablespace location was touched"
+    );
+
+    // Mapped: linked to the given directory.
+    let elsewhere = pg.dir.path().join("ts-restored");
+    let r2 = pg.target("ts-mapped");
+    pg.track(r2.clone());
+    let port = free_port();
+    pg.dr(&[
+        "restore",
+        "pg",
+        "--to",
+        "latest",
+        "--target",
+        r2.to_str().expect("utf8"),
+        "--tablespace-map",
+        &format!("fast={}", elsewhere.display()),
+        "--start",
+        "--port",
+        &port.to_string(),
+        "--no-archive",
+    ]);
+    assert_eq!(
+        pg.sql_at(port, "SELECT count(*) || ':' || sum(id) FROM t_fast"),
+        sum
+    );
+    let link = r2.join("pg_tblspc").join(&oid);
+    assert_eq!(std::fs::read_link(&link).expect("symlink"), elsewhere);
+    pg.stop(&r2);
+
+    let r3 = pg.target("ts-bad");
+    expect_fail(
+        &pg,
+        &[
+            "restore",
+            "pg",
+            "--to",
+            "latest",
+            "--target",
+            r3.to_str().expect("utf8"),
+            "--tablespace-map",
+            "slow=/tmp/x",
+        ],
+        &["has no tablespace \"slow\"", "fast (oid"],
+    );
+    expect_fail(
+        &pg,
+        &[
+            "restore",
+            "pg",
+            "--to",
+            "latest",
+            "--target",
+            r3.to_str().expect("utf8"),
+            "--tablespace-map",
+            "fast=relative/dir",
+        ],
+        &["must be absolute"],
+    );
+}

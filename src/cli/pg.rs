@@ -44,6 +44,12 @@ pub struct RestoreArgs {
     /// that differ and remove files the backup does not have.
     #[arg(long)]
     delta: bool,
+    /// Put tablespace NAME (or OID) in the absolute directory DIR, linked from
+    /// pg_tblspc (repeatable). Unmapped tablespaces are restored inside the
+    /// target (dr_tablespaces/OID); nothing is written to their original
+    /// locations.
+    #[arg(long = "tablespace-map", value_name = "NAME=DIR")]
+    tablespace_map: Vec<String>,
 }
 
 pub async fn backup(
@@ -148,6 +154,16 @@ pub async fn restore(
         no_archive: args.no_archive,
         restore_command,
         delta: args.delta,
+        tablespace_map: args
+            .tablespace_map
+            .iter()
+            .map(|m| match m.split_once('=') {
+                Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), PathBuf::from(v))),
+                _ => Err(anyhow::anyhow!(
+                    "--tablespace-map {m:?}: expected NAME=DIR, e.g. --tablespace-map fast=/srv/restore-fast"
+                )),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?,
     };
     let progress = dr::progress::Progress::new();
     let r = with_progress(

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::manifest::{
-    BLOCK_SIZE, DataObject, DirEntry, Extent, FileEntry, MANIFEST_VERSION, PgManifest,
+    BLOCK_SIZE, DataObject, DirEntry, Extent, FileEntry, MANIFEST_VERSION, PgManifest, Tablespace,
 };
 use super::{Lsn, PgError, checksum};
 use crate::config::PgConfig;
@@ -209,10 +209,18 @@ fn walk(root: &Path) -> Result<Walked, PgError> {
                     continue;
                 }
                 files.push((rel_str, mode));
-            } else if meta.file_type().is_symlink() && rel_str.starts_with("pg_tblspc/") {
-                return Err(PgError::Other(format!(
-                    "{rel_str}: tablespaces are not supported by this version of dr's local-mode backup"
-                )));
+            } else if meta.file_type().is_symlink() && rel.as_os_str() == "pg_tblspc" {
+                // A tablespace: its contents are backed up under this path
+                // (reads follow the link); restore decides where they go.
+                let target =
+                    std::fs::metadata(entry.path()).map_err(|e| PgError::io(&entry.path(), e))?;
+                if target.is_dir() {
+                    dirs.push(DirEntry {
+                        path: rel_str.clone(),
+                        mode: target.permissions().mode() & 0o7777,
+                    });
+                    stack.push(rel_path);
+                }
             }
         }
     }
@@ -504,6 +512,30 @@ pub async fn backup(
     })?;
     tracing::info!(backup = %id, %start_lsn, "backup started");
 
+    let tablespaces = client
+        .query(
+            "SELECT oid::int8, spcname::text, pg_tablespace_location(oid) FROM pg_tablespace \
+             WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY oid",
+            &[],
+        )
+        .await
+        .map_err(|source| PgError::Sql {
+            what: "listing tablespaces".into(),
+            source,
+        })?
+        .iter()
+        .map(|r| {
+            Ok(Tablespace {
+                oid: u32::try_from(r.try_get::<_, i64>(0)?).unwrap_or(0),
+                name: r.try_get(1)?,
+                location: r.try_get(2)?,
+            })
+        })
+        .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+        .map_err(|source| PgError::Sql {
+            what: "listing tablespaces".into(),
+            source,
+        })?;
     let prev = load_previous(repo, cluster, system_id, cfg).await;
     if let Some(p) = &prev {
         tracing::info!(previous = %p.id, "block-incremental against the previous backup");
@@ -591,6 +623,7 @@ pub async fn backup(
         checksum_failures: checks
             .and_then(|c| c.bad.lock().ok().map(|b| b.clone()))
             .unwrap_or_default(),
+        tablespaces,
     };
     manifest.duration_seconds = t0.elapsed().as_secs_f64();
     let body = serde_json::to_vec(&manifest).map_err(|e| PgError::Other(e.to_string()))?;

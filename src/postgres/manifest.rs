@@ -61,6 +61,21 @@ pub struct PgManifest {
     pub duration_seconds: f64,
     /// Pages that failed checksum verification while reading (path, block).
     pub checksum_failures: Vec<(String, u64)>,
+    /// User tablespaces; their files are under `pg_tblspc/<oid>/` in `files`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tablespaces: Vec<Tablespace>,
+}
+
+/// A tablespace outside PGDATA at backup time.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Tablespace {
+    /// Its OID (the name of its link in `pg_tblspc`).
+    pub oid: u32,
+    /// `spcname`.
+    pub name: String,
+    /// Where it lived on the backed-up host.
+    pub location: String,
 }
 
 /// A backup id kept as its string form in JSON.

@@ -57,6 +57,10 @@ pub struct RestoreOptions {
     /// Restore over an existing (stopped) data directory, rewriting only
     /// blocks that differ and removing files the backup does not have.
     pub delta: bool,
+    /// Tablespaces (by name or OID) to restore into these absolute
+    /// directories, linked from `pg_tblspc`; the others are restored inside
+    /// the target, under `dr_tablespaces/<oid>`.
+    pub tablespace_map: Vec<(String, PathBuf)>,
 }
 
 /// What a restore did.
@@ -115,7 +119,12 @@ pub async fn restore(
     };
     let m = catalog.pick(when)?.clone();
     tracing::info!(backup = %m.id, "restoring");
+    let links = tablespace_links(&m, opts)?;
     progress.add_total(m.size);
+    if let Err(e) = make_links(&opts.dir, &links) {
+        remove_links(&links);
+        return Err(e);
+    }
     let rebuilt = match rebuild(repo, &m, &opts.dir, cfg.parallel, &progress, opts.delta).await {
         Ok(n) => write_recovery(&m, &opts.dir, opts)
             .map(|_| n)
@@ -134,6 +143,7 @@ pub async fn restore(
         Err(e) => {
             // The directory was empty or new: leave nothing half-restored behind.
             clear_dir(&opts.dir);
+            remove_links(&links);
             return Err(e);
         }
     };
@@ -141,6 +151,10 @@ pub async fn restore(
     std::fs::set_permissions(&opts.dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| PgError::io(&opts.dir, e))?;
     super::server::chown_to(&opts.dir, &cfg.os_user).await?;
+    // chown -R does not follow the pg_tblspc links.
+    for (_, dir) in links.iter().filter(|(_, d)| !d.starts_with(&opts.dir)) {
+        super::server::chown_to(dir, &cfg.os_user).await?;
+    }
     let restore_seconds = t0.elapsed().as_secs_f64();
     let mut report = RestoreReport {
         backup: m.id.clone(),
@@ -509,15 +523,103 @@ async fn rebuild(
     Ok((total, unchanged, removed))
 }
 
+/// Checks `--tablespace-map` against the backup's tablespaces and returns
+/// (oid, directory) for each mapped one.
+fn tablespace_links(m: &PgManifest, opts: &RestoreOptions) -> Result<Vec<(u32, PathBuf)>, PgError> {
+    if opts.delta && !m.tablespaces.is_empty() {
+        return Err(PgError::Other(format!(
+            "backup {} has tablespaces ({}); --delta does not support them yet — restore into an empty directory",
+            m.id,
+            m.tablespaces
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let mut out = Vec::new();
+    for (key, dir) in &opts.tablespace_map {
+        let Some(ts) = m
+            .tablespaces
+            .iter()
+            .find(|t| &t.name == key || t.oid.to_string() == *key)
+        else {
+            let have: Vec<String> = m
+                .tablespaces
+                .iter()
+                .map(|t| format!("{} (oid {}, was {})", t.name, t.oid, t.location))
+                .collect();
+            return Err(PgError::Other(format!(
+                "--tablespace-map {key}=…: backup {} has no tablespace {key:?}; it has: {}",
+                m.id,
+                if have.is_empty() {
+                    "none".to_string()
+                } else {
+                    have.join(", ")
+                }
+            )));
+        };
+        if !dir.is_absolute() {
+            return Err(PgError::Other(format!(
+                "--tablespace-map {key}={}: the directory must be absolute",
+                dir.display()
+            )));
+        }
+        if dir.starts_with(&opts.dir) {
+            return Err(PgError::Other(format!(
+                "--tablespace-map {key}={}: inside the target directory; leave it out to restore the tablespace in place",
+                dir.display()
+            )));
+        }
+        check_target_dir(dir)?;
+        out.push((ts.oid, dir.clone()));
+    }
+    // PostgreSQL accepts only links in pg_tblspc; unmapped tablespaces get a
+    // directory inside the target, so nothing is written outside it.
+    for ts in &m.tablespaces {
+        if !out.iter().any(|(oid, _)| *oid == ts.oid) {
+            out.push((ts.oid, opts.dir.join(IN_TARGET).join(ts.oid.to_string())));
+        }
+    }
+    Ok(out)
+}
+
+/// Where unmapped tablespaces are restored, inside the target.
+pub const IN_TARGET: &str = "dr_tablespaces";
+
+/// Creates each mapped tablespace directory and its `pg_tblspc` link.
+fn make_links(target: &Path, links: &[(u32, PathBuf)]) -> Result<(), PgError> {
+    if links.is_empty() {
+        return Ok(());
+    }
+    let tblspc = target.join("pg_tblspc");
+    std::fs::create_dir_all(&tblspc).map_err(|e| PgError::io(&tblspc, e))?;
+    for (oid, dir) in links {
+        std::fs::create_dir_all(dir).map_err(|e| PgError::io(dir, e))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| PgError::io(dir, e))?;
+        let link = tblspc.join(oid.to_string());
+        std::os::unix::fs::symlink(dir, &link).map_err(|e| PgError::io(&link, e))?;
+    }
+    Ok(())
+}
+
+/// Removes the tablespace directories [`make_links`] created, after a failure.
+fn remove_links(links: &[(u32, PathBuf)]) {
+    for (_, dir) in links {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
 fn write_recovery(m: &PgManifest, dir: &Path, opts: &RestoreOptions) -> std::io::Result<()> {
     std::fs::write(dir.join("backup_label"), &m.backup_label)?;
-    if !m.tablespace_map.is_empty() {
-        std::fs::write(dir.join("tablespace_map"), &m.tablespace_map)?;
-    }
+    // No tablespace_map: it would make PostgreSQL relink pg_tblspc to the
+    // original locations. dr has already placed each tablespace (in place,
+    // or linked to its --tablespace-map directory).
     std::fs::write(dir.join("recovery.signal"), b"")?;
     let mut conf = std::fs::OpenOptions::new()
         .append(true)
