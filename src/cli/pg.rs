@@ -9,7 +9,7 @@ use dr::postgres::{backup, restore, wal};
 use dr::repo::Repository;
 
 use super::output::{bytes, table, with_progress};
-use super::{Out, audited_open, load_config, parse_to, report_degraded};
+use super::{Out, audited_open, dr_command, load_config, parse_to, report_degraded};
 
 /// `dr restore pg` arguments.
 #[derive(clap::Args)]
@@ -121,13 +121,7 @@ pub async fn restore(
         None => Target::Latest,
         Some(t) => Target::Time(t),
     };
-    let cfg_path = std::fs::canonicalize(&cfg.source).unwrap_or(cfg.source.clone());
-    let exe = std::env::current_exe()?;
-    let restore_command = format!(
-        "{} --config {} wal-fetch --cluster {cluster}",
-        exe.display(),
-        cfg_path.display()
-    );
+    let restore_command = format!("{} wal-fetch --cluster {cluster}", dr_command(&cfg)?);
     let (audit, repo) = audited_open(
         &cfg,
         "restore.pg",
@@ -148,6 +142,9 @@ pub async fn restore(
         no_archive: args.no_archive,
         restore_command,
         delta: args.delta,
+        settings: Vec::new(),
+        connect_host: None,
+        connect_user: "postgres".into(),
     };
     let progress = dr::progress::Progress::new();
     let r = with_progress(

@@ -248,6 +248,7 @@ mod tests {
             server_bin: "/usr/bin/redis-server".into(),
             os_user: None,
             timeout_seconds: 60,
+            verify: Default::default(),
         }
     }
 
