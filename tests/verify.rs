@@ -438,7 +438,7 @@ fn redis_restore_verification_checks_keys_and_user_checks() {
     assert_clean(scratch.path());
 
     // A manifest whose key counts disagree with the RDB: a newer snapshot
-    // with the same RDB and a manifest claiming five more keys in db0.
+    // with the same RDB and a manifest claiming 1000 more keys in db0.
     tamper_newest_snapshot(&dr, &repo.path().join("repo"));
     let o = dr.dr_raw(&["--json", "verify", "redis", "--restore"]);
     assert!(!o.status.success());
@@ -460,7 +460,8 @@ fn redis_restore_verification_checks_keys_and_user_checks() {
 }
 
 /// Writes a snapshot newer than the newest one: the same RDB object, and a
-/// manifest whose db0 key count is five higher.
+/// manifest whose db0 key count is 1000 higher (more
+/// than the keys with a TTL, which the comparison allows to have expired).
 fn tamper_newest_snapshot(dr: &DrSetup, repo_dir: &Path) {
     use dr::repo::layout::{BackupId, ObjectKey};
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -479,7 +480,7 @@ fn tamper_newest_snapshot(dr: &DrSetup, repo_dir: &Path) {
     m["time"] = serde_json::to_value(newest.time + chrono::Duration::seconds(2)).expect("time");
     for field in ["keyspace", "keyspace_after"] {
         if let Some(k) = m[field]["0"]["keys"].as_u64() {
-            m[field]["0"]["keys"] = Value::from(k + 5);
+            m[field]["0"]["keys"] = Value::from(k + 1000);
         }
     }
     let rdb = |id: &BackupId| {
