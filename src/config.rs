@@ -874,7 +874,8 @@ impl Config {
             ("rto_seconds", c.rto_seconds),
             ("rpo_seconds", c.rpo_seconds),
         ] {
-            if v.is_some_and(|v| !(v > 0.0)) {
+            // NaN fails too: it is not a finite positive number.
+            if v.is_some_and(|v| !v.is_finite() || v <= 0.0) {
                 return fail(format!("{k} must be a positive number of seconds"));
             }
         }
@@ -1356,6 +1357,67 @@ mod tests {
         let t = base() + "[env.prod.postgres.primary]\nconninfo = \"host=x\"\ndata_dir = \"rel\"\n";
         let e = parse(&t).unwrap_err().to_string();
         assert!(e.contains("must be absolute"), "{e}");
+    }
+
+    #[test]
+    fn verify_checks_and_drills_parse_and_are_checked() {
+        let pg = "[postgres.main]\nconninfo = \"host=127.0.0.1\"\ndata_dir = \"/d\"\n";
+        let redis = "[redis.cache]\nurl = \"redis://127.0.0.1:6379\"\n";
+        let t = base()
+            + pg
+            + "[postgres.main.verify]\nmax_replay_lag_seconds = 60\n[[postgres.main.verify.check]]\nname = \"users\"\ndatabase = \"app\"\nsql = \"SELECT true\"\n"
+            + redis
+            + "[[redis.cache.verify.check]]\nname = \"size\"\ncommand = [\"DBSIZE\"]\nexpect = \"1\"\n"
+            + "[drill.nightly]\npostgres = [\"main\"]\nredis = [\"cache\"]\nrto_seconds = 600\nreport_dir = \"/r\"\n";
+        let c = parse(&t).expect("valid");
+        let v = &c.postgres["main"].get_ref().verify;
+        assert_eq!(v.max_replay_lag_seconds, 60);
+        assert_eq!(v.user, "postgres");
+        assert_eq!(v.check[0].database, "app");
+        assert_eq!(
+            c.redis["cache"].get_ref().verify.check[0].command,
+            ["DBSIZE"]
+        );
+        let d = c.drill("nightly").expect("drill");
+        assert_eq!(
+            (d.to.as_str(), d.environment.as_str()),
+            ("latest", "scratch")
+        );
+        assert!(
+            c.drill("weekly")
+                .unwrap_err()
+                .to_string()
+                .contains("configured: nightly")
+        );
+
+        let e = parse(
+            &(base() + pg + "[[postgres.main.verify.check]]\nname = \"x\"\nsq = \"SELECT 1\"\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("dr.toml:13:") && e.contains("sq"), "{e}");
+        let drill = |body: &str| {
+            parse(&(base() + pg + redis + "[drill.d]\n" + body))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = drill("postgres = [\"other\"]\nreport_dir = \"/r\"\n");
+        assert!(
+            e.starts_with("dr.toml:13:") && e.contains("names no [postgres.other]"),
+            "{e}"
+        );
+        let e = drill("redis = [\"cache\"]\nto = \"yesterday\"\nreport_dir = \"/r\"\n");
+        assert!(e.contains("neither \"latest\" nor a time"), "{e}");
+        let e = drill("redis = [\"cache\"]\nrto_seconds = 0\nreport_dir = \"/r\"\n");
+        assert!(e.contains("rto_seconds must be a positive"), "{e}");
+        let e = drill("redis = [\"cache\"]\nreport_dir = \"r\"\n");
+        assert!(e.contains("must be absolute"), "{e}");
+        let e = drill("redis = [\"cache\"]\nenvironment = \"prod\"\nreport_dir = \"/r\"\n");
+        assert!(e.contains("not supported"), "{e}");
+        let e = parse(&(base() + pg + "[postgres.main.verify]\nscratch_dir = \"/a b\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("free of spaces"), "{e}");
     }
 
     #[test]

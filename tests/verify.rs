@@ -460,8 +460,8 @@ fn redis_restore_verification_checks_keys_and_user_checks() {
 }
 
 /// Writes a snapshot newer than the newest one: the same RDB object, and a
-/// manifest whose db0 key count is 1000 higher (more
-/// than the keys with a TTL, which the comparison allows to have expired).
+/// manifest whose db0 key count is 1000 higher (more than the keys with a
+/// TTL, which the comparison allows to have expired).
 fn tamper_newest_snapshot(dr: &DrSetup, repo_dir: &Path) {
     use dr::repo::layout::{BackupId, ObjectKey};
     let rt = tokio::runtime::Runtime::new().expect("runtime");
