@@ -378,3 +378,35 @@ fn recovered_point(
         None => CheckResult::pass(name, "no target time to compare with", 0.0),
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_servers_cannot_reach_outside() {
+        let root = Path::new("/s");
+        let s = isolation_settings(root, &root.join("data"), &root.join("socket"), 5999);
+        for must in [
+            "archive_mode=off",
+            "archive_command=",
+            "archive_library=",
+            "primary_conninfo=",
+            "primary_slot_name=",
+            "synchronous_standby_names=",
+            "recovery_end_command=",
+            "archive_cleanup_command=",
+            "external_pid_file=",
+            "listen_addresses=127.0.0.1",
+            "unix_socket_directories=/s/socket",
+            "hba_file=/s/pg_hba.conf",
+            "data_directory=/s/data",
+            "port=5999",
+        ] {
+            assert!(s.iter().any(|x| x == must), "{must} missing from {s:?}");
+        }
+        // Recovery refuses to run with these below the primary's values.
+        assert!(!s.iter().any(|x| x.starts_with("max_wal_senders")));
+        assert!(SCRATCH_HBA.lines().all(|l| !l.contains("0.0.0.0")));
+    }
+}
