@@ -41,6 +41,9 @@ pub struct Config {
     /// Failover environments, by name (`[env.<name>]`): the servers playbooks act on.
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, Spanned<EnvConfig>>,
+    /// Disaster-recovery drills, by name (`[drill.<name>]`), run by `dr drill NAME`.
+    #[serde(default)]
+    pub drill: std::collections::BTreeMap<String, Spanned<DrillConfig>>,
     /// Where this file was loaded from (for messages).
     #[serde(skip)]
     pub source: PathBuf,
@@ -92,6 +95,35 @@ pub struct RedisConfig {
     pub timeout_seconds: u64,
     /// What `dr expire` keeps (nothing is deleted without it).
     pub retention: Option<RedisRetention>,
+    /// Scratch-restore verification (`dr verify redis --restore`).
+    #[serde(default)]
+    pub verify: RedisVerifyConfig,
+}
+
+/// `[redis.<name>.verify]`: how a scratch restore of the instance is checked.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisVerifyConfig {
+    /// Parent of the scratch directories (default: /var/tmp/dr-verify).
+    pub scratch_dir: Option<PathBuf>,
+    /// User checks (`[[redis.<name>.verify.check]]`).
+    #[serde(default)]
+    pub check: Vec<RedisCheck>,
+}
+
+/// One user check on a restored Redis: a command and the reply it must give.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisCheck {
+    /// Shown in reports.
+    pub name: String,
+    /// The command and its arguments, e.g. `["EXISTS", "config:features"]`.
+    pub command: Vec<String>,
+    /// The expected reply as text (integers as digits, nil as `(nil)`).
+    pub expect: String,
+    /// Database to `SELECT` first (default 0).
+    #[serde(default)]
+    pub db: u32,
 }
 
 fn default_redis_server() -> PathBuf {
@@ -132,6 +164,9 @@ pub struct PgConfig {
     pub verify_checksums: bool,
     /// What `dr expire` keeps (nothing is deleted without it).
     pub retention: Option<PgRetention>,
+    /// Scratch-restore verification (`dr verify pg --restore`).
+    #[serde(default)]
+    pub verify: PgVerifyConfig,
 }
 
 /// `[postgres.<name>.retention]`.
@@ -174,6 +209,103 @@ mod humantime_serde_opt {
         })
         .transpose()
     }
+}
+
+/// `[postgres.<name>.verify]`: how a scratch restore of the cluster is checked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgVerifyConfig {
+    /// Parent of the scratch directories (default: /var/tmp/dr-verify). The
+    /// restored cluster is written here, so it needs room for a full copy.
+    pub scratch_dir: Option<PathBuf>,
+    /// Database user the checks connect as (a superuser of the cluster).
+    #[serde(default = "default_verify_user")]
+    pub user: String,
+    /// Largest accepted gap between the target and the last replayed
+    /// transaction; a bigger one means WAL is missing or archiving lags.
+    #[serde(default = "default_replay_lag")]
+    pub max_replay_lag_seconds: u64,
+    /// User checks (`[[postgres.<name>.verify.check]]`).
+    #[serde(default)]
+    pub check: Vec<PgCheck>,
+}
+
+impl Default for PgVerifyConfig {
+    fn default() -> Self {
+        PgVerifyConfig {
+            scratch_dir: None,
+            user: default_verify_user(),
+            max_replay_lag_seconds: default_replay_lag(),
+            check: Vec::new(),
+        }
+    }
+}
+
+fn default_verify_user() -> String {
+    "postgres".into()
+}
+
+fn default_replay_lag() -> u64 {
+    300
+}
+
+/// One user check on a restored cluster: SQL returning one boolean.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgCheck {
+    /// Shown in reports.
+    pub name: String,
+    /// Database to run it in (default: postgres).
+    #[serde(default = "default_check_db")]
+    pub database: String,
+    /// A query returning exactly one row with one boolean column; true passes.
+    pub sql: String,
+}
+
+fn default_check_db() -> String {
+    "postgres".into()
+}
+
+/// Where scratch restores go when no `scratch_dir` is configured.
+pub const DEFAULT_SCRATCH_DIR: &str = "/var/tmp/dr-verify";
+
+/// `[drill.<name>]`: a rehearsed recovery of several sources, with objectives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillConfig {
+    /// PostgreSQL clusters to restore (names of `[postgres.*]`).
+    #[serde(default)]
+    pub postgres: Vec<String>,
+    /// Redis instances to restore (names of `[redis.*]`).
+    #[serde(default)]
+    pub redis: Vec<String>,
+    /// Recovery target: `latest` or a time (RFC 3339).
+    #[serde(default = "default_drill_to")]
+    pub to: String,
+    /// Where the sources are restored. Only `scratch` (servers dr starts on
+    /// loopback and removes afterwards) is supported.
+    #[serde(default = "default_drill_environment")]
+    pub environment: String,
+    /// Failover playbook run once every source answers (name or path).
+    pub playbook: Option<String>,
+    /// Environment the playbook acts on; default: the restored scratch
+    /// servers, named after their sources.
+    pub env: Option<String>,
+    /// Recovery-time objective: drill start to every source answering (and
+    /// the playbook's RTO point, when one runs).
+    pub rto_seconds: Option<f64>,
+    /// Recovery-point objective: the largest target-to-recovered-point gap.
+    pub rpo_seconds: Option<f64>,
+    /// Directory for the JSON and Markdown reports.
+    pub report_dir: PathBuf,
+}
+
+fn default_drill_to() -> String {
+    "latest".into()
+}
+
+fn default_drill_environment() -> String {
+    "scratch".into()
 }
 
 fn yes() -> bool {
@@ -680,12 +812,125 @@ impl Config {
         for (name, env) in &self.env {
             self.validate_env(text, name, env)?;
         }
+        self.validate_verify(text)?;
+        for (name, d) in &self.drill {
+            self.validate_drill(text, name, d)?;
+        }
         if let Some(id) = &repo.identity_file {
             // Only check permissions when the file exists: a backup-only host has none.
             crate::keys::check_identity_permissions(id.get_ref())
                 .map_err(|e| self.err(text, id.span(), e.to_string()))?;
         }
         self.region_specs = specs;
+        Ok(())
+    }
+
+    fn validate_verify(&self, text: &str) -> Result<(), ConfigError> {
+        for (name, pg) in &self.postgres {
+            let v = &pg.get_ref().verify;
+            let fail = |msg: String| {
+                Err(self.err(text, pg.span(), format!("[postgres.{name}.verify]: {msg}")))
+            };
+            if let Some(d) = v.scratch_dir.as_ref().filter(|d| !scratch_path_ok(d)) {
+                return fail(format!(
+                    "scratch_dir {} must be absolute and free of spaces and quotes",
+                    d.display()
+                ));
+            }
+            for c in &v.check {
+                if c.name.trim().is_empty() || c.sql.trim().is_empty() {
+                    return fail(
+                        "every [[check]] needs a name and sql, e.g. name = \"users exist\" sql = \"SELECT count(*) > 0 FROM users\"".into(),
+                    );
+                }
+            }
+        }
+        for (name, r) in &self.redis {
+            let v = &r.get_ref().verify;
+            let fail = |msg: String| {
+                Err(self.err(text, r.span(), format!("[redis.{name}.verify]: {msg}")))
+            };
+            if let Some(d) = v.scratch_dir.as_ref().filter(|d| !scratch_path_ok(d)) {
+                return fail(format!(
+                    "scratch_dir {} must be absolute and free of spaces and quotes",
+                    d.display()
+                ));
+            }
+            for c in &v.check {
+                if c.name.trim().is_empty() || c.command.is_empty() {
+                    return fail(
+                        "every [[check]] needs a name and a command, e.g. command = [\"DBSIZE\"] expect = \"42\"".into(),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_drill(
+        &self,
+        text: &str,
+        name: &str,
+        d: &Spanned<DrillConfig>,
+    ) -> Result<(), ConfigError> {
+        let fail = |msg: String| Err(self.err(text, d.span(), format!("[drill.{name}]: {msg}")));
+        let c = d.get_ref();
+        if !layout_name_ok(name) {
+            return fail("names may use only letters, digits, '-' and '_' (max 64)".into());
+        }
+        if c.postgres.is_empty() && c.redis.is_empty() {
+            return fail(
+                "restores nothing; add postgres = [\"main\"] and/or redis = [\"cache\"]".into(),
+            );
+        }
+        for p in &c.postgres {
+            if !self.postgres.contains_key(p) {
+                return fail(format!("postgres = [{p:?}] names no [postgres.{p}]"));
+            }
+        }
+        for r in &c.redis {
+            if !self.redis.contains_key(r) {
+                return fail(format!("redis = [{r:?}] names no [redis.{r}]"));
+            }
+        }
+        if c.to != "latest" && crate::time::parse_time(&c.to).is_err() {
+            return fail(format!(
+                "to = {:?} is neither \"latest\" nor a time like \"2026-11-25T18:44:12Z\"",
+                c.to
+            ));
+        }
+        if c.environment != "scratch" {
+            return fail(format!(
+                "environment = {:?} is not supported; use \"scratch\" (restored servers dr starts and removes); \
+                 point a playbook at existing servers with env = \"<name>\"",
+                c.environment
+            ));
+        }
+        if let Some(e) = &c.env
+            && !self.env.contains_key(e)
+        {
+            return fail(format!("env = {e:?} names no [env.{e}]"));
+        }
+        if c.env.is_some() && c.playbook.is_none() {
+            return fail(
+                "env is only used by a playbook; add playbook = \"…\" or remove env".into(),
+            );
+        }
+        for (k, v) in [
+            ("rto_seconds", c.rto_seconds),
+            ("rpo_seconds", c.rpo_seconds),
+        ] {
+            // NaN fails too: it is not a finite positive number.
+            if v.is_some_and(|v| !v.is_finite() || v <= 0.0) {
+                return fail(format!("{k} must be a positive number of seconds"));
+            }
+        }
+        if !c.report_dir.is_absolute() {
+            return fail(format!(
+                "report_dir {} must be absolute",
+                c.report_dir.display()
+            ));
+        }
         Ok(())
     }
 
@@ -908,6 +1153,15 @@ fn check_conninfo(conninfo: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Scratch paths end up in `pg_ctl -o` settings; keep them plain.
+fn scratch_path_ok(p: &Path) -> bool {
+    p.is_absolute()
+        && !p
+            .to_string_lossy()
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '\'' | '"' | '\\' | '$' | '`'))
+}
+
 fn layout_name_ok(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
@@ -968,6 +1222,21 @@ impl Config {
 }
 
 impl Config {
+    /// The drill named `name`; the error lists the configured ones.
+    pub fn drill(&self, name: &str) -> Result<&DrillConfig, ConfigError> {
+        self.drill.get(name).map(|d| d.get_ref()).ok_or_else(|| {
+            let names: Vec<&String> = self.drill.keys().collect();
+            ConfigError {
+                location: self.source.display().to_string(),
+                message: if names.is_empty() {
+                    format!("no [drill.{name}] in the config; add one with postgres/redis sources and report_dir")
+                } else {
+                    format!("no [drill.{name}] in the config; configured: {}", join(&names))
+                },
+            }
+        })
+    }
+
     /// The environment named `name`; the error lists the configured ones.
     pub fn environment(&self, name: &str) -> Result<&EnvConfig, ConfigError> {
         self.env.get(name).map(|e| e.get_ref()).ok_or_else(|| {
@@ -1134,6 +1403,67 @@ mod tests {
         let t = base() + "[env.prod.postgres.primary]\nconninfo = \"host=x\"\ndata_dir = \"rel\"\n";
         let e = parse(&t).unwrap_err().to_string();
         assert!(e.contains("must be absolute"), "{e}");
+    }
+
+    #[test]
+    fn verify_checks_and_drills_parse_and_are_checked() {
+        let pg = "[postgres.main]\nconninfo = \"host=127.0.0.1\"\ndata_dir = \"/d\"\n";
+        let redis = "[redis.cache]\nurl = \"redis://127.0.0.1:6379\"\n";
+        let t = base()
+            + pg
+            + "[postgres.main.verify]\nmax_replay_lag_seconds = 60\n[[postgres.main.verify.check]]\nname = \"users\"\ndatabase = \"app\"\nsql = \"SELECT true\"\n"
+            + redis
+            + "[[redis.cache.verify.check]]\nname = \"size\"\ncommand = [\"DBSIZE\"]\nexpect = \"1\"\n"
+            + "[drill.nightly]\npostgres = [\"main\"]\nredis = [\"cache\"]\nrto_seconds = 600\nreport_dir = \"/r\"\n";
+        let c = parse(&t).expect("valid");
+        let v = &c.postgres["main"].get_ref().verify;
+        assert_eq!(v.max_replay_lag_seconds, 60);
+        assert_eq!(v.user, "postgres");
+        assert_eq!(v.check[0].database, "app");
+        assert_eq!(
+            c.redis["cache"].get_ref().verify.check[0].command,
+            ["DBSIZE"]
+        );
+        let d = c.drill("nightly").expect("drill");
+        assert_eq!(
+            (d.to.as_str(), d.environment.as_str()),
+            ("latest", "scratch")
+        );
+        assert!(
+            c.drill("weekly")
+                .unwrap_err()
+                .to_string()
+                .contains("configured: nightly")
+        );
+
+        let e = parse(
+            &(base() + pg + "[[postgres.main.verify.check]]\nname = \"x\"\nsq = \"SELECT 1\"\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("dr.toml:13:") && e.contains("sq"), "{e}");
+        let drill = |body: &str| {
+            parse(&(base() + pg + redis + "[drill.d]\n" + body))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = drill("postgres = [\"other\"]\nreport_dir = \"/r\"\n");
+        assert!(
+            e.starts_with("dr.toml:13:") && e.contains("names no [postgres.other]"),
+            "{e}"
+        );
+        let e = drill("redis = [\"cache\"]\nto = \"yesterday\"\nreport_dir = \"/r\"\n");
+        assert!(e.contains("neither \"latest\" nor a time"), "{e}");
+        let e = drill("redis = [\"cache\"]\nrto_seconds = 0\nreport_dir = \"/r\"\n");
+        assert!(e.contains("rto_seconds must be a positive"), "{e}");
+        let e = drill("redis = [\"cache\"]\nreport_dir = \"r\"\n");
+        assert!(e.contains("must be absolute"), "{e}");
+        let e = drill("redis = [\"cache\"]\nenvironment = \"prod\"\nreport_dir = \"/r\"\n");
+        assert!(e.contains("not supported"), "{e}");
+        let e = parse(&(base() + pg + "[postgres.main.verify]\nscratch_dir = \"/a b\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("free of spaces"), "{e}");
     }
 
     #[test]

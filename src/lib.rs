@@ -18,3 +18,4 @@ pub mod repo;
 pub mod store;
 pub mod time;
 pub mod tls;
+pub mod verify;

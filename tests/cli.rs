@@ -355,3 +355,23 @@ fn crash_mid_put_s3_leaves_no_object() {
         })
     });
 }
+
+#[test]
+fn verify_levels_and_drill_names_are_checked_before_anything_runs() {
+    let env = setup();
+    let cfg = env.write_config(&fs_region_toml("local", &env.repo()));
+    let o = run_cfg(&cfg, &["verify", "--to", "latest"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--restore"), "{}", stderr(&o));
+    let o = run_cfg(&cfg, &["verify", "--list", "--restore"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("cannot be used with"), "{}", stderr(&o));
+    let o = run_cfg(&cfg, &["verify", "--restore", "--region", "local"]);
+    assert!(!o.status.success());
+    let o = run_cfg(&cfg, &["verify", "--restore"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("nothing to verify"), "{}", stderr(&o));
+    let o = run_cfg(&cfg, &["drill", "nightly"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no [drill.nightly]"), "{}", stderr(&o));
+}

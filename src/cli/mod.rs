@@ -1,6 +1,7 @@
 //! Argument parsing and output. Handlers parse, call the library, print.
 
 mod check;
+mod drill;
 mod expire;
 mod failover;
 mod keygen;
@@ -55,12 +56,16 @@ enum Command {
     /// Restore to a point in time.
     #[command(subcommand)]
     Restore(RestoreCmd),
-    /// Check every object in every region: --list (exists, right size) or
-    /// --read-data (decode and hash every copy).
+    /// Check backups: --list (every object exists, right size), --read-data
+    /// (decode and hash every copy) or --restore (restore into a scratch
+    /// server, run the checks, report RTO/RPO, clean up).
     Verify(verify::Args),
     /// Delete what each source's retention policy no longer keeps (manifests
     /// first, shared blocks and needed WAL kept, Object Lock respected).
     Expire(expire::Args),
+    /// Run a disaster-recovery drill from [drill.NAME]: restore, check,
+    /// optional failover playbook, RTO/RPO against the objectives.
+    Drill(drill::Args),
     /// List backups and the recoverable window.
     #[command(subcommand)]
     List(ListCmd),
@@ -163,6 +168,7 @@ pub fn run() -> ExitCode {
                 pg::list(name, cli.config.as_deref(), &out).await
             }
             Command::Failover(args) => failover::run(args, cli.config.as_deref(), &out).await,
+            Command::Drill(args) => drill::run(args, cli.config.as_deref(), &out).await,
             Command::WalPush { cluster, path } => {
                 pg::wal_push(cluster, path, cli.config.as_deref(), &out).await
             }
@@ -226,6 +232,40 @@ fn parse_to(to: &str, out: &Out) -> anyhow::Result<Option<chrono::DateTime<chron
         );
     }
     Ok(Some(t))
+}
+
+/// How PostgreSQL runs this `dr` (for `restore_command`): the absolute
+/// binary and config paths, since the server runs in another directory.
+fn dr_command(cfg: &dr::config::Config) -> anyhow::Result<String> {
+    let cfg_path = std::fs::canonicalize(&cfg.source).unwrap_or(cfg.source.clone());
+    let exe = std::env::current_exe()?;
+    Ok(format!("{} --config {}", exe.display(), cfg_path.display()))
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM, so long operations can stop
+/// their scratch servers and remove their directories before exiting.
+fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot watch for SIGTERM: {e}");
+                let _ = tokio::signal::ctrl_c().await;
+                t.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("interrupted: stopping scratch servers and removing scratch directories…");
+        t.cancel();
+    });
+    token
 }
 
 /// Writes the audit record of an operation that is about to start, then opens

@@ -9,7 +9,7 @@ use dr::postgres::{backup, restore, wal};
 use dr::repo::Repository;
 
 use super::output::{bytes, table, with_progress};
-use super::{Out, audited_open, load_config, parse_to, report_degraded};
+use super::{Out, audited_open, dr_command, load_config, parse_to, report_degraded};
 
 /// `dr restore pg` arguments.
 #[derive(clap::Args)]
@@ -127,13 +127,7 @@ pub async fn restore(
         None => Target::Latest,
         Some(t) => Target::Time(t),
     };
-    let cfg_path = std::fs::canonicalize(&cfg.source).unwrap_or(cfg.source.clone());
-    let exe = std::env::current_exe()?;
-    let restore_command = format!(
-        "{} --config {} wal-fetch --cluster {cluster}",
-        exe.display(),
-        cfg_path.display()
-    );
+    let restore_command = format!("{} wal-fetch --cluster {cluster}", dr_command(&cfg)?);
     let (audit, repo) = audited_open(
         &cfg,
         "restore.pg",
@@ -164,6 +158,9 @@ pub async fn restore(
                 )),
             })
             .collect::<anyhow::Result<Vec<_>>>()?,
+        settings: Vec::new(),
+        connect_host: None,
+        connect_user: "postgres".into(),
     };
     let progress = dr::progress::Progress::new();
     let r = with_progress(

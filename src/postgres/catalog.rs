@@ -190,7 +190,26 @@ impl Catalog {
                 fmt(&first)
             )
         } else if t > last {
-            format!("is after the last archived WAL ({})", fmt(&last))
+            // Segments archived beyond the window mean one in between is gone.
+            let newest_window = self.windows.iter().max_by_key(|w| w.to);
+            let beyond = newest_window.and_then(|w| {
+                let end = w.last_segment.parse::<WalSegmentName>().ok()?;
+                let later = self
+                    .wal
+                    .range(next_segment(end)..)
+                    .find(|(l, _)| l.timeline == end.timeline)?;
+                Some((next_segment(end), later))
+            });
+            match beyond {
+                Some((missing, (later, e))) => format!(
+                    "is beyond a gap in the archived WAL: segment {missing} is missing in every region,                      so replay stops at {} although {later} was archived{}",
+                    fmt(&last),
+                    e.archived
+                        .map(|a| format!(" ({})", fmt(&a)))
+                        .unwrap_or_default()
+                ),
+                None => format!("is after the last archived WAL ({})", fmt(&last)),
+            }
         } else {
             "falls in a gap in the archived WAL".into()
         };

@@ -61,6 +61,14 @@ pub struct RestoreOptions {
     /// directories, linked from `pg_tblspc`; the others are restored inside
     /// the target, under `dr_tablespaces/<oid>`.
     pub tablespace_map: Vec<(String, PathBuf)>,
+    /// Extra `name=value` server settings for `start`; they override the
+    /// restored configuration (and the loopback defaults of `server::start`).
+    pub settings: Vec<String>,
+    /// Where to connect while waiting for promotion: 127.0.0.1 when `None`,
+    /// else a socket directory the settings put the server's socket in.
+    pub connect_host: Option<String>,
+    /// Database user to connect as while waiting for promotion.
+    pub connect_user: String,
 }
 
 /// What a restore did.
@@ -90,6 +98,12 @@ pub struct RestoreReport {
     pub last_replayed: Option<String>,
     /// Seconds from start until the server accepted writes, if started.
     pub recovery_seconds: Option<f64>,
+    /// When the restored backup ended (the earliest restorable point).
+    pub backup_stop_time: DateTime<Utc>,
+    /// Last WAL segment reachable from the backup without a gap.
+    pub wal_last_contiguous: Option<String>,
+    /// Newest WAL segment archived on the backup's timeline, and when.
+    pub wal_newest: Option<(String, DateTime<Utc>)>,
 }
 
 /// Restores `cluster` as described by `opts`.
@@ -118,6 +132,17 @@ pub async fn restore(
         Target::Time(t) => Some(t),
     };
     let m = catalog.pick(when)?.clone();
+    let wal_last_contiguous = catalog
+        .windows
+        .iter()
+        .find(|w| w.backup == m.id)
+        .map(|w| w.last_segment.clone());
+    let wal_newest = catalog
+        .wal
+        .iter()
+        .rev()
+        .find(|(seg, _)| seg.timeline.0 == m.timeline)
+        .map(|(seg, e)| (seg.to_string(), e.archived.unwrap_or(m.stop_time)));
     tracing::info!(backup = %m.id, "restoring");
     let links = tablespace_links(&m, opts)?;
     progress.add_total(m.size);
@@ -172,18 +197,28 @@ pub async fn restore(
         port: None,
         last_replayed: None,
         recovery_seconds: None,
+        backup_stop_time: m.stop_time,
+        wal_last_contiguous,
+        wal_newest,
     };
     if let Some(port) = opts.start {
         let mut extra = Vec::new();
         if opts.no_archive {
             extra.push("archive_mode=off".to_string());
         }
+        extra.extend(opts.settings.iter().cloned());
         let log = opts.dir.join("log").join("dr-recovery.log");
         let _ = std::fs::create_dir_all(opts.dir.join("log"));
         super::server::chown_to(&opts.dir.join("log"), &cfg.os_user).await?;
         super::server::start(&cfg.bin_dir, &cfg.os_user, &opts.dir, port, &extra, &log).await?;
-        let client =
-            super::server::connect_local(port, "postgres", Duration::from_secs(60)).await?;
+        let client = super::server::connect_local_at(
+            opts.connect_host.as_deref().unwrap_or("127.0.0.1"),
+            port,
+            &opts.connect_user,
+            "postgres",
+            Duration::from_secs(60),
+        )
+        .await?;
         // Recovery promotes when it reaches the target; wait for that.
         let deadline = Instant::now() + Duration::from_secs(3600);
         loop {

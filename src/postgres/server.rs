@@ -55,7 +55,9 @@ pub async fn chown_to(dir: &Path, os_user: &str) -> Result<(), PgError> {
 }
 
 /// Starts PostgreSQL on `data_dir`, listening only on 127.0.0.1:`port`, and
-/// waits until it accepts connections. `extra` are `-c name=value` settings.
+/// waits until it accepts connections. `extra` are `name=value` settings
+/// passed as `-c`; one naming `port`, `listen_addresses` or
+/// `unix_socket_directories` replaces that default.
 pub async fn start(
     bin_dir: &Path,
     os_user: &str,
@@ -64,11 +66,32 @@ pub async fn start(
     extra: &[String],
     log: &Path,
 ) -> Result<(), PgError> {
-    let mut opts =
-        format!("-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''");
-    for e in extra {
-        opts.push_str(&format!(" -c {e}"));
-    }
+    let port = port.to_string();
+    let defaults = [
+        ("port", port.as_str()),
+        ("listen_addresses", "127.0.0.1"),
+        ("unix_socket_directories", ""),
+    ];
+    let overridden = |k: &str| {
+        extra
+            .iter()
+            .any(|e| e.split_once('=').is_some_and(|(n, _)| n.trim() == k))
+    };
+    let mut settings: Vec<String> = defaults
+        .iter()
+        .filter(|(k, _)| !overridden(k))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    settings.extend(extra.iter().cloned());
+    let opts = settings
+        .iter()
+        .map(|e| {
+            let (k, v) = e.split_once('=').unwrap_or((e.as_str(), ""));
+            // pg_ctl hands -o to /bin/sh: quote every value for it.
+            format!("-c {}='{}'", k.trim(), v.replace('\'', "'\\''"))
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
     let out = as_user(os_user, &bin_dir.join("pg_ctl"))
         .arg("-D")
         .arg(data_dir)
@@ -141,13 +164,22 @@ pub async fn connect_local(
     user: &str,
     timeout: Duration,
 ) -> Result<tokio_postgres::Client, PgError> {
+    connect_local_at("127.0.0.1", port, user, "postgres", timeout).await
+}
+
+/// Connects to a server `dr` started, on `host` (127.0.0.1 or a socket
+/// directory), retrying while it starts.
+pub async fn connect_local_at(
+    host: &str,
+    port: u16,
+    user: &str,
+    dbname: &str,
+    timeout: Duration,
+) -> Result<tokio_postgres::Client, PgError> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let mut cfg = tokio_postgres::Config::new();
-        cfg.host("127.0.0.1")
-            .port(port)
-            .user(user)
-            .dbname("postgres");
+        cfg.host(host).port(port).user(user).dbname(dbname);
         match cfg.connect(tokio_postgres::NoTls).await {
             Ok((client, conn)) => {
                 tokio::spawn(async move {
@@ -157,7 +189,7 @@ pub async fn connect_local(
             }
             Err(e) if tokio::time::Instant::now() >= deadline => {
                 return Err(PgError::Sql {
-                    what: format!("connect to 127.0.0.1:{port}"),
+                    what: format!("connect to {host}:{port}"),
                     source: e,
                 });
             }

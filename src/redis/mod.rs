@@ -249,6 +249,7 @@ mod tests {
             os_user: None,
             timeout_seconds: 60,
             retention: None,
+            verify: Default::default(),
         }
     }
 

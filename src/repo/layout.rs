@@ -203,6 +203,13 @@ fn check_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// An id filed under `<yyyy>/<mm>/`, if the directories match its time.
+fn dated_id(id: &str, y: &str, m: &str) -> Option<BackupId> {
+    let id: BackupId = id.parse().ok()?;
+    (id.time().format("%Y").to_string() == y && id.time().format("%m").to_string() == m)
+        .then_some(id)
+}
+
 /// Every kind of object the repository holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ObjectKey {
@@ -273,6 +280,16 @@ pub enum ObjectKey {
         /// Record id (time-sortable).
         id: BackupId,
     },
+    /// `reports/verify/<yyyy>/<mm>/<id>`: one encrypted scratch-restore report.
+    VerifyReport {
+        /// Report id (time-sortable).
+        id: BackupId,
+    },
+    /// `reports/drill/<yyyy>/<mm>/<id>`: one encrypted drill report.
+    DrillReport {
+        /// Report id (time-sortable).
+        id: BackupId,
+    },
     /// `selftest/<id>`: a temporary object written by `dr repo selftest`.
     Selftest {
         /// Test id.
@@ -321,6 +338,12 @@ impl fmt::Display for ObjectKey {
             ObjectKey::Audit { id } => {
                 write!(f, "audit/{}/{id}", id.time().format("%Y/%m"))
             }
+            ObjectKey::VerifyReport { id } => {
+                write!(f, "reports/verify/{}/{id}", id.time().format("%Y/%m"))
+            }
+            ObjectKey::DrillReport { id } => {
+                write!(f, "reports/drill/{}/{id}", id.time().format("%Y/%m"))
+            }
             ObjectKey::Selftest { id } => write!(f, "selftest/{id}"),
         }
     }
@@ -331,6 +354,10 @@ impl FromStr for ObjectKey {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let parts: Vec<&str> = s.split('/').collect();
         let bad = || perr("object key", s);
+        let not_key = || ParseKeyError {
+            what: "object key",
+            input: s.to_string(),
+        };
         let name = |x: &str| -> Result<String, ParseKeyError> {
             if check_name(x) {
                 Ok(x.to_string())
@@ -407,15 +434,15 @@ impl FromStr for ObjectKey {
                 instance: name(i)?,
                 snapshot: id.parse()?,
             }),
-            ["audit", y, m, id] => {
-                let id: BackupId = id.parse()?;
-                if id.time().format("%Y").to_string() != *y
-                    || id.time().format("%m").to_string() != *m
-                {
-                    return bad();
-                }
-                Ok(ObjectKey::Audit { id })
-            }
+            ["audit", y, m, id] => Ok(ObjectKey::Audit {
+                id: dated_id(id, y, m).ok_or_else(not_key)?,
+            }),
+            ["reports", "verify", y, m, id] => Ok(ObjectKey::VerifyReport {
+                id: dated_id(id, y, m).ok_or_else(not_key)?,
+            }),
+            ["reports", "drill", y, m, id] => Ok(ObjectKey::DrillReport {
+                id: dated_id(id, y, m).ok_or_else(not_key)?,
+            }),
             ["selftest", id] => Ok(ObjectKey::Selftest { id: id.parse()? }),
             _ => bad(),
         }
@@ -495,6 +522,12 @@ mod tests {
                 ObjectKey::Selftest {
                     id: random_id(&mut rng),
                 },
+                ObjectKey::VerifyReport {
+                    id: random_id(&mut rng),
+                },
+                ObjectKey::DrillReport {
+                    id: random_id(&mut rng),
+                },
             ];
             for k in keys {
                 let s = k.to_string();
@@ -524,6 +557,9 @@ mod tests {
             "pg/main/1/wal/00000001/00000000/000000010000000000000001.gz-0000000000000000000000000000000000000000000000000000000000000000",
             "pg/main/1/wal/0000000g.history",
             "pg/main/1/wal/00000002.history",
+            "reports/verify/2026/12/20261125T184412Z-abcdef",
+            "reports/drill/2026/11/20261125T184412Z-abcde",
+            "reports/other/2026/11/20261125T184412Z-abcdef",
             "random/thing",
         ] {
             assert!(s.parse::<ObjectKey>().is_err(), "{s} accepted");

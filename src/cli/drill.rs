@@ -1,0 +1,77 @@
+//! `dr drill NAME`: runs the drill, prints each source and the objectives.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use dr::repo::Repository;
+use dr::verify::report::secs;
+
+use super::output::table;
+use super::verify::print_source;
+use super::{Out, cancel_on_signal, dr_command, load_config};
+
+/// `dr drill` arguments.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The drill: a `[drill.NAME]` section of the config.
+    name: String,
+}
+
+pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(config)?;
+    let d = cfg.drill(&args.name)?;
+    let dr_command = dr_command(&cfg)?;
+    let repo = Repository::open(&cfg).await?;
+    let cancel = cancel_on_signal();
+    if !out.json {
+        eprintln!(
+            "drill {}: restoring {} source(s) as of {}…",
+            args.name,
+            d.postgres.len() + d.redis.len(),
+            d.to
+        );
+    }
+    let rep = dr::verify::drill::run(&repo, &cfg, &args.name, &dr_command, &cancel).await?;
+    for w in &rep.warnings {
+        eprintln!("warning: {w}");
+    }
+    if out.json {
+        out.json(&serde_json::json!({ "ok": rep.ok, "drill": rep }));
+    } else {
+        for s in &rep.sources {
+            print_source(s);
+        }
+        let rows: Vec<Vec<String>> = rep
+            .checks
+            .iter()
+            .map(|c| {
+                vec![
+                    c.name.clone(),
+                    if c.ok { "ok" } else { "FAIL" }.into(),
+                    c.detail.clone(),
+                ]
+            })
+            .collect();
+        if !rows.is_empty() {
+            println!("{}", table(&["DRILL CHECK", "RESULT", "DETAIL"], &rows));
+        }
+        println!(
+            "drill {} ({}): {}; RTO {} (objective {}), RPO {} (objective {})",
+            rep.drill,
+            rep.id,
+            if rep.ok { "PASSED" } else { "FAILED" },
+            secs(rep.achieved.rto_seconds),
+            secs(rep.objectives.rto_seconds),
+            secs(rep.achieved.rpo_seconds),
+            secs(rep.objectives.rpo_seconds)
+        );
+        for f in &rep.files {
+            println!("report: {f}");
+        }
+    }
+    Ok(if rep.ok && !cancel.is_cancelled() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,465 @@
+//! `dr drill NAME`: restore every source of a drill at once as of one target
+//! into scratch servers, check them, optionally run a failover playbook, and
+//! measure the achieved RTO/RPO against the objectives in the config.
+//!
+//! The sources are restored concurrently, as they would be in a real
+//! recovery, so the drill's RTO is the time until the last of them answers
+//! (plus the playbook up to its own RTO point, when one runs).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::report::{self, CheckResult, SourceReport, secs};
+use super::{VerifyError, failed_checks};
+use crate::audit::{Audit, AuditLog};
+use crate::config::{Config, DrillConfig, EnvConfig, PgTarget, RedisTarget};
+use crate::playbook::{Playbook, RunOptions};
+use crate::postgres::restore::Target;
+use crate::repo::Repository;
+use crate::repo::layout::{BackupId, ObjectKey};
+
+/// Objectives or achievements: recovery time and recovery point, in seconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Rtpo {
+    /// Recovery time.
+    pub rto_seconds: Option<f64>,
+    /// Recovery point.
+    pub rpo_seconds: Option<f64>,
+}
+
+/// What a drill did and achieved.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrillReport {
+    /// Report id (also its repository object name and file names).
+    pub id: String,
+    /// Drill name.
+    pub drill: String,
+    /// When it started.
+    pub started: DateTime<Utc>,
+    /// When it ended.
+    pub finished: DateTime<Utc>,
+    /// Target as configured (`latest` or a time).
+    pub target: String,
+    /// Where the sources were restored.
+    pub environment: String,
+    /// Whether every source, the playbook and every objective passed.
+    pub ok: bool,
+    /// Declared objectives.
+    pub objectives: Rtpo,
+    /// Achieved overall: RTO until the last source answered (and the
+    /// playbook's RTO point), RPO of the worst source.
+    pub achieved: Rtpo,
+    /// Each source restored.
+    pub sources: Vec<SourceReport>,
+    /// The failover playbook's run, when one ran.
+    pub playbook: Option<serde_json::Value>,
+    /// Drill-level checks: playbook, objectives, report files.
+    pub checks: Vec<CheckResult>,
+    /// The JSON and Markdown report files written.
+    pub files: Vec<String>,
+    /// Things to know that did not fail the drill.
+    pub warnings: Vec<String>,
+}
+
+enum Running {
+    Pg(super::pg::PgScratch),
+    Redis(super::redis::RedisScratch),
+}
+
+impl Running {
+    fn scratch(&self) -> &super::scratch::Scratch {
+        match self {
+            Running::Pg(p) => &p.scratch,
+            Running::Redis(r) => &r.scratch,
+        }
+    }
+}
+
+/// Runs the drill `name` of `cfg`. `dr_command` is how PostgreSQL runs `dr`
+/// for `wal-fetch`. The report is written as JSON and Markdown to the
+/// drill's `report_dir`, stored in the repository and audited.
+pub async fn run(
+    repo: &Repository,
+    cfg: &Config,
+    name: &str,
+    dr_command: &str,
+    cancel: &CancellationToken,
+) -> Result<DrillReport, VerifyError> {
+    let d = cfg.drill(name)?.clone();
+    let target = match d.to.as_str() {
+        "latest" => None,
+        t => Some(
+            crate::time::parse_time(t)
+                .map_err(|e| VerifyError::Other(format!("[drill.{name}] to: {e}")))?
+                .0,
+        ),
+    };
+    let mut audit = Audit::begin(
+        AuditLog::from_config(cfg),
+        "drill",
+        name,
+        serde_json::json!({ "to": d.to, "postgres": d.postgres, "redis": d.redis }),
+    )?;
+    let started = Utc::now();
+    let id = BackupId::new(started);
+    let t0 = Instant::now();
+    let pg_runs = d.postgres.iter().map(|n| async move {
+        let (_, pg) = cfg.pg(Some(n))?;
+        let t = target.map_or(Target::Latest, Target::Time);
+        let (rep, s) = super::pg::restore_and_check(repo, n, pg, &t, dr_command, t0, cancel).await;
+        Ok::<_, VerifyError>((rep, s.map(Running::Pg)))
+    });
+    let redis_runs = d.redis.iter().map(|n| async move {
+        let (_, r) = cfg.redis(Some(n))?;
+        let (rep, s) = super::redis::restore_and_check(repo, n, r, target, t0, cancel).await;
+        Ok::<_, VerifyError>((rep, s.map(Running::Redis)))
+    });
+    let (pg_done, redis_done) = futures::future::join(
+        futures::future::join_all(pg_runs),
+        futures::future::join_all(redis_runs),
+    )
+    .await;
+    let mut sources = Vec::new();
+    let mut running = Vec::new();
+    let mut first_err = None;
+    for r in pg_done.into_iter().chain(redis_done) {
+        match r {
+            Ok((rep, s)) => {
+                sources.push(rep);
+                running.push(s);
+            }
+            Err(e) => first_err = first_err.or(Some(e)),
+        }
+    }
+    let mut checks = Vec::new();
+    let mut playbook = None;
+    let mut playbook_rto_point = None;
+    let mut warnings = Vec::new();
+    let all_up = sources.iter().all(SourceReport::ok) && first_err.is_none();
+    if let Some(pb) = &d.playbook {
+        if all_up && !cancel.is_cancelled() {
+            let at = t0.elapsed().as_secs_f64();
+            let run = tokio::select! {
+                r = run_playbook(cfg, &d, name, pb, &running) => Some(r),
+                () = cancel.cancelled() => None,
+            };
+            match run {
+                Some(Ok(r)) => {
+                    let point = at + r.rto_seconds.unwrap_or(r.total_seconds);
+                    checks.push(if r.ok() {
+                        CheckResult::pass(
+                            "playbook",
+                            format!(
+                                "{} on {}: done in {:.2}s (RTO point {:.2}s into the drill)",
+                                r.playbook, r.env, r.total_seconds, point
+                            ),
+                            r.total_seconds,
+                        )
+                    } else {
+                        CheckResult::fail(
+                            "playbook",
+                            format!(
+                                "{} on {} failed: {}",
+                                r.playbook,
+                                r.env,
+                                r.error.clone().unwrap_or_default()
+                            ),
+                            r.total_seconds,
+                        )
+                    });
+                    playbook_rto_point = Some(point);
+                    warnings.extend(r.warnings.iter().cloned());
+                    playbook = serde_json::to_value(&r).ok();
+                }
+                Some(Err(e)) => checks.push(CheckResult::fail("playbook", e, 0.0)),
+                None => checks.push(CheckResult::fail(
+                    "playbook",
+                    "interrupted by a signal",
+                    0.0,
+                )),
+            }
+        } else {
+            checks.push(CheckResult::fail(
+                "playbook",
+                "not run: not every source was restored and checked",
+                0.0,
+            ));
+        }
+    }
+    // Clean up every scratch server, whatever happened above.
+    let cleanups = futures::future::join_all(
+        running
+            .iter()
+            .zip(sources.iter_mut())
+            .filter_map(|(s, rep)| s.as_ref().map(|s| (s, rep)))
+            .map(|(s, rep)| super::record_cleanup(rep, s.scratch())),
+    );
+    cleanups.await;
+    if let Some(e) = first_err {
+        let _ = audit.finish(Some(repo), Err(e.to_string())).await;
+        return Err(e);
+    }
+    let restored = sources.iter().all(|s| s.rto_seconds.is_some());
+    let achieved = Rtpo {
+        rto_seconds: restored.then(|| {
+            sources
+                .iter()
+                .filter_map(|s| s.rto_seconds)
+                .fold(0.0, f64::max)
+                .max(playbook_rto_point.unwrap_or(0.0))
+        }),
+        rpo_seconds: sources.iter().all(|s| s.rpo_seconds.is_some()).then(|| {
+            sources
+                .iter()
+                .filter_map(|s| s.rpo_seconds)
+                .fold(0.0, f64::max)
+        }),
+    };
+    let objectives = Rtpo {
+        rto_seconds: d.rto_seconds,
+        rpo_seconds: d.rpo_seconds,
+    };
+    for (what, goal, got) in [
+        (
+            "RTO objective",
+            objectives.rto_seconds,
+            achieved.rto_seconds,
+        ),
+        (
+            "RPO objective",
+            objectives.rpo_seconds,
+            achieved.rpo_seconds,
+        ),
+    ] {
+        let Some(goal) = goal else { continue };
+        checks.push(match got {
+            Some(v) if v <= goal => {
+                CheckResult::pass(what, format!("achieved {v:.2}s ≤ objective {goal}s"), 0.0)
+            }
+            Some(v) => CheckResult::fail(
+                what,
+                format!("achieved {v:.2}s exceeds the objective of {goal}s"),
+                0.0,
+            ),
+            None => CheckResult::fail(
+                what,
+                format!("not measured (a source did not recover); objective {goal}s"),
+                0.0,
+            ),
+        });
+    }
+    let mut rep = DrillReport {
+        id: id.to_string(),
+        drill: name.to_string(),
+        started,
+        finished: Utc::now(),
+        target: d.to.clone(),
+        environment: d.environment.clone(),
+        ok: false,
+        objectives,
+        achieved,
+        sources,
+        playbook,
+        checks,
+        files: Vec::new(),
+        warnings,
+    };
+    rep.ok = rep.sources.iter().all(SourceReport::ok) && rep.checks.iter().all(|c| c.ok);
+    match write_files(&d, &rep) {
+        Ok(files) => rep.files = files,
+        Err(e) => {
+            rep.checks.push(CheckResult::fail("report files", e, 0.0));
+            rep.ok = false;
+        }
+    }
+    if let Err(e) = report::store(repo, &ObjectKey::DrillReport { id }, &rep).await {
+        rep.warnings.push(e);
+    }
+    let details = serde_json::to_value(&rep).unwrap_or_default();
+    audit.set_details(details.clone());
+    let result = if rep.ok {
+        Ok(details)
+    } else {
+        Err(drill_failures(&rep))
+    };
+    let (_, w) = audit.finish(Some(repo), result).await;
+    rep.warnings.extend(w);
+    Ok(rep)
+}
+
+fn drill_failures(rep: &DrillReport) -> String {
+    let mut out: Vec<String> = rep
+        .sources
+        .iter()
+        .filter(|s| !s.ok())
+        .map(|s| format!("{} {}: {}", s.kind, s.name, failed_checks(s)))
+        .collect();
+    out.extend(
+        rep.checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| format!("{}: {}", c.name, c.detail)),
+    );
+    out.join("; ")
+}
+
+/// Runs the drill's playbook: on the configured environment, or on the
+/// restored scratch servers, named after their sources.
+async fn run_playbook(
+    cfg: &Config,
+    d: &DrillConfig,
+    name: &str,
+    pb: &str,
+    running: &[Option<Running>],
+) -> Result<crate::playbook::RunReport, String> {
+    let path = crate::playbook::resolve_path(pb, &cfg.source).map_err(|e| e.to_string())?;
+    let playbook = Playbook::load(&path).map_err(|e| e.to_string())?;
+    let mut cfg = cfg.clone();
+    let env = match &d.env {
+        Some(e) => e.clone(),
+        None => {
+            let env = format!("drill-{name}");
+            cfg.env.insert(
+                env.clone(),
+                toml::Spanned::new(0..0, scratch_env(&cfg, d, running)),
+            );
+            env
+        }
+    };
+    crate::playbook::failover(
+        &cfg,
+        &playbook,
+        &env,
+        RunOptions { dry_run: false },
+        &crate::playbook::engine::Silent,
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// An environment whose servers are the drill's scratch servers.
+fn scratch_env(cfg: &Config, d: &DrillConfig, running: &[Option<Running>]) -> EnvConfig {
+    let mut postgres = BTreeMap::new();
+    let mut redis = BTreeMap::new();
+    let names = d.postgres.iter().chain(d.redis.iter());
+    for (n, r) in names.zip(running) {
+        match r {
+            Some(Running::Pg(p)) => {
+                let t = PgTarget {
+                    conninfo: format!(
+                        "host={} port={} user={} dbname=postgres sslmode=disable",
+                        p.at.host, p.at.port, p.at.user
+                    ),
+                    replication_conninfo: None,
+                    data_dir: Some(p.data.clone()),
+                    bin_dir: cfg
+                        .pg(Some(n))
+                        .map(|c| c.1.bin_dir.clone())
+                        .unwrap_or_default(),
+                    os_user: cfg
+                        .pg(Some(n))
+                        .map(|c| c.1.os_user.clone())
+                        .unwrap_or_default(),
+                };
+                postgres.insert(n.clone(), toml::Spanned::new(0..0, t));
+            }
+            Some(Running::Redis(r)) => {
+                let t = RedisTarget {
+                    url: format!("redis://127.0.0.1:{}", r.port),
+                };
+                redis.insert(n.clone(), toml::Spanned::new(0..0, t));
+            }
+            None => {}
+        }
+    }
+    EnvConfig {
+        state_dir: Some(d.report_dir.clone()),
+        postgres,
+        redis,
+    }
+}
+
+fn write_files(d: &DrillConfig, rep: &DrillReport) -> Result<Vec<String>, String> {
+    let dir = &d.report_dir;
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let base = dir.join(format!("{}-{}", rep.drill, rep.id));
+    let json = base.with_extension("json");
+    let md = base.with_extension("md");
+    let body = serde_json::to_vec_pretty(rep).map_err(|e| e.to_string())?;
+    std::fs::write(&json, body).map_err(|e| format!("{}: {e}", json.display()))?;
+    std::fs::write(&md, markdown(rep)).map_err(|e| format!("{}: {e}", md.display()))?;
+    Ok(vec![json.display().to_string(), md.display().to_string()])
+}
+
+/// The report as Markdown, for people and tickets.
+pub fn markdown(rep: &DrillReport) -> String {
+    let mut s = format!(
+        "# Drill `{}` — {}\n\n- id: `{}`\n- started: {}\n- target: `{}`\n- environment: {}\n\n",
+        rep.drill,
+        if rep.ok { "PASSED" } else { "FAILED" },
+        rep.id,
+        report::time(Some(rep.started)),
+        rep.target,
+        rep.environment
+    );
+    s.push_str("| | RTO | RPO |\n|---|---|---|\n");
+    s.push_str(&format!(
+        "| objective | {} | {} |\n| achieved | {} | {} |\n",
+        rep.objectives
+            .rto_seconds
+            .map_or("-".into(), |v| format!("{v}s")),
+        rep.objectives
+            .rpo_seconds
+            .map_or("-".into(), |v| format!("{v}s")),
+        secs(rep.achieved.rto_seconds),
+        secs(rep.achieved.rpo_seconds)
+    ));
+    for src in &rep.sources {
+        s.push_str(&format!(
+            "| {} `{}` | {} | {} |\n",
+            src.kind,
+            src.name,
+            secs(src.rto_seconds),
+            secs(src.rpo_seconds)
+        ));
+    }
+    s.push('\n');
+    for src in &rep.sources {
+        s.push_str(&format!(
+            "## {} `{}` — {}\n\nbackup `{}`, recovered point {} ({}), target {} ({})\n\n| check | result | detail |\n|---|---|---|\n",
+            src.kind,
+            src.name,
+            if src.ok() { "ok" } else { "FAILED" },
+            src.backup.as_deref().unwrap_or("-"),
+            report::time(src.recovered_point),
+            src.recovered_basis,
+            report::time(src.target_time),
+            src.target_basis
+        ));
+        for c in &src.checks {
+            s.push_str(&check_row(c));
+        }
+        s.push('\n');
+    }
+    if !rep.checks.is_empty() {
+        s.push_str("## Drill checks\n\n| check | result | detail |\n|---|---|---|\n");
+        for c in &rep.checks {
+            s.push_str(&check_row(c));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+fn check_row(c: &CheckResult) -> String {
+    format!(
+        "| {} | {} | {} |\n",
+        c.name,
+        if c.ok { "ok" } else { "**FAIL**" },
+        c.detail.replace('|', "\\|").replace('\n', " ")
+    )
+}

@@ -1,0 +1,179 @@
+//! What a scratch restore proved: per-check outcomes, the recovered point,
+//! RPO and RTO. Reports are stored encrypted in the repository so the history
+//! of verified restores survives the host that ran them.
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::repo::Repository;
+use crate::repo::layout::{BackupId, ObjectKey};
+
+/// The outcome of one check.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckResult {
+    /// What was checked.
+    pub name: String,
+    /// Whether it passed.
+    pub ok: bool,
+    /// What was seen, or why it failed.
+    pub detail: String,
+    /// Seconds the check took.
+    pub seconds: f64,
+}
+
+impl CheckResult {
+    /// A passed check.
+    pub fn pass(name: impl Into<String>, detail: impl Into<String>, seconds: f64) -> CheckResult {
+        CheckResult {
+            name: name.into(),
+            ok: true,
+            detail: detail.into(),
+            seconds,
+        }
+    }
+
+    /// A failed check.
+    pub fn fail(name: impl Into<String>, detail: impl Into<String>, seconds: f64) -> CheckResult {
+        CheckResult {
+            name: name.into(),
+            ok: false,
+            detail: detail.into(),
+            seconds,
+        }
+    }
+}
+
+/// One restored source (a PostgreSQL cluster or a Redis instance).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SourceReport {
+    /// `pg` or `redis`.
+    pub kind: String,
+    /// Config name of the cluster or instance.
+    pub name: String,
+    /// The target as asked: `latest` or a time.
+    pub target: String,
+    /// The time RPO is measured from.
+    pub target_time: Option<DateTime<Utc>>,
+    /// What `target_time` is, in words (it differs for `latest`).
+    pub target_basis: String,
+    /// Backup or snapshot restored.
+    pub backup: Option<String>,
+    /// The point the restored data represents.
+    pub recovered_point: Option<DateTime<Utc>>,
+    /// How `recovered_point` was found.
+    pub recovered_basis: String,
+    /// Target minus recovered point.
+    pub rpo_seconds: Option<f64>,
+    /// Start of the restore to the restored server answering queries.
+    pub rto_seconds: Option<f64>,
+    /// Seconds spent fetching and writing the data.
+    pub restore_seconds: Option<f64>,
+    /// Bytes restored.
+    pub bytes: u64,
+    /// Files restored (PostgreSQL).
+    pub files: usize,
+    /// The scratch directory used (removed afterwards).
+    pub scratch_dir: Option<String>,
+    /// Loopback port of the scratch server.
+    pub port: Option<u16>,
+    /// Every check, in the order run.
+    pub checks: Vec<CheckResult>,
+    /// Total seconds, cleanup included.
+    pub seconds: f64,
+}
+
+impl SourceReport {
+    /// An empty report for `kind`/`name`, filled in as the run goes.
+    pub fn new(kind: &str, name: &str, target: &str) -> SourceReport {
+        SourceReport {
+            kind: kind.into(),
+            name: name.into(),
+            target: target.into(),
+            target_time: None,
+            target_basis: String::new(),
+            backup: None,
+            recovered_point: None,
+            recovered_basis: String::new(),
+            rpo_seconds: None,
+            rto_seconds: None,
+            restore_seconds: None,
+            bytes: 0,
+            files: 0,
+            scratch_dir: None,
+            port: None,
+            checks: Vec::new(),
+            seconds: 0.0,
+        }
+    }
+
+    /// True when every check passed.
+    pub fn ok(&self) -> bool {
+        !self.checks.is_empty() && self.checks.iter().all(|c| c.ok)
+    }
+
+    /// Sets the RPO from the target and recovered point, when both are known.
+    pub fn set_rpo(&mut self) {
+        if let (Some(t), Some(r)) = (self.target_time, self.recovered_point) {
+            self.rpo_seconds = Some((t - r).num_milliseconds() as f64 / 1000.0);
+        }
+    }
+}
+
+/// One `dr verify --restore` run over one or more sources.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VerifyRun {
+    /// Report id (also its repository object name).
+    pub id: String,
+    /// When the run started.
+    pub started: DateTime<Utc>,
+    /// When it ended.
+    pub finished: DateTime<Utc>,
+    /// Whether every source passed every check.
+    pub ok: bool,
+    /// Each source restored.
+    pub sources: Vec<SourceReport>,
+}
+
+impl VerifyRun {
+    /// Builds the run report; `ok` follows from the sources.
+    pub fn new(id: &BackupId, started: DateTime<Utc>, sources: Vec<SourceReport>) -> VerifyRun {
+        VerifyRun {
+            id: id.to_string(),
+            started,
+            finished: Utc::now(),
+            ok: !sources.is_empty() && sources.iter().all(SourceReport::ok),
+            sources,
+        }
+    }
+}
+
+/// Stores `report` encrypted under `key`. The error is phrased for a warning:
+/// the verification outcome stands whether or not its copy was stored.
+pub async fn store<T: Serialize>(
+    repo: &Repository,
+    key: &ObjectKey,
+    report: &T,
+) -> Result<(), String> {
+    let body = serde_json::to_vec(report).map_err(|e| format!("cannot encode the report: {e}"))?;
+    repo.put_buffer(key, Bytes::from(body), None)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("the report could not be stored in the repository as {key}: {e}"))
+}
+
+/// Seconds as people read them in reports.
+pub fn secs(v: Option<f64>) -> String {
+    match v {
+        Some(s) => format!("{s:.2}s"),
+        None => "-".into(),
+    }
+}
+
+/// A compact UTC time for tables.
+pub fn time(t: Option<DateTime<Utc>>) -> String {
+    match t {
+        Some(t) => t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        None => "-".into(),
+    }
+}

@@ -1,0 +1,613 @@
+//! Scratch-restore verification (`dr verify --restore`) and drills
+//! (`dr drill`) against real PostgreSQL 15 and redis-server processes. Every
+//! test asserts that no scratch server or directory is left behind.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::pg::{TestPg, chown, fs_repo, mark};
+use common::redis::{DrSetup, TestRedis};
+use serde_json::Value;
+
+fn json(o: &Output) -> Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })
+}
+
+/// Processes whose command line mentions `dir` or that work inside it.
+fn processes_in(dir: &Path) -> Vec<(u32, String)> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let cmd = std::fs::read(e.path().join("cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .unwrap_or_default();
+        let cwd_inside = std::fs::read_link(e.path().join("cwd")).is_ok_and(|c| c.starts_with(dir));
+        if cmd.contains(&needle) || cwd_inside {
+            out.push((pid, cmd));
+        }
+    }
+    out
+}
+
+/// Nothing runs in the scratch parent and it holds no directory.
+fn assert_clean(scratch: &Path) {
+    let procs = processes_in(scratch);
+    assert!(procs.is_empty(), "scratch processes left: {procs:?}");
+    let left: Vec<PathBuf> = std::fs::read_dir(scratch)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "scratch directories left: {left:?}");
+}
+
+/// The named check of a source report.
+fn check<'a>(src: &'a Value, name: &str) -> &'a Value {
+    src["checks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no check {name:?} in {src}"))
+}
+
+fn failed(src: &Value) -> Vec<String> {
+    src["checks"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|c| c["ok"] != true)
+                .map(|c| c["name"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A scratch parent the OS user can write.
+fn scratch_dir(pg: &TestPg) -> PathBuf {
+    let d = pg.dir.path().join("scratch");
+    std::fs::create_dir_all(&d).expect("mkdir scratch");
+    chown(&d, &pg.user);
+    d
+}
+
+/// Rewrites the config: the base text plus `extra` TOML.
+fn set_config(pg: &TestPg, base: &str, extra: &str) {
+    std::fs::write(&pg.cfg, format!("{base}\n{extra}\n")).expect("write config");
+}
+
+fn verify_section(scratch: &Path, checks: &[(&str, &str)]) -> String {
+    let mut s = format!(
+        "[postgres.main.verify]\nscratch_dir = \"{}\"\nmax_replay_lag_seconds = 120\n",
+        scratch.display()
+    );
+    for (name, sql) in checks {
+        s.push_str(&format!(
+            "[[postgres.main.verify.check]]\nname = \"{name}\"\ndatabase = \"postgres\"\nsql = \"{sql}\"\n"
+        ));
+    }
+    s
+}
+
+fn wal_objects(repo: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = walk(repo)
+        .into_iter()
+        .filter(|p| {
+            let s = p.to_string_lossy();
+            s.contains("/wal/") && !s.contains(".history") && !s.contains(".backup")
+        })
+        .collect();
+    v.sort_by_key(|p| p.file_name().map(|f| f.to_os_string()));
+    v
+}
+
+fn walk(p: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                out.extend(walk(&path));
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn pg_restore_verification_passes_and_fails_clearly() {
+    let fs = tempfile::tempdir().expect("tempdir");
+    let pg = TestPg::new(&fs_repo(&fs));
+    let base = std::fs::read_to_string(&pg.cfg).expect("cfg");
+    let scratch = scratch_dir(&pg);
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+    pg.dr(&["backup", "pg"]);
+    pg.pgbench(&["-t", "200", "-n"]);
+    let m1 = mark(&pg);
+    pg.pgbench(&["-t", "100", "-n"]);
+    pg.archive_now();
+
+    // Passes: the data is exactly as at the mark, and a user check says so.
+    let balance_sql = format!(
+        "SELECT sum(abalance) = {} AND (SELECT count(*) FROM pgbench_history) = {} FROM pgbench_accounts",
+        m1.balance, m1.history
+    );
+    set_config(
+        &pg,
+        &base,
+        &verify_section(&scratch, &[("data as at the mark", &balance_sql)]),
+    );
+    let o = pg.dr_raw(&[
+        "--json",
+        "verify",
+        "pg",
+        "main",
+        "--restore",
+        "--to",
+        &m1.at,
+    ]);
+    let v = json(&o);
+    assert!(o.status.success(), "verify failed: {v:#}");
+    let src = &v["verify_restore"]["sources"][0];
+    for name in [
+        "restore",
+        "promoted",
+        "target reached",
+        "recovered point",
+        "amcheck postgres",
+        "data as at the mark",
+        "cleanup",
+    ] {
+        assert_eq!(check(src, name)["ok"], true, "{name}: {src:#}");
+    }
+    assert!(
+        check(src, "amcheck postgres")["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("btree indexes checked")),
+        "{src:#}"
+    );
+    let rpo = src["rpo_seconds"].as_f64().expect("rpo");
+    let rto = src["rto_seconds"].as_f64().expect("rto");
+    assert!((0.0..30.0).contains(&rpo), "rpo {rpo}");
+    assert!(rto > 0.0, "rto {rto}");
+    eprintln!("MEASURED pg verify --to mark: RTO {rto:.2}s RPO {rpo:.3}s");
+    assert_clean(&scratch);
+
+    // Latest, with the human table.
+    set_config(
+        &pg,
+        &base,
+        &verify_section(
+            &scratch,
+            &[(
+                "accounts exist",
+                "SELECT count(*) = 100000 FROM pgbench_accounts",
+            )],
+        ),
+    );
+    let o = pg.dr_raw(&["verify", "pg", "--restore"]);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        text.contains("CHECK") && text.contains("RPO") && text.contains("every restore passed"),
+        "{text}"
+    );
+    eprintln!("{text}");
+    assert_clean(&scratch);
+
+    // The audit log and the repository hold the reports.
+    let audit = std::fs::read_to_string(pg.dir.path().join("audit.jsonl")).expect("audit");
+    assert!(
+        audit
+            .lines()
+            .filter(|l| l.contains("\"verify.pg\"") && l.contains("\"finished\""))
+            .count()
+            >= 2,
+        "{audit}"
+    );
+    let reports = walk(&fs.path().join("repo/reports/verify"));
+    assert!(reports.len() >= 2, "{reports:?}");
+
+    // A failing user check fails the run, names the check and still cleans up.
+    set_config(
+        &pg,
+        &base,
+        &verify_section(
+            &scratch,
+            &[("no accounts", "SELECT count(*) = 0 FROM pgbench_accounts")],
+        ),
+    );
+    let o = pg.dr_raw(&["--json", "verify", "pg", "--restore", "--to", &m1.at]);
+    assert!(!o.status.success());
+    let v = json(&o);
+    let src = &v["verify_restore"]["sources"][0];
+    assert_eq!(v["ok"], false);
+    assert_eq!(failed(src), vec!["no accounts"], "{src:#}");
+    assert!(
+        check(src, "no accounts")["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("is false")),
+        "{src:#}"
+    );
+    assert_clean(&scratch);
+
+    // A WAL segment the target needs, gone from every region.
+    let before: Vec<PathBuf> = wal_objects(&fs.path().join("repo"));
+    pg.pgbench(&["-t", "100", "-n"]);
+    let m2 = mark(&pg);
+    pg.pgbench(&["-t", "50", "-n"]);
+    pg.archive_now();
+    let victim = before.last().expect("WAL archived").clone();
+    std::fs::remove_file(&victim).expect("delete segment");
+    let segment = victim
+        .file_name()
+        .and_then(|f| f.to_str())
+        .and_then(|f| f.get(..24))
+        .expect("segment name")
+        .to_string();
+    set_config(&pg, &base, &verify_section(&scratch, &[]));
+    let o = pg.dr_raw(&["--json", "verify", "pg", "--restore", "--to", &m2.at]);
+    assert!(!o.status.success());
+    let src = &json(&o)["verify_restore"]["sources"][0];
+    let detail = check(src, "restore")["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("gap") && detail.contains(&segment),
+        "missing WAL must be named: {src:#}"
+    );
+    assert_clean(&scratch);
+    // With `latest`, replay stops at the gap: the server starts, the target
+    // check fails and the server is still removed.
+    let o = pg.dr_raw(&["--json", "verify", "pg", "--restore"]);
+    assert!(!o.status.success());
+    let src = &json(&o)["verify_restore"]["sources"][0];
+    assert_eq!(check(src, "promoted")["ok"], true, "{src:#}");
+    assert_eq!(check(src, "target reached")["ok"], false, "{src:#}");
+    assert!(
+        check(src, "target reached")["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("missing in every region")),
+        "{src:#}"
+    );
+    assert_eq!(check(src, "cleanup")["ok"], true, "{src:#}");
+    assert_clean(&scratch);
+
+    // A corrupt data object (the only region holds the only copy).
+    let object = walk(&fs.path().join("repo/pg"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("/data/"))
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .expect("a data object");
+    let mut bytes = std::fs::read(&object).expect("read");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(&object, &bytes).expect("write");
+    let o = pg.dr_raw(&["--json", "verify", "pg", "--restore"]);
+    assert!(!o.status.success());
+    let src = &json(&o)["verify_restore"]["sources"][0];
+    let detail = check(src, "restore")["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("corrupt"), "{src:#}");
+    assert_eq!(check(src, "cleanup")["ok"], true, "{src:#}");
+    assert_clean(&scratch);
+}
+
+/// Children of `pid` (from /proc/*/stat).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|s| s.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn sigterm_during_verify_leaves_nothing_behind() {
+    let fs = tempfile::tempdir().expect("tempdir");
+    let pg = TestPg::new(&fs_repo(&fs));
+    let base = std::fs::read_to_string(&pg.cfg).expect("cfg");
+    let scratch = scratch_dir(&pg);
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+    pg.dr(&["backup", "pg"]);
+    pg.pgbench(&["-t", "100", "-n"]);
+    pg.archive_now();
+    // A check that holds the scratch server up long enough to be interrupted.
+    set_config(
+        &pg,
+        &base,
+        &verify_section(&scratch, &[("slow", "SELECT true FROM pg_sleep(120)")]),
+    );
+    let child = Command::new("runuser")
+        .args(["-u", &pg.user, "--"])
+        .arg(&pg.dr)
+        .args(["--config", pg.cfg.to_str().expect("utf8")])
+        .args(["--json", "verify", "pg", "--restore"])
+        .current_dir("/")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dr");
+    // Wait until the scratch server runs.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let running = walk(&scratch)
+            .iter()
+            .any(|p| p.ends_with("data/postmaster.pid"));
+        if running && !processes_in(&scratch).is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "scratch server never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let dr_pid = *children(child.id()).first().expect("dr under runuser");
+    let st = Command::new("kill")
+        .args(["-TERM", &dr_pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+    let t = Instant::now();
+    let o = child.wait_with_output().expect("wait dr");
+    eprintln!(
+        "dr exited {:?} {:.1}s after SIGTERM",
+        o.status,
+        t.elapsed().as_secs_f64()
+    );
+    assert!(!o.status.success());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let v = json(&o);
+    let src = &v["verify_restore"]["sources"][0];
+    assert_eq!(check(src, "interrupted")["ok"], false, "{src:#}");
+    assert_eq!(check(src, "cleanup")["ok"], true, "{src:#}");
+    assert_clean(&scratch);
+}
+
+fn redis_section(url: &str, scratch: &Path, checks: &str) -> String {
+    let os_user = common::require_env("DR_TEST_OS_USER", "Redis");
+    let bin = common::require_env("DR_TEST_REDIS_SERVER_BIN", "Redis");
+    format!(
+        "[redis.cache]\nurl = \"{url}\"\nserver_bin = \"{bin}\"\nos_user = \"{os_user}\"\ntimeout_seconds = 30\n[redis.cache.verify]\nscratch_dir = \"{}\"\n{checks}\n",
+        scratch.display()
+    )
+}
+
+/// A scratch parent any user can traverse (redis-server runs as the OS user).
+fn open_tempdir() -> tempfile::TempDir {
+    let d = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(
+        d.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    d
+}
+
+#[test]
+fn redis_restore_verification_checks_keys_and_user_checks() {
+    let src = TestRedis::start(&[]);
+    src.populate(5000);
+    let scratch = open_tempdir();
+    let repo = tempfile::tempdir().expect("tempdir");
+    let checks = format!(
+        "[[redis.cache.verify.check]]\nname = \"db0 size\"\ncommand = [\"DBSIZE\"]\nexpect = \"{}\"\n[[redis.cache.verify.check]]\nname = \"db1 key\"\ndb = 1\ncommand = [\"GET\", \"db1:3\"]\nexpect = \"3\"\n",
+        src.dbsize(0)
+    );
+    let dr = DrSetup::new(
+        &common::fs_region_toml("local", &repo.path().join("repo")),
+        &redis_section(&src.url(), scratch.path(), &checks),
+    );
+    dr.dr(&["backup", "redis"]);
+    let o = dr.dr_raw(&["--json", "verify", "redis", "--restore"]);
+    let v = json(&o);
+    assert!(o.status.success(), "{v:#}");
+    let s = &v["verify_restore"]["sources"][0];
+    for name in ["restore", "key counts", "db0 size", "db1 key", "cleanup"] {
+        assert_eq!(check(s, name)["ok"], true, "{name}: {s:#}");
+    }
+    eprintln!(
+        "MEASURED redis verify: RTO {:.3}s RPO {:.3}s",
+        s["rto_seconds"].as_f64().unwrap_or(-1.0),
+        s["rpo_seconds"].as_f64().unwrap_or(-1.0)
+    );
+    assert_clean(scratch.path());
+
+    // A manifest whose key counts disagree with the RDB: a newer snapshot
+    // with the same RDB and a manifest claiming 1000 more keys in db0.
+    tamper_newest_snapshot(&dr, &repo.path().join("repo"));
+    let o = dr.dr_raw(&["--json", "verify", "redis", "--restore"]);
+    assert!(!o.status.success());
+    let s = &json(&o)["verify_restore"]["sources"][0];
+    assert_eq!(failed(s), vec!["key counts"], "{s:#}");
+    assert!(
+        check(s, "key counts")["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("disagrees with the manifest")),
+        "{s:#}"
+    );
+    let o = dr.dr_raw(&["verify", "redis", "--restore"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("key counts") && text.contains("FAIL"),
+        "{text}"
+    );
+    assert_clean(scratch.path());
+}
+
+/// Writes a snapshot newer than the newest one: the same RDB object, and a
+/// manifest whose db0 key count is 1000 higher (more than the keys with a
+/// TTL, which the comparison allows to have expired).
+fn tamper_newest_snapshot(dr: &DrSetup, repo_dir: &Path) {
+    use dr::repo::layout::{BackupId, ObjectKey};
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let cfg = dr::config::Config::load(&dr.cfg).expect("config");
+    let repo = rt
+        .block_on(dr::repo::Repository::open(&cfg))
+        .expect("open repo");
+    let cat = rt
+        .block_on(dr::redis::restore::RedisCatalog::load(&repo, "cache"))
+        .expect("catalog");
+    let newest = cat.snapshots.last().expect("a snapshot").clone();
+    let old_id: BackupId = newest.id.parse().expect("id");
+    let new_id = BackupId::new(newest.time + chrono::Duration::seconds(2));
+    let mut m = serde_json::to_value(&newest).expect("manifest json");
+    m["id"] = Value::String(new_id.to_string());
+    m["time"] = serde_json::to_value(newest.time + chrono::Duration::seconds(2)).expect("time");
+    for field in ["keyspace", "keyspace_after"] {
+        if let Some(k) = m[field]["0"]["keys"].as_u64() {
+            m[field]["0"]["keys"] = Value::from(k + 1000);
+        }
+    }
+    let rdb = |id: &BackupId| {
+        repo_dir.join(
+            ObjectKey::RedisRdb {
+                instance: "cache".into(),
+                snapshot: id.clone(),
+            }
+            .to_string(),
+        )
+    };
+    let to = rdb(&new_id);
+    std::fs::create_dir_all(to.parent().expect("parent")).expect("mkdir");
+    std::fs::copy(rdb(&old_id), &to).expect("copy rdb");
+    let key = ObjectKey::RedisManifest {
+        instance: "cache".into(),
+        snapshot: new_id,
+    };
+    let body = serde_json::to_vec(&m).expect("encode");
+    rt.block_on(repo.put_buffer(&key, bytes::Bytes::from(body), None))
+        .expect("put manifest");
+}
+
+#[test]
+fn drill_over_postgres_and_redis_reports_and_enforces_objectives() {
+    let fs = tempfile::tempdir().expect("tempdir");
+    let pg = TestPg::new(&fs_repo(&fs));
+    let base = std::fs::read_to_string(&pg.cfg).expect("cfg");
+    let scratch = scratch_dir(&pg);
+    let reports = pg.dir.path().join("drills");
+    let redis = TestRedis::start(&[]);
+    redis.populate(2000);
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+    pg.dr(&["backup", "pg"]);
+    pg.pgbench(&["-t", "100", "-n"]);
+    pg.archive_now();
+
+    // A playbook run against the restored scratch servers.
+    let playbook = pg.dir.path().join("drill-check.toml");
+    std::fs::write(
+        &playbook,
+        "name = \"drill-check\"\ndescription = \"restored servers serve\"\n\n[[step]]\nname = \"restored servers answer\"\npre = [\n  { type = \"pg.role\", target = \"main\", role = \"primary\" },\n  { type = \"sql\", target = \"main\", query = \"SELECT count(*) = 100000 FROM pgbench_accounts\" },\n  { type = \"redis.role\", target = \"cache\", role = \"master\" },\n]\n",
+    )
+    .expect("playbook");
+    chown(&playbook, &pg.user);
+    let bin = common::require_env("DR_TEST_REDIS_SERVER_BIN", "Redis");
+    let sections = |rto: &str| {
+        format!(
+            "{}\n[redis.cache]\nurl = \"{}\"\nserver_bin = \"{bin}\"\n[redis.cache.verify]\nscratch_dir = \"{}\"\n\n[drill.nightly]\npostgres = [\"main\"]\nredis = [\"cache\"]\nto = \"latest\"\nplaybook = \"{}\"\n{rto}\nrpo_seconds = 600\nreport_dir = \"{}\"\n",
+            verify_section(
+                &scratch,
+                &[("accounts", "SELECT count(*) = 100000 FROM pgbench_accounts")]
+            ),
+            redis.url(),
+            scratch.display(),
+            playbook.display(),
+            reports.display()
+        )
+    };
+    set_config(&pg, &base, &sections("rto_seconds = 600"));
+    pg.dr(&["backup", "redis"]);
+    let o = pg.dr_raw(&["--json", "drill", "nightly"]);
+    let v = json(&o);
+    assert!(o.status.success(), "{v:#}");
+    let d = &v["drill"];
+    assert_eq!(d["ok"], true);
+    let rto = d["achieved"]["rto_seconds"].as_f64().expect("rto");
+    let rpo = d["achieved"]["rpo_seconds"].as_f64().expect("rpo");
+    for s in d["sources"].as_array().expect("sources") {
+        eprintln!(
+            "MEASURED drill {} {}: RTO {:.2}s RPO {:.3}s",
+            s["kind"],
+            s["name"],
+            s["rto_seconds"].as_f64().unwrap_or(-1.0),
+            s["rpo_seconds"].as_f64().unwrap_or(-1.0)
+        );
+        assert_eq!(check(s, "cleanup")["ok"], true, "{s:#}");
+    }
+    eprintln!("MEASURED drill overall: RTO {rto:.2}s RPO {rpo:.3}s");
+    assert_eq!(d["sources"].as_array().map(Vec::len), Some(2));
+    let names: Vec<&str> = d["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["playbook", "RTO objective", "RPO objective"],
+        "{d:#}"
+    );
+    let files: Vec<String> = d["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .filter_map(|f| f.as_str().map(str::to_string))
+        .collect();
+    assert_eq!(files.len(), 2);
+    let json_file: Value =
+        serde_json::from_slice(&std::fs::read(&files[0]).expect("json report")).expect("json");
+    assert_eq!(json_file["achieved"]["rto_seconds"].as_f64(), Some(rto));
+    let md = std::fs::read_to_string(&files[1]).expect("markdown report");
+    assert!(
+        md.contains("PASSED") && md.contains("| achieved |") && md.contains("## redis `cache`"),
+        "{md}"
+    );
+    assert_clean(&scratch);
+    assert!(!walk(&fs.path().join("repo/reports/drill")).is_empty());
+
+    // An objective below what was achieved fails the drill.
+    set_config(&pg, &base, &sections("rto_seconds = 0.001"));
+    let o = pg.dr_raw(&["--json", "drill", "nightly"]);
+    assert!(!o.status.success());
+    let d = &json(&o)["drill"];
+    assert_eq!(d["ok"], false);
+    let objective = d["checks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "RTO objective"))
+        .expect("RTO objective check");
+    assert_eq!(objective["ok"], false, "{d:#}");
+    assert!(
+        objective["detail"]
+            .as_str()
+            .is_some_and(|s| s.contains("exceeds the objective of 0.001s")),
+        "{d:#}"
+    );
+    let md = std::fs::read_to_string(d["files"][1].as_str().expect("md")).expect("md");
+    assert!(md.contains("FAILED") && md.contains("**FAIL**"), "{md}");
+    assert_clean(&scratch);
+}
