@@ -403,7 +403,8 @@ async fn start_server(
             )));
         }
         match ping(&url).await {
-            Ok(()) => return Ok(pid),
+            // The pid file can appear just after the server answers.
+            Ok(()) => return Ok(pid.or(wait_for_pid(&pidfile).await)),
             Err(e) => last = e,
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -413,6 +414,19 @@ async fn start_server(
         limit.as_secs(),
         log_tail(&log)
     )))
+}
+
+async fn wait_for_pid(pidfile: &Path) -> Option<u32> {
+    for _ in 0..100 {
+        if let Some(p) = std::fs::read_to_string(pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+        {
+            return Some(p);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
 }
 
 async fn ping(url: &str) -> Result<(), String> {
