@@ -139,9 +139,12 @@ fn lag(current: &str, last_archived: &str) -> Option<u64> {
 }
 
 /// Position of a WAL file name (`TTTTTTTTXXXXXXXXYYYYYYYY`) in the sequence
-/// of 16 MiB segments, ignoring the timeline.
+/// of 16 MiB segments, ignoring the timeline. A backup history file
+/// (`…YYYYYYYY.00000028.backup`) is archived after its segment, and a
+/// `.partial` stands for its segment, so both count as that segment.
 fn segment_number(name: &str) -> Option<u64> {
-    if name.len() != 24 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+    let name = name.get(..24)?;
+    if !name.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let log = u64::from_str_radix(&name[8..16], 16).ok()?;
@@ -172,6 +175,13 @@ mod tests {
             Some(1)
         );
         assert_eq!(lag("000000020000000000000009", "00000002.history"), None);
+        assert_eq!(
+            lag(
+                "000000010000000000000005",
+                "000000010000000000000004.00000028.backup"
+            ),
+            Some(0)
+        );
         assert_eq!(
             lag("000000010000000000000005", "000000010000000000000005"),
             Some(0)
