@@ -45,6 +45,20 @@ impl Daemon {
         d
     }
 
+    /// Starts a daemon as the current user on a [`DrSetup`]'s config.
+    fn of(setup: &DrSetup, port: u16, log: &str) -> Daemon {
+        Daemon::start(Path::new(dr_bin()), &setup.cfg, port, setup.path(log), None)
+    }
+
+    /// Waits until `job` has succeeded `n` times in all.
+    fn wait_successes(&self, job: &str, n: f64) {
+        self.wait_for(
+            &format!("{n} successful runs of {job}"),
+            Duration::from_secs(60),
+            |d| successes(&d.metrics(), job) >= n,
+        );
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -341,13 +355,7 @@ fn a_run_slower_than_its_schedule_is_skipped_not_doubled() {
             "timeout_seconds = 3",
         ) + &daemon_section(port, &repo.path().join("state"), "retries = 0")),
     );
-    let d = Daemon::start(
-        Path::new(dr_bin()),
-        &setup.cfg,
-        port,
-        setup.path("daemon.log"),
-        None,
-    );
+    let d = Daemon::of(&setup, port, "daemon.log");
     let name = job("redis.slow.snapshot");
     d.wait_for("two failed runs", Duration::from_secs(60), |d| {
         metric(&d.metrics(), "dr_job_failures_total", &name).unwrap_or(0.0) >= 2.0
@@ -418,13 +426,7 @@ fn sigterm_during_an_upload_stops_within_the_grace_period_and_leaves_no_backup()
             "timeout_seconds = 120",
         ) + &daemon),
     );
-    let mut d = Daemon::start(
-        Path::new(dr_bin()),
-        &setup.cfg,
-        port,
-        setup.path("daemon.log"),
-        None,
-    );
+    let mut d = Daemon::of(&setup, port, "daemon.log");
     let name = job("redis.cache.snapshot");
     d.wait_for(
         "a snapshot stalled mid-upload",
@@ -470,16 +472,8 @@ fn sigterm_during_an_upload_stops_within_the_grace_period_and_leaves_no_backup()
         ),
     )
     .expect("cfg");
-    let d = Daemon::start(
-        Path::new(dr_bin()),
-        &setup.cfg,
-        port,
-        setup.path("daemon2.log"),
-        None,
-    );
-    d.wait_for("a successful snapshot", Duration::from_secs(60), |d| {
-        successes(&d.metrics(), "redis.cache.snapshot") >= 1.0
-    });
+    let d = Daemon::of(&setup, port, "daemon2.log");
+    d.wait_successes("redis.cache.snapshot", 1.0);
     d.stop();
     let snaps = setup.dr_json(&["list", "redis", "cache"]);
     let n = snaps["snapshots"].as_array().map(|a| a.len()).unwrap_or(0);
@@ -508,16 +502,8 @@ fn a_second_daemon_refuses_and_a_broken_reload_keeps_the_old_schedules() {
         + &daemon_section(port, &repo.path().join("state"), "");
     let setup = DrSetup::new(&fs_region_toml("local", &repo.path().join("repo")), &good);
     let original = std::fs::read_to_string(&setup.cfg).expect("cfg");
-    let d = Daemon::start(
-        Path::new(dr_bin()),
-        &setup.cfg,
-        port,
-        setup.path("daemon.log"),
-        None,
-    );
-    d.wait_for("a snapshot", Duration::from_secs(60), |d| {
-        successes(&d.metrics(), "redis.cache.snapshot") >= 1.0
-    });
+    let d = Daemon::of(&setup, port, "daemon.log");
+    d.wait_successes("redis.cache.snapshot", 1.0);
 
     // A second daemon on the same config exits at once, naming the first.
     let mut second = setup
@@ -584,9 +570,7 @@ fn a_second_daemon_refuses_and_a_broken_reload_keeps_the_old_schedules() {
     )
     .expect("write");
     d.signal("HUP");
-    d.wait_for("the new job to run", Duration::from_secs(60), |d| {
-        successes(&d.metrics(), "redis.second.snapshot") >= 1.0
-    });
+    d.wait_successes("redis.second.snapshot", 1.0);
     let (status, _, body) = d.get("/healthz");
     assert_eq!(status, 200, "{body}");
     assert_eq!(body, "ok\n");
