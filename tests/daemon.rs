@@ -604,3 +604,65 @@ fn daemon_check_prints_utc_schedules_and_unavailable_jobs_are_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn an_aborted_postgres_backup_is_invisible_and_the_next_one_succeeds() {
+    let repo = tempfile::tempdir().expect("tempdir");
+    let pg = TestPg::new(&fs_repo(&repo));
+    pg.pgbench(&["-i", "-s", "30"]);
+    let port = free_port();
+    append(
+        &pg.cfg,
+        &format!(
+            "[postgres.main.schedule]\nbackup = \"* * * * * *\"\n{}",
+            daemon_section(
+                port,
+                &pg.dir.path().join("daemon-state"),
+                "grace_seconds = 0\nretries = 0"
+            )
+        ),
+    );
+    let start = |log: &str| {
+        Daemon::start(
+            &pg.dr,
+            &pg.cfg,
+            port,
+            pg.dir.path().join(log),
+            Some(&pg.user),
+        )
+    };
+    let mut d = start("daemon.log");
+    let name = job("postgres.main.backup");
+    d.wait_for("a backup in progress", Duration::from_secs(60), |d| {
+        metric(&d.metrics(), "dr_job_running", &name) == Some(1.0)
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    d.signal("TERM");
+    let st = d.wait_exit(Duration::from_secs(10));
+    assert!(st.is_some_and(|s| s.success()), "{st:?}\n{}", d.logs());
+    let logs = d.logs();
+    drop(d);
+    if logs.contains("job aborted") {
+        let list: serde_json::Value =
+            serde_json::from_slice(&pg.dr(&["--json", "list", "pg"]).stdout).expect("json");
+        assert_eq!(
+            list["backups"].as_array().map(|a| a.len()),
+            Some(0),
+            "{list}"
+        );
+        assert!(files_named(&repo.path().join("repo"), "manifest").is_empty());
+    } else {
+        panic!("the backup finished before SIGTERM; make the cluster larger:\n{logs}");
+    }
+    let d = start("daemon2.log");
+    d.wait_for("a successful backup", Duration::from_secs(120), |d| {
+        successes(&d.metrics(), "postgres.main.backup") >= 1.0
+    });
+    d.stop();
+    let list: serde_json::Value =
+        serde_json::from_slice(&pg.dr(&["--json", "list", "pg"]).stdout).expect("json");
+    assert!(
+        !list["backups"].as_array().expect("backups").is_empty(),
+        "{list}"
+    );
+}
