@@ -41,6 +41,12 @@ pub struct Config {
     /// Failover environments, by name (`[env.<name>]`): the servers playbooks act on.
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, Spanned<EnvConfig>>,
+    /// `dr daemon` settings (`[daemon]`).
+    #[serde(default)]
+    pub daemon: Option<Spanned<DaemonConfig>>,
+    /// Retention (`[retention]`): when the daemon runs `dr expire`.
+    #[serde(default)]
+    pub retention: Option<Spanned<RetentionConfig>>,
     /// Disaster-recovery drills, by name (`[drill.<name>]`), run by `dr drill NAME`.
     #[serde(default)]
     pub drill: std::collections::BTreeMap<String, Spanned<DrillConfig>>,
@@ -50,6 +56,10 @@ pub struct Config {
     /// Validated regions, in preference order.
     #[serde(skip)]
     pub region_specs: Vec<RegionSpec>,
+    /// Byte offsets where each line of the file starts, to name the line of
+    /// a key after parsing (the text itself may hold secrets, so it is not kept).
+    #[serde(skip)]
+    line_starts: Vec<usize>,
 }
 
 /// `[audit]`: where the append-only audit log lives.
@@ -98,6 +108,143 @@ pub struct RedisConfig {
     /// Scratch-restore verification (`dr verify redis --restore`).
     #[serde(default)]
     pub verify: RedisVerifyConfig,
+    /// When `dr daemon` takes snapshots (`[redis.<name>.schedule]`).
+    #[serde(default)]
+    pub schedule: Option<RedisSchedule>,
+}
+
+/// `[redis.<name>.schedule]`: cron expressions, in UTC.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSchedule {
+    /// Snapshots (`dr backup redis`).
+    pub snapshot: Option<Spanned<String>>,
+}
+
+/// One cron expression from the config and where it was set.
+#[derive(Debug, Clone)]
+pub struct ScheduleEntry<'a> {
+    /// `"postgres"`, `"redis"` or `"retention"`.
+    pub section: &'static str,
+    /// The cluster or instance name (empty for `[retention]`).
+    pub source: String,
+    /// The key: `backup`, `verify`, `snapshot` or `schedule`.
+    pub key: &'static str,
+    /// The expression, with its position in the file.
+    pub expr: &'a Spanned<String>,
+}
+
+impl ScheduleEntry<'_> {
+    /// The TOML table holding the key, as a user would write it.
+    pub fn table(&self) -> String {
+        match self.section {
+            "retention" => "[retention]".into(),
+            s => format!("[{s}.{}.schedule]", self.source),
+        }
+    }
+}
+
+/// `[postgres.<name>.schedule]`: cron expressions, in UTC.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgSchedule {
+    /// Base backups (`dr backup pg`).
+    pub backup: Option<Spanned<String>>,
+    /// Scratch-restore verification.
+    pub verify: Option<Spanned<String>>,
+}
+
+/// `[retention]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// When `dr daemon` applies the retention policy (cron, UTC).
+    pub schedule: Option<Spanned<String>>,
+}
+
+/// `[daemon]`: how `dr daemon` runs its jobs and where it reports.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Address of the `/metrics` and `/healthz` endpoint.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Jobs running at once, over all sources.
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent_jobs: usize,
+    /// Seconds running jobs get to finish after SIGTERM before they are aborted.
+    #[serde(default = "default_grace")]
+    pub grace_seconds: u64,
+    /// Extra attempts of a run that failed transiently.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// First retry delay; doubles per attempt, with jitter.
+    #[serde(default = "default_retry_initial")]
+    pub retry_initial_seconds: u64,
+    /// Longest retry delay.
+    #[serde(default = "default_retry_max")]
+    pub retry_max_seconds: u64,
+    /// Failed runs in a row after which `/healthz` reports the job unhealthy.
+    #[serde(default = "default_unhealthy_after")]
+    pub unhealthy_after_failures: u32,
+    /// How often WAL archive status and region reachability are probed.
+    #[serde(default = "default_probe")]
+    pub probe_seconds: u64,
+    /// Holds the daemon lock (`daemon.lock`); one daemon per state_dir.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            listen: default_listen(),
+            max_concurrent_jobs: default_max_concurrent(),
+            grace_seconds: default_grace(),
+            retries: default_retries(),
+            retry_initial_seconds: default_retry_initial(),
+            retry_max_seconds: default_retry_max(),
+            unhealthy_after_failures: default_unhealthy_after(),
+            probe_seconds: default_probe(),
+            state_dir: default_state_dir(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:9187".into()
+}
+
+fn default_max_concurrent() -> usize {
+    2
+}
+
+fn default_grace() -> u64 {
+    300
+}
+
+fn default_retries() -> u32 {
+    3
+}
+
+fn default_retry_initial() -> u64 {
+    30
+}
+
+fn default_retry_max() -> u64 {
+    600
+}
+
+fn default_unhealthy_after() -> u32 {
+    3
+}
+
+fn default_probe() -> u64 {
+    30
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/dr/state")
 }
 
 /// `[redis.<name>.verify]`: how a scratch restore of the instance is checked.
@@ -167,6 +314,9 @@ pub struct PgConfig {
     /// Scratch-restore verification (`dr verify pg --restore`).
     #[serde(default)]
     pub verify: PgVerifyConfig,
+    /// When `dr daemon` runs jobs on this cluster (`[postgres.<name>.schedule]`).
+    #[serde(default)]
+    pub schedule: Option<PgSchedule>,
 }
 
 /// `[postgres.<name>.retention]`.
@@ -650,6 +800,9 @@ impl Config {
             }
         })?;
         cfg.source = path.to_path_buf();
+        cfg.line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
         if let Ok(id) = std::env::var("DR_IDENTITY_FILE")
             && !id.is_empty()
         {
@@ -816,6 +969,7 @@ impl Config {
         for (name, d) in &self.drill {
             self.validate_drill(text, name, d)?;
         }
+        self.validate_daemon(text)?;
         if let Some(id) = &repo.identity_file {
             // Only check permissions when the file exists: a backup-only host has none.
             crate::keys::check_identity_permissions(id.get_ref())
@@ -932,6 +1086,116 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Checks `[daemon]` and every cron expression, so `dr check` reports a
+    /// bad schedule with its line before the daemon ever reads it.
+    fn validate_daemon(&self, text: &str) -> Result<(), ConfigError> {
+        for e in self.schedules() {
+            crate::daemon::schedule::Cron::parse(e.expr.get_ref()).map_err(|why| {
+                self.err(
+                    text,
+                    e.expr.span(),
+                    format!("{} {} = {:?}: {why}", e.table(), e.key, e.expr.get_ref()),
+                )
+            })?;
+        }
+        let Some(d) = &self.daemon else {
+            return Ok(());
+        };
+        let c = d.get_ref();
+        let fail = |msg: String| Err(self.err(text, d.span(), format!("[daemon]: {msg}")));
+        if c.listen.parse::<std::net::SocketAddr>().is_err() {
+            return fail(format!(
+                "listen = {:?} is not an address and port; use e.g. \"127.0.0.1:9187\"",
+                c.listen
+            ));
+        }
+        if !(1..=64).contains(&c.max_concurrent_jobs) {
+            return fail(format!(
+                "max_concurrent_jobs = {} is out of range; use 1 to 64",
+                c.max_concurrent_jobs
+            ));
+        }
+        if c.retry_initial_seconds == 0 || c.retry_max_seconds < c.retry_initial_seconds {
+            return fail(
+                "retry_initial_seconds must be at least 1 and at most retry_max_seconds".into(),
+            );
+        }
+        if c.unhealthy_after_failures == 0 || c.probe_seconds == 0 {
+            return fail("unhealthy_after_failures and probe_seconds must be at least 1".into());
+        }
+        if !c.state_dir.is_absolute() {
+            return fail(format!(
+                "state_dir {} must be absolute",
+                c.state_dir.display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every configured schedule, in a stable order.
+    pub fn schedules(&self) -> Vec<ScheduleEntry<'_>> {
+        let mut out = Vec::new();
+        for (name, pg) in &self.postgres {
+            if let Some(s) = &pg.get_ref().schedule {
+                for (key, v) in [("backup", &s.backup), ("verify", &s.verify)] {
+                    if let Some(expr) = v {
+                        out.push(ScheduleEntry {
+                            section: "postgres",
+                            source: name.clone(),
+                            key,
+                            expr,
+                        });
+                    }
+                }
+            }
+        }
+        for (name, r) in &self.redis {
+            if let Some(expr) = r
+                .get_ref()
+                .schedule
+                .as_ref()
+                .and_then(|s| s.snapshot.as_ref())
+            {
+                out.push(ScheduleEntry {
+                    section: "redis",
+                    source: name.clone(),
+                    key: "snapshot",
+                    expr,
+                });
+            }
+        }
+        if let Some(expr) = self
+            .retention
+            .as_ref()
+            .and_then(|r| r.get_ref().schedule.as_ref())
+        {
+            out.push(ScheduleEntry {
+                section: "retention",
+                source: String::new(),
+                key: "schedule",
+                expr,
+            });
+        }
+        out
+    }
+
+    /// `[daemon]` settings, defaults where the section is absent.
+    pub fn daemon(&self) -> DaemonConfig {
+        self.daemon
+            .as_ref()
+            .map(|d| d.get_ref().clone())
+            .unwrap_or_default()
+    }
+
+    /// `path:line` of a key's span in this config, for messages about it.
+    pub fn location_of(&self, span: Range<usize>) -> String {
+        if span.end == 0 || self.line_starts.is_empty() {
+            return self.source.display().to_string();
+        }
+        let line = self.line_starts.partition_point(|&s| s <= span.start);
+        format!("{}:{line}", self.source.display())
     }
 
     fn validate_env(

@@ -1,6 +1,7 @@
 //! Argument parsing and output. Handlers parse, call the library, print.
 
 mod check;
+mod daemon;
 mod drill;
 mod expire;
 mod failover;
@@ -34,7 +35,8 @@ struct Cli {
     /// Only errors.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
-    /// Logs as JSON lines on stderr (default: human-readable).
+    /// Logs as JSON lines on stderr (default: human-readable; `dr daemon`
+    /// logs JSON whenever stderr is not a terminal).
     #[arg(long, global = true)]
     log_json: bool,
     #[command(subcommand)]
@@ -71,6 +73,8 @@ enum Command {
     List(ListCmd),
     /// Run a failover playbook (see playbooks/ and README, section Failover).
     Failover(failover::Args),
+    /// Run scheduled backups and snapshots (cron, UTC); serve /metrics and /healthz.
+    Daemon(daemon::Args),
     /// Archive one WAL file (archive_command = 'dr wal-push %p').
     WalPush {
         /// Cluster name (default: the only [postgres.*]).
@@ -169,6 +173,7 @@ pub fn run() -> ExitCode {
             }
             Command::Failover(args) => failover::run(args, cli.config.as_deref(), &out).await,
             Command::Drill(args) => drill::run(args, cli.config.as_deref(), &out).await,
+            Command::Daemon(args) => daemon::run(args, cli.config.as_deref(), &out).await,
             Command::WalPush { cluster, path } => {
                 pg::wal_push(cluster, path, cli.config.as_deref(), &out).await
             }
@@ -203,8 +208,14 @@ fn init_logging(cli: &Cli) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if cli.log_json {
+    // A daemon's stderr is usually the journal or a file: JSON there, and
+    // human lines with timestamps when someone runs it in a terminal.
+    let daemon = matches!(&cli.command, Command::Daemon(a) if !a.check);
+    use std::io::IsTerminal;
+    if cli.log_json || (daemon && !std::io::stderr().is_terminal()) {
         builder.json().init();
+    } else if daemon {
+        builder.with_target(false).init();
     } else {
         builder.without_time().with_target(false).init();
     }

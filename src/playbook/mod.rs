@@ -62,59 +62,33 @@ pub enum PlaybookError {
 /// An exclusive lock on one environment's failovers: an OS file lock, so a
 /// crashed run never leaves a stale lock behind.
 #[derive(Debug)]
-pub struct FailoverLock {
-    _file: std::fs::File,
-    path: PathBuf,
-}
+pub struct FailoverLock(crate::lockfile::HeldLock);
 
 impl FailoverLock {
     /// Takes the lock of `env` in `dir` without waiting.
     pub fn acquire(dir: &Path, env: &str) -> Result<FailoverLock, PlaybookError> {
-        use std::io::Write;
+        use crate::lockfile::LockFailure;
         let path = dir.join(format!("failover-{env}.lock"));
-        let io_err = |source| PlaybookError::Lock {
-            path: path.clone(),
-            source,
-        };
-        std::fs::create_dir_all(dir).map_err(io_err)?;
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io_err)?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let holder = std::fs::read_to_string(&path)
-                    .ok()
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| "holder unknown".into());
-                return Err(PlaybookError::Locked {
-                    env: env.to_string(),
-                    path,
-                    holder,
-                });
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(e)),
-        }
         // Who holds it, for the message a second run prints.
         let who = format!(
             "held by pid {} since {}",
             std::process::id(),
             chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
         );
-        file.set_len(0)
-            .and_then(|()| file.write_all(who.as_bytes()))
-            .map_err(io_err)?;
-        Ok(FailoverLock { _file: file, path })
+        match crate::lockfile::try_lock(&path, &who) {
+            Ok(l) => Ok(FailoverLock(l)),
+            Err(LockFailure::Busy(holder)) => Err(PlaybookError::Locked {
+                env: env.to_string(),
+                path,
+                holder,
+            }),
+            Err(LockFailure::Io(source)) => Err(PlaybookError::Lock { path, source }),
+        }
     }
 
     /// The lock file.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.0.path
     }
 }
 

@@ -51,6 +51,33 @@ impl PgError {
     }
 }
 
+impl PgError {
+    /// True when retrying later may help: the server was unreachable, shut
+    /// down, or out of resources, or storage failed transiently. SQL errors
+    /// that would fail the same way again (permissions, configuration) are
+    /// permanent.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PgError::Sql { source, .. } => match source.code() {
+                // No SQLSTATE: the connection failed or was closed.
+                None => true,
+                Some(code) => {
+                    let c = code.code();
+                    // 08 connection exception, 53 insufficient resources,
+                    // 57P0x shutdown / cannot connect now, 40 rollback.
+                    c.starts_with("08")
+                        || c.starts_with("53")
+                        || c.starts_with("57P")
+                        || c.starts_with("40")
+                }
+            },
+            PgError::Io { .. } => true,
+            PgError::Repo(e) => e.is_transient(),
+            PgError::Other(_) => false,
+        }
+    }
+}
+
 impl From<crate::store::RegionsError> for PgError {
     fn from(e: crate::store::RegionsError) -> Self {
         PgError::Repo(e.into())

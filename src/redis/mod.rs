@@ -82,6 +82,22 @@ pub enum RedisError {
     Other(String),
 }
 
+impl RedisError {
+    /// True when retrying later may help: the server was unreachable or the
+    /// stream broke. Refused credentials or replication are permanent.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RedisError::Connect { .. } | RedisError::Stream { .. } => true,
+            RedisError::Repo(e) => e.is_transient(),
+            RedisError::Config(_)
+            | RedisError::Auth { .. }
+            | RedisError::Refused { .. }
+            | RedisError::Protocol { .. }
+            | RedisError::Other(_) => false,
+        }
+    }
+}
+
 /// Where and how to reach one Redis server.
 #[derive(Clone)]
 pub struct Endpoint {
@@ -250,6 +266,7 @@ mod tests {
             timeout_seconds: 60,
             retention: None,
             verify: Default::default(),
+            schedule: None,
         }
     }
 

@@ -100,6 +100,23 @@ pub enum RepoError {
     Other(String),
 }
 
+impl RepoError {
+    /// True when retrying later may help: storage that was unreachable or
+    /// busy. Missing repositories, bad keys and corrupt objects are permanent.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RepoError::Regions(e) => e.is_transient(),
+            RepoError::Store(e) => !e.is_permanent(),
+            // Regions that answered "not found" mean no `dr repo init`;
+            // any other answer (unreachable, timeout) may be an outage.
+            RepoError::NotInitialized { details } => details
+                .split("; ")
+                .any(|region| !region.ends_with("not found")),
+            _ => false,
+        }
+    }
+}
+
 /// An open repository.
 pub struct Repository {
     /// The descriptor.

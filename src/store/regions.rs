@@ -76,6 +76,21 @@ pub enum RegionsError {
     },
 }
 
+impl RegionsError {
+    /// True when the same operation may succeed later (a region was
+    /// unreachable or answered with a transient error), as opposed to a
+    /// setup or key problem that needs a person.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RegionsError::NotEnoughRegions { failures, .. } => {
+                failures.iter().any(|(_, e)| !e.is_permanent())
+            }
+            RegionsError::Unavailable { .. } | RegionsError::Source { .. } => true,
+            RegionsError::Setup { .. } => false,
+        }
+    }
+}
+
 /// All regions of a repository, in read-preference order.
 pub struct Regions {
     regions: Vec<Region>,

@@ -1,0 +1,74 @@
+//! `dr daemon`: run scheduled jobs, or with `--check` print what would run.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use super::Out;
+use super::output::table;
+
+/// `dr daemon` arguments.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Check the config and print each job with its next run times (UTC), then exit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result<ExitCode> {
+    let path = config
+        .map(Path::to_path_buf)
+        .unwrap_or_else(dr::config::default_config_path);
+    if !args.check {
+        dr::daemon::run(&path).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let plan = dr::daemon::load_plan(&path)?;
+    let now = chrono::Utc::now();
+    let next = |j: &dr::daemon::jobs::JobSpec| -> Vec<String> {
+        let mut t = now;
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            match j.cron.next_after(t) {
+                Some(n) => {
+                    v.push(n.format("%Y-%m-%dT%H:%M:%SZ").to_string());
+                    t = n;
+                }
+                None => break,
+            }
+        }
+        v
+    };
+    let d = plan.cfg.daemon();
+    if out.json {
+        let jobs: Vec<_> = plan
+            .jobs
+            .iter()
+            .map(|j| serde_json::json!({ "name": j.name, "kind": j.kind.label(), "schedule": j.cron.expr(), "next_utc": next(j) }))
+            .collect();
+        out.json(
+            &serde_json::json!({ "ok": true, "timezone": "UTC", "listen": d.listen, "jobs": jobs }),
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = plan
+        .jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.name.clone(),
+                j.cron.expr().to_string(),
+                next(j).join(", "),
+            ]
+        })
+        .collect();
+    println!("{}", table(&["JOB", "SCHEDULE", "NEXT RUNS (UTC)"], &rows));
+    println!(
+        "\nschedules are in UTC; metrics and health on http://{}/metrics and /healthz; lock {}",
+        d.listen,
+        d.state_dir.join("daemon.lock").display()
+    );
+    if plan.jobs.is_empty() {
+        println!("no job is scheduled; add e.g. [postgres.<name>.schedule] backup = \"0 2 * * *\"");
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,308 @@
+//! `dr daemon`: runs backups and snapshots on cron schedules (UTC), serves
+//! `/metrics` and `/healthz`, reloads its config on SIGHUP and stops
+//! gracefully on SIGTERM/SIGINT.
+//!
+//! Each concern is one supervised loop with a cancellation token: the
+//! scheduler, the probes (WAL archive lag, region reachability) and the HTTP
+//! endpoint. One daemon runs per state directory, enforced by an OS file lock.
+
+pub mod http;
+pub mod jobs;
+pub mod metrics;
+pub mod probe;
+pub mod schedule;
+pub mod scheduler;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ConfigError};
+use metrics::Shared;
+use scheduler::{Ctx, Plan};
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The config is invalid or schedules something this build cannot run.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Another daemon holds the lock.
+    #[error(
+        "another dr daemon is already running with {path} ({holder}); stop it first \
+         (e.g. `systemctl stop dr`), or give this config its own [daemon] state_dir"
+    )]
+    AlreadyRunning {
+        /// The lock file.
+        path: String,
+        /// What the lock file says about its holder.
+        holder: String,
+    },
+    /// The lock file cannot be created or locked.
+    #[error(
+        "cannot lock {path}: {source}; create the directory and make it writable for this user, \
+         or set [daemon] state_dir"
+    )]
+    Lock {
+        /// The lock file.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The metrics address cannot be bound.
+    #[error("cannot listen on {addr}: {source}; set [daemon] listen to a free address")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Loads `path` and the jobs it schedules.
+pub fn load_plan(path: &Path) -> Result<Plan, ConfigError> {
+    let cfg = Config::load(path)?;
+    let jobs = jobs::plan(&cfg)?;
+    Ok(Plan {
+        cfg: Arc::new(cfg),
+        jobs,
+    })
+}
+
+/// Takes the exclusive lock `<state_dir>/daemon.lock` (released when the
+/// returned value drops, or the process dies), or says who holds it.
+pub fn lock(state_dir: &Path, config: &Path) -> Result<crate::lockfile::HeldLock, DaemonError> {
+    use crate::lockfile::LockFailure;
+    let path = state_dir.join("daemon.lock");
+    let config = std::fs::canonicalize(config).unwrap_or_else(|_| config.to_path_buf());
+    let note = format!("pid {} config {}\n", std::process::id(), config.display());
+    crate::lockfile::try_lock(&path, &note).map_err(|e| match e {
+        LockFailure::Busy(holder) => DaemonError::AlreadyRunning {
+            path: path.display().to_string(),
+            holder,
+        },
+        LockFailure::Io(source) => DaemonError::Lock {
+            path: path.display().to_string(),
+            source,
+        },
+    })
+}
+
+/// Restarts `make`'s loop if it panics, until `stop` is cancelled; a bug in
+/// one concern must not silently end scheduling or metrics.
+fn supervise<F, Fut>(
+    name: &'static str,
+    stop: CancellationToken,
+    mut make: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            match tokio::spawn(make()).await {
+                Ok(()) => return,
+                Err(_) if stop.is_cancelled() => return,
+                Err(e) => {
+                    tracing::error!(task = name, "loop crashed ({e}); restarting it in 1s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    })
+}
+
+/// Runs the daemon for the config at `path` until SIGTERM or SIGINT.
+pub async fn run(path: &Path) -> Result<(), DaemonError> {
+    let plan = load_plan(path)?;
+    let settings = plan.cfg.daemon();
+    let _lock = lock(&settings.state_dir, path)?;
+    let listener = tokio::net::TcpListener::bind(&settings.listen)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: settings.listen.clone(),
+            source,
+        })?;
+    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+
+    let state = Arc::new(Shared::new(settings.unhealthy_after_failures));
+    state.set_jobs(&plan.jobs);
+    announce(&plan, &settings.listen);
+    let ctx = Arc::new(Ctx {
+        state: state.clone(),
+        slots: Arc::new(Semaphore::new(settings.max_concurrent_jobs)),
+        stop: CancellationToken::new(),
+        abort: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+    });
+    let (plan_tx, plan_rx) = watch::channel(Arc::new(plan));
+
+    let loops = [
+        supervise("scheduler", ctx.stop.clone(), {
+            let (ctx, rx) = (ctx.clone(), plan_rx.clone());
+            move || scheduler::run(ctx.clone(), rx.clone())
+        }),
+        supervise("probe", ctx.stop.clone(), {
+            let (state, rx, stop) = (state.clone(), plan_rx.clone(), ctx.stop.clone());
+            move || probe_loop(state.clone(), rx.clone(), stop.clone())
+        }),
+    ];
+    let listener = Arc::new(tokio::sync::Mutex::new(Some(listener)));
+    let http_task = supervise("http", ctx.stop.clone(), {
+        let (state, stop, listen) = (state.clone(), ctx.stop.clone(), settings.listen.clone());
+        move || {
+            let (listener, state, stop) = (listener.clone(), state.clone(), stop.clone());
+            let listen = listen.clone();
+            async move {
+                // The listener moves into the first run; after a crash the
+                // socket is bound again.
+                let l = listener.lock().await.take();
+                let l = match l {
+                    Some(l) => l,
+                    None => match tokio::net::TcpListener::bind(&listen).await {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!("cannot listen on {listen} again: {e}");
+                            return;
+                        }
+                    },
+                };
+                http::serve(l, state, stop).await
+            }
+        }
+    });
+
+    let signal_name = loop {
+        tokio::select! {
+            _ = hup.recv() => reload(path, &plan_tx, &state),
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+        }
+    };
+    let grace = Duration::from_secs(plan_tx.borrow().cfg.daemon().grace_seconds);
+    let running = ctx.tracker.len();
+    tracing::info!(
+        signal = signal_name,
+        running,
+        "stopping: no new jobs; running jobs get {}s to finish",
+        grace.as_secs()
+    );
+    state.with(|s| s.stopping = true);
+    ctx.stop.cancel();
+    ctx.tracker.close();
+    if tokio::time::timeout(grace, ctx.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "grace period of {}s is over; aborting {} running job(s)",
+            grace.as_secs(),
+            ctx.tracker.len()
+        );
+        ctx.abort.cancel();
+        if tokio::time::timeout(Duration::from_secs(10), ctx.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!("jobs did not stop within 10s of being aborted; exiting anyway");
+        }
+    }
+    for l in loops {
+        let _ = l.await;
+    }
+    let _ = http_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Logs what will run and when; schedules are UTC, said once so nobody
+/// has to guess.
+fn announce(plan: &Plan, listen: &str) {
+    let now = chrono::Utc::now();
+    tracing::info!(
+        listen,
+        jobs = plan.jobs.len(),
+        "dr daemon started; schedules are in UTC (now {})",
+        now.format("%Y-%m-%dT%H:%M:%SZ")
+    );
+    if plan.jobs.is_empty() {
+        tracing::warn!(
+            "no job is scheduled; add e.g. [postgres.<name>.schedule] backup = \"0 2 * * *\""
+        );
+    }
+    for j in &plan.jobs {
+        tracing::info!(
+            job = %j.name,
+            schedule = j.cron.expr(),
+            next = %j.cron.next_after(now).map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_else(|| "never".into()),
+            "scheduled (UTC)"
+        );
+    }
+}
+
+/// SIGHUP: apply the config on disk if it is valid, else keep the running one.
+fn reload(path: &Path, plans: &watch::Sender<Arc<Plan>>, state: &Shared) {
+    match load_plan(path) {
+        Ok(plan) => {
+            let old = plans.borrow().cfg.daemon();
+            let new = plan.cfg.daemon();
+            if old.listen != new.listen
+                || old.state_dir != new.state_dir
+                || old.max_concurrent_jobs != new.max_concurrent_jobs
+            {
+                tracing::warn!(
+                    "[daemon] listen, state_dir and max_concurrent_jobs take effect at the next restart"
+                );
+            }
+            state.set_jobs(&plan.jobs);
+            state.with(|s| {
+                s.reloads.0 += 1;
+                s.reload_error = None;
+                s.unhealthy_after = new.unhealthy_after_failures;
+            });
+            announce(&plan, &old.listen);
+            tracing::info!(jobs = plan.jobs.len(), "config reloaded");
+            let _ = plans.send(Arc::new(plan));
+        }
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                "config reload rejected; the previous config and schedules stay in effect"
+            );
+            state.with(|s| {
+                s.reloads.1 += 1;
+                s.reload_error = Some(e.to_string());
+            });
+        }
+    }
+}
+
+async fn probe_loop(
+    state: Arc<Shared>,
+    plans: watch::Receiver<Arc<Plan>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let cfg = plans.borrow().cfg.clone();
+        tokio::select! {
+            _ = probe::probe_all(&cfg, &state) => {}
+            _ = stop.cancelled() => return,
+        }
+        let every = Duration::from_secs(cfg.daemon().probe_seconds);
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}

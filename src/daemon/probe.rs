@@ -1,0 +1,190 @@
+//! Periodic probes: WAL archive lag from each cluster's `pg_stat_archiver`,
+//! and whether each region still serves the repository descriptor.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use super::metrics::{Shared, WalStats};
+use crate::config::{Config, PgConfig};
+use crate::repo::layout::ObjectKey;
+
+/// Longest a single probe may take; a hung server must not stall the loop.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Probes every cluster and region of `cfg` once and records the results.
+pub async fn probe_all(cfg: &Config, state: &Shared) {
+    let mut wal = Vec::new();
+    for (name, pg) in &cfg.postgres {
+        let w = match tokio::time::timeout(PROBE_TIMEOUT, archiver(pg.get_ref())).await {
+            Ok(Ok(w)) => w,
+            Ok(Err(e)) => WalStats {
+                error: Some(e),
+                ..Default::default()
+            },
+            Err(_) => WalStats {
+                error: Some(format!("no answer within {}s", PROBE_TIMEOUT.as_secs())),
+                ..Default::default()
+            },
+        };
+        wal.push((name.clone(), w));
+    }
+    let mut regions = Vec::new();
+    match crate::store::Regions::from_config(cfg).await {
+        Ok(rs) => {
+            let key = ObjectKey::RepoInfo.to_string();
+            for r in rs.iter() {
+                let res = match tokio::time::timeout(PROBE_TIMEOUT, r.store.head(&key)).await {
+                    Ok(Ok(Some(_))) => None,
+                    Ok(Ok(None)) => Some(format!(
+                        "{} holds no repository (no {key}); run `dr repo init` or `dr repo sync`",
+                        r.store.describe()
+                    )),
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some(format!("no answer within {}s", PROBE_TIMEOUT.as_secs())),
+                };
+                regions.push((r.name.clone(), res));
+            }
+        }
+        Err(e) => tracing::warn!("cannot set up regions for probing: {e}"),
+    }
+    let now = Utc::now();
+    state.with(|s| {
+        s.wal.retain(|name, _| cfg.postgres.contains_key(name));
+        for (name, mut w) in wal {
+            w.probed = Some(now);
+            s.wal.insert(name, w);
+        }
+        s.regions
+            .retain(|name, _| cfg.region_specs.iter().any(|r| &r.name == name));
+        for (name, res) in regions {
+            let r = s.regions.entry(name).or_default();
+            r.probe_error = Some(res);
+            r.probed = Some(now);
+        }
+    });
+}
+
+/// Reads `pg_stat_archiver` and the current WAL file of one cluster.
+async fn archiver(pg: &PgConfig) -> Result<WalStats, String> {
+    let client = crate::postgres::connect_to(&pg.conninfo, Some(PROBE_TIMEOUT))
+        .await
+        .map_err(|e| e.to_string())?;
+    // On a standby pg_current_wal_lsn() fails; it archives nothing of its own.
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), \
+                    CASE WHEN pg_is_in_recovery() THEN NULL \
+                         ELSE pg_walfile_name(pg_current_wal_lsn()) END, \
+                    last_archived_wal, \
+                    extract(epoch FROM last_archived_time)::float8, \
+                    failed_count, last_failed_wal, \
+                    extract(epoch FROM last_failed_time)::float8 \
+             FROM pg_stat_archiver",
+            &[],
+        )
+        .await
+        .map_err(|e| format!("querying pg_stat_archiver: {e}"))?;
+    let get_err = |e: tokio_postgres::Error| format!("reading pg_stat_archiver: {e}");
+    let in_recovery: bool = row.try_get(0).map_err(get_err)?;
+    let current: Option<String> = row.try_get(1).map_err(get_err)?;
+    let last_wal: Option<String> = row.try_get(2).map_err(get_err)?;
+    let last_time: Option<f64> = row.try_get(3).map_err(get_err)?;
+    let failed_count: i64 = row.try_get(4).map_err(get_err)?;
+    let failed_wal: Option<String> = row.try_get(5).map_err(get_err)?;
+    let failed_time: Option<f64> = row.try_get(6).map_err(get_err)?;
+    let last_archived = last_time.and_then(from_epoch);
+    let failed_at = failed_time.and_then(from_epoch);
+    let lag_segments = match (&current, &last_wal) {
+        (Some(c), Some(l)) => lag(c, l),
+        _ => None,
+    };
+    let lag_seconds = match (lag_segments, last_archived) {
+        (Some(0), _) => Some(0.0),
+        (Some(_), Some(t)) => Some((Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0),
+        _ => None,
+    };
+    let failing = match (failed_at, last_archived) {
+        (Some(f), l) if l.is_none_or(|l| f > l) => Some(format!(
+            "archive_command failed for {} at {} and has not succeeded since; see the PostgreSQL log",
+            failed_wal.as_deref().unwrap_or("?"),
+            f.format("%Y-%m-%d %H:%M:%SZ")
+        )),
+        _ => None,
+    };
+    Ok(WalStats {
+        probed: None,
+        error: None,
+        in_recovery,
+        lag_segments,
+        lag_seconds,
+        last_archived,
+        failed_count,
+        failing,
+    })
+}
+
+fn from_epoch(secs: f64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp_millis((secs * 1000.0) as i64)
+}
+
+/// Completed segments between the last archived one and the one being
+/// written: `current` is still open, so it does not count.
+fn lag(current: &str, last_archived: &str) -> Option<u64> {
+    let cur = segment_number(current)?;
+    // After a promotion the archiver's last file may be a history file or a
+    // `.partial`; the lag is then unknown until the next segment is archived.
+    let last = segment_number(last_archived)?;
+    Some(cur.saturating_sub(last).saturating_sub(1))
+}
+
+/// Position of a WAL file name (`TTTTTTTTXXXXXXXXYYYYYYYY`) in the sequence
+/// of 16 MiB segments, ignoring the timeline. A backup history file
+/// (`…YYYYYYYY.00000028.backup`) is archived after its segment, and a
+/// `.partial` stands for its segment, so both count as that segment.
+fn segment_number(name: &str) -> Option<u64> {
+    let name = name.get(..24)?;
+    if !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let log = u64::from_str_radix(&name[8..16], 16).ok()?;
+    let seg = u64::from_str_radix(&name[16..24], 16).ok()?;
+    Some(log * 0x100 + seg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_counts_completed_segments_across_log_boundaries() {
+        assert_eq!(
+            lag("000000010000000000000005", "000000010000000000000004"),
+            Some(0)
+        );
+        assert_eq!(
+            lag("000000010000000000000005", "000000010000000000000002"),
+            Some(2)
+        );
+        assert_eq!(
+            lag("000000010000000100000001", "0000000100000000000000FF"),
+            Some(1)
+        );
+        assert_eq!(
+            lag("000000020000000000000009", "000000010000000000000007"),
+            Some(1)
+        );
+        assert_eq!(lag("000000020000000000000009", "00000002.history"), None);
+        assert_eq!(
+            lag(
+                "000000010000000000000005",
+                "000000010000000000000004.00000028.backup"
+            ),
+            Some(0)
+        );
+        assert_eq!(
+            lag("000000010000000000000005", "000000010000000000000005"),
+            Some(0)
+        );
+    }
+}

@@ -1,0 +1,206 @@
+//! Cron schedules. Always evaluated in UTC: a backup host's local time zone
+//! and its daylight-saving jumps must not move (or repeat) a backup.
+//!
+//! Both the classic 5-field form (`minute hour day-of-month month
+//! day-of-week`) and a 6-field form with seconds first are accepted. Day-of-week
+//! numbers mean what they mean in crontab(5) — 0 or 7 is Sunday, 1 Monday … 6
+//! Saturday — in both forms. The `cron` crate counts 1 = Sunday, so the field
+//! is translated here rather than silently shifting every weekly job by a day.
+
+use chrono::{DateTime, Utc};
+
+/// A parsed cron expression.
+#[derive(Debug, Clone)]
+pub struct Cron {
+    expr: String,
+    schedule: cron::Schedule,
+}
+
+impl PartialEq for Cron {
+    fn eq(&self, other: &Self) -> bool {
+        self.expr == other.expr
+    }
+}
+
+const HINT: &str = "use 5 fields (minute hour day-of-month month day-of-week, e.g. \"0 2 * * *\") \
+                    or 6 with seconds first (e.g. \"*/30 * * * * *\"); times are UTC";
+
+impl Cron {
+    /// Parses a 5- or 6-field expression (or `@daily`-style shorthand); the
+    /// error says what to write instead.
+    pub fn parse(expr: &str) -> Result<Cron, String> {
+        let trimmed = expr.trim();
+        let translated = if trimmed.starts_with('@') {
+            trimmed.to_string()
+        } else {
+            let mut fields: Vec<String> = trimmed.split_whitespace().map(String::from).collect();
+            match fields.len() {
+                5 => fields.insert(0, "0".into()),
+                6 => {}
+                n => return Err(format!("has {n} fields; {HINT}")),
+            }
+            fields[5] = weekdays(&fields[5])?;
+            fields.join(" ")
+        };
+        let schedule = translated
+            .parse::<cron::Schedule>()
+            .map_err(|e| format!("not a valid cron expression ({e}); {HINT}"))?;
+        if schedule.upcoming(Utc).next().is_none() {
+            return Err("never fires (no future time matches)".into());
+        }
+        Ok(Cron {
+            expr: trimmed.to_string(),
+            schedule,
+        })
+    }
+
+    /// The first time strictly after `t`.
+    pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.schedule.after(&t).next()
+    }
+
+    /// The expression as written.
+    pub fn expr(&self) -> &str {
+        &self.expr
+    }
+}
+
+/// Translates a crontab(5) day-of-week field (0/7 = Sunday) into the list of
+/// `cron` crate ordinals (1 = Sunday).
+fn weekdays(field: &str) -> Result<String, String> {
+    if field == "*" || field == "?" {
+        return Ok(field.to_string());
+    }
+    let day = |s: &str| -> Result<u32, String> {
+        const NAMES: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
+        let l = s.to_ascii_lowercase();
+        if let Some(i) = NAMES.iter().position(|n| l.starts_with(n) && l.len() >= 3) {
+            return Ok(i as u32);
+        }
+        match s.parse::<u32>() {
+            Ok(n) if n <= 7 => Ok(n),
+            _ => Err(format!(
+                "day-of-week {s:?} is not 0-7 (0 and 7 are Sunday) or a name (MON, TUE, …)"
+            )),
+        }
+    };
+    let mut days = [false; 7];
+    for item in field.split(',') {
+        let (range, step) = match item.split_once('/') {
+            Some((r, s)) => match s.parse::<u32>() {
+                Ok(s) if s > 0 => (r, s),
+                _ => return Err(format!("day-of-week step in {item:?} must be a number ≥ 1")),
+            },
+            None => (item, 1),
+        };
+        let (from, to) = match range {
+            "*" | "?" => (0, 6),
+            r => match r.split_once('-') {
+                Some((a, b)) => (day(a)?, day(b)?),
+                // `3/2` means from 3 to the end, as in crontab.
+                None if item.contains('/') => (day(r)?, 6),
+                None => {
+                    let d = day(r)?;
+                    (d, d)
+                }
+            },
+        };
+        if from > to {
+            return Err(format!(
+                "day-of-week range {range:?} runs backwards; write it as two ranges"
+            ));
+        }
+        for d in (from..=to).step_by(step as usize) {
+            days[(d % 7) as usize] = true;
+        }
+    }
+    let list: Vec<String> = (0..7)
+        .filter(|&d| days[d])
+        .map(|d| (d + 1).to_string())
+        .collect();
+    Ok(list.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{Datelike, TimeZone, Timelike, Weekday};
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s)
+            .expect("time")
+            .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn five_fields_get_second_zero() {
+        let c = Cron::parse("0 2 * * *").expect("parse");
+        let n = c.next_after(at("2026-03-01T03:00:00Z")).expect("next");
+        assert_eq!(n, at("2026-03-02T02:00:00Z"));
+    }
+
+    #[test]
+    fn six_fields_have_seconds() {
+        let c = Cron::parse("*/5 * * * * *").expect("parse");
+        let n = c.next_after(at("2026-03-01T03:00:01Z")).expect("next");
+        assert_eq!(n, at("2026-03-01T03:00:05Z"));
+    }
+
+    #[test]
+    fn weekdays_follow_crontab_numbering() {
+        let sunday = Utc
+            .with_ymd_and_hms(2026, 3, 1, 0, 0, 0)
+            .single()
+            .expect("t");
+        assert_eq!(sunday.weekday(), Weekday::Sun);
+        for expr in ["30 3 * * 0", "30 3 * * 7", "30 3 * * SUN", "30 3 * * sun"] {
+            let n = Cron::parse(expr)
+                .expect(expr)
+                .next_after(sunday - chrono::Duration::days(3))
+                .expect("next");
+            assert_eq!(n.weekday(), Weekday::Sun, "{expr}");
+            assert_eq!((n.hour(), n.minute()), (3, 30), "{expr}");
+        }
+        let monday = Cron::parse("0 1 * * 1").expect("mon");
+        assert_eq!(
+            monday.next_after(sunday).expect("n").weekday(),
+            Weekday::Mon
+        );
+        let workdays = Cron::parse("0 1 * * 1-5").expect("1-5");
+        let mut t = sunday;
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            t = workdays.next_after(t).expect("n");
+            seen.push(t.weekday());
+        }
+        assert_eq!(
+            seen,
+            [
+                Weekday::Mon,
+                Weekday::Tue,
+                Weekday::Wed,
+                Weekday::Thu,
+                Weekday::Fri
+            ]
+        );
+        let weekend = Cron::parse("0 1 * * 6-7").expect("6-7");
+        let t = weekend
+            .next_after(sunday + chrono::Duration::days(1))
+            .expect("n");
+        assert_eq!(t.weekday(), Weekday::Sat);
+        assert_eq!(weekend.next_after(t).expect("n").weekday(), Weekday::Sun);
+    }
+
+    #[test]
+    fn bad_expressions_say_what_to_write() {
+        let e = Cron::parse("0 2 * *").unwrap_err();
+        assert!(e.contains("has 4 fields") && e.contains("UTC"), "{e}");
+        let e = Cron::parse("0 25 * * *").unwrap_err();
+        assert!(e.contains("not a valid cron expression"), "{e}");
+        let e = Cron::parse("0 2 * * 8").unwrap_err();
+        assert!(e.contains("0 and 7 are Sunday"), "{e}");
+        let e = Cron::parse("0 2 * * 5-1").unwrap_err();
+        assert!(e.contains("backwards"), "{e}");
+        assert!(Cron::parse("@daily").is_ok());
+    }
+}
