@@ -70,12 +70,22 @@ cat "$WORK/input.bin" >/dev/null
 
 ONE=() TWO=()
 write_seconds() { python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['selftest']['write_seconds'])" "$1"; }
+# CPU seconds the S3 server used: on a small machine the server's own work
+# (hashing and storing every copy) competes with dr for the same cores.
+GARAGE_PID=$(head -n1 "$DR_TESTENV_DIR/garage/garage.pid")
+server_cpu() { awk '{printf "%.2f\n", ($14 + $15) / 100}' "/proc/$GARAGE_PID/stat"; }
+run() { # run LABEL CONFIG OUT
+    local before after
+    before=$(server_cpu)
+    /usr/bin/time -f "%U %S" -o "$WORK/cpu" "$DR" --config "$2" --json repo selftest --file "$WORK/input.bin" >"$3"
+    after=$(server_cpu)
+    echo "   $1: write $(write_seconds "$3") s; dr CPU $(awk '{print $1 + $2}' "$WORK/cpu") s (write + read-back); S3 server CPU $(python3 -c "print(round($after - $before, 2))") s"
+}
 for i in $(seq 1 "$RUNS"); do
-    echo "== run $i/$RUNS: one region"
-    "$DR" --config "$WORK/one.toml" --json repo selftest --file "$WORK/input.bin" >"$WORK/one.json"
+    echo "== run $i/$RUNS"
+    run "one region " "$WORK/one.toml" "$WORK/one.json"
     ONE+=("$(write_seconds "$WORK/one.json")")
-    echo "== run $i/$RUNS: two regions"
-    "$DR" --config "$WORK/two.toml" --json repo selftest --file "$WORK/input.bin" >"$WORK/two.json"
+    run "two regions" "$WORK/two.toml" "$WORK/two.json"
     TWO+=("$(write_seconds "$WORK/two.json")")
 done
 best() { printf '%s\n' "$@" | sort -g | head -1; }
