@@ -665,3 +665,88 @@ fn an_aborted_postgres_backup_is_invisible_and_the_next_one_succeeds() {
         "{list}"
     );
 }
+
+#[test]
+fn scheduled_verification_and_retention_run_and_show_in_metrics() {
+    let repo = tempfile::tempdir().expect("tempdir");
+    let pg = TestPg::new(&fs_repo(&repo));
+    pg.pgbench(&["-i", "-s", "1"]);
+    for _ in 0..3 {
+        pg.dr(&["backup", "pg"]);
+        pg.pgbench(&["-t", "50", "-n"]);
+    }
+    pg.archive_now();
+    let scratch = pg.dir.path().join("scratch");
+    std::fs::create_dir_all(&scratch).expect("mkdir");
+    common::pg::chown(&scratch, &pg.user);
+    let port = free_port();
+    append(
+        &pg.cfg,
+        &format!(
+            "[postgres.main.retention]\nkeep_full = 1\n\
+             [postgres.main.verify]\nscratch_dir = \"{}\"\nmax_replay_lag_seconds = 3600\n\
+             [postgres.main.schedule]\nverify = \"*/2 * * * * *\"\n\
+             [retention]\nschedule = \"* * * * * *\"\n{}",
+            scratch.display(),
+            daemon_section(
+                port,
+                &pg.dir.path().join("daemon-state"),
+                "max_concurrent_jobs = 1\ngrace_seconds = 60"
+            )
+        ),
+    );
+    let d = Daemon::start(
+        &pg.dr,
+        &pg.cfg,
+        port,
+        pg.dir.path().join("daemon.log"),
+        Some(&pg.user),
+    );
+    d.wait_for(
+        "a verification and an expiry",
+        Duration::from_secs(180),
+        |d| {
+            let m = d.metrics();
+            successes(&m, "postgres.main.verify") >= 1.0 && successes(&m, "retention.expire") >= 1.0
+        },
+    );
+    let m = d.metrics();
+    let rto = metric(&m, "dr_verified_restore_rto_seconds", "source=\"main\"").expect("rto gauge");
+    assert!(rto > 0.0, "{m}");
+    assert!(
+        metric(
+            &m,
+            "dr_last_verified_restore_timestamp_seconds",
+            "source=\"main\""
+        )
+        .is_some()
+    );
+    assert_eq!(
+        metric(&m, "dr_job_failures_total", &job("postgres.main.verify")),
+        Some(0.0),
+        "{m}"
+    );
+    d.stop();
+    // Retention kept only the newest backup, and no scratch copy is left.
+    let v: serde_json::Value =
+        serde_json::from_slice(&pg.dr(&["--json", "list", "pg"]).stdout).expect("json");
+    assert_eq!(v["backups"].as_array().map(|a| a.len()), Some(1), "{v}");
+    let left: Vec<_> = std::fs::read_dir(&scratch)
+        .expect("scratch")
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "scratch copies left behind: {left:?}");
+    let audit = dr::audit::AuditLog::at(pg.dir.path().join("audit.jsonl"))
+        .read_all()
+        .expect("audit");
+    assert!(
+        audit
+            .iter()
+            .any(|r| r.action == "expire" && r.outcome == "ok")
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|r| r.action == "verify.pg" && r.outcome == "ok")
+    );
+}

@@ -392,6 +392,23 @@ fn redis_playbook_promotes_replica_and_repoints_old_master() {
         .arg("1")
         .query(&mut redis.master.conn())
         .expect("SET");
+    // The sample's lag gate allows a little lag; this test is about the
+    // promotion, so let the write reach the replica first.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let v: Option<String> = redis::cmd("GET")
+            .arg("before")
+            .query(&mut redis.replica.conn())
+            .expect("GET on the replica");
+        if v.is_some() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never got the write"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 
     let (o, report) = setup.run_json(&sample("redis-promote-replica"), &[]);
     assert!(o.status.success(), "failover failed: {}", stderr(&o));
