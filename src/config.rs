@@ -47,6 +47,9 @@ pub struct Config {
     /// Retention (`[retention]`): when the daemon runs `dr expire`.
     #[serde(default)]
     pub retention: Option<Spanned<RetentionConfig>>,
+    /// Region catch-up (`[sync]`): when the daemon runs `dr repo sync`.
+    #[serde(default)]
+    pub sync: Option<Spanned<RetentionConfig>>,
     /// Disaster-recovery drills, by name (`[drill.<name>]`), run by `dr drill NAME`.
     #[serde(default)]
     pub drill: std::collections::BTreeMap<String, Spanned<DrillConfig>>,
@@ -139,6 +142,7 @@ impl ScheduleEntry<'_> {
     pub fn table(&self) -> String {
         match self.section {
             "retention" => "[retention]".into(),
+            "sync" => "[sync]".into(),
             s => format!("[{s}.{}.schedule]", self.source),
         }
     }
@@ -154,11 +158,11 @@ pub struct PgSchedule {
     pub verify: Option<Spanned<String>>,
 }
 
-/// `[retention]`.
+/// `[retention]` and `[sync]`: when the daemon runs a repository-wide job.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionConfig {
-    /// When `dr daemon` applies the retention policy (cron, UTC).
+    /// Cron expression (UTC).
     pub schedule: Option<Spanned<String>>,
 }
 
@@ -1173,6 +1177,18 @@ impl Config {
         {
             out.push(ScheduleEntry {
                 section: "retention",
+                source: String::new(),
+                key: "schedule",
+                expr,
+            });
+        }
+        if let Some(expr) = self
+            .sync
+            .as_ref()
+            .and_then(|r| r.get_ref().schedule.as_ref())
+        {
+            out.push(ScheduleEntry {
+                section: "sync",
                 source: String::new(),
                 key: "schedule",
                 expr,

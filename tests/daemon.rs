@@ -750,3 +750,37 @@ fn scheduled_verification_and_retention_run_and_show_in_metrics() {
             .any(|r| r.action == "verify.pg" && r.outcome == "ok")
     );
 }
+
+#[test]
+fn scheduled_sync_catches_up_a_region_that_missed_writes() {
+    let redis = TestRedis::start(&[]);
+    redis.populate(2_000);
+    let repo = tempfile::tempdir().expect("tempdir");
+    let regions = format!(
+        "{}\n{}",
+        fs_region_toml("local", &repo.path().join("a")),
+        fs_region_toml("second", &repo.path().join("b"))
+    );
+    let port = free_port();
+    let setup = DrSetup::new(
+        &regions,
+        &(redis_job("cache", &redis.url(), "0 0 1 1 *", "")
+            + "\n[sync]\nschedule = \"* * * * * *\"\n"
+            + &daemon_section(port, &repo.path().join("state"), "")),
+    );
+    setup.dr(&["backup", "redis"]);
+    // The second region loses the snapshot (as if it had been down).
+    let lost = files_named(&repo.path().join("b"), "rdb");
+    assert_eq!(lost.len(), 1);
+    std::fs::remove_file(&lost[0]).expect("remove");
+    let o = setup.dr_raw(&["verify", "--list"]);
+    assert!(!o.status.success(), "verify must see the missing copy");
+
+    let d = Daemon::of(&setup, port, "daemon.log");
+    d.wait_for("a sync run", Duration::from_secs(60), |d| {
+        successes(&d.metrics(), "sync.sync") >= 1.0
+    });
+    d.stop();
+    let v = setup.dr_json(&["verify", "--list"]);
+    assert_eq!(v["ok"], true, "{v}");
+}
