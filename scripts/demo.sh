@@ -55,6 +55,9 @@ cat > "$DEMO/dr.toml" <<TOML
 recipients = ["$RCPT"]
 identity_file = "$DEMO/identity.txt"
 
+[audit]
+path = "$DEMO/audit.jsonl"
+
 [[region]]
 name = "local"
 type = "fs"
@@ -65,6 +68,7 @@ conninfo = "host=127.0.0.1 port=$PORT user=postgres dbname=postgres"
 data_dir = "$DEMO/data"
 bin_dir = "$PGBIN"
 os_user = "$OS_USER"
+state_dir = "$DEMO/state"
 TOML
 chown "$OS_USER:" "$DEMO/dr.toml"
 dr repo init
@@ -111,6 +115,9 @@ step "6. Point-in-time restore to $TARGET (dr restore pg --to … --start)"
 PORT2=$(free_port)
 dr restore pg --to "$TARGET" --target "$DEMO/restored" --start --port "$PORT2" --no-archive
 GOT=$(sql "$PORT2" "SELECT count(*) || ' orders, total ' || sum(amount) FROM orders")
+
+step "7. The restore is in the audit trail ($DEMO/audit.jsonl)"
+tail -n 1 "$DEMO/audit.jsonl" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(f"{r[\"time\"]} {r[\"actor\"][\"user\"]}@{r[\"actor\"][\"host\"]} {r[\"action\"]} {r[\"target\"]}: {r[\"outcome\"]} in {r[\"duration_seconds\"]:.1f}s (backup {r[\"details\"][\"backup\"]})")'
 
 step "Result"
 printf 'state at %s:  %s\nrestored server:   %s\ncurrent primary:   %s\n' "$TARGET" "$EXPECT" "$GOT" "$NOW"

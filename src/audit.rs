@@ -27,14 +27,14 @@ pub const DEFAULT_PATH: &str = "/var/log/dr/audit.jsonl";
 pub enum AuditError {
     /// The local log could not be appended to.
     #[error(
-        "cannot write the audit log {path}: {source}; the operation was not run. \
+        "cannot write the audit log {path}: {cause}; the operation was not run. \
          Fix the permissions or set `[audit] path` in the config"
     )]
     Write {
         /// Log file.
         path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
+        /// Cause (in the message; not a separate source, so it is said once).
+        cause: std::io::Error,
     },
 }
 
@@ -131,9 +131,9 @@ impl AuditLog {
     /// Appends one record as a single write (O_APPEND keeps concurrent writers'
     /// lines whole) and fsyncs it.
     pub fn append(&self, rec: &AuditRecord) -> Result<(), AuditError> {
-        let err = |source| AuditError::Write {
+        let err = |cause| AuditError::Write {
             path: self.path.clone(),
-            source,
+            cause,
         };
         let mut line = serde_json::to_vec(rec).map_err(|e| err(std::io::Error::other(e)))?;
         line.push(b'\n');
