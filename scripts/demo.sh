@@ -117,7 +117,13 @@ dr restore pg --to "$TARGET" --target "$DEMO/restored" --start --port "$PORT2" -
 GOT=$(sql "$PORT2" "SELECT count(*) || ' orders, total ' || sum(amount) FROM orders")
 
 step "7. The restore is in the audit trail ($DEMO/audit.jsonl)"
-tail -n 1 "$DEMO/audit.jsonl" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(f"{r[\"time\"]} {r[\"actor\"][\"user\"]}@{r[\"actor\"][\"host\"]} {r[\"action\"]} {r[\"target\"]}: {r[\"outcome\"]} in {r[\"duration_seconds\"]:.1f}s (backup {r[\"details\"][\"backup\"]})")'
+tail -n 1 "$DEMO/audit.jsonl" | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+a = r["actor"]
+print("%s %s@%s %s %s: %s in %.1fs (backup %s)" % (r["time"], a["user"], a["host"], r["action"],
+      r["target"], r["outcome"], r["duration_seconds"], r["details"]["backup"]))
+'
 
 step "Result"
 printf 'state at %s:  %s\nrestored server:   %s\ncurrent primary:   %s\n' "$TARGET" "$EXPECT" "$GOT" "$NOW"
