@@ -110,6 +110,9 @@ recipients = ["$RCPT"]
 identity_file = "$BENCH/identity.txt"
 compression_level = ${DR_COMPRESSION_LEVEL:-3}
 
+[audit]
+path = "$BENCH/audit.jsonl"
+
 [[region]]
 name = "local"
 type = "fs"
