@@ -181,6 +181,10 @@ pgbr --stanza=bench check # also proves the archive_command reaches pgBackRest
 wait_archived() {
     local seg failed
     failed=$(sql "SELECT failed_count FROM pg_stat_archiver")
+    # pg_switch_wal() is a no-op (returning the unfinished current segment)
+    # when nothing was written since the last switch; a checkpoint record
+    # guarantees there is something to switch away from.
+    sql "CHECKPOINT" >/dev/null
     seg=$(sql "SELECT pg_walfile_name(pg_switch_wal())")
     for _ in $(seq 6000); do
         if ! compgen -G "$DATA/pg_wal/archive_status/*.ready" >/dev/null &&

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::walk_files as walk;
+
 use common::pg::{TestPg, fs_repo, mark, restore_and_check};
 use common::{Gate, require_env, s3_region_toml, unique};
 
@@ -293,19 +295,4 @@ fn verify_names_bad_copies_restore_reads_good_ones_and_sync_repairs() {
     assert_eq!(region("garage")["copied"], 1, "{v}");
     let o = pg.dr(&["--json", "verify", "--read-data"]);
     assert_eq!(json(&o)["ok"], true);
-}
-
-fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(p) {
-        for e in rd.flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                out.extend(walk(&path));
-            } else {
-                out.push(path);
-            }
-        }
-    }
-    out
 }

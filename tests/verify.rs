@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::walk_files as walk;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -110,21 +112,6 @@ fn wal_objects(repo: &Path) -> Vec<PathBuf> {
         .collect();
     v.sort_by_key(|p| p.file_name().map(|f| f.to_os_string()));
     v
-}
-
-fn walk(p: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(p) {
-        for e in rd.flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                out.extend(walk(&path));
-            } else {
-                out.push(path);
-            }
-        }
-    }
-    out
 }
 
 #[test]

@@ -271,3 +271,19 @@ pub fn endpoint_port(endpoint: &str) -> u16 {
         .and_then(|p| p.trim_end_matches('/').parse().ok())
         .unwrap_or_else(|| panic!("no port in endpoint {endpoint}"))
 }
+
+/// Every file under `p`, recursively (none if `p` does not exist).
+pub fn walk_files(p: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                out.extend(walk_files(&path));
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
