@@ -105,6 +105,23 @@ pub async fn run(cfg: &Config) -> CheckReport {
             Ok::<bool, crate::store::StoreError>(back == payload)
         }
         .await;
+        // A locked bucket used without object_lock_days: dr's deletes would
+        // only add delete markers (objects hidden, storage kept).
+        if let crate::store::Store::S3(s3) = r.store.as_ref()
+            && !s3.object_lock_configured()
+            && s3.bucket_object_lock().await.unwrap_or(false)
+        {
+            rep.push(
+                format!("object lock in {}", r.name),
+                Status::Warn,
+                format!(
+                    "{}: the bucket has Object Lock enabled but the region has no object_lock_days; \
+                     dr expire would only hide objects behind delete markers and storage would not be \
+                     reclaimed; set object_lock_days and object_lock_mode to match the bucket",
+                    r.store.describe()
+                ),
+            );
+        }
         match res {
             Ok(true) => {
                 healthy += 1;

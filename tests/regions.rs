@@ -296,3 +296,23 @@ fn verify_names_bad_copies_restore_reads_good_ones_and_sync_repairs() {
     let o = pg.dr(&["--json", "verify", "--read-data"]);
     assert_eq!(json(&o)["ok"], true);
 }
+
+#[test]
+fn check_warns_when_a_locked_bucket_is_used_without_object_lock_days() {
+    let lock_bucket = require_env("DR_TEST_MOTO_LOCK_BUCKET", "moto (S3 with Object Lock)");
+    let regions = moto_toml("locked", &lock_bucket, &unique("w"), "");
+    let dr = common::redis::DrSetup::new(&regions, "");
+    let o = dr.dr_raw(&["--json", "check"]);
+    let v = json(&o);
+    let item = v["checks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "object lock in locked"))
+        .unwrap_or_else(|| panic!("no object lock warning: {v}"));
+    assert_eq!(item["status"], "warn");
+    assert!(
+        item["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("object_lock_days")),
+        "{item}"
+    );
+}

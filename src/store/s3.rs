@@ -500,17 +500,31 @@ impl S3Store {
         let Some(lock) = self.object_lock else {
             return Ok(());
         };
-        let not_enabled = |why: String| StoreError::Backend {
+        if self.bucket_object_lock().await? {
+            return Ok(());
+        }
+        Err(StoreError::Backend {
             store: self.describe(),
             op: "object lock check",
             key: self.bucket.clone(),
             message: format!(
-                "object_lock_days = {} but {why}; create the bucket with Object Lock enabled \
-                 (it cannot be turned on later for existing buckets on most servers) or remove object_lock_days",
-                lock.days
+                "object_lock_days = {} but bucket {} does not have Object Lock enabled; create the \
+                 bucket with Object Lock enabled (it cannot be turned on later for existing buckets \
+                 on most servers) or remove object_lock_days",
+                lock.days, self.bucket
             ),
             transient: false,
-        };
+        })
+    }
+
+    /// Whether this region writes objects with Object Lock retention.
+    pub fn object_lock_configured(&self) -> bool {
+        self.object_lock.is_some()
+    }
+
+    /// Whether the bucket has Object Lock enabled (false when it has no
+    /// Object Lock configuration).
+    pub async fn bucket_object_lock(&self) -> Result<bool, StoreError> {
         match self
             .client
             .get_object_lock_configuration()
@@ -518,27 +532,14 @@ impl S3Store {
             .send()
             .await
         {
-            Ok(out) => {
-                let enabled = out
-                    .object_lock_configuration()
-                    .and_then(|c| c.object_lock_enabled())
-                    .is_some_and(|e| e.as_str() == "Enabled");
-                if enabled {
-                    Ok(())
-                } else {
-                    Err(not_enabled(format!(
-                        "bucket {} does not have Object Lock enabled",
-                        self.bucket
-                    )))
-                }
-            }
+            Ok(out) => Ok(out
+                .object_lock_configuration()
+                .and_then(|c| c.object_lock_enabled())
+                .is_some_and(|e| e.as_str() == "Enabled")),
             Err(SdkError::ServiceError(se))
                 if se.err().code() == Some("ObjectLockConfigurationNotFoundError") =>
             {
-                Err(not_enabled(format!(
-                    "bucket {} has no Object Lock configuration",
-                    self.bucket
-                )))
+                Ok(false)
             }
             Err(e) => Err(self.err("object lock check", &self.bucket, e)),
         }
