@@ -46,9 +46,15 @@ fn restore_and_compare(
         &port.to_string(),
     ]);
     let r = &v["restore"];
+    // Take charge of the server first, so a failed assertion cannot leak it.
+    let pid = r["pid"].as_u64().or_else(|| {
+        std::fs::read_to_string(target.join("redis.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+    });
+    let restored = pid.map(|pid| Restored { pid });
+    assert!(restored.is_some(), "no pid for the restored server: {v}");
     assert_eq!(r["keys_match"], true, "{v}");
-    let pid = r["pid"].as_u64().expect("pid");
-    let restored = Restored { pid };
 
     let dump = target.join("dump.rdb");
     let check = std::process::Command::new("redis-check-rdb")
