@@ -45,6 +45,17 @@ impl Daemon {
         d
     }
 
+    /// Starts a daemon as the PostgreSQL OS user on a [`TestPg`]'s config.
+    fn of_pg(pg: &TestPg, port: u16, log: &str) -> Daemon {
+        Daemon::start(
+            &pg.dr,
+            &pg.cfg,
+            port,
+            pg.dir.path().join(log),
+            Some(&pg.user),
+        )
+    }
+
     /// Starts a daemon as the current user on a [`DrSetup`]'s config.
     fn of(setup: &DrSetup, port: u16, log: &str) -> Daemon {
         Daemon::start(Path::new(dr_bin()), &setup.cfg, port, setup.path(log), None)
@@ -226,13 +237,7 @@ fn scheduled_jobs_run_and_show_in_metrics_and_a_failing_job_does_not_stop_them()
         ),
     );
     let started = chrono::Utc::now().timestamp() as f64;
-    let d = Daemon::start(
-        &pg.dr,
-        &pg.cfg,
-        port,
-        pg.dir.path().join("daemon.log"),
-        Some(&pg.user),
-    );
+    let d = Daemon::of_pg(&pg, port, "daemon.log");
     d.wait_for(
         "2 backups, 3 snapshots, 2 failures",
         Duration::from_secs(180),
@@ -394,19 +399,10 @@ fn a_run_slower_than_its_schedule_is_skipped_not_doubled() {
 }
 
 fn files_named(dir: &Path, name: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_named(&p, name));
-        } else if p.file_name().is_some_and(|n| n == name) {
-            out.push(p);
-        }
-    }
-    out
+    common::walk_files(dir)
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n == name))
+        .collect()
 }
 
 #[test]
@@ -621,15 +617,7 @@ fn an_aborted_postgres_backup_is_invisible_and_the_next_one_succeeds() {
             )
         ),
     );
-    let start = |log: &str| {
-        Daemon::start(
-            &pg.dr,
-            &pg.cfg,
-            port,
-            pg.dir.path().join(log),
-            Some(&pg.user),
-        )
-    };
+    let start = |log: &str| Daemon::of_pg(&pg, port, log);
     let mut d = start("daemon.log");
     let name = job("postgres.main.backup");
     d.wait_for("a backup in progress", Duration::from_secs(60), |d| {
@@ -695,13 +683,7 @@ fn scheduled_verification_and_retention_run_and_show_in_metrics() {
             )
         ),
     );
-    let d = Daemon::start(
-        &pg.dr,
-        &pg.cfg,
-        port,
-        pg.dir.path().join("daemon.log"),
-        Some(&pg.user),
-    );
+    let d = Daemon::of_pg(&pg, port, "daemon.log");
     d.wait_for(
         "a verification and an expiry",
         Duration::from_secs(180),

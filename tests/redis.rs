@@ -156,25 +156,10 @@ fn million_keys_disk_based_with_requirepass() {
     assert_eq!(done[0].details["snapshot"], s["id"]);
     let audit_dir = repo.path().join("repo/audit");
     assert!(
-        walk_files(&audit_dir) == 1,
+        common::walk_files(&audit_dir).len() == 1,
         "one audit object in {}",
         audit_dir.display()
     );
-}
-
-fn walk_files(p: &std::path::Path) -> usize {
-    let Ok(rd) = std::fs::read_dir(p) else {
-        return 0;
-    };
-    rd.flatten()
-        .map(|e| {
-            if e.path().is_dir() {
-                walk_files(&e.path())
-            } else {
-                1
-            }
-        })
-        .sum()
 }
 
 #[test]

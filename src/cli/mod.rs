@@ -73,7 +73,7 @@ enum Command {
     List(ListCmd),
     /// Run a failover playbook (see playbooks/ and README, section Failover).
     Failover(failover::Args),
-    /// Run scheduled backups and snapshots (cron, UTC); serve /metrics and /healthz.
+    /// Run scheduled jobs (backups, snapshots, restore verification, retention, region sync; cron, UTC); serve /metrics and /healthz.
     Daemon(daemon::Args),
     /// Archive one WAL file (archive_command = 'dr wal-push %p').
     WalPush {

@@ -8,7 +8,6 @@ pub mod restore;
 pub mod snapshot;
 
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -247,9 +246,6 @@ impl Endpoint {
 /// A bidirectional byte stream (plain TCP or TLS).
 pub trait Conn: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Conn for T {}
-
-/// Boxed connection, pinned for the I/O helpers.
-pub type BoxConn = Pin<Box<dyn Conn>>;
 
 #[cfg(test)]
 mod tests {
