@@ -321,6 +321,54 @@ pub struct PgConfig {
     /// When `dr daemon` runs jobs on this cluster (`[postgres.<name>.schedule]`).
     #[serde(default)]
     pub schedule: Option<PgSchedule>,
+    /// How WAL reaches the repository: `"archive"` (archive_command runs
+    /// `dr wal-push`) or `"stream"` (dr streams it over the replication
+    /// protocol: `dr wal-stream`, or the daemon).
+    #[serde(default)]
+    pub wal: WalMode,
+    /// Physical replication slot the streamer uses (created if missing).
+    pub slot: Option<String>,
+    /// `application_name` of the streamer: the name `synchronous_standby_names`
+    /// refers to (default `dr_<cluster>`).
+    pub application_name: Option<String>,
+    /// Longest time streamed WAL waits before it is written to the regions
+    /// (asynchronous mode).
+    #[serde(default = "default_stream_flush", with = "humantime_serde")]
+    pub stream_flush_interval: std::time::Duration,
+    /// Write streamed WAL to the regions as soon as it arrives, for running as
+    /// a synchronous standby (`synchronous_standby_names`): RPO = 0.
+    #[serde(default)]
+    pub synchronous: bool,
+}
+
+/// How WAL is archived.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WalMode {
+    /// `archive_command = 'dr wal-push %p'`.
+    #[default]
+    Archive,
+    /// Streaming replication into the repository.
+    Stream,
+}
+
+fn default_stream_flush() -> std::time::Duration {
+    std::time::Duration::from_secs(1)
+}
+
+mod humantime_serde {
+    use serde::Deserialize;
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<std::time::Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not a duration like \"1s\" or \"200ms\": {e}"
+            ))
+        })
+    }
 }
 
 /// `[postgres.<name>.retention]`.
@@ -472,6 +520,21 @@ impl PgConfig {
         self.state_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from("/var/lib/dr/state"))
+    }
+
+    /// The streamer's replication slot (default `dr_<cluster>`, with `-`
+    /// made `_` as slot names allow only `[a-z0-9_]`).
+    pub fn slot_name(&self, cluster: &str) -> String {
+        self.slot
+            .clone()
+            .unwrap_or_else(|| format!("dr_{}", cluster.to_lowercase().replace('-', "_")))
+    }
+
+    /// The streamer's `application_name` (default `dr_<cluster>`).
+    pub fn stream_application_name(&self, cluster: &str) -> String {
+        self.application_name
+            .clone()
+            .unwrap_or_else(|| format!("dr_{cluster}"))
     }
 }
 
@@ -965,6 +1028,39 @@ impl Config {
             }
             check_conninfo(&p.conninfo)
                 .map_err(|e| self.err(text, pg.span(), format!("[postgres.{name}]: {e}")))?;
+            let slot = p.slot_name(name);
+            if slot.is_empty()
+                || slot.len() > 63
+                || !slot
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                return Err(self.err(
+                    text,
+                    pg.span(),
+                    format!(
+                        "[postgres.{name}]: slot {slot:?} is not a replication slot name; \
+                         use lower-case letters, digits and '_' (max 63)"
+                    ),
+                ));
+            }
+            if p.stream_flush_interval.is_zero() {
+                return Err(self.err(
+                    text,
+                    pg.span(),
+                    format!("[postgres.{name}]: stream_flush_interval must be above zero"),
+                ));
+            }
+            if p.synchronous && p.wal != WalMode::Stream {
+                return Err(self.err(
+                    text,
+                    pg.span(),
+                    format!(
+                        "[postgres.{name}]: synchronous = true needs wal = \"stream\" \
+                         (archive_command cannot make commits wait)"
+                    ),
+                ));
+            }
         }
         for (name, env) in &self.env {
             self.validate_env(text, name, env)?;

@@ -83,6 +83,16 @@ enum Command {
         /// The file, as PostgreSQL passes it (%p).
         path: PathBuf,
     },
+    /// Stream WAL over the replication protocol into the repository, in the
+    /// foreground, until Ctrl-C/SIGTERM (wal = "stream"; the daemon does the
+    /// same for every such cluster).
+    WalStream {
+        /// Cluster name (default: the only [postgres.*]).
+        name: Option<String>,
+        /// Exit on the first failure instead of reconnecting.
+        #[arg(long)]
+        no_loop: bool,
+    },
     /// Fetch one WAL file (restore_command = 'dr wal-fetch %f %p'); exits 1 if absent.
     WalFetch {
         /// Cluster name (default: the only [postgres.*]).
@@ -176,6 +186,9 @@ pub fn run() -> ExitCode {
             Command::Daemon(args) => daemon::run(args, cli.config.as_deref(), &out).await,
             Command::WalPush { cluster, path } => {
                 pg::wal_push(cluster, path, cli.config.as_deref(), &out).await
+            }
+            Command::WalStream { name, no_loop } => {
+                pg::wal_stream(name, no_loop, cli.config.as_deref()).await
             }
             Command::WalFetch {
                 cluster,

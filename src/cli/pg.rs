@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use dr::postgres::catalog::Catalog;
 use dr::postgres::restore::{ExtraTarget, RestoreOptions, Target};
-use dr::postgres::{backup, restore, wal};
+use dr::postgres::{backup, restore, stream, wal};
 use dr::repo::Repository;
 
 use super::output::{bytes, table, with_progress};
@@ -299,6 +299,33 @@ pub async fn wal_push(
         out.json(&serde_json::json!({ "ok": true, "wal_push": r, "degraded": degraded }));
     } else {
         tracing::info!(file = %r.file, already = r.already_archived, regions = ?r.regions, "archived");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn wal_stream(
+    name: Option<String>,
+    no_loop: bool,
+    config: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(config)?;
+    let (cluster, pg) = cfg.pg(name.as_deref())?;
+    if pg.wal != dr::config::WalMode::Stream {
+        anyhow::bail!(
+            "[postgres.{cluster}] archives WAL with archive_command; set wal = \"stream\" \
+             to stream it (and drop archive_command, or both would store the same segments)"
+        );
+    }
+    let repo = Repository::open(&cfg).await?;
+    let cancel = super::cancel_on_signal();
+    if no_loop {
+        stream::run(&repo, &cluster, pg, &cancel).await?;
+    } else {
+        // Like pg_receivewal: reconnect after failures; the slot keeps the WAL.
+        stream::supervise(&repo, &cluster, pg, &cancel, |e| {
+            tracing::error!(%cluster, error = %e, "WAL streaming failed; reconnecting");
+        })
+        .await;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -79,7 +79,13 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
     let repo = Repository::open(&cfg).await?;
     let (pg, redis) = sources(&cfg);
     let (expected, unreadable) = expected_objects(&repo, &scope, &pg, &redis).await?;
-    let rep = verify(&repo, &expected, level, args.region.as_deref(), unreadable).await?;
+    let mut rep = verify(&repo, &expected, level, args.region.as_deref(), unreadable).await?;
+    let clusters = match &scope {
+        Scope::All => pg,
+        Scope::Pg(v) => v.clone(),
+        Scope::Redis(_) => Vec::new(),
+    };
+    rep.wal_gaps = dr::repo::verify::wal_gaps(&repo, &clusters).await?;
     print_report(&rep, out);
     Ok(if rep.clean() {
         ExitCode::SUCCESS
@@ -224,6 +230,9 @@ fn print_report(rep: &VerifyReport, out: &Out) {
     }
     for (k, e) in &rep.unreadable_manifests {
         println!("UNREADABLE MANIFEST {k}: {e}");
+    }
+    for g in &rep.wal_gaps {
+        println!("WAL GAP {g} in every region: replay stops before it");
     }
     if rep.clean() {
         println!(

@@ -457,7 +457,8 @@ pub async fn backup(
     let archive_mode = query_one_text(&client, "SELECT current_setting('archive_mode')").await?;
     let data_checksums =
         query_one_text(&client, "SELECT current_setting('data_checksums')").await?;
-    if archive_mode == "off" {
+    let streaming = cfg.wal == crate::config::WalMode::Stream;
+    if archive_mode == "off" && !streaming {
         return Err(PgError::Other(
             "archive_mode is off, so the WAL this backup needs would never be archived; set \
              archive_mode = on and archive_command = 'dr wal-push %p' and restart PostgreSQL"
@@ -583,7 +584,21 @@ pub async fn backup(
     let seg = super::wal::WalFile::parse(&stop_segment)
         .ok_or_else(|| PgError::Other(format!("unexpected stop segment name {stop_segment}")))?;
     let prefix = seg.key_prefix(cluster, system_id);
-    let (_, found) = repo.regions.list(&prefix).await?;
+    let (_, mut found) = repo.regions.list(&prefix).await?;
+    // pg_backup_stop switched segments; the streamer stores the completed
+    // one once it has received it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while streaming && found.is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        found = repo.regions.list(&prefix).await?.1;
+    }
+    if found.is_empty() && streaming {
+        return Err(PgError::Other(format!(
+            "the stop WAL segment {stop_segment} did not reach the repository within 5 minutes; \
+             is `dr wal-stream {cluster}` (or the daemon) running? \
+             The backup is incomplete and was not recorded"
+        )));
+    }
     if found.is_empty() {
         return Err(PgError::Other(format!(
             "the stop WAL segment {stop_segment} is not in the repository although PostgreSQL \

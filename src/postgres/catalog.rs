@@ -37,6 +37,9 @@ pub struct Window {
     pub timeline: u32,
     /// Last contiguous WAL segment.
     pub last_segment: String,
+    /// Whether the window ends in a streamed segment that was never
+    /// completed (restores replay up to its last streamed byte).
+    pub streamed_tail: bool,
 }
 
 /// Backups and WAL of one cluster.
@@ -45,6 +48,9 @@ pub struct Catalog {
     pub backups: Vec<PgManifest>,
     /// Complete segments.
     pub wal: BTreeMap<WalSegmentName, WalEntry>,
+    /// Segments with streamed pieces from offset 0: when the newest piece
+    /// was written.
+    pub streamed: BTreeMap<WalSegmentName, Option<DateTime<Utc>>>,
     /// One window per usable backup.
     pub windows: Vec<Window>,
     /// Backups whose manifests could not be read (id, reason).
@@ -57,6 +63,8 @@ impl Catalog {
         let (_, objects) = repo.regions.list(&format!("pg/{cluster}/")).await?;
         let mut manifests = Vec::new();
         let mut wal = BTreeMap::new();
+        let mut streamed: BTreeMap<WalSegmentName, Option<DateTime<Utc>>> = BTreeMap::new();
+        let mut piece_times: BTreeMap<WalSegmentName, Option<DateTime<Utc>>> = BTreeMap::new();
         for o in &objects {
             match o.key.parse::<ObjectKey>() {
                 Ok(ObjectKey::PgManifest { .. }) => manifests.push(o.clone()),
@@ -73,8 +81,22 @@ impl Catalog {
                         },
                     );
                 }
+                Ok(ObjectKey::Wal {
+                    segment,
+                    suffix: WalSuffix::Stream { start, .. },
+                    ..
+                }) => {
+                    let t = piece_times.entry(segment).or_default();
+                    *t = (*t).max(o.modified);
+                    if start == 0 {
+                        streamed.insert(segment, None);
+                    }
+                }
                 _ => {}
             }
+        }
+        for (seg, t) in streamed.iter_mut() {
+            *t = piece_times.get(seg).copied().flatten();
         }
         let read: Vec<(String, Result<PgManifest, PgError>)> = futures::stream::iter(manifests)
             .map(|o| async move {
@@ -96,6 +118,7 @@ impl Catalog {
         let mut cat = Catalog {
             backups,
             wal,
+            streamed,
             windows: Vec::new(),
             unreadable,
         };
@@ -125,13 +148,20 @@ impl Catalog {
             if last_seg < stop {
                 continue; // a gap before consistency: this backup cannot be restored
             }
-            let to = last_entry.archived.unwrap_or(b.stop_time).max(b.stop_time);
+            let mut to = last_entry.archived.unwrap_or(b.stop_time).max(b.stop_time);
+            let mut last_segment = last_seg.to_string();
+            let tail = self.streamed.get(&cur);
+            if let Some(t) = tail {
+                to = to.max(t.unwrap_or(to));
+                last_segment = cur.to_string();
+            }
             out.push(Window {
                 from: b.stop_time,
                 to,
                 backup: b.id.clone(),
                 timeline: b.timeline,
-                last_segment: last_seg.to_string(),
+                last_segment,
+                streamed_tail: tail.is_some(),
             });
         }
         out

@@ -4,8 +4,10 @@ pub mod backup;
 pub mod catalog;
 pub mod checksum;
 pub mod manifest;
+pub mod replication;
 pub mod restore;
 pub mod server;
+pub mod stream;
 pub mod tls;
 pub mod wal;
 

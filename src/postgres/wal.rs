@@ -33,8 +33,11 @@ impl WalFile {
             return None;
         }
         let seg: WalSegmentName = name[..24].parse().ok()?;
-        let suffix = WalSuffix::parse(&name[24..])?;
-        Some(WalFile::Segment(seg, suffix))
+        match WalSuffix::parse(&name[24..])? {
+            // Streamed pieces are dr's own objects, never PostgreSQL file names.
+            WalSuffix::Stream { .. } => None,
+            suffix => Some(WalFile::Segment(seg, suffix)),
+        }
     }
 
     /// The object key for this file with content hash `hash`.
@@ -100,6 +103,20 @@ pub async fn push(
     let data = tokio::fs::read(path)
         .await
         .map_err(|e| PgError::io(path, e))?;
+    push_bytes(repo, cluster, system_id, file, name, data).await
+}
+
+/// Archives the content of one WAL file (named `name`, parsed as `file`):
+/// what `wal-push` does after reading it, and what the streamer does with a
+/// completed segment.
+pub async fn push_bytes(
+    repo: &Repository,
+    cluster: &str,
+    system_id: u64,
+    file: WalFile,
+    name: &str,
+    data: Vec<u8>,
+) -> Result<PushReport, PgError> {
     let hash = blake3::hash(&data).to_hex().to_string();
     let key = file.key(cluster, system_id, &hash);
     let prefix = file.key_prefix(cluster, system_id);
@@ -155,7 +172,7 @@ pub async fn push(
 
 /// A create-only region that rejects the put already holds this exact key —
 /// same name and same content hash, e.g. from a concurrent push — so it counts.
-fn concurrent_duplicate(e: &crate::repo::RepoError, min: usize) -> Option<Vec<String>> {
+pub(crate) fn concurrent_duplicate(e: &crate::repo::RepoError, min: usize) -> Option<Vec<String>> {
     let crate::repo::RepoError::Regions(crate::store::RegionsError::NotEnoughRegions {
         failures,
         ok,
@@ -232,6 +249,9 @@ pub async fn fetch(
             .map(|o| (o.key.clone(), o.size))
     };
     let Some((key, size)) = find(name) else {
+        if let (Some(seg), WalFile::Segment(_, WalSuffix::None)) = (want, file) {
+            return fetch_streamed(repo, &list_prefix, seg, &listed, dest).await;
+        }
         return Ok(FetchOutcome::NotFound);
     };
     let mut jobs = vec![(key, size, dest.to_path_buf())];
@@ -269,6 +289,56 @@ pub async fn fetch(
     Ok(FetchOutcome::Fetched { source: first })
 }
 
+/// Serves a segment that was streamed but never completed (the last one
+/// before the primary was lost) from its pieces, zero-padded to a whole
+/// segment: recovery replays up to the last streamed record and then ends.
+async fn fetch_streamed(
+    repo: &Repository,
+    dir: &str,
+    seg: WalSegmentName,
+    listed: &[crate::store::ObjectInfo],
+    dest: &Path,
+) -> Result<FetchOutcome, PgError> {
+    let prefix = format!("{dir}{seg}.stream.");
+    let pieces: Vec<(u32, u32, String, u64)> = listed
+        .iter()
+        .filter_map(|o| {
+            let (range, hash) = o.key.strip_prefix(&prefix)?.rsplit_once('-')?;
+            let WalSuffix::Stream { start, end } = WalSuffix::parse(&format!(".stream.{range}"))?
+            else {
+                return None;
+            };
+            (hash.len() == 64).then(|| (start, end, o.key.clone(), o.size))
+        })
+        .collect();
+    if !pieces.iter().any(|p| p.0 == 0) {
+        return Ok(FetchOutcome::NotFound);
+    }
+    let fetched: Vec<Result<(u32, u32, Bytes), PgError>> = futures::stream::iter(pieces)
+        .map(|(start, end, key, stored)| async move {
+            let expect = Expect {
+                plain_hash: key.rsplit('-').next().map(str::to_string),
+                key,
+                stored_size: Some(stored),
+                plain_size: Some(u64::from(end - start)),
+            };
+            let (_, data) = repo.get_verified(&expect.key.clone(), expect).await?;
+            Ok((start, end, data))
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    let pieces = fetched.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let mut data = super::stream::assemble(pieces);
+    let streamed = data.len();
+    data.resize(super::WAL_SEGMENT_SIZE as usize, 0);
+    save(dest, data).await?;
+    tracing::info!(segment = %seg, bytes = streamed, "served a streamed, incomplete segment");
+    Ok(FetchOutcome::Fetched {
+        source: format!("streamed pieces ({streamed} bytes)"),
+    })
+}
+
 /// Downloads and verifies one object into `path` (temp file + fsync + rename),
 /// falling back to the next region on a missing, unreachable or corrupt copy.
 async fn download(
@@ -285,10 +355,17 @@ async fn download(
         plain_size: None,
     };
     let (region, data) = repo.get_verified(key, expect).await?;
+    save(path, data).await?;
+    Ok(region)
+}
+
+/// Writes `data` to `path` through a temp file, fsync and rename, so
+/// PostgreSQL never sees a half-written segment.
+async fn save(path: &Path, data: impl AsRef<[u8]> + Send + 'static) -> Result<(), PgError> {
     let tmp = tmp_path(path);
     let dest = path.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        let res = write_durable(&tmp, &dest, &data);
+        let res = write_durable(&tmp, &dest, data.as_ref());
         if res.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
@@ -296,8 +373,7 @@ async fn download(
     })
     .await
     .map_err(|e| PgError::Other(e.to_string()))?
-    .map_err(|e| PgError::io(path, e))?;
-    Ok(region)
+    .map_err(|e| PgError::io(path, e))
 }
 
 fn tmp_path(p: &Path) -> PathBuf {

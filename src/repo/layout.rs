@@ -156,6 +156,14 @@ pub enum WalSuffix {
     Partial,
     /// `.XXXXXXXX.backup`: a backup history file (start offset in the segment).
     Backup(u32),
+    /// `.stream.SSSSSSSS.EEEEEEEE`: bytes `[start, end)` of a segment as the
+    /// streamer received them, written before the segment is complete.
+    Stream {
+        /// Offset of the first byte in the segment.
+        start: u32,
+        /// Offset after the last byte.
+        end: u32,
+    },
 }
 
 impl fmt::Display for WalSuffix {
@@ -164,6 +172,7 @@ impl fmt::Display for WalSuffix {
             WalSuffix::None => Ok(()),
             WalSuffix::Partial => f.write_str(".partial"),
             WalSuffix::Backup(off) => write!(f, ".{off:08X}.backup"),
+            WalSuffix::Stream { start, end } => write!(f, ".stream.{start:08X}.{end:08X}"),
         }
     }
 }
@@ -175,18 +184,28 @@ impl WalSuffix {
             "" => Some(WalSuffix::None),
             ".partial" => Some(WalSuffix::Partial),
             _ => {
-                let off = s.strip_prefix('.')?.strip_suffix(".backup")?;
-                if off.len() != 8
-                    || !off
-                        .bytes()
-                        .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
-                {
-                    return None;
+                if let Some(range) = s.strip_prefix(".stream.") {
+                    let (a, b) = range.split_once('.')?;
+                    let (start, end) = (hex8(a)?, hex8(b)?);
+                    return (start < end).then_some(WalSuffix::Stream { start, end });
                 }
-                u32::from_str_radix(off, 16).ok().map(WalSuffix::Backup)
+                let off = s.strip_prefix('.')?.strip_suffix(".backup")?;
+                hex8(off).map(WalSuffix::Backup)
             }
         }
     }
+}
+
+/// Eight upper-case hex digits, as PostgreSQL writes them.
+fn hex8(s: &str) -> Option<u32> {
+    if s.len() != 8
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+    {
+        return None;
+    }
+    u32::from_str_radix(s, 16).ok()
 }
 
 fn is_hash(s: &str) -> bool {
@@ -499,7 +518,11 @@ mod tests {
                         WalSuffix::None,
                         WalSuffix::Partial,
                         WalSuffix::Backup(rng.random()),
-                    ][rng.random_range(0..3)],
+                        WalSuffix::Stream {
+                            start: 0x2000,
+                            end: 0x1000000,
+                        },
+                    ][rng.random_range(0..4)],
                     hash: hex::encode(rng.random::<[u8; 32]>()),
                 },
                 ObjectKey::TimelineHistory {

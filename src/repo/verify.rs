@@ -85,6 +85,9 @@ pub struct VerifyReport {
     pub problems: Vec<Problem>,
     /// Manifests that could not be read from any region.
     pub unreadable_manifests: Vec<(String, String)>,
+    /// Segments missing in every region between archived ones of the same
+    /// timeline: replay cannot pass them.
+    pub wal_gaps: Vec<String>,
 }
 
 impl VerifyReport {
@@ -92,6 +95,7 @@ impl VerifyReport {
     pub fn clean(&self) -> bool {
         self.problems.is_empty()
             && self.unreadable_manifests.is_empty()
+            && self.wal_gaps.is_empty()
             && self.regions.iter().all(|r| r.unreachable.is_none())
     }
 }
@@ -298,7 +302,68 @@ pub async fn verify(
         regions,
         problems,
         unreadable_manifests,
+        wal_gaps: Vec::new(),
     })
+}
+
+/// Holes in each cluster's WAL archive, across all regions: for every
+/// timeline, each segment between the oldest and the newest archived one
+/// must exist (complete) somewhere, as must the segment a timeline's
+/// streamed pieces belong to. Returns `cluster: first..last missing`.
+pub async fn wal_gaps(repo: &Repository, clusters: &[String]) -> Result<Vec<String>, RepoError> {
+    use super::layout::{WalSegmentName, WalSuffix};
+    use std::collections::BTreeSet;
+    let mut gaps = Vec::new();
+    for cluster in clusters {
+        let (_, objects) = repo.regions.list(&format!("pg/{cluster}/")).await?;
+        let mut segs: BTreeMap<(u64, u32), BTreeSet<WalSegmentName>> = BTreeMap::new();
+        for o in &objects {
+            if let Ok(ObjectKey::Wal {
+                system_id,
+                segment,
+                suffix: WalSuffix::None | WalSuffix::Stream { start: 0, .. },
+                ..
+            }) = o.key.parse::<ObjectKey>()
+            {
+                segs.entry((system_id, segment.timeline.0))
+                    .or_default()
+                    .insert(segment);
+            }
+        }
+        for ((system_id, _), set) in segs {
+            let (Some(&first), Some(&last)) = (set.first(), set.last()) else {
+                continue;
+            };
+            let mut cur = first;
+            let mut missing_from: Option<WalSegmentName> = None;
+            while cur <= last {
+                let have = set.contains(&cur);
+                match (have, missing_from) {
+                    (false, None) => missing_from = Some(cur),
+                    (true, Some(from)) => {
+                        gaps.push(format!(
+                            "{cluster} (system {system_id}): WAL {from} .. {} missing",
+                            prev_name(cur)
+                        ));
+                        missing_from = None;
+                    }
+                    _ => {}
+                }
+                cur = crate::postgres::wal::next_segment(cur);
+            }
+        }
+    }
+    Ok(gaps)
+}
+
+fn prev_name(s: super::layout::WalSegmentName) -> String {
+    let per_log = (0x1_0000_0000u64 / crate::postgres::WAL_SEGMENT_SIZE) as u32;
+    let (log, seg) = if s.seg == 0 {
+        (s.log.wrapping_sub(1), per_log - 1)
+    } else {
+        (s.log, s.seg - 1)
+    };
+    super::layout::WalSegmentName { log, seg, ..s }.to_string()
 }
 
 fn problem(region: &str, key: &str, kind: &str, detail: String) -> Problem {

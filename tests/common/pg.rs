@@ -52,6 +52,16 @@ pub fn run_as_in(user: &str, program: &Path, args: &[&str], cwd: &Path) -> Outpu
 impl TestPg {
     /// initdb + start, with archive_command = dr wal-push; `regions` is TOML.
     pub fn new(regions: &str) -> TestPg {
+        TestPg::build(regions, true, "")
+    }
+
+    /// initdb + start with archiving off and `extra` appended to
+    /// `[postgres.main]`, for `wal = "stream"` setups.
+    pub fn streaming(regions: &str, extra: &str) -> TestPg {
+        TestPg::build(regions, false, &format!("wal = \"stream\"\n{extra}"))
+    }
+
+    fn build(regions: &str, archive: bool, extra: &str) -> TestPg {
         let user = require_env("DR_TEST_OS_USER", "PostgreSQL");
         let bin = PathBuf::from(require_env("DR_TEST_PG_BIN_DIR", "PostgreSQL"));
         let dir = tempfile::tempdir().expect("tempdir");
@@ -95,7 +105,7 @@ impl TestPg {
         let port = free_port();
         let cfg = dir.path().join("dr.toml");
         let cfg_text = format!(
-            "[repository]\nrecipients = [\"{rcpt}\"]\nidentity_file = \"{}\"\n\n[audit]\npath = \"{}\"\n\n{regions}\n[postgres.main]\nconninfo = \"host=127.0.0.1 port={port} user=postgres dbname=postgres\"\ndata_dir = \"{}\"\nbin_dir = \"{}\"\nos_user = \"{user}\"\nstate_dir = \"{}\"\n",
+            "[repository]\nrecipients = [\"{rcpt}\"]\nidentity_file = \"{}\"\n\n[audit]\npath = \"{}\"\n\n{regions}\n[postgres.main]\nconninfo = \"host=127.0.0.1 port={port} user=postgres dbname=postgres\"\ndata_dir = \"{}\"\nbin_dir = \"{}\"\nos_user = \"{user}\"\nstate_dir = \"{}\"\n{extra}",
             id.display(),
             dir.path().join("audit.jsonl").display(),
             data.display(),
@@ -104,10 +114,17 @@ impl TestPg {
         );
         std::fs::write(&cfg, cfg_text).expect("config");
         chown(&cfg, &user);
+        let archiving = if archive {
+            format!(
+                "archive_mode = on\narchive_command = '{} --config {} wal-push %p'\n",
+                dr.display(),
+                cfg.display()
+            )
+        } else {
+            "archive_mode = off\n".to_string()
+        };
         let conf = format!(
-            "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\nwal_level = replica\narchive_mode = on\narchive_command = '{} --config {} wal-push %p'\nmax_wal_senders = 4\nfsync = on\n",
-            dr.display(),
-            cfg.display()
+            "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\nwal_level = replica\n{archiving}max_wal_senders = 4\nfsync = on\n"
         );
         let mut pc = std::fs::read_to_string(data.join("postgresql.conf")).expect("read conf");
         pc.push_str(&conf);
@@ -356,23 +373,7 @@ pub fn mark(pg: &TestPg) -> Mark {
 /// Restores to `to` with --start and checks the data, a promoted server and
 /// amcheck on every btree index.
 pub fn restore_and_check(pg: &mut TestPg, to: &str, name: &str, balance: &str, history: &str) {
-    let dir = pg.target(name);
-    let port = free_port();
-    pg.track(dir.clone());
-    let o = pg.dr(&[
-        "--json",
-        "restore",
-        "pg",
-        "--to",
-        to,
-        "--target",
-        dir.to_str().expect("utf8"),
-        "--start",
-        "--port",
-        &port.to_string(),
-        "--no-archive",
-    ]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("restore json");
+    let (port, dir, v) = restore_started(pg, to, name);
     assert_eq!(v["restore"]["started"], true);
     eprintln!(
         "restored {to}: expect balance {balance} history {history}; report {}",
@@ -397,6 +398,29 @@ pub fn restore_and_check(pg: &mut TestPg, to: &str, name: &str, balance: &str, h
     );
     assert!(!bad.is_empty());
     pg.stop(&dir);
+}
+
+/// `dr restore pg --to <to> --start` into a fresh target `name` on a free
+/// port (stopped when `pg` drops): the port, the directory and the report.
+pub fn restore_started(pg: &mut TestPg, to: &str, name: &str) -> (u16, PathBuf, serde_json::Value) {
+    let dir = pg.target(name);
+    let port = free_port();
+    pg.track(dir.clone());
+    let o = pg.dr(&[
+        "--json",
+        "restore",
+        "pg",
+        "--to",
+        to,
+        "--target",
+        dir.to_str().expect("utf8"),
+        "--start",
+        "--port",
+        &port.to_string(),
+        "--no-archive",
+    ]);
+    let v = serde_json::from_slice(&o.stdout).expect("restore json");
+    (port, dir, v)
 }
 
 /// An fs region the PostgreSQL OS user can write (archive_command runs as it).

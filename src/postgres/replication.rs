@@ -1,0 +1,620 @@
+//! A client for PostgreSQL's streaming replication protocol.
+//!
+//! tokio-postgres cannot open a `replication=true` connection, so this speaks
+//! the wire protocol itself with `postgres-protocol`'s message types: startup,
+//! trust/password/md5/SCRAM-SHA-256 authentication, TLS (the same rustls
+//! settings as every other PostgreSQL connection), simple queries, and the
+//! CopyBoth/CopyOut sub-protocols used by `START_REPLICATION` and
+//! `BASE_BACKUP`.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::message::{backend, frontend};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{Lsn, PgError};
+
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
+
+/// What `IDENTIFY_SYSTEM` returns.
+#[derive(Debug, Clone, Copy)]
+pub struct SystemInfo {
+    /// Database system identifier.
+    pub system_id: u64,
+    /// The server's current timeline.
+    pub timeline: u32,
+    /// Current WAL flush location.
+    pub xlogpos: Lsn,
+}
+
+/// One message of a `START_REPLICATION` stream.
+#[derive(Debug)]
+pub enum ReplicationMessage {
+    /// WAL bytes starting at `start`.
+    XLogData {
+        /// Location of the first byte.
+        start: Lsn,
+        /// The server's current end of WAL.
+        server_end: Lsn,
+        /// The WAL itself.
+        data: Bytes,
+    },
+    /// A keep-alive; `reply` asks for a status update now.
+    Keepalive {
+        /// The server's current end of WAL.
+        server_end: Lsn,
+        /// Whether the server wants an immediate reply.
+        reply: bool,
+    },
+    /// The server ended the stream: the timeline ended (it was promoted
+    /// past, or the server is shutting down). Call
+    /// [`ReplicationConn::finish_copy`] next.
+    End,
+}
+
+/// An open replication connection.
+pub struct ReplicationConn {
+    sock: Box<dyn Socket>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    /// Server parameters reported at startup (`server_version`, …).
+    pub params: HashMap<String, String>,
+    describe: String,
+}
+
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+fn pg_now() -> i64 {
+    let us = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    us - PG_EPOCH_OFFSET_US
+}
+
+fn proto(what: &str, e: impl std::fmt::Display) -> PgError {
+    PgError::Other(format!("replication connection: {what}: {e}"))
+}
+
+impl ReplicationConn {
+    /// Opens a physical replication connection (`replication=true`) with
+    /// the server named by `conninfo`, as `application_name` — the name
+    /// `synchronous_standby_names` refers to.
+    pub async fn connect(conninfo: &str, application_name: &str) -> Result<Self, PgError> {
+        let split = super::tls::split(conninfo)?;
+        let cfg: tokio_postgres::Config = split
+            .conninfo
+            .parse()
+            .map_err(|e| PgError::Other(format!("conninfo: {e}")))?;
+        let port = cfg.get_ports().first().copied().unwrap_or(5432);
+        let user = cfg
+            .get_user()
+            .map(str::to_string)
+            .or_else(|| std::env::var("USER").ok())
+            .ok_or_else(|| PgError::Other("conninfo has no user".into()))?;
+        let host =
+            cfg.get_hosts().first().cloned().unwrap_or_else(|| {
+                tokio_postgres::config::Host::Unix("/var/run/postgresql".into())
+            });
+        let connect_timeout = cfg
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(30));
+        let (sock, describe, tls_name): (Box<dyn Socket>, String, Option<String>) = match &host {
+            tokio_postgres::config::Host::Tcp(h) => {
+                let s = tokio::time::timeout(
+                    connect_timeout,
+                    tokio::net::TcpStream::connect((h.as_str(), port)),
+                )
+                .await
+                .map_err(|_| PgError::Other(format!("connect to {h}:{port}: timed out")))?
+                .map_err(|e| PgError::Other(format!("connect to {h}:{port}: {e}")))?;
+                let _ = s.set_nodelay(true);
+                (Box::new(s), format!("{h}:{port}"), Some(h.clone()))
+            }
+            tokio_postgres::config::Host::Unix(dir) => {
+                let path = dir.join(format!(".s.PGSQL.{port}"));
+                let s = tokio::net::UnixStream::connect(&path)
+                    .await
+                    .map_err(|e| PgError::Other(format!("connect to {}: {e}", path.display())))?;
+                (Box::new(s), path.display().to_string(), None)
+            }
+        };
+        let mut conn = ReplicationConn {
+            sock,
+            rbuf: BytesMut::with_capacity(64 << 10),
+            wbuf: BytesMut::new(),
+            params: HashMap::new(),
+            describe,
+        };
+        if split.sslmode != "disable" {
+            conn = conn.start_tls(&split, tls_name).await?;
+        }
+        let dbname = cfg.get_dbname().unwrap_or("postgres").to_string();
+        conn.startup(&user, &dbname, application_name, cfg.get_password())
+            .await?;
+        Ok(conn)
+    }
+
+    async fn start_tls(
+        mut self,
+        split: &super::tls::SplitConninfo,
+        host: Option<String>,
+    ) -> Result<Self, PgError> {
+        frontend::ssl_request(&mut self.wbuf);
+        self.flush().await?;
+        let mut answer = [0u8; 1];
+        self.sock
+            .read_exact(&mut answer)
+            .await
+            .map_err(|e| proto("TLS negotiation", e))?;
+        let required = !matches!(split.sslmode.as_str(), "allow" | "prefer");
+        match answer[0] {
+            b'S' => {}
+            b'N' if !required => return Ok(self),
+            b'N' => {
+                return Err(PgError::Other(format!(
+                    "{}: the server does not accept TLS but sslmode={} requires it",
+                    self.describe, split.sslmode
+                )));
+            }
+            other => {
+                return Err(proto(
+                    "TLS negotiation",
+                    format!("unexpected reply {other:#x}"),
+                ));
+            }
+        }
+        let Some(host) = host else {
+            // Over a Unix socket there is no host name to verify.
+            return Err(PgError::Other(
+                "TLS over a Unix socket is not supported; use host=<name> or sslmode=disable"
+                    .into(),
+            ));
+        };
+        let client = split.sslcert.as_deref().zip(split.sslkey.as_deref());
+        let config = crate::tls::client_config(split.sslrootcert.as_deref(), client)
+            .map_err(|e| PgError::Other(format!("TLS settings in conninfo: {e}")))?;
+        let name = rustls_pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| PgError::Other(format!("TLS server name {host:?}: {e}")))?;
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let tls = connector
+            .connect(name, self.sock)
+            .await
+            .map_err(|e| PgError::Other(format!("TLS handshake with {host}: {e}")))?;
+        self.sock = Box::new(tls);
+        Ok(self)
+    }
+
+    async fn startup(
+        &mut self,
+        user: &str,
+        dbname: &str,
+        application_name: &str,
+        password: Option<&[u8]>,
+    ) -> Result<(), PgError> {
+        let params = [
+            ("user", user),
+            ("database", dbname),
+            ("replication", "true"),
+            ("application_name", application_name),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut self.wbuf)
+            .map_err(|e| proto("startup", e))?;
+        self.flush().await?;
+        let describe = self.describe.clone();
+        let need_password = || {
+            password.ok_or_else(|| {
+                PgError::Other(format!(
+                    "{describe}: the server asks user {user} for a password and the conninfo has none"
+                ))
+            })
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            match self.recv().await? {
+                backend::Message::AuthenticationOk => {}
+                backend::Message::AuthenticationCleartextPassword => {
+                    let pw = need_password()?;
+                    frontend::password_message(pw, &mut self.wbuf)
+                        .map_err(|e| proto("password", e))?;
+                    self.flush().await?;
+                }
+                backend::Message::AuthenticationMd5Password(body) => {
+                    let pw = need_password()?;
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        user.as_bytes(),
+                        pw,
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut self.wbuf)
+                        .map_err(|e| proto("password", e))?;
+                    self.flush().await?;
+                }
+                backend::Message::AuthenticationSasl(body) => {
+                    let pw = need_password()?;
+                    let mut offered = Vec::new();
+                    let mut it = body.mechanisms();
+                    while let Some(m) = fallible_next(&mut it)? {
+                        offered.push(m.to_string());
+                    }
+                    if !offered.iter().any(|m| m == SCRAM_SHA_256) {
+                        return Err(PgError::Other(format!(
+                            "{}: the server offers SASL mechanisms {offered:?}; dr supports {SCRAM_SHA_256}",
+                            self.describe
+                        )));
+                    }
+                    let s = ScramSha256::new(pw, ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.wbuf)
+                        .map_err(|e| proto("SCRAM", e))?;
+                    self.flush().await?;
+                    scram = Some(s);
+                }
+                backend::Message::AuthenticationSaslContinue(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| proto("SCRAM", "continue before start"))?;
+                    s.update(body.data()).map_err(|e| proto("SCRAM", e))?;
+                    frontend::sasl_response(s.message(), &mut self.wbuf)
+                        .map_err(|e| proto("SCRAM", e))?;
+                    self.flush().await?;
+                }
+                backend::Message::AuthenticationSaslFinal(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| proto("SCRAM", "final before start"))?;
+                    s.finish(body.data())
+                        .map_err(|e| proto("SCRAM server signature", e))?;
+                }
+                backend::Message::ParameterStatus(p) => {
+                    let name = p.name().map_err(|e| proto("startup", e))?;
+                    let value = p.value().map_err(|e| proto("startup", e))?;
+                    self.params.insert(name.to_string(), value.to_string());
+                }
+                backend::Message::BackendKeyData(_) | backend::Message::NoticeResponse(_) => {}
+                backend::Message::ReadyForQuery(_) => return Ok(()),
+                backend::Message::ErrorResponse(e) => {
+                    return Err(PgError::Other(format!(
+                        "{} (replication connection as {user}): {}",
+                        self.describe,
+                        error_text(&e)
+                    )));
+                }
+                _ => {
+                    return Err(proto(
+                        "startup",
+                        "unsupported authentication method (use trust, password, md5, scram-sha-256 or cert)",
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), PgError> {
+        let buf = self.wbuf.split();
+        self.sock
+            .write_all(&buf)
+            .await
+            .map_err(|e| proto("write", e))?;
+        self.sock.flush().await.map_err(|e| proto("write", e))
+    }
+
+    /// Reads the next message. Cancel-safe: a message is consumed only
+    /// once whole. `W` (CopyBothResponse), which postgres-protocol does not
+    /// know, comes back as a `CopyOutResponse`-like marker via [`Frame`].
+    async fn recv_frame(&mut self) -> Result<Frame, PgError> {
+        loop {
+            if self.rbuf.len() >= 5 && self.rbuf[0] == b'W' {
+                let len =
+                    u32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]])
+                        as usize;
+                if self.rbuf.len() > len {
+                    self.rbuf.advance(len + 1);
+                    return Ok(Frame::CopyBoth);
+                }
+            } else if let Some(m) =
+                backend::Message::parse(&mut self.rbuf).map_err(|e| proto("read", e))?
+            {
+                return Ok(Frame::Msg(m));
+            }
+            let n = self
+                .sock
+                .read_buf(&mut self.rbuf)
+                .await
+                .map_err(|e| proto("read", e))?;
+            if n == 0 {
+                return Err(PgError::Other(format!(
+                    "{}: the server closed the replication connection",
+                    self.describe
+                )));
+            }
+        }
+    }
+
+    async fn recv(&mut self) -> Result<backend::Message, PgError> {
+        match self.recv_frame().await? {
+            Frame::Msg(m) => Ok(m),
+            Frame::CopyBoth => Err(proto("read", "unexpected CopyBothResponse")),
+        }
+    }
+
+    /// Runs a replication command and returns its rows (raw column values).
+    pub async fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<Bytes>>>, PgError> {
+        frontend::query(sql, &mut self.wbuf).map_err(|e| proto("query", e))?;
+        self.flush().await?;
+        self.collect_rows(sql).await
+    }
+
+    async fn collect_rows(&mut self, what: &str) -> Result<Vec<Vec<Option<Bytes>>>, PgError> {
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.recv().await? {
+                backend::Message::DataRow(row) => rows.push(row_values(&row)?),
+                backend::Message::ErrorResponse(e) => error = Some(error_text(&e)),
+                backend::Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(PgError::Other(format!("{}: {what}: {e}", self.describe))),
+            None => Ok(rows),
+        }
+    }
+
+    /// `IDENTIFY_SYSTEM`.
+    pub async fn identify_system(&mut self) -> Result<SystemInfo, PgError> {
+        let rows = self.query("IDENTIFY_SYSTEM").await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| proto("IDENTIFY_SYSTEM", "no row"))?;
+        let system_id = text(row, 0)?
+            .parse()
+            .map_err(|e| proto("IDENTIFY_SYSTEM systemid", e))?;
+        let timeline = text(row, 1)?
+            .parse()
+            .map_err(|e| proto("IDENTIFY_SYSTEM timeline", e))?;
+        let xlogpos = text(row, 2)?
+            .parse()
+            .map_err(|e| proto("IDENTIFY_SYSTEM xlogpos", e))?;
+        Ok(SystemInfo {
+            system_id,
+            timeline,
+            xlogpos,
+        })
+    }
+
+    /// `SHOW name`, e.g. `wal_segment_size`.
+    pub async fn show(&mut self, name: &str) -> Result<String, PgError> {
+        let rows = self.query(&format!("SHOW {name}")).await?;
+        let row = rows.first().ok_or_else(|| proto("SHOW", "no row"))?;
+        text(row, 0)
+    }
+
+    /// `TIMELINE_HISTORY tli`: the history file's name and content.
+    pub async fn timeline_history(&mut self, timeline: u32) -> Result<(String, Bytes), PgError> {
+        let rows = self.query(&format!("TIMELINE_HISTORY {timeline}")).await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| proto("TIMELINE_HISTORY", "no row"))?;
+        let content = row
+            .get(1)
+            .cloned()
+            .flatten()
+            .ok_or_else(|| proto("TIMELINE_HISTORY", "no content"))?;
+        Ok((text(row, 0)?, content))
+    }
+
+    /// `READ_REPLICATION_SLOT name`: the slot's restart LSN and timeline, or
+    /// `None` when the slot does not exist.
+    pub async fn read_slot(&mut self, slot: &str) -> Result<Option<(Lsn, u32)>, PgError> {
+        let rows = self
+            .query(&format!("READ_REPLICATION_SLOT {}", quote_ident(slot)))
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        if row.first().cloned().flatten().is_none() {
+            return Ok(None);
+        }
+        let lsn = row.get(1).cloned().flatten();
+        let tli = row.get(2).cloned().flatten();
+        match (lsn, tli) {
+            (Some(l), Some(t)) => {
+                let l = std::str::from_utf8(&l).map_err(|e| proto("READ_REPLICATION_SLOT", e))?;
+                let t = std::str::from_utf8(&t).map_err(|e| proto("READ_REPLICATION_SLOT", e))?;
+                Ok(Some((
+                    l.parse().map_err(|e| proto("READ_REPLICATION_SLOT", e))?,
+                    t.parse().map_err(|e| proto("READ_REPLICATION_SLOT", e))?,
+                )))
+            }
+            // A slot that has not reserved WAL yet.
+            _ => Ok(Some((Lsn(0), 0))),
+        }
+    }
+
+    /// `CREATE_REPLICATION_SLOT name PHYSICAL RESERVE_WAL`.
+    pub async fn create_slot(&mut self, slot: &str) -> Result<(), PgError> {
+        self.query(&format!(
+            "CREATE_REPLICATION_SLOT {} PHYSICAL (RESERVE_WAL)",
+            quote_ident(slot)
+        ))
+        .await
+        .map(|_| ())
+    }
+
+    /// `START_REPLICATION SLOT s PHYSICAL lsn TIMELINE tli`; then read with
+    /// [`ReplicationConn::next_message`].
+    pub async fn start_replication(
+        &mut self,
+        slot: &str,
+        start: Lsn,
+        timeline: u32,
+    ) -> Result<(), PgError> {
+        let sql = format!(
+            "START_REPLICATION SLOT {} PHYSICAL {start} TIMELINE {timeline}",
+            quote_ident(slot)
+        );
+        frontend::query(&sql, &mut self.wbuf).map_err(|e| proto("query", e))?;
+        self.flush().await?;
+        loop {
+            match self.recv_frame().await? {
+                Frame::CopyBoth => return Ok(()),
+                Frame::Msg(backend::Message::ErrorResponse(e)) => {
+                    let msg = error_text(&e);
+                    // The error is followed by ReadyForQuery.
+                    let _ = self.collect_rows(&sql).await;
+                    return Err(PgError::Other(format!("{}: {sql}: {msg}", self.describe)));
+                }
+                Frame::Msg(backend::Message::NoticeResponse(_)) => {}
+                Frame::Msg(_) => return Err(proto(&sql, "unexpected reply")),
+            }
+        }
+    }
+
+    /// The next message of the replication stream. Cancel-safe.
+    pub async fn next_message(&mut self) -> Result<ReplicationMessage, PgError> {
+        loop {
+            match self.recv().await? {
+                backend::Message::CopyData(body) => {
+                    let mut data = body.into_bytes();
+                    if data.is_empty() {
+                        continue;
+                    }
+                    match data.get_u8() {
+                        b'w' if data.len() >= 24 => {
+                            let start = Lsn(data.get_u64());
+                            let server_end = Lsn(data.get_u64());
+                            let _sent = data.get_i64();
+                            return Ok(ReplicationMessage::XLogData {
+                                start,
+                                server_end,
+                                data,
+                            });
+                        }
+                        b'k' if data.len() >= 17 => {
+                            let server_end = Lsn(data.get_u64());
+                            let _sent = data.get_i64();
+                            let reply = data.get_u8() != 0;
+                            return Ok(ReplicationMessage::Keepalive { server_end, reply });
+                        }
+                        other => {
+                            return Err(proto(
+                                "replication stream",
+                                format!("unknown message {other:#x}"),
+                            ));
+                        }
+                    }
+                }
+                backend::Message::CopyDone => return Ok(ReplicationMessage::End),
+                backend::Message::ErrorResponse(e) => {
+                    return Err(PgError::Other(format!(
+                        "{}: replication stream: {}",
+                        self.describe,
+                        error_text(&e)
+                    )));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends a standby status update: `written`/`flushed` positions (what
+    /// a synchronous primary waits for) and whether a reply is wanted.
+    pub async fn send_status(&mut self, written: Lsn, flushed: Lsn) -> Result<(), PgError> {
+        let mut msg = BytesMut::with_capacity(34);
+        msg.put_u8(b'r');
+        msg.put_u64(written.0);
+        msg.put_u64(flushed.0);
+        // Nothing is applied: dr is an archive, not a server.
+        msg.put_u64(flushed.0);
+        msg.put_i64(pg_now());
+        msg.put_u8(0);
+        frontend::CopyData::new(&msg[..])
+            .map_err(|e| proto("status update", e))?
+            .write(&mut self.wbuf);
+        self.flush().await
+    }
+
+    /// After [`ReplicationMessage::End`]: ends the copy and returns the next
+    /// timeline and where it starts, when the server reports them.
+    pub async fn finish_copy(&mut self) -> Result<Option<(u32, Lsn)>, PgError> {
+        frontend::copy_done(&mut self.wbuf);
+        self.flush().await?;
+        let rows = self.collect_rows("end of streaming").await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let tli = text(row, 0)?
+            .parse()
+            .map_err(|e| proto("next timeline", e))?;
+        let lsn = text(row, 1)?
+            .parse()
+            .map_err(|e| proto("next timeline", e))?;
+        Ok(Some((tli, lsn)))
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(mut self) {
+        frontend::terminate(&mut self.wbuf);
+        let _ = self.flush().await;
+    }
+}
+
+enum Frame {
+    Msg(backend::Message),
+    CopyBoth,
+}
+
+fn fallible_next<I>(it: &mut I) -> Result<Option<I::Item>, PgError>
+where
+    I: fallible_iterator::FallibleIterator<Error = std::io::Error>,
+{
+    it.next().map_err(|e| proto("read", e))
+}
+
+fn row_values(row: &backend::DataRowBody) -> Result<Vec<Option<Bytes>>, PgError> {
+    let buf = row.buffer_bytes();
+    let mut out = Vec::new();
+    let mut ranges = row.ranges();
+    while let Some(r) = fallible_next(&mut ranges)? {
+        out.push(r.map(|r| buf.slice(r)));
+    }
+    Ok(out)
+}
+
+fn text(row: &[Option<Bytes>], i: usize) -> Result<String, PgError> {
+    let v = row
+        .get(i)
+        .cloned()
+        .flatten()
+        .ok_or_else(|| proto("reply", format!("column {i} is missing")))?;
+    String::from_utf8(v.to_vec()).map_err(|e| proto("reply", e))
+}
+
+fn error_text(e: &backend::ErrorResponseBody) -> String {
+    let mut severity = String::new();
+    let mut message = String::new();
+    let mut code = String::new();
+    let mut fields = e.fields();
+    while let Ok(Some(f)) = fallible_iterator::FallibleIterator::next(&mut fields) {
+        let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'S' => severity = v,
+            b'M' => message = v,
+            b'C' => code = v,
+            _ => {}
+        }
+    }
+    format!("{severity} {code}: {message}")
+}
+
+/// Quotes a slot name as an identifier.
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}

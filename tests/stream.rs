@@ -1,0 +1,348 @@
+//! WAL streaming (`dr wal-stream`) against a real PostgreSQL 15: zero loss
+//! as a synchronous standby, bounded loss asynchronously, no gap across a
+//! killed streamer, and timeline switches.
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::pg::{TestPg, fs_repo, restore_started};
+
+/// `dr wal-stream` running as the OS user, started directly (not through
+/// runuser) so the test can signal the dr process itself.
+struct Streamer {
+    child: Child,
+}
+
+fn os_ids(user: &str) -> (u32, u32) {
+    let id = |flag: &str| -> u32 {
+        let o = Command::new("id").args([flag, user]).output().expect("id");
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse()
+            .expect("numeric id")
+    };
+    (id("-u"), id("-g"))
+}
+
+impl Streamer {
+    fn start(pg: &TestPg, cfg: &Path) -> Streamer {
+        let (uid, gid) = os_ids(&pg.user);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(pg.dir.path().join("stream.log"))
+            .expect("log");
+        let child = Command::new(&pg.dr)
+            .args(["--config", cfg.to_str().expect("utf8"), "wal-stream"])
+            .uid(uid)
+            .gid(gid)
+            .current_dir("/")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn dr wal-stream");
+        Streamer { child }
+    }
+
+    fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status();
+    }
+
+    /// SIGTERM and wait: the streamer drains what it queued and exits 0.
+    fn stop(mut self) {
+        self.signal("-TERM");
+        let status = self.child.wait().expect("wait");
+        assert!(status.success(), "dr wal-stream exited with {status}");
+    }
+
+    fn kill(mut self) {
+        self.signal("-KILL");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Streamer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn stream_log(pg: &TestPg) -> String {
+    std::fs::read_to_string(pg.dir.path().join("stream.log")).unwrap_or_default()
+}
+
+/// Waits until the server sees the streamer, in `state` ('async'/'sync').
+fn wait_replication(pg: &TestPg, sync_state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = pg.sql(
+            "SELECT coalesce(string_agg(sync_state, ','), '') FROM pg_stat_replication WHERE application_name = 'dr_main'",
+        );
+        if s == sync_state {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dr_main is not streaming as {sync_state} (pg_stat_replication: {s:?}); log:\n{}",
+            stream_log(pg)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// SIGKILLs the postmaster and every process it started, then deletes PGDATA.
+fn destroy_primary(pg: &TestPg) {
+    let pid_file = std::fs::read_to_string(pg.data.join("postmaster.pid")).expect("postmaster.pid");
+    let pm: u32 = pid_file
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("pid");
+    let mut pids = vec![pm];
+    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid …
+        let Some(after) = stat.rsplit_once(')').map(|(_, a)| a) else {
+            continue;
+        };
+        let ppid: Option<u32> = after.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+        if ppid == Some(pm)
+            && let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>()
+        {
+            pids.push(pid);
+        }
+    }
+    for p in &pids {
+        let _ = Command::new("kill")
+            .args(["-KILL", &p.to_string()])
+            .status();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::remove_dir_all(&pg.data).expect("delete PGDATA");
+}
+
+/// Commits single-row transactions from `clients` connections until the
+/// server dies, recording each acknowledged id with the time of its ack.
+/// Kills the primary once `n` are acknowledged.
+async fn commit_until_killed(pg: &TestPg, clients: usize, n: usize) -> Vec<(i64, Instant)> {
+    let acked: Arc<Mutex<Vec<(i64, Instant)>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let port = pg.port;
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            let conninfo = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+            let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            let mut i = c as i64;
+            loop {
+                match client
+                    .execute("INSERT INTO acked (id) VALUES ($1)", &[&i])
+                    .await
+                {
+                    Ok(_) => acked.lock().expect("lock").push((i, Instant::now())),
+                    Err(_) => return,
+                }
+                i += clients as i64;
+            }
+        }));
+    }
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if acked.lock().expect("lock").len() >= n {
+            break;
+        }
+    }
+    destroy_primary(pg);
+    for t in tasks {
+        let _ = t.await;
+    }
+    acked.lock().expect("lock").clone()
+}
+
+/// Runs the kill-the-primary workload and returns (acked, lost ids with their
+/// age at the kill).
+async fn loss_after_primary_loss(synchronous: bool) -> (usize, Vec<Duration>) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let regions = fs_repo(&tmp);
+    let extra = format!("synchronous = {synchronous}\nstream_flush_interval = \"1s\"\n");
+    let mut pg = TestPg::streaming(&regions, &extra);
+    let streamer = Streamer::start(&pg, &pg.cfg);
+    wait_replication(&pg, "async");
+    if synchronous {
+        pg.sql("ALTER SYSTEM SET synchronous_standby_names = 'dr_main'");
+        pg.sql("SELECT pg_reload_conf()");
+        wait_replication(&pg, "sync");
+    }
+    pg.sql("CREATE TABLE acked (id bigint PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())");
+    pg.dr(&["backup", "pg"]);
+    let acked = commit_until_killed(&pg, 8, 10_000).await;
+    let killed = Instant::now();
+    streamer.stop();
+    let (port, _, report) = restore_started(&mut pg, "latest", "restored");
+    eprintln!("restore: {report}");
+    let ids = pg.sql_at(port, "SELECT string_agg(id::text, ',') FROM acked");
+    let restored: std::collections::HashSet<i64> =
+        ids.split(',').filter_map(|s| s.parse().ok()).collect();
+    let lost: Vec<Duration> = acked
+        .iter()
+        .filter(|(id, _)| !restored.contains(id))
+        .map(|(_, at)| killed.saturating_duration_since(*at))
+        .collect();
+    eprintln!(
+        "synchronous={synchronous}: {} commits acknowledged, {} restored, {} acknowledged commits lost{}",
+        acked.len(),
+        restored.len(),
+        lost.len(),
+        lost.iter()
+            .max()
+            .map(|d| format!(
+                " (the oldest acknowledged {:.3} s before the kill)",
+                d.as_secs_f64()
+            ))
+            .unwrap_or_default()
+    );
+    (acked.len(), lost)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn synchronous_streaming_loses_no_acknowledged_commit() {
+    let (acked, lost) = loss_after_primary_loss(true).await;
+    assert!(acked >= 10_000);
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged commits are missing after restore",
+        lost.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn asynchronous_streaming_loses_at_most_the_flush_interval() {
+    let (acked, lost) = loss_after_primary_loss(false).await;
+    assert!(acked >= 10_000);
+    // stream_flush_interval = 1 s, plus the time one upload takes.
+    if let Some(oldest) = lost.iter().max() {
+        assert!(
+            *oldest < Duration::from_millis(2500),
+            "a commit acknowledged {oldest:?} before the primary died was lost"
+        );
+    }
+}
+
+/// Waits until the streamer reports as flushed everything written so far.
+fn wait_durable(pg: &TestPg) {
+    let lsn = pg.sql("SELECT pg_current_wal_lsn()");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ok = pg.sql(&format!(
+            "SELECT coalesce(bool_or(flush_lsn >= '{lsn}'), false) FROM pg_stat_replication WHERE application_name = 'dr_main'"
+        ));
+        if ok == "t" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "streamer did not reach {lsn}; log:\n{}",
+            stream_log(pg)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn killed_streamer_resumes_from_its_slot_without_a_gap() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let regions = fs_repo(&tmp);
+    let mut pg = TestPg::streaming(&regions, "stream_flush_interval = \"200ms\"\n");
+    let streamer = Streamer::start(&pg, &pg.cfg);
+    wait_replication(&pg, "async");
+    pg.dr(&["backup", "pg"]);
+    pg.sql("CREATE TABLE g (id bigint, pad text)");
+    let write = |rows: u32| {
+        pg.sql(&format!(
+            "INSERT INTO g SELECT i, repeat('x', 100) FROM generate_series(1, {rows}) i"
+        ));
+    };
+    // About 40 MB of WAL per round: several segments each.
+    write(200_000);
+    streamer.kill();
+    // Written while nothing streams: the slot must keep it.
+    write(200_000);
+    pg.sql("CHECKPOINT");
+    write(200_000);
+    let streamer = Streamer::start(&pg, &pg.cfg);
+    write(200_000);
+    pg.sql("SELECT pg_switch_wal()");
+    wait_durable(&pg);
+    let rows = pg.sql("SELECT count(*) FROM g");
+    streamer.stop();
+
+    let o = pg.dr_raw(&["--json", "verify", "pg", "--list"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "verify json ({e}): {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    });
+    assert!(o.status.success(), "verify --list: {v}");
+    assert_eq!(v["verify"]["wal_gaps"], serde_json::json!([]), "{v}");
+    // And the archive replays to the end.
+    let (port, _, _) = restore_started(&mut pg, "latest", "after-kill");
+    assert_eq!(pg.sql_at(port, "SELECT count(*) FROM g"), rows);
+}
+
+#[test]
+fn verify_list_names_a_hole_in_the_archive() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let regions = fs_repo(&tmp);
+    let pg = TestPg::streaming(&regions, "");
+    let streamer = Streamer::start(&pg, &pg.cfg);
+    wait_replication(&pg, "async");
+    for _ in 0..3 {
+        pg.sql("CREATE TABLE IF NOT EXISTS h (id int); INSERT INTO h VALUES (1)");
+        pg.sql("SELECT pg_switch_wal()");
+    }
+    wait_durable(&pg);
+    streamer.stop();
+    // Delete one complete segment (and any pieces of it) in the only region.
+    let wal: Vec<_> = common::walk_files(&tmp.path().join("repo"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("/wal/00000001/"))
+        .collect();
+    let mut names: Vec<String> = wal
+        .iter()
+        .filter_map(|p| p.file_name()?.to_str()?.get(..24).map(str::to_string))
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(names.len() >= 3, "segments: {names:?}");
+    let victim = names[1].clone();
+    for p in wal.iter().filter(|p| p.to_string_lossy().contains(&victim)) {
+        std::fs::remove_file(p).expect("rm");
+    }
+    let o = pg.dr_raw(&["verify", "pg", "--list"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        !o.status.success(),
+        "a hole ({victim} of {wal:?}) must fail verify: {text}"
+    );
+    assert!(
+        text.contains("WAL GAP") && text.contains(&victim),
+        "names the hole {victim}: {text}"
+    );
+}
