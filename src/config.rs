@@ -1546,6 +1546,15 @@ fn layout_name_ok(s: &str) -> bool {
 }
 
 impl Config {
+    /// Clusters whose WAL the daemon streams (`wal = "stream"`).
+    pub fn streaming_clusters(&self) -> Vec<String> {
+        self.postgres
+            .iter()
+            .filter(|(_, p)| p.get_ref().wal == WalMode::Stream)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     /// The PostgreSQL cluster named `name`, or the only one when `name` is `None`.
     pub fn pg(&self, name: Option<&str>) -> Result<(String, &PgConfig), ConfigError> {
         self.pick(

@@ -766,3 +766,57 @@ fn scheduled_sync_catches_up_a_region_that_missed_writes() {
     let v = setup.dr_json(&["verify", "--list"]);
     assert_eq!(v["ok"], true, "{v}");
 }
+
+#[test]
+fn the_daemon_streams_wal_and_reports_the_lag_in_metrics() {
+    let repo = tempfile::tempdir().expect("tempdir");
+    let pg = TestPg::streaming(&fs_repo(&repo), "stream_flush_interval = \"200ms\"\n");
+    let port = free_port();
+    append(
+        &pg.cfg,
+        &daemon_section(port, &pg.dir.path().join("daemon-state"), ""),
+    );
+    let o = pg.dr(&["daemon", "--check"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("WAL of [postgres.main] is streamed continuously") && !out.contains("no job"),
+        "{out}"
+    );
+    let d = Daemon::of_pg(&pg, port, "daemon.log");
+    d.wait_for("the streamer to connect", Duration::from_secs(30), |_| {
+        pg.sql("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'dr_main'") == "1"
+    });
+    pg.sql("CREATE TABLE t AS SELECT i, repeat('x', 100) AS pad FROM generate_series(1, 100000) i");
+    pg.sql("SELECT pg_switch_wal()");
+    let lsn = pg.sql("SELECT pg_current_wal_lsn()");
+    d.wait_for("the streamed WAL to be durable", Duration::from_secs(60), |_| {
+        pg.sql(&format!(
+            "SELECT coalesce(bool_or(flush_lsn >= '{lsn}'), false) FROM pg_stat_replication WHERE application_name = 'dr_main'"
+        )) == "t"
+    });
+    d.wait_for("a small lag in the metrics", Duration::from_secs(30), |d| {
+        metric(&d.metrics(), "dr_wal_stream_lag_bytes", "cluster=\"main\"")
+            .is_some_and(|v| v < 1_048_576.0)
+    });
+    let m = d.metrics();
+    assert_eq!(
+        metric(&m, "dr_wal_stream_failures_total", "cluster=\"main\""),
+        Some(0.0),
+        "{m}"
+    );
+    assert!(
+        metric(&m, "dr_wal_stream_status_age_seconds", "cluster=\"main\"")
+            .is_some_and(|v| v < 10.0),
+        "{m}"
+    );
+    let logs = d.stop();
+    assert!(logs.contains("WAL streamer stopped"), "{logs}");
+    // The slot outlives the daemon, so WAL written meanwhile is kept.
+    assert_eq!(
+        pg.sql("SELECT active FROM pg_replication_slots WHERE slot_name = 'dr_main'"),
+        "f"
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&pg.dr(&["--json", "list", "pg"]).stdout).expect("list json");
+    assert!(v["wal_segments"].as_u64().is_some_and(|n| n >= 1), "{v}");
+}

@@ -101,7 +101,8 @@ fn wait_replication(pg: &TestPg, sync_state: &str) {
 }
 
 /// SIGKILLs the postmaster and every process it started, then deletes PGDATA.
-fn destroy_primary(pg: &TestPg) {
+/// Returns when the first SIGKILL was sent.
+fn destroy_primary(pg: &TestPg) -> Instant {
     let pid_file = std::fs::read_to_string(pg.data.join("postmaster.pid")).expect("postmaster.pid");
     let pm: u32 = pid_file
         .lines()
@@ -124,19 +125,25 @@ fn destroy_primary(pg: &TestPg) {
             pids.push(pid);
         }
     }
-    for p in &pids {
-        let _ = Command::new("kill")
-            .args(["-KILL", &p.to_string()])
-            .status();
-    }
+    let killed = Instant::now();
+    let _ = Command::new("kill")
+        .arg("-KILL")
+        .args(pids.iter().map(|p| p.to_string()))
+        .status();
     std::thread::sleep(Duration::from_millis(500));
     std::fs::remove_dir_all(&pg.data).expect("delete PGDATA");
+    killed
 }
 
 /// Commits single-row transactions from `clients` connections until the
 /// server dies, recording each acknowledged id with the time of its ack.
-/// Kills the primary once `n` are acknowledged.
-async fn commit_until_killed(pg: &TestPg, clients: usize, n: usize) -> Vec<(i64, Instant)> {
+/// Kills the primary once `n` are acknowledged; returns the acks and the
+/// moment of the kill.
+async fn commit_until_killed(
+    pg: &TestPg,
+    clients: usize,
+    n: usize,
+) -> (Vec<(i64, Instant)>, Instant) {
     let acked: Arc<Mutex<Vec<(i64, Instant)>>> = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for c in 0..clients {
@@ -167,11 +174,12 @@ async fn commit_until_killed(pg: &TestPg, clients: usize, n: usize) -> Vec<(i64,
             break;
         }
     }
-    destroy_primary(pg);
+    let killed = destroy_primary(pg);
     for t in tasks {
         let _ = t.await;
     }
-    acked.lock().expect("lock").clone()
+    let acked = acked.lock().expect("lock").clone();
+    (acked, killed)
 }
 
 /// Runs the kill-the-primary workload and returns (acked, lost ids with their
@@ -190,8 +198,7 @@ async fn loss_after_primary_loss(synchronous: bool) -> (usize, Vec<Duration>) {
     }
     pg.sql("CREATE TABLE acked (id bigint PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())");
     pg.dr(&["backup", "pg"]);
-    let acked = commit_until_killed(&pg, 8, 10_000).await;
-    let killed = Instant::now();
+    let (acked, killed) = commit_until_killed(&pg, 8, 10_000).await;
     streamer.stop();
     let (port, _, report) = restore_started(&mut pg, "latest", "restored");
     eprintln!("restore: {report}");
@@ -263,6 +270,23 @@ fn wait_durable(pg: &TestPg) {
     }
 }
 
+/// The `wal stream main` entry of `dr check --json`.
+fn stream_check(pg: &TestPg) -> serde_json::Value {
+    let o = pg.dr_raw(&["--json", "check"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "check json ({e}): {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    });
+    v["checks"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "wal stream main"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no `wal stream main` check: {v}"))
+}
+
 #[test]
 fn killed_streamer_resumes_from_its_slot_without_a_gap() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -280,6 +304,15 @@ fn killed_streamer_resumes_from_its_slot_without_a_gap() {
     // About 40 MB of WAL per round: several segments each.
     write(200_000);
     streamer.kill();
+    // dr check names the missing streamer (WAL piles up on the server).
+    let check = stream_check(&pg);
+    assert_eq!(check["status"], "fail", "{check}");
+    assert!(
+        check["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("no streamer is connected to slot dr_main")),
+        "{check}"
+    );
     // Written while nothing streams: the slot must keep it.
     write(200_000);
     pg.sql("CHECKPOINT");
@@ -289,6 +322,14 @@ fn killed_streamer_resumes_from_its_slot_without_a_gap() {
     pg.sql("SELECT pg_switch_wal()");
     wait_durable(&pg);
     let rows = pg.sql("SELECT count(*) FROM g");
+    let check = stream_check(&pg);
+    assert_eq!(check["status"], "ok", "{check}");
+    // dr list shows the durable position and the lag behind the server.
+    let v: serde_json::Value =
+        serde_json::from_slice(&pg.dr(&["--json", "list", "pg"]).stdout).expect("list json");
+    let s = &v["stream"]["status"];
+    assert!(s["durable_lsn"].is_string(), "{v}");
+    assert!(s["lag_bytes"].as_u64().is_some(), "{v}");
     streamer.stop();
 
     let o = pg.dr_raw(&["--json", "verify", "pg", "--list"]);

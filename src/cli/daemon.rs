@@ -46,7 +46,7 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
             .map(|j| serde_json::json!({ "name": j.name, "kind": j.kind.label(), "schedule": j.cron.expr(), "next_utc": next(j) }))
             .collect();
         out.json(
-            &serde_json::json!({ "ok": true, "timezone": "UTC", "listen": d.listen, "jobs": jobs }),
+            &serde_json::json!({ "ok": true, "timezone": "UTC", "listen": d.listen, "jobs": jobs, "wal_streams": plan.cfg.streaming_clusters() }),
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -67,7 +67,11 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
         d.listen,
         d.state_dir.join("daemon.lock").display()
     );
-    if plan.jobs.is_empty() {
+    let streams = plan.cfg.streaming_clusters();
+    for c in &streams {
+        println!("WAL of [postgres.{c}] is streamed continuously (slot and lag: `dr check`)");
+    }
+    if plan.jobs.is_empty() && streams.is_empty() {
         println!("no job is scheduled; add e.g. [postgres.<name>.schedule] backup = \"0 2 * * *\"");
     }
     Ok(ExitCode::SUCCESS)

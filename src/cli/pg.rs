@@ -215,9 +215,12 @@ pub async fn list(
     out: &Out,
 ) -> anyhow::Result<ExitCode> {
     let cfg = load_config(config)?;
-    let (cluster, _) = cfg.pg(name.as_deref())?;
+    let (cluster, pg) = cfg.pg(name.as_deref())?;
     let repo = Repository::open(&cfg).await?;
     let cat = Catalog::load(&repo, &cluster).await?;
+    let streaming = (pg.wal == dr::config::WalMode::Stream)
+        .then(|| stream::StreamStatus::load(pg, &cluster))
+        .flatten();
     if out.json {
         let backups: Vec<_> = cat
             .backups
@@ -234,6 +237,9 @@ pub async fn list(
             "ok": true, "cluster": cluster, "backups": backups,
             "wal_segments": cat.wal.len(), "windows": cat.windows,
             "unreadable": cat.unreadable,
+            "stream": streaming.as_ref().map(|s| serde_json::json!({
+                "status": s, "lag_seconds": s.lag_seconds(chrono::Utc::now()),
+            })),
         }));
         return Ok(ExitCode::SUCCESS);
     }
@@ -272,6 +278,18 @@ pub async fn list(
             fmt(&w.to),
             w.backup,
             w.timeline
+        );
+    }
+    if let Some(s) = &streaming {
+        println!(
+            "streaming: timeline {}, durable up to {} (server at {}): {} bytes / {:.1} s behind, as of {}{}",
+            s.timeline,
+            s.durable_lsn,
+            s.server_lsn,
+            s.lag_bytes,
+            s.lag_seconds(chrono::Utc::now()),
+            fmt(&s.updated),
+            if s.synchronous { ", synchronous" } else { "" }
         );
     }
     for (k, e) in &cat.unreadable {

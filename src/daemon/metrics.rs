@@ -65,6 +65,23 @@ pub struct WalStats {
     pub failed_count: i64,
     /// The last failure is newer than the last success: archiving is failing now.
     pub failing: Option<String>,
+    /// Streaming (`wal = "stream"`): bytes between the server's end of WAL and
+    /// what is durable in the repository, as the streamer last saw them.
+    pub stream_lag_bytes: Option<f64>,
+    /// Streaming: seconds since the repository last held everything received.
+    pub stream_lag_seconds: Option<f64>,
+    /// Streaming: age of the streamer's last status (a dead streamer stops
+    /// updating it).
+    pub stream_status_age_seconds: Option<f64>,
+}
+
+/// The daemon's WAL streamer of one cluster.
+#[derive(Debug, Clone, Default)]
+pub struct StreamStats {
+    /// Failures (connection lost, server down, storage) since the start.
+    pub failures: u64,
+    /// The last failure.
+    pub last_error: Option<String>,
 }
 
 /// What is known about one region.
@@ -88,6 +105,8 @@ pub struct State {
     pub wal: BTreeMap<String, WalStats>,
     /// Per region.
     pub regions: BTreeMap<String, RegionStats>,
+    /// Per streaming cluster.
+    pub streams: BTreeMap<String, StreamStats>,
     /// When the daemon started.
     pub started: DateTime<Utc>,
     /// Last tick of the scheduler loop.
@@ -114,6 +133,7 @@ impl Shared {
             jobs: BTreeMap::new(),
             wal: BTreeMap::new(),
             regions: BTreeMap::new(),
+            streams: BTreeMap::new(),
             started: now,
             heartbeat: now,
             stopping: false,
@@ -402,7 +422,25 @@ impl State {
         }
 
         type WalGet = fn(&WalStats) -> Option<f64>;
-        let per_cluster: [(&str, &str, &str, WalGet); 5] = [
+        let per_cluster: [(&str, &str, &str, WalGet); 8] = [
+            (
+                "dr_wal_stream_lag_bytes",
+                "gauge",
+                "Streaming: WAL bytes the server has that the repository does not hold durably yet.",
+                |w| w.stream_lag_bytes,
+            ),
+            (
+                "dr_wal_stream_lag_seconds",
+                "gauge",
+                "Streaming: seconds since the repository last held all WAL received.",
+                |w| w.stream_lag_seconds,
+            ),
+            (
+                "dr_wal_stream_status_age_seconds",
+                "gauge",
+                "Streaming: age of the streamer's last status report.",
+                |w| w.stream_status_age_seconds,
+            ),
             (
                 "dr_postgres_up",
                 "gauge",
@@ -444,6 +482,16 @@ impl State {
                 if let Some(v) = get(w) {
                     m.sample(&[("cluster", cluster)], v);
                 }
+            }
+        }
+        if !self.streams.is_empty() {
+            m.family(
+                "dr_wal_stream_failures_total",
+                "counter",
+                "Times the WAL streamer lost its connection or failed to store WAL (it reconnects).",
+            );
+            for (cluster, st) in &self.streams {
+                m.sample(&[("cluster", cluster)], st.failures as f64);
             }
         }
 

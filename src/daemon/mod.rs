@@ -158,6 +158,7 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
             move || probe_loop(state.clone(), rx.clone(), stop.clone())
         }),
     ];
+    spawn_streamers(&plan_rx.borrow().cfg, &ctx);
     let listener = Arc::new(tokio::sync::Mutex::new(Some(listener)));
     let http_task = supervise("http", ctx.stop.clone(), {
         let (state, stop, listen) = (state.clone(), ctx.stop.clone(), settings.listen.clone());
@@ -226,6 +227,47 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// Starts a WAL streamer for every `wal = "stream"` cluster. They run until
+/// shutdown (draining what they queued) and reconnect on their own; a config
+/// reload does not start or stop them.
+fn spawn_streamers(cfg: &crate::config::Config, ctx: &Arc<Ctx>) {
+    for name in cfg.streaming_clusters() {
+        let Some(pg) = cfg.postgres.get(&name) else {
+            continue;
+        };
+        let (cfg, pg) = (cfg.clone(), pg.get_ref().clone());
+        let (state, stop) = (ctx.state.clone(), ctx.stop.clone());
+        state.with(|s| {
+            s.streams.insert(name.clone(), Default::default());
+        });
+        ctx.tracker.spawn(async move {
+            let repo = loop {
+                match crate::repo::Repository::open(&cfg).await {
+                    Ok(r) => break r,
+                    Err(e) => {
+                        tracing::error!(cluster = %name, error = %e, "WAL streamer cannot open the repository; retrying in 10s");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                            _ = stop.cancelled() => return,
+                        }
+                    }
+                }
+            };
+            tracing::info!(cluster = %name, "WAL streamer started");
+            crate::postgres::stream::supervise(&repo, &name, &pg, &stop, |e| {
+                tracing::error!(cluster = %name, error = %e, "WAL streaming failed; reconnecting");
+                state.with(|s| {
+                    let st = s.streams.entry(name.clone()).or_default();
+                    st.failures += 1;
+                    st.last_error = Some(e.to_string());
+                });
+            })
+            .await;
+            tracing::info!(cluster = %name, "WAL streamer stopped");
+        });
+    }
+}
+
 /// Logs what will run and when; schedules are UTC, said once so nobody
 /// has to guess.
 fn announce(plan: &Plan, listen: &str) {
@@ -236,7 +278,11 @@ fn announce(plan: &Plan, listen: &str) {
         "dr daemon started; schedules are in UTC (now {})",
         now.format("%Y-%m-%dT%H:%M:%SZ")
     );
-    if plan.jobs.is_empty() {
+    let streams = plan.cfg.streaming_clusters();
+    for c in &streams {
+        tracing::info!(cluster = %c, "WAL of [postgres.{c}] is streamed continuously");
+    }
+    if plan.jobs.is_empty() && streams.is_empty() {
         tracing::warn!(
             "no job is scheduled; add e.g. [postgres.<name>.schedule] backup = \"0 2 * * *\""
         );

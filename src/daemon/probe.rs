@@ -27,6 +27,16 @@ pub async fn probe_all(cfg: &Config, state: &Shared) {
                 ..Default::default()
             },
         };
+        let mut w = w;
+        if pg.get_ref().wal == crate::config::WalMode::Stream
+            && let Some(st) = crate::postgres::stream::StreamStatus::load(pg.get_ref(), name)
+        {
+            let now = Utc::now();
+            w.stream_lag_bytes = Some(st.lag_bytes as f64);
+            w.stream_lag_seconds = Some(st.lag_seconds(now));
+            w.stream_status_age_seconds =
+                Some((now - st.updated).num_milliseconds().max(0) as f64 / 1000.0);
+        }
         wal.push((name.clone(), w));
     }
     let mut regions = Vec::new();
@@ -121,6 +131,7 @@ async fn archiver(pg: &PgConfig) -> Result<WalStats, String> {
         last_archived,
         failed_count,
         failing,
+        ..WalStats::default()
     })
 }
 

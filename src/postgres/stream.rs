@@ -102,6 +102,80 @@ impl StreamStatus {
     }
 }
 
+/// The server's view of the streamer: its slot and its replication
+/// connection.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerView {
+    /// The slot exists.
+    pub slot_exists: bool,
+    /// A streamer is connected to the slot.
+    pub slot_active: bool,
+    /// WAL the slot holds back on the server (bytes).
+    pub retained_bytes: Option<i64>,
+    /// `pg_stat_replication.sync_state` of the streamer (`sync`, `async`…).
+    pub sync_state: Option<String>,
+    /// Bytes between the server's WAL position and the streamer's reported
+    /// flush (= durable) position.
+    pub lag_bytes: Option<i64>,
+    /// `pg_stat_replication.flush_lag` in seconds.
+    pub flush_lag_seconds: Option<f64>,
+}
+
+/// Asks the server (over a normal connection) about the streamer of `cluster`.
+pub async fn server_view(cfg: &PgConfig, cluster: &str) -> Result<ServerView, PgError> {
+    let client = super::connect_to(&cfg.conninfo, Some(Duration::from_secs(10))).await?;
+    let slot = cfg.slot_name(cluster);
+    let app = cfg.stream_application_name(cluster);
+    let sql = |what: &str| {
+        let what = what.to_string();
+        move |source| PgError::Sql { what, source }
+    };
+    let pos = "CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn() ELSE pg_current_wal_lsn() END";
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT active, ({pos} - restart_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1"
+            ),
+            &[&slot],
+        )
+        .await
+        .map_err(sql("reading pg_replication_slots"))?;
+    let (slot_exists, slot_active, retained_bytes) = match row {
+        Some(r) => (
+            true,
+            r.try_get(0).map_err(sql("pg_replication_slots.active"))?,
+            r.try_get(1).map_err(sql("restart_lsn"))?,
+        ),
+        None => (false, false, None),
+    };
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT sync_state, ({pos} - flush_lsn)::int8, extract(epoch FROM flush_lag)::float8 \
+                 FROM pg_stat_replication WHERE application_name = $1 LIMIT 1"
+            ),
+            &[&app],
+        )
+        .await
+        .map_err(sql("reading pg_stat_replication"))?;
+    let (sync_state, lag_bytes, flush_lag_seconds) = match row {
+        Some(r) => (
+            r.try_get(0).map_err(sql("sync_state"))?,
+            r.try_get(1).map_err(sql("flush_lsn"))?,
+            r.try_get(2).map_err(sql("flush_lag"))?,
+        ),
+        None => (None, None, None),
+    };
+    Ok(ServerView {
+        slot_exists,
+        slot_active,
+        retained_bytes,
+        sync_state,
+        lag_bytes,
+        flush_lag_seconds,
+    })
+}
+
 /// What one upload made durable: `[start, end)` in LSN terms, and whether
 /// it was a piece (rather than a completed segment).
 type Durable = Result<(u64, u64, bool), PgError>;
