@@ -83,9 +83,15 @@ fn stream_log(pg: &TestPg) -> String {
 
 /// Waits until the server sees the streamer, in `state` ('async'/'sync').
 fn wait_replication(pg: &TestPg, sync_state: &str) {
+    wait_replication_at(pg, pg.port, sync_state)
+}
+
+/// [`wait_replication`] on the server at `port`.
+fn wait_replication_at(pg: &TestPg, port: u16, sync_state: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let s = pg.sql(
+        let s = pg.sql_at(
+            port,
             "SELECT coalesce(string_agg(sync_state, ','), '') FROM pg_stat_replication WHERE application_name = 'dr_main'",
         );
         if s == sync_state {
@@ -252,10 +258,18 @@ async fn asynchronous_streaming_loses_at_most_the_flush_interval() {
 
 /// Waits until the streamer reports as flushed everything written so far.
 fn wait_durable(pg: &TestPg) {
-    let lsn = pg.sql("SELECT pg_current_wal_lsn()");
+    wait_durable_at(pg, pg.port)
+}
+
+/// [`wait_durable`] on the server at `port` (a primary or a standby).
+fn wait_durable_at(pg: &TestPg, port: u16) {
+    let lsn = pg.sql_at(
+        port,
+        "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END",
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let ok = pg.sql(&format!(
+        let ok = pg.sql_at(port, &format!(
             "SELECT coalesce(bool_or(flush_lsn >= '{lsn}'), false) FROM pg_stat_replication WHERE application_name = 'dr_main'"
         ));
         if ok == "t" {
@@ -385,5 +399,70 @@ fn verify_list_names_a_hole_in_the_archive() {
     assert!(
         text.contains("WAL GAP") && text.contains(&victim),
         "names the hole {victim}: {text}"
+    );
+}
+
+#[test]
+fn a_promoted_standby_is_followed_onto_its_new_timeline() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let regions = fs_repo(&tmp);
+    let mut pg = TestPg::streaming(&regions, "stream_flush_interval = \"200ms\"\n");
+    let (standby, sport) = pg.start_standby("standby");
+    // dr streams from the standby (a cascading walsender there).
+    let scfg = pg.config_for(&standby, sport, "standby.toml");
+    let streamer = Streamer::start(&pg, &scfg);
+    wait_replication_at(&pg, sport, "async");
+    // Backed up on the primary; its stop segment reaches the repository
+    // through the standby.
+    pg.dr(&["backup", "pg"]);
+    pg.sql("CREATE TABLE tl (id int, tli int)");
+    pg.sql("INSERT INTO tl SELECT i, 1 FROM generate_series(1, 1000) i");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while common::pg::psql(&pg.bin, sport, "SELECT count(*) FROM tl").as_deref() != Ok("1000") {
+        assert!(Instant::now() < deadline, "the standby did not replay");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_durable_at(&pg, sport);
+
+    // Failover: the primary goes away and the standby is promoted while
+    // dr streams from it.
+    pg.stop(&pg.data);
+    pg.pg_ctl(&standby, &["-w", "promote"]);
+    assert_eq!(pg.sql_at(sport, "SELECT pg_is_in_recovery()"), "f");
+    pg.sql_at(
+        sport,
+        "INSERT INTO tl SELECT i, 2 FROM generate_series(1001, 1500) i",
+    );
+    wait_replication_at(&pg, sport, "async");
+    wait_durable_at(&pg, sport);
+    let v: serde_json::Value =
+        serde_json::from_slice(&pg.dr(&["--json", "list", "pg"]).stdout).expect("list json");
+    assert_eq!(
+        v["stream"]["status"]["timeline"],
+        2,
+        "{v}\n{}",
+        stream_log(&pg)
+    );
+    streamer.stop();
+
+    // The archive holds the new timeline's history and WAL, without a hole.
+    let history: Vec<_> = common::walk_files(&tmp.path().join("repo"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("00000002.history"))
+        .collect();
+    assert_eq!(history.len(), 1, "no 00000002.history stored");
+    let o = pg.dr_raw(&["--json", "verify", "pg", "--list"]);
+    assert!(
+        o.status.success(),
+        "verify --list: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A restore to the latest point follows the switch to timeline 2.
+    let (port, _, report) = restore_started(&mut pg, "latest", "restored");
+    assert_eq!(
+        pg.sql_at(port, "SELECT count(*), sum(tli) FROM tl"),
+        "1500|2000",
+        "{report}"
     );
 }

@@ -324,6 +324,65 @@ impl TestPg {
         p
     }
 
+    /// Clones the primary with `pg_basebackup -R` into `name` and starts it
+    /// as a hot standby on a free port (stopped on drop): its PGDATA and port.
+    pub fn start_standby(&mut self, name: &str) -> (PathBuf, u16) {
+        let data = self.dir.path().join(name);
+        let port = free_port();
+        let o = run_as(
+            &self.user,
+            &self.bin.join("pg_basebackup"),
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-D",
+                data.to_str().expect("utf8"),
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+            ],
+        );
+        assert!(
+            o.status.success(),
+            "pg_basebackup: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let conf = data.join("postgresql.conf");
+        let mut pc = std::fs::read_to_string(&conf).expect("read conf");
+        pc.push_str(&format!(
+            "\nport = {port}\nhot_standby = on\nwal_receiver_status_interval = '1s'\n"
+        ));
+        std::fs::write(&conf, pc).expect("write conf");
+        self.pg_ctl(&data, &["-w", "start"]);
+        self.track(data.clone());
+        (data, port)
+    }
+
+    /// `pg_ctl -D data -l <data>.log args…` as the OS user; panics on failure.
+    pub fn pg_ctl(&self, data: &Path, args: &[&str]) {
+        let log = data.with_extension("log");
+        let mut all = vec![
+            "-D",
+            data.to_str().expect("utf8"),
+            "-l",
+            log.to_str().expect("utf8"),
+        ];
+        all.extend_from_slice(args);
+        let o = run_as(&self.user, &self.bin.join("pg_ctl"), &all);
+        assert!(
+            o.status.success(),
+            "pg_ctl {args:?}: {}{}",
+            String::from_utf8_lossy(&o.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
     /// Runs dr with another config as the OS user; panics on failure.
     pub fn dr_with(&self, cfg: &Path, args: &[&str]) -> Output {
         let o = self.dr_raw_with(cfg, args);
