@@ -35,6 +35,10 @@ use crate::repo::layout::{ObjectKey, TimelineId, WalSegmentName, WalSuffix};
 /// segment is assembled from at most 16 MiB / this pieces while each
 /// synchronous flush re-sends little.
 const PIECE_REBASE: usize = 256 << 10;
+/// Synchronous mode: pieces uploading at once. A second one starts while the
+/// first waits for its fsync or PUT, so a commit waits for about one upload
+/// rather than one and a half.
+const SYNC_INFLIGHT: usize = 2;
 /// Asynchronous mode writes early once this much is waiting.
 const EARLY_FLUSH: usize = 4 << 20;
 /// Status updates go out at least this often (wal_sender_timeout is 60 s).
@@ -350,7 +354,10 @@ impl<'a> Streamer<'a> {
             inflight: FuturesUnordered::new(),
             pieces_inflight: 0,
             last_status: Instant::now(),
-            last_saved: Instant::now(),
+            // The first report saves: a new timeline shows at once.
+            last_saved: Instant::now()
+                .checked_sub(Duration::from_secs(1))
+                .unwrap_or_else(Instant::now),
         }
     }
 
@@ -471,7 +478,7 @@ impl<'a> Streamer<'a> {
             return;
         }
         let due = now
-            || (self.synchronous && self.pieces_inflight == 0)
+            || (self.synchronous && self.pieces_inflight < SYNC_INFLIGHT)
             || (!self.synchronous
                 && self.pieces_inflight < 2
                 && (waiting >= EARLY_FLUSH
@@ -546,14 +553,19 @@ impl<'a> Streamer<'a> {
         let pos = Lsn(self.durable.max(self.floor));
         conn.send_status(pos, pos).await?;
         self.last_status = Instant::now();
-        if self.last_saved.elapsed() >= Duration::from_secs(1) || self.done.is_empty() {
-            self.status.lag_bytes = self.status.server_lsn.0.saturating_sub(self.durable);
-            self.status.updated = Utc::now();
-            self.status.timeline = self.timeline;
-            self.status.save(&self.status_path);
-            self.last_saved = Instant::now();
+        // Not per piece: a synchronous streamer reports after every upload.
+        if self.last_saved.elapsed() >= Duration::from_secs(1) {
+            self.save_status();
         }
         Ok(())
+    }
+
+    fn save_status(&mut self) {
+        self.status.lag_bytes = self.status.server_lsn.0.saturating_sub(self.durable);
+        self.status.updated = Utc::now();
+        self.status.timeline = self.timeline;
+        self.status.save(&self.status_path);
+        self.last_saved = Instant::now();
     }
 
     /// Waits for every queued upload and reports the final position.
@@ -561,7 +573,9 @@ impl<'a> Streamer<'a> {
         while let Some(res) = self.inflight.next().await {
             self.completed(res?);
         }
-        self.report(conn).await
+        self.report(conn).await?;
+        self.save_status();
+        Ok(())
     }
 }
 
