@@ -25,10 +25,14 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
     let cancel = cancel_on_signal();
     if !out.json {
         eprintln!(
-            "drill {}: restoring {} source(s) as of {}…",
+            "drill {}: restoring {} source(s) as of {} into {}…",
             args.name,
             d.postgres.len() + d.redis.len(),
-            d.to
+            d.to,
+            match d.staging() {
+                Some(env) => format!("the servers of [env.{env}] (their data is replaced)"),
+                None => "scratch servers".to_string(),
+            }
         );
     }
     let rep = dr::verify::drill::run(&repo, &cfg, &args.name, &dr_command, &cancel).await?;
