@@ -63,6 +63,9 @@ pub(crate) async fn record_cleanup(rep: &mut SourceReport, s: &scratch::Scratch)
     });
 }
 
+/// What an `interrupted` check of a scratch restore says.
+pub(crate) const INTERRUPTED: &str = "stopped by a signal before the checks finished";
+
 /// Runs `work` unless a signal (`cancel`) comes first; then returns the
 /// `interrupted` check to report, saying `why` at `t0`'s elapsed time.
 pub(crate) async fn interruptible(

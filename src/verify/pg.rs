@@ -127,13 +127,7 @@ pub async fn restore_and_check(
     let work = run(
         repo, cluster, cfg, target, dr_command, t0, &mut out, &mut rep,
     );
-    let interrupted = super::interruptible(
-        work,
-        cancel,
-        t0,
-        "stopped by a signal before the checks finished",
-    )
-    .await;
+    let interrupted = super::interruptible(work, cancel, t0, super::INTERRUPTED).await;
     rep.checks.extend(interrupted);
     (rep, Some(out))
 }

@@ -69,13 +69,7 @@ pub async fn restore_and_check(
     rep.scratch_dir = Some(scratch.root().display().to_string());
     let mut out = RedisScratch { scratch, port: 0 };
     let work = run(repo, instance, cfg, target, t0, &mut out, &mut rep);
-    let interrupted = super::interruptible(
-        work,
-        cancel,
-        t0,
-        "stopped by a signal before the checks finished",
-    )
-    .await;
+    let interrupted = super::interruptible(work, cancel, t0, super::INTERRUPTED).await;
     rep.checks.extend(interrupted);
     (rep, Some(out))
 }

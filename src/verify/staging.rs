@@ -343,14 +343,9 @@ struct Answering<T> {
     id: T,
 }
 
-impl<T> Answering<T> {
-    fn new(name: &str, endpoint: Option<(String, u16)>, id: T) -> Answering<T> {
-        Answering {
-            name: name.to_string(),
-            local: endpoint.is_some_and(|(h, _)| h == "local"),
-            id,
-        }
-    }
+/// Whether an endpoint is reached over loopback or a socket.
+fn on_this_host(endpoint: Option<(String, u16)>) -> bool {
+    endpoint.is_some_and(|(h, _)| h == "local")
 }
 
 /// Checks every target of drill `d` in `[env.<env>]` before anything is
@@ -371,45 +366,74 @@ pub async fn preflight(
         Ok(()) => Vec::new(),
         Err(w) => w,
     };
-    let mut notes = Vec::new();
     // Production's running servers, as they answer now.
-    let mut prod_pg = Vec::new();
-    for (n, p) in &cfg.postgres {
-        match pg_identity(&p.get_ref().conninfo).await {
-            Ok(id) => prod_pg.push(Answering::new(n, pg_endpoint(&p.get_ref().conninfo), id)),
-            Err(err) => notes.push(format!(
-                "[postgres.{n}] did not answer ({err}); it was told apart from staging by its configured address and data_dir only"
-            )),
-        }
-    }
-    for n in &d.postgres {
-        let Some(t) = e.postgres.get(n).map(|t| t.get_ref()) else {
-            why.push(format!("no [env.{env}.postgres.{n}]"));
-            continue;
-        };
-        why.extend(pg_target_problems(env, n, t, &prod_pg).await);
-    }
-    let mut prod_redis = Vec::new();
-    for (n, r) in &cfg.redis {
+    let mut notes = Vec::new();
+    let pg_ids = futures::future::join_all(cfg.postgres.iter().map(|(n, p)| async move {
+        let c = &p.get_ref().conninfo;
+        (n, on_this_host(pg_endpoint(c)), pg_identity(c).await)
+    }))
+    .await;
+    let prod_pg = answered(pg_ids, "postgres", &mut notes);
+    let redis_ids = futures::future::join_all(cfg.redis.iter().map(|(n, r)| async move {
         let id = match source_client(r.get_ref()) {
-            Ok(c) => redis_identity(&c).await,
+            Ok(c) => redis_identity(&c)
+                .await
+                .and_then(|i| i.ok_or_else(|| "no answer".to_string())),
             Err(e) => Err(e),
         };
-        match id.and_then(|i| i.ok_or_else(|| "no answer".to_string())) {
-            Ok(id) => prod_redis.push(Answering::new(n, redis_endpoint(&r.get_ref().url), id)),
-            Err(err) => notes.push(format!(
-                "[redis.{n}] did not answer ({err}); it was told apart from staging by its configured address only"
-            )),
-        }
+        (n, on_this_host(redis_endpoint(&r.get_ref().url)), id)
+    }))
+    .await;
+    let prod_redis = answered(redis_ids, "redis", &mut notes);
+    for (n, t) in servers(&e.postgres, &d.postgres, env, "postgres", &mut why) {
+        why.extend(pg_target_problems(env, n, t, &prod_pg).await);
     }
-    for n in &d.redis {
-        let Some(t) = e.redis.get(n).map(|t| t.get_ref()) else {
-            why.push(format!("no [env.{env}.redis.{n}]"));
-            continue;
-        };
+    for (n, t) in servers(&e.redis, &d.redis, env, "redis", &mut why) {
         why.extend(redis_target_problems(env, n, t, &prod_redis).await);
     }
     if why.is_empty() { Ok(notes) } else { Err(why) }
+}
+
+/// The production servers that said who they are; a silent one is noted,
+/// as it is then told apart from staging by its configured address only.
+fn answered<T>(
+    ids: Vec<(&String, bool, Result<T, String>)>,
+    kind: &str,
+    notes: &mut Vec<String>,
+) -> Vec<Answering<T>> {
+    let mut out = Vec::new();
+    for (n, local, id) in ids {
+        match id {
+            Ok(id) => out.push(Answering {
+                name: n.clone(),
+                local,
+                id,
+            }),
+            Err(err) => notes.push(format!(
+                "[{kind}.{n}] did not answer ({err}); it was told apart from staging \
+                 by its configured address and directory only"
+            )),
+        }
+    }
+    out
+}
+
+/// The `[env.<env>.<kind>.<name>]` server of each source name.
+fn servers<'a, T>(
+    map: &'a std::collections::BTreeMap<String, toml::Spanned<T>>,
+    names: &'a [String],
+    env: &str,
+    kind: &str,
+    why: &mut Vec<String>,
+) -> Vec<(&'a String, &'a T)> {
+    let mut out = Vec::new();
+    for n in names {
+        match map.get(n) {
+            Some(t) => out.push((n, t.get_ref())),
+            None => why.push(format!("no [env.{env}.{kind}.{n}]")),
+        }
+    }
+    out
 }
 
 async fn pg_target_problems(
@@ -432,8 +456,7 @@ async fn pg_target_problems(
         )];
     }
     let running = postmaster_running(data);
-    let staging_ep = pg_endpoint(&t.conninfo);
-    let local = staging_ep.as_ref().is_some_and(|(h, _)| h == "local");
+    let local = on_this_host(pg_endpoint(&t.conninfo));
     match (pg_identity(&t.conninfo).await, running) {
         (Ok(id), Some(_)) => {
             match &id.data_dir {
@@ -564,7 +587,7 @@ async fn redis_target_problems(
             }
         }
     }
-    let local = redis_endpoint(&t.url).is_some_and(|(h, _)| h == "local");
+    let local = on_this_host(redis_endpoint(&t.url));
     for Answering {
         name: pn,
         local: prod_local,
