@@ -781,16 +781,25 @@ fn drill_into_staging_servers_restores_production_data_and_refuses_production() 
     // can tell, by its identity; refused before anything is touched, and
     // the refusal is audited.
     let gate = common::Gate::start(pg.port);
-    set_config(&pg, &base, &sections(&staging_pg(gate.port, &staging_data)));
+    let redis_gate = common::Gate::start(redis.port);
+    let proxied = sections(&staging_pg(gate.port, &staging_data)).replace(
+        &format!("url = \"{}\"", staging_redis.url()),
+        &format!("url = \"redis://127.0.0.1:{}\"", redis_gate.port),
+    );
+    set_config(&pg, &base, &proxied);
     let o = pg.dr_raw(&["drill", "staging"]);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(!o.status.success(), "{err}");
-    assert!(
-        err.contains("refusing to drill into environment staging, nothing was touched")
-            && err.contains("is the running production cluster [postgres.main]"),
-        "{err}"
-    );
-    drop(gate);
+    for why in [
+        "refusing to drill into environment staging, nothing was touched",
+        "[env.staging.postgres.main]: the server at its conninfo is the running production cluster [postgres.main]",
+        &format!("runs on {}, not on data_dir", pg.data.display()),
+        "[env.staging.redis.cache]: the server at its url is the running production instance [redis.cache]",
+        "not config_file",
+    ] {
+        assert!(err.contains(why), "{why:?} missing from: {err}");
+    }
+    drop((gate, redis_gate));
     untouched("refused at run time");
     let audit = std::fs::read_to_string(pg.dir.path().join("audit.jsonl")).expect("audit");
     let refused: Vec<Value> = audit
