@@ -799,6 +799,15 @@ fn drill_into_staging_servers_restores_production_data_and_refuses_production() 
     ] {
         assert!(err.contains(why), "{why:?} missing from: {err}");
     }
+    // A dry run sees the same and touches nothing either.
+    let o = pg.dr_raw(&["drill", "staging", "--dry-run"]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(!o.status.success(), "{text}");
+    assert!(
+        text.contains("refused: [env.staging.postgres.main]: the server at its conninfo is the running production cluster")
+            && text.contains("would be refused; nothing was touched"),
+        "{text}"
+    );
     drop((gate, redis_gate));
     untouched("refused at run time");
     let audit = std::fs::read_to_string(pg.dir.path().join("audit.jsonl")).expect("audit");
@@ -813,8 +822,22 @@ fn drill_into_staging_servers_restores_production_data_and_refuses_production() 
         "{refused:?}"
     );
 
-    // The real staging servers: restored, checked, playbook run, left running.
+    // The real staging servers: a dry run says what would happen, then the
+    // drill restores, checks, runs the playbook and leaves them running.
     set_config(&pg, &base, &good);
+    let o = pg.dr_raw(&["--json", "drill", "staging", "--dry-run"]);
+    let plan = json(&o);
+    assert!(o.status.success(), "{plan:#}");
+    let steps = plan["plan"]["steps"].to_string();
+    assert!(
+        steps.contains("[env.staging.postgres.main]")
+            && steps.contains("--delta")
+            && steps.contains("SHUTDOWN NOSAVE")
+            && steps.contains("CONFIG SET appendonly yes")
+            && steps.contains("then playbook"),
+        "{plan:#}"
+    );
+    untouched("dry run");
     let o = pg.dr_raw(&["--json", "drill", "staging"]);
     let v = json(&o);
     assert!(

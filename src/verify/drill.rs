@@ -357,6 +357,88 @@ fn staging_server<'a, T>(
         .ok_or_else(|| VerifyError::Other(format!("no [env.{env}.{kind}.{name}] to restore into")))
 }
 
+/// What `dr drill NAME --dry-run` found: the plan, or why it would be refused.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrillPlan {
+    /// Drill name.
+    pub drill: String,
+    /// Where the sources would be restored.
+    pub environment: String,
+    /// Whether the drill would run (every safety check passed).
+    pub ok: bool,
+    /// What would be done, server by server.
+    pub steps: Vec<String>,
+    /// Why the drill would be refused.
+    pub refused: Vec<String>,
+    /// Things to know, e.g. a production server that did not answer.
+    pub notes: Vec<String>,
+}
+
+/// Runs the safety checks of drill `name` and says what it would do,
+/// touching nothing; audited as `drill.dry-run`.
+pub async fn dry_run(cfg: &Config, name: &str) -> Result<DrillPlan, VerifyError> {
+    let d = cfg.drill(name)?.clone();
+    let audit = Audit::begin(
+        AuditLog::from_config(cfg),
+        "drill.dry-run",
+        name,
+        serde_json::json!({ "to": d.to, "environment": d.environment }),
+    )?;
+    let mut plan = DrillPlan {
+        drill: name.to_string(),
+        environment: d.environment.clone(),
+        ok: true,
+        steps: Vec::new(),
+        refused: Vec::new(),
+        notes: Vec::new(),
+    };
+    match d.staging() {
+        Some(env) => {
+            plan.steps = super::staging::plan(cfg, env, &d);
+            match super::staging::preflight(cfg, env, &d).await {
+                Ok(notes) => plan.notes = notes,
+                Err(why) => {
+                    plan.ok = false;
+                    plan.refused = why;
+                }
+            }
+        }
+        None => plan.steps.extend(
+            d.postgres
+                .iter()
+                .map(|n| {
+                    format!(
+                        "[postgres.{n}]: restore as of {} into a scratch server, check, remove",
+                        d.to
+                    )
+                })
+                .chain(d.redis.iter().map(|n| {
+                    format!(
+                        "[redis.{n}]: restore as of {} into a scratch server, check, remove",
+                        d.to
+                    )
+                })),
+        ),
+    }
+    if let Some(pb) = &d.playbook {
+        plan.steps.push(format!(
+            "then playbook {pb} on {}",
+            d.env
+                .as_deref()
+                .or(d.staging())
+                .unwrap_or("the restored servers")
+        ));
+    }
+    let details = serde_json::to_value(&plan).unwrap_or_default();
+    let result = if plan.ok {
+        Ok(details)
+    } else {
+        Err(plan.refused.join("; "))
+    };
+    let _ = audit.finish(None, result).await;
+    Ok(plan)
+}
+
 fn drill_failures(rep: &DrillReport) -> String {
     let mut out: Vec<String> = rep
         .sources

@@ -607,6 +607,49 @@ async fn redis_target_problems(
     why
 }
 
+/// What a drill into `[env.<env>]` would do to each server, for a dry run.
+pub fn plan(cfg: &Config, env: &str, d: &DrillConfig) -> Vec<String> {
+    let Ok(e) = cfg.environment(env) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for n in &d.postgres {
+        if let Some(t) = e.postgres.get(n).map(|t| t.get_ref()) {
+            out.push(format!(
+                "{}: stop it (pg_ctl stop -m fast as {}), restore [postgres.{n}] as of {} into its data \
+                 directory with --delta keeping its {}, start it as configured with archive_mode=off, \
+                 wait for promotion through its conninfo, run the checks; it stays running",
+                pg_server(env, n, t),
+                t.os_user,
+                d.to,
+                KEPT_PG_FILES.join(", ")
+            ));
+        }
+    }
+    for n in &d.redis {
+        if let Some(t) = e.redis.get(n).map(|t| t.get_ref()) {
+            let dir = t.dir.as_deref().unwrap_or(Path::new("?"));
+            let (h, port) = redis_endpoint(&t.url).unwrap_or_default();
+            out.push(format!(
+                "[env.{env}.redis.{n}] {h}:{port}: decode [redis.{n}] as of {} into {}, SHUTDOWN NOSAVE, \
+                 rename it to {}, start {} {} --daemonize yes --appendonly no{}, check key counts and \
+                 run the checks; it stays running",
+                d.to,
+                dir.join(".dr-drill-<id>").display(),
+                dir.join(&t.dbfilename).display(),
+                t.server_bin.display(),
+                t.config_file.as_deref().unwrap_or(Path::new("?")).display(),
+                if t.config_file.as_deref().is_some_and(wants_aof) {
+                    ", then CONFIG SET appendonly yes (AOF rewritten from the restored data)"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+    out
+}
+
 /// Describes a staging PostgreSQL server for reports.
 fn pg_server(env: &str, n: &str, t: &PgTarget) -> String {
     let (h, p) = pg_endpoint(&t.conninfo).unwrap_or_default();
