@@ -919,4 +919,32 @@ fn drill_into_staging_servers_restores_production_data_and_refuses_production() 
     assert_eq!(redis_pid(&redis), prod_redis_pid);
     assert_eq!(pg.sql("SELECT count(*) FROM pgbench_history"), history);
     assert_clean(&scratch);
+
+    // A target no backup covers fails the drill before staging is stopped.
+    let (pg_pid, cache_pid) = (postmaster_pid(&staging_data), redis_pid(&staging_redis));
+    let early = good.replace(
+        "environment = \"staging\"",
+        "environment = \"staging\"\nto = \"2020-01-01T00:00:00Z\"",
+    );
+    set_config(&pg, &base, &early);
+    let o = pg.dr_raw(&["--json", "drill", "staging"]);
+    let d = &json(&o)["drill"];
+    assert!(!o.status.success(), "{d:#}");
+    for s in d["sources"].as_array().expect("sources") {
+        assert_eq!(check(s, "restore")["ok"], false, "{s:#}");
+    }
+    assert_eq!(
+        postmaster_pid(&staging_data),
+        pg_pid,
+        "staging PostgreSQL was stopped"
+    );
+    assert_eq!(
+        redis_pid(&staging_redis),
+        cache_pid,
+        "staging Redis was stopped"
+    );
+    assert_eq!(
+        pg.sql_at(sp, "SELECT count(*) FROM pgbench_accounts"),
+        "100000"
+    );
 }

@@ -686,6 +686,12 @@ pub async fn restore_pg(
         return rep;
     };
     let work = async {
+        // A restore that cannot work must fail before staging is stopped.
+        if let Err(e) = restorable(repo, cluster, target).await {
+            rep.checks
+                .push(CheckResult::fail("restore", e, t0.elapsed().as_secs_f64()));
+            return;
+        }
         if let Some(pid) = postmaster_running(&data) {
             let s = Instant::now();
             match crate::postgres::server::stop(&t.bin_dir, &t.os_user, &data).await {
@@ -737,6 +743,28 @@ pub async fn restore_pg(
     let interrupted = super::interruptible(work, cancel, t0, INTERRUPTED_PG).await;
     rep.checks.extend(interrupted);
     rep
+}
+
+/// Whether `cluster` has a backup for `target` that a delta restore into
+/// a staging data directory can use (no tablespaces).
+async fn restorable(repo: &Repository, cluster: &str, target: &Target) -> Result<(), String> {
+    let catalog = crate::postgres::catalog::Catalog::load(repo, cluster)
+        .await
+        .map_err(|e| e.to_string())?;
+    let when = match target {
+        Target::Latest => None,
+        Target::Time(t) => Some(*t),
+    };
+    let m = catalog.pick(when).map_err(|e| e.to_string())?;
+    if m.tablespaces.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "backup {} has tablespaces, which a restore into a staging data directory does not \
+             support yet; the staging server was left as it was",
+            m.id
+        ))
+    }
 }
 
 /// Restores instance `instance` into the staging server `t`: decode the
