@@ -484,14 +484,17 @@ pub struct DrillConfig {
     /// Recovery target: `latest` or a time (RFC 3339).
     #[serde(default = "default_drill_to")]
     pub to: String,
-    /// Where the sources are restored. Only `scratch` (servers dr starts on
-    /// loopback and removes afterwards) is supported.
+    /// Where the sources are restored: `scratch` (servers dr starts on
+    /// loopback and removes afterwards) or the name of an `[env.<name>]`
+    /// with `allow_overwrite = true` whose servers, named after the sources,
+    /// are overwritten and left running.
     #[serde(default = "default_drill_environment")]
     pub environment: String,
     /// Failover playbook run once every source answers (name or path).
     pub playbook: Option<String>,
-    /// Environment the playbook acts on; default: the restored scratch
-    /// servers, named after their sources.
+    /// Environment the playbook acts on; default: the restored servers,
+    /// named after their sources (the staging environment itself, or the
+    /// scratch servers).
     pub env: Option<String>,
     /// Recovery-time objective: drill start to every source answering (and
     /// the playbook's RTO point, when one runs).
@@ -507,7 +510,18 @@ fn default_drill_to() -> String {
 }
 
 fn default_drill_environment() -> String {
-    "scratch".into()
+    SCRATCH.into()
+}
+
+/// The drill environment of servers dr starts and removes; reserved, so no
+/// `[env.scratch]` can make it ambiguous.
+pub const SCRATCH: &str = "scratch";
+
+impl DrillConfig {
+    /// The `[env.<name>]` the drill restores into, `None` for scratch servers.
+    pub fn staging(&self) -> Option<&str> {
+        (self.environment != SCRATCH).then_some(self.environment.as_str())
+    }
 }
 
 fn yes() -> bool {
@@ -561,6 +575,11 @@ fn default_prefetch() -> usize {
 pub struct EnvConfig {
     /// Holds the failover lock of this environment (default: /var/lib/dr/state).
     pub state_dir: Option<PathBuf>,
+    /// Drills may replace the data of these servers (`[drill.*] environment`
+    /// naming this environment). Never set it on an environment with data
+    /// that matters.
+    #[serde(default)]
+    pub allow_overwrite: bool,
     /// PostgreSQL servers, by name (`[env.<name>.postgres.<server>]`).
     #[serde(default)]
     pub postgres: std::collections::BTreeMap<String, Spanned<PgTarget>>,
@@ -614,6 +633,37 @@ impl PgTarget {
 pub struct RedisTarget {
     /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS.
     pub url: String,
+    /// The server's own config file, which a drill restarts it with (the
+    /// snapshot loads only at start-up). Needed for drills into this server.
+    pub config_file: Option<PathBuf>,
+    /// Its `dir`: where a drill places the restored snapshot.
+    pub dir: Option<PathBuf>,
+    /// Its `dbfilename`.
+    #[serde(default = "default_dbfilename")]
+    pub dbfilename: String,
+    /// `redis-server` binary a drill restarts it with.
+    #[serde(default = "default_redis_server")]
+    pub server_bin: PathBuf,
+    /// OS user the server runs as (default: the current user).
+    pub os_user: Option<String>,
+}
+
+impl RedisTarget {
+    /// A server known only by its URL (playbooks need no more).
+    pub fn at_url(url: String) -> RedisTarget {
+        RedisTarget {
+            url,
+            config_file: None,
+            dir: None,
+            dbfilename: default_dbfilename(),
+            server_bin: default_redis_server(),
+            os_user: None,
+        }
+    }
+}
+
+fn default_dbfilename() -> String {
+    "dump.rdb".into()
 }
 
 /// A validated region: its name and backend.
@@ -1153,12 +1203,8 @@ impl Config {
                 c.to
             ));
         }
-        if c.environment != "scratch" {
-            return fail(format!(
-                "environment = {:?} is not supported; use \"scratch\" (restored servers dr starts and removes); \
-                 point a playbook at existing servers with env = \"<name>\"",
-                c.environment
-            ));
+        if let Some(env) = c.staging() {
+            self.validate_staging(env, c).or_else(fail)?;
         }
         if let Some(e) = &c.env
             && !self.env.contains_key(e)
@@ -1186,6 +1232,52 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// A drill into `[env.<env>]`: the environment exists, allows
+    /// overwriting, has a server for every source with what the restore
+    /// needs, and none of them is (or lies inside) a protected server.
+    fn validate_staging(&self, env: &str, d: &DrillConfig) -> Result<(), String> {
+        let e = self.env.get(env).map(|e| e.get_ref()).ok_or_else(|| {
+            let names: Vec<&String> = self.env.keys().collect();
+            format!(
+                "environment = {env:?} is neither \"scratch\" nor an [env.<name>]{}",
+                if names.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (configured: {})", join(&names))
+                }
+            )
+        })?;
+        if !e.allow_overwrite {
+            return Err(format!(
+                "environment = {env:?}: the drill replaces the data of every server it restores into, \
+                 and [env.{env}] does not set allow_overwrite = true; set it only on a staging environment"
+            ));
+        }
+        for p in &d.postgres {
+            let t = e.postgres.get(p).map(|t| t.get_ref()).ok_or_else(|| {
+                format!("postgres = [{p:?}] has no server [env.{env}.postgres.{p}] to restore into")
+            })?;
+            if t.data_dir.is_none() {
+                return Err(format!(
+                    "[env.{env}.postgres.{p}] needs data_dir (and bin_dir, os_user): the drill stops the server, \
+                     restores into its data directory and starts it again"
+                ));
+            }
+        }
+        for r in &d.redis {
+            let t = e.redis.get(r).map(|t| t.get_ref()).ok_or_else(|| {
+                format!("redis = [{r:?}] has no server [env.{env}.redis.{r}] to restore into")
+            })?;
+            if t.config_file.is_none() || t.dir.is_none() {
+                return Err(format!(
+                    "[env.{env}.redis.{r}] needs config_file and dir: the drill places the snapshot in dir \
+                     and restarts the server with its config file"
+                ));
+            }
+        }
+        crate::verify::staging::refuse_protected(self, env, d).map_err(|v| v.join("; "))
     }
 
     /// Checks `[daemon]` and every cron expression, so `dr check` reports a
@@ -1328,6 +1420,12 @@ impl Config {
             }
         };
         check_name(name, &format!("[env.{name}]"), env.span())?;
+        if name == SCRATCH {
+            return fail(
+                env.span(),
+                "[env.scratch]: the name is reserved for the servers drills start and remove; rename the environment".into(),
+            );
+        }
         let e = env.get_ref();
         if e.postgres.is_empty() && e.redis.is_empty() {
             return fail(
@@ -1362,6 +1460,24 @@ impl Config {
         for (server, t) in &e.redis {
             let section = format!("[env.{name}.redis.{server}]");
             check_name(server, &section, t.span())?;
+            let r = t.get_ref();
+            for (k, p) in [("config_file", &r.config_file), ("dir", &r.dir)] {
+                if let Some(p) = p.as_ref().filter(|p| !p.is_absolute()) {
+                    return fail(
+                        t.span(),
+                        format!("{section}: {k} {} must be absolute", p.display()),
+                    );
+                }
+            }
+            if r.dbfilename.is_empty() || r.dbfilename.contains('/') {
+                return fail(
+                    t.span(),
+                    format!(
+                        "{section}: dbfilename {:?} must be a plain file name",
+                        r.dbfilename
+                    ),
+                );
+            }
             if let Err(err) = redis::Client::open(t.get_ref().url.as_str()) {
                 return fail(
                     t.span(),
@@ -1844,11 +1960,68 @@ mod tests {
         let e = drill("redis = [\"cache\"]\nreport_dir = \"r\"\n");
         assert!(e.contains("must be absolute"), "{e}");
         let e = drill("redis = [\"cache\"]\nenvironment = \"prod\"\nreport_dir = \"/r\"\n");
-        assert!(e.contains("not supported"), "{e}");
+        assert!(e.contains("neither \"scratch\" nor an [env.<name>]"), "{e}");
         let e = parse(&(base() + pg + "[postgres.main.verify]\nscratch_dir = \"/a b\"\n"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("free of spaces"), "{e}");
+    }
+
+    #[test]
+    fn staging_drills_need_an_overwritable_environment_apart_from_production() {
+        let sources = "[postgres.main]\nconninfo = \"host=127.0.0.1 port=5432\"\ndata_dir = \"/srv/pg/main\"\n\
+                       [redis.cache]\nurl = \"redis://127.0.0.1:6379\"\n\
+                       [env.prod.postgres.main]\nconninfo = \"host=10.0.0.1\"\ndata_dir = \"/srv/pg/prod\"\n";
+        let drill = "[drill.d]\npostgres = [\"main\"]\nredis = [\"cache\"]\nenvironment = \"staging\"\nreport_dir = \"/r\"\n";
+        let with = |env: &str| parse(&(base() + sources + env + drill));
+        let good_pg = "[env.staging.postgres.main]\nconninfo = \"host=localhost port=5433\"\ndata_dir = \"/srv/pg/staging\"\n";
+        let good_redis = "[env.staging.redis.cache]\nurl = \"redis://127.0.0.1:6380\"\nconfig_file = \"/etc/redis/staging.conf\"\ndir = \"/srv/redis/staging\"\n";
+        let ok = format!("[env.staging]\nallow_overwrite = true\n{good_pg}{good_redis}");
+        let c = with(&ok).expect("valid staging drill");
+        assert_eq!(c.drill("d").expect("drill").staging(), Some("staging"));
+        assert_eq!(
+            c.env["staging"].get_ref().redis["cache"]
+                .get_ref()
+                .dbfilename,
+            "dump.rdb"
+        );
+
+        let e = with(&format!("[env.staging]\n{good_pg}{good_redis}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not set allow_overwrite = true"), "{e}");
+        let e = with(&format!("[env.staging]\nallow_overwrite = true\n{good_pg}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no server [env.staging.redis.cache]"), "{e}");
+        let e = with(&ok.replace("/srv/pg/staging", "/srv/pg/main"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("data_dir /srv/pg/main is (or overlaps) /srv/pg/main")
+                && e.contains("[postgres.main]"),
+            "{e}"
+        );
+        let e = with(&ok.replace("/srv/pg/staging", "/srv/pg/prod/sub"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[env.prod.postgres.main]"), "{e}");
+        let e = with(&ok.replace("port=5433", "port=5432"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("reaches local:5432"), "{e}");
+        let e = with(&ok.replace("127.0.0.1:6380", "localhost:6379"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the production instance [redis.cache]"), "{e}");
+        let e = with(&ok.replace("config_file = \"/etc/redis/staging.conf\"\n", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs config_file and dir"), "{e}");
+        let e = parse(&(base() + "[env.scratch.redis.a]\nurl = \"redis://127.0.0.1:1\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("reserved"), "{e}");
     }
 
     #[test]

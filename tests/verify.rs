@@ -491,8 +491,17 @@ fn tamper_newest_snapshot(dr: &DrSetup, repo_dir: &Path) {
         .expect("put manifest");
 }
 
-#[test]
-fn drill_over_postgres_and_redis_reports_and_enforces_objectives() {
+/// Production for a drill: a cluster with pgbench data, a base backup and
+/// archived WAL after it, and a Redis with 2000 keys; with the repository
+/// directory, the config text, the scratch parent and the report directory.
+fn drill_production() -> (
+    tempfile::TempDir,
+    TestPg,
+    String,
+    PathBuf,
+    PathBuf,
+    TestRedis,
+) {
     let fs = tempfile::tempdir().expect("tempdir");
     let pg = TestPg::new(&fs_repo(&fs));
     let base = std::fs::read_to_string(&pg.cfg).expect("cfg");
@@ -504,8 +513,42 @@ fn drill_over_postgres_and_redis_reports_and_enforces_objectives() {
     pg.dr(&["backup", "pg"]);
     pg.pgbench(&["-t", "100", "-n"]);
     pg.archive_now();
+    (fs, pg, base, scratch, reports, redis)
+}
 
-    // A playbook run against the restored scratch servers.
+/// The drill's two report files: the JSON (parsed) and the Markdown.
+fn report_files(d: &Value) -> (Value, String) {
+    let files: Vec<&str> = d["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .filter_map(|f| f.as_str())
+        .collect();
+    assert_eq!(files.len(), 2, "{d:#}");
+    let json =
+        serde_json::from_slice(&std::fs::read(files[0]).expect("json report")).expect("json");
+    let md = std::fs::read_to_string(files[1]).expect("markdown report");
+    (json, md)
+}
+
+/// The drill-level checks are the playbook and both objectives.
+fn assert_drill_checks(d: &Value) {
+    let names: Vec<&str> = d["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["playbook", "RTO objective", "RPO objective"],
+        "{d:#}"
+    );
+}
+
+/// A playbook that passes when the restored `main` is a primary holding
+/// pgbench's accounts and the restored `cache` is a master.
+fn drill_playbook(pg: &TestPg) -> PathBuf {
     let playbook = pg.dir.path().join("drill-check.toml");
     std::fs::write(
         &playbook,
@@ -513,6 +556,15 @@ fn drill_over_postgres_and_redis_reports_and_enforces_objectives() {
     )
     .expect("playbook");
     chown(&playbook, &pg.user);
+    playbook
+}
+
+#[test]
+fn drill_over_postgres_and_redis_reports_and_enforces_objectives() {
+    let (fs, pg, base, scratch, reports, redis) = drill_production();
+
+    // A playbook run against the restored scratch servers.
+    let playbook = drill_playbook(&pg);
     let bin = common::require_env("DR_TEST_REDIS_SERVER_BIN", "Redis");
     let sections = |rto: &str| {
         format!(
@@ -548,28 +600,9 @@ fn drill_over_postgres_and_redis_reports_and_enforces_objectives() {
     }
     eprintln!("MEASURED drill overall: RTO {rto:.2}s RPO {rpo:.3}s");
     assert_eq!(d["sources"].as_array().map(Vec::len), Some(2));
-    let names: Vec<&str> = d["checks"]
-        .as_array()
-        .expect("checks")
-        .iter()
-        .filter_map(|c| c["name"].as_str())
-        .collect();
-    assert_eq!(
-        names,
-        ["playbook", "RTO objective", "RPO objective"],
-        "{d:#}"
-    );
-    let files: Vec<String> = d["files"]
-        .as_array()
-        .expect("files")
-        .iter()
-        .filter_map(|f| f.as_str().map(str::to_string))
-        .collect();
-    assert_eq!(files.len(), 2);
-    let json_file: Value =
-        serde_json::from_slice(&std::fs::read(&files[0]).expect("json report")).expect("json");
+    assert_drill_checks(d);
+    let (json_file, md) = report_files(d);
     assert_eq!(json_file["achieved"]["rto_seconds"].as_f64(), Some(rto));
-    let md = std::fs::read_to_string(&files[1]).expect("markdown report");
     assert!(
         md.contains("PASSED") && md.contains("| achieved |") && md.contains("## redis `cache`"),
         "{md}"
@@ -597,4 +630,321 @@ fn drill_over_postgres_and_redis_reports_and_enforces_objectives() {
     let md = std::fs::read_to_string(d["files"][1].as_str().expect("md")).expect("md");
     assert!(md.contains("FAILED") && md.contains("**FAIL**"), "{md}");
     assert_clean(&scratch);
+}
+
+/// A second cluster standing in for a staging server: initdb'd and
+/// configured as its own (port, `cluster_name = 'staging'`, no archiving),
+/// running, with a table production does not have. Stopped when `pg` drops.
+fn staging_cluster(pg: &mut TestPg) -> (PathBuf, u16) {
+    let data = pg.dir.path().join("staging-data");
+    common::pg::initdb(&pg.user, &pg.bin, &data, &[]);
+    let port = common::pg::free_port();
+    let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).expect("conf");
+    conf.push_str(&format!(
+        "\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\narchive_mode = off\ncluster_name = 'staging'\n"
+    ));
+    std::fs::write(data.join("postgresql.conf"), conf).expect("conf");
+    let log = pg.dir.path().join("staging.log");
+    common::pg::pg_ctl_start(&pg.user, &pg.bin, &data, &log);
+    pg.track(data.clone());
+    pg.sql_at(port, "CREATE TABLE staging_only (x int)");
+    (data, port)
+}
+
+fn postmaster_pid(data: &Path) -> String {
+    std::fs::read_to_string(data.join("postmaster.pid"))
+        .expect("postmaster.pid")
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn redis_pid(r: &TestRedis) -> String {
+    std::fs::read_to_string(r.dir.path().join("redis.pid"))
+        .expect("redis.pid")
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn drill_into_staging_servers_restores_production_data_and_refuses_production() {
+    let (_fs, mut pg, base, scratch, reports, redis) = drill_production();
+    let balance = pg.sql("SELECT sum(abalance) FROM pgbench_accounts");
+    let history = pg.sql("SELECT count(*) FROM pgbench_history");
+
+    // Staging servers of their own: a cluster and an AOF-persisted Redis.
+    let (staging_data, staging_port) = staging_cluster(&mut pg);
+    let staging_redis = TestRedis::start(&["appendonly yes"]);
+    let _: () = staging_redis.cmd(&["SET", "staging:only", "1"]);
+    let state = pg.dir.path().join("state-staging");
+    std::fs::create_dir_all(&state).expect("mkdir");
+    chown(&state, &pg.user);
+
+    // The same playbook, against [env.staging] this time.
+    let playbook = drill_playbook(&pg);
+    let bin = common::require_env("DR_TEST_REDIS_SERVER_BIN", "Redis");
+    let sections = |staging_pg: &str| {
+        format!(
+            "{}\n[redis.cache]\nurl = \"{}\"\nserver_bin = \"{bin}\"\n\n\
+             [env.staging]\nallow_overwrite = true\nstate_dir = \"{}\"\n\
+             [env.staging.postgres.main]\n{staging_pg}\nbin_dir = \"{}\"\nos_user = \"{}\"\n\
+             [env.staging.redis.cache]\nurl = \"{}\"\nconfig_file = \"{}\"\ndir = \"{}\"\nserver_bin = \"{bin}\"\n\n\
+             [drill.staging]\npostgres = [\"main\"]\nredis = [\"cache\"]\nenvironment = \"staging\"\n\
+             playbook = \"{}\"\nrto_seconds = 600\nrpo_seconds = 600\nreport_dir = \"{}\"\n",
+            verify_section(
+                &scratch,
+                &[("accounts", "SELECT count(*) = 100000 FROM pgbench_accounts")]
+            ),
+            redis.url(),
+            state.display(),
+            pg.bin.display(),
+            pg.user,
+            staging_redis.url(),
+            staging_redis.dir.path().join("redis.conf").display(),
+            staging_redis.dir.path().display(),
+            playbook.display(),
+            reports.display()
+        )
+    };
+    let staging_pg = |port: u16, data: &Path| {
+        format!(
+            "conninfo = \"host=127.0.0.1 port={port} user=postgres dbname=postgres\"\ndata_dir = \"{}\"",
+            data.display()
+        )
+    };
+    let good = sections(&staging_pg(staging_port, &staging_data));
+    set_config(&pg, &base, &good);
+    pg.dr(&["backup", "redis"]);
+    let prod_pid = postmaster_pid(&pg.data);
+    let prod_redis_pid = redis_pid(&redis);
+    let staging_pid = postmaster_pid(&staging_data);
+    let untouched = |what: &str| {
+        assert_eq!(
+            postmaster_pid(&pg.data),
+            prod_pid,
+            "{what}: production PostgreSQL restarted"
+        );
+        assert_eq!(
+            redis_pid(&redis),
+            prod_redis_pid,
+            "{what}: production Redis restarted"
+        );
+        assert_eq!(
+            pg.sql("SELECT count(*) FROM pgbench_history"),
+            history,
+            "{what}"
+        );
+        assert_eq!(pg.sql("SHOW cluster_name"), "", "{what}");
+        assert_eq!(
+            postmaster_pid(&staging_data),
+            staging_pid,
+            "{what}: staging restarted"
+        );
+        assert_eq!(
+            pg.sql_at(
+                staging_port,
+                "SELECT to_regclass('staging_only') IS NOT NULL"
+            ),
+            "t"
+        );
+    };
+
+    // A staging definition on production's data directory: refused when the
+    // config is read, before anything runs.
+    set_config(&pg, &base, &sections(&staging_pg(staging_port, &pg.data)));
+    let o = pg.dr_raw(&["drill", "staging"]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "[env.staging.postgres.main] data_dir {} is (or overlaps)",
+            pg.data.display()
+        )) && err.contains("the production cluster [postgres.main]"),
+        "{err}"
+    );
+    // On production's port: refused too.
+    set_config(&pg, &base, &sections(&staging_pg(pg.port, &staging_data)));
+    let o = pg.dr_raw(&["drill", "staging"]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success());
+    assert!(
+        err.contains(&format!(
+            "reaches local:{}, the address of the production cluster [postgres.main]",
+            pg.port
+        )),
+        "{err}"
+    );
+    untouched("refused by the config");
+
+    // Production behind another address (a proxy): only the running server
+    // can tell, by its identity; refused before anything is touched, and
+    // the refusal is audited.
+    let gate = common::Gate::start(pg.port);
+    let redis_gate = common::Gate::start(redis.port);
+    let proxied = sections(&staging_pg(gate.port, &staging_data)).replace(
+        &format!("url = \"{}\"", staging_redis.url()),
+        &format!("url = \"redis://127.0.0.1:{}\"", redis_gate.port),
+    );
+    set_config(&pg, &base, &proxied);
+    let o = pg.dr_raw(&["drill", "staging"]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "{err}");
+    for why in [
+        "refusing to drill into environment staging, nothing was touched",
+        "[env.staging.postgres.main]: the server at its conninfo is the running production cluster [postgres.main]",
+        &format!("runs on {}, not on data_dir", pg.data.display()),
+        "[env.staging.redis.cache]: the server at its url is the running production instance [redis.cache]",
+        "not config_file",
+    ] {
+        assert!(err.contains(why), "{why:?} missing from: {err}");
+    }
+    // A dry run sees the same and touches nothing either.
+    let o = pg.dr_raw(&["drill", "staging", "--dry-run"]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(!o.status.success(), "{text}");
+    assert!(
+        text.contains("refused: [env.staging.postgres.main]: the server at its conninfo is the running production cluster")
+            && text.contains("would be refused; nothing was touched"),
+        "{text}"
+    );
+    drop((gate, redis_gate));
+    untouched("refused at run time");
+    let audit = std::fs::read_to_string(pg.dir.path().join("audit.jsonl")).expect("audit");
+    let refused: Vec<Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["action"] == "drill" && r["phase"] == "finished")
+        .collect();
+    assert!(
+        refused.last().is_some_and(|r| r["outcome"] == "failed"
+            && r["error"].as_str().is_some_and(|e| e.contains("refusing"))),
+        "{refused:?}"
+    );
+
+    // The real staging servers: a dry run says what would happen, then the
+    // drill restores, checks, runs the playbook and leaves them running.
+    set_config(&pg, &base, &good);
+    let o = pg.dr_raw(&["--json", "drill", "staging", "--dry-run"]);
+    let plan = json(&o);
+    assert!(o.status.success(), "{plan:#}");
+    let steps = plan["plan"]["steps"].to_string();
+    assert!(
+        steps.contains("[env.staging.postgres.main]")
+            && steps.contains("--delta")
+            && steps.contains("SHUTDOWN NOSAVE")
+            && steps.contains("CONFIG SET appendonly yes")
+            && steps.contains("then playbook"),
+        "{plan:#}"
+    );
+    untouched("dry run");
+    let o = pg.dr_raw(&["--json", "drill", "staging"]);
+    let v = json(&o);
+    assert!(
+        o.status.success(),
+        "{v:#}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let d = &v["drill"];
+    assert_eq!(d["ok"], true, "{d:#}");
+    assert_eq!(d["environment"], "staging");
+    for s in d["sources"].as_array().expect("sources") {
+        eprintln!(
+            "MEASURED staging drill {} {}: RTO {:.2}s RPO {:.3}s",
+            s["kind"],
+            s["name"],
+            s["rto_seconds"].as_f64().unwrap_or(-1.0),
+            s["rpo_seconds"].as_f64().unwrap_or(-1.0)
+        );
+        assert!(
+            s["staging"]
+                .as_str()
+                .is_some_and(|x| x.contains("[env.staging.")),
+            "{s:#}"
+        );
+        assert!(s["rto_seconds"].as_f64().is_some() && s["rpo_seconds"].as_f64().is_some());
+        assert_eq!(check(s, "staging stopped")["ok"], true, "{s:#}");
+    }
+    assert_drill_checks(d);
+    assert!(d["playbook"]["env"] == "staging", "{d:#}");
+    let (report, md) = report_files(d);
+    assert!(report["achieved"]["rto_seconds"].as_f64().is_some());
+    assert!(report["achieved"]["rpo_seconds"].as_f64().is_some());
+    assert!(
+        md.contains("PASSED")
+            && md.contains("environment: staging")
+            && md.contains("(left running)")
+            && md.contains("| achieved |"),
+        "{md}"
+    );
+
+    // Staging holds production's data as of the target, under its own config.
+    let sp = staging_port;
+    assert_eq!(
+        pg.sql_at(sp, "SELECT count(*) FROM pgbench_accounts"),
+        "100000"
+    );
+    assert_eq!(
+        pg.sql_at(sp, "SELECT sum(abalance) FROM pgbench_accounts"),
+        balance
+    );
+    assert_eq!(
+        pg.sql_at(sp, "SELECT count(*) FROM pgbench_history"),
+        history
+    );
+    assert_eq!(
+        pg.sql_at(sp, "SELECT to_regclass('staging_only') IS NULL"),
+        "t"
+    );
+    assert_eq!(pg.sql_at(sp, "SELECT pg_is_in_recovery()"), "f");
+    assert_eq!(pg.sql_at(sp, "SHOW cluster_name"), "staging");
+    assert_eq!(pg.sql_at(sp, "SHOW archive_mode"), "off");
+    let exists: i64 = staging_redis.cmd(&["EXISTS", "staging:only"]);
+    assert_eq!(exists, 0, "staging's own key survived the drill");
+    let mut prod = redis.conn();
+    let mut stag = staging_redis.conn();
+    for k in ["k:0", "k:1", "k:6", "k:1998"] {
+        assert_eq!(
+            common::redis::value_of(&mut stag, k),
+            common::redis::value_of(&mut prod, k),
+            "{k}"
+        );
+    }
+    assert_eq!(staging_redis.dbsize(0), redis.dbsize(0));
+    assert_eq!(staging_redis.dbsize(1), redis.dbsize(1));
+    let persistence: String = staging_redis.cmd(&["INFO", "persistence"]);
+    assert!(persistence.contains("aof_enabled:1"), "{persistence}");
+    // Production was never touched.
+    assert_eq!(postmaster_pid(&pg.data), prod_pid);
+    assert_eq!(redis_pid(&redis), prod_redis_pid);
+    assert_eq!(pg.sql("SELECT count(*) FROM pgbench_history"), history);
+    assert_clean(&scratch);
+
+    // A target no backup covers fails the drill before staging is stopped.
+    let (pg_pid, cache_pid) = (postmaster_pid(&staging_data), redis_pid(&staging_redis));
+    let early = good.replace(
+        "environment = \"staging\"",
+        "environment = \"staging\"\nto = \"2020-01-01T00:00:00Z\"",
+    );
+    set_config(&pg, &base, &early);
+    let o = pg.dr_raw(&["--json", "drill", "staging"]);
+    let d = &json(&o)["drill"];
+    assert!(!o.status.success(), "{d:#}");
+    for s in d["sources"].as_array().expect("sources") {
+        assert_eq!(check(s, "restore")["ok"], false, "{s:#}");
+    }
+    assert_eq!(
+        postmaster_pid(&staging_data),
+        pg_pid,
+        "staging PostgreSQL was stopped"
+    );
+    assert_eq!(
+        redis_pid(&staging_redis),
+        cache_pid,
+        "staging Redis was stopped"
+    );
+    assert_eq!(
+        pg.sql_at(sp, "SELECT count(*) FROM pgbench_accounts"),
+        "100000"
+    );
 }

@@ -15,20 +15,57 @@ use super::{Out, cancel_on_signal, dr_command, load_config};
 pub struct Args {
     /// The drill: a `[drill.NAME]` section of the config.
     name: String,
+    /// Run the safety checks and print what would be done; touch nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result<ExitCode> {
     let cfg = load_config(config)?;
     let d = cfg.drill(&args.name)?;
+    if args.dry_run {
+        let plan = dr::verify::drill::dry_run(&cfg, &args.name).await?;
+        if out.json {
+            out.json(&serde_json::json!({ "ok": plan.ok, "plan": plan }));
+        } else {
+            for s in &plan.steps {
+                println!("would: {s}");
+            }
+            for n in &plan.notes {
+                println!("note: {n}");
+            }
+            for r in &plan.refused {
+                println!("refused: {r}");
+            }
+            println!(
+                "drill {} (dry run): {}",
+                plan.drill,
+                if plan.ok {
+                    "the safety checks pass; nothing was touched"
+                } else {
+                    "would be refused; nothing was touched"
+                }
+            );
+        }
+        return Ok(if plan.ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
     let dr_command = dr_command(&cfg)?;
     let repo = Repository::open(&cfg).await?;
     let cancel = cancel_on_signal();
     if !out.json {
         eprintln!(
-            "drill {}: restoring {} source(s) as of {}…",
+            "drill {}: restoring {} source(s) as of {} into {}…",
             args.name,
             d.postgres.len() + d.redis.len(),
-            d.to
+            d.to,
+            match d.staging() {
+                Some(env) => format!("the servers of [env.{env}] (their data is replaced)"),
+                None => "scratch servers".to_string(),
+            }
         );
     }
     let rep = dr::verify::drill::run(&repo, &cfg, &args.name, &dr_command, &cancel).await?;

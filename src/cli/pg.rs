@@ -161,6 +161,8 @@ pub async fn restore(
         settings: Vec::new(),
         connect_host: None,
         connect_user: "postgres".into(),
+        keep_files: Vec::new(),
+        conninfo: None,
     };
     let progress = dr::progress::Progress::new();
     let r = with_progress(

@@ -183,11 +183,23 @@ pub async fn connect_to(
     conninfo: &str,
     connect_timeout: Option<std::time::Duration>,
 ) -> Result<tokio_postgres::Client, PgError> {
+    connect_db(conninfo, None, connect_timeout).await
+}
+
+/// Like [`connect_to`], to database `dbname` instead of the conninfo's.
+pub async fn connect_db(
+    conninfo: &str,
+    dbname: Option<&str>,
+    connect_timeout: Option<std::time::Duration>,
+) -> Result<tokio_postgres::Client, PgError> {
     let split = tls::split(conninfo)?;
     let mut pc: tokio_postgres::Config = split
         .conninfo
         .parse()
         .map_err(|e| PgError::Other(format!("invalid conninfo: {e}")))?;
+    if let Some(db) = dbname {
+        pc.dbname(db);
+    }
     if let (None, Some(t)) = (pc.get_connect_timeout(), connect_timeout) {
         pc.connect_timeout(t);
     }

@@ -69,6 +69,13 @@ pub struct RestoreOptions {
     pub connect_host: Option<String>,
     /// Database user to connect as while waiting for promotion.
     pub connect_user: String,
+    /// Files of a `delta` target (relative paths) kept as they are instead
+    /// of the backup's: a server's own configuration.
+    pub keep_files: Vec<String>,
+    /// Start the server with its own listen settings (no loopback defaults;
+    /// `start`'s port is then only reported) and wait for promotion through
+    /// this conninfo: a server that stays in service, e.g. in staging.
+    pub conninfo: Option<String>,
 }
 
 /// What a restore did.
@@ -150,8 +157,14 @@ pub async fn restore(
         remove_links(&links);
         return Err(e);
     }
+    let kept = if opts.delta {
+        read_kept(&opts.dir, &opts.keep_files)?
+    } else {
+        Vec::new()
+    };
     let rebuilt = match rebuild(repo, &m, &opts.dir, cfg.parallel, &progress, opts.delta).await {
-        Ok(n) => write_recovery(&m, &opts.dir, opts)
+        Ok(n) => put_back(&opts.dir, &kept)
+            .and_then(|()| write_recovery(&m, &opts.dir, opts))
             .map(|_| n)
             .map_err(|e| PgError::io(&opts.dir, e)),
         Err(e) => Err(e),
@@ -210,15 +223,29 @@ pub async fn restore(
         let log = opts.dir.join("log").join("dr-recovery.log");
         let _ = std::fs::create_dir_all(opts.dir.join("log"));
         super::server::chown_to(&opts.dir.join("log"), &cfg.os_user).await?;
-        super::server::start(&cfg.bin_dir, &cfg.os_user, &opts.dir, port, &extra, &log).await?;
-        let client = super::server::connect_local_at(
-            opts.connect_host.as_deref().unwrap_or("127.0.0.1"),
-            port,
-            &opts.connect_user,
-            "postgres",
-            Duration::from_secs(60),
+        let loopback = opts.conninfo.is_none().then_some(port);
+        super::server::start_with(
+            &cfg.bin_dir,
+            &cfg.os_user,
+            &opts.dir,
+            loopback,
+            &extra,
+            &log,
         )
         .await?;
+        let client = match &opts.conninfo {
+            Some(c) => connect_retrying(c, Duration::from_secs(60)).await?,
+            None => {
+                super::server::connect_local_at(
+                    opts.connect_host.as_deref().unwrap_or("127.0.0.1"),
+                    port,
+                    &opts.connect_user,
+                    "postgres",
+                    Duration::from_secs(60),
+                )
+                .await?
+            }
+        };
         // Recovery promotes when it reaches the target; wait for that.
         let deadline = Instant::now() + Duration::from_secs(3600);
         loop {
@@ -269,6 +296,53 @@ pub async fn restore(
         report.recovery_seconds = Some(t0.elapsed().as_secs_f64() - restore_seconds);
     }
     Ok(report)
+}
+
+/// Connects with `conninfo`, retrying while the server starts up.
+async fn connect_retrying(
+    conninfo: &str,
+    timeout: Duration,
+) -> Result<tokio_postgres::Client, PgError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match super::connect_to(conninfo, Some(Duration::from_secs(5))).await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Reads the `keep` files of `dir` (those that exist), before a delta
+/// restore replaces them.
+fn read_kept(dir: &Path, keep: &[String]) -> Result<Vec<(PathBuf, Vec<u8>)>, PgError> {
+    let mut out = Vec::new();
+    for k in keep {
+        if !safe_relative_path(k) {
+            return Err(PgError::Other(format!(
+                "kept file {k:?} must be a relative path inside the target"
+            )));
+        }
+        let p = dir.join(k);
+        match std::fs::read(&p) {
+            Ok(b) => out.push((p, b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(PgError::io(&p, e)),
+        }
+    }
+    Ok(out)
+}
+
+/// Writes the kept files back over what the backup restored.
+fn put_back(dir: &Path, kept: &[(PathBuf, Vec<u8>)]) -> std::io::Result<()> {
+    for (p, body) in kept {
+        std::fs::write(p, body)?;
+        std::fs::File::open(p)?.sync_all()?;
+    }
+    if !kept.is_empty() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn check_target_dir(dir: &Path) -> Result<(), PgError> {

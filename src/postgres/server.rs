@@ -66,12 +66,28 @@ pub async fn start(
     extra: &[String],
     log: &Path,
 ) -> Result<(), PgError> {
-    let port = port.to_string();
-    let defaults = [
-        ("port", port.as_str()),
-        ("listen_addresses", "127.0.0.1"),
-        ("unix_socket_directories", ""),
-    ];
+    start_with(bin_dir, os_user, data_dir, Some(port), extra, log).await
+}
+
+/// Like [`start`]; with `loopback_port` `None` the server listens as its own
+/// configuration says (a staging server that stays in service).
+pub async fn start_with(
+    bin_dir: &Path,
+    os_user: &str,
+    data_dir: &Path,
+    loopback_port: Option<u16>,
+    extra: &[String],
+    log: &Path,
+) -> Result<(), PgError> {
+    let port = loopback_port.map(|p| p.to_string());
+    let defaults: Vec<(&str, &str)> = match &port {
+        Some(p) => vec![
+            ("port", p.as_str()),
+            ("listen_addresses", "127.0.0.1"),
+            ("unix_socket_directories", ""),
+        ],
+        None => Vec::new(),
+    };
     let overridden = |k: &str| {
         extra
             .iter()

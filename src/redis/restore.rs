@@ -159,6 +159,9 @@ pub struct RestoreReport {
     pub restore_seconds: f64,
     /// Keys per database in the manifest.
     pub expected: std::collections::BTreeMap<u32, DbKeys>,
+    /// Keys per database counted just after the fork (for [`compare_keys`]).
+    #[serde(skip)]
+    pub expected_after: std::collections::BTreeMap<u32, DbKeys>,
     /// Whether a server was started.
     pub started: bool,
     /// Its port.
@@ -217,6 +220,10 @@ pub async fn restore(
         region,
         restore_seconds: t0.elapsed().as_secs_f64(),
         expected: m.keyspace.clone(),
+        expected_after: m
+            .keyspace_after
+            .clone()
+            .unwrap_or_else(|| m.keyspace.clone()),
         started: false,
         port: None,
         pid: None,
@@ -228,12 +235,8 @@ pub async fn restore(
     if let Some(port) = opts.start {
         let s = Instant::now();
         let pid = start_server(cfg, &opts.dir, port, m.rdb.plain_size).await?;
-        let found = keyspace_at(port).await?;
-        let after = m
-            .keyspace_after
-            .clone()
-            .unwrap_or_else(|| m.keyspace.clone());
-        let (ok, why) = compare_keys(&m.keyspace, &after, &found);
+        let found = keyspace_of(&format!("redis://127.0.0.1:{port}/")).await?;
+        let (ok, why) = compare_keys(&report.expected, &report.expected_after, &found);
         report.started = true;
         report.port = Some(port);
         report.pid = pid;
@@ -442,11 +445,12 @@ async fn ping(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-async fn keyspace_at(port: u16) -> Result<std::collections::BTreeMap<u32, DbKeys>, RedisError> {
+/// Keys per database of the server at `url` (`INFO keyspace`).
+pub async fn keyspace_of(url: &str) -> Result<std::collections::BTreeMap<u32, DbKeys>, RedisError> {
     let err = |e: redis::RedisError| {
         RedisError::Other(format!("INFO keyspace on the restored server: {e}"))
     };
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).map_err(err)?;
+    let client = redis::Client::open(url).map_err(err)?;
     let mut c = client
         .get_multiplexed_async_connection()
         .await

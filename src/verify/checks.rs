@@ -17,11 +17,19 @@ pub struct PgAt {
     pub port: u16,
     /// User to connect as.
     pub user: String,
+    /// A conninfo to connect with instead (a staging server, reached as it
+    /// is configured, password and TLS included).
+    pub conninfo: Option<String>,
 }
 
 impl PgAt {
     /// Connects to `db`.
     pub async fn connect(&self, db: &str) -> Result<tokio_postgres::Client, String> {
+        if let Some(c) = &self.conninfo {
+            return crate::postgres::connect_db(c, Some(db), Some(Duration::from_secs(10)))
+                .await
+                .map_err(|e| crate::playbook::pg_cause(&e));
+        }
         connect_local_at(
             &self.host,
             self.port,
@@ -203,13 +211,13 @@ pub fn reply_text(v: &redis::Value) -> String {
     }
 }
 
-/// A user Redis check: the command's reply, as text, must equal `expect`.
-pub async fn redis_user_check(port: u16, check: &RedisCheck) -> CheckResult {
+/// A user Redis check on the server at `url`: the command's reply, as text,
+/// must equal `expect`.
+pub async fn redis_user_check(url: &str, check: &RedisCheck) -> CheckResult {
     let t = Instant::now();
     let name = check.name.clone();
     let run = async {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/{}", check.db))
-            .map_err(|e| e.to_string())?;
+        let client = redis_client(url, check.db)?;
         let mut c = client
             .get_multiplexed_async_connection()
             .await
@@ -246,6 +254,16 @@ pub async fn redis_user_check(port: u16, check: &RedisCheck) -> CheckResult {
         }
         Err(e) => CheckResult::fail(name, e, secs(t)),
     }
+}
+
+/// A client for `url` on database `db` (whatever database the URL names).
+pub fn redis_client(url: &str, db: u32) -> Result<redis::Client, String> {
+    use redis::IntoConnectionInfo;
+    let info = url
+        .into_connection_info()
+        .map_err(|e| format!("bad Redis URL: {e}"))?;
+    let settings = info.redis_settings().clone().set_db(i64::from(db));
+    redis::Client::open(info.set_redis_settings(settings)).map_err(|e| e.to_string())
 }
 
 fn secs(t: Instant) -> f64 {

@@ -1,6 +1,7 @@
 //! `dr drill NAME`: restore every source of a drill at once as of one target
-//! into scratch servers, check them, optionally run a failover playbook, and
-//! measure the achieved RTO/RPO against the objectives in the config.
+//! into scratch servers or the servers of a staging environment, check them,
+//! optionally run a failover playbook, and measure the achieved RTO/RPO
+//! against the objectives in the config.
 //!
 //! The sources are restored concurrently, as they would be in a real
 //! recovery, so the drill's RTO is the time until the last of them answers
@@ -17,7 +18,7 @@ use super::report::{self, CheckResult, SourceReport, secs};
 use super::{VerifyError, failed_checks};
 use crate::audit::{Audit, AuditLog};
 use crate::config::{Config, DrillConfig, EnvConfig, PgTarget, RedisTarget};
-use crate::playbook::{Playbook, RunOptions};
+use crate::playbook::{FailoverLock, Playbook, RunOptions};
 use crate::postgres::restore::Target;
 use crate::repo::Repository;
 use crate::repo::layout::{BackupId, ObjectKey};
@@ -102,19 +103,50 @@ pub async fn run(
         AuditLog::from_config(cfg),
         "drill",
         name,
-        serde_json::json!({ "to": d.to, "postgres": d.postgres, "redis": d.redis }),
+        serde_json::json!({
+            "to": d.to,
+            "environment": d.environment,
+            "postgres": d.postgres,
+            "redis": d.redis,
+        }),
     )?;
+    let mut warnings = Vec::new();
+    let staging = match d.staging() {
+        Some(env) => match prepare_staging(cfg, env, &d).await {
+            Ok((e, lock, notes)) => {
+                warnings.extend(notes);
+                Some((env, e, lock))
+            }
+            Err(why) => {
+                let _ = audit.finish(Some(repo), Err(why.clone())).await;
+                return Err(VerifyError::Other(why));
+            }
+        },
+        None => None,
+    };
+    let staging_env = staging.as_ref().map(|(env, e, _)| (*env, *e));
     let started = Utc::now();
     let id = BackupId::new(started);
     let t0 = Instant::now();
     let pg_runs = d.postgres.iter().map(|n| async move {
         let (_, pg) = cfg.pg(Some(n))?;
         let t = target.map_or(Target::Latest, Target::Time);
+        if let Some((env, e)) = staging_env {
+            let s = staging_server(&e.postgres, env, "postgres", n)?;
+            let rep =
+                super::staging::restore_pg(repo, env, n, pg, s, &t, dr_command, t0, cancel).await;
+            return Ok((rep, None));
+        }
         let (rep, s) = super::pg::restore_and_check(repo, n, pg, &t, dr_command, t0, cancel).await;
         Ok::<_, VerifyError>((rep, s.map(Running::Pg)))
     });
     let redis_runs = d.redis.iter().map(|n| async move {
         let (_, r) = cfg.redis(Some(n))?;
+        if let Some((env, e)) = staging_env {
+            let s = staging_server(&e.redis, env, "redis", n)?;
+            let rep = super::staging::restore_redis(repo, env, n, r, s, target, t0, cancel).await;
+            return Ok((rep, None));
+        }
         let (rep, s) = super::redis::restore_and_check(repo, n, r, target, t0, cancel).await;
         Ok::<_, VerifyError>((rep, s.map(Running::Redis)))
     });
@@ -138,7 +170,6 @@ pub async fn run(
     let mut checks = Vec::new();
     let mut playbook = None;
     let mut playbook_rto_point = None;
-    let mut warnings = Vec::new();
     let all_up = sources.iter().all(SourceReport::ok) && first_err.is_none();
     if let Some(pb) = &d.playbook {
         if all_up && !cancel.is_cancelled() {
@@ -190,6 +221,8 @@ pub async fn run(
             ));
         }
     }
+    // Staging servers stay up on the restored data; the lock is released.
+    drop(staging);
     // Clean up every scratch server, whatever happened above.
     let cleanups = futures::future::join_all(
         running
@@ -291,6 +324,121 @@ pub async fn run(
     Ok(rep)
 }
 
+/// Checks a staging environment before the drill touches it and takes its
+/// drill lock, so two drills never overwrite the same servers at once.
+async fn prepare_staging<'a>(
+    cfg: &'a Config,
+    env: &str,
+    d: &DrillConfig,
+) -> Result<(&'a EnvConfig, FailoverLock, Vec<String>), String> {
+    let e = cfg.environment(env).map_err(|e| e.to_string())?;
+    let lock = FailoverLock::acquire(&e.state_dir(), &format!("{env}-drill"))
+        .map_err(|e| e.to_string())?;
+    let notes = super::staging::preflight(cfg, env, d)
+        .await
+        .map_err(|why| {
+            format!(
+                "refusing to drill into environment {env}, nothing was touched: {}",
+                why.join("; ")
+            )
+        })?;
+    Ok((e, lock, notes))
+}
+
+fn staging_server<'a, T>(
+    servers: &'a BTreeMap<String, toml::Spanned<T>>,
+    env: &str,
+    kind: &str,
+    name: &str,
+) -> Result<&'a T, VerifyError> {
+    servers
+        .get(name)
+        .map(|s| s.get_ref())
+        .ok_or_else(|| VerifyError::Other(format!("no [env.{env}.{kind}.{name}] to restore into")))
+}
+
+/// What `dr drill NAME --dry-run` found: the plan, or why it would be refused.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrillPlan {
+    /// Drill name.
+    pub drill: String,
+    /// Where the sources would be restored.
+    pub environment: String,
+    /// Whether the drill would run (every safety check passed).
+    pub ok: bool,
+    /// What would be done, server by server.
+    pub steps: Vec<String>,
+    /// Why the drill would be refused.
+    pub refused: Vec<String>,
+    /// Things to know, e.g. a production server that did not answer.
+    pub notes: Vec<String>,
+}
+
+/// Runs the safety checks of drill `name` and says what it would do,
+/// touching nothing; audited as `drill.dry-run`.
+pub async fn dry_run(cfg: &Config, name: &str) -> Result<DrillPlan, VerifyError> {
+    let d = cfg.drill(name)?.clone();
+    let audit = Audit::begin(
+        AuditLog::from_config(cfg),
+        "drill.dry-run",
+        name,
+        serde_json::json!({ "to": d.to, "environment": d.environment }),
+    )?;
+    let mut plan = DrillPlan {
+        drill: name.to_string(),
+        environment: d.environment.clone(),
+        ok: true,
+        steps: Vec::new(),
+        refused: Vec::new(),
+        notes: Vec::new(),
+    };
+    match d.staging() {
+        Some(env) => {
+            plan.steps = super::staging::plan(cfg, env, &d);
+            match super::staging::preflight(cfg, env, &d).await {
+                Ok(notes) => plan.notes = notes,
+                Err(why) => {
+                    plan.ok = false;
+                    plan.refused = why;
+                }
+            }
+        }
+        None => plan.steps.extend(
+            d.postgres
+                .iter()
+                .map(|n| {
+                    format!(
+                        "[postgres.{n}]: restore as of {} into a scratch server, check, remove",
+                        d.to
+                    )
+                })
+                .chain(d.redis.iter().map(|n| {
+                    format!(
+                        "[redis.{n}]: restore as of {} into a scratch server, check, remove",
+                        d.to
+                    )
+                })),
+        ),
+    }
+    if let Some(pb) = &d.playbook {
+        plan.steps.push(format!(
+            "then playbook {pb} on {}",
+            d.env
+                .as_deref()
+                .or(d.staging())
+                .unwrap_or("the restored servers")
+        ));
+    }
+    let details = serde_json::to_value(&plan).unwrap_or_default();
+    let result = if plan.ok {
+        Ok(details)
+    } else {
+        Err(plan.refused.join("; "))
+    };
+    let _ = audit.finish(None, result).await;
+    Ok(plan)
+}
+
 fn drill_failures(rep: &DrillReport) -> String {
     let mut out: Vec<String> = rep
         .sources
@@ -319,9 +467,10 @@ async fn run_playbook(
     let path = crate::playbook::resolve_path(pb, &cfg.source).map_err(|e| e.to_string())?;
     let playbook = Playbook::load(&path).map_err(|e| e.to_string())?;
     let mut cfg = cfg.clone();
-    let env = match &d.env {
-        Some(e) => e.clone(),
-        None => {
+    let env = match (&d.env, d.staging()) {
+        (Some(e), _) => e.clone(),
+        (None, Some(staging)) => staging.to_string(),
+        (None, None) => {
             let env = format!("drill-{name}");
             cfg.env.insert(
                 env.clone(),
@@ -368,9 +517,7 @@ fn scratch_env(cfg: &Config, d: &DrillConfig, running: &[Option<Running>]) -> En
                 postgres.insert(n.clone(), toml::Spanned::new(0..0, t));
             }
             Some(Running::Redis(r)) => {
-                let t = RedisTarget {
-                    url: format!("redis://127.0.0.1:{}", r.port),
-                };
+                let t = RedisTarget::at_url(format!("redis://127.0.0.1:{}", r.port));
                 redis.insert(n.clone(), toml::Spanned::new(0..0, t));
             }
             None => {}
@@ -378,6 +525,7 @@ fn scratch_env(cfg: &Config, d: &DrillConfig, running: &[Option<Running>]) -> En
     }
     EnvConfig {
         state_dir: Some(d.report_dir.clone()),
+        allow_overwrite: false,
         postgres,
         redis,
     }
@@ -430,10 +578,16 @@ pub fn markdown(rep: &DrillReport) -> String {
     s.push('\n');
     for src in &rep.sources {
         s.push_str(&format!(
-            "## {} `{}` — {}\n\nbackup `{}`, recovered point {} ({}), target {} ({})\n\n| check | result | detail |\n|---|---|---|\n",
+            "## {} `{}` — {}\n\n",
             src.kind,
             src.name,
             if src.ok() { "ok" } else { "FAILED" },
+        ));
+        if let Some(server) = &src.staging {
+            s.push_str(&format!("restored into {server} (left running)\n\n"));
+        }
+        s.push_str(&format!(
+            "backup `{}`, recovered point {} ({}), target {} ({})\n\n| check | result | detail |\n|---|---|---|\n",
             src.backup.as_deref().unwrap_or("-"),
             report::time(src.recovered_point),
             src.recovered_basis,

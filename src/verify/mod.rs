@@ -5,8 +5,10 @@
 //! start an isolated server on it and run the [`checks`]; [`run`] does that
 //! for several sources, writes the audit records and stores the
 //! [`report`] in the repository; [`drill`] restores several sources at once
-//! against recovery objectives. Scratch servers and directories are removed
-//! on success, on failure and on cancellation (Ctrl-C / SIGTERM).
+//! against recovery objectives, into scratch servers or into the servers of
+//! a [`staging`] environment. Scratch servers and directories are removed
+//! on success, on failure and on cancellation (Ctrl-C / SIGTERM); staging
+//! servers stay running on the restored data.
 
 pub mod checks;
 pub mod drill;
@@ -14,6 +16,7 @@ pub mod pg;
 pub mod redis;
 pub mod report;
 pub mod scratch;
+pub mod staging;
 
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
@@ -58,6 +61,27 @@ pub(crate) async fn record_cleanup(rep: &mut SourceReport, s: &scratch::Scratch)
         Ok(note) => CheckResult::pass("cleanup", note, t.elapsed().as_secs_f64()),
         Err(e) => CheckResult::fail("cleanup", e, t.elapsed().as_secs_f64()),
     });
+}
+
+/// What an `interrupted` check of a scratch restore says.
+pub(crate) const INTERRUPTED: &str = "stopped by a signal before the checks finished";
+
+/// Runs `work` unless a signal (`cancel`) comes first; then returns the
+/// `interrupted` check to report, saying `why` at `t0`'s elapsed time.
+pub(crate) async fn interruptible(
+    work: impl std::future::Future<Output = ()>,
+    cancel: &CancellationToken,
+    t0: std::time::Instant,
+    why: &str,
+) -> Option<CheckResult> {
+    tokio::select! {
+        () = work => None,
+        () = cancel.cancelled() => Some(CheckResult::fail(
+            "interrupted",
+            why,
+            t0.elapsed().as_secs_f64(),
+        )),
+    }
 }
 
 /// Restores and checks each source in turn (`target` `None` = latest), with

@@ -121,26 +121,18 @@ pub async fn restore_and_check(
         host: socket.display().to_string(),
         port: 0,
         user: cfg.verify.user.clone(),
+        conninfo: None,
     };
     let mut out = PgScratch { scratch, at, data };
     let work = run(
         repo, cluster, cfg, target, dr_command, t0, &mut out, &mut rep,
     );
-    let interrupted = tokio::select! {
-        () = work => false,
-        () = cancel.cancelled() => true,
-    };
-    if interrupted {
-        rep.checks.push(CheckResult::fail(
-            "interrupted",
-            "stopped by a signal before the checks finished",
-            t0.elapsed().as_secs_f64(),
-        ));
-    }
+    let interrupted = super::interruptible(work, cancel, t0, super::INTERRUPTED).await;
+    rep.checks.extend(interrupted);
     (rep, Some(out))
 }
 
-fn target_text(target: &Target) -> String {
+pub(super) fn target_text(target: &Target) -> String {
     match target {
         Target::Latest => "latest".into(),
         Target::Time(t) => t.to_rfc3339(),
@@ -193,9 +185,27 @@ async fn run(
         settings: isolation_settings(&root, &out.data, &socket, port),
         connect_host: Some(out.at.host.clone()),
         connect_user: cfg.verify.user.clone(),
+        keep_files: Vec::new(),
+        conninfo: None,
     };
+    restore_then_check(repo, cluster, cfg, &opts, &out.at, t0, rep).await;
+}
+
+/// Restores as `opts` says (starting the server), then runs the built-in
+/// and user checks against the server at `at`. Shared by scratch and
+/// staging restores, so both prove the same things.
+pub(super) async fn restore_then_check(
+    repo: &Repository,
+    cluster: &str,
+    cfg: &PgConfig,
+    opts: &RestoreOptions,
+    at: &PgAt,
+    t0: Instant,
+    rep: &mut SourceReport,
+) {
+    let target = &opts.target;
     let progress = crate::progress::Progress::new();
-    let r = match restore::restore(repo, cluster, cfg, &opts, progress).await {
+    let r = match restore::restore(repo, cluster, cfg, opts, progress).await {
         Ok(r) => r,
         Err(e) => {
             rep.checks.push(CheckResult::fail(
@@ -223,7 +233,7 @@ async fn run(
         r.restore_seconds + r.recovery_seconds.unwrap_or_default(),
     ));
     let t = Instant::now();
-    let client = match out.at.connect("postgres").await {
+    let client = match at.connect("postgres").await {
         Ok(c) => c,
         Err(e) => {
             rep.checks.push(CheckResult::fail(
@@ -263,7 +273,7 @@ async fn run(
         )
     });
     recovered_point(rep, target, &r, replayed, cfg.verify.max_replay_lag_seconds);
-    let dbs = match checks::databases(&out.at).await {
+    let dbs = match checks::databases(at).await {
         Ok(d) => d,
         Err(e) => {
             rep.checks.push(CheckResult::fail("amcheck", e, 0.0));
@@ -271,10 +281,10 @@ async fn run(
         }
     };
     for db in &dbs {
-        rep.checks.push(checks::amcheck(&out.at, db).await);
+        rep.checks.push(checks::amcheck(at, db).await);
     }
     for c in &cfg.verify.check {
-        rep.checks.push(checks::pg_user_check(&out.at, c).await);
+        rep.checks.push(checks::pg_user_check(at, c).await);
     }
 }
 

@@ -52,18 +52,7 @@ pub async fn restore_and_check(
     t0: Instant,
     cancel: &CancellationToken,
 ) -> (SourceReport, Option<RedisScratch>) {
-    let started = Utc::now();
-    let mut rep = SourceReport::new(
-        "redis",
-        instance,
-        &target.map_or("latest".into(), |t| t.to_rfc3339()),
-    );
-    // For `latest`, RPO is the age of the newest snapshot now: what a
-    // disaster at this moment would lose.
-    (rep.target_time, rep.target_basis) = match target {
-        Some(t) => (Some(t), "requested target time".into()),
-        None => (Some(started), "verification start (latest)".into()),
-    };
+    let mut rep = new_report(instance, target, "verification start (latest)");
     let parent = cfg
         .verify
         .scratch_dir
@@ -80,18 +69,29 @@ pub async fn restore_and_check(
     rep.scratch_dir = Some(scratch.root().display().to_string());
     let mut out = RedisScratch { scratch, port: 0 };
     let work = run(repo, instance, cfg, target, t0, &mut out, &mut rep);
-    let interrupted = tokio::select! {
-        () = work => false,
-        () = cancel.cancelled() => true,
-    };
-    if interrupted {
-        rep.checks.push(CheckResult::fail(
-            "interrupted",
-            "stopped by a signal before the checks finished",
-            t0.elapsed().as_secs_f64(),
-        ));
-    }
+    let interrupted = super::interruptible(work, cancel, t0, super::INTERRUPTED).await;
+    rep.checks.extend(interrupted);
     (rep, Some(out))
+}
+
+/// An empty report whose RPO will be measured from `target`, or for
+/// `latest` from now (`latest_basis` says what now is): the age of the
+/// newest snapshot is what a disaster at this moment would lose.
+pub(super) fn new_report(
+    instance: &str,
+    target: Option<DateTime<Utc>>,
+    latest_basis: &str,
+) -> SourceReport {
+    let mut rep = SourceReport::new(
+        "redis",
+        instance,
+        &target.map_or("latest".into(), |t| t.to_rfc3339()),
+    );
+    (rep.target_time, rep.target_basis) = match target {
+        Some(t) => (Some(t), "requested target time".into()),
+        None => (Some(Utc::now()), latest_basis.into()),
+    };
+    rep
 }
 
 async fn run(
@@ -131,6 +131,19 @@ async fn run(
         }
     };
     // restore() returns once the server answers with the dataset loaded.
+    let url = format!("redis://127.0.0.1:{port}");
+    record_restore(rep, &r, t0, &url, cfg).await;
+}
+
+/// Fills the report from a restore whose server answers at `url` with the
+/// dataset loaded (now: the RTO point), then runs the user checks there.
+pub(super) async fn record_restore(
+    rep: &mut SourceReport,
+    r: &restore::RestoreReport,
+    t0: Instant,
+    url: &str,
+    cfg: &RedisConfig,
+) {
     rep.rto_seconds = Some(t0.elapsed().as_secs_f64());
     rep.backup = Some(r.snapshot.clone());
     rep.bytes = r.size;
@@ -161,6 +174,6 @@ async fn run(
         )
     });
     for c in &cfg.verify.check {
-        rep.checks.push(checks::redis_user_check(port, c).await);
+        rep.checks.push(checks::redis_user_check(url, c).await);
     }
 }

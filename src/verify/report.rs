@@ -75,8 +75,12 @@ pub struct SourceReport {
     pub files: usize,
     /// The scratch directory used (removed afterwards).
     pub scratch_dir: Option<String>,
-    /// Loopback port of the scratch server.
+    /// Loopback port of the scratch server (the staging server's port).
     pub port: Option<u16>,
+    /// The staging server restored into, when not a scratch server; it
+    /// stays running with the restored data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging: Option<String>,
     /// Every check, in the order run.
     pub checks: Vec<CheckResult>,
     /// Total seconds, cleanup included.
@@ -102,6 +106,7 @@ impl SourceReport {
             files: 0,
             scratch_dir: None,
             port: None,
+            staging: None,
             checks: Vec::new(),
             seconds: 0.0,
         }

@@ -69,26 +69,7 @@ impl TestPg {
         let dr = dir.path().join("dr");
         std::fs::copy(super::dr_bin(), &dr).expect("copy dr");
         let data = dir.path().join("data");
-        let o = run_as(
-            &user,
-            &bin.join("initdb"),
-            &[
-                "-D",
-                data.to_str().expect("utf8"),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "--data-checksums",
-                "-E",
-                "UTF8",
-                "--locale=C",
-            ],
-        );
-        assert!(
-            o.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        initdb(&user, &bin, &data, &["--data-checksums"]);
         let id = dir.path().join("identity.txt");
         let o = run_as(
             &user,
@@ -139,24 +120,7 @@ impl TestPg {
             bin,
             started: Vec::new(),
         };
-        let log = t.dir.path().join("pg.log");
-        let o = run_as(
-            &t.user,
-            &t.bin.join("pg_ctl"),
-            &[
-                "-D",
-                data.to_str().expect("utf8"),
-                "-l",
-                log.to_str().expect("utf8"),
-                "-w",
-                "start",
-            ],
-        );
-        assert!(
-            o.status.success(),
-            "pg_ctl start: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+        pg_ctl_start(&t.user, &t.bin, &data, &t.dir.path().join("pg.log"));
         t.started.push(data);
         t.dr(&["repo", "init"]);
         t
@@ -234,6 +198,50 @@ impl Drop for TestPg {
             self.stop(d);
         }
     }
+}
+
+/// initdb of `data` as `user`: superuser postgres, trust, UTF8, C locale,
+/// plus `extra` options.
+pub fn initdb(user: &str, bin: &Path, data: &Path, extra: &[&str]) {
+    let mut args = vec![
+        "-D",
+        data.to_str().expect("utf8"),
+        "-U",
+        "postgres",
+        "--auth=trust",
+        "-E",
+        "UTF8",
+        "--locale=C",
+    ];
+    args.extend_from_slice(extra);
+    let o = run_as(user, &bin.join("initdb"), &args);
+    assert!(
+        o.status.success(),
+        "initdb: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// `pg_ctl start` on `data` as `user`, logging to `log`; fails the test
+/// with the log when the server does not start.
+pub fn pg_ctl_start(user: &str, bin: &Path, data: &Path, log: &Path) {
+    let o = run_as(
+        user,
+        &bin.join("pg_ctl"),
+        &[
+            "-D",
+            data.to_str().expect("utf8"),
+            "-l",
+            log.to_str().expect("utf8"),
+            "-w",
+            "start",
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "pg_ctl start: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
 }
 
 /// Runs SQL with psql on 127.0.0.1:`port`: the trimmed output, or psql's error.
