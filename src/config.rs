@@ -290,9 +290,17 @@ fn default_redis_timeout() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct PgConfig {
     /// libpq-style connection string (key=value or postgresql:// URL).
+    #[serde(default)]
     pub conninfo: String,
-    /// PGDATA: read by local-mode backups and `wal-push`, and the default restore target.
+    /// PGDATA: read by local-mode backups and `wal-push`. Not needed by
+    /// remote-mode backups, which run anywhere.
+    #[serde(default)]
     pub data_dir: PathBuf,
+    /// How base backups read the cluster: `"local"` (PGDATA on this host,
+    /// between `pg_backup_start` and `pg_backup_stop`) or `"remote"`
+    /// (`BASE_BACKUP` over the replication protocol, from any host).
+    #[serde(default)]
+    pub mode: BackupMode,
     /// Directory holding `postgres` and `pg_ctl`, for servers `dr` starts.
     #[serde(default = "default_pg_bin")]
     pub bin_dir: PathBuf,
@@ -339,6 +347,17 @@ pub struct PgConfig {
     /// a synchronous standby (`synchronous_standby_names`): RPO = 0.
     #[serde(default)]
     pub synchronous: bool,
+}
+
+/// How base backups read the cluster.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupMode {
+    /// Read PGDATA directly on the database host.
+    #[default]
+    Local,
+    /// `BASE_BACKUP` over a replication connection.
+    Remote,
 }
 
 /// How WAL is archived.
@@ -1006,7 +1025,18 @@ impl Config {
                     format!("[postgres.{name}]: names may use only letters, digits, '-' and '_' (max 64)"),
                 ));
             }
-            if !p.data_dir.is_absolute() {
+            if p.data_dir.as_os_str().is_empty() && p.mode == BackupMode::Local {
+                return Err(self.err(
+                    text,
+                    pg.span(),
+                    format!(
+                        "[postgres.{name}]: data_dir is missing; local-mode backups read PGDATA \
+                         (set data_dir), or set mode = \"remote\" to back up over the \
+                         replication protocol"
+                    ),
+                ));
+            }
+            if !p.data_dir.as_os_str().is_empty() && !p.data_dir.is_absolute() {
                 return Err(self.err(
                     text,
                     pg.span(),
@@ -1015,6 +1045,18 @@ impl Config {
                         p.data_dir.display()
                     ),
                 ));
+            }
+            if p.conninfo.trim().is_empty() {
+                let what = match p.mode {
+                    BackupMode::Remote => {
+                        "mode = \"remote\" needs conninfo naming the server and a user with \
+                         the REPLICATION attribute (e.g. \"host=db1 user=dr_backup dbname=postgres\")"
+                    }
+                    BackupMode::Local => {
+                        "conninfo is missing (e.g. \"host=127.0.0.1 port=5432 user=postgres dbname=postgres\")"
+                    }
+                };
+                return Err(self.err(text, pg.span(), format!("[postgres.{name}]: {what}")));
             }
             if p.parallel == 0 || p.parallel > 64 {
                 return Err(self.err(
