@@ -1715,6 +1715,27 @@ mod tests {
     }
 
     #[test]
+    fn backup_mode_decides_what_is_required() {
+        let remote =
+            base() + "[postgres.main]\nmode = \"remote\"\nconninfo = \"host=db1 user=dr\"\n";
+        let c = parse(&remote).expect("remote mode needs no data_dir");
+        assert_eq!(c.postgres["main"].get_ref().mode, BackupMode::Remote);
+        let local = base() + "[postgres.main]\nconninfo = \"host=db1 user=dr\"\n";
+        let e = parse(&local)
+            .expect_err("local mode needs data_dir")
+            .to_string();
+        assert!(
+            e.contains("data_dir is missing") && e.contains("mode = \"remote\""),
+            "{e}"
+        );
+        let no_conn = base() + "[postgres.main]\nmode = \"remote\"\n";
+        let e = parse(&no_conn).expect_err("conninfo").to_string();
+        assert!(e.contains("REPLICATION"), "{e}");
+        let bad = base() + "[postgres.main]\nmode = \"ssh\"\nconninfo = \"host=x\"\n";
+        assert!(parse(&bad).is_err());
+    }
+
+    #[test]
     fn minimal_config_parses() {
         let c = parse(&base()).expect("valid");
         assert_eq!(c.regions.len(), 1);

@@ -536,6 +536,31 @@ mod tests {
         assert_eq!(parse_size("x"), None);
     }
 
+    fn file(path: &str, size: u64) -> FileEntry {
+        FileEntry {
+            path: path.into(),
+            size,
+            mode: 0o600,
+            extents: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn parsed_files_must_match_the_server_manifest() {
+        let m = br#"{"PostgreSQL-Backup-Manifest-Version": 1, "Files": [
+            {"Path": "backup_label", "Size": 10, "Last-Modified": "x"},
+            {"Path": "base/1/1259", "Size": 8192, "Last-Modified": "x"}
+        ]}"#;
+        let aside = vec![("backup_label".to_string(), 10)];
+        assert!(check_against_server_manifest(m, &[file("base/1/1259", 8192)], &aside).is_ok());
+        let e = check_against_server_manifest(m, &[file("base/1/1259", 8000)], &aside)
+            .expect_err("size");
+        assert!(e.to_string().contains("8192"), "{e}");
+        assert!(check_against_server_manifest(m, &[], &aside).is_err());
+        let extra = [file("base/1/1259", 8192), file("base/1/2", 1)];
+        assert!(check_against_server_manifest(m, &extra, &aside).is_err());
+    }
+
     #[test]
     fn archive_names() {
         assert_eq!(archive_prefix("base.tar").ok(), Some((String::new(), None)));
