@@ -607,6 +607,9 @@ impl ReplicationConn {
     /// then read the archives with [`ReplicationConn::base_backup_next`] and
     /// the end position with [`ReplicationConn::base_backup_end`].
     pub async fn base_backup(&mut self, label: &str) -> Result<BaseBackupStart, PgError> {
+        // Page checksums are checked by dr, which records bad pages as local
+        // mode does; the server would fail the whole backup instead. WAL
+        // comes through the archive or the streamer, never the tar.
         let sql = format!(
             "BASE_BACKUP (LABEL {}, TARGET 'client', PROGRESS, CHECKPOINT 'fast', WAL false, \
              MANIFEST 'yes', MANIFEST_CHECKSUMS 'none', TABLESPACE_MAP, VERIFY_CHECKSUMS false)",
