@@ -635,9 +635,7 @@ impl ReplicationConn {
                         self.describe
                     )));
                 }
-                backend::Message::NoticeResponse(n) => {
-                    tracing::warn!(server = %self.describe, "BASE_BACKUP: {}", notice_text(&n));
-                }
+                backend::Message::NoticeResponse(n) => log_notice(&self.describe, &n),
                 _ => {}
             }
         }
@@ -724,9 +722,7 @@ impl ReplicationConn {
                         error_text(&e)
                     )));
                 }
-                backend::Message::NoticeResponse(n) => {
-                    tracing::warn!(server = %self.describe, "BASE_BACKUP: {}", notice_text(&n));
-                }
+                backend::Message::NoticeResponse(n) => log_notice(&self.describe, &n),
                 _ => {}
             }
         }
@@ -822,15 +818,24 @@ fn cstring(data: &mut Bytes) -> Result<String, PgError> {
     Ok(s)
 }
 
-fn notice_text(n: &backend::NoticeResponseBody) -> String {
-    let mut message = String::new();
+/// Logs a server notice: warnings as warnings, the rest (e.g. "all required
+/// WAL segments have been archived") as information.
+fn log_notice(server: &str, n: &backend::NoticeResponseBody) {
+    let (mut severity, mut message) = (String::new(), String::new());
     let mut fields = n.fields();
     while let Ok(Some(f)) = fallible_iterator::FallibleIterator::next(&mut fields) {
-        if f.type_() == b'M' {
-            message = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'V' => severity = v,
+            b'M' => message = v,
+            _ => {}
         }
     }
-    message
+    if severity == "WARNING" {
+        tracing::warn!(server, "BASE_BACKUP: {message}");
+    } else {
+        tracing::info!(server, "BASE_BACKUP: {message}");
+    }
 }
 
 /// Quotes a string literal for a replication command.
