@@ -114,6 +114,7 @@ fn remote_backup_without_replication_rights_says_how_to_grant_them() {
     let o = pg.dr_raw_with(&cfg, &["backup", "pg"]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{e}");
+    eprintln!("without replication rights: {e}");
     assert!(e.contains("ALTER ROLE plain REPLICATION"), "{e}");
 
     // Local mode without data_dir names both ways out.
