@@ -2,7 +2,9 @@
 # PostgreSQL benchmark: dr versus pgBackRest, side by side in one run on the
 # same PostgreSQL 15 cluster and the same data. Measures a full backup, the
 # backup's size in the repository, a restore of it, and the latency of
-# archiving one WAL segment; prints a table with ratios and a JSON line.
+# archiving one WAL segment; then dr's remote mode (BASE_BACKUP over the
+# replication protocol) versus `pg_basebackup -Ft -X none -D - | zstd | age`;
+# prints tables with ratios and a JSON line.
 #
 # Usage (as root on Debian 12): scripts/bench-postgres.sh [SCALE] [SEGMENTS]
 #   SCALE     pgbench scale factor (default 100, about 1.5 GB of data)
@@ -17,7 +19,9 @@
 #     its fastest codec) and use both cores (pgBackRest: process-max=nproc;
 #     dr: its default of 4 parallel uploads);
 #   - both start the backup with a fast checkpoint and wait until the WAL the
-#     backup needs is archived;
+#     backup needs is archived (remote mode and pg_basebackup too);
+#   - remote mode and the pg_basebackup pipe both compress with zstd level 3
+#     on every core and encrypt with age to the same recipient;
 #   - one archive_command feeds both repositories, so both hold the same WAL;
 #   - the data files are read into the page cache before each backup, and
 #     dirty pages are flushed (untimed) before each timed step; the timed
@@ -55,6 +59,8 @@ PACKAGES=(
     "postgresql-15:$PGBIN/postgres"
     "postgresql-contrib-15:/usr/share/postgresql/15/extension/amcheck.control"
     "pgbackrest:pgbackrest"
+    "zstd:zstd"
+    "age:age"
     "python3:python3"
 )
 missing=()
@@ -103,7 +109,7 @@ as_pg "$DR" keygen --output "$BENCH/identity.txt" >/dev/null
 RCPT=$(grep -o 'age1[0-9a-z]*' "$BENCH/identity.txt" | head -1)
 # Two dr repositories: "repo" takes the archive_command's WAL and the backup;
 # "walrepo" is empty until the WAL-latency phase, so every push there is new.
-for name in repo walrepo; do
+for name in repo walrepo remote; do
     cat >"$BENCH/dr/$name.toml" <<TOML
 [repository]
 recipients = ["$RCPT"]
@@ -126,6 +132,11 @@ os_user = "$OS_USER"
 state_dir = "$BENCH/dr/state-$name"
 TOML
 done
+# Remote mode backs up into "repo" too (the stop segment must be in the
+# repository it records the backup in), from a host with no identity and no
+# state: a full backup, as pg_basebackup takes, not an incremental one.
+sed -i -e '/^identity_file/d' -e '/^data_dir/d' -e "s|path = \"$BENCH/dr/remote\"|path = \"$BENCH/dr/repo\"|" \
+    -e 's|^\[postgres.bench\]|[postgres.bench]\nmode = "remote"|' "$BENCH/dr/remote.toml"
 # The same split for pgBackRest: stanza "bench" gets the archive_command's
 # WAL and the backup, stanza "walbench" (its own repository) the timed pushes.
 PGBR_PASS=$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')
@@ -265,6 +276,28 @@ echo "pgBackRest: $PGBR_RESTORE_S s" >&2
 DR_RESTORED=$(du -sb "$BENCH/restore-dr" | cut -f1)
 PGBR_RESTORED=$(du -sb "$BENCH/restore-pgbr" | cut -f1)
 
+step "Full backup, remote mode: dr (BASE_BACKUP)"
+wait_archived
+prepare
+t0=$(now)
+as_pg "$DR" --json --config "$BENCH/dr/remote.toml" backup pg >"$BENCH/dr-remote-backup.json"
+sync
+DR_REMOTE_S=$(elapsed "$t0" "$(now)")
+echo "dr remote mode: $DR_REMOTE_S s" >&2
+REMOTE_ID=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["backup"]["id"])' "$BENCH/dr-remote-backup.json")
+DR_REMOTE_SIZE=$(du -sb "$BENCH"/dr/repo/pg/*/*/backups/"$REMOTE_ID" | awk '{ s += $1 } END { print s }')
+
+step "Full backup: pg_basebackup -Ft -X none -D - | zstd | age"
+wait_archived
+prepare
+t0=$(now)
+"$PGBIN/pg_basebackup" -h 127.0.0.1 -p "$PORT" -U postgres -Ft -X none -c fast --manifest-checksums=NONE -D - |
+    zstd -q -3 -T0 | age -r "$RCPT" >"$BENCH/pg_basebackup.tar.zst.age"
+sync
+PGBB_S=$(elapsed "$t0" "$(now)")
+PGBB_SIZE=$(stat -c %s "$BENCH/pg_basebackup.tar.zst.age")
+echo "pg_basebackup | zstd | age: $PGBB_S s" >&2
+
 step "WAL archiving latency: $SEGMENTS segments"
 # Real, full segments are needed, each new to the repository it goes to.
 # While they are produced the archive_command only copies them aside; the
@@ -340,12 +373,15 @@ r = {
     "wal_push_ms_median": {"dr": statistics.median(dr_ms), "pgbackrest": statistics.median(pg_ms)},
     "wal_push_ms_mean": {"dr": statistics.fmean(dr_ms), "pgbackrest": statistics.fmean(pg_ms)},
     "wal_push_stored_bytes": {"dr": $DR_WAL_STORED, "pgbackrest": $PGBR_WAL_STORED},
+    "remote_backup_seconds": {"dr": $DR_REMOTE_S, "pg_basebackup": $PGBB_S},
+    "remote_backup_bytes": {"dr": $DR_REMOTE_SIZE, "pg_basebackup": $PGBB_SIZE},
+    "remote_backup_database_bytes": json.load(open(f"{bench}/dr-remote-backup.json"))["backup"]["size"],
 }
 mib = lambda b: f"{b / 2**20:.1f} MiB"
 sec = lambda s: f"{s:.2f} s"
 ms = lambda m: f"{m:.1f} ms"
-def ratio(key, inverse=False):
-    d, p = r[key]["dr"], r[key]["pgbackrest"]
+def ratio(key, inverse=False, other="pgbackrest"):
+    d, p = r[key]["dr"], r[key][other]
     v = (d / p) if inverse else (p / d)
     r.setdefault("ratios", {})[key] = round(v, 3)
     return f"{v:.2f}x"
@@ -365,5 +401,16 @@ for row in table:
     print(f"{row[0]:<{w[0]}}  {row[1]:>{w[1]}}  {row[2]:>{w[2]}}  {row[3]:>{w[3]}}")
 print(f"\nscale {r['scale']}, {r['cores']} cores, {r['wal_segments']} WAL segments timed; "
       "ratios are pgBackRest/dr for times (above 1: dr is faster) and dr/pgBackRest for sizes (below 1: dr is smaller)")
+remote = [
+    ("remote mode (BASE_BACKUP)", "dr", "pg_basebackup|zstd|age", "ratio"),
+    ("full backup", sec(r["remote_backup_seconds"]["dr"]), sec(r["remote_backup_seconds"]["pg_basebackup"]), ratio("remote_backup_seconds", other="pg_basebackup")),
+    ("backup stored", mib(r["remote_backup_bytes"]["dr"]), mib(r["remote_backup_bytes"]["pg_basebackup"]), ratio("remote_backup_bytes", True, "pg_basebackup")),
+    ("database backed up", mib(r["remote_backup_database_bytes"]), "", ""),
+]
+w = [max(len(row[i]) for row in remote) for i in range(4)]
+print()
+for row in remote:
+    print(f"{row[0]:<{w[0]}}  {row[1]:>{w[1]}}  {row[2]:>{w[2]}}  {row[3]:>{w[3]}}")
+print("ratios are pg_basebackup/dr for times and dr/pg_basebackup for sizes")
 print(json.dumps(r, separators=(",", ":")))
 PY

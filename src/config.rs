@@ -290,9 +290,17 @@ fn default_redis_timeout() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct PgConfig {
     /// libpq-style connection string (key=value or postgresql:// URL).
+    #[serde(default)]
     pub conninfo: String,
-    /// PGDATA: read by local-mode backups and `wal-push`, and the default restore target.
+    /// PGDATA: read by local-mode backups and `wal-push`. Not needed by
+    /// remote-mode backups, which run anywhere.
+    #[serde(default)]
     pub data_dir: PathBuf,
+    /// How base backups read the cluster: `"local"` (PGDATA on this host,
+    /// between `pg_backup_start` and `pg_backup_stop`) or `"remote"`
+    /// (`BASE_BACKUP` over the replication protocol, from any host).
+    #[serde(default)]
+    pub mode: BackupMode,
     /// Directory holding `postgres` and `pg_ctl`, for servers `dr` starts.
     #[serde(default = "default_pg_bin")]
     pub bin_dir: PathBuf,
@@ -339,6 +347,17 @@ pub struct PgConfig {
     /// a synchronous standby (`synchronous_standby_names`): RPO = 0.
     #[serde(default)]
     pub synchronous: bool,
+}
+
+/// How base backups read the cluster.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupMode {
+    /// Read PGDATA directly on the database host.
+    #[default]
+    Local,
+    /// `BASE_BACKUP` over a replication connection.
+    Remote,
 }
 
 /// How WAL is archived.
@@ -1056,7 +1075,18 @@ impl Config {
                     format!("[postgres.{name}]: names may use only letters, digits, '-' and '_' (max 64)"),
                 ));
             }
-            if !p.data_dir.is_absolute() {
+            if p.data_dir.as_os_str().is_empty() && p.mode == BackupMode::Local {
+                return Err(self.err(
+                    text,
+                    pg.span(),
+                    format!(
+                        "[postgres.{name}]: data_dir is missing; local-mode backups read PGDATA \
+                         (set data_dir), or set mode = \"remote\" to back up over the \
+                         replication protocol"
+                    ),
+                ));
+            }
+            if !p.data_dir.as_os_str().is_empty() && !p.data_dir.is_absolute() {
                 return Err(self.err(
                     text,
                     pg.span(),
@@ -1065,6 +1095,18 @@ impl Config {
                         p.data_dir.display()
                     ),
                 ));
+            }
+            if p.conninfo.trim().is_empty() {
+                let what = match p.mode {
+                    BackupMode::Remote => {
+                        "mode = \"remote\" needs conninfo naming the server and a user with \
+                         the REPLICATION attribute (e.g. \"host=db1 user=dr_backup dbname=postgres\")"
+                    }
+                    BackupMode::Local => {
+                        "conninfo is missing (e.g. \"host=127.0.0.1 port=5432 user=postgres dbname=postgres\")"
+                    }
+                };
+                return Err(self.err(text, pg.span(), format!("[postgres.{name}]: {what}")));
             }
             if p.parallel == 0 || p.parallel > 64 {
                 return Err(self.err(
@@ -1795,6 +1837,27 @@ mod tests {
         format!(
             "[repository]\nrecipients = [\"{RCPT}\"]\n\n[[region]]\nname = \"local\"\ntype = \"fs\"\npath = \"/tmp/x\"\n"
         )
+    }
+
+    #[test]
+    fn backup_mode_decides_what_is_required() {
+        let remote =
+            base() + "[postgres.main]\nmode = \"remote\"\nconninfo = \"host=db1 user=dr\"\n";
+        let c = parse(&remote).expect("remote mode needs no data_dir");
+        assert_eq!(c.postgres["main"].get_ref().mode, BackupMode::Remote);
+        let local = base() + "[postgres.main]\nconninfo = \"host=db1 user=dr\"\n";
+        let e = parse(&local)
+            .expect_err("local mode needs data_dir")
+            .to_string();
+        assert!(
+            e.contains("data_dir is missing") && e.contains("mode = \"remote\""),
+            "{e}"
+        );
+        let no_conn = base() + "[postgres.main]\nmode = \"remote\"\n";
+        let e = parse(&no_conn).expect_err("conninfo").to_string();
+        assert!(e.contains("REPLICATION"), "{e}");
+        let bad = base() + "[postgres.main]\nmode = \"ssh\"\nconninfo = \"host=x\"\n";
+        assert!(parse(&bad).is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::pg::{TestPg, fs_repo, restore_started};
+use common::pg::{TestPg, fs_repo, mark, restore_and_check, restore_started};
 
 /// `dr wal-stream` running as the OS user, started directly (not through
 /// runuser) so the test can signal the dr process itself.
@@ -359,6 +359,31 @@ fn killed_streamer_resumes_from_its_slot_without_a_gap() {
     // And the archive replays to the end.
     let (port, _, _) = restore_started(&mut pg, "latest", "after-kill");
     assert_eq!(pg.sql_at(port, "SELECT count(*) FROM g"), rows);
+}
+
+/// Remote mode with streamed WAL (archive_mode off): the backup waits for
+/// its stop segment from the streamer, and restores exactly.
+#[test]
+fn remote_backup_with_streamed_wal_restores_exactly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let regions = fs_repo(&tmp);
+    let mut pg = TestPg::streaming(
+        &regions,
+        "mode = \"remote\"\nstream_flush_interval = \"200ms\"\n",
+    );
+    let streamer = Streamer::start(&pg, &pg.cfg);
+    wait_replication(&pg, "async");
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+    let o = pg.dr(&["--json", "backup", "pg"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("backup json");
+    assert_eq!(v["backup"]["mode"], "remote", "{v}");
+    pg.pgbench(&["-t", "200", "-n"]);
+    let m = mark(&pg);
+    pg.pgbench(&["-t", "100", "-n"]);
+    pg.sql("SELECT pg_switch_wal()");
+    wait_durable(&pg);
+    streamer.stop();
+    restore_and_check(&mut pg, &m.at, "streamed", &m.balance, &m.history);
 }
 
 #[test]

@@ -61,10 +61,17 @@ pub async fn backup(
     let (cluster, pg) = cfg.pg(name.as_deref())?;
     let repo = Repository::open(&cfg).await?;
     if !out.json {
-        eprintln!(
-            "backing up [postgres.{cluster}] ({})…",
-            pg.data_dir.display()
-        );
+        match pg.mode {
+            dr::config::BackupMode::Local => {
+                eprintln!(
+                    "backing up [postgres.{cluster}] ({})…",
+                    pg.data_dir.display()
+                )
+            }
+            dr::config::BackupMode::Remote => {
+                eprintln!("backing up [postgres.{cluster}] over the replication protocol…")
+            }
+        }
     }
     let progress = dr::progress::Progress::new();
     let r = with_progress(

@@ -64,6 +64,10 @@ pub struct PgManifest {
     /// User tablespaces; their files are under `pg_tblspc/<oid>/` in `files`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tablespaces: Vec<Tablespace>,
+    /// The server's own `backup_manifest` (remote mode), stored like a file
+    /// but never restored into PGDATA: kept for `pg_verifybackup` and audits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_manifest: Option<FileEntry>,
 }
 
 /// A tablespace outside PGDATA at backup time.

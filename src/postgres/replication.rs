@@ -56,6 +56,46 @@ pub enum ReplicationMessage {
     End,
 }
 
+/// What `BASE_BACKUP` reports before the archives.
+#[derive(Debug, Clone)]
+pub struct BaseBackupStart {
+    /// Where WAL replay starts (the backup's checkpoint redo position).
+    pub start_lsn: Lsn,
+    /// Timeline at start.
+    pub timeline: u32,
+    /// Tablespaces, the main data directory last (oid and location `None`).
+    pub tablespaces: Vec<BackupTablespace>,
+}
+
+/// A tablespace `BASE_BACKUP` will send.
+#[derive(Debug, Clone)]
+pub struct BackupTablespace {
+    /// Its OID; `None` for the main data directory.
+    pub oid: Option<u32>,
+    /// Its directory on the server; `None` for the main data directory.
+    pub location: Option<String>,
+    /// Approximate size in KiB (with `PROGRESS`).
+    pub size_kb: Option<u64>,
+}
+
+/// One message of a `BASE_BACKUP` stream.
+#[derive(Debug)]
+pub enum BaseBackupMessage {
+    /// A new tar archive starts: `base.tar` or `<oid>.tar`.
+    NewArchive {
+        /// Archive name.
+        name: String,
+        /// The tablespace's directory on the server (`None` for PGDATA).
+        location: Option<String>,
+    },
+    /// Bytes of the current archive.
+    ArchiveData(Bytes),
+    /// Bytes of the server's `backup_manifest`.
+    ManifestData(Bytes),
+    /// Bytes the server has sent so far.
+    Progress(u64),
+}
+
 /// An open replication connection.
 pub struct ReplicationConn {
     sock: Box<dyn Socket>,
@@ -64,6 +104,8 @@ pub struct ReplicationConn {
     /// Server parameters reported at startup (`server_version`, …).
     pub params: HashMap<String, String>,
     describe: String,
+    /// Inside a `BASE_BACKUP` stream, after the 'm' (manifest) message.
+    in_manifest: bool,
 }
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
@@ -131,6 +173,7 @@ impl ReplicationConn {
             wbuf: BytesMut::new(),
             params: HashMap::new(),
             describe,
+            in_manifest: false,
         };
         if split.sslmode != "disable" {
             conn = conn.start_tls(&split, tls_name).await?;
@@ -559,6 +602,146 @@ impl ReplicationConn {
         Ok(Some((tli, lsn)))
     }
 
+    /// Starts `BASE_BACKUP` with the PostgreSQL 15 CopyData framing
+    /// (`TARGET 'client'`). Reads the start position and the tablespace list;
+    /// then read the archives with [`ReplicationConn::base_backup_next`] and
+    /// the end position with [`ReplicationConn::base_backup_end`].
+    pub async fn base_backup(&mut self, label: &str) -> Result<BaseBackupStart, PgError> {
+        // Page checksums are checked by dr, which records bad pages as local
+        // mode does; the server would fail the whole backup instead. WAL
+        // comes through the archive or the streamer, never the tar.
+        let sql = format!(
+            "BASE_BACKUP (LABEL {}, TARGET 'client', PROGRESS, CHECKPOINT 'fast', WAL false, \
+             MANIFEST 'yes', MANIFEST_CHECKSUMS 'none', TABLESPACE_MAP, VERIFY_CHECKSUMS false)",
+            quote_literal(label)
+        );
+        frontend::query(&sql, &mut self.wbuf).map_err(|e| proto("query", e))?;
+        self.flush().await?;
+        let mut sets: Vec<Vec<Vec<Option<Bytes>>>> = vec![Vec::new()];
+        loop {
+            match self.recv().await? {
+                backend::Message::DataRow(row) => {
+                    if let Some(set) = sets.last_mut() {
+                        set.push(row_values(&row)?);
+                    }
+                }
+                backend::Message::CommandComplete(_) => sets.push(Vec::new()),
+                backend::Message::CopyOutResponse(_) => break,
+                backend::Message::ErrorResponse(e) => {
+                    let msg = error_text(&e);
+                    let _ = self.collect_rows(&sql).await;
+                    return Err(PgError::Other(format!(
+                        "{}: BASE_BACKUP: {msg}",
+                        self.describe
+                    )));
+                }
+                backend::Message::NoticeResponse(n) => log_notice(&self.describe, &n),
+                _ => {}
+            }
+        }
+        let start = sets
+            .first()
+            .and_then(|s| s.first())
+            .ok_or_else(|| proto("BASE_BACKUP", "no start position"))?;
+        let start_lsn = column(start, 0, "BASE_BACKUP start position")?;
+        let timeline = column(start, 1, "BASE_BACKUP timeline")?;
+        let mut tablespaces = Vec::new();
+        for row in sets.get(1).map(Vec::as_slice).unwrap_or_default() {
+            let opt = |i: usize| -> Result<Option<String>, PgError> {
+                row.get(i)
+                    .cloned()
+                    .flatten()
+                    .map(|_| text(row, i))
+                    .transpose()
+            };
+            let oid = opt(0)?
+                .map(|s| {
+                    s.parse::<u32>()
+                        .map_err(|e| proto("BASE_BACKUP tablespace oid", e))
+                })
+                .transpose()?;
+            let size_kb = opt(2)?
+                .map(|s| {
+                    s.parse::<u64>()
+                        .map_err(|e| proto("BASE_BACKUP tablespace size", e))
+                })
+                .transpose()?;
+            tablespaces.push(BackupTablespace {
+                oid,
+                location: opt(1)?,
+                size_kb,
+            });
+        }
+        self.in_manifest = false;
+        Ok(BaseBackupStart {
+            start_lsn,
+            timeline,
+            tablespaces,
+        })
+    }
+
+    /// The next message of a running `BASE_BACKUP`, or `None` once the
+    /// server has sent everything (CopyDone). Cancel-safe.
+    pub async fn base_backup_next(&mut self) -> Result<Option<BaseBackupMessage>, PgError> {
+        loop {
+            match self.recv().await? {
+                backend::Message::CopyData(body) => {
+                    let mut data = body.into_bytes();
+                    if data.is_empty() {
+                        continue;
+                    }
+                    return match data.get_u8() {
+                        b'n' => {
+                            let name = cstring(&mut data)?;
+                            let location = cstring(&mut data)?;
+                            Ok(Some(BaseBackupMessage::NewArchive {
+                                name,
+                                location: (!location.is_empty()).then_some(location),
+                            }))
+                        }
+                        b'd' if self.in_manifest => Ok(Some(BaseBackupMessage::ManifestData(data))),
+                        b'd' => Ok(Some(BaseBackupMessage::ArchiveData(data))),
+                        b'p' if data.len() >= 8 => Ok(Some(BaseBackupMessage::Progress(
+                            u64::try_from(data.get_i64()).unwrap_or(0),
+                        ))),
+                        b'm' => {
+                            self.in_manifest = true;
+                            continue;
+                        }
+                        other => Err(proto(
+                            "BASE_BACKUP stream",
+                            format!("unknown message {other:#x}"),
+                        )),
+                    };
+                }
+                backend::Message::CopyDone => return Ok(None),
+                backend::Message::ErrorResponse(e) => {
+                    return Err(PgError::Other(format!(
+                        "{}: BASE_BACKUP: {}",
+                        self.describe,
+                        error_text(&e)
+                    )));
+                }
+                backend::Message::NoticeResponse(n) => log_notice(&self.describe, &n),
+                _ => {}
+            }
+        }
+    }
+
+    /// After [`ReplicationConn::base_backup_next`] returned `None`: the end
+    /// position and timeline. The server sends them only once the backup has
+    /// ended, which with archiving on includes waiting for the WAL it needs.
+    pub async fn base_backup_end(&mut self) -> Result<(Lsn, u32), PgError> {
+        let rows = self.collect_rows("BASE_BACKUP end").await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| proto("BASE_BACKUP", "no end position"))?;
+        Ok((
+            column(row, 0, "BASE_BACKUP end position")?,
+            column(row, 1, "BASE_BACKUP end timeline")?,
+        ))
+    }
+
     /// Closes the connection politely.
     pub async fn close(mut self) {
         frontend::terminate(&mut self.wbuf);
@@ -597,6 +780,15 @@ fn text(row: &[Option<Bytes>], i: usize) -> Result<String, PgError> {
     String::from_utf8(v.to_vec()).map_err(|e| proto("reply", e))
 }
 
+/// Column `i` parsed from its text form.
+fn column<T>(row: &[Option<Bytes>], i: usize, what: &str) -> Result<T, PgError>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    text(row, i)?.parse().map_err(|e| proto(what, e))
+}
+
 fn error_text(e: &backend::ErrorResponseBody) -> String {
     let mut severity = String::new();
     let mut message = String::new();
@@ -612,6 +804,43 @@ fn error_text(e: &backend::ErrorResponseBody) -> String {
         }
     }
     format!("{severity} {code}: {message}")
+}
+
+/// A NUL-terminated string at the front of `data`.
+fn cstring(data: &mut Bytes) -> Result<String, PgError> {
+    let end = data
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or_else(|| proto("BASE_BACKUP stream", "unterminated string"))?;
+    let s = String::from_utf8(data.split_to(end).to_vec())
+        .map_err(|e| proto("BASE_BACKUP stream", e))?;
+    data.advance(1);
+    Ok(s)
+}
+
+/// Logs a server notice: warnings as warnings, the rest (e.g. "all required
+/// WAL segments have been archived") as information.
+fn log_notice(server: &str, n: &backend::NoticeResponseBody) {
+    let (mut severity, mut message) = (String::new(), String::new());
+    let mut fields = n.fields();
+    while let Ok(Some(f)) = fallible_iterator::FallibleIterator::next(&mut fields) {
+        let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'V' => severity = v,
+            b'M' => message = v,
+            _ => {}
+        }
+    }
+    if severity == "WARNING" {
+        tracing::warn!(server, "BASE_BACKUP: {message}");
+    } else {
+        tracing::info!(server, "BASE_BACKUP: {message}");
+    }
+}
+
+/// Quotes a string literal for a replication command.
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// Quotes a slot name as an identifier.

@@ -390,6 +390,19 @@ fn write_durable(tmp: &Path, dest: &Path, data: &[u8]) -> std::io::Result<()> {
     std::fs::rename(tmp, dest)
 }
 
+/// The segment holding the byte just before `lsn` on `timeline`, as
+/// `pg_walfile_name(lsn)` names it (the segment a backup's stop position
+/// needs, even when the position is a segment boundary).
+pub fn walfile_name(timeline: u32, lsn: super::Lsn) -> WalSegmentName {
+    let segno = lsn.0.saturating_sub(1) / super::WAL_SEGMENT_SIZE;
+    let per_log = 0x1_0000_0000u64 / super::WAL_SEGMENT_SIZE;
+    WalSegmentName {
+        timeline: TimelineId(timeline),
+        log: (segno / per_log) as u32,
+        seg: (segno % per_log) as u32,
+    }
+}
+
 /// The segment after `s` on the same timeline.
 pub fn next_segment(s: WalSegmentName) -> WalSegmentName {
     let per_log = (0x1_0000_0000u64 / super::WAL_SEGMENT_SIZE) as u32;
@@ -410,6 +423,15 @@ pub fn next_segment(s: WalSegmentName) -> WalSegmentName {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn walfile_name_is_pg_walfile_name() {
+        let name = |l: &str| walfile_name(1, l.parse().expect("lsn")).to_string();
+        assert_eq!(name("0/2000028"), "000000010000000000000002");
+        // A segment boundary belongs to the segment before it.
+        assert_eq!(name("0/3000000"), "000000010000000000000002");
+        assert_eq!(name("1/0"), "0000000100000000000000FF");
+    }
 
     #[test]
     fn wal_file_names() {

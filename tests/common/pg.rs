@@ -61,6 +61,17 @@ impl TestPg {
         TestPg::build(regions, false, &format!("wal = \"stream\"\n{extra}"))
     }
 
+    /// initdb + start, archiving with dr wal-push, with `mode = "remote"`
+    /// and no `data_dir` in the config: backups go over the replication
+    /// protocol and never read PGDATA.
+    pub fn remote(regions: &str) -> TestPg {
+        let t = TestPg::build(regions, true, "mode = \"remote\"\n");
+        let text = std::fs::read_to_string(&t.cfg).expect("read cfg");
+        let text = text.replace(&format!("data_dir = \"{}\"\n", t.data.display()), "");
+        std::fs::write(&t.cfg, text).expect("write cfg");
+        t
+    }
+
     fn build(regions: &str, archive: bool, extra: &str) -> TestPg {
         let user = require_env("DR_TEST_OS_USER", "PostgreSQL");
         let bin = PathBuf::from(require_env("DR_TEST_PG_BIN_DIR", "PostgreSQL"));

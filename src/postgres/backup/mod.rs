@@ -1,0 +1,378 @@
+//! Base backups. Local mode (`local.rs`) reads PGDATA between
+//! `pg_backup_start` and `pg_backup_stop` on the database host; remote mode
+//! (`remote.rs`) runs `BASE_BACKUP` over the replication protocol and parses
+//! the tar stream. Both feed the same block/pack pipeline (`pack.rs`) and end
+//! here: wait until the WAL the backup needs is in the repository, then write
+//! the manifest, which alone makes the backup exist.
+
+mod local;
+mod pack;
+mod remote;
+mod tar;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::manifest::{DataObject, DirEntry, FileEntry, MANIFEST_VERSION, PgManifest, Tablespace};
+use super::{Lsn, PgError};
+use crate::config::{BackupMode, PgConfig, WalMode};
+use crate::progress::Progress;
+use crate::repo::Repository;
+use crate::repo::layout::{BackupId, ObjectKey};
+
+pub(crate) use pack::PageChecks;
+
+/// Paths under PGDATA whose contents are not backed up (PostgreSQL docs,
+/// "Making a Base Backup Using the Low Level API"); the directories themselves
+/// are recreated on restore.
+const SKIP_CONTENTS: &[&str] = &[
+    "pg_wal",
+    "pg_replslot",
+    "pg_dynshmem",
+    "pg_notify",
+    "pg_serial",
+    "pg_snapshots",
+    "pg_stat_tmp",
+    "pg_subtrans",
+];
+/// Files never backed up.
+const SKIP_FILES: &[&str] = &[
+    "postmaster.pid",
+    "postmaster.opts",
+    "backup_label",
+    "backup_label.old",
+    "tablespace_map",
+    "tablespace_map.old",
+    "recovery.signal",
+    "standby.signal",
+    "current_logfiles",
+];
+
+/// Summary of a finished backup.
+#[derive(Debug, Serialize)]
+pub struct BackupReport {
+    /// Backup id.
+    pub id: String,
+    /// Cluster name.
+    pub cluster: String,
+    /// `"local"` or `"remote"`.
+    pub mode: &'static str,
+    /// Plaintext bytes.
+    pub size: u64,
+    /// Stored bytes.
+    pub stored_size: u64,
+    /// Files copied.
+    pub files: usize,
+    /// Data objects written.
+    pub objects: usize,
+    /// Seconds.
+    pub duration_seconds: f64,
+    /// Start and stop WAL positions.
+    pub start_lsn: String,
+    /// Stop position.
+    pub stop_lsn: String,
+    /// Timeline.
+    pub timeline: u32,
+    /// Regions holding the manifest.
+    pub regions: Vec<String>,
+    /// Backup whose unchanged blocks were referenced, if any.
+    pub incremental_of: Option<String>,
+    /// Bytes referenced from earlier backups instead of stored again.
+    pub reused_bytes: u64,
+    /// Pages whose checksum failed (path, block), if verification ran.
+    pub checksum_failures: Vec<(String, u64)>,
+    /// Whether page checksums were verified.
+    pub checksums_verified: bool,
+}
+
+/// Takes a full (block-incremental where possible) base backup of `cluster`,
+/// locally or over the replication protocol as `mode` says.
+pub async fn backup(
+    repo: &Repository,
+    cluster: &str,
+    cfg: &PgConfig,
+    progress: Arc<Progress>,
+) -> Result<BackupReport, PgError> {
+    let t0 = Instant::now();
+    let taken = match cfg.mode {
+        BackupMode::Local => local::take(repo, cluster, cfg, progress).await?,
+        BackupMode::Remote => remote::take(repo, cluster, cfg, progress).await?,
+    };
+    record(repo, cluster, cfg, t0, taken).await
+}
+
+/// Server settings both modes check before starting.
+struct ServerFacts {
+    version: u32,
+    archive_mode: String,
+    wal_segment_size: u64,
+}
+
+/// Refuses servers and settings the backup could not be restored from.
+fn check_server(f: &ServerFacts, cfg: &PgConfig) -> Result<(), PgError> {
+    if f.version < 150000 {
+        return Err(PgError::Other(format!(
+            "server version {} is not supported; dr needs PostgreSQL 15 or newer",
+            f.version
+        )));
+    }
+    if f.archive_mode == "off" && cfg.wal != WalMode::Stream {
+        return Err(PgError::Other(
+            "archive_mode is off, so the WAL this backup needs would never be archived; set \
+             archive_mode = on and archive_command = 'dr wal-push %p' and restart PostgreSQL, \
+             or set wal = \"stream\" and run dr wal-stream"
+                .into(),
+        ));
+    }
+    if f.wal_segment_size != super::WAL_SEGMENT_SIZE {
+        return Err(PgError::Other(format!(
+            "wal_segment_size is {} bytes; this version of dr supports the default 16 MiB",
+            f.wal_segment_size
+        )));
+    }
+    Ok(())
+}
+
+/// What a mode hands over once the server has ended backup mode.
+struct Taken {
+    id: BackupId,
+    system_id: u64,
+    server_version: u32,
+    start_time: DateTime<Utc>,
+    stop_time: DateTime<Utc>,
+    start_lsn: Lsn,
+    stop_lsn: Lsn,
+    timeline: u32,
+    start_segment: String,
+    stop_segment: String,
+    backup_label: String,
+    tablespace_map: String,
+    tablespaces: Vec<Tablespace>,
+    dirs: Vec<DirEntry>,
+    files: Vec<FileEntry>,
+    objects: Vec<DataObject>,
+    checks: Option<Arc<PageChecks>>,
+    prev: Option<PgManifest>,
+    server_manifest: Option<FileEntry>,
+}
+
+/// The previous backup (for block-incremental) and the page checker, once
+/// the start position is known.
+async fn prepare(
+    repo: &Repository,
+    cluster: &str,
+    system_id: u64,
+    cfg: &PgConfig,
+    start_lsn: Lsn,
+    data_checksums: &str,
+) -> (Option<PgManifest>, Option<Arc<PageChecks>>) {
+    let prev = load_previous(repo, cluster, system_id, cfg).await;
+    if let Some(p) = &prev {
+        tracing::info!(previous = %p.id, "block-incremental against the previous backup");
+    }
+    let checks = (cfg.verify_checksums && data_checksums == "on")
+        .then(|| Arc::new(PageChecks::new(start_lsn.0)));
+    (prev, checks)
+}
+
+/// Waits until the stop segment is in the repository, then writes the
+/// manifest (the backup exists from then on) and the local state.
+async fn record(
+    repo: &Repository,
+    cluster: &str,
+    cfg: &PgConfig,
+    t0: Instant,
+    t: Taken,
+) -> Result<BackupReport, PgError> {
+    wait_for_stop_segment(repo, cluster, t.system_id, &t.stop_segment, cfg.wal).await?;
+    let size: u64 = t.files.iter().map(|f| f.size).sum();
+    let checksum_failures = t.checks.as_ref().map(|c| c.failures()).unwrap_or_default();
+    let manifest = PgManifest {
+        kind: "dr-pg-backup".into(),
+        version: MANIFEST_VERSION,
+        cluster: cluster.to_string(),
+        system_id: t.system_id,
+        id: t.id.to_string(),
+        server_version: t.server_version,
+        start_time: t.start_time,
+        stop_time: t.stop_time,
+        start_lsn: t.start_lsn,
+        stop_lsn: t.stop_lsn,
+        timeline: t.timeline,
+        start_segment: t.start_segment,
+        stop_segment: t.stop_segment,
+        wal_segment_size: super::WAL_SEGMENT_SIZE,
+        backup_label: t.backup_label,
+        tablespace_map: t.tablespace_map,
+        dirs: t.dirs,
+        files: t.files,
+        stored_size: t
+            .objects
+            .iter()
+            .filter(|o| o.backup.is_none())
+            .map(|o| o.encoded.stored_size)
+            .sum(),
+        objects: t.objects,
+        size,
+        duration_seconds: t0.elapsed().as_secs_f64(),
+        checksum_failures,
+        tablespaces: t.tablespaces,
+        server_manifest: t.server_manifest,
+    };
+    let body = serde_json::to_vec(&manifest).map_err(|e| PgError::Other(e.to_string()))?;
+    let key = ObjectKey::PgManifest {
+        cluster: cluster.to_string(),
+        system_id: t.system_id,
+        backup: t.id.clone(),
+    };
+    let (_, put) = repo
+        .put_buffer(&key, Bytes::from(body.clone()), None)
+        .await?;
+    save_state(cfg, cluster, t.system_id, &body).await;
+    let reused: u64 = manifest
+        .files
+        .iter()
+        .flat_map(|f| &f.extents)
+        .filter(|e| e.backup.is_some())
+        .map(|e| e.len)
+        .sum();
+    Ok(BackupReport {
+        checksum_failures: manifest.checksum_failures.clone(),
+        checksums_verified: t.checks.is_some(),
+        incremental_of: t.prev.map(|p| p.id),
+        reused_bytes: reused,
+        id: t.id.to_string(),
+        cluster: cluster.to_string(),
+        mode: match cfg.mode {
+            BackupMode::Local => "local",
+            BackupMode::Remote => "remote",
+        },
+        size,
+        stored_size: manifest.stored_size,
+        files: manifest.files.len(),
+        objects: manifest.objects.len(),
+        duration_seconds: t0.elapsed().as_secs_f64(),
+        start_lsn: manifest.start_lsn.to_string(),
+        stop_lsn: manifest.stop_lsn.to_string(),
+        timeline: manifest.timeline,
+        regions: put.ok,
+    })
+}
+
+/// The server has waited for the archiver (or, streaming, switched
+/// segments); confirm the repository holds the stop segment.
+async fn wait_for_stop_segment(
+    repo: &Repository,
+    cluster: &str,
+    system_id: u64,
+    stop_segment: &str,
+    wal: WalMode,
+) -> Result<(), PgError> {
+    let streaming = wal == WalMode::Stream;
+    let seg = super::wal::WalFile::parse(stop_segment)
+        .ok_or_else(|| PgError::Other(format!("unexpected stop segment name {stop_segment}")))?;
+    let prefix = seg.key_prefix(cluster, system_id);
+    let (_, mut found) = repo.regions.list(&prefix).await?;
+    // The streamer stores the completed segment once it has received it.
+    let deadline = Instant::now() + std::time::Duration::from_secs(300);
+    while streaming && found.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        found = repo.regions.list(&prefix).await?.1;
+    }
+    if found.is_empty() && streaming {
+        return Err(PgError::Other(format!(
+            "the stop WAL segment {stop_segment} did not reach the repository within 5 minutes; \
+             is `dr wal-stream {cluster}` (or the daemon) running? \
+             The backup is incomplete and was not recorded"
+        )));
+    }
+    if found.is_empty() {
+        return Err(PgError::Other(format!(
+            "the stop WAL segment {stop_segment} is not in the repository although PostgreSQL \
+             reports it archived; is archive_command `dr wal-push %p` with this config? \
+             The backup is incomplete and was not recorded"
+        )));
+    }
+    Ok(())
+}
+
+fn state_file(cfg: &PgConfig, cluster: &str, system_id: u64) -> PathBuf {
+    cfg.state_dir()
+        .join(format!("{cluster}-{system_id}.last-backup.json"))
+}
+
+/// The previous backup's manifest, to reference unchanged blocks: from the
+/// local state file (works on hosts with only public keys) if the repository
+/// still has that backup, else decrypted from the repository if this host has
+/// the identity, else none (a full backup).
+async fn load_previous(
+    repo: &Repository,
+    cluster: &str,
+    system_id: u64,
+    cfg: &PgConfig,
+) -> Option<PgManifest> {
+    let path = state_file(cfg, cluster, system_id);
+    if let Ok(bytes) = tokio::fs::read(&path).await {
+        match serde_json::from_slice::<PgManifest>(&bytes) {
+            Ok(m) if m.system_id == system_id && m.cluster == cluster => {
+                let key = m.backup_id().map(|b| {
+                    ObjectKey::PgManifest {
+                        cluster: cluster.to_string(),
+                        system_id,
+                        backup: b,
+                    }
+                    .to_string()
+                });
+                if let Some(key) = key
+                    && let Ok((_, found)) = repo.regions.list(&key).await
+                    && !found.is_empty()
+                {
+                    return Some(m);
+                }
+                tracing::info!(state = %path.display(), "previous backup in the state file is gone from the repository");
+            }
+            _ => tracing::warn!(state = %path.display(), "ignoring an unreadable state file"),
+        }
+    }
+    if !repo.codec.can_decrypt() {
+        tracing::info!("no state file and no identity: taking a full backup");
+        return None;
+    }
+    let prefix = format!("pg/{cluster}/{system_id}/backups/");
+    let (_, objs) = repo.regions.list(&prefix).await.ok()?;
+    let newest = objs
+        .iter()
+        .filter(|o| o.key.ends_with("/manifest"))
+        .max_by(|a, b| a.key.cmp(&b.key))?;
+    match super::catalog::read_manifest(repo, &newest.key, newest.size).await {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the previous manifest: taking a full backup");
+            None
+        }
+    }
+}
+
+/// Keeps a plaintext copy of the manifest for the next block-incremental
+/// backup. Best effort: without it the next backup reads the repository or
+/// is full, never wrong.
+async fn save_state(cfg: &PgConfig, cluster: &str, system_id: u64, manifest: &[u8]) {
+    let path = state_file(cfg, cluster, system_id);
+    let tmp = path.with_extension("tmp");
+    let res = async {
+        if let Some(dir) = path.parent() {
+            tokio::fs::create_dir_all(dir).await?;
+        }
+        tokio::fs::write(&tmp, manifest).await?;
+        tokio::fs::rename(&tmp, &path).await
+    }
+    .await;
+    if let Err(e) = res {
+        tracing::warn!(state = %path.display(), error = %e, "cannot save backup state; the next backup may be full");
+    }
+}
