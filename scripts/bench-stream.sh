@@ -36,7 +36,7 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 as_pg() { runuser -u "$OS_USER" -- "$@"; }
 # For background processes: setpriv execs (runuser forks and does not pass
 # SIGTERM on), so $! is the process itself and `kill $!` stops it.
-bg_as_pg() { setpriv --reuid="$OS_USER" --regid="$OS_USER" --init-groups -- "$@"; }
+bg_as_pg() { exec setpriv --reuid="$OS_USER" --regid="$OS_USER" --init-groups -- "$@"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 [[ $(id -u) -eq 0 ]] || die "run as root: the benchmark runs PostgreSQL as the '$OS_USER' user"
