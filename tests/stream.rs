@@ -188,6 +188,26 @@ async fn commit_until_killed(
     (acked, killed)
 }
 
+/// Streamed pieces of segments that are also stored whole (the streamer
+/// deletes those once the segment is stored).
+fn superseded_pieces(repo: &Path) -> Vec<String> {
+    let names: Vec<String> = common::walk_files(repo)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("/wal/"))
+        .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
+        .collect();
+    let whole: std::collections::HashSet<&str> = names
+        .iter()
+        .filter(|n| n.len() == 24 + 1 + 64)
+        .map(|n| &n[..24])
+        .collect();
+    names
+        .iter()
+        .filter(|n| n.contains(".stream.") && whole.contains(&n[..24]))
+        .cloned()
+        .collect()
+}
+
 /// Runs the kill-the-primary workload and returns (acked, lost ids with their
 /// age at the kill).
 async fn loss_after_primary_loss(synchronous: bool) -> (usize, Vec<Duration>) {
@@ -206,6 +226,11 @@ async fn loss_after_primary_loss(synchronous: bool) -> (usize, Vec<Duration>) {
     pg.dr(&["backup", "pg"]);
     let (acked, killed) = commit_until_killed(&pg, 8, 10_000).await;
     streamer.stop();
+    let left = superseded_pieces(&tmp.path().join("repo"));
+    assert!(
+        left.is_empty(),
+        "pieces of stored segments remain: {left:?}"
+    );
     let (port, _, report) = restore_started(&mut pg, "latest", "restored");
     eprintln!("restore: {report}");
     let ids = pg.sql_at(port, "SELECT string_agg(id::text, ',') FROM acked");

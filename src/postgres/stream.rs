@@ -13,7 +13,7 @@
 //! know how it arrived. `wal-fetch` assembles pieces only for a segment
 //! that was never completed: the last one before the primary was lost.
 
-use std::collections::VecDeque;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -308,6 +308,15 @@ struct Streamer<'a> {
     floor: u64,
     inflight: FuturesUnordered<BoxFuture<'a, Durable>>,
     pieces_inflight: usize,
+    /// Keys of the pieces queued for the current segment.
+    piece_keys: Vec<String>,
+    /// Per segment (by its start LSN): pieces still uploading.
+    seg_pieces_inflight: HashMap<u64, usize>,
+    /// Completed segments whose pieces are deleted once the segment is
+    /// stored and none of its pieces is still uploading: (keys, stored).
+    superseded: HashMap<u64, (Vec<String>, bool)>,
+    /// Deletions of superseded pieces.
+    cleanup: FuturesUnordered<BoxFuture<'a, ()>>,
     last_status: Instant,
     last_saved: Instant,
 }
@@ -353,6 +362,10 @@ impl<'a> Streamer<'a> {
             floor: floor.0,
             inflight: FuturesUnordered::new(),
             pieces_inflight: 0,
+            piece_keys: Vec::new(),
+            seg_pieces_inflight: HashMap::new(),
+            superseded: HashMap::new(),
+            cleanup: FuturesUnordered::new(),
             last_status: Instant::now(),
             // The first report saves: a new timeline shows at once.
             last_saved: Instant::now()
@@ -391,6 +404,7 @@ impl<'a> Streamer<'a> {
                         return conn.finish_copy().await;
                     }
                 },
+                Some(()) = self.cleanup.next(), if !self.cleanup.is_empty() => {}
                 Some(res) = self.inflight.next(), if !self.inflight.is_empty() => {
                     self.completed(res?);
                     self.maybe_flush(false);
@@ -458,6 +472,11 @@ impl<'a> Streamer<'a> {
         let data = std::mem::replace(&mut self.buf, Vec::with_capacity(WAL_SEGMENT_SIZE as usize));
         let range = (self.seg_start, self.seg_start + WAL_SEGMENT_SIZE);
         let (repo, cluster, sid) = (self.repo, self.cluster, self.system_id);
+        let keys = std::mem::take(&mut self.piece_keys);
+        if !keys.is_empty() {
+            self.superseded
+                .insert(segment_of(self.seg_start), (keys, false));
+        }
         self.inflight.push(Box::pin(async move {
             let file = WalFile::Segment(name, WalSuffix::None);
             push_bytes(repo, cluster, sid, file, &name.to_string(), data).await?;
@@ -504,6 +523,11 @@ impl<'a> Streamer<'a> {
             hash: blake3::hash(&data).to_hex().to_string(),
         };
         let range = (self.seg_start + from as u64, self.seg_start + to as u64);
+        self.piece_keys.push(key.to_string());
+        *self
+            .seg_pieces_inflight
+            .entry(segment_of(self.seg_start))
+            .or_default() += 1;
         let repo = self.repo;
         self.inflight.push(Box::pin(async move {
             let hash = key.to_string().rsplit('-').next().map(str::to_string);
@@ -522,9 +546,19 @@ impl<'a> Streamer<'a> {
     /// Records a durable range and advances the durable position over every
     /// range now contiguous with it.
     fn completed(&mut self, (start, end, piece): (u64, u64, bool)) {
+        let seg = segment_of(start);
         if piece {
             self.pieces_inflight = self.pieces_inflight.saturating_sub(1);
+            if let Some(n) = self.seg_pieces_inflight.get_mut(&seg) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.seg_pieces_inflight.remove(&seg);
+                }
+            }
+        } else if let Some(s) = self.superseded.get_mut(&seg) {
+            s.1 = true;
         }
+        self.delete_superseded();
         self.done.push((start, end));
         loop {
             let reach = self
@@ -568,41 +602,84 @@ impl<'a> Streamer<'a> {
         self.last_saved = Instant::now();
     }
 
+    /// Deletes the pieces of segments now stored whole: they are
+    /// redundant, and in synchronous mode they add up to several times the
+    /// WAL. Best effort: what is left (a region down, Object Lock) goes with
+    /// the segment at retention.
+    fn delete_superseded(&mut self) {
+        let ready: Vec<u64> = self
+            .superseded
+            .iter()
+            .filter(|(seg, (_, stored))| *stored && !self.seg_pieces_inflight.contains_key(*seg))
+            .map(|(seg, _)| *seg)
+            .collect();
+        for seg in ready {
+            let Some((keys, _)) = self.superseded.remove(&seg) else {
+                continue;
+            };
+            let repo = self.repo;
+            self.cleanup.push(Box::pin(async move {
+                for key in &keys {
+                    for r in repo.regions.iter() {
+                        if let Err(e) = r.store.delete(key).await {
+                            tracing::debug!(region = %r.name, key, error = %e, "superseded WAL piece not deleted");
+                        }
+                    }
+                }
+            }));
+        }
+    }
+
     /// Waits for every queued upload and reports the final position.
     async fn drain(&mut self, conn: &mut ReplicationConn) -> Result<(), PgError> {
         while let Some(res) = self.inflight.next().await {
             self.completed(res?);
         }
+        while self.cleanup.next().await.is_some() {}
         self.report(conn).await?;
         self.save_status();
         Ok(())
     }
 }
 
+/// The start LSN of the segment holding `lsn`.
+fn segment_of(lsn: u64) -> u64 {
+    lsn - lsn % WAL_SEGMENT_SIZE
+}
+
 /// Assembles a segment from streamed pieces: the longest run from offset 0
 /// that the pieces cover, each piece `(start, end, bytes)`. The caller pads
 /// the rest with zeros, which recovery reads as the end of WAL.
-pub fn assemble(mut pieces: Vec<(u32, u32, Bytes)>) -> Vec<u8> {
-    pieces.sort_by_key(|p| (p.0, std::cmp::Reverse(p.1)));
+pub fn assemble(pieces: Vec<(u32, u32, Bytes)>) -> Vec<u8> {
+    let ranges: Vec<(u32, u32)> = pieces.iter().map(|p| (p.0, p.1)).collect();
     let mut out: Vec<u8> = Vec::new();
-    let mut queue: VecDeque<_> = pieces.into();
-    loop {
+    for i in cover(&ranges) {
+        let (s, _, data) = &pieces[i];
         let covered = out.len() as u32;
+        out.extend_from_slice(&data[(covered - s) as usize..]);
+    }
+    out
+}
+
+/// The pieces (indices into `ranges`, `[start, end)` each) that cover the
+/// longest run from offset 0, fewest first-to-last: a synchronous stream
+/// stores many overlapping pieces per segment, and a fetch needs only these.
+pub fn cover(ranges: &[(u32, u32)]) -> Vec<usize> {
+    let mut chain = Vec::new();
+    let mut covered = 0u32;
+    loop {
         // Of the pieces starting at or before the covered end, the one
         // reaching furthest.
-        let best = queue
+        let best = ranges
             .iter()
             .enumerate()
-            .filter(|(_, p)| p.0 <= covered && p.1 > covered)
-            .max_by_key(|(_, p)| p.1)
-            .map(|(i, _)| i);
-        let Some(i) = best else {
-            return out;
+            .filter(|(_, r)| r.0 <= covered && r.1 > covered)
+            .max_by_key(|(_, r)| r.1);
+        let Some((i, r)) = best else {
+            return chain;
         };
-        let Some((s, _, data)) = queue.remove(i) else {
-            return out;
-        };
-        out.extend_from_slice(&data[(covered - s) as usize..]);
+        chain.push(i);
+        covered = r.1;
     }
 }
 
@@ -623,6 +700,9 @@ mod tests {
             piece(900, 1000),
         ]);
         assert_eq!(got, seg[..700]);
+        // Only the pieces needed: 0..250, 250..400, 300..700.
+        let ranges = [(300, 700), (0, 100), (0, 250), (250, 400), (900, 1000)];
+        assert_eq!(cover(&ranges), vec![2, 3, 0]);
         // Nothing from offset 0: nothing usable.
         assert!(assemble(vec![piece(10, 20)]).is_empty());
     }

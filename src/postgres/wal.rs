@@ -250,7 +250,27 @@ pub async fn fetch(
     };
     let Some((key, size)) = find(name) else {
         if let (Some(seg), WalFile::Segment(_, WalSuffix::None)) = (want, file) {
-            return fetch_streamed(repo, &list_prefix, seg, &listed, dest).await;
+            return match fetch_streamed(repo, &list_prefix, seg, &listed, dest).await {
+                Err(e) => {
+                    // The streamer deletes a segment's pieces once the whole
+                    // segment is stored: it may have landed since the listing.
+                    let (_, listed) = repo.regions.list(&list_prefix).await?;
+                    let p = file.key_prefix(cluster, system_id);
+                    match listed
+                        .iter()
+                        .find(|o| o.key.strip_prefix(&p).is_some_and(|h| h.len() == 64))
+                    {
+                        Some(o) => Ok(FetchOutcome::Fetched {
+                            source: download(repo, &o.key, o.size, dest).await?,
+                        }),
+                        None => {
+                            tracing::debug!(error = %e, "streamed pieces changed while fetching; listing again");
+                            fetch_streamed(repo, &list_prefix, seg, &listed, dest).await
+                        }
+                    }
+                }
+                ok => ok,
+            };
         }
         return Ok(FetchOutcome::NotFound);
     };
@@ -311,9 +331,12 @@ async fn fetch_streamed(
             (hash.len() == 64).then(|| (start, end, o.key.clone(), o.size))
         })
         .collect();
-    if !pieces.iter().any(|p| p.0 == 0) {
+    let ranges: Vec<(u32, u32)> = pieces.iter().map(|p| (p.0, p.1)).collect();
+    let needed = super::stream::cover(&ranges);
+    if needed.is_empty() {
         return Ok(FetchOutcome::NotFound);
     }
+    let pieces: Vec<_> = needed.into_iter().map(|i| pieces[i].clone()).collect();
     let fetched: Vec<Result<(u32, u32, Bytes), PgError>> = futures::stream::iter(pieces)
         .map(|(start, end, key, stored)| async move {
             let expect = Expect {
