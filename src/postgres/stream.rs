@@ -308,13 +308,11 @@ struct Streamer<'a> {
     floor: u64,
     inflight: FuturesUnordered<BoxFuture<'a, Durable>>,
     pieces_inflight: usize,
-    /// Keys of the pieces queued for the current segment.
-    piece_keys: Vec<String>,
     /// Per segment (by its start LSN): pieces still uploading.
     seg_pieces_inflight: HashMap<u64, usize>,
     /// Completed segments whose pieces are deleted once the segment is
-    /// stored and none of its pieces is still uploading: (keys, stored).
-    superseded: HashMap<u64, (Vec<String>, bool)>,
+    /// stored and none of its pieces is still uploading: (name, stored).
+    superseded: HashMap<u64, (WalSegmentName, bool)>,
     /// Deletions of superseded pieces.
     cleanup: FuturesUnordered<BoxFuture<'a, ()>>,
     last_status: Instant,
@@ -362,7 +360,6 @@ impl<'a> Streamer<'a> {
             floor: floor.0,
             inflight: FuturesUnordered::new(),
             pieces_inflight: 0,
-            piece_keys: Vec::new(),
             seg_pieces_inflight: HashMap::new(),
             superseded: HashMap::new(),
             cleanup: FuturesUnordered::new(),
@@ -472,11 +469,8 @@ impl<'a> Streamer<'a> {
         let data = std::mem::replace(&mut self.buf, Vec::with_capacity(WAL_SEGMENT_SIZE as usize));
         let range = (self.seg_start, self.seg_start + WAL_SEGMENT_SIZE);
         let (repo, cluster, sid) = (self.repo, self.cluster, self.system_id);
-        let keys = std::mem::take(&mut self.piece_keys);
-        if !keys.is_empty() {
-            self.superseded
-                .insert(segment_of(self.seg_start), (keys, false));
-        }
+        self.superseded
+            .insert(segment_of(self.seg_start), (name, false));
         self.inflight.push(Box::pin(async move {
             let file = WalFile::Segment(name, WalSuffix::None);
             push_bytes(repo, cluster, sid, file, &name.to_string(), data).await?;
@@ -523,7 +517,6 @@ impl<'a> Streamer<'a> {
             hash: blake3::hash(&data).to_hex().to_string(),
         };
         let range = (self.seg_start + from as u64, self.seg_start + to as u64);
-        self.piece_keys.push(key.to_string());
         *self
             .seg_pieces_inflight
             .entry(segment_of(self.seg_start))
@@ -614,15 +607,27 @@ impl<'a> Streamer<'a> {
             .map(|(seg, _)| *seg)
             .collect();
         for seg in ready {
-            let Some((keys, _)) = self.superseded.remove(&seg) else {
+            let Some((name, _)) = self.superseded.remove(&seg) else {
                 continue;
             };
+            // Listed rather than remembered: pieces an earlier, interrupted
+            // streamer left go too.
+            let whole =
+                WalFile::Segment(name, WalSuffix::None).key_prefix(self.cluster, self.system_id);
+            let prefix = format!("{}.stream.", whole.trim_end_matches('-'));
             let repo = self.repo;
             self.cleanup.push(Box::pin(async move {
-                for key in &keys {
-                    for r in repo.regions.iter() {
-                        if let Err(e) = r.store.delete(key).await {
-                            tracing::debug!(region = %r.name, key, error = %e, "superseded WAL piece not deleted");
+                for r in repo.regions.iter() {
+                    let pieces = match r.store.list(&prefix).await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::debug!(region = %r.name, error = %e, "cannot list superseded WAL pieces");
+                            continue;
+                        }
+                    };
+                    for o in pieces {
+                        if let Err(e) = r.store.delete(&o.key).await {
+                            tracing::debug!(region = %r.name, key = o.key, error = %e, "superseded WAL piece not deleted");
                         }
                     }
                 }
