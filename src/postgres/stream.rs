@@ -32,9 +32,10 @@ use crate::repo::Repository;
 use crate::repo::layout::{ObjectKey, TimelineId, WalSegmentName, WalSuffix};
 
 /// A piece never starts more than this far before the bytes it adds, so a
-/// segment is assembled from at most 16 MiB / this pieces while each
-/// synchronous flush re-sends little.
-const PIECE_REBASE: usize = 256 << 10;
+/// segment is assembled from at most 16 MiB / this pieces (256) while a
+/// synchronous flush, one per commit group, re-sends little: the pieces of
+/// the segment being written take about 32 KiB each until it is stored whole.
+const PIECE_REBASE: usize = 64 << 10;
 /// Synchronous mode: pieces uploading at once. A second one starts while the
 /// first waits for its fsync or PUT, so a commit waits for about one upload
 /// rather than one and a half.
