@@ -809,6 +809,25 @@ fn the_daemon_streams_wal_and_reports_the_lag_in_metrics() {
             .is_some_and(|v| v < 10.0),
         "{m}"
     );
+    // A reload that changes the cluster's settings restarts its streamer.
+    let text = std::fs::read_to_string(&pg.cfg).expect("read config");
+    std::fs::write(
+        &pg.cfg,
+        text.replace(
+            "wal = \"stream\"\n",
+            "wal = \"stream\"\napplication_name = \"dr_renamed\"\n",
+        ),
+    )
+    .expect("write config");
+    d.signal("HUP");
+    d.wait_for(
+        "the streamer to reconnect under its new name",
+        Duration::from_secs(30),
+        |_| {
+            pg.sql("SELECT string_agg(application_name, ',') FROM pg_stat_replication")
+                == "dr_renamed"
+        },
+    );
     let logs = d.stop();
     assert!(logs.contains("WAL streamer stopped"), "{logs}");
     // The slot outlives the daemon, so WAL written meanwhile is kept.

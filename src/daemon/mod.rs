@@ -13,12 +13,14 @@ pub mod probe;
 pub mod schedule;
 pub mod scheduler;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -158,7 +160,7 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
             move || probe_loop(state.clone(), rx.clone(), stop.clone())
         }),
     ];
-    spawn_streamers(&plan_rx.borrow().cfg, &ctx);
+    spawn_streamers(plan_rx.clone(), &ctx);
     let listener = Arc::new(tokio::sync::Mutex::new(Some(listener)));
     let http_task = supervise("http", ctx.stop.clone(), {
         let (state, stop, listen) = (state.clone(), ctx.stop.clone(), settings.listen.clone());
@@ -227,45 +229,101 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// Starts a WAL streamer for every `wal = "stream"` cluster. They run until
-/// shutdown (draining what they queued) and reconnect on their own; a config
-/// reload does not start or stop them.
-fn spawn_streamers(cfg: &crate::config::Config, ctx: &Arc<Ctx>) {
-    for name in cfg.streaming_clusters() {
-        let Some(pg) = cfg.postgres.get(&name) else {
-            continue;
-        };
-        let (cfg, pg) = (cfg.clone(), pg.get_ref().clone());
-        let (state, stop) = (ctx.state.clone(), ctx.stop.clone());
-        state.with(|s| {
-            s.streams.insert(name.clone(), Default::default());
-        });
-        ctx.tracker.spawn(async move {
-            let repo = loop {
-                match crate::repo::Repository::open(&cfg).await {
-                    Ok(r) => break r,
-                    Err(e) => {
-                        tracing::error!(cluster = %name, error = %e, "WAL streamer cannot open the repository; retrying in 10s");
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
-                            _ = stop.cancelled() => return,
-                        }
+/// Runs a WAL streamer for every `wal = "stream"` cluster, and on each
+/// config reload starts new ones, stops removed ones and restarts those whose
+/// cluster, repository or regions changed (the old one drains and releases
+/// the slot first). Streamers reconnect on their own.
+fn spawn_streamers(plans: watch::Receiver<Arc<Plan>>, ctx: &Arc<Ctx>) {
+    let ctx2 = ctx.clone();
+    ctx.tracker.spawn(async move {
+        let ctx = ctx2;
+        let mut plans = plans;
+        let mut running: HashMap<String, (String, CancellationToken, JoinHandle<()>)> =
+            HashMap::new();
+        loop {
+            let cfg = plans.borrow_and_update().cfg.clone();
+            let wanted: HashMap<String, String> = cfg
+                .streaming_clusters()
+                .into_iter()
+                .filter_map(|n| {
+                    let pg = cfg.postgres.get(&n)?.get_ref();
+                    let regions: Vec<_> = cfg.regions.iter().map(|r| r.get_ref()).collect();
+                    let fp = format!("{pg:?}{:?}{regions:?}", cfg.repository);
+                    Some((n, fp))
+                })
+                .collect();
+            let stale: Vec<String> = running
+                .iter()
+                .filter(|(n, (fp, _, _))| wanted.get(*n) != Some(fp))
+                .map(|(n, _)| n.clone())
+                .collect();
+            for name in stale {
+                if let Some((_, token, handle)) = running.remove(&name) {
+                    tracing::info!(cluster = %name, "config changed: stopping the WAL streamer");
+                    token.cancel();
+                    let _ = handle.await;
+                    if !wanted.contains_key(&name) {
+                        ctx.state.with(|s| {
+                            s.streams.remove(&name);
+                        });
                     }
                 }
-            };
-            tracing::info!(cluster = %name, "WAL streamer started");
-            crate::postgres::stream::supervise(&repo, &name, &pg, &stop, |e| {
-                tracing::error!(cluster = %name, error = %e, "WAL streaming failed; reconnecting");
-                state.with(|s| {
-                    let st = s.streams.entry(name.clone()).or_default();
-                    st.failures += 1;
-                    st.last_error = Some(e.to_string());
-                });
-            })
-            .await;
-            tracing::info!(cluster = %name, "WAL streamer stopped");
+            }
+            for (name, fp) in wanted {
+                if running.contains_key(&name) {
+                    continue;
+                }
+                let token = ctx.stop.child_token();
+                let handle = ctx.tracker.spawn(run_streamer(
+                    cfg.clone(),
+                    name.clone(),
+                    ctx.state.clone(),
+                    token.clone(),
+                ));
+                running.insert(name, (fp, token, handle));
+            }
+            tokio::select! {
+                changed = plans.changed() => if changed.is_err() { break },
+                _ = ctx.stop.cancelled() => break,
+            }
+        }
+        for (_, (_, _, handle)) in running {
+            let _ = handle.await;
+        }
+    });
+}
+
+/// One cluster's streamer until `stop`.
+async fn run_streamer(cfg: Arc<Config>, name: String, state: Arc<Shared>, stop: CancellationToken) {
+    let Some(pg) = cfg.postgres.get(&name).map(|p| p.get_ref().clone()) else {
+        return;
+    };
+    state.with(|s| {
+        s.streams.entry(name.clone()).or_default();
+    });
+    let repo = loop {
+        match crate::repo::Repository::open(&cfg).await {
+            Ok(r) => break r,
+            Err(e) => {
+                tracing::error!(cluster = %name, error = %e, "WAL streamer cannot open the repository; retrying in 10s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }
+    };
+    tracing::info!(cluster = %name, "WAL streamer started");
+    crate::postgres::stream::supervise(&repo, &name, &pg, &stop, |e| {
+        tracing::error!(cluster = %name, error = %e, "WAL streaming failed; reconnecting");
+        state.with(|s| {
+            let st = s.streams.entry(name.clone()).or_default();
+            st.failures += 1;
+            st.last_error = Some(e.to_string());
         });
-    }
+    })
+    .await;
+    tracing::info!(cluster = %name, "WAL streamer stopped");
 }
 
 /// Logs what will run and when; schedules are UTC, said once so nobody
