@@ -308,12 +308,11 @@ struct Streamer<'a> {
     /// Never report a flush position below the slot's (it would move back).
     floor: u64,
     inflight: FuturesUnordered<BoxFuture<'a, Durable>>,
-    pieces_inflight: usize,
     /// Per segment (by its start LSN): pieces still uploading.
     seg_pieces_inflight: HashMap<u64, usize>,
-    /// Completed segments whose pieces are deleted once the segment is
-    /// stored and none of its pieces is still uploading: (name, stored).
-    superseded: HashMap<u64, (WalSegmentName, bool)>,
+    /// Segments stored whole whose pieces are deleted once none of them is
+    /// still uploading.
+    superseded: HashMap<u64, WalSegmentName>,
     /// Deletions of superseded pieces.
     cleanup: FuturesUnordered<BoxFuture<'a, ()>>,
     last_status: Instant,
@@ -360,7 +359,6 @@ impl<'a> Streamer<'a> {
             durable: start.0,
             floor: floor.0,
             inflight: FuturesUnordered::new(),
-            pieces_inflight: 0,
             seg_pieces_inflight: HashMap::new(),
             superseded: HashMap::new(),
             cleanup: FuturesUnordered::new(),
@@ -455,7 +453,11 @@ impl<'a> Streamer<'a> {
     }
 
     fn segment_name(&self) -> WalSegmentName {
-        let segno = self.seg_start / WAL_SEGMENT_SIZE;
+        self.segment_name_at(self.seg_start)
+    }
+
+    fn segment_name_at(&self, lsn: u64) -> WalSegmentName {
+        let segno = lsn / WAL_SEGMENT_SIZE;
         let per_log = 0x1_0000_0000 / WAL_SEGMENT_SIZE;
         WalSegmentName {
             timeline: TimelineId(self.timeline),
@@ -470,8 +472,6 @@ impl<'a> Streamer<'a> {
         let data = std::mem::replace(&mut self.buf, Vec::with_capacity(WAL_SEGMENT_SIZE as usize));
         let range = (self.seg_start, self.seg_start + WAL_SEGMENT_SIZE);
         let (repo, cluster, sid) = (self.repo, self.cluster, self.system_id);
-        self.superseded
-            .insert(segment_of(self.seg_start), (name, false));
         self.inflight.push(Box::pin(async move {
             let file = WalFile::Segment(name, WalSuffix::None);
             push_bytes(repo, cluster, sid, file, &name.to_string(), data).await?;
@@ -492,9 +492,9 @@ impl<'a> Streamer<'a> {
             return;
         }
         let due = now
-            || (self.synchronous && self.pieces_inflight < SYNC_INFLIGHT)
+            || (self.synchronous && self.pieces_inflight() < SYNC_INFLIGHT)
             || (!self.synchronous
-                && self.pieces_inflight < 2
+                && self.pieces_inflight() < 2
                 && (waiting >= EARLY_FLUSH
                     || self
                         .waiting_since
@@ -532,9 +532,12 @@ impl<'a> Streamer<'a> {
             }
             Ok((range.0, range.1, true))
         }));
-        self.pieces_inflight += 1;
         self.queued = to;
         self.waiting_since = None;
+    }
+
+    fn pieces_inflight(&self) -> usize {
+        self.seg_pieces_inflight.values().sum()
     }
 
     /// Records a durable range and advances the durable position over every
@@ -542,15 +545,14 @@ impl<'a> Streamer<'a> {
     fn completed(&mut self, (start, end, piece): (u64, u64, bool)) {
         let seg = segment_of(start);
         if piece {
-            self.pieces_inflight = self.pieces_inflight.saturating_sub(1);
             if let Some(n) = self.seg_pieces_inflight.get_mut(&seg) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
                     self.seg_pieces_inflight.remove(&seg);
                 }
             }
-        } else if let Some(s) = self.superseded.get_mut(&seg) {
-            s.1 = true;
+        } else {
+            self.superseded.insert(seg, self.segment_name_at(seg));
         }
         self.delete_superseded();
         self.done.push((start, end));
@@ -603,12 +605,12 @@ impl<'a> Streamer<'a> {
     fn delete_superseded(&mut self) {
         let ready: Vec<u64> = self
             .superseded
-            .iter()
-            .filter(|(seg, (_, stored))| *stored && !self.seg_pieces_inflight.contains_key(*seg))
-            .map(|(seg, _)| *seg)
+            .keys()
+            .filter(|seg| !self.seg_pieces_inflight.contains_key(*seg))
+            .copied()
             .collect();
         for seg in ready {
-            let Some((name, _)) = self.superseded.remove(&seg) else {
+            let Some(name) = self.superseded.remove(&seg) else {
                 continue;
             };
             // Listed rather than remembered: pieces an earlier, interrupted

@@ -242,10 +242,7 @@ pub async fn fetch(
     let (_, listed) = repo.regions.list(&list_prefix).await?;
     let find = |fname: &str| -> Option<(String, u64)> {
         let wanted = WalFile::parse(fname)?;
-        let p = wanted.key_prefix(cluster, system_id);
-        listed
-            .iter()
-            .find(|o| o.key.strip_prefix(&p).is_some_and(|h| h.len() == 64))
+        find_object(&listed, &wanted.key_prefix(cluster, system_id))
             .map(|o| (o.key.clone(), o.size))
     };
     let Some((key, size)) = find(name) else {
@@ -255,11 +252,7 @@ pub async fn fetch(
                     // The streamer deletes a segment's pieces once the whole
                     // segment is stored: it may have landed since the listing.
                     let (_, listed) = repo.regions.list(&list_prefix).await?;
-                    let p = file.key_prefix(cluster, system_id);
-                    match listed
-                        .iter()
-                        .find(|o| o.key.strip_prefix(&p).is_some_and(|h| h.len() == 64))
-                    {
+                    match find_object(&listed, &file.key_prefix(cluster, system_id)) {
                         Some(o) => Ok(FetchOutcome::Fetched {
                             source: download(repo, &o.key, o.size, dest).await?,
                         }),
@@ -307,6 +300,16 @@ pub async fn fetch(
         }
     }
     Ok(FetchOutcome::Fetched { source: first })
+}
+
+/// The object named `prefix` + a 64-digit hash in a listing.
+fn find_object<'a>(
+    listed: &'a [crate::store::ObjectInfo],
+    prefix: &str,
+) -> Option<&'a crate::store::ObjectInfo> {
+    listed
+        .iter()
+        .find(|o| o.key.strip_prefix(prefix).is_some_and(|h| h.len() == 64))
 }
 
 /// Serves a segment that was streamed but never completed (the last one
