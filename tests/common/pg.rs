@@ -255,6 +255,36 @@ pub fn pg_ctl_start(user: &str, bin: &Path, data: &Path, log: &Path) {
     );
 }
 
+/// `pg_basebackup -R` (a standby's copy with primary_conninfo) of the server
+/// on 127.0.0.1:`from_port` into `data`, as `user`; panics on failure.
+pub fn clone_standby(user: &str, bin: &Path, from_port: u16, data: &Path) {
+    let o = run_as(
+        user,
+        &bin.join("pg_basebackup"),
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &from_port.to_string(),
+            "-U",
+            "postgres",
+            "-D",
+            data.to_str().expect("utf8"),
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+            "--no-sync",
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "pg_basebackup: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// Runs SQL with psql on 127.0.0.1:`port`: the trimmed output, or psql's error.
 pub fn psql(bin: &Path, port: u16, sql: &str) -> Result<String, String> {
     let o = Command::new(bin.join("psql"))
@@ -348,30 +378,7 @@ impl TestPg {
     pub fn start_standby(&mut self, name: &str) -> (PathBuf, u16) {
         let data = self.dir.path().join(name);
         let port = free_port();
-        let o = run_as(
-            &self.user,
-            &self.bin.join("pg_basebackup"),
-            &[
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-D",
-                data.to_str().expect("utf8"),
-                "-R",
-                "-X",
-                "stream",
-                "-c",
-                "fast",
-            ],
-        );
-        assert!(
-            o.status.success(),
-            "pg_basebackup: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        clone_standby(&self.user, &self.bin, self.port, &data);
         let conf = data.join("postgresql.conf");
         let mut pc = std::fs::read_to_string(&conf).expect("read conf");
         pc.push_str(&format!(

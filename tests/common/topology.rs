@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::pg::{chown, free_port, psql, run_as_in};
+use super::pg::{chown, clone_standby, free_port, psql, run_as_in};
 use super::require_env;
 
 /// One PostgreSQL server.
@@ -93,30 +93,7 @@ impl PgTopology {
                 data: t.dir.path().join(format!("standby{i}")),
                 port: free_port(),
             };
-            ok(
-                run_as_in(
-                    &t.user,
-                    &t.bin.join("pg_basebackup"),
-                    &[
-                        "-h",
-                        "127.0.0.1",
-                        "-p",
-                        &primary.port.to_string(),
-                        "-U",
-                        "postgres",
-                        "-D",
-                        &s(&node.data),
-                        "-R",
-                        "-X",
-                        "stream",
-                        "-c",
-                        "fast",
-                        "--no-sync",
-                    ],
-                    Path::new("/"),
-                ),
-                "pg_basebackup",
-            );
+            clone_standby(&t.user, &t.bin, primary.port, &node.data);
             t.start(&node);
             t.standbys.push(node);
         }
