@@ -51,11 +51,9 @@ step "Building dr (release)"
 cargo build --release --locked --quiet
 
 DATA=$BENCH/data
-RECV_PID=
-DR_PID=
+STANDBY_PID=
 cleanup() {
-    [[ -n $RECV_PID ]] && kill "$RECV_PID" 2>/dev/null && wait "$RECV_PID" 2>/dev/null
-    [[ -n $DR_PID ]] && kill "$DR_PID" 2>/dev/null && wait "$DR_PID" 2>/dev/null
+    [[ -n $STANDBY_PID ]] && kill "$STANDBY_PID" 2>/dev/null && wait "$STANDBY_PID" 2>/dev/null
     if [[ -f $DATA/postmaster.pid ]]; then as_pg "$PGBIN/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null 2>&1 || true; fi
 }
 cleanup # a server an interrupted earlier run left behind
@@ -137,32 +135,33 @@ run_pgbench() {
 declare -A TPS LAT
 record() { TPS[$1]+="$2 "; LAT[$1]+="$3 "; printf '  %-14s %8.1f tps  %7.3f ms\n' "$1" "$2" "$3" >&2; }
 
+# with_standby LABEL APP LOG CMD…: starts CMD as the synchronous standby
+# APP (output appended to LOG), runs pgbench, records it as LABEL, stops CMD.
+with_standby() {
+    local label=$1 app=$2 log=$3 t l
+    shift 3
+    bg_as_pg "$@" >>"$log" 2>&1 &
+    STANDBY_PID=$!
+    make_sync "$app"
+    read -r t l < <(run_pgbench)
+    record "$label" "$t" "$l"
+    no_sync
+    kill "$STANDBY_PID" || die "$label exited early (see $log)"
+    wait "$STANDBY_PID" 2>/dev/null || true
+    STANDBY_PID=
+}
+
 for round in $(seq "$ROUNDS"); do
     step "Round $round of $ROUNDS ($SECS s each, $CLIENTS clients)"
     no_sync
     read -r t l < <(run_pgbench)
     record baseline "$t" "$l"
 
-    bg_as_pg "$PGBIN/pg_receivewal" -h 127.0.0.1 -p "$PORT" -U postgres -D "$BENCH/receivewal" \
-        -S recv --synchronous --no-loop >"$BENCH/receivewal.log" 2>&1 &
-    RECV_PID=$!
-    make_sync pg_receivewal
-    read -r t l < <(run_pgbench)
-    record pg_receivewal "$t" "$l"
-    no_sync
-    kill "$RECV_PID" || die "pg_receivewal exited early (see $BENCH/receivewal.log)"
-    wait "$RECV_PID" 2>/dev/null || true
-    RECV_PID=
-
-    bg_as_pg "$DR" --config "$BENCH/dr.toml" wal-stream >>"$BENCH/dr-stream.log" 2>&1 &
-    DR_PID=$!
-    make_sync dr_bench
-    read -r t l < <(run_pgbench)
-    record dr_sync "$t" "$l"
-    no_sync
-    kill "$DR_PID" || die "dr wal-stream exited early (see $BENCH/dr-stream.log)"
-    wait "$DR_PID" 2>/dev/null || true
-    DR_PID=
+    with_standby pg_receivewal pg_receivewal "$BENCH/receivewal.log" \
+        "$PGBIN/pg_receivewal" -h 127.0.0.1 -p "$PORT" -U postgres -D "$BENCH/receivewal" \
+        -S recv --synchronous --no-loop
+    with_standby dr_sync dr_bench "$BENCH/dr-stream.log" \
+        "$DR" --config "$BENCH/dr.toml" wal-stream
 done
 
 step "Results"
