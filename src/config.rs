@@ -347,6 +347,10 @@ pub struct PgConfig {
     /// a synchronous standby (`synchronous_standby_names`): RPO = 0.
     #[serde(default)]
     pub synchronous: bool,
+    /// Longest time a base backup waits, after the server ends backup mode,
+    /// for the WAL segment the backup needs to reach the repository.
+    #[serde(default = "default_stop_wal_timeout", with = "humantime_serde")]
+    pub stop_wal_timeout: std::time::Duration,
 }
 
 /// How base backups read the cluster.
@@ -369,6 +373,10 @@ pub enum WalMode {
     Archive,
     /// Streaming replication into the repository.
     Stream,
+}
+
+fn default_stop_wal_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(600)
 }
 
 fn default_stream_flush() -> std::time::Duration {

@@ -791,3 +791,36 @@ fn tablespaces_restore_in_place_or_where_mapped_never_to_the_original() {
         &["must be absolute"],
     );
 }
+
+#[test]
+fn backup_is_not_recorded_until_its_wal_is_archived() {
+    let repo_dir = tempfile::tempdir().expect("tempdir");
+    let pg = TestPg::new(&fs_repo(&repo_dir));
+    let text = std::fs::read_to_string(&pg.cfg).expect("read cfg");
+    std::fs::write(&pg.cfg, format!("{text}stop_wal_timeout = \"2s\"\n")).expect("write cfg");
+    pg.sql("ALTER SYSTEM SET archive_command = 'false'");
+    pg.sql("SELECT pg_reload_conf()");
+
+    let o = pg.dr_raw(&["backup", "pg"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a backup without its WAL succeeded");
+    for needle in [
+        "did not reach the repository within 2s",
+        "stop_wal_timeout",
+        "pg_stat_archiver",
+        "was not recorded",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in: {err}");
+    }
+    let o = pg.dr(&["--json", "list", "pg"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("list json");
+    assert_eq!(v["backups"], serde_json::json!([]), "{v}");
+
+    // Once archiving works again, the archiver catches up and a backup lands.
+    pg.sql("ALTER SYSTEM RESET archive_command");
+    pg.sql("SELECT pg_reload_conf()");
+    pg.dr(&["backup", "pg"]);
+    let o = pg.dr(&["--json", "list", "pg"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("list json");
+    assert_eq!(v["backups"].as_array().map(|a| a.len()), Some(1), "{v}");
+}

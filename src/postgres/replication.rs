@@ -609,9 +609,10 @@ impl ReplicationConn {
     pub async fn base_backup(&mut self, label: &str) -> Result<BaseBackupStart, PgError> {
         // Page checksums are checked by dr, which records bad pages as local
         // mode does; the server would fail the whole backup instead. WAL
-        // comes through the archive or the streamer, never the tar.
+        // comes through the archive or the streamer, never the tar, and dr
+        // waits for it itself (the server's own wait polls once a second).
         let sql = format!(
-            "BASE_BACKUP (LABEL {}, TARGET 'client', PROGRESS, CHECKPOINT 'fast', WAL false, \
+            "BASE_BACKUP (LABEL {}, TARGET 'client', PROGRESS, CHECKPOINT 'fast', WAL false, WAIT false, \
              MANIFEST 'yes', MANIFEST_CHECKSUMS 'none', TABLESPACE_MAP, VERIFY_CHECKSUMS false)",
             quote_literal(label)
         );

@@ -1,6 +1,5 @@
 //! Local mode: `pg_backup_start` on a held session, PGDATA walked and read
-//! directly, `pg_backup_stop` (which waits until the WAL the backup needs is
-//! archived).
+//! directly, `pg_backup_stop`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -262,12 +261,12 @@ pub(super) async fn take(
     // Always end backup mode, even when copying failed.
     let stop = client
         .query_one(
-            "SELECT lsn::text, pg_walfile_name(lsn), labelfile, coalesce(spcmapfile, '') FROM pg_backup_stop(true)",
+            "SELECT lsn::text, pg_walfile_name(lsn), labelfile, coalesce(spcmapfile, '') FROM pg_backup_stop(false)",
             &[],
         )
         .await
         .map_err(|source| PgError::Sql {
-            what: "pg_backup_stop (waits until the WAL the backup needs is archived; check archive_command)".into(),
+            what: "pg_backup_stop".into(),
             source,
         })?;
     let (dirs, files, objects) = copy?;

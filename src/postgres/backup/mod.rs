@@ -189,7 +189,7 @@ async fn record(
     t0: Instant,
     t: Taken,
 ) -> Result<BackupReport, PgError> {
-    wait_for_stop_segment(repo, cluster, t.system_id, &t.stop_segment, cfg.wal).await?;
+    wait_for_stop_segment(repo, cluster, t.system_id, &t.stop_segment, cfg).await?;
     let size: u64 = t.files.iter().map(|f| f.size).sum();
     let checksum_failures = t.checks.as_ref().map(|c| c.failures()).unwrap_or_default();
     let manifest = PgManifest {
@@ -264,39 +264,47 @@ async fn record(
     })
 }
 
-/// The server has waited for the archiver (or, streaming, switched
-/// segments); confirm the repository holds the stop segment.
+/// The server ended backup mode without waiting for the archiver (its own
+/// wait sleeps a whole second between checks); poll the repository for the
+/// stop segment instead, quickly at first, until `cfg.stop_wal_timeout`.
 async fn wait_for_stop_segment(
     repo: &Repository,
     cluster: &str,
     system_id: u64,
     stop_segment: &str,
-    wal: WalMode,
+    cfg: &PgConfig,
 ) -> Result<(), PgError> {
-    let streaming = wal == WalMode::Stream;
+    use std::time::Duration;
     let seg = super::wal::WalFile::parse(stop_segment)
         .ok_or_else(|| PgError::Other(format!("unexpected stop segment name {stop_segment}")))?;
     let prefix = seg.key_prefix(cluster, system_id);
-    let (_, mut found) = repo.regions.list(&prefix).await?;
-    // The streamer stores the completed segment once it has received it.
-    let deadline = Instant::now() + std::time::Duration::from_secs(300);
-    while streaming && found.is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-        found = repo.regions.list(&prefix).await?.1;
-    }
-    if found.is_empty() && streaming {
-        return Err(PgError::Other(format!(
-            "the stop WAL segment {stop_segment} did not reach the repository within 5 minutes; \
-             is `dr wal-stream {cluster}` (or the daemon) running? \
-             The backup is incomplete and was not recorded"
-        )));
-    }
-    if found.is_empty() {
-        return Err(PgError::Other(format!(
-            "the stop WAL segment {stop_segment} is not in the repository although PostgreSQL \
-             reports it archived; is archive_command `dr wal-push %p` with this config? \
-             The backup is incomplete and was not recorded"
-        )));
+    let t0 = Instant::now();
+    let mut pause = Duration::from_millis(10);
+    let mut announced = false;
+    while repo.regions.list(&prefix).await?.1.is_empty() {
+        if t0.elapsed() >= cfg.stop_wal_timeout {
+            let how = match cfg.wal {
+                WalMode::Stream => format!(
+                    "is `dr wal-stream {cluster}` (or the daemon) running and keeping up?"
+                ),
+                WalMode::Archive => "is archive_command `dr wal-push %p` with this config, and                                      does pg_stat_archiver show failures?"
+                    .to_string(),
+            };
+            return Err(PgError::Other(format!(
+                "the stop WAL segment {stop_segment} did not reach the repository within {} \
+                 (stop_wal_timeout); {how} The backup is incomplete and was not recorded",
+                humantime::format_duration(cfg.stop_wal_timeout)
+            )));
+        }
+        if !announced && t0.elapsed() >= Duration::from_secs(2) {
+            tracing::info!(
+                segment = stop_segment,
+                "waiting for the stop WAL segment to reach the repository"
+            );
+            announced = true;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
     }
     Ok(())
 }
