@@ -9,6 +9,8 @@
 # Usage (as root on Debian 12): scripts/bench-postgres.sh [SCALE] [SEGMENTS]
 #   SCALE     pgbench scale factor (default 100, about 1.5 GB of data)
 #   SEGMENTS  WAL segments timed for the archive-push latency (default 20)
+# ROUNDS (default 3) sets how often each backup and restore is timed; the
+# medians are reported.
 # DR_COMPRESSION_LEVEL sets dr's zstd level for data files (default 3).
 # Everything lives in $DR_BENCH_DIR (default /tmp/dr-bench-pg), recreated each
 # run; the PostgreSQL server it starts is stopped on exit.
@@ -35,6 +37,7 @@ export DEBIAN_FRONTEND=noninteractive
 export LC_ALL=C # a '.' decimal point in EPOCHREALTIME, awk and printf
 SCALE=${1:-100}
 SEGMENTS=${2:-20}
+ROUNDS=${ROUNDS:-3}
 BENCH=${DR_BENCH_DIR:-/tmp/dr-bench-pg}
 PGBIN=/usr/lib/postgresql/15/bin
 OS_USER=postgres
@@ -50,6 +53,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 [[ $(id -u) -eq 0 ]] || die "run as root: the benchmark installs packages and runs PostgreSQL as the '$OS_USER' user"
 [[ $SCALE =~ ^[1-9][0-9]*$ ]] || die "SCALE must be a positive integer (got '$SCALE')"
 [[ $SEGMENTS =~ ^[1-9][0-9]*$ ]] || die "SEGMENTS must be a positive integer (got '$SEGMENTS')"
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer (got '$ROUNDS')"
 
 step "Prerequisites"
 # "package:check": a check starting with / is a file the package installs,
@@ -230,49 +234,77 @@ prepare() {
     sync
 }
 
-step "Full backup: dr"
-# dr may warn that it cannot save its block-incremental state under
-# /var/lib/dr/state (not writable by postgres); only a next backup would use it.
-prepare
-t0=$(now)
-as_pg "$DR" --json --config "$BENCH/dr/repo.toml" backup pg >"$BENCH/dr-backup.json"
-sync
-DR_BACKUP_S=$(elapsed "$t0" "$(now)")
-echo "dr: $DR_BACKUP_S s" >&2
-
-step "Full backup: pgBackRest"
-wait_archived # dr's backup left WAL behind; it must not be archived during pgBackRest's run
-prepare
-t0=$(now)
-pgbr --stanza=bench --type=full backup
-sync
-PGBR_BACKUP_S=$(elapsed "$t0" "$(now)")
-echo "pgBackRest: $PGBR_BACKUP_S s" >&2
-pgbr --stanza=bench --output=json info >"$BENCH/pgbr-info.json"
-
-# Backup only: dr's data objects and manifests; pgBackRest's backup set and
-# its backup.info/manifest. WAL is compared separately below.
-DR_SIZE=$(du -sb "$BENCH"/dr/repo/pg/*/*/backups | awk '{ s += $1 } END { print s }')
-PGBR_SIZE=$(du -sb "$BENCH/pgbr/repo/backup" | cut -f1)
-
+# Backups and restores run ROUNDS times, the two tools alternating which
+# goes first, and the medians count: on a virtual disk single runs of either
+# tool vary by a factor of two. Rounds after the first take full backups
+# again (dr --full, pgBackRest --type=full), so each round does the same work.
+backup_dr() { # backup_dr ROUND
+    local full=() t0
+    (($1 > 1)) && full=(--full)
+    wait_archived # WAL the other tool's backup left must not be archived during this one
+    prepare
+    t0=$(now)
+    as_pg "$DR" --json --config "$BENCH/dr/repo.toml" backup pg "${full[@]}" >"$BENCH/dr-backup-$1.json"
+    sync
+    DR_BACKUP+=("$(elapsed "$t0" "$(now)")")
+    echo "round $1, dr: ${DR_BACKUP[-1]} s" >&2
+}
+backup_pgbr() { # backup_pgbr ROUND
+    local t0
+    wait_archived
+    prepare
+    t0=$(now)
+    pgbr --stanza=bench --type=full backup
+    sync
+    PGBR_BACKUP+=("$(elapsed "$t0" "$(now)")")
+    echo "round $1, pgBackRest: ${PGBR_BACKUP[-1]} s" >&2
+}
 # Both restore the latest backup into an empty directory and configure
 # recovery to the end of the archive; neither starts the server.
-step "Restore: dr"
-sync
-t0=$(now)
-as_pg "$DR" --json --config "$BENCH/dr/repo.toml" restore pg --to latest --target "$BENCH/restore-dr" >"$BENCH/dr-restore.json"
-sync
-DR_RESTORE_S=$(elapsed "$t0" "$(now)")
-echo "dr: $DR_RESTORE_S s" >&2
+restore_dr() { # restore_dr ROUND
+    local t0
+    rm -rf "$BENCH/restore-dr"
+    sync
+    t0=$(now)
+    as_pg "$DR" --json --config "$BENCH/dr/repo.toml" restore pg --to latest --target "$BENCH/restore-dr" >"$BENCH/dr-restore.json"
+    sync
+    DR_RESTORE+=("$(elapsed "$t0" "$(now)")")
+    echo "round $1, dr: ${DR_RESTORE[-1]} s" >&2
+}
+restore_pgbr() { # restore_pgbr ROUND
+    local t0
+    rm -rf "$BENCH/restore-pgbr"
+    install -d -m 700 -o "$OS_USER" -g "$(id -gn "$OS_USER")" "$BENCH/restore-pgbr"
+    sync
+    t0=$(now)
+    pgbr --stanza=bench --pg1-path="$BENCH/restore-pgbr" restore
+    sync
+    PGBR_RESTORE+=("$(elapsed "$t0" "$(now)")")
+    echo "round $1, pgBackRest: ${PGBR_RESTORE[-1]} s" >&2
+}
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+DR_BACKUP=() PGBR_BACKUP=() DR_RESTORE=() PGBR_RESTORE=()
 
-step "Restore: pgBackRest"
-install -d -m 700 -o "$OS_USER" -g "$(id -gn "$OS_USER")" "$BENCH/restore-pgbr"
-sync
-t0=$(now)
-pgbr --stanza=bench --pg1-path="$BENCH/restore-pgbr" restore
-sync
-PGBR_RESTORE_S=$(elapsed "$t0" "$(now)")
-echo "pgBackRest: $PGBR_RESTORE_S s" >&2
+for round in $(seq "$ROUNDS"); do
+    step "Full backup, round $round of $ROUNDS"
+    if ((round % 2)); then backup_dr "$round"; backup_pgbr "$round"; else backup_pgbr "$round"; backup_dr "$round"; fi
+    if ((round == 1)); then
+        # Backup only: dr's data objects and manifests; pgBackRest's backup
+        # set and its backup.info/manifest. WAL is compared separately below.
+        DR_SIZE=$(du -sb "$BENCH"/dr/repo/pg/*/*/backups | awk '{ s += $1 } END { print s }')
+        PGBR_SIZE=$(du -sb "$BENCH/pgbr/repo/backup" | cut -f1)
+    fi
+done
+pgbr --stanza=bench --output=json info >"$BENCH/pgbr-info.json"
+cp "$BENCH/dr-backup-1.json" "$BENCH/dr-backup.json"
+for round in $(seq "$ROUNDS"); do
+    step "Restore, round $round of $ROUNDS"
+    if ((round % 2)); then restore_dr "$round"; restore_pgbr "$round"; else restore_pgbr "$round"; restore_dr "$round"; fi
+done
+DR_BACKUP_S=$(median "${DR_BACKUP[@]}")
+PGBR_BACKUP_S=$(median "${PGBR_BACKUP[@]}")
+DR_RESTORE_S=$(median "${DR_RESTORE[@]}")
+PGBR_RESTORE_S=$(median "${PGBR_RESTORE[@]}")
 DR_RESTORED=$(du -sb "$BENCH/restore-dr" | cut -f1)
 PGBR_RESTORED=$(du -sb "$BENCH/restore-pgbr" | cut -f1)
 
@@ -363,10 +395,13 @@ pg_ms = [r[1] for r in rows]
 r = {
     "scale": $SCALE, "cores": $CORES, "wal_segments": len(rows),
     "database_bytes": {"dr": dr_b["size"], "pgbackrest": pi["size"]},
+    "rounds": $ROUNDS,
     "backup_seconds": {"dr": $DR_BACKUP_S, "pgbackrest": $PGBR_BACKUP_S},
+    "backup_seconds_runs": {"dr": [${DR_BACKUP[*]/%/,}], "pgbackrest": [${PGBR_BACKUP[*]/%/,}]},
     "backup_seconds_reported_by_dr": dr_b["duration_seconds"],
     "backup_repo_bytes": {"dr": $DR_SIZE, "pgbackrest": $PGBR_SIZE},
     "restore_seconds": {"dr": $DR_RESTORE_S, "pgbackrest": $PGBR_RESTORE_S},
+    "restore_seconds_runs": {"dr": [${DR_RESTORE[*]/%/,}], "pgbackrest": [${PGBR_RESTORE[*]/%/,}]},
     "restore_seconds_reported_by_dr": dr_r.get("restore_seconds"),
     "restored_bytes": {"dr": $DR_RESTORED, "pgbackrest": $PGBR_RESTORED},
     "wal_archive_bytes": {"dr": $DR_ARCHIVE, "pgbackrest": $PGBR_ARCHIVE}, "wal_archive_segments": $DR_ARCHIVED,
@@ -399,7 +434,8 @@ table = [
 w = [max(len(row[i]) for row in table) for i in range(4)]
 for row in table:
     print(f"{row[0]:<{w[0]}}  {row[1]:>{w[1]}}  {row[2]:>{w[2]}}  {row[3]:>{w[3]}}")
-print(f"\nscale {r['scale']}, {r['cores']} cores, {r['wal_segments']} WAL segments timed; "
+print(f"\nscale {r['scale']}, {r['cores']} cores, {r['wal_segments']} WAL segments timed, "
+      f"backups and restores: medians of {r['rounds']} rounds; "
       "ratios are pgBackRest/dr for times (above 1: dr is faster) and dr/pgBackRest for sizes (below 1: dr is smaller)")
 remote = [
     ("remote mode (BASE_BACKUP)", "dr", "pg_basebackup|zstd|age", "ratio"),

@@ -337,6 +337,17 @@ fn block_incremental_backup_stores_little_and_restores_exactly() {
     let history = pg.sql("SELECT count(*) FROM pgbench_history");
     pg.archive_now();
     restore_and_check(&mut pg, "latest", "incr", &balance, &history);
+
+    // --full stores every block again and references no earlier backup.
+    let o = pg.dr(&["--json", "backup", "pg", "--full"]);
+    let third: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert!(third["backup"]["incremental_of"].is_null(), "{third}");
+    assert_eq!(third["backup"]["reused_bytes"], 0, "{third}");
+    let third_stored = third["backup"]["stored_size"].as_u64().expect("stored");
+    assert!(
+        third_stored * 10 > full_stored * 9,
+        "--full stored {third_stored} bytes, the first full backup {full_stored}"
+    );
 }
 
 #[test]

@@ -111,6 +111,10 @@ enum BackupCmd {
     Pg {
         /// Cluster name (default: the only [postgres.*]).
         name: Option<String>,
+        /// Store every block again instead of referencing blocks unchanged
+        /// since the previous backup (a new, independent base).
+        #[arg(long)]
+        full: bool,
     },
     /// Redis snapshot over the replication protocol.
     Redis {
@@ -163,8 +167,8 @@ pub fn run() -> ExitCode {
             Command::Check => check::run(cli.config.as_deref(), &out).await,
             Command::Verify(args) => verify::run(args, cli.config.as_deref(), &out).await,
             Command::Expire(args) => expire::run(args, cli.config.as_deref(), &out).await,
-            Command::Backup(BackupCmd::Pg { name }) => {
-                pg::backup(name, cli.config.as_deref(), &out).await
+            Command::Backup(BackupCmd::Pg { name, full }) => {
+                pg::backup(name, full, cli.config.as_deref(), &out).await
             }
             Command::Backup(BackupCmd::Redis { name }) => {
                 redis::backup(name, cli.config.as_deref(), &out).await

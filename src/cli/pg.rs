@@ -54,6 +54,7 @@ pub struct RestoreArgs {
 
 pub async fn backup(
     name: Option<String>,
+    full: bool,
     config: Option<&Path>,
     out: &Out,
 ) -> anyhow::Result<ExitCode> {
@@ -78,7 +79,7 @@ pub async fn backup(
         out,
         "backup",
         progress.clone(),
-        backup::backup(&repo, &cluster, pg, progress),
+        backup::backup(&repo, &cluster, pg, full, progress),
     )
     .await?;
     let degraded = report_degraded(&repo, out);

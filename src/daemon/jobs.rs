@@ -156,7 +156,8 @@ pub async fn run_once(
         JobKind::PgBackup => {
             let (cluster, pg) = cfg.pg(Some(&job.source))?;
             let repo = Repository::open(cfg).await?;
-            let r = crate::postgres::backup::backup(&repo, &cluster, pg, Progress::new()).await?;
+            let r = crate::postgres::backup::backup(&repo, &cluster, pg, false, Progress::new())
+                .await?;
             Ok(outcome(&repo, r.id, r.size))
         }
         JobKind::RedisSnapshot => {

@@ -151,6 +151,7 @@ pub(super) async fn take(
     repo: &Repository,
     cluster: &str,
     cfg: &PgConfig,
+    full: bool,
     progress: Arc<Progress>,
 ) -> Result<Taken, PgError> {
     if cfg.data_dir.as_os_str().is_empty() {
@@ -248,8 +249,16 @@ pub(super) async fn take(
             what: "listing tablespaces".into(),
             source,
         })?;
-    let (prev, checks) =
-        super::prepare(repo, cluster, system_id, cfg, start_lsn, &data_checksums).await;
+    let (prev, checks) = super::prepare(
+        repo,
+        cluster,
+        system_id,
+        cfg,
+        full,
+        start_lsn,
+        &data_checksums,
+    )
+    .await;
     let target = pack::Target {
         repo,
         cluster,

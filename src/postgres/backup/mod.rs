@@ -90,18 +90,20 @@ pub struct BackupReport {
     pub checksums_verified: bool,
 }
 
-/// Takes a full (block-incremental where possible) base backup of `cluster`,
-/// locally or over the replication protocol as `mode` says.
+/// Takes a base backup of `cluster`, locally or over the replication
+/// protocol as `mode` says: block-incremental against the previous backup
+/// where there is one, unless `full` asks to store every block again.
 pub async fn backup(
     repo: &Repository,
     cluster: &str,
     cfg: &PgConfig,
+    full: bool,
     progress: Arc<Progress>,
 ) -> Result<BackupReport, PgError> {
     let t0 = Instant::now();
     let taken = match cfg.mode {
-        BackupMode::Local => local::take(repo, cluster, cfg, progress).await?,
-        BackupMode::Remote => remote::take(repo, cluster, cfg, progress).await?,
+        BackupMode::Local => local::take(repo, cluster, cfg, full, progress).await?,
+        BackupMode::Remote => remote::take(repo, cluster, cfg, full, progress).await?,
     };
     record(repo, cluster, cfg, t0, taken).await
 }
@@ -161,17 +163,22 @@ struct Taken {
     server_manifest: Option<FileEntry>,
 }
 
-/// The previous backup (for block-incremental) and the page checker, once
-/// the start position is known.
+/// The previous backup (for block-incremental; none when `full`) and the
+/// page checker, once the start position is known.
 async fn prepare(
     repo: &Repository,
     cluster: &str,
     system_id: u64,
     cfg: &PgConfig,
+    full: bool,
     start_lsn: Lsn,
     data_checksums: &str,
 ) -> (Option<PgManifest>, Option<Arc<PageChecks>>) {
-    let prev = load_previous(repo, cluster, system_id, cfg).await;
+    let prev = if full {
+        None
+    } else {
+        load_previous(repo, cluster, system_id, cfg).await
+    };
     if let Some(p) = &prev {
         tracing::info!(previous = %p.id, "block-incremental against the previous backup");
     }

@@ -97,6 +97,7 @@ pub(super) async fn take(
     repo: &Repository,
     cluster: &str,
     cfg: &PgConfig,
+    full: bool,
     progress: Arc<Progress>,
 ) -> Result<Taken, PgError> {
     let mut conn = ReplicationConn::connect(&cfg.conninfo, "dr_backup")
@@ -139,6 +140,7 @@ pub(super) async fn take(
         cluster,
         system.system_id,
         cfg,
+        full,
         start.start_lsn,
         &data_checksums,
     )
