@@ -44,6 +44,9 @@ GARAGE_DIR=$STATE_DIR/garage
 GARAGE_CONF=$GARAGE_DIR/garage.toml
 GARAGE_PIDFILE=$GARAGE_DIR/garage.pid
 GARAGE_LOG=$GARAGE_DIR/garage.log
+# Address Garage listens on. Loopback unless a benchmark puts it behind a
+# link of its own (scripts/bench-regions.sh: an address of a veth pair).
+GARAGE_ADDR=${DR_TESTENV_GARAGE_ADDR:-127.0.0.1}
 
 S3_REGION=garage
 S3_BUCKET=dr-test
@@ -310,7 +313,7 @@ garage_step() { # garage_step ARGS...
 
 start_garage() {
     local s3_port=$1 rpc_port=$2 admin_port=$3
-    local label="Garage (S3 on 127.0.0.1:$s3_port)"
+    local label="Garage (S3 on $GARAGE_ADDR:$s3_port)"
 
     mkdir -p "$GARAGE_DIR/meta" "$GARAGE_DIR/data"
     chmod 700 "$GARAGE_DIR"
@@ -327,23 +330,26 @@ metadata_dir = "$GARAGE_DIR/meta"
 data_dir = "$GARAGE_DIR/data"
 db_engine = "sqlite"
 replication_factor = 1
+# dr stores only compressed, encrypted objects: compressing them again is
+# wasted CPU on the machine the tests share with the server.
+compression_level = "none"
 
-rpc_bind_addr = "127.0.0.1:$rpc_port"
-rpc_public_addr = "127.0.0.1:$rpc_port"
+rpc_bind_addr = "$GARAGE_ADDR:$rpc_port"
+rpc_public_addr = "$GARAGE_ADDR:$rpc_port"
 rpc_secret = "$(random_hex 32)"
 
 [s3_api]
 s3_region = "$S3_REGION"
-api_bind_addr = "127.0.0.1:$s3_port"
+api_bind_addr = "$GARAGE_ADDR:$s3_port"
 root_domain = ".s3.garage.localhost"
 
 [admin]
-api_bind_addr = "127.0.0.1:$admin_port"
+api_bind_addr = "$GARAGE_ADDR:$admin_port"
 admin_token = "$(random_hex 32)"
 EOF
     chmod 600 "$GARAGE_CONF"
 
-    log "Garage: starting (S3 127.0.0.1:$s3_port, RPC :$rpc_port, admin :$admin_port)"
+    log "Garage: starting (S3 $GARAGE_ADDR:$s3_port, RPC :$rpc_port, admin :$admin_port)"
     # Garage has no daemon mode: run it in the background and record its PID.
     # stdin/stdout are detached so callers capturing our output do not hang.
     NO_COLOR=1 RUST_LOG=${GARAGE_LOG_LEVEL:-garage=info} garage -c "$GARAGE_CONF" server \
@@ -378,7 +384,7 @@ EOF
     # succeed, which proves the layout, key and permissions all took effect.
     # A short budget: by now the server is up, so a persistent error is a
     # configuration problem, not slowness.
-    local code endpoint="http://127.0.0.1:$s3_port"
+    local code endpoint="http://$GARAGE_ADDR:$s3_port"
     deadline=$((SECONDS + 15))
     while :; do
         code=$(s3_list_status "$endpoint" "$S3_ACCESS_KEY_ID" "$S3_SECRET_ACCESS_KEY")
@@ -477,7 +483,7 @@ write_env_file() {
             DR_TEST_OS_USER "$OS_USER" \
             DR_TEST_REDIS_URL "redis://127.0.0.1:$redis_port" \
             DR_TEST_REDIS_SERVER_BIN "$(command -v redis-server)" \
-            DR_TEST_S3_ENDPOINT "http://127.0.0.1:$s3_port" \
+            DR_TEST_S3_ENDPOINT "http://$GARAGE_ADDR:$s3_port" \
             DR_TEST_S3_REGION "$S3_REGION" \
             DR_TEST_S3_BUCKET "$S3_BUCKET" \
             DR_TEST_S3_ACCESS_KEY_ID "$S3_ACCESS_KEY_ID" \
