@@ -335,23 +335,9 @@ impl Codec {
                 Err(io::Error::other(CodecError::NoIdentity))
             }));
         };
-        let (in_tx, in_rx) = mpsc::channel::<io::Result<Bytes>>(DEPTH);
+        let mut reader = ChanReader::feed(input);
         let key = expect.key.clone();
-        tokio::spawn(async move {
-            let mut input = input;
-            while let Some(item) = input.next().await {
-                if in_tx.send(item).await.is_err() {
-                    break;
-                }
-            }
-        });
         tokio::task::spawn_blocking(move || {
-            let mut reader = ChanReader {
-                rx: in_rx,
-                cur: Bytes::new(),
-                read: 0,
-                input_error: None,
-            };
             let res = decode_blocking(&mut reader, &ids, &expect, &out_tx);
             if let Err(e) = res {
                 let e = classify(e, &mut reader, &expect, &key);
@@ -361,16 +347,28 @@ impl Codec {
         channel_stream(out_rx)
     }
 
-    /// Decodes a whole (small) object into memory.
+    /// Decodes a whole (small) object into memory. With the plaintext size
+    /// known, the object is decrypted whole and decompressed in one shot into
+    /// a buffer of that size: no zeroed chunks, no reassembly copy.
     pub async fn decode_bytes(
         &self,
         input: ByteStream,
         expect: Expect,
     ) -> Result<Bytes, CodecError> {
         let key = expect.key.clone();
-        crate::store::collect(self.decode(input, expect))
-            .await
-            .map_err(|e| into_codec_error(e, &key))
+        let (Some(ids), Some(_)) = (self.identities.clone(), expect.plain_size) else {
+            return crate::store::collect(self.decode(input, expect))
+                .await
+                .map_err(|e| into_codec_error(e, &key));
+        };
+        let mut reader = ChanReader::feed(input);
+        tokio::task::spawn_blocking(move || {
+            decode_whole(&mut reader, &ids, &expect)
+                .map(Bytes::from)
+                .map_err(|e| classify(e, &mut reader, &expect, &key))
+        })
+        .await
+        .map_err(|e| CodecError::Pipeline(e.to_string()))?
     }
 }
 
@@ -454,6 +452,49 @@ fn decode_blocking(
         }
     }
     Ok(())
+}
+
+/// The one-shot form of [`decode_blocking`], for objects whose plaintext
+/// size the manifest records.
+fn decode_whole(
+    reader: &mut ChanReader,
+    ids: &[age::x25519::Identity],
+    expect: &Expect,
+) -> Result<Vec<u8>, DecodeFail> {
+    let size = expect.plain_size.unwrap_or(0);
+    let dec = age::Decryptor::new_buffered(reader).map_err(DecodeFail::Age)?;
+    let mut plain_reader = dec
+        .decrypt(ids.iter().map(|i| i as &dyn age::Identity))
+        .map_err(DecodeFail::Age)?;
+    // Reading to the end authenticates every age chunk, the last included.
+    let mut compressed = Vec::new();
+    plain_reader
+        .read_to_end(&mut compressed)
+        .map_err(DecodeFail::Io)?;
+    let capacity = usize::try_from(size)
+        .map_err(|_| DecodeFail::Hash(format!("manifest size {size} does not fit in memory")))?;
+    // A frame that decodes to more than the manifest says fails here, before
+    // anything beyond `size` is allocated.
+    let out = zstd::bulk::decompress(&compressed, capacity).map_err(|e| {
+        DecodeFail::Hash(format!(
+            "compressed stream does not decode to the {size} bytes the manifest records: {e}"
+        ))
+    })?;
+    if out.len() as u64 != size {
+        return Err(DecodeFail::Hash(format!(
+            "plaintext is {} bytes, manifest says {size}",
+            out.len()
+        )));
+    }
+    if let Some(h) = &expect.plain_hash {
+        let got = blake3::hash(&out).to_hex().to_string();
+        if &got != h {
+            return Err(DecodeFail::Hash(format!(
+                "content hash {got} != recorded {h}"
+            )));
+        }
+    }
+    Ok(out)
 }
 
 /// Maps a low-level failure to what the user needs to know: wrong key, truncated,
@@ -566,6 +607,26 @@ struct ChanReader {
     cur: Bytes,
     read: u64,
     input_error: Option<io::Error>,
+}
+
+impl ChanReader {
+    /// A reader fed from `input` by a task on the runtime.
+    fn feed(mut input: ByteStream) -> ChanReader {
+        let (in_tx, in_rx) = mpsc::channel::<io::Result<Bytes>>(DEPTH);
+        tokio::spawn(async move {
+            while let Some(item) = input.next().await {
+                if in_tx.send(item).await.is_err() {
+                    break;
+                }
+            }
+        });
+        ChanReader {
+            rx: in_rx,
+            cur: Bytes::new(),
+            read: 0,
+            input_error: None,
+        }
+    }
 }
 
 impl Read for ChanReader {
