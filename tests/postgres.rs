@@ -264,6 +264,9 @@ fn manifest_paths_cannot_escape_the_target() {
             .expect("catalog");
         let mut m = cat.backups[0].clone();
         m.files[0].path = "../../escaped-by-manifest".into();
+        // Newer than the real backup, so `--to latest` picks this one.
+        m.start_time += chrono::Duration::milliseconds(1);
+        m.stop_time += chrono::Duration::milliseconds(1);
         let id = dr::repo::layout::BackupId::new(chrono::Utc::now());
         m.id = id.to_string();
         let key = dr::repo::layout::ObjectKey::PgManifest {

@@ -114,7 +114,9 @@ impl Catalog {
                 Err(e) => unreadable.push((key, e.to_string())),
             }
         }
-        backups.sort_by(|a, b| a.id.cmp(&b.id));
+        // Ids have one-second resolution and a random suffix, so two backups
+        // taken in the same second would otherwise be ordered by chance.
+        backups.sort_by(|a, b| (a.start_time, &a.id).cmp(&(b.start_time, &b.id)));
         let mut cat = Catalog {
             backups,
             wal,
