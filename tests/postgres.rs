@@ -838,3 +838,85 @@ fn backup_is_not_recorded_until_its_wal_is_archived() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("list json");
     assert_eq!(v["backups"].as_array().map(|a| a.len()), Some(1), "{v}");
 }
+
+#[test]
+fn check_reports_each_cluster_and_failing_archiving() {
+    let repo_dir = tempfile::tempdir().expect("tempdir");
+    let pg = TestPg::new(&fs_repo(&repo_dir));
+    pg.archive_now();
+    let (ok, item) = pg.check_item(&pg.cfg, "postgres main");
+    assert!(ok && item["status"] == "ok", "{item}");
+    let (_, item) = pg.check_item(&pg.cfg, "wal archive main");
+    assert_eq!(item["status"], "ok", "{item}");
+    assert!(
+        item["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("last archived")),
+        "{item}"
+    );
+
+    // Archiving breaks: check fails and says where to look.
+    pg.sql("ALTER SYSTEM SET archive_command = 'false'");
+    pg.sql("SELECT pg_reload_conf()");
+    pg.sql("CREATE TABLE t AS SELECT 1 AS x");
+    pg.sql("SELECT pg_switch_wal()");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while pg.sql("SELECT failed_count FROM pg_stat_archiver") == "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "archiving never failed"
+        );
+        sleep(Duration::from_millis(100));
+    }
+    let (ok, item) = pg.check_item(&pg.cfg, "wal archive main");
+    assert!(!ok && item["status"] == "fail", "{item}");
+    assert!(
+        item["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("archiving is failing")),
+        "{item}"
+    );
+
+    // A command that is not dr's is named, even when it succeeds.
+    pg.sql("ALTER SYSTEM SET archive_command = 'true'");
+    pg.sql("SELECT pg_reload_conf()");
+    pg.archive_now();
+    let (ok, item) = pg.check_item(&pg.cfg, "wal archive main");
+    assert!(!ok, "{item}");
+    assert!(
+        item["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("does not run `dr wal-push %p`")),
+        "{item}"
+    );
+
+    // Fixed: the archiver catches up and check passes again.
+    pg.sql("ALTER SYSTEM RESET archive_command");
+    pg.sql("SELECT pg_reload_conf()");
+    pg.archive_now();
+    let (ok, item) = pg.check_item(&pg.cfg, "wal archive main");
+    assert!(ok && item["status"] == "ok", "{item}");
+
+    // A local-mode config whose data_dir is not the server's.
+    let text = std::fs::read_to_string(&pg.cfg).expect("cfg");
+    let cfg = pg.dir.path().join("elsewhere.toml");
+    let wrong = pg.dir.path().join("not-pgdata");
+    std::fs::create_dir_all(&wrong).expect("mkdir");
+    std::fs::write(
+        &cfg,
+        text.replace(
+            &format!("data_dir = \"{}\"", pg.data.display()),
+            &format!("data_dir = \"{}\"", wrong.display()),
+        ),
+    )
+    .expect("write");
+    common::pg::chown(&cfg, &pg.user);
+    let (ok, item) = pg.check_item(&cfg, "postgres main");
+    assert!(!ok && item["status"] == "fail", "{item}");
+    assert!(
+        item["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("keeps its data in")),
+        "{item}"
+    );
+}

@@ -107,6 +107,17 @@ fn remote_backup_without_replication_rights_says_how_to_grant_them() {
     let cfg = pg.dir.path().join("plain.toml");
     std::fs::write(&cfg, text.replace("user=postgres", "user=plain")).expect("write");
     common::pg::chown(&cfg, &pg.user);
+    // dr check tries the replication connection before any backup does.
+    let (ok, item) = pg.check_item(&pg.cfg, "replication main");
+    assert!(ok && item["status"] == "ok", "{item}");
+    let (ok, item) = pg.check_item(&cfg, "replication main");
+    assert!(!ok && item["status"] == "fail", "{item}");
+    assert!(
+        item["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("ALTER ROLE plain REPLICATION")),
+        "{item}"
+    );
     let o = pg.dr_raw_with(&cfg, &["backup", "pg"]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{e}");

@@ -311,19 +311,7 @@ fn wait_durable_at(pg: &TestPg, port: u16) {
 
 /// The `wal stream main` entry of `dr check --json`.
 fn stream_check(pg: &TestPg) -> serde_json::Value {
-    let o = pg.dr_raw(&["--json", "check"]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-        panic!(
-            "check json ({e}): {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    });
-    v["checks"]
-        .as_array()
-        .and_then(|c| c.iter().find(|c| c["name"] == "wal stream main"))
-        .cloned()
-        .unwrap_or_else(|| panic!("no `wal stream main` check: {v}"))
+    pg.check_item(&pg.cfg, "wal stream main").1
 }
 
 #[test]

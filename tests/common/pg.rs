@@ -426,6 +426,25 @@ impl TestPg {
         all.extend_from_slice(args);
         run_as(&self.user, &self.dr, &all)
     }
+
+    /// Runs `dr check --json` with `cfg` and returns whether it passed and
+    /// its entry named `name`.
+    pub fn check_item(&self, cfg: &Path, name: &str) -> (bool, serde_json::Value) {
+        let o = self.dr_raw_with(cfg, &["--json", "check"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+            panic!(
+                "check json ({e}): {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        });
+        let item = v["checks"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["name"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no `{name}` check: {v}"));
+        (o.status.success(), item)
+    }
 }
 
 /// Data at a moment, to compare a restore against.

@@ -26,6 +26,7 @@ use crate::repo::Repository;
 use crate::repo::layout::{BackupId, ObjectKey};
 
 pub(crate) use pack::PageChecks;
+pub(crate) use remote::replication_hint;
 
 /// Paths under PGDATA whose contents are not backed up (PostgreSQL docs,
 /// "Making a Base Backup Using the Low Level API"); the directories themselves

@@ -28,7 +28,7 @@ enum Chunk {
 }
 
 /// Adds what to do to errors that mean the user lacks replication rights.
-fn replication_hint(e: PgError, cfg: &PgConfig) -> PgError {
+pub(crate) fn replication_hint(e: PgError, cfg: &PgConfig) -> PgError {
     let msg = e.to_string();
     let user = cfg
         .conninfo

@@ -1,5 +1,7 @@
 //! `dr check`: is this host ready? Config, every region, the repository
-//! descriptor and the identity.
+//! descriptor and the identity here; each PostgreSQL cluster in `postgres.rs`.
+
+mod postgres;
 
 use std::time::Instant;
 
@@ -234,76 +236,11 @@ pub async fn run(cfg: &Config) -> CheckReport {
     };
     rep.push("write quorum", status, detail);
     for (name, pg) in &cfg.postgres {
-        if pg.get_ref().wal == crate::config::WalMode::Stream {
-            let (status, detail) = stream_check(name, pg.get_ref()).await;
-            rep.push(format!("wal stream {name}"), status, detail);
+        for (check, status, detail) in postgres::checks(name, pg.get_ref()).await {
+            rep.push(check, status, detail);
         }
     }
     rep
-}
-
-/// A streaming cluster: the slot exists and a streamer holds it, and how far
-/// the durable position trails the server. A missing streamer is a failure
-/// (WAL piles up on the server and nothing reaches the repository).
-async fn stream_check(name: &str, pg: &crate::config::PgConfig) -> (Status, String) {
-    use crate::postgres::stream::{StreamStatus, server_view};
-    let v = match server_view(pg, name).await {
-        Ok(v) => v,
-        Err(e) => return (Status::Fail, format!("cannot ask the server: {e}")),
-    };
-    let slot = pg.slot_name(name);
-    if !v.slot_exists {
-        return (
-            Status::Fail,
-            format!(
-                "replication slot {slot} does not exist; start `dr wal-stream {name}` or the daemon (it creates the slot)"
-            ),
-        );
-    }
-    let retained = v
-        .retained_bytes
-        .map(|b| {
-            format!(
-                "; the slot holds {} MiB of WAL on the server",
-                b / (1 << 20)
-            )
-        })
-        .unwrap_or_default();
-    if !v.slot_active {
-        return (
-            Status::Fail,
-            format!(
-                "no streamer is connected to slot {slot}{retained}; start `dr wal-stream {name}` or the daemon"
-            ),
-        );
-    }
-    let local = StreamStatus::load(pg, name)
-        .map(|s| format!(", durable {} on timeline {}", s.durable_lsn, s.timeline))
-        .unwrap_or_default();
-    let lag = v.lag_bytes.unwrap_or(0);
-    let detail = format!(
-        "{} streamer on slot {slot}: {} bytes behind{}{local}",
-        v.sync_state.as_deref().unwrap_or("unknown"),
-        lag,
-        v.flush_lag_seconds
-            .map(|s| format!(" ({s:.3} s flush lag)"))
-            .unwrap_or_default()
-    );
-    if pg.synchronous && v.sync_state.as_deref() != Some("sync") {
-        return (
-            Status::Warn,
-            format!(
-                "{detail}; synchronous = true but the server does not wait for it: add {} to synchronous_standby_names",
-                pg.stream_application_name(name)
-            ),
-        );
-    }
-    let status = if lag > 64 << 20 {
-        Status::Warn
-    } else {
-        Status::Ok
-    };
-    (status, detail)
 }
 
 fn identity_check(cfg: &Config, rep: &mut CheckReport) {
