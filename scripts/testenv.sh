@@ -129,6 +129,16 @@ pid_is() { # pid_is PID NAME
     [[ $cmdline == *"$name"* ]]
 }
 
+# For a server this script just started in the background: the process is
+# there and not a zombie. Its command line is not checked, because until the
+# forked shell has exec'd the server it still shows this script's.
+still_running() { # still_running PID
+    local state
+    [[ $1 =~ ^[0-9]+$ ]] || return 1
+    state=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null) || return 1
+    [[ -n $state && ${state:0:1} != Z ]]
+}
+
 read_pid() { # read_pid FILE -> first line of FILE, or nothing
     if [[ -r $1 ]]; then head -n1 -- "$1" 2>/dev/null || true; fi
 }
@@ -359,7 +369,7 @@ EOF
     local pid deadline=$((SECONDS + START_TIMEOUT))
     pid=$(garage_pid)
     until garage_cli status >/dev/null 2>&1; do
-        pid_is "$pid" garage || start_failed "$label" "$GARAGE_LOG" "server process exited"
+        still_running "$pid" || start_failed "$label" "$GARAGE_LOG" "server process exited"
         ((SECONDS < deadline)) || start_failed "$label" "$GARAGE_LOG" "RPC did not answer within ${START_TIMEOUT}s"
         sleep 0.2
     done
@@ -417,7 +427,7 @@ start_moto() {
     pid=$(moto_pid)
     local deadline=$((SECONDS + START_TIMEOUT))
     until [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "http://127.0.0.1:$port/" 2>/dev/null || true) == 200 ]]; do
-        pid_is "$pid" moto_server || start_failed "$label" "$MOTO_LOG" "server process exited"
+        still_running "$pid" || start_failed "$label" "$MOTO_LOG" "server process exited"
         ((SECONDS < deadline)) || start_failed "$label" "$MOTO_LOG" "no answer within ${START_TIMEOUT}s"
         sleep 0.2
     done
