@@ -318,6 +318,12 @@ pub struct PgConfig {
     /// Local state (the last backup's block map) for block-incremental backups
     /// (default: /var/lib/dr/state).
     pub state_dir: Option<PathBuf>,
+    /// Take a full backup instead of a block-incremental one once the
+    /// oldest backup the previous one references is this old, e.g. "7d"
+    /// (default: never; blocks are referenced for as long as they are
+    /// unchanged).
+    #[serde(default, with = "humantime_serde_opt")]
+    pub full_every: Option<std::time::Duration>,
     /// Verify page checksums while backing up (when the cluster has them).
     #[serde(default = "yes")]
     pub verify_checksums: bool,

@@ -351,6 +351,18 @@ fn block_incremental_backup_stores_little_and_restores_exactly() {
         third_stored * 10 > full_stored * 9,
         "--full stored {third_stored} bytes, the first full backup {full_stored}"
     );
+
+    // full_every: incremental while the base is young, full once it is old.
+    let text = std::fs::read_to_string(&pg.cfg).expect("cfg");
+    std::fs::write(&pg.cfg, format!("{text}full_every = \"1h\"\n")).expect("cfg");
+    let o = pg.dr(&["--json", "backup", "pg"]);
+    let fourth: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(fourth["backup"]["incremental_of"], third["backup"]["id"]);
+    std::fs::write(&pg.cfg, format!("{text}full_every = \"1s\"\n")).expect("cfg");
+    sleep(Duration::from_secs(2));
+    let o = pg.dr(&["--json", "backup", "pg"]);
+    let fifth: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert!(fifth["backup"]["incremental_of"].is_null(), "{fifth}");
 }
 
 #[test]

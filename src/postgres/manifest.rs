@@ -156,6 +156,18 @@ impl PgManifest {
         backup.as_deref().unwrap_or(&self.id).parse().ok()
     }
 
+    /// When the oldest backup whose data objects this one references was
+    /// taken (its own time when it references none): how far back a
+    /// block-incremental chain reaches.
+    pub fn base_time(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.objects
+            .iter()
+            .filter_map(|o| self.owner(&o.backup))
+            .chain(self.backup_id())
+            .map(|b| b.time())
+            .min()
+    }
+
     /// Stored bytes this backup added (objects it owns).
     pub fn own_stored_size(&self) -> u64 {
         self.objects

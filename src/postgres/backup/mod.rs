@@ -175,11 +175,22 @@ async fn prepare(
     start_lsn: Lsn,
     data_checksums: &str,
 ) -> (Option<PgManifest>, Option<Arc<PageChecks>>) {
-    let prev = if full {
+    let mut prev = if full {
         None
     } else {
         load_previous(repo, cluster, system_id, cfg).await
     };
+    if let (Some(p), Some(every)) = (&prev, cfg.full_every)
+        && let Some(base) = p.base_time()
+        && chrono::Duration::from_std(every).is_ok_and(|e| Utc::now() - base >= e)
+    {
+        tracing::info!(
+            previous = %p.id,
+            since = %base.format("%Y-%m-%d %H:%M:%SZ"),
+            "taking a full backup: the previous backup references data older than full_every"
+        );
+        prev = None;
+    }
     if let Some(p) = &prev {
         tracing::info!(previous = %p.id, "block-incremental against the previous backup");
     }
