@@ -14,7 +14,6 @@ use serde::Serialize;
 
 use super::verify::{ExpectedObject, Level};
 use super::{RepoError, Repository};
-use crate::store::Store;
 
 /// What one region received.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -255,11 +254,11 @@ async fn copy_one(
                 continue;
             }
         };
-        // fs objects are create-only: a bad copy goes first. S3 puts replace
-        // (or, in a versioned bucket, add a version) in one step.
-        if replace && matches!(*t.store, Store::Fs(_)) {
+        // Puts are create-only in every store: a bad copy goes first (in a
+        // versioned bucket, behind a delete marker).
+        if replace {
             t.store
-                .delete(key)
+                .hide(key)
                 .await
                 .map_err(|e| format!("removing the bad copy: {e}"))?;
         }

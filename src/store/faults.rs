@@ -128,4 +128,9 @@ impl FaultyStore {
         self.down("delete", key)?;
         self.inner.delete(key).await
     }
+
+    pub(super) async fn hide(&self, key: &str) -> Result<(), StoreError> {
+        self.down("delete", key)?;
+        self.inner.hide(key).await
+    }
 }

@@ -284,6 +284,19 @@ impl Store {
             Store::Faulty(s) => Box::pin(s.delete(key)).await,
         }
     }
+
+    /// Takes an object out of view so its key can be written again (a bad
+    /// copy `dr repo sync` replaces; puts are create-only). In a versioned
+    /// (Object Lock) bucket this adds a delete marker and locked versions
+    /// stay; elsewhere the object is deleted.
+    pub async fn hide(&self, key: &str) -> Result<(), StoreError> {
+        validate_key(key)?;
+        match self {
+            Store::Fs(s) => s.delete(key).await,
+            Store::S3(s) => s.hide(key).await,
+            Store::Faulty(s) => Box::pin(s.hide(key)).await,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -100,6 +100,31 @@ impl S3Store {
         }
     }
 
+    /// Puts are create-only (`If-None-Match: *`): a server that honours it
+    /// answers 412 when the key exists, which is the fs store's
+    /// [`StoreError::AlreadyExists`]. Servers that ignore the header
+    /// overwrite, as before; dr never writes a key twice on purpose.
+    fn put_err<E>(
+        &self,
+        key: &str,
+        e: SdkError<E, aws_smithy_runtime_api::http::Response>,
+    ) -> StoreError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let precondition = e.raw_response().is_some_and(|r| r.status().as_u16() == 412)
+            || e.as_service_error()
+                .and_then(|se| se.code())
+                .is_some_and(|c| c == "PreconditionFailed");
+        if precondition {
+            return StoreError::AlreadyExists {
+                store: self.describe(),
+                key: key.to_string(),
+            };
+        }
+        self.err("put", key, e)
+    }
+
     fn err<E, R>(&self, op: &'static str, key: &str, e: SdkError<E, R>) -> StoreError
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -167,12 +192,13 @@ impl S3Store {
                 .put_object()
                 .bucket(&self.bucket)
                 .key(&full)
+                .if_none_match("*")
                 .body(SdkBody::from(buf.freeze()))
                 .set_object_lock_mode(mode)
                 .set_object_lock_retain_until_date(until)
                 .send()
                 .await
-                .map_err(|e| self.err("put", key, e))?;
+                .map_err(|e| self.put_err(key, e))?;
             return Ok(n);
         }
         let (mode, until) = self.retention();
@@ -279,6 +305,7 @@ impl S3Store {
             .complete_multipart_upload()
             .bucket(&self.bucket)
             .key(full)
+            .if_none_match("*")
             .upload_id(upload_id)
             .multipart_upload(
                 CompletedMultipartUpload::builder()
@@ -287,7 +314,7 @@ impl S3Store {
             )
             .send()
             .await
-            .map_err(|e| self.err("put", key, e))?;
+            .map_err(|e| self.put_err(key, e))?;
         // Not every server applies retention given at upload creation; set it
         // on the completed object as well (extending retention is always allowed).
         if let (Some(mode), Some(until)) = self.retention() {
@@ -419,18 +446,24 @@ impl S3Store {
         }
     }
 
+    /// A plain DELETE: the object is gone, or, in a versioned bucket, behind
+    /// a delete marker with its versions kept.
+    pub(super) async fn hide(&self, key: &str) -> Result<(), StoreError> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.full(key))
+            .send()
+            .await
+            .map_err(|e| self.err("delete", key, e))?;
+        Ok(())
+    }
+
     pub(super) async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let full = self.full(key);
         if self.object_lock.is_none() {
-            self.client
-                .delete_object()
-                .bucket(&self.bucket)
-                .key(&full)
-                .send()
-                .await
-                .map_err(|e| self.err("delete", key, e))?;
-            return Ok(());
+            return self.hide(key).await;
         }
+        let full = self.full(key);
         // A locked bucket is versioned: a plain delete would only hide the
         // object behind a delete marker. Refuse while retention runs, then
         // delete every version for real.
