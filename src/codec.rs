@@ -356,14 +356,14 @@ impl Codec {
         expect: Expect,
     ) -> Result<Bytes, CodecError> {
         let key = expect.key.clone();
-        let (Some(ids), Some(_)) = (self.identities.clone(), expect.plain_size) else {
+        let (Some(ids), Some(size)) = (self.identities.clone(), expect.plain_size) else {
             return crate::store::collect(self.decode(input, expect))
                 .await
                 .map_err(|e| into_codec_error(e, &key));
         };
         let mut reader = ChanReader::feed(input);
         tokio::task::spawn_blocking(move || {
-            decode_whole(&mut reader, &ids, &expect)
+            decode_whole(&mut reader, &ids, &expect, size)
                 .map(Bytes::from)
                 .map_err(|e| classify(e, &mut reader, &expect, &key))
         })
@@ -455,13 +455,13 @@ fn decode_blocking(
 }
 
 /// The one-shot form of [`decode_blocking`], for objects whose plaintext
-/// size the manifest records.
+/// size (`size`) the manifest records.
 fn decode_whole(
     reader: &mut ChanReader,
     ids: &[age::x25519::Identity],
     expect: &Expect,
+    size: u64,
 ) -> Result<Vec<u8>, DecodeFail> {
-    let size = expect.plain_size.unwrap_or(0);
     let dec = age::Decryptor::new_buffered(reader).map_err(DecodeFail::Age)?;
     let mut plain_reader = dec
         .decrypt(ids.iter().map(|i| i as &dyn age::Identity))

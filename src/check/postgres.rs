@@ -33,15 +33,16 @@ pub(super) async fn checks(name: &str, pg: &PgConfig) -> Vec<(String, Status, St
         let (status, detail) = replication_check(pg).await;
         out.push((format!("replication {name}"), status, detail));
     }
-    let (status, detail) = match pg.wal {
-        WalMode::Archive => archive_check(&client).await,
-        WalMode::Stream => stream_check(name, pg).await,
-    };
-    let check = match pg.wal {
-        WalMode::Archive => format!("wal archive {name}"),
-        WalMode::Stream => format!("wal stream {name}"),
-    };
-    out.push((check, status, detail));
+    out.push(match pg.wal {
+        WalMode::Archive => {
+            let (status, detail) = archive_check(&client).await;
+            (format!("wal archive {name}"), status, detail)
+        }
+        WalMode::Stream => {
+            let (status, detail) = stream_check(name, pg).await;
+            (format!("wal stream {name}"), status, detail)
+        }
+    });
     out
 }
 
@@ -88,19 +89,8 @@ async fn server_check(
             );
         }
     };
-    let canon = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    if pg.data_dir.as_os_str().is_empty()
-        || canon(std::path::Path::new(&data_dir)) != canon(&pg.data_dir)
-    {
-        return (
-            Status::Fail,
-            format!(
-                "PostgreSQL {version} ({role}) keeps its data in {data_dir}, but data_dir is {:?}: \
-                 local-mode backups run on the database host and read PGDATA; fix data_dir, \
-                 or set mode = \"remote\" in [postgres.{name}] to back up over the replication protocol",
-                pg.data_dir.display().to_string()
-            ),
-        );
+    if let Err(e) = crate::postgres::backup::check_data_dir(name, &data_dir, pg) {
+        return (Status::Fail, format!("PostgreSQL {version} ({role}): {e}"));
     }
     (
         Status::Ok,
@@ -235,7 +225,7 @@ async fn archive_check(client: &tokio_postgres::Client) -> (Status, String) {
 /// A streaming cluster: the slot exists and a streamer holds it, and how far
 /// the durable position trails the server. A missing streamer is a failure
 /// (WAL piles up on the server and nothing reaches the repository).
-async fn stream_check(name: &str, pg: &crate::config::PgConfig) -> (Status, String) {
+async fn stream_check(name: &str, pg: &PgConfig) -> (Status, String) {
     use crate::postgres::stream::{StreamStatus, server_view};
     let v = match server_view(pg, name).await {
         Ok(v) => v,

@@ -146,6 +146,25 @@ async fn query_one_text(client: &tokio_postgres::Client, sql: &str) -> Result<St
     })
 }
 
+/// Local mode reads PGDATA, so `data_dir` must be the directory the server
+/// reports (`dr check` asks the same).
+pub(crate) fn check_data_dir(
+    cluster: &str,
+    server_dir: &str,
+    cfg: &PgConfig,
+) -> Result<(), String> {
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    if canon(Path::new(server_dir)) == canon(&cfg.data_dir) {
+        return Ok(());
+    }
+    Err(format!(
+        "the server keeps its data in {server_dir} but [postgres.{cluster}] data_dir is {}; \
+         local-mode backups run on the database host and read PGDATA directly \
+         (mode = \"remote\" backs up from anywhere over the replication protocol)",
+        cfg.data_dir.display()
+    ))
+}
+
 /// Takes the backup; the caller records it.
 pub(super) async fn take(
     repo: &Repository,
@@ -178,15 +197,7 @@ pub(super) async fn take(
     };
     super::check_server(&facts, cfg)?;
     let server_dir = query_one_text(&client, "SELECT current_setting('data_directory')").await?;
-    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    if canon(Path::new(&server_dir)) != canon(&cfg.data_dir) {
-        return Err(PgError::Other(format!(
-            "the server's data_directory is {server_dir} but [postgres.{cluster}] data_dir is {}; \
-             local-mode backups run on the database host and read PGDATA directly \
-             (mode = \"remote\" backs up from anywhere over the replication protocol)",
-            cfg.data_dir.display()
-        )));
-    }
+    check_data_dir(cluster, &server_dir, cfg).map_err(PgError::Other)?;
     let data_checksums =
         query_one_text(&client, "SELECT current_setting('data_checksums')").await?;
     let system_id: u64 = query_one_text(

@@ -25,6 +25,7 @@ use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::repo::layout::{BackupId, ObjectKey};
 
+pub(crate) use local::check_data_dir;
 pub(crate) use pack::PageChecks;
 pub(crate) use remote::replication_hint;
 
@@ -303,10 +304,11 @@ async fn wait_for_stop_segment(
     while repo.regions.list(&prefix).await?.1.is_empty() {
         if t0.elapsed() >= cfg.stop_wal_timeout {
             let how = match cfg.wal {
-                WalMode::Stream => format!(
-                    "is `dr wal-stream {cluster}` (or the daemon) running and keeping up?"
-                ),
-                WalMode::Archive => "is archive_command `dr wal-push %p` with this config, and                                      does pg_stat_archiver show failures?"
+                WalMode::Stream => {
+                    format!("is `dr wal-stream {cluster}` (or the daemon) running and keeping up?")
+                }
+                WalMode::Archive => "is archive_command `dr wal-push %p` with this config, \
+                                     and does pg_stat_archiver show failures?"
                     .to_string(),
             };
             return Err(PgError::Other(format!(
