@@ -19,9 +19,6 @@ use crate::config::Config;
 use crate::repo::Repository;
 use crate::repo::layout::{BackupId, ObjectKey};
 
-/// Default local audit log.
-pub const DEFAULT_PATH: &str = "/var/log/dr/audit.jsonl";
-
 /// Audit log errors.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -41,7 +38,8 @@ pub enum AuditError {
 /// Who ran the operation.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Actor {
-    /// Login name (`SUDO_USER` when run through sudo, else `USER`/`LOGNAME`).
+    /// Login name: `SUDO_USER` when run through sudo, else the passwd name of
+    /// the effective uid, else `USER`/`LOGNAME`, else `uid N`.
     pub user: String,
     /// Effective uid.
     pub uid: u32,
@@ -55,13 +53,14 @@ impl Actor {
     /// The current process's actor.
     pub fn current() -> Actor {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let uid = crate::os::current_uid().unwrap_or(u32::MAX);
+        // USER survives `runuser`/`su` without a login shell, so the passwd
+        // name of the effective uid comes first; sudo names the person.
         let user = env("SUDO_USER")
+            .or_else(|| crate::os::passwd_entry(uid).map(|(name, _)| name))
             .or_else(|| env("USER"))
             .or_else(|| env("LOGNAME"))
-            .unwrap_or_else(|| "unknown".into());
-        let uid = std::fs::metadata("/proc/self")
-            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
-            .unwrap_or(u32::MAX);
+            .unwrap_or_else(|| format!("uid {uid}"));
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "unknown".into());
@@ -115,7 +114,7 @@ pub struct AuditLog {
 impl AuditLog {
     /// The log configured in `[audit]`.
     pub fn from_config(cfg: &Config) -> AuditLog {
-        AuditLog::at(cfg.audit.path.clone())
+        AuditLog::at(cfg.audit.resolved_path())
     }
 
     /// A log at `path`.
@@ -138,9 +137,9 @@ impl AuditLog {
         let mut line = serde_json::to_vec(rec).map_err(|e| err(std::io::Error::other(e)))?;
         line.push(b'\n');
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(err)?;
+            crate::os::create_private_dir_all(dir).map_err(err)?;
         }
-        let mut f = std::fs::OpenOptions::new()
+        let mut f = crate::os::private_file()
             .create(true)
             .append(true)
             .open(&self.path)

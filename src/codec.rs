@@ -70,6 +70,9 @@ pub enum CodecError {
         "no identity configured: set [repository] identity_file (restores need the private key)"
     )]
     NoIdentity,
+    /// Decryption is needed but the configured identity cannot be used.
+    #[error("{0}")]
+    IdentityUnusable(String),
     /// The input stream failed (e.g. the store connection dropped).
     #[error("{key}: reading failed: {source}")]
     Input {
@@ -132,6 +135,10 @@ impl Expect {
 pub struct Codec {
     recipients: Arc<Vec<age::x25519::Recipient>>,
     identities: Option<Arc<Vec<age::x25519::Identity>>>,
+    /// Why a configured identity is not loaded (e.g. its file is too open):
+    /// reported only when decryption is needed, so WAL archiving and backups,
+    /// which encrypt to public keys, keep running.
+    unusable: Option<Arc<str>>,
     level: i32,
     workers: u32,
 }
@@ -157,8 +164,31 @@ impl Codec {
         Codec {
             recipients: Arc::new(recipients),
             identities: identities.map(Arc::new),
+            unusable: None,
             level,
             workers,
+        }
+    }
+
+    /// The same codec, unable to decrypt because of `why` (a configured
+    /// identity that could not be loaded).
+    pub fn with_unusable_identity(self, why: String) -> Codec {
+        Codec {
+            identities: None,
+            unusable: Some(why.into()),
+            ..self
+        }
+    }
+
+    /// Why this codec cannot decrypt, worded for the user (with the fix).
+    pub fn cannot_decrypt_because(&self) -> String {
+        self.no_identity_error().to_string()
+    }
+
+    fn no_identity_error(&self) -> CodecError {
+        match &self.unusable {
+            Some(why) => CodecError::IdentityUnusable(why.to_string()),
+            None => CodecError::NoIdentity,
         }
     }
 
@@ -331,9 +361,8 @@ impl Codec {
     pub fn decode(&self, input: ByteStream, expect: Expect) -> ByteStream {
         let (out_tx, out_rx) = mpsc::channel::<io::Result<Bytes>>(DEPTH);
         let Some(ids) = self.identities.clone() else {
-            return Box::pin(futures::stream::once(async {
-                Err(io::Error::other(CodecError::NoIdentity))
-            }));
+            let e = self.no_identity_error();
+            return Box::pin(futures::stream::once(async { Err(io::Error::other(e)) }));
         };
         let mut reader = ChanReader::feed(input);
         let key = expect.key.clone();

@@ -66,24 +66,78 @@ pub struct Config {
 }
 
 /// `[audit]`: where the append-only audit log lives.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
-    /// JSON-lines file (default: /var/log/dr/audit.jsonl).
-    #[serde(default = "default_audit_path")]
-    pub path: PathBuf,
+    /// JSON-lines file. Unset: /var/log/dr/audit.jsonl where the user
+    /// running dr can write it, else `$XDG_STATE_HOME/dr/audit.jsonl`
+    /// (`~/.local/state/dr/audit.jsonl`), so that the first restore run as
+    /// `postgres` in an emergency is not refused. A configured path that
+    /// cannot be written refuses audited operations.
+    pub path: Option<PathBuf>,
 }
 
-impl Default for AuditConfig {
-    fn default() -> Self {
-        AuditConfig {
-            path: default_audit_path(),
+/// The system-wide audit log, used when it is writable.
+pub const SYSTEM_AUDIT_PATH: &str = "/var/log/dr/audit.jsonl";
+
+impl AuditConfig {
+    /// The file audited operations append to.
+    pub fn resolved_path(&self) -> PathBuf {
+        if let Some(p) = &self.path {
+            return p.clone();
         }
+        let system = PathBuf::from(SYSTEM_AUDIT_PATH);
+        let var = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        // HOME survives `runuser -u postgres`: the passwd home comes last.
+        let home = crate::os::current_uid()
+            .and_then(crate::os::passwd_entry)
+            .map(|(_, h)| h.join(".local/state"));
+        let candidates = [
+            Some(system.clone()),
+            var("XDG_STATE_HOME").map(|d| d.join("dr/audit.jsonl")),
+            var("HOME").map(|h| h.join(".local/state/dr/audit.jsonl")),
+            home.map(|d| d.join("dr/audit.jsonl")),
+        ];
+        candidates
+            .into_iter()
+            .flatten()
+            .find(|p| writable(p))
+            .unwrap_or(system)
     }
 }
 
-fn default_audit_path() -> PathBuf {
-    PathBuf::from(crate::audit::DEFAULT_PATH)
+/// Whether this process could append to `path`, or create it (probing the
+/// nearest existing directory with a file it removes again).
+fn writable(path: &Path) -> bool {
+    if path.exists() {
+        return std::fs::OpenOptions::new().append(true).open(path).is_ok();
+    }
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        if d.exists() {
+            return tempfile_probe(d);
+        }
+        dir = d.parent();
+    }
+    false
+}
+
+/// Whether a file can be created in the existing directory `dir`.
+fn tempfile_probe(dir: &Path) -> bool {
+    let probe = dir.join(format!(".dr-probe-{}", std::process::id()));
+    let ok = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .is_ok();
+    if ok {
+        let _ = std::fs::remove_file(&probe);
+    }
+    ok
 }
 
 /// `[redis.<name>]`: one Redis instance, snapshotted over the replication protocol.
@@ -1176,11 +1230,6 @@ impl Config {
             self.validate_drill(text, name, d)?;
         }
         self.validate_daemon(text)?;
-        if let Some(id) = &repo.identity_file {
-            // Only check permissions when the file exists: a backup-only host has none.
-            crate::keys::check_identity_permissions(id.get_ref())
-                .map_err(|e| self.err(text, id.span(), e.to_string()))?;
-        }
         self.region_specs = specs;
         Ok(())
     }

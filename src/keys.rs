@@ -61,24 +61,6 @@ pub enum KeyError {
     },
 }
 
-/// Rejects identity files that group or others can read. A missing file is fine
-/// here (backup-only hosts have none); it is reported when a restore needs it.
-pub fn check_identity_permissions(path: &Path) -> Result<(), KeyError> {
-    match std::fs::metadata(path) {
-        Ok(m) => {
-            let mode = m.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(KeyError::TooOpen {
-                    path: path.display().to_string(),
-                    mode,
-                });
-            }
-            Ok(())
-        }
-        Err(_) => Ok(()),
-    }
-}
-
 /// Loads every X25519 identity from an age identity file (as written by
 /// `age-keygen` or `dr keygen`), after checking its permissions.
 pub fn load_identities(path: &Path) -> Result<Vec<age::x25519::Identity>, KeyError> {

@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod keys;
 pub mod lockfile;
+pub mod os;
 pub mod playbook;
 pub mod postgres;
 pub mod progress;

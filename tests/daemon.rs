@@ -839,3 +839,68 @@ fn the_daemon_streams_wal_and_reports_the_lag_in_metrics() {
         serde_json::from_slice(&pg.dr(&["--json", "list", "pg"]).stdout).expect("list json");
     assert!(v["wal_segments"].as_u64().is_some_and(|n| n >= 1), "{v}");
 }
+
+#[test]
+fn scheduled_verification_of_a_busy_cluster_stays_green() {
+    let repo = tempfile::tempdir().expect("tempdir");
+    let pg = TestPg::new(&fs_repo(&repo));
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+    // A segment archived every second while writes go on: what verification
+    // of `latest` replays keeps growing under it.
+    pg.sql_at(pg.port, "ALTER SYSTEM SET archive_timeout = '1s'");
+    pg.sql_at(pg.port, "SELECT pg_reload_conf()");
+    pg.dr(&["backup", "pg"]);
+    let scratch = pg.dir.path().join("scratch");
+    std::fs::create_dir_all(&scratch).expect("mkdir");
+    common::pg::chown(&scratch, &pg.user);
+    let port = free_port();
+    append(
+        &pg.cfg,
+        &format!(
+            "[postgres.main.verify]\nscratch_dir = \"{}\"\nmax_replay_lag_seconds = 60\n\
+             [postgres.main.schedule]\nverify = \"*/10 * * * * *\"\n{}",
+            scratch.display(),
+            daemon_section(port, &pg.dir.path().join("daemon-state"), "")
+        ),
+    );
+    let db_port = pg.port.to_string();
+    let mut load = Command::new(pg.bin.join("pgbench"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &db_port,
+            "-U",
+            "postgres",
+            "-n",
+            "-c",
+            "2",
+            "-T",
+            "300",
+            "-R",
+            "100",
+            "postgres",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("pgbench");
+    let d = Daemon::of_pg(&pg, port, "daemon.log");
+    d.wait_for("two verifications", Duration::from_secs(240), |d| {
+        let m = d.metrics();
+        successes(&m, "postgres.main.verify") >= 2.0
+            || metric(&m, "dr_job_failures_total", &job("postgres.main.verify")).unwrap_or(0.0)
+                > 0.0
+    });
+    let m = d.metrics();
+    let health = d.try_get("/healthz");
+    let _ = load.kill();
+    let _ = load.wait();
+    d.stop();
+    assert_eq!(
+        metric(&m, "dr_job_failures_total", &job("postgres.main.verify")),
+        Some(0.0),
+        "a healthy busy cluster must verify green: {m}"
+    );
+    assert_eq!(health.map(|(status, _, _)| status), Some(200), "/healthz");
+}

@@ -7,6 +7,7 @@ use std::thread::sleep;
 use std::time::Duration;
 
 use common::pg::{TestPg, free_port, fs_repo, mark, restore_and_check};
+use common::walk_files as walk;
 
 fn exact_pitr(regions: &str) {
     let mut pg = TestPg::new(regions);
@@ -295,23 +296,6 @@ fn manifest_paths_cannot_escape_the_target() {
         &["escapes the target"],
     );
     assert!(!pg.dir.path().join("escaped-by-manifest").exists());
-}
-
-fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![p.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                out.push(path);
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 #[test]

@@ -5,6 +5,7 @@
 mod common;
 
 use common::walk_files as walk;
+use common::{segment_of, wal_objects};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -100,18 +101,6 @@ fn verify_section(scratch: &Path, checks: &[(&str, &str)]) -> String {
         ));
     }
     s
-}
-
-fn wal_objects(repo: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = walk(repo)
-        .into_iter()
-        .filter(|p| {
-            let s = p.to_string_lossy();
-            s.contains("/wal/") && !s.contains(".history") && !s.contains(".backup")
-        })
-        .collect();
-    v.sort_by_key(|p| p.file_name().map(|f| f.to_os_string()));
-    v
 }
 
 #[test]
@@ -243,12 +232,7 @@ fn pg_restore_verification_passes_and_fails_clearly() {
     pg.archive_now();
     let victim = before.last().expect("WAL archived").clone();
     std::fs::remove_file(&victim).expect("delete segment");
-    let segment = victim
-        .file_name()
-        .and_then(|f| f.to_str())
-        .and_then(|f| f.get(..24))
-        .expect("segment name")
-        .to_string();
+    let segment = segment_of(&victim);
     set_config(&pg, &base, &verify_section(&scratch, &[]));
     let o = pg.dr_raw(&["--json", "verify", "pg", "--restore", "--to", &m2.at]);
     assert!(!o.status.success());

@@ -73,6 +73,7 @@ pub async fn run(cfg: &Config) -> CheckReport {
         ),
     );
     identity_check(cfg, &mut rep);
+    audit_check(cfg, &mut rep);
     let regions = match Regions::from_config(cfg).await {
         Ok(r) => r,
         Err(e) => {
@@ -241,6 +242,32 @@ pub async fn run(cfg: &Config) -> CheckReport {
         }
     }
     rep
+}
+
+/// Restores, failovers and expiry refuse to run unaudited: find out now,
+/// not in an emergency.
+fn audit_check(cfg: &Config, rep: &mut CheckReport) {
+    let path = cfg.audit.resolved_path();
+    let dir = path.parent().unwrap_or(std::path::Path::new("/"));
+    let res = crate::os::create_private_dir_all(dir).and_then(|()| {
+        crate::os::private_file()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map(|_| ())
+    });
+    match res {
+        Ok(()) => rep.push("audit log", Status::Ok, path.display().to_string()),
+        Err(e) => rep.push(
+            "audit log",
+            Status::Fail,
+            format!(
+                "{}: {e}; restores and failovers would be refused. Make it writable for \
+                 this user, or set [audit] path",
+                path.display()
+            ),
+        ),
+    }
 }
 
 fn identity_check(cfg: &Config, rep: &mut CheckReport) {

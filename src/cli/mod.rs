@@ -82,6 +82,11 @@ enum Command {
         cluster: Option<String>,
         /// The file, as PostgreSQL passes it (%p).
         path: PathBuf,
+        /// When a different copy is archived under this name, decrypt it
+        /// and, if it is not valid WAL of this cluster, delete it and archive
+        /// this file instead (audited; needs the identity).
+        #[arg(long)]
+        replace_invalid: bool,
     },
     /// Stream WAL over the replication protocol into the repository, in the
     /// foreground, until Ctrl-C/SIGTERM (wal = "stream"; the daemon does the
@@ -93,7 +98,9 @@ enum Command {
         #[arg(long)]
         no_loop: bool,
     },
-    /// Fetch one WAL file (restore_command = 'dr wal-fetch %f %p'); exits 1 if absent.
+    /// Fetch one WAL file (restore_command = 'dr wal-fetch %f %p'). Exits 1
+    /// only when the file is not in the archive, and 200 for any other
+    /// failure, which makes PostgreSQL stop recovery instead of ending it.
     WalFetch {
         /// Cluster name (default: the only [postgres.*]).
         #[arg(long)]
@@ -102,6 +109,11 @@ enum Command {
         file: String,
         /// Where to write it (%p).
         dest: PathBuf,
+        /// Report segments after this one as not archived: a verification
+        /// of `latest` replays the WAL archived when it started, not what
+        /// arrives while it runs.
+        #[arg(long, value_name = "SEGMENT")]
+        until: Option<String>,
     },
 }
 
@@ -147,7 +159,29 @@ enum ListCmd {
 
 /// Parses arguments, runs the command, prints a one-line cause on failure.
 pub fn run() -> ExitCode {
-    let cli = Cli::parse();
+    // For wal-fetch, every failure other than "not in the archive" must stop
+    // recovery: argument errors and panics included, whose usual statuses (2,
+    // 101) PostgreSQL would read as the end of the archive.
+    let fetching = std::env::args().any(|a| a == "wal-fetch");
+    if fetching {
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default_hook(info);
+            std::process::exit(i32::from(dr::postgres::wal::FETCH_FAILED_STATUS));
+        }));
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if fetching && e.use_stderr() {
+                ExitCode::from(dr::postgres::wal::FETCH_FAILED_STATUS)
+            } else {
+                ExitCode::from(e.exit_code().clamp(0, 255) as u8)
+            };
+        }
+    };
+    let fetching = matches!(cli.command, Command::WalFetch { .. });
     init_logging(&cli);
     let out = Out { json: cli.json };
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -157,7 +191,11 @@ pub fn run() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            return if fetching {
+                ExitCode::from(dr::postgres::wal::FETCH_FAILED_STATUS)
+            } else {
+                ExitCode::FAILURE
+            };
         }
     };
     let result = rt.block_on(async {
@@ -188,9 +226,11 @@ pub fn run() -> ExitCode {
             Command::Failover(args) => failover::run(args, cli.config.as_deref(), &out).await,
             Command::Drill(args) => drill::run(args, cli.config.as_deref(), &out).await,
             Command::Daemon(args) => daemon::run(args, cli.config.as_deref(), &out).await,
-            Command::WalPush { cluster, path } => {
-                pg::wal_push(cluster, path, cli.config.as_deref(), &out).await
-            }
+            Command::WalPush {
+                cluster,
+                path,
+                replace_invalid,
+            } => pg::wal_push(cluster, path, replace_invalid, cli.config.as_deref(), &out).await,
             Command::WalStream { name, no_loop } => {
                 pg::wal_stream(name, no_loop, cli.config.as_deref()).await
             }
@@ -198,14 +238,19 @@ pub fn run() -> ExitCode {
                 cluster,
                 file,
                 dest,
-            } => pg::wal_fetch(cluster, file, dest, cli.config.as_deref()).await,
+                until,
+            } => pg::wal_fetch(cluster, file, dest, until, cli.config.as_deref()).await,
         }
     });
     match result {
         Ok(code) => code,
         Err(e) => {
             out.error(&e);
-            ExitCode::FAILURE
+            if fetching {
+                ExitCode::from(dr::postgres::wal::FETCH_FAILED_STATUS)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

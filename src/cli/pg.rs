@@ -50,6 +50,15 @@ pub struct RestoreArgs {
     /// locations.
     #[arg(long = "tablespace-map", value_name = "NAME=DIR")]
     tablespace_map: Vec<String>,
+    /// With --to latest: when a WAL segment is missing and later WAL is
+    /// archived beyond it, restore up to the gap anyway (refused otherwise).
+    #[arg(long)]
+    accept_gap: bool,
+    /// Timeline to follow: a timeline id, `current` (the backup's) or
+    /// `latest` (the highest). Default: the one whose WAL holds the target;
+    /// refused when two diverged timelines both do.
+    #[arg(long, default_value = "auto")]
+    timeline: dr::postgres::timeline::TimelineChoice,
 }
 
 pub async fn backup(
@@ -169,6 +178,8 @@ pub async fn restore(
         settings: Vec::new(),
         connect_host: None,
         connect_user: "postgres".into(),
+        timeline: args.timeline,
+        accept_gap: args.accept_gap,
         keep_files: Vec::new(),
         conninfo: None,
     };
@@ -198,11 +209,21 @@ pub async fn restore(
             r.restore_seconds,
             r.target
         );
+        if let Some(g) = &r.gave_up {
+            eprintln!("GAVE UP (--accept-gap): {g}");
+        }
         if args_delta {
             println!(
                 "delta: {} already correct and kept, {} entries removed",
                 bytes(r.bytes_unchanged),
                 r.removed
+            );
+        }
+        println!("recovery follows timeline {}", r.timeline);
+        if let (true, Some(tl)) = (r.started, r.archives_as) {
+            println!(
+                "the promoted server archives into the repository as timeline {tl}; \
+                 use --no-archive for an inspection copy that must not"
             );
         }
         if r.started {
@@ -246,6 +267,7 @@ pub async fn list(
         out.json(&serde_json::json!({
             "ok": true, "cluster": cluster, "backups": backups,
             "wal_segments": cat.wal.len(), "windows": cat.windows,
+            "timelines": cat.timelines.values().collect::<Vec<_>>(),
             "unreadable": cat.unreadable,
             "stream": streaming.as_ref().map(|s| serde_json::json!({
                 "status": s, "lag_seconds": s.lag_seconds(chrono::Utc::now()),
@@ -290,6 +312,48 @@ pub async fn list(
             w.timeline
         );
     }
+    if cat.timelines.len() > 1 {
+        let rows: Vec<Vec<String>> = cat
+            .timelines
+            .values()
+            .map(|t| {
+                let windows: Vec<&dr::postgres::catalog::Window> =
+                    cat.windows.iter().filter(|w| w.timeline == t.id).collect();
+                let window = match (
+                    windows.iter().map(|w| w.from).min(),
+                    windows.iter().map(|w| w.to).max(),
+                ) {
+                    (Some(a), Some(b)) => format!("{} .. {}", fmt(&a), fmt(&b)),
+                    _ => "not restorable".into(),
+                };
+                vec![
+                    t.id.to_string(),
+                    t.parent().map(|p| p.to_string()).unwrap_or("-".into()),
+                    t.switch_lsn().map(|l| l.to_string()).unwrap_or("-".into()),
+                    t.switch_time.as_ref().map(fmt).unwrap_or("-".into()),
+                    match (&t.first_segment, &t.last_segment) {
+                        (Some(a), Some(b)) => format!("{a}..{b} ({})", t.segments),
+                        _ => "none".into(),
+                    },
+                    window,
+                ]
+            })
+            .collect();
+        println!(
+            "\n{}",
+            table(
+                &[
+                    "TIMELINE",
+                    "PARENT",
+                    "SWITCH LSN",
+                    "SWITCHED",
+                    "WAL",
+                    "WINDOW"
+                ],
+                &rows
+            )
+        );
+    }
     if let Some(s) = &streaming {
         println!(
             "streaming: timeline {}, durable up to {} (server at {}): {} bytes / {:.1} s behind, as of {}{}",
@@ -311,17 +375,44 @@ pub async fn list(
 pub async fn wal_push(
     cluster: Option<String>,
     path: PathBuf,
+    replace_invalid: bool,
     config: Option<&Path>,
     out: &Out,
 ) -> anyhow::Result<ExitCode> {
     let cfg = load_config(config)?;
     let (cluster, pg) = cfg.pg(cluster.as_deref())?;
     let system_id = dr::postgres::system_id(&dr::postgres::archive_data_dir(pg))?;
+    if replace_invalid {
+        // Deleting an archived object is destructive: audit it like a restore.
+        let (audit, repo) = super::audited_open(
+            &cfg,
+            "wal-push.replace-invalid",
+            &cluster,
+            serde_json::json!({ "file": path.display().to_string() }),
+        )
+        .await?;
+        let res = wal::push(&repo, &cluster, system_id, &path, true).await;
+        let outcome = match &res {
+            Ok(r) => Ok(serde_json::json!({ "key": r.key, "replaced": r.replaced })),
+            Err(e) => Err(e.to_string()),
+        };
+        audit.finish(Some(&repo), outcome).await;
+        let r = res?;
+        if out.json {
+            out.json(&serde_json::json!({ "ok": true, "wal_push": r }));
+        } else {
+            for (region, key, why) in &r.replaced {
+                println!("deleted invalid {key} in region {region}: {why}");
+            }
+            println!("archived {} as {}", r.file, r.key);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut repo = Repository::open(&cfg).await?;
     // One process per segment: remember a dead region between them.
     repo.regions
         .remember_failures(pg.state_dir().join("region-health.json"));
-    let r = wal::push(&repo, &cluster, system_id, &path).await?;
+    let r = wal::push(&repo, &cluster, system_id, &path, false).await?;
     let degraded = report_degraded(&repo, out);
     if out.json {
         out.json(&serde_json::json!({ "ok": true, "wal_push": r, "degraded": degraded }));
@@ -362,8 +453,15 @@ pub async fn wal_fetch(
     cluster: Option<String>,
     file: String,
     dest: PathBuf,
+    until: Option<String>,
     config: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
+    let until = until
+        .map(|u| {
+            u.parse::<dr::repo::layout::WalSegmentName>()
+                .map_err(|e| anyhow::anyhow!("--until {u:?}: {e}"))
+        })
+        .transpose()?;
     let cfg = load_config(config)?;
     let (cluster, pg) = cfg.pg(cluster.as_deref())?;
     let base = dr::postgres::archive_data_dir(pg);
@@ -373,17 +471,39 @@ pub async fn wal_fetch(
         .clone()
         .unwrap_or_else(|| base.join("pg_wal").join("dr-spool"));
     let repo = Repository::open(&cfg).await?;
-    match wal::fetch(
-        &repo,
-        &cluster,
-        system_id,
-        &file,
-        &dest,
-        &spool,
-        pg.prefetch,
-    )
-    .await?
-    {
+    // A region that blinks must not abort a recovery: retry before giving up.
+    let mut delay = std::time::Duration::from_millis(500);
+    let mut attempt = 1;
+    let outcome = loop {
+        match wal::fetch(
+            &repo,
+            &cluster,
+            system_id,
+            &file,
+            &dest,
+            &spool,
+            pg.prefetch,
+            until,
+        )
+        .await
+        {
+            Ok(o) => break o,
+            Err(e) if attempt < 3 && matches!(e, dr::postgres::PgError::Repo(_)) => {
+                tracing::warn!(file, attempt, error = %e, "fetch failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "{file} cannot be fetched; stopping recovery here rather than ending it \
+                     early (exit status {})",
+                    wal::FETCH_FAILED_STATUS
+                )));
+            }
+        }
+    };
+    match outcome {
         wal::FetchOutcome::Fetched { source } => {
             tracing::info!(file, source, "fetched");
             Ok(ExitCode::SUCCESS)

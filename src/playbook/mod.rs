@@ -318,14 +318,14 @@ pub async fn failover(
             Ok(Err(e)) => {
                 report.warnings.push(format!(
                     "audit record kept only in {}: the repository is not usable ({e})",
-                    cfg.audit.path.display()
+                    cfg.audit.resolved_path().display()
                 ));
                 None
             }
             Err(_) => {
                 report.warnings.push(format!(
                     "audit record kept only in {}: the repository did not answer within 10s",
-                    cfg.audit.path.display()
+                    cfg.audit.resolved_path().display()
                 ));
                 None
             }

@@ -8,9 +8,10 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::Serialize;
 
-use super::PgError;
 use super::manifest::PgManifest;
+use super::timeline::{TimelineChoice, TimelineInfo, parse_history};
 use super::wal::next_segment;
+use super::{Lsn, PgError, WAL_SEGMENT_SIZE};
 use crate::codec::Expect;
 use crate::repo::Repository;
 use crate::repo::layout::{ObjectKey, WalSegmentName, WalSuffix};
@@ -33,13 +34,27 @@ pub struct Window {
     pub to: DateTime<Utc>,
     /// Backup that starts it.
     pub backup: String,
-    /// Timeline.
+    /// Timeline the window ends on (the backup's own, or one branched from
+    /// it whose WAL the backup reaches through the switch points).
     pub timeline: u32,
     /// Last contiguous WAL segment.
     pub last_segment: String,
     /// Whether the window ends in a streamed segment that was never
     /// completed (restores replay up to its last streamed byte).
     pub streamed_tail: bool,
+}
+
+/// What a restore replays.
+#[derive(Debug, Clone)]
+pub struct Plan<'a> {
+    /// The backup to restore.
+    pub backup: &'a PgManifest,
+    /// The timeline recovery follows (`recovery_target_timeline`).
+    pub timeline: u32,
+    /// The end of the chosen window (the newest reachable point).
+    pub window_end: DateTime<Utc>,
+    /// For `latest` under `accept_gap`: what was left behind.
+    pub gave_up: Option<String>,
 }
 
 /// Backups and WAL of one cluster.
@@ -51,8 +66,10 @@ pub struct Catalog {
     /// Segments with streamed pieces from offset 0: when the newest piece
     /// was written.
     pub streamed: BTreeMap<WalSegmentName, Option<DateTime<Utc>>>,
-    /// One window per usable backup.
+    /// One window per usable backup and timeline it reaches.
     pub windows: Vec<Window>,
+    /// Every timeline with archived WAL or a history file.
+    pub timelines: BTreeMap<u32, TimelineInfo>,
     /// Backups whose manifests could not be read (id, reason).
     pub unreadable: Vec<(String, String)>,
 }
@@ -65,9 +82,13 @@ impl Catalog {
         let mut wal = BTreeMap::new();
         let mut streamed: BTreeMap<WalSegmentName, Option<DateTime<Utc>>> = BTreeMap::new();
         let mut piece_times: BTreeMap<WalSegmentName, Option<DateTime<Utc>>> = BTreeMap::new();
+        let mut histories = Vec::new();
         for o in &objects {
             match o.key.parse::<ObjectKey>() {
                 Ok(ObjectKey::PgManifest { .. }) => manifests.push(o.clone()),
+                Ok(ObjectKey::TimelineHistory { timeline, .. }) => {
+                    histories.push((timeline.0, o.clone()))
+                }
                 Ok(ObjectKey::Wal {
                     segment,
                     suffix: WalSuffix::None,
@@ -114,6 +135,36 @@ impl Catalog {
                 Err(e) => unreadable.push((key, e.to_string())),
             }
         }
+        let mut timelines = BTreeMap::new();
+        for (tli, o) in histories {
+            let expect = Expect {
+                key: o.key.clone(),
+                stored_size: Some(o.size),
+                plain_hash: o.key.rsplit('-').next().map(str::to_string),
+                plain_size: None,
+            };
+            let history = match repo.get_verified(&o.key, expect).await {
+                Ok((_, text)) => parse_history(&String::from_utf8_lossy(&text))
+                    .map_err(|e| format!("{}: not a timeline history file: {e}", o.key)),
+                Err(e) => Err(e.to_string()),
+            };
+            match history {
+                Ok(history) => {
+                    timelines.insert(tli, timeline_info(tli, history, o.modified));
+                }
+                // Without it the branch cannot be followed; said, not hidden.
+                Err(e) => unreadable.push((o.key.clone(), e)),
+            }
+        }
+        for seg in wal.keys() {
+            let t = timelines
+                .entry(seg.timeline.0)
+                .or_insert_with(|| timeline_info(seg.timeline.0, Vec::new(), None));
+            let name = seg.to_string();
+            t.first_segment.get_or_insert_with(|| name.clone());
+            t.last_segment = Some(name);
+            t.segments += 1;
+        }
         // Ids have one-second resolution and a random suffix, so two backups
         // taken in the same second would otherwise be ordered by chance.
         backups.sort_by(|a, b| (a.start_time, &a.id).cmp(&(b.start_time, &b.id)));
@@ -122,6 +173,7 @@ impl Catalog {
             wal,
             streamed,
             windows: Vec::new(),
+            timelines,
             unreadable,
         };
         cat.windows = cat.compute_windows();
@@ -137,54 +189,345 @@ impl Catalog {
             let Ok(stop) = b.stop_segment.parse::<WalSegmentName>() else {
                 continue;
             };
-            // Walk contiguous segments from the backup's start.
-            let mut cur = start;
-            let mut last = None;
-            while let Some(e) = self.wal.get(&cur) {
-                last = Some((cur, e));
-                cur = next_segment(cur);
+            // Its own timeline first, then every timeline branched from it
+            // after the backup ended.
+            let mut targets: Vec<u32> = vec![b.timeline];
+            targets.extend(
+                self.timelines
+                    .values()
+                    .filter(|t| t.id != b.timeline && t.descends_from(b.timeline))
+                    .map(|t| t.id),
+            );
+            for tli in targets {
+                let path = match self.timelines.get(&tli) {
+                    Some(t) => t.path(),
+                    None => vec![(tli, None)],
+                };
+                if let Some(w) = self.walk(b, start, stop, &path) {
+                    out.push(w);
+                }
             }
-            let Some((last_seg, last_entry)) = last else {
-                continue;
-            };
-            if last_seg < stop {
-                continue; // a gap before consistency: this backup cannot be restored
-            }
-            let mut to = last_entry.archived.unwrap_or(b.stop_time).max(b.stop_time);
-            let mut last_segment = last_seg.to_string();
-            let tail = self.streamed.get(&cur);
-            if let Some(t) = tail {
-                to = to.max(t.unwrap_or(to));
-                last_segment = cur.to_string();
-            }
-            out.push(Window {
-                from: b.stop_time,
-                to,
-                backup: b.id.clone(),
-                timeline: b.timeline,
-                last_segment,
-                streamed_tail: tail.is_some(),
-            });
         }
         out
     }
 
+    /// Follows `path` (timelines with the LSN where each is left) from the
+    /// backup's first segment through contiguous archived WAL: the window on
+    /// the last timeline of the path, if the walk gets there.
+    fn walk(
+        &self,
+        b: &PgManifest,
+        start: WalSegmentName,
+        stop: WalSegmentName,
+        path: &[(u32, Option<Lsn>)],
+    ) -> Option<Window> {
+        let from = path.iter().position(|(t, _)| *t == b.timeline)?;
+        // The backup must end before its timeline is left on this path.
+        if let Some(switch) = path[from].1
+            && b.stop_lsn > switch
+        {
+            return None;
+        }
+        let per_log = 0x1_0000_0000u64 / WAL_SEGMENT_SIZE;
+        let segno = |s: &WalSegmentName| u64::from(s.log) * per_log + u64::from(s.seg);
+        let name = |tli: u32, n: u64| WalSegmentName {
+            timeline: crate::repo::layout::TimelineId(tli),
+            log: (n / per_log) as u32,
+            seg: (n % per_log) as u32,
+        };
+        let mut n = segno(&start);
+        let mut last: Option<(WalSegmentName, &WalEntry)> = None;
+        let (target, _) = *path.last()?;
+        for (tli, leave) in &path[from..] {
+            // On an ancestor, the segment holding the switch point is read
+            // from the child timeline (PostgreSQL copies it there).
+            let end = leave.map(|l| l.0 / WAL_SEGMENT_SIZE).unwrap_or(u64::MAX);
+            while n < end {
+                match self.wal.get(&name(*tli, n)) {
+                    Some(e) => last = Some((name(*tli, n), e)),
+                    None => break,
+                }
+                n += 1;
+            }
+            if n < end && leave.is_some() {
+                return None; // a gap before the switch: this branch is out of reach
+            }
+        }
+        let (last_seg, last_entry) = last?;
+        if last_seg.timeline.0 != target || segno(&last_seg) < segno(&stop) {
+            return None; // never reached the branch, or a gap before consistency
+        }
+        let mut to = last_entry.archived.unwrap_or(b.stop_time).max(b.stop_time);
+        let mut last_segment = last_seg.to_string();
+        let cur = next_segment(last_seg);
+        let tail = self.streamed.get(&cur);
+        if let Some(t) = tail {
+            to = to.max(t.unwrap_or(to));
+            last_segment = cur.to_string();
+        }
+        Some(Window {
+            from: b.stop_time,
+            to,
+            backup: b.id.clone(),
+            timeline: target,
+            last_segment,
+            streamed_tail: tail.is_some(),
+        })
+    }
+
     /// The backup to restore for `target` (None = latest): the newest one that
-    /// ended before the target and whose WAL reaches it.
+    /// ended before the target and whose WAL reaches it, on the timeline that
+    /// holds the target. `latest` is refused when it would stop short of
+    /// archived WAL (see [`Catalog::plan`]).
     pub fn pick(&self, target: Option<DateTime<Utc>>) -> Result<&PgManifest, PgError> {
+        self.plan(target, false, TimelineChoice::Auto)
+            .map(|p| p.backup)
+    }
+
+    /// What a restore to `target` (None = latest) replays: the backup, the
+    /// timeline to follow, and for `latest` what stands between the newest
+    /// reachable point and the newest archived WAL (refused unless
+    /// `accept_gap`, then returned so the report says what was given up).
+    pub fn plan(
+        &self,
+        target: Option<DateTime<Utc>>,
+        accept_gap: bool,
+        choice: TimelineChoice,
+    ) -> Result<Plan<'_>, PgError> {
+        let covers = |w: &&Window| target.is_none_or(|t| w.from <= t && t <= w.to);
+        let own = |w: &Window| {
+            self.backups
+                .iter()
+                .any(|b| b.id == w.backup && b.timeline == w.timeline)
+        };
+        let timeline = match choice {
+            TimelineChoice::Id(n) => {
+                if !self.windows.iter().any(|w| w.timeline == n) {
+                    return Err(PgError::Other(format!(
+                        "--timeline {n}: no backup reaches timeline {n} through archived WAL; {}",
+                        self.timelines_text()
+                    )));
+                }
+                n
+            }
+            TimelineChoice::Latest => match self.windows.iter().map(|w| w.timeline).max() {
+                Some(n) => n,
+                None => return Err(PgError::Other(self.outside_message(target))),
+            },
+            TimelineChoice::Current => {
+                match self.windows.iter().rev().filter(|w| own(w)).find(covers) {
+                    Some(w) => w.timeline,
+                    None => return Err(PgError::Other(self.outside_message(target))),
+                }
+            }
+            TimelineChoice::Auto => self.auto_timeline(target)?,
+        };
         let chosen = self
             .windows
             .iter()
             .rev()
-            .find(|w| target.is_none_or(|t| w.from <= t && t <= w.to));
-        match chosen {
-            Some(w) => self
-                .backups
-                .iter()
-                .find(|b| b.id == w.backup)
-                .ok_or_else(|| PgError::Other("catalog inconsistency".into())),
-            None => Err(PgError::Other(self.outside_message(target))),
+            .filter(|w| w.timeline == timeline)
+            .filter(|w| choice != TimelineChoice::Current || own(w))
+            .find(covers);
+        let Some(w) = chosen else {
+            return Err(PgError::Other(format!(
+                "{} on timeline {timeline}",
+                self.outside_message(target)
+            )));
+        };
+        let backup = self
+            .backups
+            .iter()
+            .find(|b| b.id == w.backup)
+            .ok_or_else(|| PgError::Other("catalog inconsistency".into()))?;
+        let shortfall = if target.is_none() {
+            self.shortfall(w)
+        } else {
+            None
+        };
+        match shortfall {
+            Some(s) if !accept_gap => Err(PgError::Other(format!(
+                "--to latest would stop short: {s}. Restore to a time inside the window \
+                 (`dr list pg`), repair the repository (`dr repo sync` from a region that \
+                 holds the objects), or pass --accept-gap to restore up to {} and give \
+                 the rest up",
+                w.to.format("%Y-%m-%dT%H:%M:%SZ")
+            ))),
+            gave_up => Ok(Plan {
+                backup,
+                timeline,
+                window_end: w.to,
+                gave_up,
+            }),
         }
+    }
+
+    /// The timeline that holds `target`: among those with a window covering
+    /// it, a branch is set aside for its ancestor while the target precedes
+    /// the branch, and for `latest` an ancestor is set aside for a branch
+    /// when it holds no WAL past the switch point. Two left means two
+    /// histories diverge there: refused, naming both.
+    fn auto_timeline(&self, target: Option<DateTime<Utc>>) -> Result<u32, PgError> {
+        let covering: Vec<&Window> = self
+            .windows
+            .iter()
+            .filter(|w| target.is_none_or(|t| w.from <= t && t <= w.to))
+            .collect();
+        let mut candidates: Vec<u32> = covering.iter().map(|w| w.timeline).collect();
+        candidates.sort_unstable();
+        candidates.dedup();
+        let info = |t: u32| self.timelines.get(&t);
+        let keep: Vec<u32> = candidates
+            .iter()
+            .copied()
+            .filter(|&y| match target {
+                Some(t) => {
+                    // Before the branch, its history is its ancestor's.
+                    let before_branch =
+                        info(y).and_then(|i| i.switch_time).is_some_and(|st| t < st);
+                    let ancestor_covers = candidates
+                        .iter()
+                        .any(|&x| x != y && info(y).is_some_and(|i| i.descends_from(x)));
+                    !(before_branch && ancestor_covers)
+                }
+                None => !candidates
+                    .iter()
+                    .any(|&z| z != y && self.superseded_by(y, z)),
+            })
+            .collect();
+        match keep.as_slice() {
+            [] => Err(PgError::Other(self.outside_message(target))),
+            [one] => Ok(*one),
+            many => {
+                let fmt = |d: &DateTime<Utc>| d.format("%Y-%m-%dT%H:%M:%SZ").to_string();
+                let list = many
+                    .iter()
+                    .map(|t| {
+                        let end = covering
+                            .iter()
+                            .filter(|w| w.timeline == *t)
+                            .map(|w| w.to)
+                            .max();
+                        let branch = info(*t)
+                            .and_then(|i| Some((i.parent()?, i.switch_lsn()?)))
+                            .map(|(p, l)| format!(", branched from {p} at {l}"))
+                            .unwrap_or_default();
+                        format!(
+                            "timeline {t} (WAL to {}{branch})",
+                            end.map(|e| fmt(&e)).unwrap_or_default()
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" and ");
+                let what = match target {
+                    Some(t) => format!("target {}", t.format("%Y-%m-%dT%H:%M:%S%.3fZ")),
+                    None => "latest".to_string(),
+                };
+                Err(PgError::Other(format!(
+                    "{what} is ambiguous: {list} both hold WAL for it after they diverged. \
+                     Choose one with --timeline {} (`dr list pg` shows every timeline)",
+                    many.iter()
+                        .map(|t| t.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" or --timeline ")
+                )))
+            }
+        }
+    }
+
+    /// Whether timeline `x` holds no WAL past the point where `y` (one of
+    /// its descendants) branched off it: `y` continues its history.
+    fn superseded_by(&self, x: u32, y: u32) -> bool {
+        let Some(yi) = self.timelines.get(&y) else {
+            return false;
+        };
+        let Some(leave) = yi
+            .path()
+            .iter()
+            .find(|(t, _)| *t == x)
+            .and_then(|(_, l)| *l)
+        else {
+            return false;
+        };
+        let per_log = 0x1_0000_0000u64 / WAL_SEGMENT_SIZE;
+        self.windows
+            .iter()
+            .filter(|w| w.timeline == x)
+            .filter_map(|w| w.last_segment.parse::<WalSegmentName>().ok())
+            .all(|s| u64::from(s.log) * per_log + u64::from(s.seg) < leave.0 / WAL_SEGMENT_SIZE)
+    }
+
+    /// One line per timeline, for errors.
+    fn timelines_text(&self) -> String {
+        let list: Vec<String> = self
+            .timelines
+            .values()
+            .map(|t| {
+                let windows: Vec<String> = self
+                    .windows
+                    .iter()
+                    .filter(|w| w.timeline == t.id)
+                    .map(|w| {
+                        format!(
+                            "{} .. {}",
+                            w.from.format("%Y-%m-%dT%H:%M:%SZ"),
+                            w.to.format("%Y-%m-%dT%H:%M:%SZ")
+                        )
+                    })
+                    .collect();
+                format!(
+                    "timeline {}: {}",
+                    t.id,
+                    if windows.is_empty() {
+                        "not restorable".to_string()
+                    } else {
+                        windows.join(", ")
+                    }
+                )
+            })
+            .collect();
+        format!("timelines: {}", list.join("; "))
+    }
+
+    /// What the newest point reachable from `w` leaves behind: WAL archived
+    /// on its timeline beyond a missing segment, with the manifests that
+    /// could not be read (they may be backups that would bridge the gap).
+    pub fn shortfall(&self, w: &Window) -> Option<String> {
+        let end = w.last_segment.parse::<WalSegmentName>().ok()?;
+        let missing = next_segment(end);
+        let later: Vec<(&WalSegmentName, &WalEntry)> = self
+            .wal
+            .range(missing..)
+            .filter(|(l, _)| l.timeline == end.timeline)
+            .collect();
+        let (newest, entry) = later.last()?;
+        let fmt = |d: &DateTime<Utc>| d.format("%Y-%m-%dT%H:%M:%SZ").to_string();
+        let lost = entry
+            .archived
+            .map(|a| {
+                let secs = (a - w.to).num_seconds().max(0);
+                format!(
+                    ", archived {} ({} of WAL after the reachable end {})",
+                    fmt(&a),
+                    humantime::format_duration(std::time::Duration::from_secs(secs as u64)),
+                    fmt(&w.to)
+                )
+            })
+            .unwrap_or_default();
+        let mut s = format!(
+            "WAL segment {missing} is missing in every region, so replay ends at {end}; \
+             {} later segment(s) are archived up to {newest}{lost}",
+            later.len()
+        );
+        if !self.unreadable.is_empty() {
+            let keys: Vec<&str> = self.unreadable.iter().map(|(k, _)| k.as_str()).collect();
+            s.push_str(&format!(
+                "; unreadable manifest(s): {} ({})",
+                keys.join(", "),
+                self.unreadable[0].1
+            ));
+        }
+        Some(s)
     }
 
     fn outside_message(&self, target: Option<DateTime<Utc>>) -> String {
@@ -252,6 +595,21 @@ impl Catalog {
     }
 }
 
+fn timeline_info(
+    id: u32,
+    history: Vec<super::timeline::HistoryEntry>,
+    switch_time: Option<DateTime<Utc>>,
+) -> TimelineInfo {
+    TimelineInfo {
+        id,
+        history,
+        switch_time,
+        first_segment: None,
+        last_segment: None,
+        segments: 0,
+    }
+}
+
 /// Reads and decodes one manifest.
 pub async fn read_manifest(
     repo: &Repository,
@@ -259,9 +617,10 @@ pub async fn read_manifest(
     stored: u64,
 ) -> Result<PgManifest, PgError> {
     if !repo.codec.can_decrypt() {
-        return Err(PgError::Other(
-            "manifests are encrypted and no identity_file is configured; the catalog needs the private key".into(),
-        ));
+        return Err(PgError::Other(format!(
+            "manifests are encrypted and the catalog needs the private key: {}",
+            repo.codec.cannot_decrypt_because()
+        )));
     }
     let expect = Expect {
         key: key.to_string(),

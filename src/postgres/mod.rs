@@ -8,8 +8,10 @@ pub mod replication;
 pub mod restore;
 pub mod server;
 pub mod stream;
+pub mod timeline;
 pub mod tls;
 pub mod wal;
+pub mod wal_header;
 
 use std::fmt;
 use std::path::Path;

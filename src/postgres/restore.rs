@@ -69,6 +69,12 @@ pub struct RestoreOptions {
     pub connect_host: Option<String>,
     /// Database user to connect as while waiting for promotion.
     pub connect_user: String,
+    /// Which timeline recovery follows.
+    pub timeline: crate::postgres::timeline::TimelineChoice,
+    /// For `latest`: restore up to the newest reachable point even when
+    /// archived WAL lies beyond a missing segment (the report says what was
+    /// given up). Without it such a restore is refused.
+    pub accept_gap: bool,
     /// Files of a `delta` target (relative paths) kept as they are instead
     /// of the backup's: a server's own configuration.
     pub keep_files: Vec<String>,
@@ -111,6 +117,15 @@ pub struct RestoreReport {
     pub wal_last_contiguous: Option<String>,
     /// Newest WAL segment archived on the backup's timeline, and when.
     pub wal_newest: Option<(String, DateTime<Utc>)>,
+    /// The timeline recovery followed.
+    pub timeline: u32,
+    /// The timeline a started server archives as once promoted (when it
+    /// archives at all; a `--no-archive` copy stores nothing).
+    pub archives_as: Option<u32>,
+    /// What `latest` left behind under `--accept-gap`: the missing segment
+    /// and the archived WAL beyond it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gave_up: Option<String>,
 }
 
 /// Restores `cluster` as described by `opts`.
@@ -123,32 +138,45 @@ pub async fn restore(
 ) -> Result<RestoreReport, PgError> {
     let t0 = Instant::now();
     if !repo.codec.can_decrypt() {
-        return Err(PgError::Other(
-            "restore needs the private key: set [repository] identity_file (or DR_IDENTITY_FILE)"
-                .into(),
-        ));
+        return Err(PgError::Other(format!(
+            "restore needs the private key: {}",
+            repo.codec.cannot_decrypt_because()
+        )));
     }
-    if opts.delta {
-        check_delta_target(&opts.dir)?;
-    } else {
-        check_target_dir(&opts.dir)?;
+    if !opts.dir.is_absolute() {
+        return Err(PgError::Other(format!(
+            "--target {} must be an absolute path",
+            opts.dir.display()
+        )));
     }
     let catalog = Catalog::load(repo, cluster).await?;
     let when = match opts.target {
         Target::Latest => None,
         Target::Time(t) => Some(t),
     };
-    let m = catalog.pick(when)?.clone();
+    let plan = catalog.plan(when, opts.accept_gap, opts.timeline)?;
+    let (m, gave_up, timeline) = (plan.backup.clone(), plan.gave_up, plan.timeline);
+    // A promoted server takes the next free timeline id it finds archived.
+    let archives_as = catalog.timelines.keys().max().map(|t| t + 1);
+    if let Some(g) = &gave_up {
+        tracing::warn!(shortfall = %g, "restoring short of the archived WAL (--accept-gap)");
+    }
+    // Only once the plan holds: a refused restore leaves no directory behind.
+    if opts.delta {
+        check_delta_target(&opts.dir)?;
+    } else {
+        check_target_dir(&opts.dir)?;
+    }
     let wal_last_contiguous = catalog
         .windows
         .iter()
-        .find(|w| w.backup == m.id)
+        .find(|w| w.backup == m.id && w.timeline == timeline)
         .map(|w| w.last_segment.clone());
     let wal_newest = catalog
         .wal
         .iter()
         .rev()
-        .find(|(seg, _)| seg.timeline.0 == m.timeline)
+        .find(|(seg, _)| seg.timeline.0 == timeline)
         .map(|(seg, e)| (seg.to_string(), e.archived.unwrap_or(m.stop_time)));
     tracing::info!(backup = %m.id, "restoring");
     let links = tablespace_links(&m, opts)?;
@@ -164,7 +192,7 @@ pub async fn restore(
     };
     let rebuilt = match rebuild(repo, &m, &opts.dir, cfg.parallel, &progress, opts.delta).await {
         Ok(n) => put_back(&opts.dir, &kept)
-            .and_then(|()| write_recovery(&m, &opts.dir, opts))
+            .and_then(|()| write_recovery(&m, &opts.dir, opts, timeline))
             .map(|_| n)
             .map_err(|e| PgError::io(&opts.dir, e)),
         Err(e) => Err(e),
@@ -213,6 +241,9 @@ pub async fn restore(
         backup_stop_time: m.stop_time,
         wal_last_contiguous,
         wal_newest,
+        timeline,
+        archives_as: archives_as.filter(|_| !opts.no_archive),
+        gave_up,
     };
     if let Some(port) = opts.start {
         let mut extra = Vec::new();
@@ -724,7 +755,12 @@ fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-fn write_recovery(m: &PgManifest, dir: &Path, opts: &RestoreOptions) -> std::io::Result<()> {
+fn write_recovery(
+    m: &PgManifest,
+    dir: &Path,
+    opts: &RestoreOptions,
+    timeline: u32,
+) -> std::io::Result<()> {
     std::fs::write(dir.join("backup_label"), &m.backup_label)?;
     // No tablespace_map: it would make PostgreSQL relink pg_tblspc to the
     // original locations. dr has already placed each tablespace (in place,
@@ -740,7 +776,9 @@ fn write_recovery(m: &PgManifest, dir: &Path, opts: &RestoreOptions) -> std::io:
             "restore_command = {}",
             quote(&format!("{} %f %p", opts.restore_command))
         ),
-        "recovery_target_timeline = 'latest'".to_string(),
+        // Never 'latest': a stray branch (a restored copy that archived)
+        // must not be followed past the target's own history.
+        format!("recovery_target_timeline = '{timeline}'"),
         "recovery_target_action = 'promote'".to_string(),
     ];
     let extra = &opts.extra;

@@ -80,15 +80,24 @@ pub struct PushReport {
     pub already_archived: bool,
     /// Regions that took the write.
     pub regions: Vec<String>,
+    /// Archived copies under this name that were not this segment and were
+    /// deleted first (`--replace-invalid`), as `(region, key, why invalid)`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replaced: Vec<(String, String, String)>,
 }
 
 /// Archives one WAL file. `path` is as given by PostgreSQL (`%p`, relative to
-/// PGDATA, which is the working directory of archive_command).
+/// PGDATA, which is the working directory of archive_command). A segment must
+/// be the segment its name says, of this cluster; with `replace_invalid`, an
+/// archived copy under the same name that is provably not valid WAL of this
+/// cluster is deleted and replaced (the only way out of a bad first push, since
+/// archived objects are never overwritten).
 pub async fn push(
     repo: &Repository,
     cluster: &str,
     system_id: u64,
     path: &Path,
+    replace_invalid: bool,
 ) -> Result<PushReport, PgError> {
     let name = path
         .file_name()
@@ -103,7 +112,25 @@ pub async fn push(
     let data = tokio::fs::read(path)
         .await
         .map_err(|e| PgError::io(path, e))?;
-    push_bytes(repo, cluster, system_id, file, name, data).await
+    if let Err(why) = check_content(file, system_id, &data) {
+        return Err(PgError::Other(format!(
+            "{}: refusing to archive: the file {why}; it is not the WAL file its name says, \
+             so archiving it would block the real one (check archive_command passes %p)",
+            path.display()
+        )));
+    }
+    push_checked(repo, cluster, system_id, file, name, data, replace_invalid).await
+}
+
+/// What can be checked of a file's content from its name alone: segments and
+/// `.partial` segments carry a page header; other files are left alone.
+fn check_content(file: WalFile, system_id: u64, data: &[u8]) -> Result<(), String> {
+    match file {
+        WalFile::Segment(seg, WalSuffix::None | WalSuffix::Partial) => {
+            super::wal_header::check_segment(&seg, system_id, data)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Archives the content of one WAL file (named `name`, parsed as `file`):
@@ -117,11 +144,24 @@ pub async fn push_bytes(
     name: &str,
     data: Vec<u8>,
 ) -> Result<PushReport, PgError> {
+    push_checked(repo, cluster, system_id, file, name, data, false).await
+}
+
+async fn push_checked(
+    repo: &Repository,
+    cluster: &str,
+    system_id: u64,
+    file: WalFile,
+    name: &str,
+    data: Vec<u8>,
+    replace_invalid: bool,
+) -> Result<PushReport, PgError> {
     let hash = blake3::hash(&data).to_hex().to_string();
     let key = file.key(cluster, system_id, &hash);
     let prefix = file.key_prefix(cluster, system_id);
     // An archived copy of this name, in any region: same hash → done; other → refuse.
     let mut present_in = Vec::new();
+    let mut conflicts: Vec<(String, String, u64)> = Vec::new();
     for r in repo.regions.iter() {
         match r.store.list(&prefix).await {
             Ok(objs) => {
@@ -132,17 +172,26 @@ pub async fn push_bytes(
                     if other == hash {
                         present_in.push(r.name.clone());
                     } else if other.len() == 64 {
-                        return Err(PgError::Other(format!(
-                            "{name} is already archived with different content (region {}, blake3 {} vs {hash}); \
-                             refusing to overwrite. Two clusters may be archiving to the same [postgres.{cluster}] \
-                             repository path, or the file was modified after archiving",
-                            r.name, other
-                        )));
+                        conflicts.push((r.name.clone(), o.key.clone(), o.size));
                     }
                 }
             }
             Err(e) => tracing::warn!(region = %r.name, error = %e, "cannot list WAL prefix"),
         }
+    }
+    let mut replaced = Vec::new();
+    if let Some((region, other, _)) = conflicts.first() {
+        if !replace_invalid {
+            let other_hash = other.rsplit('-').next().unwrap_or_default();
+            return Err(PgError::Other(format!(
+                "{name} is already archived with different content (region {region}, blake3 {other_hash} vs {hash}); \
+                 refusing to overwrite. Two clusters may be archiving to the same [postgres.{cluster}] \
+                 repository path, or the file was modified after archiving. If the archived copy is \
+                 not valid WAL (e.g. a bad manual push), `dr wal-push --replace-invalid <file>` \
+                 (on a host with the identity) checks it and replaces it"
+            )));
+        }
+        replaced = remove_invalid(repo, system_id, file, name, &conflicts).await?;
     }
     if present_in.len() >= repo.regions.min_regions() {
         return Ok(PushReport {
@@ -151,6 +200,7 @@ pub async fn push_bytes(
             size: data.len() as u64,
             already_archived: true,
             regions: present_in,
+            replaced,
         });
     }
     let size = data.len() as u64;
@@ -167,7 +217,80 @@ pub async fn push_bytes(
         size,
         already_archived: false,
         regions,
+        replaced,
     })
+}
+
+/// Deletes archived copies in `conflicts` (`(region, key, stored size)`)
+/// once each is shown not to be this file's valid content: undecodable
+/// (corrupt, truncated, not a dr object) or failing the content check. A
+/// copy that is valid, or that this host cannot judge (no identity, wrong
+/// key, unreachable), stops the repair.
+async fn remove_invalid(
+    repo: &Repository,
+    system_id: u64,
+    file: WalFile,
+    name: &str,
+    conflicts: &[(String, String, u64)],
+) -> Result<Vec<(String, String, String)>, PgError> {
+    use crate::codec::CodecError;
+    if !repo.wal_codec.can_decrypt() {
+        return Err(PgError::Other(format!(
+            "{name}: --replace-invalid must decrypt the archived copy to prove it invalid, \
+             and no usable identity is configured here; run it where the identity is"
+        )));
+    }
+    let mut out = Vec::new();
+    for (region, key, stored) in conflicts {
+        let expect = Expect {
+            key: key.clone(),
+            stored_size: Some(*stored),
+            plain_hash: key.rsplit('-').next().map(str::to_string),
+            plain_size: None,
+        };
+        let stream = repo
+            .regions
+            .get_region(region)
+            .ok_or_else(|| PgError::Other(format!("region {region} vanished from the config")))?
+            .store
+            .get(key, None)
+            .await
+            .map_err(|e| PgError::Other(format!("{key} in region {region}: {e}")))?;
+        let why = match repo.wal_codec.decode_bytes(stream, expect).await {
+            Ok(plain) => match check_content(file, system_id, &plain) {
+                Ok(()) => {
+                    return Err(PgError::Other(format!(
+                        "{name}: the archived copy {key} (region {region}) is valid WAL of this \
+                         cluster; it is not replaced. Two servers of one system may have written \
+                         different histories under one timeline: find out which is right first"
+                    )));
+                }
+                Err(why) => format!("the archived file {why}"),
+            },
+            Err(
+                e @ (CodecError::Corrupt { .. }
+                | CodecError::Truncated { .. }
+                | CodecError::Foreign { .. }),
+            ) => e.to_string(),
+            Err(e) => {
+                return Err(PgError::Other(format!(
+                    "{name}: cannot judge the archived copy {key} (region {region}): {e}"
+                )));
+            }
+        };
+        match repo.regions.get_region(region) {
+            Some(r) => r.store.delete(key).await.map_err(|e| {
+                PgError::Other(format!(
+                    "{name}: the archived copy {key} (region {region}) is invalid ({why}) but \
+                     cannot be deleted: {e}"
+                ))
+            })?,
+            None => continue,
+        }
+        tracing::warn!(%region, %key, %why, "deleted an invalid archived copy");
+        out.push((region.clone(), key.clone(), why));
+    }
+    Ok(out)
 }
 
 /// A create-only region that rejects the put already holds this exact key —
@@ -189,6 +312,13 @@ pub(crate) fn concurrent_duplicate(e: &crate::repo::RepoError, min: usize) -> Op
     (!dup.is_empty() && ok + dup.len() >= min).then_some(dup)
 }
 
+/// Exit status of `wal-fetch` when a file is in the archive but cannot be
+/// served (corrupt in every region, wrong key, regions unreachable, bad
+/// config). PostgreSQL reads exit status 1 as "not in the archive" and ends
+/// recovery there, promoting a server that silently lacks the rest; a status
+/// above 125 makes it abort recovery instead.
+pub const FETCH_FAILED_STATUS: u8 = 200;
+
 /// Outcome of `wal-fetch`.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FetchOutcome {
@@ -203,6 +333,8 @@ pub enum FetchOutcome {
 
 /// Fetches `name` into `dest`, verifying it, and prefetches up to `prefetch`
 /// following segments of the same timeline into `spool` in parallel.
+/// Segments after `until` count as not archived.
+#[allow(clippy::too_many_arguments)]
 pub async fn fetch(
     repo: &Repository,
     cluster: &str,
@@ -211,12 +343,19 @@ pub async fn fetch(
     dest: &Path,
     spool: &Path,
     prefetch: usize,
+    until: Option<WalSegmentName>,
 ) -> Result<FetchOutcome, PgError> {
     let file = WalFile::parse(name).ok_or_else(|| {
         PgError::Other(format!(
             "{name} is not a WAL file name; restore_command must pass %f"
         ))
     })?;
+    let beyond = |s: WalSegmentName| until.is_some_and(|u| s > u);
+    if let WalFile::Segment(seg, _) = file
+        && beyond(seg)
+    {
+        return Ok(FetchOutcome::NotFound);
+    }
     // Spool names carry the system id: a shared spool never serves another
     // cluster's segment of the same name.
     let spool_name = |n: &str| spool.join(format!("{system_id}-{n}"));
@@ -239,7 +378,7 @@ pub async fn fetch(
         }
         WalFile::History(_) => (file.key_prefix(cluster, system_id), None),
     };
-    let (_, listed) = repo.regions.list(&list_prefix).await?;
+    let listed = list_certain(repo, &list_prefix).await?;
     let find = |fname: &str| -> Option<(String, u64)> {
         let wanted = WalFile::parse(fname)?;
         find_object(&listed, &wanted.key_prefix(cluster, system_id))
@@ -251,7 +390,7 @@ pub async fn fetch(
                 Err(e) => {
                     // The streamer deletes a segment's pieces once the whole
                     // segment is stored: it may have landed since the listing.
-                    let (_, listed) = repo.regions.list(&list_prefix).await?;
+                    let listed = list_certain(repo, &list_prefix).await?;
                     match find_object(&listed, &file.key_prefix(cluster, system_id)) {
                         Some(o) => Ok(FetchOutcome::Fetched {
                             source: download(repo, &o.key, o.size, dest).await?,
@@ -270,11 +409,14 @@ pub async fn fetch(
     let mut jobs = vec![(key, size, dest.to_path_buf())];
     if let Some(seg) = want {
         if prefetch > 0 {
-            let _ = tokio::fs::create_dir_all(spool).await;
+            let _ = crate::os::create_private_dir_all(spool);
         }
         let mut next = seg;
         for _ in 0..prefetch {
             next = next_segment(next);
+            if beyond(next) {
+                break;
+            }
             let n = next.to_string();
             if tokio::fs::metadata(spool_name(&n)).await.is_ok() {
                 continue;
@@ -300,6 +442,38 @@ pub async fn fetch(
         }
     }
     Ok(FetchOutcome::Fetched { source: first })
+}
+
+/// Lists `prefix` in every region for `wal-fetch`, failing when the answer
+/// could be wrong. A segment is acknowledged once `min_regions` hold it, so
+/// while fewer regions than that fail to list, every archived segment is in
+/// some answering region and "absent" is certain. With more failing, absent
+/// may only mean unreachable, and reporting it as the end of the archive would
+/// end recovery early.
+async fn list_certain(
+    repo: &Repository,
+    prefix: &str,
+) -> Result<Vec<crate::store::ObjectInfo>, PgError> {
+    let mut union = std::collections::BTreeMap::new();
+    let mut failed = Vec::new();
+    for (name, res) in repo.regions.list_each(prefix).await {
+        match res {
+            Ok(v) => union.extend(v.into_iter().map(|o| (o.key.clone(), o))),
+            Err(e) => failed.push(format!("[{name}] {e}")),
+        }
+    }
+    if failed.len() >= repo.regions.min_regions() {
+        return Err(PgError::Other(format!(
+            "cannot tell whether {prefix}… is archived: {} of {} regions failed to list \
+             (min_regions = {}): {}; if a region is gone for good, restore with a config \
+             that leaves it out",
+            failed.len(),
+            repo.regions.len(),
+            repo.regions.min_regions(),
+            failed.join("; ")
+        )));
+    }
+    Ok(union.into_values().collect())
 }
 
 /// The object named `prefix` + a 64-digit hash in a listing.
@@ -410,7 +584,10 @@ fn tmp_path(p: &Path) -> PathBuf {
 
 fn write_durable(tmp: &Path, dest: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let mut f = std::fs::File::create(tmp)?;
+    let mut f = crate::os::private_file()
+        .write(true)
+        .create_new(true)
+        .open(tmp)?;
     f.write_all(data)?;
     f.sync_all()?;
     std::fs::rename(tmp, dest)

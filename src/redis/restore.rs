@@ -35,9 +35,10 @@ impl RedisCatalog {
     /// Lists and decodes every manifest of `instance`.
     pub async fn load(repo: &Repository, instance: &str) -> Result<RedisCatalog, RedisError> {
         if !repo.codec.can_decrypt() {
-            return Err(RedisError::Other(
-                "manifests are encrypted and no identity_file is configured; listing and restoring need the private key".into(),
-            ));
+            return Err(RedisError::Other(format!(
+                "manifests are encrypted and listing and restoring need the private key: {}",
+                repo.codec.cannot_decrypt_because()
+            )));
         }
         let (_, objects) = repo
             .regions
@@ -198,8 +199,7 @@ pub async fn restore(
         )));
     }
     let created = !opts.dir.exists();
-    tokio::fs::create_dir_all(&opts.dir)
-        .await
+    crate::os::create_private_dir_all(&opts.dir)
         .map_err(|e| RedisError::Other(format!("cannot create {}: {e}", opts.dir.display())))?;
     progress.add_total(m.rdb.plain_size);
     let region = match fetch(repo, instance, &m, &opts.dir, &file, &progress).await {
@@ -305,7 +305,7 @@ async fn fetch_from(
         .get_decoded_from(region, key, expect)
         .await
         .map_err(|e| e.to_string())?;
-    let mut f = tokio::fs::OpenOptions::new()
+    let mut f = crate::os::private_file_async()
         .write(true)
         .create_new(true)
         .open(tmp)

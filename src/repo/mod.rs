@@ -133,15 +133,24 @@ pub struct Repository {
 /// is configured and present.
 pub fn codec_from_config(cfg: &Config) -> Result<Codec, RepoError> {
     let recipients = keys::parse_recipients(cfg.repository.recipients.get_ref());
-    let identities = match cfg.identity_file() {
-        Some(p) if p.exists() => Some(keys::load_identities(p)?),
-        _ => None,
-    };
-    Ok(Codec::new(
-        recipients,
-        identities,
-        *cfg.repository.compression_level.get_ref(),
-    ))
+    let level = *cfg.repository.compression_level.get_ref();
+    match cfg.identity_file() {
+        Some(p) if p.exists() => match keys::load_identities(p) {
+            Ok(ids) => Ok(Codec::new(recipients, Some(ids), level)),
+            // Only reading needs the key: archiving and backups go on, and
+            // whatever decrypts reports this (as does `dr check`).
+            Err(e) => {
+                tracing::debug!(error = %e, "identity not loaded");
+                Ok(Codec::new(recipients, None, level).with_unusable_identity(e.to_string()))
+            }
+        },
+        Some(p) => Ok(Codec::new(recipients, None, level).with_unusable_identity(format!(
+            "identity file {} does not exist; decrypting needs it (set [repository] identity_file \
+             or DR_IDENTITY_FILE to the restore key)",
+            p.display()
+        ))),
+        None => Ok(Codec::new(recipients, None, level)),
+    }
 }
 
 fn parse_info(region: &str, bytes: &[u8]) -> Result<RepoInfo, RepoError> {

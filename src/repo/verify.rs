@@ -110,9 +110,10 @@ pub async fn expected_objects(
     all_redis: &[String],
 ) -> Result<(Vec<ExpectedObject>, Vec<(String, String)>), RepoError> {
     if !repo.codec.can_decrypt() {
-        return Err(RepoError::Other(
-            "verification reads the encrypted manifests; configure identity_file (or DR_IDENTITY_FILE)".into(),
-        ));
+        return Err(RepoError::Other(format!(
+            "verification reads the encrypted manifests: {}",
+            repo.codec.cannot_decrypt_because()
+        )));
     }
     let (pg, redis): (Vec<String>, Vec<String>) = match scope {
         Scope::All => (all_pg.to_vec(), all_redis.to_vec()),

@@ -185,6 +185,8 @@ async fn run(
         settings: isolation_settings(&root, &out.data, &socket, port),
         connect_host: Some(out.at.host.clone()),
         connect_user: cfg.verify.user.clone(),
+        timeline: crate::postgres::timeline::TimelineChoice::Auto,
+        accept_gap: false,
         keep_files: Vec::new(),
         conninfo: None,
     };
@@ -204,6 +206,37 @@ pub(super) async fn restore_then_check(
     rep: &mut SourceReport,
 ) {
     let target = &opts.target;
+    // `latest` is fixed when the verification starts: WAL archived while it
+    // replays belongs to the next run, and replaying it would put the
+    // recovered point after the target on any busy cluster.
+    let pin = match target {
+        Target::Latest => match pin_latest(repo, cluster).await {
+            Ok(p) => p,
+            Err(e) => {
+                rep.checks.push(CheckResult::fail(
+                    "restore",
+                    e.to_string(),
+                    t0.elapsed().as_secs_f64(),
+                ));
+                return;
+            }
+        },
+        Target::Time(_) => None,
+    };
+    let mut pinned_opts;
+    let opts = match &pin {
+        Some(p) => {
+            pinned_opts = opts.clone();
+            // A gap fails the target check below, after proving what can
+            // be restored up to it.
+            pinned_opts.accept_gap = true;
+            pinned_opts
+                .restore_command
+                .push_str(&format!(" --until {}", p.segment));
+            &pinned_opts
+        }
+        None => opts,
+    };
     let progress = crate::progress::Progress::new();
     let r = match restore::restore(repo, cluster, cfg, opts, progress).await {
         Ok(r) => r,
@@ -272,7 +305,14 @@ pub(super) async fn restore_then_check(
             t.elapsed().as_secs_f64(),
         )
     });
-    recovered_point(rep, target, &r, replayed, cfg.verify.max_replay_lag_seconds);
+    recovered_point(
+        rep,
+        target,
+        pin.as_ref(),
+        &r,
+        replayed,
+        cfg.verify.max_replay_lag_seconds,
+    );
     let dbs = match checks::databases(at).await {
         Ok(d) => d,
         Err(e) => {
@@ -288,12 +328,42 @@ pub(super) async fn restore_then_check(
     }
 }
 
+/// The newest point of `latest` when a verification starts: the last
+/// segment reachable without a gap, and when it was archived.
+#[derive(Debug, Clone)]
+struct Pin {
+    segment: String,
+    archived: DateTime<Utc>,
+    /// Archived WAL beyond a missing segment, which `latest` cannot reach.
+    shortfall: Option<String>,
+}
+
+async fn pin_latest(repo: &Repository, cluster: &str) -> Result<Option<Pin>, String> {
+    let catalog = crate::postgres::catalog::Catalog::load(repo, cluster)
+        .await
+        .map_err(|e| e.to_string())?;
+    let plan = catalog
+        .plan(None, true, crate::postgres::timeline::TimelineChoice::Auto)
+        .map_err(|e| e.to_string())?;
+    Ok(catalog
+        .windows
+        .iter()
+        .find(|w| w.backup == plan.backup.id && w.timeline == plan.timeline)
+        .map(|w| Pin {
+            segment: w.last_segment.clone(),
+            archived: w.to,
+            shortfall: plan.gave_up.clone(),
+        }))
+}
+
 /// The built-in target checks: the target was reached (for `latest`: the
-/// archived WAL was replayed without a gap) and the last replayed
-/// transaction lies within `max_lag` seconds of the target.
+/// WAL archived when the verification started was replayed without a gap)
+/// and the last replayed transaction lies within `max_lag` seconds of the
+/// target.
 fn recovered_point(
     rep: &mut SourceReport,
     target: &Target,
+    pin: Option<&Pin>,
     r: &restore::RestoreReport,
     replayed: Option<f64>,
     max_lag: u64,
@@ -310,8 +380,8 @@ fn recovered_point(
             "no transaction replayed after the backup: the backup's end".into(),
         ),
     };
-    match target {
-        Target::Time(t) => {
+    match (target, pin) {
+        (Target::Time(t), _) => {
             rep.target_time = Some(*t);
             rep.target_basis = "requested target time".into();
             rep.checks.push(CheckResult::pass(
@@ -323,7 +393,45 @@ fn recovered_point(
                 0.0,
             ));
         }
-        Target::Latest => {
+        (Target::Latest, Some(p)) => {
+            rep.target_time = Some(p.archived);
+            rep.target_basis = format!(
+                "archive time of the newest WAL segment when verification started ({})",
+                p.segment
+            );
+            let reached = r.wal_last_contiguous.as_deref() >= Some(p.segment.as_str());
+            rep.checks.push(if let Some(gap) = &p.shortfall {
+                // What was archived beyond the gap is the real target.
+                if let Some((_, at)) = &r.wal_newest {
+                    rep.target_time = Some(*at);
+                    rep.target_basis = "archive time of the newest WAL segment".into();
+                }
+                CheckResult::fail(
+                    "target reached",
+                    format!("`latest` stops short: {gap} (`dr verify pg --list` names the gaps)"),
+                    0.0,
+                )
+            } else if reached {
+                CheckResult::pass(
+                    "target reached",
+                    format!("replayed the archived WAL through {}", p.segment),
+                    0.0,
+                )
+            } else {
+                CheckResult::fail(
+                    "target reached",
+                    format!(
+                        "replay could only reach {} but {} was archived when verification \
+                         started; the segments in between are missing in every region \
+                         (`dr verify pg --list` names them)",
+                        r.wal_last_contiguous.as_deref().unwrap_or("?"),
+                        p.segment
+                    ),
+                    0.0,
+                )
+            });
+        }
+        (Target::Latest, None) => {
             let newest = r.wal_newest.clone();
             rep.target_time = newest.as_ref().map(|(_, at)| *at);
             rep.target_basis = match &newest {

@@ -729,6 +729,8 @@ pub async fn restore_pg(
             settings: vec!["hot_standby=on".into()],
             connect_host: None,
             connect_user: String::new(),
+            timeline: crate::postgres::timeline::TimelineChoice::Auto,
+            accept_gap: false,
             keep_files: KEPT_PG_FILES.iter().map(|s| s.to_string()).collect(),
             conninfo: Some(t.conninfo.clone()),
         };

@@ -285,5 +285,30 @@ pub fn walk_files(p: &Path) -> Vec<std::path::PathBuf> {
             }
         }
     }
+    out.sort();
     out
+}
+
+/// Archived WAL segment objects of an fs region rooted at `repo`, in
+/// segment order.
+pub fn wal_objects(repo: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<std::path::PathBuf> = walk_files(repo)
+        .into_iter()
+        .filter(|p| {
+            let s = p.to_string_lossy();
+            s.contains("/wal/") && !s.contains(".history") && !s.contains(".backup")
+        })
+        .collect();
+    v.sort_by_key(|p| p.file_name().map(|f| f.to_os_string()));
+    v
+}
+
+/// The 24-character WAL segment name an archived object is stored under.
+pub fn segment_of(object: &Path) -> String {
+    object
+        .file_name()
+        .and_then(|f| f.to_str())
+        .and_then(|f| f.get(..24))
+        .expect("segment name")
+        .to_string()
 }

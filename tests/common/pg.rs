@@ -539,3 +539,20 @@ pub fn fs_repo(dir: &tempfile::TempDir) -> String {
     .expect("chmod");
     super::fs_region_toml("local", &repo)
 }
+
+impl TestPg {
+    /// `dr restore pg --to <to> --target <dir> extra…` as the OS user,
+    /// whatever its outcome.
+    pub fn restore_raw(&self, to: &str, dir: &Path, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "restore",
+            "pg",
+            "--to",
+            to,
+            "--target",
+            dir.to_str().expect("utf8"),
+        ];
+        args.extend_from_slice(extra);
+        self.dr_raw(&args)
+    }
+}

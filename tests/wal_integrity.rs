@@ -1,0 +1,332 @@
+//! A restore reaches the point asked for or fails loudly: damaged WAL stops
+//! recovery instead of ending it, `latest` never stops short of archived WAL
+//! in silence, and what is archived under a segment name is that segment.
+//! Real PostgreSQL 15 and `dr` processes, fs repository.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::pg::{TestPg, chown, free_port, fs_repo, mark, restore_and_check, run_as_in};
+use common::{segment_of, wal_objects};
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
+}
+
+/// A scratch parent for `verify --restore`, and the config section using it.
+fn enable_verify(pg: &TestPg) -> PathBuf {
+    let scratch = pg.dir.path().join("scratch");
+    std::fs::create_dir_all(&scratch).expect("mkdir scratch");
+    chown(&scratch, &pg.user);
+    let mut text = std::fs::read_to_string(&pg.cfg).expect("cfg");
+    text.push_str(&format!(
+        "\n[postgres.main.verify]\nscratch_dir = \"{}\"\nmax_replay_lag_seconds = 120\n",
+        scratch.display()
+    ));
+    std::fs::write(&pg.cfg, text).expect("write cfg");
+    scratch
+}
+
+/// A backup followed by three archived segments with writes in each.
+fn backup_then_segments(pg: &TestPg) {
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+    pg.dr(&["backup", "pg"]);
+    for _ in 0..3 {
+        pg.pgbench(&["-t", "200", "-n"]);
+        pg.archive_now();
+    }
+}
+
+fn verify_source(o: &Output) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "verify json ({e}): {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            stderr(o)
+        )
+    });
+    v["verify_restore"]["sources"][0].clone()
+}
+
+fn check<'a>(src: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    src["checks"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no check {name}: {src:#}"))
+}
+
+#[test]
+fn corrupt_wal_object_stops_recovery_and_fails_verification() {
+    let fs = tempfile::tempdir().expect("tempdir");
+    let mut pg = TestPg::new(&fs_repo(&fs));
+    enable_verify(&pg);
+    backup_then_segments(&pg);
+    let repo = fs.path().join("repo");
+    let objects = wal_objects(&repo);
+    assert!(objects.len() >= 4, "{objects:?}");
+
+    // A good segment is fetched 0600 into a 0700 spool whatever the umask.
+    let out = pg.dir.path().join("fetched");
+    std::fs::create_dir_all(&out).expect("mkdir");
+    chown(&out, &pg.user);
+    let good = segment_of(&objects[objects.len() - 1]);
+    let dest = out.join(&good);
+    let o = pg.dr_raw(&["wal-fetch", &good, dest.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(mode(&dest), 0o600);
+
+    // Not in the archive: exit 1, the end of the archive for PostgreSQL.
+    let o = pg.dr_raw(&["wal-fetch", "0000000100000000000000FE", "/nonexistent/x"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    // Bad arguments must not read as "end of archive" either.
+    let o = pg.dr_raw(&["wal-fetch", "000000010000000000000003"]);
+    assert_eq!(o.status.code(), Some(200), "{}", stderr(&o));
+
+    // One flipped byte in a segment after the backup.
+    let victim = objects[objects.len() - 2].clone();
+    let segment = segment_of(&victim);
+    let mut bytes = std::fs::read(&victim).expect("read");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x20;
+    std::fs::write(&victim, &bytes).expect("write");
+
+    let o = pg.dr_raw(&["wal-fetch", &segment, out.join("x").to_str().expect("utf8")]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(200), "{e}");
+    assert!(
+        e.contains(&segment) && e.contains("[local]") && e.contains("corrupt"),
+        "the error names the object, the region and the damage: {e}"
+    );
+
+    // The restore fails instead of promoting a server that lacks the rest.
+    let dir = pg.target("restored");
+    pg.track(dir.clone());
+    let port = free_port().to_string();
+    let o = pg.restore_raw(
+        "latest",
+        &dir,
+        &["--start", "--port", &port, "--no-archive"],
+    );
+    let e = stderr(&o);
+    assert!(!o.status.success(), "restore must fail: {e}");
+    assert!(e.contains(&segment), "the failure names the segment: {e}");
+    pg.stop(&dir);
+
+    let o = pg.dr_raw(&["--json", "verify", "pg", "--restore"]);
+    assert!(!o.status.success(), "verification must fail");
+    let src = verify_source(&o);
+    let detail = check(&src, "restore")["detail"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(detail.contains(&segment), "{src:#}");
+}
+
+#[test]
+fn latest_refuses_to_stop_short_of_archived_wal() {
+    let fs = tempfile::tempdir().expect("tempdir");
+    let mut pg = TestPg::new(&fs_repo(&fs));
+    backup_then_segments(&pg);
+    let balance = pg.sql("SELECT sum(abalance) FROM pgbench_accounts");
+    let objects = wal_objects(&fs.path().join("repo"));
+    let victim = objects[objects.len() - 2].clone();
+    let segment = segment_of(&victim);
+    std::fs::remove_file(&victim).expect("delete segment");
+
+    let dir = pg.target("short");
+    let o = pg.restore_raw("latest", &dir, &[]);
+    let e = stderr(&o);
+    assert!(!o.status.success(), "must refuse: {e}");
+    assert!(
+        e.contains(&segment) && e.contains("missing in every region") && e.contains("--accept-gap"),
+        "{e}"
+    );
+    assert!(
+        !dir.exists() || std::fs::read_dir(&dir).expect("dir").next().is_none(),
+        "nothing written"
+    );
+
+    // Accepted explicitly: restores up to the gap and says what was given up.
+    let port = free_port();
+    pg.track(dir.clone());
+    let p = port.to_string();
+    let o = pg.restore_raw(
+        "latest",
+        &dir,
+        &[
+            "--json",
+            "--accept-gap",
+            "--start",
+            "--port",
+            &p,
+            "--no-archive",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let gave_up = v["restore"]["gave_up"].as_str().unwrap_or_default();
+    assert!(gave_up.contains(&segment), "{v:#}");
+    let short = pg.sql_at(port, "SELECT sum(abalance) FROM pgbench_accounts");
+    assert_ne!(short, balance, "the restore stopped at the gap");
+    pg.stop(&dir);
+}
+
+#[test]
+fn wal_push_refuses_non_wal_and_repairs_an_invalid_archived_copy() {
+    let fs = tempfile::tempdir().expect("tempdir");
+    let mut pg = TestPg::new(&fs_repo(&fs));
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+    pg.dr(&["backup", "pg"]);
+
+    // Eight bytes under a segment name are not archived. (Writes first: right
+    // after the backup's switch, the position names the archived segment.)
+    pg.pgbench(&["-t", "10", "-n"]);
+    let current = pg.sql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    let junk_dir = pg.dir.path().join("junk");
+    std::fs::create_dir_all(&junk_dir).expect("mkdir");
+    let junk = junk_dir.join(&current);
+    std::fs::write(&junk, b"notwal!\n").expect("write");
+    chown(&junk_dir, &pg.user);
+    chown(&junk, &pg.user);
+    let o = pg.dr_raw(&["wal-push", junk.to_str().expect("utf8")]);
+    let e = stderr(&o);
+    assert!(!o.status.success(), "{e}");
+    assert!(
+        e.contains("refusing to archive") && e.contains("bytes"),
+        "{e}"
+    );
+    let repo = fs.path().join("repo");
+    assert!(
+        !wal_objects(&repo).iter().any(|p| segment_of(p) == current),
+        "nothing archived under {current}"
+    );
+
+    // An invalid copy that reached the repository some other way (an older
+    // dr, a manual upload) blocks the real segment...
+    let cfg = dr::config::Config::load(&pg.cfg).expect("config");
+    let sysid = dr::postgres::system_id(&pg.data).expect("system id");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let repo = dr::repo::Repository::open(&cfg).await.expect("repo");
+        let file = dr::postgres::wal::WalFile::parse(&current).expect("name");
+        dr::postgres::wal::push_bytes(&repo, "main", sysid, file, &current, vec![7u8; 8])
+            .await
+            .expect("plant");
+    });
+    pg.pgbench(&["-t", "200", "-n"]);
+    let balance = pg.sql("SELECT sum(abalance) FROM pgbench_accounts");
+    pg.sql("SELECT pg_switch_wal()");
+    let mut failed = String::new();
+    for _ in 0..100 {
+        failed = pg.sql("SELECT coalesce(last_failed_wal, '') FROM pg_stat_archiver");
+        if failed == current {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(failed, current, "the archiver must be refused");
+
+    // ...until --replace-invalid proves it invalid and replaces it.
+    let o = run_as_in(
+        &pg.user,
+        &pg.dr,
+        &[
+            "--config",
+            pg.cfg.to_str().expect("utf8"),
+            "wal-push",
+            "--replace-invalid",
+            &format!("pg_wal/{current}"),
+        ],
+        &pg.data,
+    );
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{text}{}", stderr(&o));
+    assert!(text.contains("deleted invalid"), "{text}");
+    pg.archive_now();
+    let log = dr::audit::AuditLog::at(pg.dir.path().join("audit.jsonl"));
+    assert_eq!(mode(log.path()), 0o600, "audit log is private");
+    let recs = log.read_all().expect("audit");
+    assert!(
+        recs.iter().any(|r| r.action == "wal-push.replace-invalid"
+            && r.phase == "finished"
+            && r.outcome == "ok"),
+        "{recs:?}"
+    );
+    let history = pg.sql("SELECT count(*) FROM pgbench_history");
+    restore_and_check(&mut pg, "latest", "repaired", &balance, &history);
+}
+
+#[test]
+fn a_too_open_identity_stops_only_what_decrypts() {
+    let fs = tempfile::tempdir().expect("tempdir");
+    let pg = TestPg::new(&fs_repo(&fs));
+    let identity = pg.dir.path().join("identity.txt");
+    std::fs::set_permissions(&identity, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+    // Archiving and backups encrypt to public keys: they keep running.
+    pg.dr(&["backup", "pg"]);
+    pg.pgbench(&["-t", "100", "-n"]);
+    pg.archive_now();
+    let failed = pg.sql("SELECT failed_count FROM pg_stat_archiver");
+    assert_eq!(failed, "0", "archiving must not stop");
+    // What decrypts refuses, with the fix.
+    let o = pg.restore_raw("latest", &pg.target("r"), &[]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("chmod 600"), "{e}");
+    let (ok, item) = pg.check_item(&pg.cfg, "identity");
+    assert!(!ok, "{item}");
+    assert_eq!(item["status"], "fail", "{item}");
+}
+
+#[test]
+fn verification_of_latest_passes_on_a_busy_cluster() {
+    let fs = tempfile::tempdir().expect("tempdir");
+    let pg = TestPg::new(&fs_repo(&fs));
+    enable_verify(&pg);
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+    pg.sql("ALTER SYSTEM SET archive_timeout = '1s'");
+    pg.sql("SELECT pg_reload_conf()");
+    pg.dr(&["backup", "pg"]);
+    let m = mark(&pg);
+    assert!(!m.at.is_empty());
+    // Steady writes, and a segment archived every second while verifying.
+    let port = pg.port.to_string();
+    let mut load = std::process::Command::new(pg.bin.join("pgbench"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-n",
+            "-c",
+            "2",
+            "-T",
+            "90",
+            "-R",
+            "100",
+            "postgres",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("pgbench");
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let mut failures = Vec::new();
+    for _ in 0..2 {
+        let o = pg.dr_raw(&["--json", "verify", "pg", "--restore"]);
+        if !o.status.success() {
+            failures.push(verify_source(&o));
+        }
+    }
+    let _ = load.kill();
+    let _ = load.wait();
+    assert!(failures.is_empty(), "{failures:#?}");
+}
