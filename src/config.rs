@@ -49,7 +49,7 @@ pub struct Config {
     pub retention: Option<Spanned<RetentionConfig>>,
     /// Region catch-up (`[sync]`): when the daemon runs `dr repo sync`.
     #[serde(default)]
-    pub sync: Option<Spanned<RetentionConfig>>,
+    pub sync: Option<Spanned<SyncConfig>>,
     /// Disaster-recovery drills, by name (`[drill.<name>]`), run by `dr drill NAME`.
     #[serde(default)]
     pub drill: std::collections::BTreeMap<String, Spanned<DrillConfig>>,
@@ -212,10 +212,39 @@ pub struct PgSchedule {
     pub verify: Option<Spanned<String>>,
 }
 
-/// `[retention]` and `[sync]`: when the daemon runs a repository-wide job.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[retention]`: when the daemon runs `dr expire`, and how long a backup
+/// without a manifest may still be running.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionConfig {
+    /// Cron expression (UTC).
+    pub schedule: Option<Spanned<String>>,
+    /// A backup or snapshot directory without a manifest whose newest object
+    /// is younger than this may belong to a backup still running, so expire
+    /// leaves it alone; older, it is an orphan and expire removes it, as it
+    /// does temp files of killed writers. Set it well above the longest
+    /// backup (including `stop_wal_timeout`).
+    #[serde(default = "default_orphan_age", with = "humantime_serde")]
+    pub orphan_age: std::time::Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            schedule: None,
+            orphan_age: default_orphan_age(),
+        }
+    }
+}
+
+fn default_orphan_age() -> std::time::Duration {
+    std::time::Duration::from_secs(24 * 3600)
+}
+
+/// `[sync]`: when the daemon runs `dr repo sync`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
     /// Cron expression (UTC).
     pub schedule: Option<Spanned<String>>,
 }
@@ -1488,6 +1517,14 @@ impl Config {
             });
         }
         out
+    }
+
+    /// `[retention] orphan_age`, the default where the section is absent.
+    pub fn orphan_age(&self) -> std::time::Duration {
+        self.retention
+            .as_ref()
+            .map(|r| r.get_ref().orphan_age)
+            .unwrap_or_else(default_orphan_age)
     }
 
     /// `[daemon]` settings, defaults where the section is absent.

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use dr::repo::Repository;
-use dr::repo::expire::{execute, plan};
+use dr::repo::expire::{Executed, TempFile, execute, plan, remove_temp_files, stale_temp_files};
 use dr::repo::retention::SourcePlan;
 
 use super::output::table;
@@ -45,6 +45,33 @@ fn print_plan(p: &SourcePlan) {
             p.kept_shared
         );
     }
+    print_running(p);
+}
+
+/// Says which backups may still be running and what waits for them.
+fn print_running(p: &SourcePlan) {
+    for id in &p.running {
+        println!(
+            "  {id} has no manifest yet and was written to within orphan_age: may still be running, kept"
+        );
+    }
+    if p.deferred > 0 {
+        println!(
+            "  {} deletion(s) of expired data/WAL put off while a backup may be running; a later expire does them",
+            p.deferred
+        );
+    }
+}
+
+fn print_temp(verb: &str, files: &[TempFile]) {
+    for f in files {
+        println!(
+            "  {verb} temp file [{}] .tmp/{} (left by a killed writer; last written {})",
+            f.region,
+            f.name,
+            f.modified.format("%Y-%m-%dT%H:%M:%SZ")
+        );
+    }
 }
 
 pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result<ExitCode> {
@@ -53,19 +80,29 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
     if args.dry_run {
         let repo = Repository::open(&cfg).await?;
         let plans = plan(&repo, &cfg, now).await?;
+        let temp = stale_temp_files(&repo, now, cfg.orphan_age()).await?;
         if out.json {
-            out.json(&serde_json::json!({ "ok": true, "dry_run": true, "plans": plans }));
+            out.json(&serde_json::json!({
+                "ok": true, "dry_run": true, "plans": plans, "temp_files": temp,
+            }));
         } else {
             for p in &plans {
                 print_plan(p);
             }
-            let n: usize = plans.iter().map(|p| p.deletions.len()).sum();
+            print_temp("would remove", &temp);
+            let n: usize = plans.iter().map(|p| p.deletions.len()).sum::<usize>() + temp.len();
             println!("dry run: {n} object(s) would be deleted; nothing was changed");
         }
         return Ok(ExitCode::SUCCESS);
     }
     let (audit, repo) = audited_open(&cfg, "expire", "repository", serde_json::Value::Null).await?;
-    let plans = match plan(&repo, &cfg, now).await {
+    let planned = match plan(&repo, &cfg, now).await {
+        Ok(p) => stale_temp_files(&repo, now, cfg.orphan_age())
+            .await
+            .map(|t| (p, t)),
+        Err(e) => Err(e),
+    };
+    let (plans, temp) = match planned {
         Ok(p) => p,
         Err(e) => {
             audit.finish(Some(&repo), Err(e.to_string())).await;
@@ -76,7 +113,8 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
     for p in plans {
         results.push(execute(&repo, p).await);
     }
-    let ok = results.iter().all(|r| r.failed.is_empty());
+    let (temp_removed, temp_failed) = remove_temp_files(&repo, temp).await;
+    let ok = results.iter().all(|r| r.failed.is_empty()) && temp_failed.is_empty();
     let summary: Vec<_> = results
         .iter()
         .map(|r| {
@@ -84,11 +122,15 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
                 "source": format!("{}.{}", r.plan.kind, r.plan.name),
                 "deleted": r.deleted.len(), "locked": r.locked.len(),
                 "failed": r.failed.len(), "skipped": r.skipped,
+                "orphans_deleted": orphans_deleted(r), "running": r.plan.running,
                 "expired": r.plan.decisions.iter().filter(|d| !d.keep).map(|d| &d.id).collect::<Vec<_>>(),
             })
         })
         .collect();
-    let details = serde_json::json!({ "sources": summary });
+    let details = serde_json::json!({
+        "sources": summary, "temp_files_removed": temp_removed.len(),
+        "temp_files_failed": temp_failed.len(),
+    });
     audit
         .finish(
             Some(&repo),
@@ -100,12 +142,19 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
         )
         .await;
     if out.json {
-        out.json(&serde_json::json!({ "ok": ok, "expire": results }));
+        let temp_failed: Vec<_> = temp_failed
+            .iter()
+            .map(|(f, e)| serde_json::json!({ "file": f, "error": e }))
+            .collect();
+        out.json(&serde_json::json!({
+            "ok": ok, "expire": results,
+            "temp_files": { "removed": temp_removed, "failed": temp_failed },
+        }));
     } else {
         for r in &results {
             let expired = r.plan.decisions.iter().filter(|d| !d.keep).count();
             println!(
-                "[{}.{}] {} expired; {} object(s) deleted",
+                "[{}.{}] {} expired; {} object(s) deleted, {} of them orphans",
                 if r.plan.kind == "pg" {
                     "postgres"
                 } else {
@@ -113,8 +162,10 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
                 },
                 r.plan.name,
                 expired,
-                r.deleted.len()
+                r.deleted.len(),
+                orphans_deleted(r)
             );
+            print_running(&r.plan);
             for (k, why) in &r.locked {
                 println!("  kept {k}: {why}");
             }
@@ -129,9 +180,24 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
             }
         }
     }
+    if !out.json {
+        print_temp("removed", &temp_removed);
+        for (f, e) in &temp_failed {
+            println!("  FAILED temp file [{}] .tmp/{}: {e}", f.region, f.name);
+        }
+    }
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Orphan objects (of backups that never wrote a manifest) actually deleted.
+fn orphans_deleted(r: &Executed) -> usize {
+    r.plan
+        .deletions
+        .iter()
+        .filter(|d| d.orphan && r.deleted.contains(&d.key))
+        .count()
 }

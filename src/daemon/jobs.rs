@@ -213,6 +213,24 @@ pub async fn run_once(
                     tracing::info!(job = %job.name, key = %k, "kept: {why}");
                 }
             }
+            let now = chrono::Utc::now();
+            let orphan_age = cfg.orphan_age();
+            match send_boxed(crate::repo::expire::stale_temp_files(
+                &repo, now, orphan_age,
+            ))
+            .await
+            {
+                Ok(t) => {
+                    let (removed, bad) =
+                        send_boxed(crate::repo::expire::remove_temp_files(&repo, t)).await;
+                    deleted += removed.len();
+                    failed.extend(
+                        bad.into_iter()
+                            .map(|(f, e)| format!("[{}] .tmp/{}: {e}", f.region, f.name)),
+                    );
+                }
+                Err(e) => failed.push(e.to_string()),
+            }
             let result = if failed.is_empty() {
                 Ok(serde_json::json!({ "deleted": deleted }))
             } else {

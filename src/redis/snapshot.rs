@@ -110,6 +110,13 @@ pub async fn snapshot(
     tracing::info!(instance, server = %s.addr, diskless, "receiving RDB");
 
     let id = BackupId::new(time);
+    // Before the rdb: `dr expire` leaves a snapshot without a manifest alone
+    // while this marker is young.
+    repo.mark_started(&ObjectKey::RedisStarted {
+        instance: instance.to_string(),
+        snapshot: id.clone(),
+    })
+    .await?;
     let rdb_key = ObjectKey::RedisRdb {
         instance: instance.to_string(),
         snapshot: id.clone(),

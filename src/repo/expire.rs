@@ -6,18 +6,21 @@ use serde::Serialize;
 
 use super::layout::{ObjectKey, WalSegmentName};
 use super::retention::{
-    Deletion, Item, PgBackup, PgWal, Policy, RedisSnap, SourcePlan, plan_pg, plan_redis,
+    Deletion, Item, PgBackup, PgWal, Policy, RedisSnap, SourcePlan, Stored, may_be_running,
+    plan_pg, plan_redis,
 };
 use super::{RepoError, Repository};
 use crate::config::Config;
-use crate::store::StoreError;
+use crate::store::{ObjectInfo, Store, StoreError};
 
-/// Plans every configured source.
+/// Plans every configured source; `[retention] orphan_age` tells a running
+/// backup's data from an orphan's.
 pub async fn plan(
     repo: &Repository,
     cfg: &Config,
     now: DateTime<Utc>,
 ) -> Result<Vec<SourcePlan>, RepoError> {
+    let orphan_age = cfg.orphan_age();
     let mut out = Vec::new();
     for (name, pg) in &cfg.postgres {
         let policy = pg
@@ -29,7 +32,7 @@ pub async fn plan(
                 keep_within: r.keep_within,
             })
             .unwrap_or_default();
-        out.push(plan_pg_cluster(repo, name, &policy, now).await?);
+        out.push(plan_pg_cluster(repo, name, &policy, now, orphan_age).await?);
     }
     for (name, r) in &cfg.redis {
         let policy = r
@@ -49,8 +52,6 @@ pub async fn plan(
             .snapshots
             .iter()
             .filter_map(|m| {
-                let id = m.id.parse().ok()?;
-                let id2 = m.id.parse().ok()?;
                 Some(RedisSnap {
                     item: Item {
                         id: m.id.clone(),
@@ -58,18 +59,28 @@ pub async fn plan(
                     },
                     manifest: ObjectKey::RedisManifest {
                         instance: name.clone(),
-                        snapshot: id,
-                    }
-                    .to_string(),
-                    rdb: ObjectKey::RedisRdb {
-                        instance: name.clone(),
-                        snapshot: id2,
+                        snapshot: m.id.parse().ok()?,
                     }
                     .to_string(),
                 })
             })
             .collect();
-        out.push(plan_redis(name, &snaps, &policy, now));
+        let (_, objects) = repo
+            .regions
+            .list(&format!("redis/{name}/snapshots/"))
+            .await?;
+        let stored: Vec<Stored> = objects
+            .iter()
+            .filter_map(|o| {
+                let (id, kind) = match o.key.parse::<ObjectKey>().ok()? {
+                    ObjectKey::RedisRdb { snapshot, .. } => (snapshot, "rdb"),
+                    ObjectKey::RedisStarted { snapshot, .. } => (snapshot, "marker"),
+                    _ => return None,
+                };
+                Some(to_stored(o, id.to_string(), kind))
+            })
+            .collect();
+        out.push(plan_redis(name, &snaps, &stored, &policy, now, orphan_age));
     }
     Ok(out)
 }
@@ -91,11 +102,21 @@ fn refuse_unreadable(kind: &str, name: &str, bad: &[(String, String)]) -> Result
     )))
 }
 
+fn to_stored(o: &ObjectInfo, id: String, kind: &'static str) -> Stored {
+    Stored {
+        key: o.key.clone(),
+        id,
+        kind,
+        modified: o.modified,
+    }
+}
+
 async fn plan_pg_cluster(
     repo: &Repository,
     cluster: &str,
     policy: &Policy,
     now: DateTime<Utc>,
+    orphan_age: std::time::Duration,
 ) -> Result<SourcePlan, RepoError> {
     let cat = crate::postgres::catalog::Catalog::load(repo, cluster)
         .await
@@ -106,7 +127,12 @@ async fn plan_pg_cluster(
     let mut wal = Vec::new();
     for o in &objects {
         match o.key.parse::<ObjectKey>() {
-            Ok(ObjectKey::PgData { .. }) => data.push(o.key.clone()),
+            Ok(ObjectKey::PgData { backup, .. }) => {
+                data.push(to_stored(o, backup.to_string(), "data"))
+            }
+            Ok(ObjectKey::PgStarted { backup, .. }) => {
+                data.push(to_stored(o, backup.to_string(), "marker"))
+            }
             Ok(ObjectKey::Wal {
                 system_id, segment, ..
             }) => wal.push(PgWal {
@@ -157,7 +183,9 @@ async fn plan_pg_cluster(
             reads,
         });
     }
-    Ok(plan_pg(cluster, &backups, &data, &wal, policy, now))
+    Ok(plan_pg(
+        cluster, &backups, &data, &wal, policy, now, orphan_age,
+    ))
 }
 
 /// What happened to one source.
@@ -222,4 +250,63 @@ async fn delete_everywhere(repo: &Repository, key: &str, ex: &mut Executed) {
     if ok {
         ex.deleted.push(key.to_string());
     }
+}
+
+/// A temp file a killed writer left under an fs region's `.tmp/`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TempFile {
+    /// Region name.
+    pub region: String,
+    /// File name under `.tmp/`.
+    pub name: String,
+    /// Last write.
+    pub modified: DateTime<Utc>,
+}
+
+/// Temp files of every fs region not written for `orphan_age`: a put removes
+/// its own temp file, so these belong to writers that were killed. (S3 puts
+/// leave nothing under their key; an interrupted multipart upload is the
+/// bucket's lifecycle rule's to abort.)
+pub async fn stale_temp_files(
+    repo: &Repository,
+    now: DateTime<Utc>,
+    orphan_age: std::time::Duration,
+) -> Result<Vec<TempFile>, RepoError> {
+    let mut out = Vec::new();
+    for r in repo.regions.iter() {
+        let Store::Fs(fs) = r.store.as_ref() else {
+            continue;
+        };
+        for (name, modified) in fs.temp_files().await? {
+            if let Some(modified) = modified
+                && !may_be_running(Some(modified), now, orphan_age)
+            {
+                out.push(TempFile {
+                    region: r.name.clone(),
+                    name,
+                    modified,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Removes `files`; returns those removed and those that failed, with why.
+pub async fn remove_temp_files(
+    repo: &Repository,
+    files: Vec<TempFile>,
+) -> (Vec<TempFile>, Vec<(TempFile, String)>) {
+    let (mut removed, mut failed) = (Vec::new(), Vec::new());
+    for f in files {
+        let res = match repo.regions.get_region(&f.region).map(|r| r.store.as_ref()) {
+            Some(Store::Fs(fs)) => fs.remove_temp(&f.name).await.map_err(|e| e.to_string()),
+            _ => Err(format!("region {} is not an fs region", f.region)),
+        };
+        match res {
+            Ok(()) => removed.push(f),
+            Err(e) => failed.push((f, e)),
+        }
+    }
+    (removed, failed)
 }

@@ -243,6 +243,17 @@ pub enum ObjectKey {
         /// Backup id.
         backup: BackupId,
     },
+    /// `pg/<cluster>/<system-id>/backups/<id>/started`: written once when the
+    /// backup starts, so `dr expire` can tell a running backup's data (no
+    /// manifest yet) from an orphan by the object's age alone.
+    PgStarted {
+        /// Cluster name.
+        cluster: String,
+        /// System identifier.
+        system_id: u64,
+        /// Backup id.
+        backup: BackupId,
+    },
     /// `pg/<cluster>/<system-id>/backups/<id>/data/<n>` (a block or a pack of small files).
     PgData {
         /// Cluster name.
@@ -287,6 +298,14 @@ pub enum ObjectKey {
         /// Snapshot id.
         snapshot: BackupId,
     },
+    /// `redis/<instance>/snapshots/<id>/started`: the running marker of a
+    /// snapshot, as for PostgreSQL backups.
+    RedisStarted {
+        /// Instance name.
+        instance: String,
+        /// Snapshot id.
+        snapshot: BackupId,
+    },
     /// `redis/<instance>/snapshots/<id>/rdb`
     RedisRdb {
         /// Instance name.
@@ -325,6 +344,11 @@ impl fmt::Display for ObjectKey {
                 system_id,
                 backup,
             } => write!(f, "pg/{cluster}/{system_id}/backups/{backup}/manifest"),
+            ObjectKey::PgStarted {
+                cluster,
+                system_id,
+                backup,
+            } => write!(f, "pg/{cluster}/{system_id}/backups/{backup}/started"),
             ObjectKey::PgData {
                 cluster,
                 system_id,
@@ -350,6 +374,9 @@ impl fmt::Display for ObjectKey {
             } => write!(f, "pg/{cluster}/{system_id}/wal/{timeline}.history-{hash}"),
             ObjectKey::RedisManifest { instance, snapshot } => {
                 write!(f, "redis/{instance}/snapshots/{snapshot}/manifest")
+            }
+            ObjectKey::RedisStarted { instance, snapshot } => {
+                write!(f, "redis/{instance}/snapshots/{snapshot}/started")
             }
             ObjectKey::RedisRdb { instance, snapshot } => {
                 write!(f, "redis/{instance}/snapshots/{snapshot}/rdb")
@@ -393,6 +420,11 @@ impl FromStr for ObjectKey {
         match parts.as_slice() {
             ["dr-repo.json"] => Ok(ObjectKey::RepoInfo),
             ["pg", c, sid, "backups", b, "manifest"] => Ok(ObjectKey::PgManifest {
+                cluster: name(c)?,
+                system_id: sysid(sid)?,
+                backup: b.parse()?,
+            }),
+            ["pg", c, sid, "backups", b, "started"] => Ok(ObjectKey::PgStarted {
                 cluster: name(c)?,
                 system_id: sysid(sid)?,
                 backup: b.parse()?,
@@ -446,6 +478,10 @@ impl FromStr for ObjectKey {
                 })
             }
             ["redis", i, "snapshots", id, "manifest"] => Ok(ObjectKey::RedisManifest {
+                instance: name(i)?,
+                snapshot: id.parse()?,
+            }),
+            ["redis", i, "snapshots", id, "started"] => Ok(ObjectKey::RedisStarted {
                 instance: name(i)?,
                 snapshot: id.parse()?,
             }),
@@ -510,6 +546,11 @@ mod tests {
                     backup: random_id(&mut rng),
                     n: rng.random(),
                 },
+                ObjectKey::PgStarted {
+                    cluster: cluster.clone(),
+                    system_id,
+                    backup: random_id(&mut rng),
+                },
                 ObjectKey::Wal {
                     cluster: cluster.clone(),
                     system_id,
@@ -536,6 +577,10 @@ mod tests {
                     snapshot: random_id(&mut rng),
                 },
                 ObjectKey::RedisRdb {
+                    instance: random_name(&mut rng),
+                    snapshot: random_id(&mut rng),
+                },
+                ObjectKey::RedisStarted {
                     instance: random_name(&mut rng),
                     snapshot: random_id(&mut rng),
                 },

@@ -117,6 +117,21 @@ impl RepoError {
     }
 }
 
+/// The body of a running marker (`…/started`): who started the backup, for
+/// people reading the repository. `dr expire` never reads it; it judges a
+/// marker by its key and its age in the store, so a backup host holding only
+/// public keys can run expire too.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Started {
+    /// When the backup or snapshot started.
+    pub time: DateTime<Utc>,
+    /// Host name of the process writing it.
+    pub host: String,
+    /// Its process id.
+    pub pid: u32,
+}
+
 /// An open repository.
 pub struct Repository {
     /// The descriptor.
@@ -329,6 +344,22 @@ impl Repository {
         let (stored, enc) = codec.encode_bytes(data, known_hash).await?;
         let report = self.regions.put_bytes(&key.to_string(), stored).await?;
         Ok((enc, report))
+    }
+
+    /// Writes the running marker `key` of a backup or snapshot starting now,
+    /// before any of its data, so `dr expire` leaves that data alone while
+    /// the marker is younger than `orphan_age`.
+    pub async fn mark_started(&self, key: &ObjectKey) -> Result<(), RepoError> {
+        let started = Started {
+            time: Utc::now(),
+            host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "unknown".into()),
+            pid: std::process::id(),
+        };
+        let body = serde_json::to_vec(&started).map_err(|e| RepoError::Other(e.to_string()))?;
+        self.put_buffer(key, Bytes::from(body), None).await?;
+        Ok(())
     }
 
     /// Reads and decodes a whole object, trying regions in preference order and

@@ -8,6 +8,12 @@
 //! - a data object referenced by any kept backup is kept, even if the backup
 //!   that stored it expires (block-incremental backups share objects);
 //! - WAL is kept from the start segment of the oldest kept backup on;
+//! - a backup directory without a manifest belongs to a backup that may still
+//!   be running until its newest object (the `started` marker written first,
+//!   or data) is older than `orphan_age`; then it is an orphan and goes. While
+//!   any backup of a cluster may be running, data of expired backups and WAL
+//!   stay too (the running backup may reference those blocks and needs WAL
+//!   from its start on); a later expire removes them;
 //! - manifests are deleted before data, so a crash mid-expire never leaves a
 //!   visible backup with missing data; a manifest that cannot be deleted (for
 //!   example under S3 Object Lock) keeps its backup's data too.
@@ -133,6 +139,8 @@ pub struct Deletion {
     pub kind: String,
     /// Why it may go.
     pub why: String,
+    /// Left by a backup that never wrote its manifest.
+    pub orphan: bool,
 }
 
 /// Everything one source's expiry would do.
@@ -148,6 +156,131 @@ pub struct SourcePlan {
     pub deletions: Vec<Deletion>,
     /// Objects kept only because a kept backup references them.
     pub kept_shared: usize,
+    /// Backups (snapshots) without a manifest whose newest object is younger
+    /// than `orphan_age`: they may still be running, so nothing of theirs goes.
+    pub running: Vec<String>,
+    /// Deletions of expired data and WAL put off because a backup may still
+    /// be running and need them; a later expire removes them.
+    pub deferred: usize,
+}
+
+/// A stored object of a backup or snapshot directory (data, rdb or running
+/// marker), as the listing shows it.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// Object key.
+    pub key: String,
+    /// The backup or snapshot id whose directory holds it.
+    pub id: String,
+    /// `data`, `rdb` or `marker`.
+    pub kind: &'static str,
+    /// When the store says it was written (`None`: unknown).
+    pub modified: Option<DateTime<Utc>>,
+}
+
+/// When each manifest-less directory was last written to: the newest of its
+/// objects, `None` when the store does not tell the age of one of them.
+fn last_writes<'a>(
+    stored: &'a [Stored],
+    known: &BTreeSet<&str>,
+) -> BTreeMap<&'a str, Option<DateTime<Utc>>> {
+    let mut last: BTreeMap<&str, Option<DateTime<Utc>>> = BTreeMap::new();
+    for s in stored.iter().filter(|s| !known.contains(s.id.as_str())) {
+        let e = last.entry(s.id.as_str()).or_insert(s.modified);
+        *e = match (*e, s.modified) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        };
+    }
+    last
+}
+
+/// True while a manifest-less directory last written at `last` may belong to
+/// a backup that is still running: younger than `orphan_age`, or of unknown
+/// age (never delete what cannot be judged).
+pub fn may_be_running(
+    last: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    orphan_age: Duration,
+) -> bool {
+    match (last, chrono::Duration::from_std(orphan_age)) {
+        (Some(t), Ok(age)) => now - t < age,
+        _ => true,
+    }
+}
+
+/// Deletions of directory objects (data, rdb, markers): those of backups
+/// expiring now and of orphans, except objects a kept backup reads.
+struct DirPlan {
+    deletions: Vec<Deletion>,
+    kept_shared: usize,
+    running: Vec<String>,
+    deferred: usize,
+}
+
+fn plan_dirs(
+    stored: &[Stored],
+    known: &BTreeSet<&str>,
+    expired: &BTreeSet<&str>,
+    referenced: &BTreeSet<&str>,
+    defer_expired_while_running: bool,
+    now: DateTime<Utc>,
+    orphan_age: Duration,
+) -> DirPlan {
+    let last = last_writes(stored, known);
+    let running: Vec<String> = last
+        .iter()
+        .filter(|(_, t)| may_be_running(**t, now, orphan_age))
+        .map(|(id, _)| id.to_string())
+        .collect();
+    let defer = defer_expired_while_running && !running.is_empty();
+    let mut out = DirPlan {
+        deletions: Vec::new(),
+        kept_shared: 0,
+        running,
+        deferred: 0,
+    };
+    let mut found = Vec::new();
+    for s in stored {
+        let id = s.id.as_str();
+        let (why, orphan) = if expired.contains(id) {
+            if defer {
+                out.deferred += 1;
+                continue;
+            }
+            let why = format!("stored by expired backup {id}, read by no kept backup");
+            (why, false)
+        } else if let Some(t) = last.get(id) {
+            if may_be_running(*t, now, orphan_age) {
+                continue;
+            }
+            let why = format!(
+                "orphan: {id} has no manifest and was last written {}, over orphan_age {} ago",
+                t.map(fmt).unwrap_or_default(),
+                humantime::format_duration(orphan_age)
+            );
+            (why, true)
+        } else {
+            continue;
+        };
+        if referenced.contains(s.key.as_str()) {
+            out.kept_shared += 1;
+        } else {
+            found.push((
+                id,
+                Deletion {
+                    key: s.key.clone(),
+                    kind: s.kind.into(),
+                    why,
+                    orphan,
+                },
+            ));
+        }
+    }
+    // Newest backup first, like the decisions.
+    found.sort_by(|a, b| b.0.cmp(a.0));
+    out.deletions = found.into_iter().map(|(_, d)| d).collect();
+    out
 }
 
 /// A PostgreSQL backup as retention sees it.
@@ -176,16 +309,17 @@ pub struct PgWal {
     pub pos: (u32, u32),
 }
 
-/// Plans one PostgreSQL cluster. `data` is every data-object key of every
-/// backup directory (listed), so objects of expired backups are found even
-/// when no manifest lists them any more.
+/// Plans one PostgreSQL cluster. `stored` is every data object and running
+/// marker of every backup directory (listed), so objects of expired and
+/// interrupted backups are found even when no manifest lists them.
 pub fn plan_pg(
     name: &str,
     backups: &[PgBackup],
-    data: &[String],
+    stored: &[Stored],
     wal: &[PgWal],
     policy: &Policy,
     now: DateTime<Utc>,
+    orphan_age: Duration,
 ) -> SourcePlan {
     let items: Vec<Item> = backups.iter().map(|b| b.item.clone()).collect();
     let decisions = decide(&items, policy, now);
@@ -204,6 +338,7 @@ pub fn plan_pg(
                 key: b.manifest.clone(),
                 kind: "manifest".into(),
                 why: format!("backup {} expires: {}", d.id, d.why),
+                orphan: false,
             });
             expired.insert(d.id.as_str());
         }
@@ -213,41 +348,10 @@ pub fn plan_pg(
         .filter(|b| kept.contains(b.item.id.as_str()))
         .flat_map(|b| b.reads.iter().map(String::as_str))
         .collect();
-    // A data object may go when its backup expires now, or when its backup
-    // has no manifest (interrupted, or expired earlier while still read) and
-    // is older than the newest complete backup (a running backup has no
-    // manifest yet either) — and in both cases no kept backup reads it.
     let known: BTreeSet<&str> = backups.iter().map(|b| b.item.id.as_str()).collect();
-    let newest = known.iter().next_back().copied();
-    let mut kept_shared = 0;
-    let mut data_deletions = Vec::new();
-    for key in data {
-        let Some(id) = key.split('/').nth(4) else {
-            continue;
-        };
-        let why = if expired.contains(id) {
-            format!("stored by expired backup {id}, read by no kept backup")
-        } else if !known.contains(id) && newest.is_some_and(|n| id < n) {
-            format!("left by backup {id}, which has no manifest, read by no kept backup")
-        } else {
-            continue;
-        };
-        if referenced.contains(key.as_str()) {
-            kept_shared += 1;
-        } else {
-            data_deletions.push((
-                id,
-                Deletion {
-                    key: key.clone(),
-                    kind: "data".into(),
-                    why,
-                },
-            ));
-        }
-    }
-    // Newest backup first, like the decisions.
-    data_deletions.sort_by(|a, b| b.0.cmp(a.0));
-    deletions.extend(data_deletions.into_iter().map(|(_, d)| d));
+    let dirs = plan_dirs(stored, &known, &expired, &referenced, true, now, orphan_age);
+    deletions.extend(dirs.deletions);
+    let mut deferred = dirs.deferred;
     // WAL older than the oldest kept backup's start is needed by nothing kept.
     let mut oldest: BTreeMap<u64, ((u32, u32), &str)> = BTreeMap::new();
     for b in backups.iter().filter(|b| kept.contains(b.item.id.as_str())) {
@@ -258,7 +362,9 @@ pub fn plan_pg(
             *e = (b.start_pos, &b.item.id);
         }
     }
-    // Only when something was kept: with no backups at all, WAL is all there is.
+    // Only when something was kept: with no backups at all, WAL is all there
+    // is. A running backup needs WAL from its start, which only its manifest
+    // will tell: WAL waits for a later expire.
     if !kept.is_empty() {
         for w in wal {
             let why = match oldest.get(&w.system_id) {
@@ -268,10 +374,15 @@ pub fn plan_pg(
                 Some(_) => continue,
                 None => format!("system {} has no kept backup", w.system_id),
             };
+            if !dirs.running.is_empty() {
+                deferred += 1;
+                continue;
+            }
             deletions.push(Deletion {
                 key: w.key.clone(),
                 kind: "wal".into(),
                 why,
+                orphan: false,
             });
         }
     }
@@ -280,7 +391,9 @@ pub fn plan_pg(
         name: name.into(),
         decisions,
         deletions,
-        kept_shared,
+        kept_shared: dirs.kept_shared,
+        running: dirs.running,
+        deferred,
     }
 }
 
@@ -291,44 +404,53 @@ pub struct RedisSnap {
     pub item: Item,
     /// Manifest key.
     pub manifest: String,
-    /// RDB key.
-    pub rdb: String,
 }
 
-/// Plans one Redis instance.
+/// Plans one Redis instance. `stored` is every rdb and running marker of
+/// every snapshot directory (listed), so interrupted snapshots are found.
 pub fn plan_redis(
     name: &str,
     snaps: &[RedisSnap],
+    stored: &[Stored],
     policy: &Policy,
     now: DateTime<Utc>,
+    orphan_age: Duration,
 ) -> SourcePlan {
     let items: Vec<Item> = snaps.iter().map(|s| s.item.clone()).collect();
     let decisions = decide(&items, policy, now);
     let by_id: BTreeMap<&str, &RedisSnap> = snaps.iter().map(|s| (s.item.id.as_str(), s)).collect();
-    let mut manifests = Vec::new();
-    let mut rdbs = Vec::new();
+    let mut deletions = Vec::new();
+    let mut expired = BTreeSet::new();
     for d in decisions.iter().filter(|d| !d.keep) {
         if let Some(s) = by_id.get(d.id.as_str()) {
-            let why = format!("snapshot {} expires: {}", d.id, d.why);
-            manifests.push(Deletion {
+            deletions.push(Deletion {
                 key: s.manifest.clone(),
                 kind: "manifest".into(),
-                why: why.clone(),
+                why: format!("snapshot {} expires: {}", d.id, d.why),
+                orphan: false,
             });
-            rdbs.push(Deletion {
-                key: s.rdb.clone(),
-                kind: "rdb".into(),
-                why,
-            });
+            expired.insert(d.id.as_str());
         }
     }
-    manifests.extend(rdbs);
+    // A snapshot reads only its own rdb: nothing is shared, nothing deferred.
+    let dirs = plan_dirs(
+        stored,
+        &by_id.keys().copied().collect(),
+        &expired,
+        &BTreeSet::new(),
+        false,
+        now,
+        orphan_age,
+    );
+    deletions.extend(dirs.deletions);
     SourcePlan {
         kind: "redis".into(),
         name: name.into(),
         decisions,
-        deletions: manifests,
+        deletions,
         kept_shared: 0,
+        running: dirs.running,
+        deferred: 0,
     }
 }
 
@@ -371,6 +493,32 @@ mod tests {
         }
     }
 
+    const DAY: Duration = Duration::from_secs(86400);
+
+    fn stored(id: &str, kind: &'static str, n: u32, modified: &str) -> Stored {
+        let key = if kind == "marker" {
+            format!("pg/main/7/backups/{id}/started")
+        } else {
+            format!("pg/main/7/backups/{id}/data/{n:08x}")
+        };
+        Stored {
+            key,
+            id: id.into(),
+            kind,
+            modified: Some(t(modified)),
+        }
+    }
+
+    fn wal12() -> Vec<PgWal> {
+        (1..=12)
+            .map(|s| PgWal {
+                key: format!("pg/main/7/wal/00000001/00000000/0000000100000000000000{s:02X}-h"),
+                system_id: 7,
+                pos: (0, s),
+            })
+            .collect()
+    }
+
     #[test]
     fn pg_plan_keeps_shared_blocks_and_needed_wal() {
         let d = |id: &str, n: u32| format!("pg/main/7/backups/{id}/data/{n:08x}");
@@ -385,24 +533,17 @@ mod tests {
                 &[&d("b1", 1), &d("b4", 0)],
             ),
         ];
-        // b0 crashed before its manifest; b5 is running now.
-        let data: Vec<String> = [
-            d("b0", 0),
-            d("b1", 0),
-            d("b1", 1),
-            d("b2", 0),
-            d("b3", 0),
-            d("b4", 0),
-            d("b5", 0),
+        // b0 crashed before its manifest, days ago.
+        let old = "2026-10-31T00:00:00Z";
+        let data: Vec<Stored> = [
+            stored("b0", "data", 0, old),
+            stored("b1", "data", 0, old),
+            stored("b1", "data", 1, old),
+            stored("b2", "data", 0, old),
+            stored("b3", "data", 0, old),
+            stored("b4", "data", 0, old),
         ]
         .into();
-        let wal: Vec<PgWal> = (1..=12)
-            .map(|s| PgWal {
-                key: format!("pg/main/7/wal/00000001/00000000/0000000100000000000000{s:02X}-h"),
-                system_id: 7,
-                pos: (0, s),
-            })
-            .collect();
         let policy = Policy {
             keep: Some(1),
             keep_within: Some(Duration::from_secs(7 * 86400)),
@@ -411,9 +552,10 @@ mod tests {
             "main",
             &backups,
             &data,
-            &wal,
+            &wal12(),
             &policy,
             t("2026-11-25T00:00:00Z"),
+            DAY,
         );
         let expected = "\
 b4 keep   newest; one of the 1 newest (keep_full/keep_snapshots); inside keep_within (after 2026-11-18T00:00:00Z)
@@ -422,7 +564,7 @@ b2 keep   base of the keep_within window (restores to 2026-11-18T00:00:00Z)
 b1 delete beyond the policy (keep 1, keep_within 7days)
   - manifest pg/main/7/backups/b1/manifest (backup b1 expires: beyond the policy (keep 1, keep_within 7days))
   - data pg/main/7/backups/b1/data/00000000 (stored by expired backup b1, read by no kept backup)
-  - data pg/main/7/backups/b0/data/00000000 (left by backup b0, which has no manifest, read by no kept backup)
+  - data pg/main/7/backups/b0/data/00000000 (orphan: b0 has no manifest and was last written 2026-10-31T00:00:00Z, over orphan_age 1day ago)
   - wal pg/main/7/wal/00000001/00000000/000000010000000000000001-h (before the start of the oldest kept backup b2)
   - wal pg/main/7/wal/00000001/00000000/000000010000000000000002-h (before the start of the oldest kept backup b2)
   - wal pg/main/7/wal/00000001/00000000/000000010000000000000003-h (before the start of the oldest kept backup b2)
@@ -430,6 +572,101 @@ b1 delete beyond the policy (keep 1, keep_within 7days)
 ";
         assert_eq!(table(&p), expected);
         assert_eq!(p.kept_shared, 1, "b1's object 1 is read by kept backups");
+        assert!(p.running.is_empty() && p.deferred == 0);
+    }
+
+    #[test]
+    fn a_running_backup_keeps_its_data_and_what_it_may_read() {
+        let d = |id: &str, n: u32| format!("pg/main/7/backups/{id}/data/{n:08x}");
+        // b15 started before b2 and is still running (no manifest, written an
+        // hour ago); b05 died three days ago; b1 expires now.
+        let backups = vec![
+            backup("b1", "2026-11-20T00:00:00Z", 2, &[&d("b1", 0)]),
+            backup("b2", "2026-11-24T12:00:00Z", 5, &[&d("b2", 0)]),
+        ];
+        let (fresh, dead) = ("2026-11-24T23:00:00Z", "2026-11-22T00:00:00Z");
+        let data: Vec<Stored> = [
+            stored("b05", "marker", 0, dead),
+            stored("b05", "data", 0, dead),
+            stored("b1", "marker", 0, dead),
+            stored("b1", "data", 0, dead),
+            stored("b15", "marker", 0, dead),
+            stored("b15", "data", 0, fresh),
+            stored("b2", "data", 0, fresh),
+        ]
+        .into();
+        let policy = Policy {
+            keep: Some(1),
+            keep_within: None,
+        };
+        let now = t("2026-11-25T00:00:00Z");
+        let p = plan_pg("main", &backups, &data, &wal12(), &policy, now, DAY);
+        let expected = "\
+b2 keep   newest; one of the 1 newest (keep_full/keep_snapshots)
+b1 delete beyond the policy (keep 1)
+  - manifest pg/main/7/backups/b1/manifest (backup b1 expires: beyond the policy (keep 1))
+  - marker pg/main/7/backups/b05/started (orphan: b05 has no manifest and was last written 2026-11-22T00:00:00Z, over orphan_age 1day ago)
+  - data pg/main/7/backups/b05/data/00000000 (orphan: b05 has no manifest and was last written 2026-11-22T00:00:00Z, over orphan_age 1day ago)
+";
+        assert_eq!(table(&p), expected);
+        assert_eq!(p.running, ["b15"]);
+        // b1's marker and data, and WAL 1..=4 before b2's start.
+        assert_eq!(p.deferred, 6);
+
+        // Once b15 is older than orphan_age, it goes too, and so do b1's
+        // objects and the old WAL.
+        let later = now + chrono::Duration::days(2);
+        let p = plan_pg("main", &backups, &data, &wal12(), &policy, later, DAY);
+        assert!(p.running.is_empty());
+        assert_eq!(p.deferred, 0);
+        let keys: Vec<&str> = p.deletions.iter().map(|d| d.key.as_str()).collect();
+        for k in [
+            "pg/main/7/backups/b15/started",
+            "pg/main/7/backups/b15/data/00000000",
+            "pg/main/7/backups/b1/started",
+            "pg/main/7/backups/b1/data/00000000",
+            "pg/main/7/wal/00000001/00000000/000000010000000000000004-h",
+        ] {
+            assert!(keys.contains(&k), "{k} not in {keys:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_age_counts_as_running_and_read_orphans_stay() {
+        let d = |id: &str, n: u32| format!("pg/main/7/backups/{id}/data/{n:08x}");
+        // b0's manifest expired earlier while b2 still read one of its blocks.
+        let backups = vec![backup("b2", "2026-11-24T00:00:00Z", 5, &[&d("b0", 1)])];
+        let mut unknown = stored("b3", "data", 0, "2026-01-01T00:00:00Z");
+        unknown.modified = None;
+        let data = vec![
+            stored("b0", "data", 0, "2026-01-01T00:00:00Z"),
+            stored("b0", "data", 1, "2026-01-01T00:00:00Z"),
+            stored("b3", "marker", 0, "2026-01-01T00:00:00Z"),
+            unknown,
+        ];
+        let p = plan_pg(
+            "main",
+            &backups,
+            &data,
+            &[],
+            &Policy::default(),
+            t("2026-11-25T00:00:00Z"),
+            DAY,
+        );
+        let keys: Vec<&str> = p.deletions.iter().map(|d| d.key.as_str()).collect();
+        assert_eq!(keys, ["pg/main/7/backups/b0/data/00000000"]);
+        assert_eq!(p.kept_shared, 1);
+        assert_eq!(p.running, ["b3"]);
+        assert!(!may_be_running(
+            Some(t("2026-11-23T00:00:00Z")),
+            t("2026-11-25T00:00:00Z"),
+            DAY
+        ));
+        assert!(may_be_running(
+            Some(t("2026-11-24T00:00:01Z")),
+            t("2026-11-25T00:00:00Z"),
+            DAY
+        ));
     }
 
     #[test]
@@ -445,6 +682,7 @@ b1 delete beyond the policy (keep 1, keep_within 7days)
             &[],
             &Policy::default(),
             t("2026-12-01T00:00:00Z"),
+            DAY,
         );
         assert!(p.deletions.is_empty());
         assert!(p.decisions.iter().all(|d| d.keep));
@@ -460,6 +698,7 @@ b1 delete beyond the policy (keep 1, keep_within 7days)
             &[],
             &policy,
             t("2026-12-01T00:00:00Z"),
+            DAY,
         );
         let kept: Vec<&str> = p
             .decisions
@@ -479,14 +718,39 @@ b1 delete beyond the policy (keep 1, keep_within 7days)
                     time: t(&format!("2026-11-2{i}T00:00:00Z")),
                 },
                 manifest: format!("redis/c/snapshots/s{i}/manifest"),
-                rdb: format!("redis/c/snapshots/s{i}/rdb"),
+            })
+            .collect();
+        let rdb = |id: &str, at: &str| Stored {
+            key: format!("redis/c/snapshots/{id}/rdb"),
+            id: id.into(),
+            kind: "rdb",
+            modified: Some(t(at)),
+        };
+        // s0 died long ago; s5 is being written now.
+        let stored: Vec<Stored> = ["s0", "s1", "s2", "s3", "s4", "s5"]
+            .iter()
+            .map(|id| {
+                let at = if *id == "s5" {
+                    "2026-11-24T23:59:00Z"
+                } else {
+                    "2026-11-01T00:00:00Z"
+                };
+                rdb(id, at)
             })
             .collect();
         let policy = Policy {
             keep: Some(2),
             keep_within: None,
         };
-        let p = plan_redis("c", &snaps, &policy, t("2026-11-25T00:00:00Z"));
+        let p = plan_redis(
+            "c",
+            &snaps,
+            &stored,
+            &policy,
+            t("2026-11-25T00:00:00Z"),
+            DAY,
+        );
+        assert_eq!(p.running, ["s5"]);
         let kinds: Vec<(&str, &str)> = p
             .deletions
             .iter()
@@ -499,6 +763,7 @@ b1 delete beyond the policy (keep 1, keep_within 7days)
                 ("manifest", "redis/c/snapshots/s1/manifest"),
                 ("rdb", "redis/c/snapshots/s2/rdb"),
                 ("rdb", "redis/c/snapshots/s1/rdb"),
+                ("rdb", "redis/c/snapshots/s0/rdb"),
             ]
         );
     }

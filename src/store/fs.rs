@@ -179,6 +179,52 @@ impl FsStore {
         res.map_err(|e| self.err("list", prefix, e))
     }
 
+    /// Temp files under `.tmp/` with their last write: a put removes its own,
+    /// so any found belong to a put still running or to a killed writer.
+    pub async fn temp_files(
+        &self,
+    ) -> Result<Vec<(String, Option<chrono::DateTime<chrono::Utc>>)>, StoreError> {
+        let dir = self.root.join(TMP_DIR);
+        let res = tokio::task::spawn_blocking(move || -> io::Result<Vec<_>> {
+            let mut out = Vec::new();
+            let rd = match std::fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+                Err(e) => return Err(e),
+            };
+            for entry in rd {
+                let entry = entry?;
+                let meta = entry.metadata()?;
+                if let (true, Some(name)) = (meta.is_file(), entry.file_name().to_str()) {
+                    let modified = meta.modified().ok().map(chrono::DateTime::from);
+                    out.push((name.to_string(), modified));
+                }
+            }
+            out.sort();
+            Ok(out)
+        })
+        .await
+        .map_err(io::Error::other)
+        .and_then(|r| r);
+        res.map_err(|e| self.err("list", TMP_DIR, e))
+    }
+
+    /// Removes the temp file `name` (as [`FsStore::temp_files`] lists it).
+    pub async fn remove_temp(&self, name: &str) -> Result<(), StoreError> {
+        let key = format!("{TMP_DIR}/{name}");
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(StoreError::InvalidKey {
+                key,
+                why: "not a temp file name",
+            });
+        }
+        match tokio::fs::remove_file(self.root.join(&key)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.err("delete", &key, e)),
+        }
+    }
+
     pub(super) async fn delete(&self, key: &str) -> Result<(), StoreError> {
         match tokio::fs::remove_file(self.root.join(key)).await {
             Ok(()) => Ok(()),

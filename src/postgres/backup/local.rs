@@ -209,6 +209,7 @@ pub(super) async fn take(
     .map_err(|_| PgError::Other("cannot parse system_identifier".into()))?;
 
     let id = BackupId::new(Utc::now());
+    super::mark_started(repo, cluster, system_id, &id).await?;
     let start_time = Utc::now();
     let label = format!("dr {id}");
     let row = client

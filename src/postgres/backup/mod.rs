@@ -200,6 +200,23 @@ async fn prepare(
     (prev, checks)
 }
 
+/// Writes the backup's running marker before any of its data: `dr expire`
+/// keeps a manifest-less backup's objects while the marker is young.
+async fn mark_started(
+    repo: &Repository,
+    cluster: &str,
+    system_id: u64,
+    id: &BackupId,
+) -> Result<(), PgError> {
+    let key = ObjectKey::PgStarted {
+        cluster: cluster.to_string(),
+        system_id,
+        backup: id.clone(),
+    };
+    repo.mark_started(&key).await?;
+    Ok(())
+}
+
 /// Waits until the stop segment is in the repository, then writes the
 /// manifest (the backup exists from then on) and the local state.
 async fn record(
@@ -210,6 +227,7 @@ async fn record(
     t: Taken,
 ) -> Result<BackupReport, PgError> {
     wait_for_stop_segment(repo, cluster, t.system_id, &t.stop_segment, cfg).await?;
+    check_objects_present(repo, cluster, t.system_id, &t.id, &t.objects).await?;
     let size: u64 = t.files.iter().map(|f| f.size).sum();
     let checksum_failures = t.checks.as_ref().map(|c| c.failures()).unwrap_or_default();
     let manifest = PgManifest {
@@ -282,6 +300,65 @@ async fn record(
         timeline: manifest.timeline,
         regions: put.ok,
     })
+}
+
+/// Checks, before the manifest makes the backup visible, that every data
+/// object it references (its own and earlier backups' unchanged blocks) is
+/// still in the repository: one listing per backup directory, not a request
+/// per object. Data deleted behind the backup's back (an expire by an older
+/// dr, a hand-made cleanup) would otherwise make every restore from it fail.
+async fn check_objects_present(
+    repo: &Repository,
+    cluster: &str,
+    system_id: u64,
+    id: &BackupId,
+    objects: &[DataObject],
+) -> Result<(), PgError> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut wanted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for o in objects {
+        let owner: BackupId = match &o.backup {
+            None => id.clone(),
+            Some(b) => b.parse().map_err(|_| {
+                PgError::Other(format!(
+                    "data object {} references backup {b:?}, which is not a backup id",
+                    o.n
+                ))
+            })?,
+        };
+        let key = ObjectKey::PgData {
+            cluster: cluster.to_string(),
+            system_id,
+            backup: owner.clone(),
+            n: o.n,
+        };
+        wanted
+            .entry(format!("pg/{cluster}/{system_id}/backups/{owner}/data/"))
+            .or_default()
+            .push(key.to_string());
+    }
+    let mut missing = Vec::new();
+    for (prefix, keys) in wanted {
+        let (_, listed) = repo.regions.list(&prefix).await?;
+        let have: BTreeSet<&str> = listed.iter().map(|o| o.key.as_str()).collect();
+        missing.extend(keys.into_iter().filter(|k| !have.contains(k.as_str())));
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<&str> = missing.iter().take(10).map(String::as_str).collect();
+    Err(PgError::Other(format!(
+        "{} data object(s) this backup references are gone from the repository ({}{}); \
+         the backup was not recorded. Take a new one with --full (an expire by a dr \
+         older than the running-backup markers, or a manual deletion, removed them)",
+        missing.len(),
+        shown.join(", "),
+        if missing.len() > shown.len() {
+            ", …"
+        } else {
+            ""
+        }
+    )))
 }
 
 /// The server ended backup mode without waiting for the archiver (its own
@@ -373,7 +450,13 @@ async fn load_previous(
         return None;
     }
     let prefix = format!("pg/{cluster}/{system_id}/backups/");
-    let (_, objs) = repo.regions.list(&prefix).await.ok()?;
+    let objs = match repo.regions.list(&prefix).await {
+        Ok((_, objs)) => objs,
+        Err(e) => {
+            tracing::warn!(error = %e, prefix, "cannot list earlier backups: taking a full backup");
+            return None;
+        }
+    };
     let newest = objs
         .iter()
         .filter(|o| o.key.ends_with("/manifest"))

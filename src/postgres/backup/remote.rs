@@ -115,6 +115,7 @@ pub(super) async fn take(
     let names = tablespace_names(cfg).await;
 
     let id = BackupId::new(Utc::now());
+    super::mark_started(repo, cluster, system.system_id, &id).await?;
     let start_time = Utc::now();
     let start = conn
         .base_backup(&format!("dr {id}"))
