@@ -330,3 +330,62 @@ fn verification_of_latest_passes_on_a_busy_cluster() {
     let _ = load.wait();
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// The windows `dr list pg --json` prints.
+fn windows(pg: &TestPg) -> Vec<serde_json::Value> {
+    let o = pg.dr(&["--json", "list", "pg"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    v["windows"].as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn the_printed_window_end_restores_exactly() {
+    let fs = tempfile::tempdir().expect("tempdir");
+    let mut pg = TestPg::new(&fs_repo(&fs));
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+    pg.dr(&["backup", "pg"]);
+
+    // Nothing committed since the backup: its end is the one restorable time.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    pg.archive_now();
+    let w = windows(&pg);
+    assert_eq!(w[0]["from"], w[0]["to"], "{w:?}");
+    let at_end = w[0]["to"].as_str().expect("to").to_string();
+    let history = pg.sql("SELECT count(*) FROM pgbench_history");
+    let balance = pg.sql("SELECT sum(abalance) FROM pgbench_accounts");
+    restore_and_check(&mut pg, &at_end, "at-backup-end", &balance, &history);
+
+    // Writes, then a quiet stretch before the segment is archived: the window
+    // ends at the last commit, not when the segment was archived.
+    pg.pgbench(&["-t", "200", "-n"]);
+    let after_writes = pg.sql(
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    );
+    let balance = pg.sql("SELECT sum(abalance) FROM pgbench_accounts");
+    let history = pg.sql("SELECT count(*) FROM pgbench_history");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    pg.archive_now();
+    let w = windows(&pg);
+    let end = w.last().expect("window")["to"]
+        .as_str()
+        .expect("to")
+        .to_string();
+    let end_t = chrono::DateTime::parse_from_rfc3339(&end).expect("rfc3339");
+    let after_t = chrono::DateTime::parse_from_rfc3339(&after_writes).expect("rfc3339");
+    let before = (after_t - end_t).num_milliseconds();
+    assert!(
+        (0..1500).contains(&before),
+        "window end {end} must be the last commit (just before {after_writes}), not the \
+         archive time 2 s later"
+    );
+    restore_and_check(&mut pg, &end, "at-window-end", &balance, &history);
+    // A second later is outside the window: refused before anything is written.
+    let later = (end_t + chrono::Duration::seconds(1)).to_rfc3339();
+    let dir = pg.target("after-end");
+    let o = pg.restore_raw(&later, &dir, &[]);
+    let e = stderr(&o);
+    assert!(
+        !o.status.success() && e.contains("recoverable window"),
+        "{e}"
+    );
+}

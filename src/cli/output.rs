@@ -20,16 +20,32 @@ impl Out {
     /// Prints an error: a one-line cause on stderr, and a JSON object on stdout
     /// in `--json` mode so scripts always get a parseable answer.
     pub fn error(&self, e: &anyhow::Error) {
-        let msg = e
-            .chain()
-            .map(|c| c.to_string())
-            .collect::<Vec<_>>()
-            .join(": ");
+        let msg = one_line(e);
         if self.json {
             self.json(&serde_json::json!({ "ok": false, "error": msg }));
         }
         eprintln!("error: {msg}");
     }
+}
+
+/// An error and its causes on one line, each said once: a cause whose words
+/// its parent already printed (or only the driver's bare "db error") is
+/// left out.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for c in e.chain() {
+        let t = c.to_string();
+        let words = t.split_once(": ").map_or(t.as_str(), |(_, rest)| rest);
+        let said = msg.contains(&t) || (words.len() >= 12 && msg.contains(words));
+        if t.is_empty() || t == "db error" || said {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&t);
+    }
+    msg
 }
 
 /// Renders rows as an aligned text table.
@@ -113,4 +129,18 @@ pub async fn with_progress<T>(
     };
     eprint!("\r\x1b[2K");
     result
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn causes_are_said_once() {
+        let io = std::io::Error::from_raw_os_error(20);
+        let e = anyhow::Error::new(std::io::Error::new(io.kind(), io.to_string()))
+            .context(format!("/x/y: {io}"));
+        let line = super::one_line(&e);
+        assert_eq!(line.matches("os error 20").count(), 1, "{line}");
+        let e = anyhow::anyhow!("invalid configuration").context("invalid configuration");
+        assert_eq!(super::one_line(&e), "invalid configuration");
+    }
 }

@@ -260,18 +260,7 @@ pub(crate) fn pg_cause(e: &crate::postgres::PgError) -> String {
 
 /// The server's message for a query error.
 pub(crate) fn sql_cause(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => db.message().to_string(),
-        None => {
-            let mut s = e.to_string();
-            let mut src = std::error::Error::source(e);
-            while let Some(c) = src {
-                s = format!("{s}: {c}");
-                src = c.source();
-            }
-            s
-        }
-    }
+    crate::postgres::sql_cause(e)
 }
 
 /// Runs `playbook` on environment `env` of `cfg`: checks the targets, takes

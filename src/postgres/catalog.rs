@@ -42,6 +42,9 @@ pub struct Window {
     /// Whether the window ends in a streamed segment that was never
     /// completed (restores replay up to its last streamed byte).
     pub streamed_tail: bool,
+    /// What `to` is: the last commit in the archived WAL (what a time
+    /// target can reach), or the backup's end when nothing committed since.
+    pub end_basis: &'static str,
 }
 
 /// What a restore replays.
@@ -55,6 +58,10 @@ pub struct Plan<'a> {
     pub window_end: DateTime<Utc>,
     /// For `latest` under `accept_gap`: what was left behind.
     pub gave_up: Option<String>,
+    /// The target time lies where nothing committed after the backup ended:
+    /// recovery stops at consistency (`recovery_target = 'immediate'`),
+    /// since a time target needs a later commit to know it was reached.
+    pub stop_at_backup_end: bool,
 }
 
 /// Backups and WAL of one cluster.
@@ -177,6 +184,7 @@ impl Catalog {
             unreadable,
         };
         cat.windows = cat.compute_windows();
+        cat.end_windows_at_last_commit(repo).await;
         Ok(cat)
     }
 
@@ -209,6 +217,88 @@ impl Catalog {
             }
         }
         out
+    }
+
+    /// Ends each window at the last commit its WAL holds. Recovery to a time
+    /// stops at the first commit after it and fails when there is none, so a
+    /// window ending at the archive time of its last segment promised times
+    /// no restore can reach. Segments are read newest first (a few, usually
+    /// one) and each at most once; a streamed tail is not read, which only
+    /// ends the window earlier than it could.
+    async fn end_windows_at_last_commit(&mut self, repo: &Repository) {
+        const MAX_SEGMENTS_BACK: usize = 64;
+        let per_log = 0x1_0000_0000u64 / WAL_SEGMENT_SIZE;
+        let segno = |s: &WalSegmentName| u64::from(s.log) * per_log + u64::from(s.seg);
+        let mut seen: BTreeMap<WalSegmentName, Option<DateTime<Utc>>> = BTreeMap::new();
+        for i in 0..self.windows.len() {
+            let w = &self.windows[i];
+            let Some(b) = self.backups.iter().find(|b| b.id == w.backup) else {
+                continue;
+            };
+            let Ok(mut seg) = w.last_segment.parse::<WalSegmentName>() else {
+                continue;
+            };
+            let stop = b
+                .stop_segment
+                .parse::<WalSegmentName>()
+                .map(|s| segno(&s))
+                .unwrap_or(0);
+            let from = w.from;
+            let mut found = None;
+            let mut searched = 0;
+            loop {
+                if let Some(e) = self.wal.get(&seg) {
+                    let t = match seen.get(&seg) {
+                        Some(t) => *t,
+                        None => {
+                            let t = segment_last_commit(repo, &e.key, segno(&seg)).await;
+                            seen.insert(seg, t);
+                            t
+                        }
+                    };
+                    if t.is_some() {
+                        found = t;
+                        break;
+                    }
+                    searched += 1;
+                }
+                if segno(&seg) <= stop || searched >= MAX_SEGMENTS_BACK {
+                    break;
+                }
+                let prev =
+                    super::wal::walfile_name(seg.timeline.0, Lsn(segno(&seg) * WAL_SEGMENT_SIZE));
+                // Behind the first segment of a branch lies its parent's WAL.
+                seg = if self.wal.contains_key(&prev) {
+                    prev
+                } else {
+                    match self
+                        .wal
+                        .range(..seg)
+                        .rev()
+                        .find(|(s, _)| segno(s) == segno(&prev))
+                    {
+                        Some((s, _)) => *s,
+                        None => break,
+                    }
+                };
+            }
+            let w = &mut self.windows[i];
+            match found {
+                Some(t) => {
+                    w.to = t.max(from);
+                    w.end_basis = if t > from {
+                        "last commit in the archived WAL"
+                    } else {
+                        "backup end (nothing committed since)"
+                    };
+                }
+                None if searched < MAX_SEGMENTS_BACK => {
+                    w.to = from;
+                    w.end_basis = "backup end (nothing committed since)";
+                }
+                None => {}
+            }
+        }
     }
 
     /// Follows `path` (timelines with the LSN where each is left) from the
@@ -272,6 +362,7 @@ impl Catalog {
             timeline: target,
             last_segment,
             streamed_tail: tail.is_some(),
+            end_basis: "archive time of the last segment",
         })
     }
 
@@ -358,6 +449,7 @@ impl Catalog {
                 timeline,
                 window_end: w.to,
                 gave_up,
+                stop_at_backup_end: target.is_some() && w.to == w.from,
             }),
         }
     }
@@ -592,6 +684,29 @@ impl Catalog {
             "target {} {why}; the recoverable window is: {windows}",
             t.format("%Y-%m-%dT%H:%M:%S%.3fZ")
         )
+    }
+}
+
+/// The last commit time in one archived segment; `None` when it holds none
+/// or cannot be read (the window then ends earlier, never later).
+async fn segment_last_commit(repo: &Repository, key: &str, segno: u64) -> Option<DateTime<Utc>> {
+    let expect = Expect {
+        key: key.to_string(),
+        plain_hash: key.rsplit('-').next().map(str::to_string),
+        plain_size: Some(WAL_SEGMENT_SIZE),
+        ..Expect::default()
+    };
+    match repo.get_verified(key, expect).await {
+        Ok((_, data)) => {
+            tokio::task::spawn_blocking(move || super::wal_records::last_commit_time(&data, segno))
+                .await
+                .ok()
+                .flatten()
+        }
+        Err(e) => {
+            tracing::warn!(key, error = %e, "cannot read a WAL segment for its commit times");
+            None
+        }
     }
 }
 

@@ -12,6 +12,7 @@ pub mod timeline;
 pub mod tls;
 pub mod wal;
 pub mod wal_header;
+pub mod wal_records;
 
 use std::fmt;
 use std::path::Path;
@@ -23,7 +24,7 @@ use crate::config::PgConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
     /// Could not connect or a query failed.
-    #[error("PostgreSQL {what}: {source}")]
+    #[error("PostgreSQL {what}: {}", sql_cause(source))]
     Sql {
         /// What was being done.
         what: String,
@@ -44,6 +45,36 @@ pub enum PgError {
     /// Repository failure.
     #[error(transparent)]
     Repo(#[from] crate::repo::RepoError),
+}
+
+/// The server's own words for a PostgreSQL error (message, detail, hint),
+/// or the connection failure with its causes, instead of the driver's bare
+/// "db error" / "error connecting to server".
+pub fn sql_cause(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = db.message().to_string();
+            if let Some(d) = db.detail() {
+                s.push_str(&format!(" ({d})"));
+            }
+            if let Some(h) = db.hint() {
+                s.push_str(&format!("; hint: {h}"));
+            }
+            s
+        }
+        None => {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(c) = src {
+                let t = c.to_string();
+                if !s.contains(&t) {
+                    s = format!("{s}: {t}");
+                }
+                src = c.source();
+            }
+            s
+        }
+    }
 }
 
 impl PgError {

@@ -156,6 +156,7 @@ pub async fn restore(
     };
     let plan = catalog.plan(when, opts.accept_gap, opts.timeline)?;
     let (m, gave_up, timeline) = (plan.backup.clone(), plan.gave_up, plan.timeline);
+    let immediate = plan.stop_at_backup_end;
     // A promoted server takes the next free timeline id it finds archived.
     let archives_as = catalog.timelines.keys().max().map(|t| t + 1);
     if let Some(g) = &gave_up {
@@ -192,7 +193,7 @@ pub async fn restore(
     };
     let rebuilt = match rebuild(repo, &m, &opts.dir, cfg.parallel, &progress, opts.delta).await {
         Ok(n) => put_back(&opts.dir, &kept)
-            .and_then(|()| write_recovery(&m, &opts.dir, opts, timeline))
+            .and_then(|()| write_recovery(&m, &opts.dir, opts, timeline, immediate))
             .map(|_| n)
             .map_err(|e| PgError::io(&opts.dir, e)),
         Err(e) => Err(e),
@@ -760,6 +761,7 @@ fn write_recovery(
     dir: &Path,
     opts: &RestoreOptions,
     timeline: u32,
+    immediate: bool,
 ) -> std::io::Result<()> {
     std::fs::write(dir.join("backup_label"), &m.backup_label)?;
     // No tablespace_map: it would make PostgreSQL relink pg_tblspc to the
@@ -783,7 +785,9 @@ fn write_recovery(
     ];
     let extra = &opts.extra;
     let has_extra = extra.lsn.is_some() || extra.xid.is_some() || extra.name.is_some();
-    if let (Target::Time(t), false) = (&opts.target, has_extra) {
+    if immediate && !has_extra {
+        lines.push("recovery_target = 'immediate'".to_string());
+    } else if let (Target::Time(t), false) = (&opts.target, has_extra) {
         lines.push(format!(
             "recovery_target_time = {}",
             quote(&t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())

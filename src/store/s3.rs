@@ -125,10 +125,14 @@ impl S3Store {
         self.err("put", key, e)
     }
 
-    fn err<E, R>(&self, op: &'static str, key: &str, e: SdkError<E, R>) -> StoreError
+    fn err<E>(
+        &self,
+        op: &'static str,
+        key: &str,
+        e: SdkError<E, aws_smithy_runtime_api::client::orchestrator::HttpResponse>,
+    ) -> StoreError
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-        R: std::fmt::Debug + Send + Sync + 'static,
     {
         let (transient, message) = match &e {
             SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => (
@@ -140,9 +144,21 @@ impl S3Store {
             ),
             SdkError::ResponseError(_) => (true, DisplayErrorContext(&e).to_string()),
             SdkError::ServiceError(se) => {
-                let code = se.err().code().unwrap_or("unknown");
-                let msg = se.err().message().unwrap_or("");
+                // HEAD answers carry no body, hence no error code: say the
+                // HTTP status instead of "unknown: ".
+                let status = se.raw().status().as_u16();
+                let code = se.err().code().unwrap_or(match status {
+                    403 => "AccessDenied",
+                    404 => "NotFound",
+                    301 | 307 => "WrongRegionOrEndpoint",
+                    _ => "",
+                });
+                let msg = match se.err().message() {
+                    Some(m) if !m.is_empty() => m.to_string(),
+                    _ => format!("HTTP {status}"),
+                };
                 let hint = match code {
+                    "WrongRegionOrEndpoint" => "; check `endpoint` and `s3_region` in the config",
                     "NoSuchBucket" => "; create the bucket or fix `bucket` in the config",
                     "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" => {
                         "; check the region's access key settings"
@@ -153,7 +169,12 @@ impl S3Store {
                     code,
                     "SlowDown" | "InternalError" | "ServiceUnavailable" | "RequestTimeout"
                 );
-                (transient, format!("{code}: {msg}{hint}"))
+                let what = if code.is_empty() {
+                    msg
+                } else {
+                    format!("{code}: {msg}")
+                };
+                (transient, format!("{what}{hint}"))
             }
             _ => (false, DisplayErrorContext(&e).to_string()),
         };
