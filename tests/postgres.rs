@@ -493,7 +493,7 @@ fn delta_restore_rewrites_only_what_differs() {
     let mut bytes = std::fs::read(&f).expect("read");
     bytes[300_000] ^= 0x55;
     std::fs::write(&f, &bytes).expect("write");
-    std::fs::remove_file(dir.join("PG_VERSION")).expect("rm");
+    std::fs::remove_file(dir.join("base/1/PG_VERSION")).expect("rm");
     std::fs::write(dir.join("stray.txt"), "x").expect("stray");
     std::fs::create_dir_all(dir.join("base/stray_dir")).expect("stray dir");
     common::pg::chown(&dir, &pg.user);
