@@ -233,14 +233,16 @@ fn bad_config_errors_name_file_line_and_fix() {
         "{e}"
     );
 
+    // A too-open identity is not a config error (archiving must go on), but
+    // `dr check` fails on it with the fix.
     std::fs::set_permissions(&env.identity, std::fs::Permissions::from_mode(0o640)).expect("chmod");
     let cfg = env.write_config(&fs_region_toml("local", &env.repo()));
     let o = run_cfg(&cfg, &["check"]);
     assert!(!o.status.success());
+    let all = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
     assert!(
-        stderr(&o).contains(&format!("chmod 600 {}", env.identity.display())),
-        "{}",
-        stderr(&o)
+        all.contains(&format!("chmod 600 {}", env.identity.display())),
+        "{all}"
     );
 
     let o = dr(&["--config", "/nonexistent/dr.toml", "check"]);

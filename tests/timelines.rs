@@ -61,8 +61,9 @@ fn successive_restores_with_archiving_land_on_the_right_timeline() {
     // a timeline behind, and none may mislead the next.
     for (i, m) in marks.iter().enumerate() {
         let (port, r) = restore_exact_archiving(&mut pg, &m.at, &format!("r{i}"), m);
-        assert_eq!(r["timeline"], 1, "{r}");
-        assert_eq!(r["archives_as"], i as u64 + 2, "{r}");
+        assert_eq!(r["recovery_timeline"], 1, "{r}");
+        assert_eq!(r["timeline"], i as u64 + 2, "{r}");
+        assert_ne!(r["archive_mode"], "off", "{r}");
         if i == 2 {
             // This copy lives on and archives WAL of its own: a real branch.
             pg.pgbench_at(port, &["-t", "100", "-n"]);
@@ -100,7 +101,7 @@ fn successive_restores_with_archiving_land_on_the_right_timeline() {
     // The marks again: timeline 1 holds them, whatever branches exist now.
     for (i, m) in marks.iter().enumerate() {
         let (_, r) = restore_exact_archiving(&mut pg, &m.at, &format!("again{i}"), m);
-        assert_eq!(r["timeline"], 1, "{r}");
+        assert_eq!(r["recovery_timeline"], 1, "{r}");
         pg.stop(&pg.target(&format!("again{i}")));
     }
 
@@ -141,9 +142,9 @@ fn successive_restores_with_archiving_land_on_the_right_timeline() {
         final_history
     );
     let r = &v["restore"];
-    assert_eq!(r["timeline"], 1, "{r}");
-    assert!(
-        r["archives_as"].is_null(),
+    assert_eq!(r["recovery_timeline"], 1, "{r}");
+    assert_eq!(
+        r["archive_mode"], "off",
         "--no-archive copies archive nothing: {r}"
     );
 

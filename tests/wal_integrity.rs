@@ -342,6 +342,9 @@ fn windows(pg: &TestPg) -> Vec<serde_json::Value> {
 fn the_printed_window_end_restores_exactly() {
     let fs = tempfile::tempdir().expect("tempdir");
     let mut pg = TestPg::new(&fs_repo(&fs));
+    // No autovacuum or analyze commits behind the test's back.
+    pg.sql("ALTER SYSTEM SET autovacuum = off");
+    pg.sql("SELECT pg_reload_conf()");
     pg.pgbench(&["-i", "-s", "1", "-q"]);
     pg.dr(&["backup", "pg"]);
 

@@ -308,11 +308,9 @@ fn parse_to(to: &str, out: &Out) -> anyhow::Result<Option<chrono::DateTime<chron
 }
 
 /// How PostgreSQL runs this `dr` (for `restore_command`): the absolute
-/// binary and config paths, since the server runs in another directory.
+/// binary and config paths, quoted for the shell.
 fn dr_command(cfg: &dr::config::Config) -> anyhow::Result<String> {
-    let cfg_path = std::fs::canonicalize(&cfg.source).unwrap_or(cfg.source.clone());
-    let exe = std::env::current_exe()?;
-    Ok(format!("{} --config {}", exe.display(), cfg_path.display()))
+    Ok(dr::postgres::quote::current_dr_command(&cfg.source)?)
 }
 
 /// A token cancelled on Ctrl-C or SIGTERM, so long operations can stop

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use dr::postgres::catalog::Catalog;
+use dr::postgres::quote::wal_fetch_command;
 use dr::postgres::restore::{ExtraTarget, RestoreOptions, Target};
 use dr::postgres::{backup, restore, stream, wal};
 use dr::repo::Repository;
@@ -19,7 +20,8 @@ pub struct RestoreArgs {
     /// Target: a time (RFC 3339, or 'YYYY-MM-DD HH:MM:SS[+TZ]' local) or 'latest'.
     #[arg(long)]
     to: String,
-    /// Directory to restore into; must be absent or empty.
+    /// Directory to restore into: absent or empty (with --delta, also a
+    /// stopped data directory of the same cluster).
     #[arg(long)]
     target: PathBuf,
     /// Stop at this LSN instead of the time (the time still picks the backup).
@@ -40,8 +42,9 @@ pub struct RestoreArgs {
     /// With --start: run with archive_mode=off (for scratch copies that must not archive).
     #[arg(long, requires = "start")]
     no_archive: bool,
-    /// Restore over an existing, stopped data directory: rewrite only blocks
-    /// that differ and remove files the backup does not have.
+    /// Restore over an existing, stopped data directory of the same cluster
+    /// (same system identifier): rewrite only blocks that differ and remove
+    /// files the backup does not have. Anything else is refused untouched.
     #[arg(long)]
     delta: bool,
     /// Put tablespace NAME (or OID) in the absolute directory DIR, linked from
@@ -144,7 +147,7 @@ pub async fn restore(
         None => Target::Latest,
         Some(t) => Target::Time(t),
     };
-    let restore_command = format!("{} wal-fetch --cluster {cluster}", dr_command(&cfg)?);
+    let restore_command = wal_fetch_command(&dr_command(&cfg)?, &cluster);
     let (audit, repo) = audited_open(
         &cfg,
         "restore.pg",
@@ -165,6 +168,7 @@ pub async fn restore(
         no_archive: args.no_archive,
         restore_command,
         delta: args.delta,
+        replace_other_cluster: false,
         tablespace_map: args
             .tablespace_map
             .iter()
@@ -177,7 +181,7 @@ pub async fn restore(
             .collect::<anyhow::Result<Vec<_>>>()?,
         settings: Vec::new(),
         connect_host: None,
-        connect_user: "postgres".into(),
+        connect_user: restore::default_connect_user(pg),
         timeline: args.timeline,
         accept_gap: args.accept_gap,
         keep_files: Vec::new(),
@@ -219,13 +223,7 @@ pub async fn restore(
                 r.removed
             );
         }
-        println!("recovery follows timeline {}", r.timeline);
-        if let (true, Some(tl)) = (r.started, r.archives_as) {
-            println!(
-                "the promoted server archives into the repository as timeline {tl}; \
-                 use --no-archive for an inspection copy that must not"
-            );
-        }
+        println!("recovery follows timeline {}", r.recovery_timeline);
         if r.started {
             println!(
                 "server running on 127.0.0.1:{}; recovery took {:.1}s; last replayed transaction: {}",
@@ -233,6 +231,24 @@ pub async fn restore(
                 r.recovery_seconds.unwrap_or_default(),
                 r.last_replayed.as_deref().unwrap_or("none")
             );
+            if let Some(s) = &r.socket_dir {
+                println!(
+                    "the OS user connects without a password through the socket in {s} \
+                     (psql -h {s} -p {}); stop it with: {}",
+                    r.port.unwrap_or_default(),
+                    restore::stop_command(pg, Path::new(&r.dir))
+                );
+            }
+            if let Some(tl) = r.timeline {
+                if r.archive_mode.as_deref().is_some_and(|m| m != "off") {
+                    println!(
+                        "it writes timeline {tl} and archives it with its archive_command \
+                         (restore with --no-archive for a copy that must not archive)"
+                    );
+                } else {
+                    println!("it writes timeline {tl}; archiving is off");
+                }
+            }
         } else {
             println!("start it with: pg_ctl -D {} start", r.dir);
         }

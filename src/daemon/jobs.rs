@@ -289,10 +289,8 @@ async fn verify_job(
 ) -> Result<JobOutcome, JobError> {
     let (cluster, _) = cfg.pg(Some(&job.source))?;
     let repo = Repository::open(cfg).await?;
-    let exe = std::env::current_exe()
-        .map_err(|e| JobError::Failed(format!("cannot locate the dr binary: {e}")))?;
-    let cfg_path = std::fs::canonicalize(&cfg.source).unwrap_or(cfg.source.clone());
-    let dr_command = format!("{} --config {}", exe.display(), cfg_path.display());
+    let dr_command = crate::postgres::quote::current_dr_command(&cfg.source)
+        .map_err(|e| JobError::Failed(e.to_string()))?;
     let sources = [crate::verify::Source::Pg(cluster)];
     let (run, warnings) = crate::verify::run(&repo, cfg, &sources, None, &dr_command, abort)
         .await

@@ -223,8 +223,8 @@ impl Catalog {
     /// stops at the first commit after it and fails when there is none, so a
     /// window ending at the archive time of its last segment promised times
     /// no restore can reach. Segments are read newest first (a few, usually
-    /// one) and each at most once; a streamed tail is not read, which only
-    /// ends the window earlier than it could.
+    /// one) and each at most once. A window ending in streamed pieces keeps
+    /// the time of its newest piece (the pieces are not parsed yet).
     async fn end_windows_at_last_commit(&mut self, repo: &Repository) {
         const MAX_SEGMENTS_BACK: usize = 64;
         let per_log = 0x1_0000_0000u64 / WAL_SEGMENT_SIZE;
@@ -232,6 +232,11 @@ impl Catalog {
         let mut seen: BTreeMap<WalSegmentName, Option<DateTime<Utc>>> = BTreeMap::new();
         for i in 0..self.windows.len() {
             let w = &self.windows[i];
+            // Streamed pieces are not read here: such a window keeps the time
+            // of its newest piece.
+            if w.streamed_tail {
+                continue;
+            }
             let Some(b) = self.backups.iter().find(|b| b.id == w.backup) else {
                 continue;
             };
@@ -344,13 +349,15 @@ impl Catalog {
             }
         }
         let (last_seg, last_entry) = last?;
-        if last_seg.timeline.0 != target || segno(&last_seg) < segno(&stop) {
+        // A branch may so far exist only as streamed pieces of its first segment.
+        let cur = name(target, n);
+        let tail = self.streamed.get(&cur);
+        let reached = last_seg.timeline.0 == target || tail.is_some();
+        if !reached || segno(&last_seg) < segno(&stop) {
             return None; // never reached the branch, or a gap before consistency
         }
         let mut to = last_entry.archived.unwrap_or(b.stop_time).max(b.stop_time);
         let mut last_segment = last_seg.to_string();
-        let cur = next_segment(last_seg);
-        let tail = self.streamed.get(&cur);
         if let Some(t) = tail {
             to = to.max(t.unwrap_or(to));
             last_segment = cur.to_string();

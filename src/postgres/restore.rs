@@ -39,6 +39,55 @@ pub struct ExtraTarget {
     pub name: Option<String>,
 }
 
+impl ExtraTarget {
+    /// Checks each stop condition as PostgreSQL 15 would, so a typo fails
+    /// before anything is written rather than after the restore.
+    pub fn validate(&self) -> Result<(), PgError> {
+        if let Some(l) = &self.lsn {
+            let part =
+                |p: &str| (1..=8).contains(&p.len()) && p.chars().all(|c| c.is_ascii_hexdigit());
+            if !l
+                .split_once('/')
+                .is_some_and(|(hi, lo)| part(hi) && part(lo))
+            {
+                return Err(PgError::Other(format!(
+                    "--lsn {l:?} is not an LSN: expected two hexadecimal numbers of up to \
+                     8 digits separated by '/', e.g. 0/16B3748 (as pg_current_wal_lsn() shows)"
+                )));
+            }
+        }
+        if let Some(x) = &self.xid {
+            // A 32-bit xid, or one qualified with its epoch (64-bit, as
+            // pg_current_xact_id() shows); 0–2 are never assigned.
+            let ok = !x.is_empty()
+                && x.chars().all(|c| c.is_ascii_digit())
+                && x.parse::<u64>().is_ok_and(|n| n >= 3);
+            if !ok {
+                return Err(PgError::Other(format!(
+                    "--xid {x:?} is not a transaction id: expected a decimal number of at \
+                     least 3 (e.g. 7431, or 64-bit as pg_current_xact_id() shows)"
+                )));
+            }
+        }
+        if let Some(n) = &self.name {
+            if n.contains(['\n', '\r', '\0']) {
+                return Err(PgError::Other(format!(
+                    "--name {n:?} contains a line break or NUL, which PostgreSQL's \
+                     configuration cannot hold; name restore points without them"
+                )));
+            }
+            // PostgreSQL's limit (MAXFNAMELEN - 1), as pg_create_restore_point enforces.
+            if n.is_empty() || n.len() > 63 {
+                return Err(PgError::Other(format!(
+                    "--name {n:?}: a restore point name has 1 to 63 bytes \
+                     (as pg_create_restore_point() accepts)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Restore options.
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
@@ -57,6 +106,10 @@ pub struct RestoreOptions {
     /// Restore over an existing (stopped) data directory, rewriting only
     /// blocks that differ and removing files the backup does not have.
     pub delta: bool,
+    /// With `delta`, also accept the data directory of another cluster
+    /// (another system identifier): a staging server its owner allowed dr
+    /// to overwrite. Without it, such a directory is refused.
+    pub replace_other_cluster: bool,
     /// Tablespaces (by name or OID) to restore into these absolute
     /// directories, linked from `pg_tblspc`; the others are restored inside
     /// the target, under `dr_tablespaces/<oid>`.
@@ -111,17 +164,22 @@ pub struct RestoreReport {
     pub last_replayed: Option<String>,
     /// Seconds from start until the server accepted writes, if started.
     pub recovery_seconds: Option<f64>,
+    /// The timeline the started server writes (and archives, unless
+    /// `archive_mode` is off) after promotion.
+    pub timeline: Option<u32>,
+    /// The started server's `archive_mode`.
+    pub archive_mode: Option<String>,
+    /// The private socket directory of a started server (trusted for the
+    /// OS user), when dr chose how to connect.
+    pub socket_dir: Option<String>,
     /// When the restored backup ended (the earliest restorable point).
     pub backup_stop_time: DateTime<Utc>,
     /// Last WAL segment reachable from the backup without a gap.
     pub wal_last_contiguous: Option<String>,
     /// Newest WAL segment archived on the backup's timeline, and when.
     pub wal_newest: Option<(String, DateTime<Utc>)>,
-    /// The timeline recovery followed.
-    pub timeline: u32,
-    /// The timeline a started server archives as once promoted (when it
-    /// archives at all; a `--no-archive` copy stores nothing).
-    pub archives_as: Option<u32>,
+    /// The timeline recovery followed (`recovery_target_timeline`).
+    pub recovery_timeline: u32,
     /// What `latest` left behind under `--accept-gap`: the missing segment
     /// and the archived WAL beyond it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -143,12 +201,9 @@ pub async fn restore(
             repo.codec.cannot_decrypt_because()
         )));
     }
-    if !opts.dir.is_absolute() {
-        return Err(PgError::Other(format!(
-            "--target {} must be an absolute path",
-            opts.dir.display()
-        )));
-    }
+    // Everything that can be refused is refused before anything is written.
+    opts.extra.validate()?;
+    let found = inspect_target(&opts.dir)?;
     let catalog = Catalog::load(repo, cluster).await?;
     let when = match opts.target {
         Target::Latest => None,
@@ -156,18 +211,11 @@ pub async fn restore(
     };
     let plan = catalog.plan(when, opts.accept_gap, opts.timeline)?;
     let (m, gave_up, timeline) = (plan.backup.clone(), plan.gave_up, plan.timeline);
-    let immediate = plan.stop_at_backup_end;
-    // A promoted server takes the next free timeline id it finds archived.
-    let archives_as = catalog.timelines.keys().max().map(|t| t + 1);
     if let Some(g) = &gave_up {
         tracing::warn!(shortfall = %g, "restoring short of the archived WAL (--accept-gap)");
     }
-    // Only once the plan holds: a refused restore leaves no directory behind.
-    if opts.delta {
-        check_delta_target(&opts.dir)?;
-    } else {
-        check_target_dir(&opts.dir)?;
-    }
+    let settings = recovery_settings(opts, timeline, plan.stop_at_backup_end)?;
+    accept_target(&opts.dir, &found, m.system_id, opts)?;
     let wal_last_contiguous = catalog
         .windows
         .iter()
@@ -181,6 +229,9 @@ pub async fn restore(
         .map(|(seg, e)| (seg.to_string(), e.archived.unwrap_or(m.stop_time)));
     tracing::info!(backup = %m.id, "restoring");
     let links = tablespace_links(&m, opts)?;
+    if matches!(found, Found::Absent) {
+        std::fs::create_dir_all(&opts.dir).map_err(|e| PgError::io(&opts.dir, e))?;
+    }
     progress.add_total(m.size);
     if let Err(e) = make_links(&opts.dir, &links) {
         remove_links(&links);
@@ -193,7 +244,8 @@ pub async fn restore(
     };
     let rebuilt = match rebuild(repo, &m, &opts.dir, cfg.parallel, &progress, opts.delta).await {
         Ok(n) => put_back(&opts.dir, &kept)
-            .and_then(|()| write_recovery(&m, &opts.dir, opts, timeline, immediate))
+            .and_then(|()| write_recovery(&m, &opts.dir, &settings))
+            .and_then(|()| complete(&opts.dir))
             .map(|_| n)
             .map_err(|e| PgError::io(&opts.dir, e)),
         Err(e) => Err(e),
@@ -239,95 +291,237 @@ pub async fn restore(
         port: None,
         last_replayed: None,
         recovery_seconds: None,
+        timeline: None,
+        archive_mode: None,
+        socket_dir: None,
         backup_stop_time: m.stop_time,
         wal_last_contiguous,
         wal_newest,
-        timeline,
-        archives_as: archives_as.filter(|_| !opts.no_archive),
+        recovery_timeline: timeline,
         gave_up,
     };
     if let Some(port) = opts.start {
-        let mut extra = Vec::new();
-        if opts.no_archive {
-            extra.push("archive_mode=off".to_string());
-        }
-        extra.extend(opts.settings.iter().cloned());
-        let log = opts.dir.join("log").join("dr-recovery.log");
-        let _ = std::fs::create_dir_all(opts.dir.join("log"));
-        super::server::chown_to(&opts.dir.join("log"), &cfg.os_user).await?;
-        let loopback = opts.conninfo.is_none().then_some(port);
-        super::server::start_with(
-            &cfg.bin_dir,
-            &cfg.os_user,
-            &opts.dir,
-            loopback,
-            &extra,
-            &log,
-        )
-        .await?;
-        let client = match &opts.conninfo {
-            Some(c) => connect_retrying(c, Duration::from_secs(60)).await?,
-            None => {
-                super::server::connect_local_at(
-                    opts.connect_host.as_deref().unwrap_or("127.0.0.1"),
-                    port,
-                    &opts.connect_user,
-                    "postgres",
-                    Duration::from_secs(60),
-                )
-                .await?
-            }
-        };
-        // Recovery promotes when it reaches the target; wait for that.
-        let deadline = Instant::now() + Duration::from_secs(3600);
-        loop {
-            let row = client
-                .query_one("SELECT pg_is_in_recovery()", &[])
-                .await
-                .map_err(|source| PgError::Sql {
-                    what: format!(
-                        "waiting for recovery (pg_is_in_recovery()){}",
-                        super::server::log_tail(&log)
-                    ),
-                    source,
-                })?;
-            let in_recovery: bool = row.get(0);
-            if !in_recovery {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(PgError::Other(
-                    "recovery did not finish within an hour".into(),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let row = client
-            .query_one("SELECT pg_last_xact_replay_timestamp()::text", &[])
-            .await
-            .map_err(|source| PgError::Sql {
-                what: "pg_last_xact_replay_timestamp()".into(),
-                source,
-            })?;
-        report.last_replayed = row.get::<_, Option<String>>(0);
-        // Segments prefetched past the target are no longer needed.
-        let spool = cfg
-            .spool_dir
-            .clone()
-            .unwrap_or_else(|| opts.dir.join("pg_wal").join("dr-spool"));
-        let prefix = format!("{}-", m.system_id);
-        if let Ok(rd) = std::fs::read_dir(&spool) {
-            for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with(&prefix) {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
-        report.started = true;
-        report.port = Some(port);
+        start_and_wait(cfg, opts, port, &m, &mut report).await?;
         report.recovery_seconds = Some(t0.elapsed().as_secs_f64() - restore_seconds);
     }
     Ok(report)
+}
+
+/// Starts the restored server, waits until recovery reaches the target and
+/// promotes it, and records in `report` where it runs.
+async fn start_and_wait(
+    cfg: &PgConfig,
+    opts: &RestoreOptions,
+    port: u16,
+    m: &PgManifest,
+    report: &mut RestoreReport,
+) -> Result<(), PgError> {
+    let mut extra = Vec::new();
+    if opts.no_archive {
+        extra.push("archive_mode=off".to_string());
+    }
+    // Unless the caller says how to connect, dr reaches the server through a
+    // socket in a directory only the OS user can open, so no password is
+    // needed whatever the restored pg_hba.conf asks of TCP clients.
+    let own_socket = if opts.conninfo.is_none() && opts.connect_host.is_none() {
+        let dir = private_socket(&opts.dir, port, &cfg.os_user).await?;
+        extra.push(format!("unix_socket_directories={}", dir.display()));
+        extra.push("unix_socket_permissions=0700".into());
+        extra.push(format!("hba_file={}", dir.join("pg_hba.conf").display()));
+        Some(dir)
+    } else {
+        None
+    };
+    extra.extend(opts.settings.iter().cloned());
+    let log = opts.dir.join("log").join("dr-recovery.log");
+    let _ = std::fs::create_dir_all(opts.dir.join("log"));
+    super::server::chown_to(&opts.dir.join("log"), &cfg.os_user).await?;
+    let loopback = opts.conninfo.is_none().then_some(port);
+    super::server::start_with(
+        &cfg.bin_dir,
+        &cfg.os_user,
+        &opts.dir,
+        loopback,
+        &extra,
+        &log,
+    )
+    .await?;
+    let host = match (&own_socket, &opts.connect_host) {
+        (Some(d), _) => d.display().to_string(),
+        (None, Some(h)) => h.clone(),
+        (None, None) => "127.0.0.1".into(),
+    };
+    match wait_promoted(opts, port, &host, &log, report).await {
+        Ok(()) => {}
+        // Callers that pass their own way in also stop the server themselves.
+        Err(e) if own_socket.is_some() => {
+            return Err(PgError::Other(format!(
+                "{e}\nthe restored server is still running on {} (port {port}); stop it with: {}",
+                opts.dir.display(),
+                stop_command(cfg, &opts.dir)
+            )));
+        }
+        Err(e) => return Err(e),
+    }
+    // Segments prefetched past the target are no longer needed.
+    let spool = cfg
+        .spool_dir
+        .clone()
+        .unwrap_or_else(|| opts.dir.join("pg_wal").join("dr-spool"));
+    let prefix = format!("{}-", m.system_id);
+    if let Ok(rd) = std::fs::read_dir(&spool) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    report.started = true;
+    report.port = Some(port);
+    report.socket_dir = own_socket.map(|d| d.display().to_string());
+    Ok(())
+}
+
+/// Connects to the started server, waits until it leaves recovery, and
+/// records what it replayed and which timeline it now writes.
+async fn wait_promoted(
+    opts: &RestoreOptions,
+    port: u16,
+    host: &str,
+    log: &Path,
+    report: &mut RestoreReport,
+) -> Result<(), PgError> {
+    let client = match &opts.conninfo {
+        Some(c) => connect_retrying(c, Duration::from_secs(60)).await?,
+        None => {
+            super::server::connect_local_at(
+                host,
+                port,
+                &opts.connect_user,
+                "postgres",
+                Duration::from_secs(60),
+            )
+            .await?
+        }
+    };
+    // Recovery promotes when it reaches the target; wait for that.
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        let row = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(|source| PgError::Sql {
+                what: format!(
+                    "waiting for recovery (pg_is_in_recovery()){}",
+                    super::server::log_tail(log)
+                ),
+                source,
+            })?;
+        let in_recovery: bool = row.try_get(0).unwrap_or(true);
+        if !in_recovery {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(PgError::Other(format!(
+                "recovery did not finish within an hour{}",
+                super::server::log_tail(log)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let row = client
+        .query_one(
+            "SELECT pg_last_xact_replay_timestamp()::text, \
+                    substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8), \
+                    current_setting('archive_mode')",
+            &[],
+        )
+        .await
+        .map_err(|source| PgError::Sql {
+            what: "reading the promoted server's state".into(),
+            source,
+        })?;
+    report.last_replayed = row.try_get::<_, Option<String>>(0).ok().flatten();
+    report.timeline = row
+        .try_get::<_, String>(1)
+        .ok()
+        .and_then(|t| u32::from_str_radix(&t, 16).ok());
+    report.archive_mode = row.try_get::<_, String>(2).ok();
+    Ok(())
+}
+
+/// The directory, inside the target, of the socket dr reaches a started
+/// server through.
+pub const SOCKET_DIR: &str = "dr-socket";
+
+/// Longest Unix socket path the kernel accepts (`sun_path` less its NUL).
+const SOCKET_PATH_MAX: usize = 107;
+
+/// Creates the private socket directory (mode 0700, owned by the OS user)
+/// and its pg_hba.conf: trust on that socket, which only the OS user and
+/// root can open, then the restored cluster's own rules for TCP. Inside the
+/// target unless the socket path would be too long, else in the temp
+/// directory.
+async fn private_socket(data: &Path, port: u16, os_user: &str) -> Result<PathBuf, PgError> {
+    let inside = data.join(SOCKET_DIR);
+    let lock = inside.join(format!(".s.PGSQL.{port}.lock"));
+    let dir = if lock.as_os_str().len() <= SOCKET_PATH_MAX {
+        match std::fs::create_dir(&inside) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(PgError::io(&inside, e));
+            }
+            _ => inside,
+        }
+    } else {
+        let d = std::env::temp_dir().join(format!(
+            "dr-restore-{}",
+            crate::repo::layout::BackupId::new(Utc::now())
+        ));
+        std::fs::create_dir(&d).map_err(|e| PgError::io(&d, e))?;
+        d
+    };
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| PgError::io(&dir, e))?;
+    let own = std::fs::read_to_string(data.join("pg_hba.conf"))
+        .unwrap_or_else(|_| "host all all 127.0.0.1/32 md5\n".into());
+    let hba = dir.join("pg_hba.conf");
+    std::fs::write(
+        &hba,
+        format!(
+            "# dr restore --start: the OS user connects without a password through\n\
+             # this 0700 socket directory; TCP follows the cluster's own rules below.\n\
+             local all all trust\n{own}"
+        ),
+    )
+    .map_err(|e| PgError::io(&hba, e))?;
+    super::server::chown_to(&dir, os_user).await?;
+    Ok(dir)
+}
+
+/// The command that stops the server on `dir`, as the user would type it.
+pub fn stop_command(cfg: &PgConfig, dir: &Path) -> String {
+    use super::quote::shell_quote;
+    let pg_ctl = cfg.bin_dir.join("pg_ctl");
+    let cmd = format!(
+        "{} -D {} -m fast stop",
+        shell_quote(&pg_ctl.to_string_lossy()),
+        shell_quote(&dir.to_string_lossy())
+    );
+    if super::server::is_root() {
+        format!("runuser -u {} -- {cmd}", shell_quote(&cfg.os_user))
+    } else {
+        cmd
+    }
+}
+
+/// The database user a restore waits for promotion as: the cluster's
+/// conninfo user (a role the restored cluster has), else the verify user.
+pub fn default_connect_user(cfg: &PgConfig) -> String {
+    super::tls::split(&cfg.conninfo)
+        .ok()
+        .and_then(|s| s.conninfo.parse::<tokio_postgres::Config>().ok())
+        .and_then(|c| c.get_user().map(str::to_string))
+        .unwrap_or_else(|| cfg.verify.user.clone())
 }
 
 /// Connects with `conninfo`, retrying while the server starts up.
@@ -377,19 +571,14 @@ fn put_back(dir: &Path, kept: &[(PathBuf, Vec<u8>)]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A `--tablespace-map` directory must be empty or absent (then created).
 fn check_target_dir(dir: &Path) -> Result<(), PgError> {
-    if !dir.is_absolute() {
-        return Err(PgError::Other(format!(
-            "--target {} must be an absolute path",
-            dir.display()
-        )));
-    }
     match std::fs::read_dir(dir) {
         Ok(mut rd) => {
             if rd.next().is_some() {
                 return Err(PgError::Other(format!(
-                    "--target {} is not empty; restore into an empty or new directory \
-                     (dr never overwrites an existing data directory)",
+                    "--tablespace-map directory {} is not empty; map the tablespace to an \
+                     empty or new directory (dr never overwrites an existing one)",
                     dir.display()
                 )));
             }
@@ -402,17 +591,142 @@ fn check_target_dir(dir: &Path) -> Result<(), PgError> {
     }
 }
 
-/// `--delta` needs an existing data directory that no server is using.
-fn check_delta_target(dir: &Path) -> Result<(), PgError> {
+/// What a restore target holds, read before anything is written.
+#[derive(Debug)]
+enum Found {
+    /// Nothing there: the restore creates it.
+    Absent,
+    /// An empty directory.
+    Empty,
+    /// A data directory (`PG_VERSION` and `global/pg_control`), or what an
+    /// interrupted restore left (its marker names the system).
+    DataDir {
+        /// The system identifier it belongs to.
+        system_id: u64,
+        /// Left by a restore that did not finish.
+        interrupted: bool,
+    },
+    /// Anything else, described for the user.
+    Other(String),
+}
+
+/// Marks a target a restore is writing, with the backup's system identifier,
+/// so a restore that was killed is recognised (its `pg_control` may still be
+/// zeros) and can be finished with `--delta`. Removed once the restore is
+/// complete.
+const INCOMPLETE: &str = "dr-restore-incomplete";
+
+/// Reads what `dir` holds, without changing anything.
+fn inspect_target(dir: &Path) -> Result<Found, PgError> {
     if !dir.is_absolute() {
         return Err(PgError::Other(format!(
             "--target {} must be an absolute path",
             dir.display()
         )));
     }
-    if !dir.is_dir() {
-        return check_target_dir(dir);
+    let mut names: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Found::Absent),
+        Err(e) => return Err(PgError::io(dir, e)),
+    };
+    if names.is_empty() {
+        return Ok(Found::Empty);
     }
+    if let Some(id) = std::fs::read_to_string(dir.join(INCOMPLETE))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+    {
+        return Ok(Found::DataDir {
+            system_id: id,
+            interrupted: true,
+        });
+    }
+    if dir.join("PG_VERSION").is_file() {
+        return Ok(match super::system_id(dir) {
+            Ok(id) => Found::DataDir {
+                system_id: id,
+                interrupted: false,
+            },
+            Err(e) => Found::Other(format!("PG_VERSION but no usable global/pg_control: {e}")),
+        });
+    }
+    names.sort();
+    let shown: Vec<&str> = names.iter().take(3).map(String::as_str).collect();
+    Ok(Found::Other(format!(
+        "{} entries such as {}, and no PG_VERSION",
+        names.len(),
+        shown.join(", ")
+    )))
+}
+
+/// Refuses a target the restore must not write into: a non-empty one
+/// without `--delta`, and with `--delta` anything but a stopped data
+/// directory of the backup's cluster (`backup_system`).
+fn accept_target(
+    dir: &Path,
+    found: &Found,
+    backup_system: u64,
+    opts: &RestoreOptions,
+) -> Result<(), PgError> {
+    let d = dir.display();
+    let err = |m: String| Err(PgError::Other(m));
+    match (found, opts.delta) {
+        (Found::Absent | Found::Empty, _) => Ok(()),
+        (
+            Found::DataDir {
+                system_id,
+                interrupted,
+            },
+            false,
+        ) => {
+            let what = if *interrupted {
+                "the partial data directory of an interrupted restore"
+            } else {
+                "a data directory"
+            };
+            if *system_id == backup_system {
+                err(format!(
+                    "--target {d} is not empty: it holds {what} of this cluster (system \
+                     identifier {system_id}); add --delta to bring it to the backup (only \
+                     blocks that differ are rewritten), or remove it (rm -rf {d}) and restore again"
+                ))
+            } else {
+                err(format!(
+                    "--target {d} is not empty: it holds {what} of another cluster (system \
+                     identifier {system_id}; the backup's is {backup_system}); remove it or \
+                     restore into an empty or new directory"
+                ))
+            }
+        }
+        (Found::Other(what), false) => err(format!(
+            "--target {d} is not empty ({what}); restore into an empty or new directory, \
+             or remove what is there (dr never overwrites an existing directory)"
+        )),
+        (Found::Other(what), true) => err(format!(
+            "--delta --target {d}: not a PostgreSQL data directory ({what}); --delta removes \
+             every file the backup lacks, so it only updates a data directory of the same \
+             cluster. Nothing was changed: restore into an empty or new directory instead, \
+             or point --target at the data directory"
+        )),
+        (Found::DataDir { system_id, .. }, true)
+            if *system_id != backup_system && !opts.replace_other_cluster =>
+        {
+            err(format!(
+                "--delta --target {d} holds the data directory of another cluster (system \
+                 identifier {system_id}; the backup's is {backup_system}); --delta would \
+                 replace it entirely, so nothing was changed: remove it (rm -rf {d}) or \
+                 restore into an empty or new directory"
+            ))
+        }
+        (Found::DataDir { .. }, true) => refuse_running(dir),
+    }
+}
+
+/// `--delta` needs a data directory that no server is using.
+fn refuse_running(dir: &Path) -> Result<(), PgError> {
     if let Ok(pid) = std::fs::read_to_string(dir.join("postmaster.pid")) {
         let pid = pid.lines().next().unwrap_or("").trim().to_string();
         if !pid.is_empty() && Path::new("/proc").join(&pid).exists() {
@@ -423,6 +737,15 @@ fn check_delta_target(dir: &Path) -> Result<(), PgError> {
         }
     }
     Ok(())
+}
+
+/// Removes the [`INCOMPLETE`] marker of a finished restore, durably.
+fn complete(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(dir.join(INCOMPLETE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Removes everything under `dir` that the manifest does not list (never
@@ -439,6 +762,9 @@ fn prune(dir: &Path, m: &PgManifest) -> Result<usize, PgError> {
         let rd = std::fs::read_dir(&abs).map_err(|e| PgError::io(&abs, e))?;
         for e in rd.flatten() {
             let child = rel.join(e.file_name());
+            if child.as_os_str() == INCOMPLETE {
+                continue;
+            }
             let key = child.to_string_lossy().into_owned();
             let path = e.path();
             let ft = e.file_type().map_err(|err| PgError::io(&path, err))?;
@@ -496,6 +822,10 @@ async fn rebuild(
             .map_err(|e| PgError::io(&p, e))?;
     }
     let removed = if delta { prune(dir, m)? } else { 0 };
+    let marker = dir.join(INCOMPLETE);
+    std::fs::write(&marker, m.system_id.to_string())
+        .and_then(|()| std::fs::File::open(dir)?.sync_all())
+        .map_err(|e| PgError::io(&marker, e))?;
     let mut unchanged = 0u64;
     let mut resized: Vec<PathBuf> = Vec::new();
     // Which (file, offset in file) each object's bytes go to.
@@ -752,17 +1082,46 @@ fn remove_links(links: &[(u32, PathBuf)]) {
     }
 }
 
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
-fn write_recovery(
-    m: &PgManifest,
-    dir: &Path,
+/// The recovery settings of `opts`, quoted for postgresql.auto.conf; built
+/// before anything is written so a value that cannot be written is refused
+/// first.
+fn recovery_settings(
     opts: &RestoreOptions,
     timeline: u32,
     immediate: bool,
-) -> std::io::Result<()> {
+) -> Result<Vec<String>, PgError> {
+    use super::quote::conf_line;
+    let mut lines = vec![
+        conf_line(
+            "restore_command",
+            &format!("{} %f %p", opts.restore_command),
+        )?,
+        // Never 'latest': a stray branch (a restored copy that archived)
+        // must not be followed away from the target's own history.
+        format!("recovery_target_timeline = '{timeline}'"),
+        "recovery_target_action = 'promote'".to_string(),
+    ];
+    let extra = &opts.extra;
+    let has_extra = extra.lsn.is_some() || extra.xid.is_some() || extra.name.is_some();
+    if immediate && !has_extra {
+        lines.push("recovery_target = 'immediate'".to_string());
+    } else if let (Target::Time(t), false) = (&opts.target, has_extra) {
+        let t = t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string();
+        lines.push(conf_line("recovery_target_time", &t)?);
+    }
+    if let Some(l) = &extra.lsn {
+        lines.push(conf_line("recovery_target_lsn", l)?);
+    }
+    if let Some(x) = &extra.xid {
+        lines.push(conf_line("recovery_target_xid", x)?);
+    }
+    if let Some(n) = &extra.name {
+        lines.push(conf_line("recovery_target_name", n)?);
+    }
+    Ok(lines)
+}
+
+fn write_recovery(m: &PgManifest, dir: &Path, settings: &[String]) -> std::io::Result<()> {
     std::fs::write(dir.join("backup_label"), &m.backup_label)?;
     // No tablespace_map: it would make PostgreSQL relink pg_tblspc to the
     // original locations. dr has already placed each tablespace (in place,
@@ -772,37 +1131,12 @@ fn write_recovery(
         .append(true)
         .create(true)
         .open(dir.join("postgresql.auto.conf"))?;
-    let mut lines = vec![
-        format!("\n# Added by dr restore of backup {}", m.id),
-        format!(
-            "restore_command = {}",
-            quote(&format!("{} %f %p", opts.restore_command))
-        ),
-        // Never 'latest': a stray branch (a restored copy that archived)
-        // must not be followed past the target's own history.
-        format!("recovery_target_timeline = '{timeline}'"),
-        "recovery_target_action = 'promote'".to_string(),
-    ];
-    let extra = &opts.extra;
-    let has_extra = extra.lsn.is_some() || extra.xid.is_some() || extra.name.is_some();
-    if immediate && !has_extra {
-        lines.push("recovery_target = 'immediate'".to_string());
-    } else if let (Target::Time(t), false) = (&opts.target, has_extra) {
-        lines.push(format!(
-            "recovery_target_time = {}",
-            quote(&t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())
-        ));
-    }
-    if let Some(l) = &opts.extra.lsn {
-        lines.push(format!("recovery_target_lsn = {}", quote(l)));
-    }
-    if let Some(x) = &opts.extra.xid {
-        lines.push(format!("recovery_target_xid = {}", quote(x)));
-    }
-    if let Some(n) = &opts.extra.name {
-        lines.push(format!("recovery_target_name = {}", quote(n)));
-    }
-    writeln!(conf, "{}", lines.join("\n"))?;
+    writeln!(
+        conf,
+        "\n# Added by dr restore of backup {}\n{}",
+        m.id,
+        settings.join("\n")
+    )?;
     conf.sync_all()
 }
 
@@ -811,6 +1145,47 @@ pub use crate::time::parse_time;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recovery_targets_are_checked_as_postgresql_reads_them() {
+        let lsn = |l: &str| ExtraTarget {
+            lsn: Some(l.into()),
+            ..Default::default()
+        };
+        let xid = |x: &str| ExtraTarget {
+            xid: Some(x.into()),
+            ..Default::default()
+        };
+        let name = |n: &str| ExtraTarget {
+            name: Some(n.into()),
+            ..Default::default()
+        };
+        for ok in ["0/16B3748", "FFFFFFFF/ffffffff", "1/0"] {
+            assert!(lsn(ok).validate().is_ok(), "{ok}");
+        }
+        for bad in ["zz", "0/", "/1", "0/1/2", "123456789/0", "+1/0", "0/1 "] {
+            assert!(lsn(bad).validate().is_err(), "{bad}");
+        }
+        for ok in ["3", "7431", "18446744073709551615"] {
+            assert!(xid(ok).validate().is_ok(), "{ok}");
+        }
+        for bad in [
+            "abc",
+            "",
+            "0",
+            "2",
+            "-5",
+            "+7",
+            "0x10",
+            "18446744073709551616",
+        ] {
+            assert!(xid(bad).validate().is_err(), "{bad}");
+        }
+        assert!(name("a'b\\c").validate().is_ok());
+        for bad in ["", "a\nb", "a\0b", &"x".repeat(64)] {
+            assert!(name(bad).validate().is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn time_formats() {

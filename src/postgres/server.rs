@@ -103,8 +103,11 @@ pub async fn start_with(
         .iter()
         .map(|e| {
             let (k, v) = e.split_once('=').unwrap_or((e.as_str(), ""));
-            // pg_ctl hands -o to /bin/sh: quote every value for it.
-            format!("-c {}='{}'", k.trim(), v.replace('\'', "'\\''"))
+            // pg_ctl hands -o to /bin/sh.
+            format!(
+                "-c {}",
+                super::quote::shell_quote(&format!("{}={v}", k.trim()))
+            )
         })
         .collect::<Vec<_>>()
         .join(" ");

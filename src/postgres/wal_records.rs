@@ -43,7 +43,7 @@ impl Stream<'_> {
     /// Where record data continues at or after `pos`: past a page header
     /// when `pos` is at a page start.
     fn skip_header(&self, pos: usize) -> Option<usize> {
-        if pos % PAGE == 0 {
+        if pos.is_multiple_of(PAGE) {
             Some(pos + self.header_len(pos)?)
         } else {
             Some(pos)
@@ -96,7 +96,7 @@ pub fn last_commit_time(data: &[u8], segno: u64) -> Option<DateTime<Utc>> {
             break;
         };
         let tot_len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        if tot_len < RECORD_HEADER || tot_len > 1 << 30 {
+        if !(RECORD_HEADER..=1 << 30).contains(&tot_len) {
             break; // zeroes: the end of what was written
         }
         let Some((rec, after)) = s.read(start, tot_len) else {
@@ -176,7 +176,7 @@ mod tests {
         for r in records {
             let mut written = 0;
             while written < r.len() {
-                if pos % PAGE == 0 {
+                if pos.is_multiple_of(PAGE) {
                     pos += SHORT_HEADER;
                 }
                 let room = (pos / PAGE + 1) * PAGE - pos;

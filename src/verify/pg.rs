@@ -178,8 +178,9 @@ async fn run(
         dir: out.data.clone(),
         start: Some(port),
         no_archive: true,
-        restore_command: format!("{dr_command} wal-fetch --cluster {cluster}"),
+        restore_command: crate::postgres::quote::wal_fetch_command(dr_command, cluster),
         delta: false,
+        replace_other_cluster: false,
         // Tablespaces stay inside the scratch directory.
         tablespace_map: Vec::new(),
         settings: isolation_settings(&root, &out.data, &socket, port),

@@ -723,8 +723,10 @@ pub async fn restore_pg(
             dir: data.clone(),
             start: Some(port),
             no_archive: true,
-            restore_command: format!("{dr_command} wal-fetch --cluster {cluster}"),
+            restore_command: crate::postgres::quote::wal_fetch_command(dr_command, cluster),
             delta: true,
+            // allow_overwrite consented to replacing the staging cluster.
+            replace_other_cluster: true,
             tablespace_map: Vec::new(),
             settings: vec!["hot_standby=on".into()],
             connect_host: None,

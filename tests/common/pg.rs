@@ -287,7 +287,17 @@ pub fn clone_standby(user: &str, bin: &Path, from_port: u16, data: &Path) {
 
 /// Runs SQL with psql on 127.0.0.1:`port`: the trimmed output, or psql's error.
 pub fn psql(bin: &Path, port: u16, sql: &str) -> Result<String, String> {
-    let o = Command::new(bin.join("psql"))
+    psql_as(bin, port, sql, None)
+}
+
+/// [`psql`] with the password of user postgres, for a cluster whose
+/// pg_hba.conf asks TCP clients for one.
+pub fn psql_as(bin: &Path, port: u16, sql: &str, password: Option<&str>) -> Result<String, String> {
+    let mut cmd = Command::new(bin.join("psql"));
+    if let Some(p) = password {
+        cmd.env("PGPASSWORD", p);
+    }
+    let o = cmd
         .args([
             "-h",
             "127.0.0.1",

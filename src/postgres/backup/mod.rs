@@ -41,6 +41,8 @@ const SKIP_CONTENTS: &[&str] = &[
     "pg_snapshots",
     "pg_stat_tmp",
     "pg_subtrans",
+    // `dr restore --start`'s socket and trust rules belong to that run only.
+    crate::postgres::restore::SOCKET_DIR,
 ];
 /// Files never backed up.
 const SKIP_FILES: &[&str] = &[
