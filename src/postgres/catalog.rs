@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::manifest::PgManifest;
 use super::timeline::{TimelineChoice, TimelineInfo, parse_history};
 use super::wal::next_segment;
+use super::wal_records::LastCommit;
 use super::{Lsn, PgError, WAL_SEGMENT_SIZE};
 use crate::codec::Expect;
 use crate::repo::Repository;
@@ -45,6 +46,11 @@ pub struct Window {
     /// What `to` is: the last commit in the archived WAL (what a time
     /// target can reach), or the backup's end when nothing committed since.
     pub end_basis: &'static str,
+    /// Where the last commit record starts, when `to` is its time: a time
+    /// target stops only before a later commit, so `to` itself is reached
+    /// by stopping right after this record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end_lsn: Option<Lsn>,
 }
 
 /// What a restore replays.
@@ -58,6 +64,10 @@ pub struct Plan<'a> {
     pub window_end: DateTime<Utc>,
     /// For `latest` under `accept_gap`: what was left behind.
     pub gave_up: Option<String>,
+    /// The target is the window's end, the last commit: recovery stops
+    /// right after that record (`recovery_target_lsn`), since a time target
+    /// is only known reached once a later commit is seen.
+    pub stop_after_lsn: Option<Lsn>,
     /// The target time lies where nothing committed after the backup ended:
     /// recovery stops at consistency (`recovery_target = 'immediate'`),
     /// since a time target needs a later commit to know it was reached.
@@ -229,7 +239,7 @@ impl Catalog {
         const MAX_SEGMENTS_BACK: usize = 64;
         let per_log = 0x1_0000_0000u64 / WAL_SEGMENT_SIZE;
         let segno = |s: &WalSegmentName| u64::from(s.log) * per_log + u64::from(s.seg);
-        let mut seen: BTreeMap<WalSegmentName, Option<DateTime<Utc>>> = BTreeMap::new();
+        let mut seen: BTreeMap<WalSegmentName, Option<LastCommit>> = BTreeMap::new();
         for i in 0..self.windows.len() {
             let w = &self.windows[i];
             // Streamed pieces are not read here: such a window keeps the time
@@ -289,13 +299,14 @@ impl Catalog {
             }
             let w = &mut self.windows[i];
             match found {
-                Some(t) => {
-                    w.to = t.max(from);
-                    w.end_basis = if t > from {
-                        "last commit in the archived WAL"
-                    } else {
-                        "backup end (nothing committed since)"
-                    };
+                Some(c) if c.time > from => {
+                    w.to = c.time;
+                    w.end_basis = "last commit in the archived WAL";
+                    w.end_lsn = Some(c.lsn);
+                }
+                Some(_) => {
+                    w.to = from;
+                    w.end_basis = "backup end (nothing committed since)";
                 }
                 None if searched < MAX_SEGMENTS_BACK => {
                     w.to = from;
@@ -370,6 +381,7 @@ impl Catalog {
             last_segment,
             streamed_tail: tail.is_some(),
             end_basis: "archive time of the last segment",
+            end_lsn: None,
         })
     }
 
@@ -457,6 +469,7 @@ impl Catalog {
                 window_end: w.to,
                 gave_up,
                 stop_at_backup_end: target.is_some() && w.to == w.from,
+                stop_after_lsn: w.end_lsn.filter(|_| target.is_some_and(|t| t >= w.to)),
             }),
         }
     }
@@ -534,8 +547,9 @@ impl Catalog {
         }
     }
 
-    /// Whether timeline `x` holds no WAL past the point where `y` (one of
-    /// its descendants) branched off it: `y` continues its history.
+    /// Whether timeline `x` holds no WAL past the segment where `y` (one of
+    /// its descendants) branched off it: `y` continues its history. (A
+    /// promoted standby's parent usually ends in that very segment.)
     fn superseded_by(&self, x: u32, y: u32) -> bool {
         let Some(yi) = self.timelines.get(&y) else {
             return false;
@@ -553,7 +567,7 @@ impl Catalog {
             .iter()
             .filter(|w| w.timeline == x)
             .filter_map(|w| w.last_segment.parse::<WalSegmentName>().ok())
-            .all(|s| u64::from(s.log) * per_log + u64::from(s.seg) < leave.0 / WAL_SEGMENT_SIZE)
+            .all(|s| u64::from(s.log) * per_log + u64::from(s.seg) <= leave.0 / WAL_SEGMENT_SIZE)
     }
 
     /// One line per timeline, for errors.
@@ -696,7 +710,7 @@ impl Catalog {
 
 /// The last commit time in one archived segment; `None` when it holds none
 /// or cannot be read (the window then ends earlier, never later).
-async fn segment_last_commit(repo: &Repository, key: &str, segno: u64) -> Option<DateTime<Utc>> {
+async fn segment_last_commit(repo: &Repository, key: &str, segno: u64) -> Option<LastCommit> {
     let expect = Expect {
         key: key.to_string(),
         plain_hash: key.rsplit('-').next().map(str::to_string),
@@ -705,7 +719,7 @@ async fn segment_last_commit(repo: &Repository, key: &str, segno: u64) -> Option
     };
     match repo.get_verified(key, expect).await {
         Ok((_, data)) => {
-            tokio::task::spawn_blocking(move || super::wal_records::last_commit_time(&data, segno))
+            tokio::task::spawn_blocking(move || super::wal_records::last_commit(&data, segno))
                 .await
                 .ok()
                 .flatten()
@@ -759,4 +773,250 @@ pub async fn read_manifest(
         )));
     }
     Ok(m)
+}
+
+#[cfg(test)]
+mod model_tests {
+    //! The catalog against a brute-force model: random histories of one
+    //! timeline and a branch (with gaps, short stray branches and backups on
+    //! either side), checked segment by segment without the catalog's walk.
+    use super::*;
+    use crate::postgres::timeline::HistoryEntry;
+    use crate::repo::layout::TimelineId;
+    use proptest::prelude::*;
+
+    const SEG: u64 = WAL_SEGMENT_SIZE;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + secs, 0).expect("time")
+    }
+
+    fn seg(tl: u32, n: u64) -> WalSegmentName {
+        let per_log = 0x1_0000_0000u64 / SEG;
+        WalSegmentName {
+            timeline: TimelineId(tl),
+            log: (n / per_log) as u32,
+            seg: (n % per_log) as u32,
+        }
+    }
+
+    fn manifest(id: &str, tl: u32, start: u64, stop: u64) -> PgManifest {
+        PgManifest {
+            kind: "dr-pg-backup".into(),
+            version: super::super::manifest::MANIFEST_VERSION,
+            cluster: "main".into(),
+            system_id: 1,
+            id: id.into(),
+            server_version: 150000,
+            // Segment n is archived at second 10n; a backup ends inside its
+            // stop segment.
+            start_time: at(10 * start as i64 - 5),
+            stop_time: at(10 * stop as i64 - 5),
+            start_lsn: Lsn(start * SEG + 40),
+            stop_lsn: Lsn(stop * SEG + 100),
+            timeline: tl,
+            start_segment: seg(tl, start).to_string(),
+            stop_segment: seg(tl, stop).to_string(),
+            wal_segment_size: SEG,
+            backup_label: String::new(),
+            tablespace_map: String::new(),
+            dirs: Vec::new(),
+            files: Vec::new(),
+            objects: Vec::new(),
+            size: 0,
+            stored_size: 0,
+            duration_seconds: 0.0,
+            checksum_failures: Vec::new(),
+            tablespaces: Vec::new(),
+            server_manifest: None,
+        }
+    }
+
+    /// A history: timeline 1 has segments 1..=n1 minus `gaps1`; timeline 2
+    /// branches at `k` (inside segment k) and has segments k..=n2 minus
+    /// `gaps2`, archived `delay` seconds later than timeline 1's would be.
+    #[derive(Debug, Clone)]
+    struct History {
+        n1: u64,
+        gaps1: Vec<u64>,
+        branch: Option<(u64, u64, Vec<u64>, i64)>,
+        backups: Vec<(u32, u64)>,
+    }
+
+    fn history() -> impl Strategy<Value = History> {
+        (4u64..14, prop::collection::vec(1u64..14, 0..2))
+            .prop_flat_map(|(n1, gaps1)| {
+                let branch = prop::option::of((
+                    2u64..n1,
+                    0u64..6,
+                    prop::collection::vec(0u64..20, 0..2),
+                    0i64..200,
+                ));
+                let backups = prop::collection::vec((1u32..3, 1u64..n1), 1..4);
+                (Just(n1), Just(gaps1), branch, backups)
+            })
+            .prop_map(|(n1, gaps1, branch, backups)| History {
+                n1,
+                gaps1,
+                branch: branch.map(|(k, len, gaps, delay)| (k, k + len, gaps, delay)),
+                backups,
+            })
+    }
+
+    fn catalog(h: &History) -> Catalog {
+        let mut wal = BTreeMap::new();
+        for n in 1..=h.n1 {
+            if !h.gaps1.contains(&n) {
+                let e = WalEntry {
+                    key: format!("tl1-{n}"),
+                    archived: Some(at(10 * n as i64)),
+                };
+                wal.insert(seg(1, n), e);
+            }
+        }
+        let mut timelines = BTreeMap::new();
+        if let Some((k, n2, gaps, delay)) = &h.branch {
+            for n in *k..=*n2 {
+                if !gaps.contains(&(n - k)) {
+                    let e = WalEntry {
+                        key: format!("tl2-{n}"),
+                        archived: Some(at(10 * n as i64 + delay)),
+                    };
+                    wal.insert(seg(2, n), e);
+                }
+            }
+            let mut t2 = timeline_info(
+                2,
+                vec![HistoryEntry {
+                    parent: 1,
+                    switch: Lsn(k * SEG + 200),
+                }],
+                Some(at(10 * *k as i64 + delay)),
+            );
+            t2.segments = 1;
+            timelines.insert(2, t2);
+        }
+        timelines.insert(1, timeline_info(1, Vec::new(), None));
+        let mut backups = Vec::new();
+        for (i, (tl, start)) in h.backups.iter().enumerate() {
+            let (tl, start) = match (&h.branch, tl) {
+                (Some((k, n2, _, _)), 2) if *start > *k && *start < *n2 => (2, *start),
+                _ => (1, *start),
+            };
+            backups.push(manifest(&format!("b{i}"), tl, start, start + 1));
+        }
+        backups.sort_by(|a, b| (a.start_time, &a.id).cmp(&(b.start_time, &b.id)));
+        let mut cat = Catalog {
+            backups,
+            wal,
+            streamed: BTreeMap::new(),
+            windows: Vec::new(),
+            timelines,
+            unreadable: Vec::new(),
+        };
+        cat.windows = cat.compute_windows();
+        cat
+    }
+
+    /// Which timeline holds segment n on the way to `target`.
+    fn holder(h: &History, target: u32, n: u64) -> u32 {
+        match (&h.branch, target) {
+            (Some((k, ..)), 2) if n >= *k => 2,
+            _ => 1,
+        }
+    }
+
+    /// The model's window of backup `b` on `target`: the last segment
+    /// reachable one by one from the backup's start.
+    fn model_window(
+        h: &History,
+        cat: &Catalog,
+        b: &PgManifest,
+        target: u32,
+    ) -> Option<(u64, DateTime<Utc>)> {
+        let per_log = 0x1_0000_0000u64 / SEG;
+        let n_of = |s: &str| {
+            s.parse::<WalSegmentName>()
+                .map(|s| u64::from(s.log) * per_log + u64::from(s.seg))
+        };
+        let start = n_of(&b.start_segment).ok()?;
+        let stop = n_of(&b.stop_segment).ok()?;
+        if target == 1 && b.timeline == 2 {
+            return None;
+        }
+        if let (2, Some((k, ..))) = (target, &h.branch)
+            && b.timeline == 1
+            && b.stop_lsn.0 > k * SEG + 200
+        {
+            return None; // the backup ended after timeline 1 was left
+        }
+        if target == 2 && h.branch.is_none() {
+            return None;
+        }
+        let mut n = start;
+        let mut last = None;
+        while let Some(e) = cat.wal.get(&seg(holder(h, target, n), n)) {
+            last = Some((n, e.archived?));
+            n += 1;
+        }
+        let (ln, t) = last?;
+        if ln < stop || holder(h, target, ln) != target {
+            return None;
+        }
+        Some((ln, t.max(b.stop_time)))
+    }
+
+    proptest! {
+        #[test]
+        fn windows_match_the_model(h in history()) {
+            let cat = catalog(&h);
+            let mut expect = Vec::new();
+            for b in &cat.backups {
+                for target in [1, 2] {
+                    if let Some((ln, to)) = model_window(&h, &cat, b, target) {
+                        expect.push((b.id.clone(), target, seg(target, ln).to_string(), to));
+                    }
+                }
+            }
+            let mut got: Vec<_> = cat
+                .windows
+                .iter()
+                .map(|w| (w.backup.clone(), w.timeline, w.last_segment.clone(), w.to))
+                .collect();
+            expect.sort();
+            got.sort();
+            prop_assert_eq!(got, expect);
+        }
+
+        #[test]
+        fn an_accepted_target_is_reachable_on_the_chosen_timeline(h in history(), t in 0i64..250) {
+            let cat = catalog(&h);
+            let target = at(t);
+            match cat.plan(Some(target), false, TimelineChoice::Auto) {
+                Ok(p) => {
+                    // Covered by a model window of that backup on that timeline.
+                    let w = model_window(&h, &cat, p.backup, p.timeline);
+                    prop_assert!(w.is_some_and(|(_, to)| p.backup.stop_time <= target && target <= to),
+                        "{:?} accepted {} via {} on {}", h, target, p.backup.id, p.timeline);
+                    // No other timeline holds a different history at the target.
+                    for other in [1u32, 2] {
+                        if other == p.timeline { continue; }
+                        let diverged = h.branch.as_ref().is_some_and(|(k, _, _, d)| target >= at(10 * *k as i64 + d));
+                        let covers = cat.backups.iter().any(|b| model_window(&h, &cat, b, other)
+                            .is_some_and(|(_, to)| b.stop_time <= target && target <= to));
+                        prop_assert!(!(diverged && covers), "{:?}: {} is ambiguous but was accepted", h, target);
+                    }
+                }
+                Err(e) => {
+                    // Refused: no model window covers it, or two diverged ones do.
+                    let covering: Vec<u32> = [1u32, 2].into_iter().filter(|tl| cat.backups.iter().any(|b| {
+                        model_window(&h, &cat, b, *tl).is_some_and(|(_, to)| b.stop_time <= target && target <= to)
+                    })).collect();
+                    let ambiguous = covering.len() == 2
+                        && h.branch.as_ref().is_some_and(|(k, _, _, d)| target >= at(10 * *k as i64 + d));
+                    prop_assert!(covering.is_empty() || ambiguous, "{:?}: {} refused: {}", h, target, e);
+                }
+            }
+        }
+    }
 }

@@ -214,7 +214,14 @@ pub async fn restore(
     if let Some(g) = &gave_up {
         tracing::warn!(shortfall = %g, "restoring short of the archived WAL (--accept-gap)");
     }
-    let settings = recovery_settings(opts, timeline, plan.stop_at_backup_end)?;
+    let stop = if plan.stop_at_backup_end {
+        Stop::Immediate
+    } else if let Some(lsn) = plan.stop_after_lsn {
+        Stop::AfterLsn(lsn)
+    } else {
+        Stop::AsAsked
+    };
+    let settings = recovery_settings(opts, timeline, stop)?;
     accept_target(&opts.dir, &found, m.system_id, opts)?;
     let wal_last_contiguous = catalog
         .windows
@@ -1085,10 +1092,22 @@ fn remove_links(links: &[(u32, PathBuf)]) {
 /// The recovery settings of `opts`, quoted for postgresql.auto.conf; built
 /// before anything is written so a value that cannot be written is refused
 /// first.
+/// How recovery stops for a time target.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    /// `recovery_target_time` (or the extra target asked for).
+    AsAsked,
+    /// At consistency: nothing committed between the backup's end and the
+    /// target.
+    Immediate,
+    /// Right after the last commit, which is the target.
+    AfterLsn(super::Lsn),
+}
+
 fn recovery_settings(
     opts: &RestoreOptions,
     timeline: u32,
-    immediate: bool,
+    stop: Stop,
 ) -> Result<Vec<String>, PgError> {
     use super::quote::conf_line;
     let mut lines = vec![
@@ -1103,9 +1122,14 @@ fn recovery_settings(
     ];
     let extra = &opts.extra;
     let has_extra = extra.lsn.is_some() || extra.xid.is_some() || extra.name.is_some();
-    if immediate && !has_extra {
-        lines.push("recovery_target = 'immediate'".to_string());
-    } else if let (Target::Time(t), false) = (&opts.target, has_extra) {
+    match (stop, has_extra) {
+        (Stop::Immediate, false) => lines.push("recovery_target = 'immediate'".to_string()),
+        (Stop::AfterLsn(lsn), false) => {
+            lines.push(conf_line("recovery_target_lsn", &lsn.to_string())?);
+        }
+        _ => {}
+    }
+    if let (Target::Time(t), false, Stop::AsAsked) = (&opts.target, has_extra, stop) {
         let t = t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string();
         lines.push(conf_line("recovery_target_time", &t)?);
     }

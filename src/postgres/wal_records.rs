@@ -64,10 +64,21 @@ impl Stream<'_> {
     }
 }
 
-/// The newest commit or abort time among the records that start and end in
-/// this segment (`data`, the whole segment; `segno` its number). `None`
-/// when it holds none. Stops quietly at the end of the WAL written into it.
-pub fn last_commit_time(data: &[u8], segno: u64) -> Option<DateTime<Utc>> {
+/// The last commit or abort record that starts and ends in this segment
+/// (`data`, the whole segment; `segno` its number).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastCommit {
+    /// Its commit (or abort) time.
+    pub time: DateTime<Utc>,
+    /// Where the record starts: `recovery_target_lsn` with the default
+    /// `recovery_target_inclusive` stops right after it.
+    pub lsn: super::Lsn,
+}
+
+/// The newest commit or abort among the records that start and end in this
+/// segment; `None` when it holds none. Stops quietly at the end of the WAL
+/// written into it.
+pub fn last_commit(data: &[u8], segno: u64) -> Option<LastCommit> {
     if (data.len() as u64) < WAL_SEGMENT_SIZE {
         return None;
     }
@@ -105,9 +116,13 @@ pub fn last_commit_time(data: &[u8], segno: u64) -> Option<DateTime<Utc>> {
         let (info, rmid) = (rec[16], rec[17]);
         if rmid == RM_XACT_ID
             && matches!(info & XLOG_XACT_OPMASK, 0x00 | 0x20 | 0x30 | 0x40)
-            && let Some(t) = xact_time(&rec)
+            && let Some(time) = xact_time(&rec)
+            && newest.is_none_or(|n: LastCommit| time >= n.time)
         {
-            newest = newest.max(Some(t));
+            newest = Some(LastCommit {
+                time,
+                lsn: super::Lsn(s.base + start as u64),
+            });
         }
         pos = after;
     }
@@ -221,10 +236,12 @@ mod tests {
         recs.push(commit(t2));
         recs.push(record(0, 0x40, &[0u8; 16])); // not a commit
         let seg = segment(3, &recs);
-        assert_eq!(last_commit_time(&seg, 3), Some(t2));
+        let last = last_commit(&seg, 3).expect("a commit");
+        assert_eq!(last.time, t2);
+        assert!(last.lsn.0 > 3 * WAL_SEGMENT_SIZE + PAGE as u64, "{last:?}");
         // Another address in the page headers: not this segment's WAL.
-        assert_eq!(last_commit_time(&seg, 4), None);
-        assert_eq!(last_commit_time(&segment(3, &[]), 3), None);
-        assert_eq!(last_commit_time(&seg[..100], 3), None);
+        assert_eq!(last_commit(&seg, 4), None);
+        assert_eq!(last_commit(&segment(3, &[]), 3), None);
+        assert_eq!(last_commit(&seg[..100], 3), None);
     }
 }
