@@ -1927,6 +1927,39 @@ fn location(path: &Path, text: &str, span: Option<Range<usize>>) -> String {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+        /// The shipped example configs, damaged anywhere (a line dropped,
+        /// bytes replaced), are parsed or refused with an error naming a
+        /// line; never a panic.
+        #[test]
+        fn damaged_configs_never_panic(
+            which in 0usize..2,
+            drop_line in proptest::prelude::any::<proptest::sample::Index>(),
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+            junk in "[\\[\\]=\"a-z0-9. \\n{}#-]{0,12}",
+        ) {
+            let text = [
+                include_str!("../config/dr.toml"),
+                include_str!("../config/dr-multi-region.toml"),
+            ][which];
+            let mut lines: Vec<&str> = text.lines().collect();
+            if !lines.is_empty() {
+                lines.remove(drop_line.index(lines.len()));
+            }
+            let mut t = lines.join("\n");
+            let mut i = at.index(t.len() + 1);
+            while !t.is_char_boundary(i) {
+                i -= 1;
+            }
+            t.insert_str(i, &junk);
+            if let Err(e) = Config::parse(&t, Path::new("fuzz.toml")) {
+                let msg = e.to_string();
+                proptest::prop_assert!(!msg.is_empty());
+            }
+        }
+    }
+
     const RCPT: &str = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
 
     fn parse(t: &str) -> Result<Config, ConfigError> {

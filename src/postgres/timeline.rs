@@ -172,6 +172,32 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// History files round-trip, and any text either parses into
+        /// increasing entries or is refused; never a panic.
+        #[test]
+        fn history_round_trips_and_garbage_is_refused(
+            steps in proptest::collection::vec((1u32..5, 0u64..(1 << 40)), 0..6),
+            junk in "\\PC{0,200}",
+        ) {
+            let mut text = String::new();
+            let (mut tli, mut lsn) = (0u32, 0u64);
+            for (dt, dl) in &steps {
+                tli += dt;
+                lsn += dl;
+                text.push_str(&format!("{tli}\t{}\tno recovery target specified\n", Lsn(lsn)));
+            }
+            let h = parse_history(&text).expect("well-formed");
+            proptest::prop_assert_eq!(h.len(), steps.len());
+            proptest::prop_assert_eq!(h.last().map(|e| e.switch.0), (!steps.is_empty()).then_some(lsn));
+            if let Ok(h) = parse_history(&junk) {
+                for w in h.windows(2) {
+                    proptest::prop_assert!(w[0].parent < w[1].parent && w[0].switch <= w[1].switch);
+                }
+            }
+        }
+    }
+
     #[test]
     fn timeline_choices() {
         assert_eq!("3".parse(), Ok(TimelineChoice::Id(3)));

@@ -225,6 +225,38 @@ mod tests {
         record(RM_XACT_ID, 0x00, &main)
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// Damaged WAL never panics the parsers, and a commit is only ever
+        /// reported inside the segment.
+        #[test]
+        fn damaged_segments_never_panic(
+            edits in proptest::collection::vec((0usize..(WAL_SEGMENT_SIZE as usize), proptest::prelude::any::<u8>()), 1..64),
+            cut in proptest::option::of(0usize..(WAL_SEGMENT_SIZE as usize)),
+        ) {
+            let t = DateTime::from_timestamp(1_800_000_000, 0).expect("t");
+            let filler = record(10, 0, &[9u8; 120]);
+            let mut recs = vec![commit(t)];
+            recs.extend(std::iter::repeat_n(filler, 300));
+            recs.push(commit(t));
+            let mut seg = segment(7, &recs);
+            // Edits land near the records most of the time.
+            for (at, b) in edits {
+                let i = at % (PAGE * 6);
+                seg[i] = b;
+            }
+            if let Some(c) = cut {
+                seg.truncate(c);
+            }
+            if let Some(c) = last_commit(&seg, 7) {
+                let lsn = c.lsn.0;
+                proptest::prop_assert!((7 * WAL_SEGMENT_SIZE..8 * WAL_SEGMENT_SIZE).contains(&lsn));
+            }
+            let name: crate::repo::layout::WalSegmentName = "000000010000000000000007".parse().expect("name");
+            let _ = super::super::wal_header::check_segment(&name, 1, &seg);
+        }
+    }
+
     #[test]
     fn finds_the_newest_commit_across_page_boundaries() {
         let t1 = DateTime::from_timestamp(1_800_000_000, 123_000).expect("t");
