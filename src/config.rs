@@ -105,39 +105,9 @@ impl AuditConfig {
         candidates
             .into_iter()
             .flatten()
-            .find(|p| writable(p))
+            .find(|p| crate::os::can_append(p))
             .unwrap_or(system)
     }
-}
-
-/// Whether this process could append to `path`, or create it (probing the
-/// nearest existing directory with a file it removes again).
-fn writable(path: &Path) -> bool {
-    if path.exists() {
-        return std::fs::OpenOptions::new().append(true).open(path).is_ok();
-    }
-    let mut dir = path.parent();
-    while let Some(d) = dir {
-        if d.exists() {
-            return tempfile_probe(d);
-        }
-        dir = d.parent();
-    }
-    false
-}
-
-/// Whether a file can be created in the existing directory `dir`.
-fn tempfile_probe(dir: &Path) -> bool {
-    let probe = dir.join(format!(".dr-probe-{}", std::process::id()));
-    let ok = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&probe)
-        .is_ok();
-    if ok {
-        let _ = std::fs::remove_file(&probe);
-    }
-    ok
 }
 
 /// `[redis.<name>]`: one Redis instance, snapshotted over the replication protocol.

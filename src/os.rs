@@ -33,6 +33,28 @@ pub fn private_file_async() -> tokio::fs::OpenOptions {
     o
 }
 
+/// Whether this process could append to `path`, or create it and its
+/// missing directories, judged without leaving anything behind (a probe
+/// file in the nearest existing directory is removed again).
+pub fn can_append(path: &Path) -> bool {
+    if path.exists() {
+        return std::fs::OpenOptions::new().append(true).open(path).is_ok();
+    }
+    let Some(dir) = path.ancestors().skip(1).find(|d| d.exists()) else {
+        return false;
+    };
+    let probe = dir.join(format!(".dr-probe-{}", std::process::id()));
+    let ok = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .is_ok();
+    if ok {
+        let _ = std::fs::remove_file(&probe);
+    }
+    ok
+}
+
 /// The effective uid of this process.
 pub fn current_uid() -> Option<u32> {
     use std::os::unix::fs::MetadataExt;

@@ -57,6 +57,12 @@ fn restore_and_compare(
     assert_eq!(r["keys_match"], true, "{v}");
 
     let dump = target.join("dump.rdb");
+    // Decrypted data is private whatever the umask.
+    use std::os::unix::fs::PermissionsExt;
+    for (p, want) in [(&dump, 0o600), (&target, 0o700)] {
+        let mode = std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+        assert_eq!(mode, want, "{}", p.display());
+    }
     let check = std::process::Command::new("redis-check-rdb")
         .arg(&dump)
         .output()

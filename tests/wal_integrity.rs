@@ -392,3 +392,65 @@ fn the_printed_window_end_restores_exactly() {
         "{e}"
     );
 }
+
+#[test]
+fn without_an_audit_path_the_first_restore_as_postgres_is_audited_not_refused() {
+    let fs = tempfile::tempdir().expect("tempdir");
+    let pg = TestPg::new(&fs_repo(&fs));
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+    pg.dr(&["backup", "pg"]);
+    pg.archive_now();
+    // No [audit] path: /var/log/dr is not the postgres user's to write.
+    let text = std::fs::read_to_string(&pg.cfg).expect("cfg");
+    let audit_line = format!(
+        "path = \"{}\"\n",
+        pg.dir.path().join("audit.jsonl").display()
+    );
+    std::fs::write(&pg.cfg, text.replace(&audit_line, "")).expect("write cfg");
+    let state = pg.dir.path().join("xdg-state");
+    std::fs::create_dir_all(&state).expect("mkdir");
+    chown(&state, &pg.user);
+    let as_postgres = |args: &[&str]| {
+        let mut all = vec![
+            format!("XDG_STATE_HOME={}", state.display()),
+            pg.dr.display().to_string(),
+            "--config".into(),
+            pg.cfg.display().to_string(),
+        ];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        run_as_in(&pg.user, Path::new("/usr/bin/env"), &refs, Path::new("/"))
+    };
+    let log = state.join("dr/audit.jsonl");
+    let o = as_postgres(&["--json", "check"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("check json");
+    let item = v["checks"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "audit log"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no audit log check: {v}"));
+    assert_eq!(item["status"], "ok", "{item}");
+    assert!(
+        item["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains(log.to_str().expect("utf8"))),
+        "{item}"
+    );
+    let dir = pg.target("first");
+    let o = as_postgres(&[
+        "restore",
+        "pg",
+        "--to",
+        "latest",
+        "--target",
+        dir.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(mode(&log), 0o600);
+    let recs = dr::audit::AuditLog::at(log).read_all().expect("audit");
+    assert!(
+        recs.iter()
+            .any(|r| r.action == "restore.pg" && r.outcome == "ok" && r.actor.user == pg.user),
+        "{recs:?}"
+    );
+}
