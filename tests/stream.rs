@@ -504,3 +504,32 @@ fn a_promoted_standby_is_followed_onto_its_new_timeline() {
         "{report}"
     );
 }
+
+#[test]
+fn the_window_end_in_streamed_pieces_restores_exactly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let regions = fs_repo(&tmp);
+    let mut pg = TestPg::streaming(&regions, "stream_flush_interval = \"200ms\"\n");
+    let streamer = Streamer::start(&pg, &pg.cfg);
+    wait_replication(&pg, "async");
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+    pg.dr(&["backup", "pg"]);
+    // Writes that stay in the unfinished segment: only pieces hold them.
+    pg.pgbench(&["-t", "200", "-n"]);
+    let balance = pg.sql("SELECT sum(abalance) FROM pgbench_accounts");
+    let history = pg.sql("SELECT count(*) FROM pgbench_history");
+    wait_durable(&pg);
+    std::thread::sleep(Duration::from_secs(1));
+    streamer.stop();
+    let v: serde_json::Value =
+        serde_json::from_slice(&pg.dr(&["--json", "list", "pg"]).stdout).expect("list json");
+    let w = v["windows"]
+        .as_array()
+        .and_then(|w| w.last())
+        .cloned()
+        .unwrap_or_else(|| panic!("no window: {v}"));
+    assert_eq!(w["streamed_tail"], true, "{w}");
+    assert_eq!(w["end_basis"], "last commit in the archived WAL", "{w}");
+    let end = w["to"].as_str().expect("to").to_string();
+    restore_and_check(&mut pg, &end, "tail-end", &balance, &history);
+}

@@ -83,6 +83,8 @@ pub struct Catalog {
     /// Segments with streamed pieces from offset 0: when the newest piece
     /// was written.
     pub streamed: BTreeMap<WalSegmentName, Option<DateTime<Utc>>>,
+    /// The streamed pieces of each segment, as listed.
+    pieces: BTreeMap<WalSegmentName, Vec<crate::store::ObjectInfo>>,
     /// One window per usable backup and timeline it reaches.
     pub windows: Vec<Window>,
     /// Every timeline with archived WAL or a history file.
@@ -100,6 +102,7 @@ impl Catalog {
         let mut streamed: BTreeMap<WalSegmentName, Option<DateTime<Utc>>> = BTreeMap::new();
         let mut piece_times: BTreeMap<WalSegmentName, Option<DateTime<Utc>>> = BTreeMap::new();
         let mut histories = Vec::new();
+        let mut pieces: BTreeMap<WalSegmentName, Vec<crate::store::ObjectInfo>> = BTreeMap::new();
         for o in &objects {
             match o.key.parse::<ObjectKey>() {
                 Ok(ObjectKey::PgManifest { .. }) => manifests.push(o.clone()),
@@ -124,6 +127,7 @@ impl Catalog {
                     suffix: WalSuffix::Stream { start, .. },
                     ..
                 }) => {
+                    pieces.entry(segment).or_default().push(o.clone());
                     let t = piece_times.entry(segment).or_default();
                     *t = (*t).max(o.modified);
                     if start == 0 {
@@ -189,6 +193,7 @@ impl Catalog {
             backups,
             wal,
             streamed,
+            pieces,
             windows: Vec::new(),
             timelines,
             unreadable,
@@ -233,8 +238,8 @@ impl Catalog {
     /// stops at the first commit after it and fails when there is none, so a
     /// window ending at the archive time of its last segment promised times
     /// no restore can reach. Segments are read newest first (a few, usually
-    /// one) and each at most once. A window ending in streamed pieces keeps
-    /// the time of its newest piece (the pieces are not parsed yet).
+    /// one) and each at most once; a window ending in streamed pieces of an
+    /// unfinished segment reads them assembled, as `wal-fetch` serves them.
     async fn end_windows_at_last_commit(&mut self, repo: &Repository) {
         const MAX_SEGMENTS_BACK: usize = 64;
         let per_log = 0x1_0000_0000u64 / WAL_SEGMENT_SIZE;
@@ -242,11 +247,6 @@ impl Catalog {
         let mut seen: BTreeMap<WalSegmentName, Option<LastCommit>> = BTreeMap::new();
         for i in 0..self.windows.len() {
             let w = &self.windows[i];
-            // Streamed pieces are not read here: such a window keeps the time
-            // of its newest piece.
-            if w.streamed_tail {
-                continue;
-            }
             let Some(b) = self.backups.iter().find(|b| b.id == w.backup) else {
                 continue;
             };
@@ -261,7 +261,14 @@ impl Catalog {
             let from = w.from;
             let mut found = None;
             let mut searched = 0;
-            loop {
+            if w.streamed_tail {
+                // The newest commits are in the pieces of the unfinished segment.
+                if let Some(t) = self.tail_last_commit(repo, seg, segno(&seg)).await {
+                    found = Some(t);
+                }
+                searched += 1;
+            }
+            while found.is_none() {
                 if let Some(e) = self.wal.get(&seg) {
                     let t = match seen.get(&seg) {
                         Some(t) => *t,
@@ -313,6 +320,32 @@ impl Catalog {
                     w.end_basis = "backup end (nothing committed since)";
                 }
                 None => {}
+            }
+        }
+    }
+
+    /// The last commit in the streamed pieces of `seg`, assembled as
+    /// `wal-fetch` serves them.
+    async fn tail_last_commit(
+        &self,
+        repo: &Repository,
+        seg: WalSegmentName,
+        n: u64,
+    ) -> Option<LastCommit> {
+        let listed = self.pieces.get(&seg)?;
+        let key = &listed.first()?.key;
+        let prefix = &key[..key.find(".stream.")? + ".stream.".len()];
+        match super::wal::streamed_segment(repo, prefix, listed).await {
+            Ok(Some((data, _))) => {
+                tokio::task::spawn_blocking(move || super::wal_records::last_commit(&data, n))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(segment = %seg, error = %e, "cannot read streamed pieces for their commit times");
+                None
             }
         }
     }
@@ -910,6 +943,7 @@ mod model_tests {
             backups,
             wal,
             streamed: BTreeMap::new(),
+            pieces: BTreeMap::new(),
             windows: Vec::new(),
             timelines,
             unreadable: Vec::new(),
