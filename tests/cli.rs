@@ -5,7 +5,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{dr_bin, fs_region_toml, garage_region_toml};
@@ -376,4 +376,116 @@ fn verify_levels_and_drill_names_are_checked_before_anything_runs() {
     let o = run_cfg(&cfg, &["drill", "nightly"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("no [drill.nightly]"), "{}", stderr(&o));
+}
+
+/// Runs dr with stdout a pipe nobody reads any more, as `dr … | head` once
+/// head has exited.
+fn dr_into_closed_pipe(cfg: &Path, args: &[&str]) -> Output {
+    let mut child = Command::new(dr_bin())
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .env_remove("DR_CONFIG")
+        .env_remove("DR_IDENTITY_FILE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run dr");
+    drop(child.stdout.take());
+    child.wait_with_output().expect("wait for dr")
+}
+
+#[test]
+fn closed_stdout_ends_quietly_with_status_141() {
+    let env = setup();
+    let cfg = env.write_config(&format!(
+        "{}\n[audit]\npath = \"{}\"\n",
+        fs_region_toml("local", &env.repo()),
+        env.dir.path().join("audit.jsonl").display()
+    ));
+    for args in [&["check", "--json"][..], &["check"], &["daemon", "--check"]] {
+        let o = dr_into_closed_pipe(&cfg, args);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(141), "{args:?}: {e}");
+        assert!(
+            !e.contains("panicked") && !e.contains("backtrace"),
+            "{args:?}: {e}"
+        );
+    }
+}
+
+#[test]
+fn usage_errors_under_json_are_json_with_status_2() {
+    let o = dr(&["--json", "check", "--bogus"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("usage error as JSON");
+    assert_eq!(v["ok"], false);
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("--bogus")),
+        "{v}"
+    );
+    assert_eq!(v["usage"], "Usage: dr check [OPTIONS]", "{v}");
+    // Without --json, clap's text only.
+    let o = dr(&["check", "--bogus"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(o.stdout.is_empty() && stderr(&o).contains("--bogus"));
+    // wal-fetch keeps its contract: anything but "not archived" is 200.
+    let o = dr(&["--json", "wal-fetch"]);
+    assert_eq!(o.status.code(), Some(200), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("usage error as JSON");
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("<FILE>")),
+        "{v}"
+    );
+    // Help is not an error.
+    let o = dr(&["--json", "check", "--help"]);
+    assert_eq!(o.status.code(), Some(0));
+}
+
+#[test]
+fn logs_are_not_coloured_off_a_terminal() {
+    let env = setup();
+    let url = common::require_env("DR_TEST_REDIS_URL", "Redis");
+    let cfg = env.write_config(&format!(
+        "{}\n[redis.cache]\nurl = \"{url}\"\n",
+        fs_region_toml("local", &env.repo())
+    ));
+    let o = run_cfg(&cfg, &["repo", "init"]);
+    assert!(o.status.success(), "init: {}", stderr(&o));
+    let o = run_cfg(&cfg, &["backup", "redis"]);
+    let e = stderr(&o);
+    assert!(o.status.success(), "backup: {e}");
+    assert!(e.contains("INFO"), "the snapshot logs at info: {e}");
+    assert!(!e.contains('\x1b'), "escape codes in a pipe: {e:?}");
+}
+
+#[test]
+fn cron_errors_are_one_line_with_the_users_expression_and_the_true_bound() {
+    let env = setup();
+    let cfg = env.write_config(&format!(
+        "{}\n[redis.cache]\nurl = \"redis://127.0.0.1:6379\"\n[redis.cache.schedule]\nsnapshot = \"0 24 * * *\"\n",
+        fs_region_toml("local", &env.repo())
+    ));
+    let o = run_cfg(&cfg, &["daemon", "--check"]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert_eq!(e.trim_end().lines().count(), 1, "one line: {e}");
+    assert!(
+        e.contains("\"0 24 * * *\"") && e.contains("hour 24 is out of range (0-23)"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("0 0 24"),
+        "the 6-field translation is not shown: {e}"
+    );
+    // 23 is a valid hour.
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg)
+            .expect("read")
+            .replace("0 24", "0 23"),
+    )
+    .expect("write");
+    let o = run_cfg(&cfg, &["daemon", "--check"]);
+    assert!(o.status.success(), "{}", stderr(&o));
 }
