@@ -489,3 +489,112 @@ fn cron_errors_are_one_line_with_the_users_expression_and_the_true_bound() {
     let o = run_cfg(&cfg, &["daemon", "--check"]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// The checks of a `dr check --json` run, by name.
+fn check_item(o: &Output, name: &str) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("check json");
+    v["checks"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == name).cloned())
+        .unwrap_or_else(|| panic!("no check {name:?}: {v:#}"))
+}
+
+#[test]
+fn check_changes_nothing_and_checks_redis_sources() {
+    let env = setup();
+    let src = common::redis::TestRedis::start(&[
+        "requirepass right-pw",
+        "user nosync on >np ~* &* +@all -psync -sync",
+    ]);
+    let port = src.port;
+    let audit = env.dir.path().join("log/audit.jsonl");
+    let cfg = env.write_config(&format!(
+        "{}\n[audit]\npath = \"{}\"\n\
+         [redis.good]\nurl = \"redis://:right-pw@127.0.0.1:{port}\"\n\
+         [redis.wrongpw]\nurl = \"redis://:wrong@127.0.0.1:{port}\"\n\
+         [redis.noperm]\nurl = \"redis://nosync:np@127.0.0.1:{port}\"\n\
+         [redis.notredis]\nurl = \"redis://{}\"\n",
+        fs_region_toml("local", &env.repo()),
+        audit.display(),
+        common::require_env("DR_TEST_S3_ENDPOINT", "Garage").trim_start_matches("http://"),
+    ));
+    let o = run_cfg(&cfg, &["check", "--json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(!env.repo().exists(), "check created the repository");
+    assert!(
+        !audit.parent().expect("dir").exists(),
+        "check created the audit log"
+    );
+    let region = check_item(&o, "region local");
+    assert_eq!(region["status"], "ok", "{region}");
+    assert!(
+        region["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("nothing written")),
+        "{region}"
+    );
+
+    let good = check_item(&o, "redis good");
+    assert_eq!(good["status"], "ok", "{good}");
+    assert!(
+        good["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("PSYNC allowed")),
+        "{good}"
+    );
+    for (name, words) in [
+        (
+            "redis wrongpw",
+            &["refused the credentials", "password"][..],
+        ),
+        ("redis noperm", &["psync", "ACL SETUSER"]),
+        (
+            "redis notredis",
+            &["is it a Redis server", "not a Redis reply"],
+        ),
+    ] {
+        let c = check_item(&o, name);
+        assert_eq!(c["status"], "fail", "{c}");
+        let d = c["detail"].as_str().unwrap_or_default().to_string();
+        assert!(words.iter().any(|w| d.contains(w)), "{name}: {d}");
+    }
+}
+
+#[test]
+fn check_names_the_postgres_address_and_a_repository_the_archiving_user_cannot_write() {
+    let env = setup();
+    let os_user = common::require_env("DR_TEST_OS_USER", "PostgreSQL");
+    // A data directory owned by the user that would run archive_command, and
+    // a repository only root may write.
+    let data = env.dir.path().join("pgdata");
+    std::fs::create_dir(&data).expect("mkdir");
+    common::pg::chown(&data, &os_user);
+    std::fs::create_dir(env.repo()).expect("mkdir");
+    std::fs::set_permissions(env.repo(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let cfg = env.write_config(&format!(
+        "{}\n[postgres.main]\nconninfo = \"host=127.0.0.1 port=1 user=postgres dbname=postgres sslmode=disable\"\n\
+         data_dir = \"{}\"\n",
+        fs_region_toml("local", &env.repo()),
+        data.display()
+    ));
+    let o = run_cfg(&cfg, &["check", "--json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let pg = check_item(&o, "postgres main");
+    let d = pg["detail"].as_str().unwrap_or_default();
+    assert!(
+        d.contains("at 127.0.0.1:1") && d.contains("is the server running"),
+        "{d}"
+    );
+    assert_eq!(d.matches("error connecting to server").count(), 1, "{d}");
+    let a = check_item(&o, "archiving main to local");
+    assert_eq!(a["status"], "fail", "{a}");
+    let d = a["detail"].as_str().unwrap_or_default();
+    assert!(
+        d.contains(&format!("not writable by {os_user}")) && d.contains("chown"),
+        "{d}"
+    );
+    // Given to that user, it passes.
+    common::pg::chown(&env.repo(), &os_user);
+    let o = run_cfg(&cfg, &["check", "--json"]);
+    assert_eq!(check_item(&o, "archiving main to local")["status"], "ok");
+}
