@@ -598,3 +598,17 @@ fn check_names_the_postgres_address_and_a_repository_the_archiving_user_cannot_w
     let o = run_cfg(&cfg, &["check", "--json"]);
     assert_eq!(check_item(&o, "archiving main to local")["status"], "ok");
 }
+
+#[test]
+fn list_pg_on_an_empty_repository_says_how_to_take_the_first_backup() {
+    let env = setup();
+    let cfg = env.write_config(&format!(
+        "{}\n[postgres.main]\nconninfo = \"host=127.0.0.1 port=1 user=postgres\"\ndata_dir = \"/nonexistent\"\n",
+        fs_region_toml("local", &env.repo())
+    ));
+    let o = run_cfg(&cfg, &["repo", "init"]);
+    assert!(o.status.success(), "init: {}", stderr(&o));
+    let o = run_cfg(&cfg, &["list", "pg"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("`dr backup pg main`"), "{}", stdout(&o));
+}

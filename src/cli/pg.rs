@@ -315,6 +315,9 @@ pub async fn list(
             &rows
         )
     );
+    if rows.is_empty() {
+        println!("no backups yet; take the first with `dr backup pg {cluster}`");
+    }
     println!("\n{} WAL segments archived", cat.wal.len());
     if cat.windows.is_empty() {
         println!("recoverable window: none");
