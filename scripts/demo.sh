@@ -25,8 +25,11 @@ step "Installing prerequisites (PostgreSQL 15) if missing"
 bash "$ROOT/scripts/setup.sh" --demo
 id "$OS_USER" >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql --shell /bin/bash "$OS_USER"
 
-step "Building dr (release)"
-cargo build --release --locked --quiet
+# The first build compiles every dependency (about 12 minutes on 2 cores);
+# cargo's own progress shows it is working. Later runs reuse $CARGO_TARGET_DIR
+# and take seconds.
+step "Building dr (release; the first build takes about 12 minutes on 2 cores, later ones seconds)"
+cargo build --release --locked
 
 # Stop what an earlier run may have left, then start clean.
 for d in "$DEMO/data" "$DEMO/restored"; do

@@ -169,7 +169,7 @@ install_garage() {
         return 0
     fi
 
-    log "Garage: building 2.x from crates.io (takes 20+ minutes on 2 cores)"
+    log "Garage: building 2.x from crates.io (about 10 minutes on 2 cores)"
     # bundled-libs: no system libsodium/zstd/sqlite needed.
     # sqlite only: the default LMDB engine is not needed for a test server.
     env -u CARGO_TARGET_DIR cargo install garage --locked --version "$GARAGE_VERSION_REQ" \

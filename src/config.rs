@@ -1876,7 +1876,24 @@ fn with_hint(msg: &str) -> String {
     } else if msg.starts_with("missing field") {
         format!("{msg}; add it (see config/dr.toml)")
     } else if msg.contains("unknown variant") {
-        format!("{msg}; region type must be \"fs\" or \"s3\"")
+        format!("{msg}; use one of the values listed (see config/dr.toml)")
+    } else if let Some((_, expected)) = msg
+        .strip_prefix("invalid type: ")
+        .and_then(|m| m.split_once(", expected "))
+    {
+        // serde names Rust types ("expected i32"); say what to write.
+        let want = match expected.trim() {
+            "i8" | "i16" | "i32" | "i64" => "a whole number, without quotes (e.g. 3)",
+            "u8" | "u16" | "u32" | "u64" | "usize" => {
+                "a whole number of 0 or more, without quotes (e.g. 4)"
+            }
+            "f32" | "f64" => "a number, without quotes (e.g. 1.5)",
+            "a boolean" => "true or false, without quotes",
+            "a string" => "a quoted string (e.g. \"…\")",
+            "a sequence" => "a list in brackets (e.g. [\"a\", \"b\"])",
+            _ => return format!("{msg}; see config/dr.toml for the expected form"),
+        };
+        format!("{msg}; write {want}")
     } else {
         msg.to_string()
     }
@@ -1977,6 +1994,16 @@ mod tests {
         assert!(e.starts_with("dr.toml:8:"), "{e}");
         assert!(e.contains("compresion"), "{e}");
         assert!(e.contains("remove or correct"), "{e}");
+    }
+
+    #[test]
+    fn wrong_value_type_says_what_to_write() {
+        let t = base().replace("[[region]]", "compression_level = \"3\"\n\n[[region]]");
+        let e = parse(&t).unwrap_err().to_string();
+        assert!(
+            e.contains("expected i32") && e.contains("write a whole number"),
+            "{e}"
+        );
     }
 
     #[test]

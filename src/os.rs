@@ -72,6 +72,63 @@ pub fn passwd_entry(uid: u32) -> Option<(String, PathBuf)> {
     })
 }
 
+/// The primary group of `uid` and every group that lists it as a member
+/// (from `/etc/passwd` and `/etc/group`).
+pub fn groups_of(uid: u32) -> Vec<u32> {
+    let Ok(passwd) = std::fs::read_to_string("/etc/passwd") else {
+        return Vec::new();
+    };
+    let Some((name, gid)) = passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 7 && f[2].parse::<u32>().ok() == Some(uid))
+            .then(|| (f[0].to_string(), f[3].parse::<u32>().ok()))
+    }) else {
+        return Vec::new();
+    };
+    let mut gids: Vec<u32> = gid.into_iter().collect();
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    for l in groups.lines() {
+        let f: Vec<&str> = l.split(':').collect();
+        if f.len() >= 4
+            && f[3].split(',').any(|m| m == name)
+            && let Ok(g) = f[2].parse::<u32>()
+        {
+            gids.push(g);
+        }
+    }
+    gids
+}
+
+/// Whether `uid` could create files in `path` or, while `path` does not
+/// exist, create it: decided by the mode bits of `path` or of its nearest
+/// existing ancestor, which is returned with the answer. Reads only.
+pub fn writable_by(path: &Path, uid: u32) -> (PathBuf, bool) {
+    use std::os::unix::fs::MetadataExt;
+    let mut dir = path;
+    let meta = loop {
+        match std::fs::metadata(dir) {
+            Ok(m) => break Some(m),
+            Err(_) => match dir.parent() {
+                Some(p) => dir = p,
+                None => break None,
+            },
+        }
+    };
+    let Some(m) = meta else {
+        return (dir.to_path_buf(), false);
+    };
+    let ok = m.is_dir()
+        && (uid == 0
+            || if m.uid() == uid {
+                m.mode() & 0o200 != 0
+            } else if groups_of(uid).contains(&m.gid()) {
+                m.mode() & 0o020 != 0
+            } else {
+                m.mode() & 0o002 != 0
+            });
+    (dir.to_path_buf(), ok)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,6 +138,21 @@ mod tests {
     fn root_has_a_passwd_entry() {
         assert_eq!(passwd_entry(0).map(|(n, _)| n).as_deref(), Some("root"));
         assert!(current_uid().is_some());
+    }
+
+    #[test]
+    fn writable_by_reads_the_nearest_existing_directory() {
+        let d = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let missing = d.path().join("a/b");
+        let (dir, ok) = writable_by(&missing, 0);
+        assert_eq!((dir.as_path(), ok), (d.path(), true));
+        // Some other user: not the owner (root, or whoever runs the tests).
+        let other = current_uid().map_or(65534, |u| if u == 65534 { 65533 } else { 65534 });
+        assert!(!writable_by(&missing, other).1);
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        assert!(writable_by(&missing, other).1);
+        assert!(!writable_by(std::path::Path::new("/proc/self/x"), other).1);
     }
 
     #[test]

@@ -5,7 +5,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{dr_bin, fs_region_toml, garage_region_toml};
@@ -376,4 +376,239 @@ fn verify_levels_and_drill_names_are_checked_before_anything_runs() {
     let o = run_cfg(&cfg, &["drill", "nightly"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("no [drill.nightly]"), "{}", stderr(&o));
+}
+
+/// Runs dr with stdout a pipe nobody reads any more, as `dr … | head` once
+/// head has exited.
+fn dr_into_closed_pipe(cfg: &Path, args: &[&str]) -> Output {
+    let mut child = Command::new(dr_bin())
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .env_remove("DR_CONFIG")
+        .env_remove("DR_IDENTITY_FILE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run dr");
+    drop(child.stdout.take());
+    child.wait_with_output().expect("wait for dr")
+}
+
+#[test]
+fn closed_stdout_ends_quietly_with_status_141() {
+    let env = setup();
+    let cfg = env.write_config(&format!(
+        "{}\n[audit]\npath = \"{}\"\n",
+        fs_region_toml("local", &env.repo()),
+        env.dir.path().join("audit.jsonl").display()
+    ));
+    for args in [&["check", "--json"][..], &["check"], &["daemon", "--check"]] {
+        let o = dr_into_closed_pipe(&cfg, args);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(141), "{args:?}: {e}");
+        assert!(
+            !e.contains("panicked") && !e.contains("backtrace"),
+            "{args:?}: {e}"
+        );
+    }
+}
+
+#[test]
+fn usage_errors_under_json_are_json_with_status_2() {
+    let o = dr(&["--json", "check", "--bogus"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("usage error as JSON");
+    assert_eq!(v["ok"], false);
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("--bogus")),
+        "{v}"
+    );
+    assert_eq!(v["usage"], "Usage: dr check [OPTIONS]", "{v}");
+    // Without --json, clap's text only.
+    let o = dr(&["check", "--bogus"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(o.stdout.is_empty() && stderr(&o).contains("--bogus"));
+    // wal-fetch keeps its contract: anything but "not archived" is 200.
+    let o = dr(&["--json", "wal-fetch"]);
+    assert_eq!(o.status.code(), Some(200), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("usage error as JSON");
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("<FILE>")),
+        "{v}"
+    );
+    // Help is not an error.
+    let o = dr(&["--json", "check", "--help"]);
+    assert_eq!(o.status.code(), Some(0));
+}
+
+#[test]
+fn logs_are_not_coloured_off_a_terminal() {
+    let env = setup();
+    let url = common::require_env("DR_TEST_REDIS_URL", "Redis");
+    let cfg = env.write_config(&format!(
+        "{}\n[redis.cache]\nurl = \"{url}\"\n",
+        fs_region_toml("local", &env.repo())
+    ));
+    let o = run_cfg(&cfg, &["repo", "init"]);
+    assert!(o.status.success(), "init: {}", stderr(&o));
+    let o = run_cfg(&cfg, &["backup", "redis"]);
+    let e = stderr(&o);
+    assert!(o.status.success(), "backup: {e}");
+    assert!(e.contains("INFO"), "the snapshot logs at info: {e}");
+    assert!(!e.contains('\x1b'), "escape codes in a pipe: {e:?}");
+}
+
+#[test]
+fn cron_errors_are_one_line_with_the_users_expression_and_the_true_bound() {
+    let env = setup();
+    let cfg = env.write_config(&format!(
+        "{}\n[redis.cache]\nurl = \"redis://127.0.0.1:6379\"\n[redis.cache.schedule]\nsnapshot = \"0 24 * * *\"\n",
+        fs_region_toml("local", &env.repo())
+    ));
+    let o = run_cfg(&cfg, &["daemon", "--check"]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert_eq!(e.trim_end().lines().count(), 1, "one line: {e}");
+    assert!(
+        e.contains("\"0 24 * * *\"") && e.contains("hour 24 is out of range (0-23)"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("0 0 24"),
+        "the 6-field translation is not shown: {e}"
+    );
+    // 23 is a valid hour.
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg)
+            .expect("read")
+            .replace("0 24", "0 23"),
+    )
+    .expect("write");
+    let o = run_cfg(&cfg, &["daemon", "--check"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// The checks of a `dr check --json` run, by name.
+fn check_item(o: &Output, name: &str) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("check json");
+    v["checks"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == name).cloned())
+        .unwrap_or_else(|| panic!("no check {name:?}: {v:#}"))
+}
+
+#[test]
+fn check_changes_nothing_and_checks_redis_sources() {
+    let env = setup();
+    let src = common::redis::TestRedis::start(&[
+        "requirepass right-pw",
+        "user nosync on >np ~* &* +@all -psync -sync",
+    ]);
+    let port = src.port;
+    let audit = env.dir.path().join("log/audit.jsonl");
+    let cfg = env.write_config(&format!(
+        "{}\n[audit]\npath = \"{}\"\n\
+         [redis.good]\nurl = \"redis://:right-pw@127.0.0.1:{port}\"\n\
+         [redis.wrongpw]\nurl = \"redis://:wrong@127.0.0.1:{port}\"\n\
+         [redis.noperm]\nurl = \"redis://nosync:np@127.0.0.1:{port}\"\n\
+         [redis.notredis]\nurl = \"redis://{}\"\n",
+        fs_region_toml("local", &env.repo()),
+        audit.display(),
+        common::require_env("DR_TEST_S3_ENDPOINT", "Garage").trim_start_matches("http://"),
+    ));
+    let o = run_cfg(&cfg, &["check", "--json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(!env.repo().exists(), "check created the repository");
+    assert!(
+        !audit.parent().expect("dir").exists(),
+        "check created the audit log"
+    );
+    let region = check_item(&o, "region local");
+    assert_eq!(region["status"], "ok", "{region}");
+    assert!(
+        region["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("nothing written")),
+        "{region}"
+    );
+
+    let good = check_item(&o, "redis good");
+    assert_eq!(good["status"], "ok", "{good}");
+    assert!(
+        good["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("PSYNC allowed")),
+        "{good}"
+    );
+    for (name, words) in [
+        (
+            "redis wrongpw",
+            &["refused the credentials", "password"][..],
+        ),
+        ("redis noperm", &["psync", "ACL SETUSER"]),
+        (
+            "redis notredis",
+            &["is it a Redis server", "not a Redis reply"],
+        ),
+    ] {
+        let c = check_item(&o, name);
+        assert_eq!(c["status"], "fail", "{c}");
+        let d = c["detail"].as_str().unwrap_or_default().to_string();
+        assert!(words.iter().any(|w| d.contains(w)), "{name}: {d}");
+    }
+}
+
+#[test]
+fn check_names_the_postgres_address_and_a_repository_the_archiving_user_cannot_write() {
+    let env = setup();
+    let os_user = common::require_env("DR_TEST_OS_USER", "PostgreSQL");
+    // A data directory owned by the user that would run archive_command, and
+    // a repository only root may write.
+    let data = env.dir.path().join("pgdata");
+    std::fs::create_dir(&data).expect("mkdir");
+    common::pg::chown(&data, &os_user);
+    std::fs::create_dir(env.repo()).expect("mkdir");
+    std::fs::set_permissions(env.repo(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let cfg = env.write_config(&format!(
+        "{}\n[postgres.main]\nconninfo = \"host=127.0.0.1 port=1 user=postgres dbname=postgres sslmode=disable\"\n\
+         data_dir = \"{}\"\n",
+        fs_region_toml("local", &env.repo()),
+        data.display()
+    ));
+    let o = run_cfg(&cfg, &["check", "--json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let pg = check_item(&o, "postgres main");
+    let d = pg["detail"].as_str().unwrap_or_default();
+    assert!(
+        d.contains("at 127.0.0.1:1") && d.contains("is the server running"),
+        "{d}"
+    );
+    assert_eq!(d.matches("error connecting to server").count(), 1, "{d}");
+    let a = check_item(&o, "archiving main to local");
+    assert_eq!(a["status"], "fail", "{a}");
+    let d = a["detail"].as_str().unwrap_or_default();
+    assert!(
+        d.contains(&format!("not writable by {os_user}")) && d.contains("chown"),
+        "{d}"
+    );
+    // Given to that user, it passes.
+    common::pg::chown(&env.repo(), &os_user);
+    let o = run_cfg(&cfg, &["check", "--json"]);
+    assert_eq!(check_item(&o, "archiving main to local")["status"], "ok");
+}
+
+#[test]
+fn list_pg_on_an_empty_repository_says_how_to_take_the_first_backup() {
+    let env = setup();
+    let cfg = env.write_config(&format!(
+        "{}\n[postgres.main]\nconninfo = \"host=127.0.0.1 port=1 user=postgres\"\ndata_dir = \"/nonexistent\"\n",
+        fs_region_toml("local", &env.repo())
+    ));
+    let o = run_cfg(&cfg, &["repo", "init"]);
+    assert!(o.status.success(), "init: {}", stderr(&o));
+    let o = run_cfg(&cfg, &["list", "pg"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("`dr backup pg main`"), "{}", stdout(&o));
 }

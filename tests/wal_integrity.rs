@@ -85,6 +85,28 @@ fn corrupt_wal_object_stops_recovery_and_fails_verification() {
     // Not in the archive: exit 1, the end of the archive for PostgreSQL.
     let o = pg.dr_raw(&["wal-fetch", "0000000100000000000000FE", "/nonexistent/x"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    // --json prints a document and keeps the statuses.
+    let o = pg.dr_raw(&[
+        "wal-fetch",
+        "--json",
+        "0000000100000000000000FE",
+        "/nonexistent/x",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("wal-fetch json");
+    assert_eq!(
+        (v["ok"].clone(), v["archived"].clone()),
+        (false.into(), false.into())
+    );
+    let o = pg.dr_raw(&[
+        "wal-fetch",
+        "--json",
+        &good,
+        dest.with_extension("j").to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("wal-fetch json");
+    assert_eq!(v["ok"], true, "{v}");
     // Bad arguments must not read as "end of archive" either.
     let o = pg.dr_raw(&["wal-fetch", "000000010000000000000003"]);
     assert_eq!(o.status.code(), Some(200), "{}", stderr(&o));
@@ -100,6 +122,15 @@ fn corrupt_wal_object_stops_recovery_and_fails_verification() {
     let o = pg.dr_raw(&["wal-fetch", &segment, out.join("x").to_str().expect("utf8")]);
     let e = stderr(&o);
     assert_eq!(o.status.code(), Some(200), "{e}");
+    let o = pg.dr_raw(&[
+        "wal-fetch",
+        "--json",
+        &segment,
+        out.join("y").to_str().expect("utf8"),
+    ]);
+    assert_eq!(o.status.code(), Some(200), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("wal-fetch error json");
+    assert_eq!(v["ok"], false, "{v}");
     assert!(
         e.contains(&segment) && e.contains("[local]") && e.contains("corrupt"),
         "the error names the object, the region and the damage: {e}"

@@ -2,6 +2,7 @@
 //! descriptor and the identity here; each PostgreSQL cluster in `postgres.rs`.
 
 mod postgres;
+mod redis;
 
 use std::time::Instant;
 
@@ -87,27 +88,10 @@ pub async fn run(cfg: &Config) -> CheckReport {
     for r in regions.iter() {
         let name = format!("region {}", r.name);
         let t = Instant::now();
-        let probe = ObjectKey::Selftest {
-            id: BackupId::new(Utc::now()),
-        }
-        .to_string();
-        let payload = Bytes::from(format!("dr check probe {}", Utc::now().to_rfc3339()));
-        let mut note = String::new();
-        let res = async {
-            if let crate::store::Store::S3(s3) = r.store.as_ref() {
-                s3.check_object_lock().await?;
-            }
-            r.store.put_bytes(&probe, payload.clone()).await?;
-            let back = r.store.get_bytes(&probe).await?;
-            match r.store.delete(&probe).await {
-                Err(crate::store::StoreError::Locked { until, .. }) => {
-                    note = format!("; Object Lock on, probe kept until {until}");
-                }
-                other => other?,
-            }
-            Ok::<bool, crate::store::StoreError>(back == payload)
-        }
-        .await;
+        // Read before writing: a region without a repository is reported,
+        // never written to (a check must not create a repository).
+        let info = r.store.get_bytes(&info_key).await;
+        let missing = matches!(&info, Err(e) if e.is_not_found());
         // A locked bucket used without object_lock_days: dr's deletes would
         // only add delete markers (objects hidden, storage kept).
         if let crate::store::Store::S3(s3) = r.store.as_ref()
@@ -125,30 +109,40 @@ pub async fn run(cfg: &Config) -> CheckReport {
                 ),
             );
         }
-        match res {
-            Ok(true) => {
-                healthy += 1;
-                rep.push(
+        match &info {
+            Ok(_) => match write_probe(r).await {
+                Ok((true, note)) => {
+                    healthy += 1;
+                    rep.push(
+                        &name,
+                        Status::Ok,
+                        format!(
+                            "{}: writable, {} ms round trip{note}",
+                            r.store.describe(),
+                            t.elapsed().as_millis()
+                        ),
+                    );
+                }
+                Ok((false, _)) => rep.push(
                     &name,
-                    Status::Ok,
+                    Status::Fail,
                     format!(
-                        "{}: writable, {} ms round trip{note}",
-                        r.store.describe(),
-                        t.elapsed().as_millis()
+                        "{}: read back different bytes than written",
+                        r.store.describe()
                     ),
-                );
-            }
-            Ok(false) => rep.push(
-                &name,
-                Status::Fail,
-                format!(
-                    "{}: read back different bytes than written",
-                    r.store.describe()
                 ),
-            ),
+                Err(e) => rep.push(&name, Status::Fail, e.to_string()),
+            },
+            Err(_) if missing => {
+                let (status, detail) = uninitialized_region(r).await;
+                if status != Status::Fail {
+                    healthy += 1;
+                }
+                rep.push(&name, status, detail);
+            }
             Err(e) => rep.push(&name, Status::Fail, e.to_string()),
         }
-        match r.store.get_bytes(&info_key).await {
+        match info {
             Ok(b) => match serde_json::from_slice::<crate::repo::RepoInfo>(&b) {
                 Ok(info) if info.version == crate::repo::FORMAT_VERSION => {
                     repo_ids.push(info.id.clone());
@@ -191,7 +185,7 @@ pub async fn run(cfg: &Config) -> CheckReport {
                     format!("dr-repo.json is not a dr descriptor: {e}"),
                 ),
             },
-            Err(e) if e.is_not_found() => rep.push(
+            Err(_) if missing => rep.push(
                 format!("repository in {}", r.name),
                 Status::Warn,
                 "not initialized; run `dr repo init`",
@@ -241,7 +235,126 @@ pub async fn run(cfg: &Config) -> CheckReport {
             rep.push(check, status, detail);
         }
     }
+    archive_user_checks(cfg, &regions, &mut rep);
+    for (name, rc) in &cfg.redis {
+        let (status, detail) = redis::check(rc.get_ref()).await;
+        rep.push(format!("redis {name}"), status, detail);
+    }
     rep
+}
+
+/// Writes, reads back and deletes a probe object in a region that holds a
+/// repository. Returns whether the bytes came back equal, and a note.
+async fn write_probe(r: &crate::store::Region) -> Result<(bool, String), crate::store::StoreError> {
+    let probe = ObjectKey::Selftest {
+        id: BackupId::new(Utc::now()),
+    }
+    .to_string();
+    let payload = Bytes::from(format!("dr check probe {}", Utc::now().to_rfc3339()));
+    let mut note = String::new();
+    if let crate::store::Store::S3(s3) = r.store.as_ref() {
+        s3.check_object_lock().await?;
+    }
+    r.store.put_bytes(&probe, payload.clone()).await?;
+    let back = r.store.get_bytes(&probe).await?;
+    match r.store.delete(&probe).await {
+        Err(crate::store::StoreError::Locked { until, .. }) => {
+            note = format!("; Object Lock on, probe kept until {until}");
+        }
+        other => other?,
+    }
+    Ok((back == payload, note))
+}
+
+/// A region that answered "no dr-repo.json": reachable, left untouched.
+/// For a directory, says whether `dr repo init` run as this user could
+/// create the repository there.
+async fn uninitialized_region(r: &crate::store::Region) -> (Status, String) {
+    let what = r.store.describe();
+    match r.store.as_ref() {
+        crate::store::Store::Fs(fs) => {
+            let uid = crate::os::current_uid().unwrap_or(u32::MAX);
+            let (dir, ok) = crate::os::writable_by(fs.root(), uid);
+            if ok {
+                (
+                    Status::Ok,
+                    format!(
+                        "{what}: no repository yet (nothing written); `dr repo init` can create it"
+                    ),
+                )
+            } else {
+                (
+                    Status::Fail,
+                    format!(
+                        "{what}: this user cannot create it ({} is not writable); create it \
+                         and give it to the user that archives, e.g. \
+                         `install -d -o postgres -g postgres -m 0750 {}`",
+                        dir.display(),
+                        fs.root().display()
+                    ),
+                )
+            }
+        }
+        crate::store::Store::S3(s3) => match s3.check_object_lock().await {
+            Ok(()) => (
+                Status::Ok,
+                format!("{what}: reachable, no repository yet (nothing written)"),
+            ),
+            Err(e) => (Status::Fail, e.to_string()),
+        },
+        _ => (
+            Status::Ok,
+            format!("{what}: reachable, no repository yet (nothing written)"),
+        ),
+    }
+}
+
+/// `archive_command` runs `dr wal-push` as the owner of the data directory:
+/// a directory region it cannot write fails every archived segment, which
+/// a check run as root would not notice.
+fn archive_user_checks(cfg: &Config, regions: &Regions, rep: &mut CheckReport) {
+    use std::os::unix::fs::MetadataExt;
+    for (name, pg) in &cfg.postgres {
+        let pg = pg.get_ref();
+        if pg.mode != crate::config::BackupMode::Local || pg.wal != crate::config::WalMode::Archive
+        {
+            continue;
+        }
+        let Ok(meta) = std::fs::metadata(&pg.data_dir) else {
+            continue; // the cluster check already says why
+        };
+        let uid = meta.uid();
+        let user = crate::os::passwd_entry(uid).map_or(format!("uid {uid}"), |(n, _)| n);
+        for r in regions.iter() {
+            let crate::store::Store::Fs(fs) = r.store.as_ref() else {
+                continue;
+            };
+            let (dir, ok) = crate::os::writable_by(fs.root(), uid);
+            let check = format!("archiving {name} to {}", r.name);
+            if ok {
+                rep.push(
+                    check,
+                    Status::Ok,
+                    format!(
+                        "{} is writable by {user}, who runs archive_command",
+                        dir.display()
+                    ),
+                );
+            } else {
+                rep.push(
+                    check,
+                    Status::Fail,
+                    format!(
+                        "{} is not writable by {user}, who runs archive_command (owner of {}): \
+                         every wal-push would fail; run `chown -R {user}: {}`",
+                        dir.display(),
+                        pg.data_dir.display(),
+                        fs.root().display()
+                    ),
+                );
+            }
+        }
+    }
 }
 
 /// Restores, failovers and expiry refuse to run unaudited: find out now,

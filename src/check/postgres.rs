@@ -16,11 +16,7 @@ pub(super) async fn checks(name: &str, pg: &PgConfig) -> Vec<(String, Status, St
     let client = match crate::postgres::connect_to(&pg.conninfo, Some(TIMEOUT)).await {
         Ok(c) => c,
         Err(e) => {
-            out.push((
-                format!("postgres {name}"),
-                Status::Fail,
-                format!("cannot connect: {e}"),
-            ));
+            out.push((format!("postgres {name}"), Status::Fail, e.to_string()));
             return out;
         }
     };

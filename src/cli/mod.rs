@@ -157,29 +157,26 @@ enum ListCmd {
     },
 }
 
+/// Exit status when stdout is closed before `dr` has printed everything
+/// (`dr list pg | head`): 128 + SIGPIPE, what a shell reports for a Unix
+/// tool the signal ended, so `set -o pipefail` scripts see the same thing.
+const BROKEN_PIPE_STATUS: u8 = 141;
+
+/// Exit status of a command line that cannot be parsed, as clap uses.
+const USAGE_STATUS: u8 = 2;
+
 /// Parses arguments, runs the command, prints a one-line cause on failure.
 pub fn run() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // For wal-fetch, every failure other than "not in the archive" must stop
     // recovery: argument errors and panics included, whose usual statuses (2,
     // 101) PostgreSQL would read as the end of the archive.
-    let fetching = std::env::args().any(|a| a == "wal-fetch");
-    if fetching {
-        let default_hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            default_hook(info);
-            std::process::exit(i32::from(dr::postgres::wal::FETCH_FAILED_STATUS));
-        }));
-    }
-    let cli = match Cli::try_parse() {
+    let fetching = args.iter().any(|a| a == "wal-fetch");
+    let json = args.iter().any(|a| a == "--json");
+    install_panic_hook(fetching);
+    let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return if fetching && e.use_stderr() {
-                ExitCode::from(dr::postgres::wal::FETCH_FAILED_STATUS)
-            } else {
-                ExitCode::from(e.exit_code().clamp(0, 255) as u8)
-            };
-        }
+        Err(e) => return usage_error(&e, json, fetching),
     };
     let fetching = matches!(cli.command, Command::WalFetch { .. });
     init_logging(&cli);
@@ -239,7 +236,7 @@ pub fn run() -> ExitCode {
                 file,
                 dest,
                 until,
-            } => pg::wal_fetch(cluster, file, dest, until, cli.config.as_deref()).await,
+            } => pg::wal_fetch(cluster, file, dest, until, cli.config.as_deref(), &out).await,
         }
     });
     match result {
@@ -253,6 +250,78 @@ pub fn run() -> ExitCode {
             }
         }
     }
+}
+
+/// Turns a panic into the exit statuses callers rely on: a write to a
+/// closed stdout ends quietly (no panic message, no backtrace), and under
+/// wal-fetch any panic stops recovery.
+fn install_panic_hook(fetching: bool) {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        // println! panics with "failed printing to stdout: Broken pipe".
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied());
+        let broken_pipe = message.is_some_and(|m| {
+            m.starts_with("failed printing to std")
+                && (m.contains("Broken pipe") || m.contains("os error 32"))
+        });
+        let failed = i32::from(dr::postgres::wal::FETCH_FAILED_STATUS);
+        if broken_pipe {
+            std::process::exit(if fetching {
+                failed
+            } else {
+                i32::from(BROKEN_PIPE_STATUS)
+            });
+        }
+        default_hook(info);
+        if fetching {
+            std::process::exit(failed);
+        }
+    }));
+}
+
+/// A command line clap refuses: its message on stderr as usual and, under
+/// `--json`, a JSON document on stdout too; exit status 2 (200 for
+/// wal-fetch). `--help` and `--version` print as usual and exit 0.
+fn usage_error(e: &clap::Error, json: bool, fetching: bool) -> ExitCode {
+    if !e.use_stderr() {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    let status = if fetching {
+        dr::postgres::wal::FETCH_FAILED_STATUS
+    } else {
+        USAGE_STATUS
+    };
+    if json {
+        let text = e.render().to_string();
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let usage = lines.iter().position(|l| l.starts_with("Usage:"));
+        let message = lines[..usage.unwrap_or(lines.len())].join(" ");
+        let out = Out { json: true };
+        out.json(&serde_json::json!({
+            "ok": false,
+            "error": message.strip_prefix("error: ").unwrap_or(&message),
+            "usage": usage.map(|i| lines[i]),
+            "exit_status": status,
+        }));
+    }
+    let _ = e.print();
+    ExitCode::from(status)
+}
+
+/// Colour only for a person at a terminal, and never with `NO_COLOR` set
+/// (no-color.org): PostgreSQL's log captures wal-push's stderr.
+fn colour() -> bool {
+    use std::io::IsTerminal;
+    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
 }
 
 fn init_logging(cli: &Cli) {
@@ -269,6 +338,7 @@ fn init_logging(cli: &Cli) {
     let filter = EnvFilter::try_from_env("DR_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour())
         .with_writer(std::io::stderr);
     // A daemon's stderr is usually the journal or a file: JSON there, and
     // human lines with timestamps when someone runs it in a terminal.
@@ -369,7 +439,7 @@ fn report_degraded(repo: &dr::repo::Repository, out: &Out) -> serde_json::Value 
     if !out.json {
         for (region, why) in &d {
             eprintln!(
-                "DEGRADED: region {region} missed writes ({why}); {} of {} regions hold this run's data (min_regions = {}). Run `dr repo sync` once it is back.",
+                "DEGRADED: region {region} missed writes ({why}); {} of {} regions hold this run's data (min_regions = {}). Fix the cause (for a directory region refusing access: its owner, see `dr check` as this user), then run `dr repo sync`.",
                 repo.regions.len() - d.len(),
                 repo.regions.len(),
                 repo.regions.min_regions()

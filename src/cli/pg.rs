@@ -315,6 +315,9 @@ pub async fn list(
             &rows
         )
     );
+    if rows.is_empty() {
+        println!("no backups yet; take the first with `dr backup pg {cluster}`");
+    }
     println!("\n{} WAL segments archived", cat.wal.len());
     if cat.windows.is_empty() {
         println!("recoverable window: none");
@@ -471,6 +474,7 @@ pub async fn wal_fetch(
     dest: PathBuf,
     until: Option<String>,
     config: Option<&Path>,
+    out: &Out,
 ) -> anyhow::Result<ExitCode> {
     let until = until
         .map(|u| {
@@ -522,9 +526,18 @@ pub async fn wal_fetch(
     match outcome {
         wal::FetchOutcome::Fetched { source } => {
             tracing::info!(file, source, "fetched");
+            if out.json {
+                out.json(&serde_json::json!({ "ok": true, "file": file, "dest": dest, "source": source }));
+            }
             Ok(ExitCode::SUCCESS)
         }
-        // PostgreSQL asks for files past the end of the archive; say nothing.
-        wal::FetchOutcome::NotFound => Ok(ExitCode::from(1)),
+        // PostgreSQL asks for files past the end of the archive; say nothing
+        // (a JSON caller still gets its document).
+        wal::FetchOutcome::NotFound => {
+            if out.json {
+                out.json(&serde_json::json!({ "ok": false, "file": file, "archived": false }));
+            }
+            Ok(ExitCode::from(1))
+        }
     }
 }

@@ -39,12 +39,15 @@ impl Cron {
                 6 => {}
                 n => return Err(format!("has {n} fields; {HINT}")),
             }
+            for (field, (name, lo, hi)) in fields.iter().zip(BOUNDS) {
+                in_range(field, name, lo, hi)?;
+            }
             fields[5] = weekdays(&fields[5])?;
             fields.join(" ")
         };
         let schedule = translated
             .parse::<cron::Schedule>()
-            .map_err(|e| format!("not a valid cron expression ({e}); {HINT}"))?;
+            .map_err(|e| format!("not a valid cron expression ({}); {HINT}", last_line(&e)))?;
         if schedule.upcoming(Utc).next().is_none() {
             return Err("never fires (no future time matches)".into());
         }
@@ -63,6 +66,45 @@ impl Cron {
     pub fn expr(&self) -> &str {
         &self.expr
     }
+}
+
+/// Each field of the 6-field form (seconds first) with its bounds as
+/// crontab(5) states them; day-of-week is checked by [`weekdays`].
+const BOUNDS: [(&str, u32, u32); 5] = [
+    ("second", 0, 59),
+    ("minute", 0, 59),
+    ("hour", 0, 23),
+    ("day-of-month", 1, 31),
+    ("month", 1, 12),
+];
+
+/// Checks the numbers of one field against its bounds, so the message
+/// names the field and the true range (the `cron` crate says "Hours must be
+/// less than 23" of a field that accepts 23). Names (JAN) are left to it.
+fn in_range(field: &str, name: &str, lo: u32, hi: u32) -> Result<(), String> {
+    for item in field.split(',') {
+        let range = item.split_once('/').map_or(item, |(r, _)| r);
+        for n in range.split('-') {
+            if let Ok(v) = n.parse::<u32>()
+                && !(lo..=hi).contains(&v)
+            {
+                return Err(format!("{name} {v} is out of range ({lo}-{hi}); {HINT}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `cron` crate's message without the echo of the (translated, 6-field)
+/// expression and the caret line it puts above it: one line, and no
+/// fields the user did not write.
+fn last_line(e: &cron::error::Error) -> String {
+    let text = e.to_string();
+    text.lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .unwrap_or("unreadable")
+        .to_string()
 }
 
 /// Translates a crontab(5) day-of-week field (0/7 = Sunday) into the list of
@@ -195,8 +237,26 @@ mod tests {
     fn bad_expressions_say_what_to_write() {
         let e = Cron::parse("0 2 * *").unwrap_err();
         assert!(e.contains("has 4 fields") && e.contains("UTC"), "{e}");
-        let e = Cron::parse("0 25 * * *").unwrap_err();
-        assert!(e.contains("not a valid cron expression"), "{e}");
+        let e = Cron::parse("0 24 * * *").unwrap_err();
+        assert!(e.starts_with("hour 24 is out of range (0-23)"), "{e}");
+        assert!(Cron::parse("0 23 * * *").is_ok());
+        let e = Cron::parse("61 2 * * *").unwrap_err();
+        assert!(e.starts_with("minute 61 is out of range (0-59)"), "{e}");
+        let e = Cron::parse("0 2 0 * *").unwrap_err();
+        assert!(
+            e.starts_with("day-of-month 0 is out of range (1-31)"),
+            "{e}"
+        );
+        let e = Cron::parse("0 2 * 1-13 *").unwrap_err();
+        assert!(e.starts_with("month 13 is out of range (1-12)"), "{e}");
+        // What only the cron crate catches is one line, without the
+        // 6-field translation of a 5-field expression.
+        let e = Cron::parse("0 2 * FOO *").unwrap_err();
+        assert!(
+            e.contains("not a valid cron expression") && !e.contains('\n'),
+            "{e}"
+        );
+        assert!(!e.contains("0 0 2"), "{e}");
         let e = Cron::parse("0 2 * * 8").unwrap_err();
         assert!(e.contains("0 and 7 are Sunday"), "{e}");
         let e = Cron::parse("0 2 * * 5-1").unwrap_err();

@@ -216,7 +216,12 @@ impl Targets {
         client
             .get_multiplexed_async_connection_with_config(&cfg)
             .await
-            .map_err(|e| format!("cannot connect to {name}: {e}"))
+            .map_err(|e| {
+                format!(
+                    "cannot connect to {name}: {}",
+                    crate::redis::client_cause(&e, &t.url)
+                )
+            })
     }
 
     /// `INFO replication` of a Redis server, as key → value.
@@ -226,7 +231,13 @@ impl Targets {
             .arg("replication")
             .query_async(&mut conn)
             .await
-            .map_err(|e| format!("INFO replication on {name}: {e}"))?;
+            .map_err(|e| {
+                let t = self.redis(name).map(|t| t.url.clone()).unwrap_or_default();
+                format!(
+                    "INFO replication on {name}: {}",
+                    crate::redis::client_cause(&e, &t)
+                )
+            })?;
         Ok(info
             .lines()
             .filter_map(|l| l.trim().split_once(':'))

@@ -32,6 +32,18 @@ pub enum PgError {
         /// Cause.
         source: tokio_postgres::Error,
     },
+    /// Could not connect: names the address tried and the likely fix.
+    #[error(
+        "cannot connect to PostgreSQL at {addr}: {}{}",
+        sql_cause(source),
+        connect_hint(source, addr)
+    )]
+    Connect {
+        /// Host and port, or the socket file.
+        addr: String,
+        /// Cause.
+        source: tokio_postgres::Error,
+    },
     /// A local file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -78,6 +90,60 @@ pub fn sql_cause(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// What usually fixes a failed connection, from its cause ("" when there
+/// is nothing better to say than the cause itself).
+fn connect_hint(e: &tokio_postgres::Error, addr: &str) -> String {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        return match code {
+            "28P01" | "28000" => "; check the user and password (password= in conninfo, \
+                                  PGPASSWORD or ~/.pgpass) and the pg_hba.conf line for this client"
+                .into(),
+            "3D000" => "; set dbname= in conninfo to a database that exists".into(),
+            _ => String::new(),
+        };
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(c) = src {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            let socket = addr.starts_with('/');
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused if socket => {
+                    "; the socket exists but nothing accepts on it: is the server running?".into()
+                }
+                std::io::ErrorKind::ConnectionRefused => "; nothing listens there: is the server \
+                     running, and do host and port in conninfo match its listen_addresses and port?"
+                    .into(),
+                std::io::ErrorKind::NotFound if socket => "; no such socket: is the server \
+                     running, with this directory in unix_socket_directories and this port?"
+                    .into(),
+                std::io::ErrorKind::PermissionDenied => {
+                    "; this OS user may not open it: run dr as the user the server expects".into()
+                }
+                _ => String::new(),
+            };
+        }
+        src = c.source();
+    }
+    if e.to_string().contains("timeout") {
+        return "; no answer in time: check the host, any firewall, or raise connect_timeout in conninfo"
+            .into();
+    }
+    String::new()
+}
+
+/// The address a connection tries first: `host:port`, or the socket file.
+fn first_address(pc: &tokio_postgres::Config) -> String {
+    let port = pc.get_ports().first().copied().unwrap_or(5432);
+    match pc.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => format!("{h}:{port}"),
+        Some(tokio_postgres::config::Host::Unix(dir)) => {
+            format!("{}/.s.PGSQL.{port}", dir.display())
+        }
+        None => format!("(no host in conninfo):{port}"),
+    }
+}
+
 impl PgError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> PgError {
         PgError::Io {
@@ -94,7 +160,7 @@ impl PgError {
     /// permanent.
     pub fn is_transient(&self) -> bool {
         match self {
-            PgError::Sql { source, .. } => match source.code() {
+            PgError::Sql { source, .. } | PgError::Connect { source, .. } => match source.code() {
                 // No SQLSTATE: the connection failed or was closed.
                 None => true,
                 Some(code) => {
@@ -237,8 +303,9 @@ pub async fn connect_db(
     if let (None, Some(t)) = (pc.get_connect_timeout(), connect_timeout) {
         pc.connect_timeout(t);
     }
-    let sql_err = |source| PgError::Sql {
-        what: "connect".into(),
+    let addr = first_address(&pc);
+    let sql_err = |source| PgError::Connect {
+        addr: addr.clone(),
         source,
     };
     let client = if split.sslmode == "disable" {

@@ -81,6 +81,29 @@ pub enum RedisError {
     Other(String),
 }
 
+/// The `redis` crate's error for a server reached through `url`, with the
+/// likely fix: its "Incompatible type - Parse error at 1 Unexpected `84`"
+/// means whatever answers there does not speak the Redis protocol.
+pub fn client_cause(e: &redis::RedisError, url: &str) -> String {
+    let addr = redis::Client::open(url)
+        .ok()
+        .map(|c| c.get_connection_info().addr().to_string())
+        .unwrap_or_else(|| "the url".into());
+    if e.kind() == redis::ErrorKind::Parse {
+        format!(
+            "{addr} did not answer in the Redis protocol; is it a Redis server (host and port in the url)?"
+        )
+    } else if e.is_connection_refusal() {
+        format!(
+            "{addr}: {e}; nothing listens there: is the server running, and are host and port in the url right?"
+        )
+    } else if e.is_timeout() {
+        format!("{addr}: {e}; no answer in time: check the host and any firewall")
+    } else {
+        format!("{addr}: {e}")
+    }
+}
+
 impl RedisError {
     /// True when retrying later may help: the server was unreachable or the
     /// stream broke. Refused credentials or replication are permanent.

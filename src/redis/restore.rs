@@ -148,7 +148,8 @@ pub struct RestoreReport {
     pub snapshot: String,
     /// Point in time of the snapshot.
     pub snapshot_time: DateTime<Utc>,
-    /// Requested target (`None`: latest).
+    /// Requested target (`None`: latest, reported as `"latest"`).
+    #[serde(serialize_with = "target_or_latest")]
     pub target: Option<DateTime<Utc>>,
     /// The written dump.
     pub file: String,
@@ -523,6 +524,17 @@ fn log_tail(log: &Path) -> String {
             format!("; last lines of {}:\n{}", log.display(), tail.join("\n"))
         }
         Err(_) => String::new(),
+    }
+}
+
+/// A JSON reader must tell "the newest snapshot" from a missing field.
+fn target_or_latest<S: serde::Serializer>(
+    t: &Option<DateTime<Utc>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => serde::Serialize::serialize(t, s),
+        None => s.serialize_str("latest"),
     }
 }
 

@@ -63,6 +63,74 @@ pub struct SnapshotReport {
     pub regions: Vec<String>,
 }
 
+/// What `dr check` learns of a Redis source.
+#[derive(Debug)]
+pub struct Probe {
+    /// host:port.
+    pub addr: String,
+    /// `redis_version` from INFO.
+    pub version: String,
+    /// `role` from INFO replication (master / slave).
+    pub role: String,
+    /// Whether the user may run PSYNC, by `ACL DRYRUN` (None: the server
+    /// or the user's rights do not allow asking).
+    pub psync: Option<bool>,
+}
+
+/// Connects and authenticates as a snapshot does, reads INFO and sends the
+/// first replication step (`REPLCONF capa eof`), which a user without
+/// replication rights is refused. Starts no sync: the server does not fork.
+pub async fn probe(cfg: &RedisConfig, timeout: Duration) -> Result<Probe, RedisError> {
+    let ep = Endpoint::from_config(cfg)?;
+    let (mut s, version) = replication_session(&ep, timeout, 8 * 1024).await?;
+    let repl = s.info("replication").await?;
+    let role = info_field(&repl, "role").unwrap_or("unknown").to_string();
+    // PSYNC itself would make the server fork and send a full RDB; ask the
+    // ACL instead (Redis 7+, and only if this user may run ACL DRYRUN).
+    let user = ep.username.as_deref().unwrap_or("default");
+    s.send_many(&[&["ACL", "DRYRUN", user, "PSYNC", "?", "-1"]])
+        .await?;
+    let psync = match s.reply().await? {
+        Reply::Simple(ok) if ok == "OK" => Some(true),
+        Reply::Bulk(denied) => {
+            return Err(s.refused(
+                String::from_utf8_lossy(&denied).into_owned(),
+                "snapshots need PSYNC (or SYNC): `ACL SETUSER <user> +psync +sync +replconf +ping +info`",
+            ));
+        }
+        _ => None,
+    };
+    Ok(Probe {
+        addr: s.addr,
+        version,
+        role,
+        psync,
+    })
+}
+
+/// Connects, authenticates, reads the server version and announces the
+/// replica capabilities (`REPLCONF`, refused to a user without replication
+/// rights): the start of a snapshot, and all a check may do.
+async fn replication_session(
+    ep: &Endpoint,
+    timeout: Duration,
+    buffer: usize,
+) -> Result<(Session, String), RedisError> {
+    let conn = ep.connect(timeout).await?;
+    let mut s = Session {
+        io: BufReader::with_capacity(buffer, conn),
+        addr: ep.addr(),
+        timeout,
+    };
+    s.handshake(ep).await?;
+    let info = s.info("server").await?;
+    let version = info_field(&info, "redis_version")
+        .unwrap_or("unknown")
+        .to_string();
+    s.replconf(&["capa", "eof", "capa", "psync2"], true).await?;
+    Ok((s, version))
+}
+
 /// Takes one snapshot of `instance`.
 pub async fn snapshot(
     repo: &Repository,
@@ -73,18 +141,7 @@ pub async fn snapshot(
     let t0 = Instant::now();
     let ep = Endpoint::from_config(cfg)?;
     let timeout = Duration::from_secs(cfg.timeout_seconds);
-    let conn = ep.connect(timeout).await?;
-    let mut s = Session {
-        io: BufReader::with_capacity(CHUNK, conn),
-        addr: ep.addr(),
-        timeout,
-    };
-    s.handshake(&ep).await?;
-    let info = s.info("server").await?;
-    let server_version = info_field(&info, "redis_version")
-        .unwrap_or("unknown")
-        .to_string();
-    s.replconf(&["capa", "eof", "capa", "psync2"], true).await?;
+    let (mut s, server_version) = replication_session(&ep, timeout, CHUNK).await?;
     // Redis 7+: no replication stream after the RDB; older servers refuse it.
     if let Err(e) = s.replconf(&["rdb-only", "1"], false).await {
         tracing::debug!("server does not support rdb-only: {e}");
@@ -304,7 +361,10 @@ impl Session {
                 self.timeout.as_secs()
             ))),
             Ok(Err(e)) => Err(self.protocol(format!("connection failed: {e}"))),
-            Ok(Ok(0)) => Err(self.protocol("the server closed the connection".into())),
+            Ok(Ok(0)) => Err(self.protocol(format!(
+                "the server closed the connection; is {} a Redis server (host and port in the url)?",
+                self.addr
+            ))),
             Ok(Ok(_)) if buf.last() != Some(&b'\n') => {
                 Err(self.protocol("reply line too long or cut short".into()))
             }
@@ -346,7 +406,10 @@ impl Session {
                 b.truncate(n as usize);
                 Ok(Reply::Bulk(b))
             }
-            _ => Err(self.protocol(format!("unexpected reply {l:?}"))),
+            _ => Err(self.protocol(format!(
+                "{l:?} is not a Redis reply; is {} a Redis server (host and port in the url)?",
+                self.addr
+            ))),
         }
     }
 

@@ -221,7 +221,7 @@ pub async fn redis_user_check(url: &str, check: &RedisCheck) -> CheckResult {
         let mut c = client
             .get_multiplexed_async_connection()
             .await
-            .map_err(|e| format!("cannot connect: {e}"))?;
+            .map_err(|e| format!("cannot connect: {}", crate::redis::client_cause(&e, url)))?;
         let mut cmd = redis::cmd(&check.command[0]);
         for a in &check.command[1..] {
             cmd.arg(a);
