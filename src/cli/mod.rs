@@ -369,7 +369,7 @@ fn report_degraded(repo: &dr::repo::Repository, out: &Out) -> serde_json::Value 
     if !out.json {
         for (region, why) in &d {
             eprintln!(
-                "DEGRADED: region {region} missed writes ({why}); {} of {} regions hold this run's data (min_regions = {}). Run `dr repo sync` once it is back.",
+                "DEGRADED: region {region} missed writes: it {why}. {} of {} regions hold this run's data (min_regions = {}); run `dr repo sync` once it is back.",
                 repo.regions.len() - d.len(),
                 repo.regions.len(),
                 repo.regions.min_regions()
