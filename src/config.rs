@@ -783,7 +783,7 @@ fn default_dbfilename() -> String {
 }
 
 /// A validated region: its name and backend.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RegionSpec {
     /// Unique region name.
     pub name: String,
@@ -894,7 +894,7 @@ pub struct RegionConfig {
 }
 
 /// A validated region backend.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum RegionKind {
     /// A local (or mounted) filesystem directory.
     Fs {
@@ -906,7 +906,7 @@ pub enum RegionKind {
 }
 
 /// Validated `type = "s3"` settings.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct S3Region {
     /// Endpoint URL; `None` means AWS.
     pub endpoint: Option<String>,
@@ -938,7 +938,7 @@ pub struct ObjectLock {
 }
 
 /// Where a secret is read from.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub enum SecretSource {
     /// Written in the config (discouraged).
     Literal(String),
