@@ -131,21 +131,21 @@ struct Down {
 }
 
 impl Down {
-    /// One sentence: when and where it failed, and what happens next.
-    fn describe(&self, now: i64) -> String {
+    /// One sentence: when and where it failed, and what happens next
+    /// (`skipping`: whether writes skip it now).
+    fn describe(&self, now: i64, skipping: bool) -> String {
         let ago = (now - self.since).max(0);
-        if self.earlier_run {
-            format!(
-                "failed {ago}s ago in an earlier run ({}); skipped until it is tried again in {}s",
-                self.error,
-                (RETRY_AFTER_SECS - ago).max(0)
-            )
+        let when = if self.earlier_run {
+            "an earlier run"
         } else {
-            format!(
-                "failed {ago}s ago in this run ({}); skipped for the rest of this run",
-                self.error
-            )
-        }
+            "this run"
+        };
+        let next = match (skipping, self.earlier_run) {
+            (false, _) => "no other region can take its writes, so each write tries it".to_string(),
+            (true, true) => format!("tried again in {}s", (RETRY_AFTER_SECS - ago).max(0)),
+            (true, false) => "skipped for the rest of this run".to_string(),
+        };
+        format!("failed {ago}s ago in {when} ({}); {next}", self.error)
     }
 }
 
@@ -222,14 +222,7 @@ impl Regions {
     /// Regions skipped for writes after a failure, each with when it failed
     /// (in this process or an earlier one) and what happens next.
     pub fn degraded(&self) -> Vec<(String, String)> {
-        let now = chrono::Utc::now().timestamp();
-        match self.down.lock() {
-            Ok(d) => d
-                .iter()
-                .map(|(k, v)| (k.clone(), v.describe(now)))
-                .collect(),
-            Err(_) => Vec::new(),
-        }
+        self.described(false)
     }
 
     /// The regions a write skips, with the reason. None are skipped when
@@ -237,20 +230,27 @@ impl Regions {
     /// the write would fail for certain, so the failed regions are tried again
     /// at once instead.
     fn skipped(&self) -> std::collections::BTreeMap<String, String> {
+        self.described(true).into_iter().collect()
+    }
+
+    /// Failed regions with their description; with `only_skipped`, none
+    /// unless writes skip them.
+    fn described(&self, only_skipped: bool) -> Vec<(String, String)> {
         let now = chrono::Utc::now().timestamp();
         let Ok(d) = self.down.lock() else {
-            return Default::default();
+            return Vec::new();
         };
         let down = self
             .regions
             .iter()
             .filter(|r| d.contains_key(&r.name))
             .count();
-        if self.regions.len() - down < self.min_regions {
-            return Default::default();
+        let skipping = self.regions.len() - down >= self.min_regions;
+        if only_skipped && !skipping {
+            return Vec::new();
         }
         d.iter()
-            .map(|(k, v)| (k.clone(), v.describe(now)))
+            .map(|(k, v)| (k.clone(), v.describe(now, skipping)))
             .collect()
     }
 
@@ -557,7 +557,9 @@ mod tests {
         let d = r.degraded();
         assert_eq!(d.len(), 1, "{d:?}");
         assert!(
-            d[0].1.contains("in this run") && !d[0].1.contains("earlier"),
+            d[0].1.contains("in this run")
+                && !d[0].1.contains("earlier")
+                && d[0].1.contains("each write tries it"),
             "{d:?}"
         );
         // Back in the same process: the next write goes through at once.
@@ -599,6 +601,7 @@ mod tests {
         let why = rep.failed[0].1.to_string();
         assert!(
             why.contains("skipped: failed")
+                && why.contains("tried again in")
                 && why.contains("in an earlier run")
                 && !why.contains("this run"),
             "{why}"
