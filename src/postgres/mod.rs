@@ -42,7 +42,10 @@ pub enum PgError {
     },
     /// The replication connection could not be opened or was lost (I/O
     /// error, timeout, closed by the server); a later attempt may succeed.
-    #[error("{server}: replication connection lost during {what}: {source}; it is retried")]
+    #[error(
+        "{server}: replication connection failed during {what}: {source}; check that the server \
+         is running and reachable (scheduled runs retry it)"
+    )]
     Connection {
         /// The server (`host:port` or socket path).
         server: String,
