@@ -260,9 +260,10 @@ pub async fn restore(
 async fn list_keys_only(repo: &Repository, cluster: &str, out: &Out) -> anyhow::Result<ExitCode> {
     use dr::repo::inventory::{self, NEEDS_IDENTITY};
     let inv = inventory::pg(repo, cluster).await?;
+    let note = format!("{NEEDS_IDENTITY}; {}", repo.codec.cannot_decrypt_because());
     if out.json {
         out.json(&serde_json::json!({
-            "ok": true, "cluster": cluster, "keys_only": true, "note": NEEDS_IDENTITY,
+            "ok": true, "cluster": cluster, "keys_only": true, "note": note,
             "backups": inv.backups, "wal_segments": inv.wal_segments, "wal_ranges": inv.wal,
             "timeline_histories": inv.histories,
         }));
@@ -284,7 +285,7 @@ async fn list_keys_only(repo: &Repository, cluster: &str, out: &Out) -> anyhow::
         );
         last_tl = Some(r.timeline);
     }
-    println!("note: {NEEDS_IDENTITY}");
+    println!("note: {note}");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -82,9 +82,10 @@ pub async fn list(
     if !repo.codec.can_decrypt() {
         use dr::repo::inventory::{self, NEEDS_IDENTITY};
         let inv = inventory::redis(&repo, &instance).await?;
+        let note = format!("{NEEDS_IDENTITY}; {}", repo.codec.cannot_decrypt_because());
         if out.json {
             out.json(&serde_json::json!({
-                "ok": true, "instance": instance, "keys_only": true, "note": NEEDS_IDENTITY,
+                "ok": true, "instance": instance, "keys_only": true, "note": note,
                 "snapshots": inv.snapshots,
             }));
         } else {
@@ -93,7 +94,7 @@ pub async fn list(
                 "{}",
                 super::output::stored_table("SNAPSHOT", &inv.snapshots)
             );
-            println!("note: {NEEDS_IDENTITY}");
+            println!("note: {note}");
         }
         return Ok(ExitCode::SUCCESS);
     }
