@@ -753,7 +753,7 @@ fn default_dbfilename() -> String {
 }
 
 /// A validated region: its name and backend.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RegionSpec {
     /// Unique region name.
     pub name: String,
@@ -864,7 +864,7 @@ pub struct RegionConfig {
 }
 
 /// A validated region backend.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum RegionKind {
     /// A local (or mounted) filesystem directory.
     Fs {
@@ -876,7 +876,7 @@ pub enum RegionKind {
 }
 
 /// Validated `type = "s3"` settings.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct S3Region {
     /// Endpoint URL; `None` means AWS.
     pub endpoint: Option<String>,
@@ -908,7 +908,7 @@ pub struct ObjectLock {
 }
 
 /// Where a secret is read from.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub enum SecretSource {
     /// Written in the config (discouraged).
     Literal(String),

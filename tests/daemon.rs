@@ -828,6 +828,48 @@ fn the_daemon_streams_wal_and_reports_the_lag_in_metrics() {
                 == "dr_renamed"
         },
     );
+    // A reload that moves the region restarts the streamer too: WAL streamed
+    // afterwards lands in the new path only.
+    let old_repo = repo.path().join("repo");
+    let new_repo = repo.path().join("moved");
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&old_repo)
+        .arg(&new_repo)
+        .status()
+        .expect("cp");
+    assert!(st.success(), "copy the repository");
+    let text = std::fs::read_to_string(&pg.cfg).expect("read config");
+    let old_path = format!("path = \"{}\"", old_repo.display());
+    assert!(text.contains(&old_path), "{text}");
+    std::fs::write(
+        &pg.cfg,
+        text.replace(&old_path, &format!("path = \"{}\"", new_repo.display())),
+    )
+    .expect("write config");
+    d.signal("HUP");
+    d.wait_for(
+        "the streamer to restart on the moved region",
+        Duration::from_secs(30),
+        |d| d.logs().matches("WAL streamer started").count() >= 3,
+    );
+    pg.sql("INSERT INTO t SELECT i, 'y' FROM generate_series(1, 1000) i");
+    let segment = pg.sql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    pg.sql("SELECT pg_switch_wal()");
+    let has = |root: &Path| {
+        common::wal_objects(root)
+            .iter()
+            .any(|o| common::segment_of(o) == segment)
+    };
+    d.wait_for(
+        "the new segment in the moved region",
+        Duration::from_secs(60),
+        |_| has(&new_repo),
+    );
+    assert!(
+        !has(&old_repo),
+        "segment {segment} was streamed to the old region path after the reload"
+    );
     let logs = d.stop();
     assert!(logs.contains("WAL streamer stopped"), "{logs}");
     // The slot outlives the daemon, so WAL written meanwhile is kept.

@@ -134,3 +134,55 @@ fn remote_backup_without_replication_rights_says_how_to_grant_them() {
         "{e}"
     );
 }
+
+#[test]
+fn a_connection_cut_during_a_remote_backup_is_a_transient_error() {
+    let repo_dir = tempfile::tempdir().expect("tempdir");
+    let pg = TestPg::remote(&fs_repo(&repo_dir));
+    pg.pgbench(&["-i", "-s", "10", "-q"]);
+    // The backup reaches the server only through a gate that can be closed.
+    let gate = common::Gate::start(pg.port);
+    let text = std::fs::read_to_string(&pg.cfg).expect("cfg");
+    let cfg_path = pg.dir.path().join("gated.toml");
+    let from = format!("port={} ", pg.port);
+    assert!(text.contains(&from), "{text}");
+    std::fs::write(
+        &cfg_path,
+        text.replace(&from, &format!("port={} ", gate.port)),
+    )
+    .expect("write");
+    let cfg = dr::config::Config::load(&cfg_path).expect("config");
+    let main = cfg.postgres.get("main").expect("[postgres.main]").get_ref();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let err = rt.block_on(async {
+        let repo = dr::repo::Repository::open(&cfg).await.expect("open");
+        let progress = dr::progress::Progress::new();
+        let backup = dr::postgres::backup::backup(&repo, "main", main, true, progress.clone());
+        let cut = async {
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+            while progress.get().0 == 0 {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the backup sent no data within 60s"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            gate.set_open(false);
+        };
+        let (res, ()) = tokio::join!(backup, cut);
+        match res {
+            Ok(r) => panic!("the backup finished before the connection was cut: {r:?}"),
+            Err(e) => e,
+        }
+    });
+    eprintln!("cut mid-backup: {err}");
+    assert!(
+        matches!(err, dr::postgres::PgError::Connection { .. }),
+        "{err:?}"
+    );
+    assert!(err.is_transient(), "{err}");
+    // Nothing was recorded: the list shows no backup.
+    let o = pg.dr(&["--json", "list", "pg"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("list json");
+    assert_eq!(v["backups"].as_array().map(|a| a.len()), Some(0), "{v}");
+}

@@ -316,3 +316,46 @@ fn check_warns_when_a_locked_bucket_is_used_without_object_lock_days() {
         "{item}"
     );
 }
+
+#[test]
+fn a_single_region_is_written_again_as_soon_as_it_is_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pg = TestPg::new(&fs_repo(&dir));
+    pg.sql("CREATE TABLE t AS SELECT generate_series(1, 1000) AS i");
+    let segment = pg.sql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    let path = pg.data.join("pg_wal").join(&segment);
+    let path = path.to_str().expect("utf8");
+    let repo = dir.path().join("repo");
+    let chmod = |mode: &str| {
+        let st = std::process::Command::new("chmod")
+            .args(["-R", mode])
+            .arg(&repo)
+            .status()
+            .expect("chmod");
+        assert!(st.success(), "chmod -R {mode}");
+    };
+
+    // The only region refuses writes (listing still works, so the failure
+    // is the write's own and is remembered for the next runs).
+    chmod("a-w");
+    pg.sql("SELECT pg_switch_wal()");
+    let o = pg.dr_raw(&["wal-push", path]);
+    chmod("u+w");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "wal-push to a read-only region: {e}");
+    let health = pg.dir.path().join("state/region-health.json");
+    let remembered = std::fs::read_to_string(&health).unwrap_or_default();
+    assert!(
+        remembered.contains("local"),
+        "no failure remembered in {health:?}: {remembered:?}; {e}"
+    );
+
+    // Writable again: the next run writes to it at once instead of skipping
+    // it for a minute, since there is no other region to skip to.
+    let o = pg.dr_raw(&["wal-push", path]);
+    assert!(
+        o.status.success(),
+        "wal-push right after the region came back: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

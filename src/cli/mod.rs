@@ -439,7 +439,7 @@ fn report_degraded(repo: &dr::repo::Repository, out: &Out) -> serde_json::Value 
     if !out.json {
         for (region, why) in &d {
             eprintln!(
-                "DEGRADED: region {region} missed writes ({why}); {} of {} regions hold this run's data (min_regions = {}). Fix the cause (for a directory region refusing access: its owner, see `dr check` as this user), then run `dr repo sync`.",
+                "DEGRADED: region {region} missed writes: it {why}. {} of {} regions hold this run's data (min_regions = {}). Fix the cause (for a directory region refusing access: its owner, see `dr check` as this user), then run `dr repo sync`.",
                 repo.regions.len() - d.len(),
                 repo.regions.len(),
                 repo.regions.min_regions()

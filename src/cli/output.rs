@@ -131,6 +131,28 @@ pub async fn with_progress<T>(
     result
 }
 
+/// Backups or snapshots listed from their keys alone (no identity here).
+pub fn stored_table(first: &str, items: &[dr::repo::inventory::StoredBackup]) -> String {
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|b| {
+            vec![
+                b.id.clone(),
+                b.time.format("%Y-%m-%d %H:%M:%SZ").to_string(),
+                if b.complete {
+                    "complete"
+                } else {
+                    "no manifest (running or abandoned)"
+                }
+                .to_string(),
+                b.objects.to_string(),
+                bytes(b.stored_bytes),
+            ]
+        })
+        .collect();
+    table(&[first, "STARTED", "STATE", "OBJECTS", "STORED"], &rows)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -256,6 +256,39 @@ pub async fn restore(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `dr list pg` on a host without the identity: what the keys say.
+async fn list_keys_only(repo: &Repository, cluster: &str, out: &Out) -> anyhow::Result<ExitCode> {
+    use dr::repo::inventory::{self, NEEDS_IDENTITY};
+    let inv = inventory::pg(repo, cluster).await?;
+    let note = format!("{NEEDS_IDENTITY}; {}", repo.codec.cannot_decrypt_because());
+    if out.json {
+        out.json(&serde_json::json!({
+            "ok": true, "cluster": cluster, "keys_only": true, "note": note,
+            "backups": inv.backups, "wal_segments": inv.wal_segments, "wal_ranges": inv.wal,
+            "timeline_histories": inv.histories,
+        }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("[postgres.{cluster}]");
+    println!("{}", super::output::stored_table("BACKUP", &inv.backups));
+    println!("\n{} WAL segments archived", inv.wal_segments);
+    let mut last_tl = None;
+    for r in &inv.wal {
+        let gap = if last_tl == Some(r.timeline) {
+            " (after a gap)"
+        } else {
+            ""
+        };
+        println!(
+            "timeline {}: {} .. {} ({} segments){gap}",
+            r.timeline, r.first, r.last, r.segments
+        );
+        last_tl = Some(r.timeline);
+    }
+    println!("note: {note}");
+    Ok(ExitCode::SUCCESS)
+}
+
 pub async fn list(
     name: Option<String>,
     config: Option<&Path>,
@@ -264,6 +297,9 @@ pub async fn list(
     let cfg = load_config(config)?;
     let (cluster, pg) = cfg.pg(name.as_deref())?;
     let repo = Repository::open(&cfg).await?;
+    if !repo.codec.can_decrypt() {
+        return list_keys_only(&repo, &cluster, out).await;
+    }
     let cat = Catalog::load(&repo, &cluster).await?;
     let streaming = (pg.wal == dr::config::WalMode::Stream)
         .then(|| stream::StreamStatus::load(pg, &cluster))

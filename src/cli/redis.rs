@@ -79,6 +79,25 @@ pub async fn list(
     let cfg = load_config(config)?;
     let (instance, _) = cfg.redis(name.as_deref())?;
     let repo = Repository::open(&cfg).await?;
+    if !repo.codec.can_decrypt() {
+        use dr::repo::inventory::{self, NEEDS_IDENTITY};
+        let inv = inventory::redis(&repo, &instance).await?;
+        let note = format!("{NEEDS_IDENTITY}; {}", repo.codec.cannot_decrypt_because());
+        if out.json {
+            out.json(&serde_json::json!({
+                "ok": true, "instance": instance, "keys_only": true, "note": note,
+                "snapshots": inv.snapshots,
+            }));
+        } else {
+            println!("[redis.{instance}]");
+            println!(
+                "{}",
+                super::output::stored_table("SNAPSHOT", &inv.snapshots)
+            );
+            println!("note: {note}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let cat = RedisCatalog::load(&repo, &instance).await?;
     if out.json {
         let snaps: Vec<_> = cat

@@ -278,7 +278,7 @@ impl State {
             }
             if let Some((job, why)) = &r.write_error {
                 out.push(format!(
-                    "region {name} missed writes in the last run of {job} ({why}); run `dr repo sync` once it is back"
+                    "region {name} missed writes in the last run of {job}: it {why}; run `dr repo sync` once it is back"
                 ));
             }
         }

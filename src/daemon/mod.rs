@@ -238,18 +238,16 @@ fn spawn_streamers(plans: watch::Receiver<Arc<Plan>>, ctx: &Arc<Ctx>) {
     ctx.tracker.spawn(async move {
         let ctx = ctx2;
         let mut plans = plans;
-        let mut running: HashMap<String, (String, CancellationToken, JoinHandle<()>)> =
+        let mut running: HashMap<String, (StreamerSettings, CancellationToken, JoinHandle<()>)> =
             HashMap::new();
         loop {
             let cfg = plans.borrow_and_update().cfg.clone();
-            let wanted: HashMap<String, String> = cfg
+            let wanted: HashMap<String, StreamerSettings> = cfg
                 .streaming_clusters()
                 .into_iter()
                 .filter_map(|n| {
-                    let pg = cfg.postgres.get(&n)?.get_ref();
-                    let regions: Vec<_> = cfg.regions.iter().map(|r| r.get_ref()).collect();
-                    let fp = format!("{pg:?}{:?}{regions:?}", cfg.repository);
-                    Some((n, fp))
+                    let s = StreamerSettings::of(&cfg, &n)?;
+                    Some((n, s))
                 })
                 .collect();
             let stale: Vec<String> = running
@@ -291,6 +289,31 @@ fn spawn_streamers(plans: watch::Receiver<Arc<Plan>>, ctx: &Arc<Ctx>) {
             let _ = handle.await;
         }
     });
+}
+
+/// Everything a running WAL streamer was started with; a reload that changes
+/// any of it restarts the streamer.
+#[derive(Debug, PartialEq)]
+struct StreamerSettings {
+    /// The cluster's section (derived `Debug`, so every field counts).
+    postgres: String,
+    /// `[repository]` (keys, compression, min_regions).
+    repository: String,
+    /// The resolved regions (backend, bucket, endpoint, path, prefix,
+    /// credentials), compared as values: `RegionConfig`'s `Debug` shows only
+    /// names and types, so a moved region went unnoticed.
+    regions: Vec<crate::config::RegionSpec>,
+}
+
+impl StreamerSettings {
+    fn of(cfg: &Config, cluster: &str) -> Option<StreamerSettings> {
+        let pg = cfg.postgres.get(cluster)?.get_ref();
+        Some(StreamerSettings {
+            postgres: format!("{pg:?}"),
+            repository: format!("{:?}", cfg.repository),
+            regions: cfg.region_specs.clone(),
+        })
+    }
 }
 
 /// One cluster's streamer until `stop`.

@@ -52,6 +52,47 @@ pub enum PgError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The replication connection could not be opened or was lost (I/O
+    /// error, timeout, closed by the server); a later attempt may succeed.
+    #[error(
+        "{server}: replication connection failed during {what}: {source}; check that the server \
+         is running and reachable (scheduled runs retry it)"
+    )]
+    Connection {
+        /// The server (`host:port` or socket path).
+        server: String,
+        /// What was being done.
+        what: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The server refused a replication command or the connection
+    /// (`ErrorResponse`), with its SQLSTATE.
+    #[error("{server}: {what}: {severity} {code}: {message}")]
+    Server {
+        /// The server (`host:port` or socket path).
+        server: String,
+        /// What was being done.
+        what: String,
+        /// ERROR, FATAL or PANIC.
+        severity: String,
+        /// SQLSTATE.
+        code: String,
+        /// The server's message.
+        message: String,
+    },
+    /// The server's bytes do not follow the replication protocol as dr
+    /// speaks it; the same server would answer the same way again.
+    #[error(
+        "replication connection: {what}: {message}; the server's answer does not follow the \
+         PostgreSQL 15+ replication protocol dr expects"
+    )]
+    Protocol {
+        /// What was being read.
+        what: String,
+        /// What was wrong.
+        message: String,
+    },
     /// Anything else, already phrased for the user.
     #[error("{0}")]
     Other(String),
@@ -163,21 +204,22 @@ impl PgError {
             PgError::Sql { source, .. } | PgError::Connect { source, .. } => match source.code() {
                 // No SQLSTATE: the connection failed or was closed.
                 None => true,
-                Some(code) => {
-                    let c = code.code();
-                    // 08 connection exception, 53 insufficient resources,
-                    // 57P0x shutdown / cannot connect now, 40 rollback.
-                    c.starts_with("08")
-                        || c.starts_with("53")
-                        || c.starts_with("57P")
-                        || c.starts_with("40")
-                }
+                Some(code) => transient_sqlstate(code.code()),
             },
-            PgError::Io { .. } => true,
+            PgError::Server { code, .. } => transient_sqlstate(code),
+            PgError::Io { .. } | PgError::Connection { .. } => true,
+            PgError::Protocol { .. } => false,
             PgError::Repo(e) => e.is_transient(),
             PgError::Other(_) => false,
         }
     }
+}
+
+/// SQLSTATEs after which the same request may succeed later: 08 connection
+/// exception, 53 insufficient resources, 57P0x shutdown / cannot connect
+/// now, 40 rollback (serialization failure, deadlock).
+fn transient_sqlstate(c: &str) -> bool {
+    c.starts_with("08") || c.starts_with("53") || c.starts_with("57P") || c.starts_with("40")
 }
 
 impl From<crate::store::RegionsError> for PgError {

@@ -119,8 +119,21 @@ fn pg_now() -> i64 {
     us - PG_EPOCH_OFFSET_US
 }
 
+/// The server's bytes broke the protocol: permanent.
 fn proto(what: &str, e: impl std::fmt::Display) -> PgError {
-    PgError::Other(format!("replication connection: {what}: {e}"))
+    PgError::Protocol {
+        what: what.to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// The connection failed or dropped: transient.
+fn lost(server: &str, what: &str, source: std::io::Error) -> PgError {
+    PgError::Connection {
+        server: server.to_string(),
+        what: what.to_string(),
+        source,
+    }
 }
 
 impl ReplicationConn {
@@ -154,8 +167,14 @@ impl ReplicationConn {
                     tokio::net::TcpStream::connect((h.as_str(), port)),
                 )
                 .await
-                .map_err(|_| PgError::Other(format!("connect to {h}:{port}: timed out")))?
-                .map_err(|e| PgError::Other(format!("connect to {h}:{port}: {e}")))?;
+                .map_err(|_| {
+                    let e = std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {connect_timeout:?} (connect_timeout)"),
+                    );
+                    lost(&format!("{h}:{port}"), "connect", e)
+                })?
+                .map_err(|e| lost(&format!("{h}:{port}"), "connect", e))?;
                 let _ = s.set_nodelay(true);
                 (Box::new(s), format!("{h}:{port}"), Some(h.clone()))
             }
@@ -163,7 +182,7 @@ impl ReplicationConn {
                 let path = dir.join(format!(".s.PGSQL.{port}"));
                 let s = tokio::net::UnixStream::connect(&path)
                     .await
-                    .map_err(|e| PgError::Other(format!("connect to {}: {e}", path.display())))?;
+                    .map_err(|e| lost(&path.display().to_string(), "connect", e))?;
                 (Box::new(s), path.display().to_string(), None)
             }
         };
@@ -195,7 +214,7 @@ impl ReplicationConn {
         self.sock
             .read_exact(&mut answer)
             .await
-            .map_err(|e| proto("TLS negotiation", e))?;
+            .map_err(|e| lost(&self.describe, "TLS negotiation", e))?;
         let required = !matches!(split.sslmode.as_str(), "allow" | "prefer");
         match answer[0] {
             b'S' => {}
@@ -322,11 +341,11 @@ impl ReplicationConn {
                 backend::Message::BackendKeyData(_) | backend::Message::NoticeResponse(_) => {}
                 backend::Message::ReadyForQuery(_) => return Ok(()),
                 backend::Message::ErrorResponse(e) => {
-                    return Err(PgError::Other(format!(
-                        "{} (replication connection as {user}): {}",
-                        self.describe,
-                        error_text(&e)
-                    )));
+                    return Err(server_error(
+                        &self.describe,
+                        &format!("replication connection as {user}"),
+                        &e,
+                    ));
                 }
                 _ => {
                     return Err(proto(
@@ -343,8 +362,11 @@ impl ReplicationConn {
         self.sock
             .write_all(&buf)
             .await
-            .map_err(|e| proto("write", e))?;
-        self.sock.flush().await.map_err(|e| proto("write", e))
+            .map_err(|e| lost(&self.describe, "write", e))?;
+        self.sock
+            .flush()
+            .await
+            .map_err(|e| lost(&self.describe, "write", e))
     }
 
     /// Reads the next message. Cancel-safe: a message is consumed only
@@ -369,12 +391,16 @@ impl ReplicationConn {
                 .sock
                 .read_buf(&mut self.rbuf)
                 .await
-                .map_err(|e| proto("read", e))?;
+                .map_err(|e| lost(&self.describe, "read", e))?;
             if n == 0 {
-                return Err(PgError::Other(format!(
-                    "{}: the server closed the replication connection",
-                    self.describe
-                )));
+                return Err(lost(
+                    &self.describe,
+                    "read",
+                    std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the server closed the connection",
+                    ),
+                ));
             }
         }
     }
@@ -399,13 +425,15 @@ impl ReplicationConn {
         loop {
             match self.recv().await? {
                 backend::Message::DataRow(row) => rows.push(row_values(&row)?),
-                backend::Message::ErrorResponse(e) => error = Some(error_text(&e)),
+                backend::Message::ErrorResponse(e) => {
+                    error = Some(server_error(&self.describe, what, &e));
+                }
                 backend::Message::ReadyForQuery(_) => break,
                 _ => {}
             }
         }
         match error {
-            Some(e) => Err(PgError::Other(format!("{}: {what}: {e}", self.describe))),
+            Some(e) => Err(e),
             None => Ok(rows),
         }
     }
@@ -509,10 +537,10 @@ impl ReplicationConn {
             match self.recv_frame().await? {
                 Frame::CopyBoth => return Ok(()),
                 Frame::Msg(backend::Message::ErrorResponse(e)) => {
-                    let msg = error_text(&e);
+                    let err = server_error(&self.describe, &sql, &e);
                     // The error is followed by ReadyForQuery.
                     let _ = self.collect_rows(&sql).await;
-                    return Err(PgError::Other(format!("{}: {sql}: {msg}", self.describe)));
+                    return Err(err);
                 }
                 Frame::Msg(backend::Message::NoticeResponse(_)) => {}
                 Frame::Msg(_) => return Err(proto(&sql, "unexpected reply")),
@@ -556,11 +584,7 @@ impl ReplicationConn {
                 }
                 backend::Message::CopyDone => return Ok(ReplicationMessage::End),
                 backend::Message::ErrorResponse(e) => {
-                    return Err(PgError::Other(format!(
-                        "{}: replication stream: {}",
-                        self.describe,
-                        error_text(&e)
-                    )));
+                    return Err(server_error(&self.describe, "replication stream", &e));
                 }
                 _ => {}
             }
@@ -629,12 +653,9 @@ impl ReplicationConn {
                 backend::Message::CommandComplete(_) => sets.push(Vec::new()),
                 backend::Message::CopyOutResponse(_) => break,
                 backend::Message::ErrorResponse(e) => {
-                    let msg = error_text(&e);
+                    let err = server_error(&self.describe, "BASE_BACKUP", &e);
                     let _ = self.collect_rows(&sql).await;
-                    return Err(PgError::Other(format!(
-                        "{}: BASE_BACKUP: {msg}",
-                        self.describe
-                    )));
+                    return Err(err);
                 }
                 backend::Message::NoticeResponse(n) => log_notice(&self.describe, &n),
                 _ => {}
@@ -717,11 +738,7 @@ impl ReplicationConn {
                 }
                 backend::Message::CopyDone => return Ok(None),
                 backend::Message::ErrorResponse(e) => {
-                    return Err(PgError::Other(format!(
-                        "{}: BASE_BACKUP: {}",
-                        self.describe,
-                        error_text(&e)
-                    )));
+                    return Err(server_error(&self.describe, "BASE_BACKUP", &e));
                 }
                 backend::Message::NoticeResponse(n) => log_notice(&self.describe, &n),
                 _ => {}
@@ -790,7 +807,9 @@ where
     text(row, i)?.parse().map_err(|e| proto(what, e))
 }
 
-fn error_text(e: &backend::ErrorResponseBody) -> String {
+/// An `ErrorResponse` as an error that keeps its SQLSTATE, so that "the
+/// server is shutting down" is retried and "permission denied" is not.
+fn server_error(server: &str, what: &str, e: &backend::ErrorResponseBody) -> PgError {
     let mut severity = String::new();
     let mut message = String::new();
     let mut code = String::new();
@@ -804,7 +823,13 @@ fn error_text(e: &backend::ErrorResponseBody) -> String {
             _ => {}
         }
     }
-    format!("{severity} {code}: {message}")
+    PgError::Server {
+        server: server.to_string(),
+        what: what.to_string(),
+        severity,
+        code,
+        message,
+    }
 }
 
 /// A NUL-terminated string at the front of `data`.
@@ -847,4 +872,88 @@ fn quote_literal(s: &str) -> String {
 /// Quotes a slot name as an identifier.
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener on loopback that runs `answer` on the first connection.
+    async fn server(answer: impl FnOnce(tokio::net::TcpStream) + Send + 'static) -> u16 {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            if let Ok((s, _)) = l.accept().await {
+                answer(s);
+            }
+        });
+        port
+    }
+
+    /// The error of a replication connection to 127.0.0.1:`port`.
+    async fn connect_error(port: u16) -> PgError {
+        let conninfo = format!("host=127.0.0.1 port={port} user=dr sslmode=disable");
+        match ReplicationConn::connect(&conninfo, "dr_test").await {
+            Ok(_) => panic!("connected to something that is not PostgreSQL on port {port}"),
+            Err(e) => e,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_connection_is_transient() {
+        let port = server(drop).await;
+        let e = connect_error(port).await;
+        assert!(matches!(e, PgError::Connection { .. }), "{e:?}");
+        assert!(e.is_transient(), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_transient() {
+        // A port just freed: nothing listens there.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").port()
+        };
+        let e = connect_error(port).await;
+        assert!(matches!(e, PgError::Connection { .. }), "{e:?}");
+        assert!(e.is_transient(), "{e}");
+    }
+
+    #[tokio::test]
+    async fn bytes_that_are_not_the_protocol_are_permanent() {
+        let port = server(|s| {
+            tokio::spawn(async move {
+                let mut s = s;
+                // 'Q' is a frontend message; no server sends it.
+                let _ = s.write_all(b"Q\0\0\0\x04").await;
+                let _ = s.flush().await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            });
+        })
+        .await;
+        let e = connect_error(port).await;
+        assert!(matches!(e, PgError::Protocol { .. }), "{e:?}");
+        assert!(!e.is_transient(), "{e}");
+    }
+
+    #[test]
+    fn server_errors_are_retried_by_sqlstate() {
+        let err = |code: &str| PgError::Server {
+            server: "db:5432".into(),
+            what: "BASE_BACKUP".into(),
+            severity: "FATAL".into(),
+            code: code.into(),
+            message: "m".into(),
+        };
+        // Shutdown, too many connections / senders, connection failure.
+        for code in ["57P01", "53300", "08006"] {
+            assert!(err(code).is_transient(), "{code}");
+        }
+        // No rights, bad password, no pg_hba entry, internal error.
+        for code in ["42501", "28P01", "28000", "XX000"] {
+            assert!(!err(code).is_transient(), "{code}");
+        }
+    }
 }

@@ -20,6 +20,16 @@ pub async fn plan(
     cfg: &Config,
     now: DateTime<Utc>,
 ) -> Result<Vec<SourcePlan>, RepoError> {
+    if !repo.codec.can_decrypt() {
+        return Err(RepoError::Other(format!(
+            "expire needs the private key: a kept block-incremental backup reads blocks stored \
+             under older backups' ids, and the WAL the oldest kept backup needs starts at an LSN, \
+             both recorded only in encrypted manifests; deleting by name alone could delete data \
+             a kept backup still restores from ({}). Run `dr expire` (or the daemon's \
+             [retention] schedule) on a host where identity_file is set",
+            repo.codec.cannot_decrypt_because()
+        )));
+    }
     let orphan_age = cfg.orphan_age();
     let mut out = Vec::new();
     for (name, pg) in &cfg.postgres {

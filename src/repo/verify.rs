@@ -111,7 +111,11 @@ pub async fn expected_objects(
 ) -> Result<(Vec<ExpectedObject>, Vec<(String, String)>), RepoError> {
     if !repo.codec.can_decrypt() {
         return Err(RepoError::Other(format!(
-            "verification reads the encrypted manifests: {}",
+            "verify needs the private key: which data objects a backup needs, and their sizes, \
+             are recorded only in its encrypted manifest, so without it a missing object cannot \
+             be noticed ({}). Run `dr verify` where identity_file is set; on this host \
+             `dr list` shows backups and WAL ranges by name and `dr repo sync` compares the \
+             regions with each other",
             repo.codec.cannot_decrypt_because()
         )));
     }

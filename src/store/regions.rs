@@ -95,11 +95,12 @@ impl RegionsError {
 pub struct Regions {
     regions: Vec<Region>,
     min_regions: usize,
-    /// Regions that failed a write in this process, with the first failure.
-    /// They are skipped for the rest of the process: paying a dead region's
-    /// timeouts once per object would stall a backup, and it keeps the rule
-    /// that a manifest goes only to regions that took every object before it.
-    down: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
+    /// Regions that failed a write, in this process or (remembered) in an
+    /// earlier one. They are skipped while the others can still make
+    /// `min_regions`: paying a dead region's timeouts once per object would
+    /// stall a backup, and it keeps the rule that a manifest goes only to
+    /// regions that took every object before it.
+    down: std::sync::Mutex<std::collections::BTreeMap<String, Down>>,
     /// Where failures are remembered across runs (see [`Regions::remember_failures`]).
     health_file: Option<std::path::PathBuf>,
 }
@@ -115,6 +116,37 @@ struct Failure {
     since: i64,
     /// What failed.
     error: String,
+}
+
+/// Why a region is skipped for writes.
+#[derive(Debug, Clone)]
+struct Down {
+    /// Unix time of the failure.
+    since: i64,
+    /// What failed.
+    error: String,
+    /// True when the failure was remembered from an earlier process, which
+    /// skips the region only until [`RETRY_AFTER_SECS`] have passed.
+    earlier_run: bool,
+}
+
+impl Down {
+    /// One sentence: when and where it failed, and what happens next
+    /// (`skipping`: whether writes skip it now).
+    fn describe(&self, now: i64, skipping: bool) -> String {
+        let ago = (now - self.since).max(0);
+        let when = if self.earlier_run {
+            "an earlier run"
+        } else {
+            "this run"
+        };
+        let next = match (skipping, self.earlier_run) {
+            (false, _) => "no other region can take its writes, so each write tries it".to_string(),
+            (true, true) => format!("tried again in {}s", (RETRY_AFTER_SECS - ago).max(0)),
+            (true, false) => "skipped for the rest of this run".to_string(),
+        };
+        format!("failed {ago}s ago in {when} ({}); {next}", self.error)
+    }
 }
 
 impl Regions {
@@ -144,11 +176,11 @@ impl Regions {
                 if now - f.since < RETRY_AFTER_SECS && self.get_region(&region).is_some() {
                     d.insert(
                         region,
-                        format!(
-                            "failed {}s ago in an earlier run ({}); retried after {RETRY_AFTER_SECS}s",
-                            now - f.since,
-                            f.error
-                        ),
+                        Down {
+                            since: f.since,
+                            error: f.error,
+                            earlier_run: true,
+                        },
                     );
                 }
             }
@@ -187,16 +219,50 @@ impl Regions {
         }
     }
 
-    /// Regions skipped for writes after a failure, with the reason.
+    /// Regions skipped for writes after a failure, each with when it failed
+    /// (in this process or an earlier one) and what happens next.
     pub fn degraded(&self) -> Vec<(String, String)> {
-        match self.down.lock() {
-            Ok(d) => d.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            Err(_) => Vec::new(),
-        }
+        self.described(false)
     }
 
-    fn is_down(&self, name: &str) -> Option<String> {
-        self.down.lock().ok().and_then(|d| d.get(name).cloned())
+    /// The regions a write skips, with the reason. None are skipped when
+    /// skipping would leave fewer than `min_regions` (with one region, always):
+    /// the write would fail for certain, so the failed regions are tried again
+    /// at once instead.
+    fn skipped(&self) -> std::collections::BTreeMap<String, String> {
+        self.described(true).into_iter().collect()
+    }
+
+    /// Failed regions with their description; with `only_skipped`, none
+    /// unless writes skip them.
+    fn described(&self, only_skipped: bool) -> Vec<(String, String)> {
+        let now = chrono::Utc::now().timestamp();
+        let Ok(d) = self.down.lock() else {
+            return Vec::new();
+        };
+        let down = self
+            .regions
+            .iter()
+            .filter(|r| d.contains_key(&r.name))
+            .count();
+        let skipping = self.regions.len() - down >= self.min_regions;
+        if only_skipped && !skipping {
+            return Vec::new();
+        }
+        d.iter()
+            .map(|(k, v)| (k.clone(), v.describe(now, skipping)))
+            .collect()
+    }
+
+    /// A region took a write: it is healthy again, in this process and for
+    /// the next runs.
+    fn mark_up(&self, name: &str) {
+        if let Ok(mut d) = self.down.lock()
+            && d.remove(name).is_some()
+        {
+            tracing::info!(region = %name, "region took a write again; no longer skipped");
+        }
+        self.save_health(name, None);
     }
 
     fn mark_down(&self, name: &str, why: &StoreError) {
@@ -205,10 +271,17 @@ impl Regions {
             return;
         }
         if let Ok(mut d) = self.down.lock()
-            && !d.contains_key(name)
+            && d.get(name).is_none_or(|f| f.earlier_run)
         {
-            tracing::warn!(region = %name, error = %why, "region marked degraded: further writes skip it; `dr repo sync` catches it up");
-            d.insert(name.to_string(), why.to_string());
+            tracing::warn!(region = %name, error = %why, "region marked degraded: further writes skip it while the other regions make min_regions; `dr repo sync` catches it up");
+            d.insert(
+                name.to_string(),
+                Down {
+                    since: chrono::Utc::now().timestamp(),
+                    error: why.to_string(),
+                    earlier_run: false,
+                },
+            );
             drop(d);
             self.save_health(name, Some(why.to_string()));
         }
@@ -271,15 +344,16 @@ impl Regions {
         let mut puts = Vec::with_capacity(self.regions.len());
         let mut skipped = Vec::new();
         let mut live_regions = Vec::new();
+        let down = self.skipped();
         for r in &self.regions {
-            if let Some(why) = self.is_down(&r.name) {
+            if let Some(why) = down.get(&r.name) {
                 skipped.push((
                     r.name.clone(),
                     StoreError::Backend {
                         store: r.name.clone(),
                         op: "put",
                         key: key.to_string(),
-                        message: format!("skipped: region degraded earlier in this run ({why})"),
+                        message: format!("skipped: {why}"),
                         transient: true,
                     },
                 ));
@@ -354,7 +428,7 @@ impl Regions {
                 Ok(n) => {
                     report.bytes = n;
                     report.ok.push(r.name.clone());
-                    self.save_health(&r.name, None);
+                    self.mark_up(&r.name);
                 }
                 Err(e) => {
                     tracing::warn!(region = %r.name, key, error = %e, "region write failed");
@@ -436,4 +510,108 @@ fn read_health(file: &std::path::Path) -> std::collections::BTreeMap<String, Fai
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{FaultPlan, FaultyStore, FsStore};
+
+    /// Regions over real directories under `dir`, each behind a fault switch.
+    fn regions(dir: &std::path::Path, names: &[&str], min: usize) -> Regions {
+        let rs = names
+            .iter()
+            .map(|n| Region {
+                name: n.to_string(),
+                store: std::sync::Arc::new(Store::Faulty(Box::new(FaultyStore::new(
+                    Store::Fs(FsStore::new(dir.join(n))),
+                    FaultPlan::default(),
+                )))),
+            })
+            .collect();
+        Regions::new(rs, min)
+    }
+
+    fn set_down(r: &Regions, name: &str, down: bool) {
+        let Some(Store::Faulty(f)) = r.get_region(name).map(|r| &*r.store) else {
+            panic!("region {name} has no fault switch");
+        };
+        f.set_plan(FaultPlan {
+            unavailable: down,
+            ..Default::default()
+        });
+    }
+
+    async fn put(r: &Regions, key: &str) -> Result<PutReport, RegionsError> {
+        r.put_bytes(key, Bytes::from_static(b"data")).await
+    }
+
+    #[tokio::test]
+    async fn a_single_region_is_retried_as_soon_as_it_is_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let health = dir.path().join("state/region-health.json");
+        let mut r = regions(dir.path(), &["only"], 1);
+        r.remember_failures(health.clone());
+        set_down(&r, "only", true);
+        assert!(put(&r, "a").await.is_err(), "a write to a dead region");
+        let d = r.degraded();
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(
+            d[0].1.contains("in this run")
+                && !d[0].1.contains("earlier")
+                && d[0].1.contains("each write tries it"),
+            "{d:?}"
+        );
+        // Back in the same process: the next write goes through at once.
+        set_down(&r, "only", false);
+        let rep = put(&r, "b").await.expect("write once the region is back");
+        assert_eq!(rep.ok, vec!["only".to_string()]);
+        assert!(r.degraded().is_empty(), "{:?}", r.degraded());
+
+        // A failure remembered by an earlier run does not stop the next run.
+        set_down(&r, "only", true);
+        assert!(put(&r, "c").await.is_err());
+        let mut next = regions(dir.path(), &["only"], 1);
+        next.remember_failures(health);
+        let d = next.degraded();
+        assert!(
+            d.len() == 1 && d[0].1.contains("in an earlier run") && !d[0].1.contains("this run"),
+            "{d:?}"
+        );
+        next.put_bytes("d", Bytes::from_static(b"data"))
+            .await
+            .expect("the next run writes at once to the only region");
+    }
+
+    #[tokio::test]
+    async fn a_failed_region_is_skipped_only_while_the_others_make_min_regions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let health = dir.path().join("state/region-health.json");
+        let mut r = regions(dir.path(), &["a", "b", "c"], 2);
+        r.remember_failures(health.clone());
+        set_down(&r, "c", true);
+        let rep = put(&r, "k1").await.expect("two of three regions suffice");
+        assert_eq!(rep.failed.len(), 1);
+        // The next run skips c (within RETRY_AFTER_SECS) and says why, once.
+        let mut next = regions(dir.path(), &["a", "b", "c"], 2);
+        next.remember_failures(health);
+        set_down(&next, "c", false);
+        let rep = put(&next, "k2").await.expect("write");
+        assert_eq!(rep.ok, vec!["a".to_string(), "b".to_string()]);
+        let why = rep.failed[0].1.to_string();
+        assert!(
+            why.contains("skipped: failed")
+                && why.contains("tried again in")
+                && why.contains("in an earlier run")
+                && !why.contains("this run"),
+            "{why}"
+        );
+        // Once b fails too, skipping c would leave one region: c is tried again.
+        set_down(&next, "b", true);
+        assert!(put(&next, "k3").await.is_err(), "only a took it");
+        let rep = put(&next, "k4")
+            .await
+            .expect("c is tried again and takes it");
+        assert_eq!(rep.ok, vec!["a".to_string(), "c".to_string()]);
+    }
 }

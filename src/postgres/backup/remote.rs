@@ -29,6 +29,10 @@ enum Chunk {
 
 /// Adds what to do to errors that mean the user lacks replication rights.
 pub(crate) fn replication_hint(e: PgError, cfg: &PgConfig) -> PgError {
+    // A lost connection keeps its variant so that it is retried.
+    if e.is_transient() {
+        return e;
+    }
     let msg = e.to_string();
     let user = cfg
         .conninfo
