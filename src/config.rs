@@ -981,7 +981,9 @@ pub fn default_config_path() -> PathBuf {
 }
 
 impl Config {
-    /// Reads, parses and validates a config file.
+    /// Reads and parses a config file, checking everything that needs no
+    /// engine knowledge. Parse-only: entry points load through
+    /// `dr::validate::load`, which also runs the engines' checks.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             location: path.display().to_string(),
@@ -993,7 +995,8 @@ impl Config {
         Self::parse(&text, path)
     }
 
-    /// Parses and validates config text; `path` is used in messages only.
+    /// Parses config text and checks what needs no engine knowledge; `path`
+    /// is used in messages only. Entry points use `dr::validate::parse`.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut cfg: Config = toml::from_str(text).map_err(|e| {
             let span = e.span();
@@ -1123,8 +1126,6 @@ impl Config {
                     ),
                 ));
             }
-            crate::redis::Endpoint::check(r.get_ref())
-                .map_err(|e| self.err(text, r.span(), format!("[redis.{name}]: {e}")))?;
             if r.get_ref().timeout_seconds == 0 {
                 return Err(self.err(
                     text,
@@ -1185,8 +1186,6 @@ impl Config {
                     ),
                 ));
             }
-            check_conninfo(&p.conninfo)
-                .map_err(|e| self.err(text, pg.span(), format!("[postgres.{name}]: {e}")))?;
             let slot = p.slot_name(name);
             if slot.is_empty()
                 || slot.len() > 63
@@ -1381,14 +1380,14 @@ impl Config {
                 ));
             }
         }
-        crate::verify::staging::refuse_protected(self, env, d).map_err(|v| v.join("; "))
+        Ok(())
     }
 
     /// Checks `[daemon]` and every cron expression, so `dr check` reports a
     /// bad schedule with its line before the daemon ever reads it.
     fn validate_daemon(&self, text: &str) -> Result<(), ConfigError> {
         for e in self.schedules() {
-            crate::daemon::schedule::Cron::parse(e.expr.get_ref()).map_err(|why| {
+            crate::schedule::Cron::parse(e.expr.get_ref()).map_err(|why| {
                 self.err(
                     text,
                     e.expr.span(),
@@ -1514,6 +1513,15 @@ impl Config {
         format!("{}:{line}", self.source.display())
     }
 
+    /// An error about the config text at `span`, for checks that run after
+    /// parsing (the engines' own checks).
+    pub fn error_at(&self, span: Range<usize>, message: String) -> ConfigError {
+        ConfigError {
+            location: self.location_of(span),
+            message,
+        }
+    }
+
     fn validate_env(
         &self,
         text: &str,
@@ -1551,17 +1559,6 @@ impl Config {
             let section = format!("[env.{name}.postgres.{server}]");
             check_name(server, &section, t.span())?;
             let p = t.get_ref();
-            check_conninfo(&p.conninfo)
-                .map_err(|m| self.err(text, t.span(), format!("{section}: {m}")))?;
-            if let Some(r) = &p.replication_conninfo {
-                check_conninfo(r).map_err(|m| {
-                    self.err(
-                        text,
-                        t.span(),
-                        format!("{section}: replication_conninfo: {m}"),
-                    )
-                })?;
-            }
             if let Some(d) = p.data_dir.as_ref().filter(|d| !d.is_absolute()) {
                 return fail(
                     t.span(),
@@ -1748,15 +1745,6 @@ impl Config {
     }
 }
 
-/// Checks that `conninfo` is one `dr` can use; the error says what to write.
-fn check_conninfo(conninfo: &str) -> Result<(), String> {
-    let split = crate::postgres::tls::split(conninfo).map_err(|e| e.to_string())?;
-    if split.conninfo.parse::<tokio_postgres::Config>().is_err() {
-        return Err("conninfo is not a valid libpq connection string (e.g. \"host=127.0.0.1 port=5432 user=postgres dbname=postgres\")".into());
-    }
-    Ok(())
-}
-
 /// Scratch paths end up in `pg_ctl -o` settings; keep them plain.
 fn scratch_path_ok(p: &Path) -> bool {
     p.is_absolute()
@@ -1940,7 +1928,7 @@ mod tests {
                 i -= 1;
             }
             t.insert_str(i, &junk);
-            if let Err(e) = Config::parse(&t, Path::new("fuzz.toml")) {
+            if let Err(e) = crate::validate::parse(&t, Path::new("fuzz.toml")) {
                 let msg = e.to_string();
                 proptest::prop_assert!(!msg.is_empty());
             }
@@ -1950,7 +1938,7 @@ mod tests {
     const RCPT: &str = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
 
     fn parse(t: &str) -> Result<Config, ConfigError> {
-        Config::parse(t, Path::new("dr.toml"))
+        crate::validate::parse(t, Path::new("dr.toml"))
     }
 
     fn base() -> String {

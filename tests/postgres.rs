@@ -260,7 +260,7 @@ fn manifest_paths_cannot_escape_the_target() {
     pg.archive_now();
     let rt = tokio::runtime::Runtime::new().expect("rt");
     rt.block_on(async {
-        let cfg = dr::config::Config::load(&pg.cfg).expect("cfg");
+        let cfg = dr::validate::load(&pg.cfg).expect("cfg");
         let repo = dr::repo::Repository::open(&cfg).await.expect("open");
         let cat = dr::postgres::catalog::Catalog::load(&repo, "main")
             .await

@@ -151,7 +151,7 @@ fn a_connection_cut_during_a_remote_backup_is_a_transient_error() {
         text.replace(&from, &format!("port={} ", gate.port)),
     )
     .expect("write");
-    let cfg = dr::config::Config::load(&cfg_path).expect("config");
+    let cfg = dr::validate::load(&cfg_path).expect("config");
     let main = cfg.postgres.get("main").expect("[postgres.main]").get_ref();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let err = rt.block_on(async {

@@ -436,7 +436,7 @@ fn redis_restore_verification_checks_keys_and_user_checks() {
 fn tamper_newest_snapshot(dr: &DrSetup, repo_dir: &Path) {
     use dr::repo::layout::{BackupId, ObjectKey};
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let cfg = dr::config::Config::load(&dr.cfg).expect("config");
+    let cfg = dr::validate::load(&dr.cfg).expect("config");
     let repo = rt
         .block_on(dr::repo::Repository::open(&cfg))
         .expect("open repo");

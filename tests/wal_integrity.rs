@@ -240,7 +240,7 @@ fn wal_push_refuses_non_wal_and_repairs_an_invalid_archived_copy() {
 
     // An invalid copy that reached the repository some other way (an older
     // dr, a manual upload) blocks the real segment...
-    let cfg = dr::config::Config::load(&pg.cfg).expect("config");
+    let cfg = dr::validate::load(&pg.cfg).expect("config");
     let sysid = dr::postgres::system_id(&pg.data).expect("system id");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {

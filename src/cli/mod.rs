@@ -358,7 +358,7 @@ fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<dr::config::Con
     let p = path
         .map(|p| p.to_path_buf())
         .unwrap_or_else(dr::config::default_config_path);
-    Ok(dr::config::Config::load(&p)?)
+    Ok(dr::validate::load(&p)?)
 }
 
 /// Parses `--to`: `latest` (None) or a time, telling the user when a time

@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::schedule::Cron;
 use crate::config::{Config, ConfigError, DaemonConfig};
 use crate::postgres::PgError;
 use crate::progress::Progress;
 use crate::redis::RedisError;
 use crate::repo::{RepoError, Repository};
+use crate::schedule::Cron;
 
 /// What a job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -420,7 +420,7 @@ mod tests {
     const RCPT: &str = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
 
     fn cfg(extra: &str) -> Result<Config, ConfigError> {
-        Config::parse(
+        crate::validate::parse(
             &format!(
                 "[repository]\nrecipients = [\"{RCPT}\"]\n[[region]]\nname = \"a\"\ntype = \"fs\"\npath = \"/x\"\n{extra}"
             ),

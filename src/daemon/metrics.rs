@@ -563,7 +563,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::schedule::Cron;
+    use crate::schedule::Cron;
 
     fn job(name: &str, kind: JobKind) -> JobSpec {
         JobSpec {

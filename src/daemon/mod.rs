@@ -10,7 +10,6 @@ pub mod http;
 pub mod jobs;
 pub mod metrics;
 pub mod probe;
-pub mod schedule;
 pub mod scheduler;
 
 use std::collections::HashMap;
@@ -71,7 +70,7 @@ pub enum DaemonError {
 
 /// Loads `path` and the jobs it schedules.
 pub fn load_plan(path: &Path) -> Result<Plan, ConfigError> {
-    let cfg = Config::load(path)?;
+    let cfg = crate::validate::load(path)?;
     let jobs = jobs::plan(&cfg)?;
     Ok(Plan {
         cfg: Arc::new(cfg),

@@ -19,7 +19,7 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 
-use crate::config::PgConfig;
+use crate::config::{Config, ConfigError, PgConfig};
 
 /// Errors talking to or reading PostgreSQL, with guidance.
 #[derive(Debug, thiserror::Error)]
@@ -373,6 +373,39 @@ where
             tracing::debug!(error = %e, "PostgreSQL connection closed");
         }
     });
+}
+
+/// Checks every conninfo in the config (sources and `[env.*]` servers)
+/// with the parser that connects, so a bad one is refused with its line
+/// when the config is loaded rather than at the first connection.
+pub fn check_config(cfg: &Config) -> Result<(), ConfigError> {
+    for (name, pg) in &cfg.postgres {
+        check_conninfo(&pg.get_ref().conninfo)
+            .map_err(|e| cfg.error_at(pg.span(), format!("[postgres.{name}]: {e}")))?;
+    }
+    for (env, e) in &cfg.env {
+        for (server, t) in &e.get_ref().postgres {
+            let section = format!("[env.{env}.postgres.{server}]");
+            let p = t.get_ref();
+            check_conninfo(&p.conninfo)
+                .map_err(|m| cfg.error_at(t.span(), format!("{section}: {m}")))?;
+            if let Some(r) = &p.replication_conninfo {
+                check_conninfo(r).map_err(|m| {
+                    cfg.error_at(t.span(), format!("{section}: replication_conninfo: {m}"))
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `conninfo` is one `dr` can use; the error says what to write.
+fn check_conninfo(conninfo: &str) -> Result<(), String> {
+    let split = tls::split(conninfo).map_err(|e| e.to_string())?;
+    if split.conninfo.parse::<tokio_postgres::Config>().is_err() {
+        return Err("conninfo is not a valid libpq connection string (e.g. \"host=127.0.0.1 port=5432 user=postgres dbname=postgres\")".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

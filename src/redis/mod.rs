@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::config::RedisConfig;
+use crate::config::{Config, ConfigError, RedisConfig};
 use crate::repo::RepoError;
 
 /// Redis errors, each saying what to do about it.
@@ -269,6 +269,16 @@ impl Endpoint {
 /// A bidirectional byte stream (plain TCP or TLS).
 pub trait Conn: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Conn for T {}
+
+/// Checks every `[redis.*]` source's URL and password settings, so a bad
+/// one is refused with its line when the config is loaded.
+pub fn check_config(cfg: &Config) -> Result<(), ConfigError> {
+    for (name, r) in &cfg.redis {
+        Endpoint::check(r.get_ref())
+            .map_err(|e| cfg.error_at(r.span(), format!("[redis.{name}]: {e}")))?;
+    }
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests {

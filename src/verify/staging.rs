@@ -22,7 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::checks::PgAt;
 use super::report::{CheckResult, SourceReport};
-use crate::config::{Config, DrillConfig, PgConfig, PgTarget, RedisConfig, RedisTarget};
+use crate::config::{
+    Config, ConfigError, DrillConfig, PgConfig, PgTarget, RedisConfig, RedisTarget,
+};
 use crate::postgres::restore::{ExtraTarget, RestoreOptions, Target};
 use crate::repo::Repository;
 
@@ -216,6 +218,20 @@ pub fn refuse_protected(cfg: &Config, env: &str, d: &DrillConfig) -> Result<(), 
         }
     }
     if why.is_empty() { Ok(()) } else { Err(why) }
+}
+
+/// Refuses, with the drill's line, a staging drill whose targets are (or
+/// lie inside) a protected server; the rest of a drill's settings are
+/// checked by `config` itself.
+pub fn check_config(cfg: &Config) -> Result<(), ConfigError> {
+    for (name, d) in &cfg.drill {
+        if let Some(env) = d.get_ref().staging() {
+            refuse_protected(cfg, env, d.get_ref()).map_err(|why| {
+                cfg.error_at(d.span(), format!("[drill.{name}]: {}", why.join("; ")))
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// Who a running PostgreSQL server is.
