@@ -4,6 +4,26 @@
 //! Data flows `source → zstd → age → store` through bounded channels; the
 //! repository is append-only and a backup exists only once its manifest is
 //! durable. See `docs/repository-format.md`.
+//!
+//! # Layers, bottom to top
+//!
+//! An import may only point down: a module uses modules of lower layers,
+//! never one above it nor one beside it in its own layer (design.md §11).
+//! `tests/layers.rs` reads this list and checks every `crate::` path in
+//! `src/` against it.
+//!
+//! 1. `os`, `time`, `keys`, `lockfile`, `progress`, `tls`, `schedule`: foundations that stand alone
+//! 2. `config`: plain data and parsing; checks that need an engine live with the engine
+//! 3. `store`: regions and their objects
+//! 4. `codec`: compression and encryption of streams
+//! 5. `repo`: repository format, keys, manifests, retention
+//! 6. `postgres`, `redis`: the engines, each checking its own config sections
+//! 7. `audit`: the append-only record of operations
+//! 8. `check`, `playbook`: read-only checks of a setup; failover playbooks
+//! 9. `verify`: scratch restores, drills (which run playbooks), staging
+//! 10. `validate`: loading a config with every engine's checks
+//! 11. `daemon`: schedules, probes, metrics
+//! 12. `cli`, `main`: the `dr` binary
 
 pub mod audit;
 pub mod check;

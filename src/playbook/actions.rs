@@ -6,9 +6,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use super::model::{Action, FenceMode};
-use super::{Targets, http, sql_cause};
+use super::{Targets, http};
 use crate::config::PgTarget;
 use crate::postgres::server::as_user;
+use crate::postgres::sql_cause;
 
 /// What an action run needs besides the targets: names for hook programs.
 #[derive(Debug, Clone)]

@@ -8,8 +8,9 @@ use serde::Serialize;
 use tokio::time::timeout;
 
 use super::model::{Check, Gate, PgRole, RedisRole, human_bytes};
-use super::{Targets, http, sql_cause};
+use super::{Targets, http};
 use crate::postgres::Lsn;
+use crate::postgres::sql_cause;
 
 /// How a gate ended.
 #[derive(Debug, Clone, Serialize)]

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use crate::audit::{Audit, AuditError, AuditLog};
 use crate::config::{Config, ConfigError, EnvConfig, PgTarget, RedisTarget};
+use crate::postgres::{pg_cause, sql_cause};
 
 pub use engine::{Event, Observer, RunOptions, RunReport};
 pub use model::Playbook;
@@ -258,20 +259,6 @@ impl Targets {
             )),
         }
     }
-}
-
-/// The server's own message for a PostgreSQL error, without the driver's
-/// "db error:" wrapping.
-pub(crate) fn pg_cause(e: &crate::postgres::PgError) -> String {
-    match e {
-        crate::postgres::PgError::Sql { source, .. } => sql_cause(source),
-        other => other.to_string(),
-    }
-}
-
-/// The server's message for a query error.
-pub(crate) fn sql_cause(e: &tokio_postgres::Error) -> String {
-    crate::postgres::sql_cause(e)
 }
 
 /// Runs `playbook` on environment `env` of `cfg`: checks the targets, takes

@@ -101,6 +101,15 @@ pub enum PgError {
     Repo(#[from] crate::repo::RepoError),
 }
 
+/// The server's own message for a [`PgError`], without the driver's
+/// "db error:" wrapping.
+pub fn pg_cause(e: &PgError) -> String {
+    match e {
+        PgError::Sql { source, .. } => sql_cause(source),
+        other => other.to_string(),
+    }
+}
+
 /// The server's own words for a PostgreSQL error (message, detail, hint),
 /// or the connection failure with its causes, instead of the driver's bare
 /// "db error" / "error connecting to server".

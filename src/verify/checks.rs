@@ -28,7 +28,7 @@ impl PgAt {
         if let Some(c) = &self.conninfo {
             return crate::postgres::connect_db(c, Some(db), Some(Duration::from_secs(10)))
                 .await
-                .map_err(|e| crate::playbook::pg_cause(&e));
+                .map_err(|e| crate::postgres::pg_cause(&e));
         }
         connect_local_at(
             &self.host,
@@ -38,7 +38,7 @@ impl PgAt {
             Duration::from_secs(10),
         )
         .await
-        .map_err(|e| crate::playbook::pg_cause(&e))
+        .map_err(|e| crate::postgres::pg_cause(&e))
     }
 }
 
@@ -55,7 +55,7 @@ pub async fn databases(at: &PgAt) -> Result<Vec<String>, String> {
             &[],
         )
         .await
-        .map_err(|e| crate::playbook::sql_cause(&e))?;
+        .map_err(|e| crate::postgres::sql_cause(&e))?;
     Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
 }
 
@@ -78,7 +78,7 @@ pub async fn amcheck(at: &PgAt, db: &str) -> CheckResult {
             name,
             format!(
                 "skipped: the amcheck extension cannot be created here ({}); install the PostgreSQL contrib package on the verify host",
-                crate::playbook::sql_cause(&e)
+                crate::postgres::sql_cause(&e)
             ),
             secs(t),
         );
@@ -91,7 +91,7 @@ pub async fn amcheck(at: &PgAt, db: &str) -> CheckResult {
         .await
     {
         Ok(r) => r.get(0),
-        Err(e) => return CheckResult::fail(name, crate::playbook::sql_cause(&e), secs(t)),
+        Err(e) => return CheckResult::fail(name, crate::postgres::sql_cause(&e), secs(t)),
     };
     let indexes = match c
         .query(
@@ -104,7 +104,7 @@ pub async fn amcheck(at: &PgAt, db: &str) -> CheckResult {
         .await
     {
         Ok(rows) => rows,
-        Err(e) => return CheckResult::fail(name, crate::playbook::sql_cause(&e), secs(t)),
+        Err(e) => return CheckResult::fail(name, crate::postgres::sql_cause(&e), secs(t)),
     };
     let mut bad = Vec::new();
     for r in &indexes {
@@ -115,7 +115,7 @@ pub async fn amcheck(at: &PgAt, db: &str) -> CheckResult {
             quote_ident(&schema)
         );
         if let Err(e) = c.batch_execute(&sql).await {
-            bad.push(format!("{index}: {}", crate::playbook::sql_cause(&e)));
+            bad.push(format!("{index}: {}", crate::postgres::sql_cause(&e)));
         }
     }
     if bad.is_empty() {
@@ -157,7 +157,7 @@ pub async fn pg_user_check(at: &PgAt, check: &PgCheck) -> CheckResult {
         Err(e) => {
             return CheckResult::fail(
                 name,
-                format!("{}: {}", check.sql, crate::playbook::sql_cause(&e)),
+                format!("{}: {}", check.sql, crate::postgres::sql_cause(&e)),
                 secs(t),
             );
         }

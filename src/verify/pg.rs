@@ -289,7 +289,7 @@ pub(super) async fn restore_then_check(
         Err(e) => {
             rep.checks.push(CheckResult::fail(
                 "promoted",
-                crate::playbook::sql_cause(&e),
+                crate::postgres::sql_cause(&e),
                 t.elapsed().as_secs_f64(),
             ));
             return;

@@ -245,14 +245,14 @@ struct PgIdentity {
 async fn pg_identity(conninfo: &str) -> Result<PgIdentity, String> {
     let c = crate::postgres::connect_to(conninfo, Some(PROBE_TIMEOUT))
         .await
-        .map_err(|e| crate::playbook::pg_cause(&e))?;
+        .map_err(|e| crate::postgres::pg_cause(&e))?;
     let row = c
         .query_one(
             "SELECT (SELECT system_identifier FROM pg_control_system())::text, pg_postmaster_start_time()::text",
             &[],
         )
         .await
-        .map_err(|e| crate::playbook::sql_cause(&e))?;
+        .map_err(|e| crate::postgres::sql_cause(&e))?;
     // Reading data_directory needs superuser or pg_read_all_settings.
     let data_dir = c
         .query_one("SELECT current_setting('data_directory')", &[])
