@@ -674,7 +674,7 @@ mod props {
             // stops inside a block before the end blocks stopped inside a
             // member.
             let len = cut % (archive.len() - 2 * BLOCK);
-            if len % BLOCK != 0 {
+            if !len.is_multiple_of(BLOCK) {
                 prop_assert!(parse(&archive[..len], &cuts).is_err(), "cut at {} accepted", len);
             }
         }
