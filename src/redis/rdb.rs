@@ -271,3 +271,78 @@ mod tests {
         assert!(!check_in_pieces(&unchecked, 3).expect("valid").checksummed);
     }
 }
+
+/// The checker against truncated and altered payloads, fed in any split.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn rdb(version: u32, body: &[u8]) -> Vec<u8> {
+        let mut v = format!("REDIS{version:04}").into_bytes();
+        v.extend_from_slice(body);
+        v.push(0xff);
+        let c = crc64(0, &v);
+        v.extend_from_slice(&c.to_le_bytes());
+        v
+    }
+
+    /// Checks `data` cut at `cuts` (positions taken modulo the length).
+    fn check(data: &[u8], cuts: &[usize]) -> Result<RdbSummary, RdbError> {
+        let mut at: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
+        at.push(0);
+        at.push(data.len());
+        at.sort_unstable();
+        let mut c = RdbCheck::new();
+        for w in at.windows(2) {
+            c.update(&data[w[0]..w[1]])?;
+        }
+        c.finish()
+    }
+
+    proptest! {
+        #[test]
+        fn valid_streams_pass_in_any_split(
+            version in 1u32..13,
+            body in prop::collection::vec(any::<u8>(), 0..4000),
+            cuts in prop::collection::vec(any::<usize>(), 0..16),
+        ) {
+            let data = rdb(version, &body);
+            let s = check(&data, &cuts).expect("valid RDB");
+            prop_assert_eq!(s, RdbSummary { version, size: data.len() as u64, checksummed: true });
+        }
+
+        #[test]
+        fn truncated_streams_are_rejected(
+            body in prop::collection::vec(any::<u8>(), 0..4000),
+            cut in any::<usize>(),
+            cuts in prop::collection::vec(any::<usize>(), 0..16),
+        ) {
+            let data = rdb(11, &body);
+            let len = cut % data.len();
+            let short = &data[..len];
+            // A zero trailer means `rdbchecksum no`; a cut that happens to end
+            // in 0xff and eight zero bytes is indistinguishable from that.
+            let unchecked = len >= 9 && short[len - 9] == 0xff && short[len - 8..].iter().all(|&b| b == 0);
+            prop_assume!(!unchecked);
+            prop_assert!(check(short, &cuts).is_err(), "{} of {} bytes accepted", len, data.len());
+        }
+
+        #[test]
+        fn altered_streams_are_rejected(
+            body in prop::collection::vec(any::<u8>(), 0..4000),
+            at in any::<usize>(),
+            x in 1u8..=255,
+            cuts in prop::collection::vec(any::<usize>(), 0..16),
+        ) {
+            let mut data = rdb(11, &body);
+            let i = at % data.len();
+            data[i] ^= x;
+            let n = data.len();
+            // Only a trailer altered to all zeros reads as `rdbchecksum no`.
+            prop_assume!(data[n - 8..].iter().any(|&b| b != 0));
+            prop_assert!(check(&data, &cuts).is_err(), "byte {} ^ {:#x} accepted", i, x);
+        }
+    }
+}
