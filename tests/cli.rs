@@ -612,3 +612,71 @@ fn list_pg_on_an_empty_repository_says_how_to_take_the_first_backup() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("`dr backup pg main`"), "{}", stdout(&o));
 }
+
+#[test]
+fn wrong_s3_credentials_are_named_with_the_http_status() {
+    let env = setup();
+    let garage = |var: &str| common::require_env(var, "Garage (S3)");
+    // The right key id with a wrong secret: Garage answers HEAD with a bare 403.
+    let regions = format!(
+        "[[region]]\nname = \"garage\"\ntype = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\nprefix = \"wrong-secret\"\ns3_region = \"{}\"\npath_style = true\naccess_key_id = \"{}\"\nsecret_access_key = \"not-the-secret\"\n",
+        garage("DR_TEST_S3_ENDPOINT"),
+        garage("DR_TEST_S3_BUCKET"),
+        garage("DR_TEST_S3_REGION"),
+        garage("DR_TEST_S3_ACCESS_KEY_ID"),
+    );
+    let cfg = env.write_config(&regions);
+    let o = run_cfg(&cfg, &["repo", "init"]);
+    let e = stderr(&o);
+    assert!(!o.status.success(), "{e}");
+    assert!(
+        e.contains("403") && e.contains("access key") && !e.contains("unknown: "),
+        "{e}"
+    );
+}
+
+#[test]
+fn drill_dry_run_without_backups_is_refused_and_help_groups_global_options() {
+    let env = setup();
+    let repo = env.repo();
+    let regions = fs_region_toml("local", &repo);
+    let cfg = env.write_config(&format!(
+        "{regions}\n[audit]\npath = \"{}\"\n[postgres.main]\nconninfo = \"host=127.0.0.1 port=9 user=postgres dbname=postgres\"\ndata_dir = \"{}\"\n[drill.nightly]\npostgres = [\"main\"]\nto = \"latest\"\nreport_dir = \"{}\"\n",
+        env.dir.path().join("audit.jsonl").display(),
+        env.dir.path().join("nodata").display(),
+        env.dir.path().join("reports").display(),
+    ));
+    let o = run_cfg(&cfg, &["repo", "init"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run_cfg(&cfg, &["drill", "nightly", "--dry-run"]);
+    let text = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(!o.status.success(), "a drill with nothing to restore must not pass: {text}");
+    assert!(text.contains("no restorable backup") && text.contains("refused"), "{text}");
+
+    let o = dr(&["backup", "pg", "--help"]);
+    let help = stdout(&o);
+    let global = help.find("Global options:").unwrap_or_else(|| panic!("{help}"));
+    assert!(
+        help[global..].contains("--config") && !help[..global].contains("--config"),
+        "{help}"
+    );
+}
+
+#[test]
+fn repo_init_owner_hands_directory_regions_to_the_archiving_user() {
+    use std::os::unix::fs::MetadataExt;
+    let env = setup();
+    let user = common::require_env("DR_TEST_OS_USER", "PostgreSQL");
+    let cfg = env.write_config(&fs_region_toml("local", &env.repo()));
+    let o = run_cfg(&cfg, &["repo", "init", "--owner", &user]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let uid = Command::new("id")
+        .args(["-u", &user])
+        .output()
+        .expect("id");
+    let uid: u32 = String::from_utf8_lossy(&uid.stdout).trim().parse().expect("uid");
+    for p in common::walk_files(&env.repo()) {
+        assert_eq!(std::fs::metadata(&p).expect("meta").uid(), uid, "{}", p.display());
+    }
+    assert_eq!(std::fs::metadata(env.repo()).expect("meta").uid(), uid);
+}

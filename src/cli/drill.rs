@@ -41,7 +41,7 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
                 "drill {} (dry run): {}",
                 plan.drill,
                 if plan.ok {
-                    "the safety checks pass; nothing was touched"
+                    "the repository covers the target and the safety checks pass; nothing was touched"
                 } else {
                     "would be refused; nothing was touched"
                 }

@@ -24,20 +24,31 @@ pub use output::Out;
 #[command(name = "dr", version, about, long_about = None)]
 struct Cli {
     /// Config file [default: $DR_CONFIG, else ./dr.toml, else /etc/dr/dr.toml]
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        help_heading = "Global options"
+    )]
     config: Option<PathBuf>,
     /// Machine-readable JSON output on stdout.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     json: bool,
     /// More log output (-v debug, -vv trace).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, help_heading = "Global options")]
     verbose: u8,
     /// Only errors.
-    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        conflicts_with = "verbose",
+        help_heading = "Global options"
+    )]
     quiet: bool,
     /// Logs as JSON lines on stderr (default: human-readable; `dr daemon`
     /// logs JSON whenever stderr is not a terminal).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     log_json: bool,
     #[command(subcommand)]
     command: Command,

@@ -13,7 +13,13 @@ use super::{Out, load_config};
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Create the repository (writes dr-repo.json to every region that lacks it).
-    Init,
+    Init {
+        /// Make directory regions owned by this OS user (the one running
+        /// `archive_command`, usually postgres) when run as root, so that
+        /// archiving can write where root created the repository.
+        #[arg(long, value_name = "USER")]
+        owner: Option<String>,
+    },
     /// Round-trip data through the codec and every region, then remove it.
     Selftest {
         /// File to send (default: generated data of --size bytes).
@@ -42,8 +48,15 @@ pub async fn run(cmd: Command, config: Option<&Path>, out: &Out) -> anyhow::Resu
         Command::Sync { region, read_data } => {
             super::verify::sync(&cfg, region.as_deref(), read_data, out).await
         }
-        Command::Init => {
+        Command::Init { owner } => {
             let rep = Repository::init(&cfg).await?;
+            if let Some(user) = &owner {
+                for spec in &cfg.region_specs {
+                    if let dr::config::RegionKind::Fs { path } = &spec.kind {
+                        dr::postgres::server::chown_to(path, user).await?;
+                    }
+                }
+            }
             if out.json {
                 out.json(&serde_json::json!({ "ok": true, "repository": rep }));
             } else {

@@ -169,11 +169,21 @@ pub(super) fn print_source(s: &SourceReport) {
         if s.ok() { "ok" } else { "FAILED" }
     );
     println!("{}", table(&["CHECK", "RESULT", "TIME", "DETAIL"], &rows));
+    // A Redis snapshot is one RDB, not files.
+    let what = if s.kind == "redis" {
+        "snapshot"
+    } else {
+        "backup"
+    };
+    let files = if s.files > 0 {
+        format!(" ({} files)", s.files)
+    } else {
+        String::new()
+    };
     println!(
-        "  backup {}  restored {} ({} files) in {}",
+        "  {what} {}  restored {}{files} in {}",
         s.backup.as_deref().unwrap_or("-"),
         bytes(s.bytes),
-        s.files,
         secs(s.restore_seconds)
     );
     println!(

@@ -108,11 +108,30 @@ pub fn resolve_path(arg: &str, config_path: &Path) -> Result<PathBuf, PlaybookEr
         };
     }
     let file = format!("{arg}.toml");
-    let mut dirs = vec![PathBuf::from("playbooks")];
-    if let Some(d) = config_path.parent() {
-        dirs.push(d.join("playbooks"));
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let beside_config = config_path.parent().map(|d| d.join("playbooks"));
+    for d in [
+        Some(PathBuf::from("playbooks")),
+        beside_config,
+        Some(PathBuf::from("/etc/dr/playbooks")),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        // A config in the working directory would list ./playbooks twice.
+        let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(x), Ok(y)) => x == y,
+            _ => a
+                .components()
+                .filter(|c| *c != std::path::Component::CurDir)
+                .eq(b
+                    .components()
+                    .filter(|c| *c != std::path::Component::CurDir)),
+        };
+        if !dirs.iter().any(|x| same(x, &d)) {
+            dirs.push(d);
+        }
     }
-    dirs.push(PathBuf::from("/etc/dr/playbooks"));
     for d in &dirs {
         let p = d.join(&file);
         if p.is_file() {
@@ -332,6 +351,15 @@ pub async fn failover(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_search_path_names_each_directory_once() {
+        let e = resolve_path("no-such-playbook", Path::new("dr.toml"))
+            .expect_err("missing")
+            .to_string();
+        assert!(!e.contains("playbooks, playbooks"), "{e}");
+        assert!(e.contains("/etc/dr/playbooks"), "{e}");
+    }
 
     #[test]
     fn lock_is_exclusive_and_released_on_drop() {

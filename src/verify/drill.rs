@@ -403,22 +403,32 @@ pub async fn dry_run(cfg: &Config, name: &str) -> Result<DrillPlan, VerifyError>
                 }
             }
         }
-        None => plan.steps.extend(
-            d.postgres
-                .iter()
-                .map(|n| {
-                    format!(
-                        "[postgres.{n}]: restore as of {} into a scratch server, check, remove",
-                        d.to
-                    )
-                })
-                .chain(d.redis.iter().map(|n| {
-                    format!(
-                        "[redis.{n}]: restore as of {} into a scratch server, check, remove",
-                        d.to
-                    )
-                })),
-        ),
+        None => {
+            plan.steps.extend(
+                d.postgres
+                    .iter()
+                    .map(|n| {
+                        format!(
+                            "[postgres.{n}]: restore as of {} into a scratch server, check, remove",
+                            d.to
+                        )
+                    })
+                    .chain(d.redis.iter().map(|n| {
+                        format!(
+                            "[redis.{n}]: restore as of {} into a scratch server, check, remove",
+                            d.to
+                        )
+                    })),
+            );
+            // A plan that cannot restore anything does not pass.
+            match covered(cfg, &d).await {
+                Ok(notes) => plan.notes.extend(notes),
+                Err(why) => {
+                    plan.ok = false;
+                    plan.refused = why;
+                }
+            }
+        }
     }
     if let Some(pb) = &d.playbook {
         plan.steps.push(format!(
@@ -437,6 +447,50 @@ pub async fn dry_run(cfg: &Config, name: &str) -> Result<DrillPlan, VerifyError>
     };
     let _ = audit.finish(None, result).await;
     Ok(plan)
+}
+
+/// Whether the repository holds what a scratch drill restores: a backup
+/// and WAL reaching the target for each cluster, a snapshot for each Redis
+/// instance. Notes what would be restored, or every reason it could not.
+async fn covered(cfg: &Config, d: &DrillConfig) -> Result<Vec<String>, Vec<String>> {
+    let target = match d.to.as_str() {
+        "latest" => None,
+        t => Some(
+            crate::time::parse_time(t)
+                .map_err(|e| vec![format!("to = {t:?}: {e}")])?
+                .0,
+        ),
+    };
+    let repo = Repository::open(cfg)
+        .await
+        .map_err(|e| vec![format!("the repository cannot be opened: {e}")])?;
+    let (mut notes, mut refused) = (Vec::new(), Vec::new());
+    for n in &d.postgres {
+        match crate::postgres::catalog::Catalog::load(&repo, n).await {
+            Ok(cat) => match cat.plan(target, false, Default::default()) {
+                Ok(p) => notes.push(format!(
+                    "[postgres.{n}]: backup {} on timeline {}",
+                    p.backup.id, p.timeline
+                )),
+                Err(e) => refused.push(format!("[postgres.{n}]: {e}")),
+            },
+            Err(e) => refused.push(format!("[postgres.{n}]: {e}")),
+        }
+    }
+    for n in &d.redis {
+        match crate::redis::restore::RedisCatalog::load(&repo, n).await {
+            Ok(cat) => match cat.pick(target) {
+                Ok(m) => notes.push(format!("[redis.{n}]: snapshot {}", m.id)),
+                Err(e) => refused.push(format!("[redis.{n}]: {e}")),
+            },
+            Err(e) => refused.push(format!("[redis.{n}]: {e}")),
+        }
+    }
+    if refused.is_empty() {
+        Ok(notes)
+    } else {
+        Err(refused)
+    }
 }
 
 fn drill_failures(rep: &DrillReport) -> String {
