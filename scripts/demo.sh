@@ -15,7 +15,12 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/dr/target}
 DEMO=${DR_DEMO_DIR:-/tmp/dr-demo}
 PGBIN=/usr/lib/postgresql/15/bin
 OS_USER=postgres
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# Bold headings on a terminal only (and never with NO_COLOR), like dr's logs.
+if [[ -t 1 && -z ${NO_COLOR:-} ]]; then
+    step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+else
+    step() { printf '\n== %s\n' "$*"; }
+fi
 as_pg() { runuser -u "$OS_USER" -- "$@"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

@@ -650,12 +650,20 @@ fn drill_dry_run_without_backups_is_refused_and_help_groups_global_options() {
     assert!(o.status.success(), "{}", stderr(&o));
     let o = run_cfg(&cfg, &["drill", "nightly", "--dry-run"]);
     let text = format!("{}{}", stdout(&o), stderr(&o));
-    assert!(!o.status.success(), "a drill with nothing to restore must not pass: {text}");
-    assert!(text.contains("no restorable backup") && text.contains("refused"), "{text}");
+    assert!(
+        !o.status.success(),
+        "a drill with nothing to restore must not pass: {text}"
+    );
+    assert!(
+        text.contains("no restorable backup") && text.contains("refused"),
+        "{text}"
+    );
 
     let o = dr(&["backup", "pg", "--help"]);
     let help = stdout(&o);
-    let global = help.find("Global options:").unwrap_or_else(|| panic!("{help}"));
+    let global = help
+        .find("Global options:")
+        .unwrap_or_else(|| panic!("{help}"));
     assert!(
         help[global..].contains("--config") && !help[..global].contains("--config"),
         "{help}"
@@ -670,13 +678,18 @@ fn repo_init_owner_hands_directory_regions_to_the_archiving_user() {
     let cfg = env.write_config(&fs_region_toml("local", &env.repo()));
     let o = run_cfg(&cfg, &["repo", "init", "--owner", &user]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let uid = Command::new("id")
-        .args(["-u", &user])
-        .output()
-        .expect("id");
-    let uid: u32 = String::from_utf8_lossy(&uid.stdout).trim().parse().expect("uid");
+    let uid = Command::new("id").args(["-u", &user]).output().expect("id");
+    let uid: u32 = String::from_utf8_lossy(&uid.stdout)
+        .trim()
+        .parse()
+        .expect("uid");
     for p in common::walk_files(&env.repo()) {
-        assert_eq!(std::fs::metadata(&p).expect("meta").uid(), uid, "{}", p.display());
+        assert_eq!(
+            std::fs::metadata(&p).expect("meta").uid(),
+            uid,
+            "{}",
+            p.display()
+        );
     }
     assert_eq!(std::fs::metadata(env.repo()).expect("meta").uid(), uid);
 }

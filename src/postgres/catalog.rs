@@ -580,9 +580,10 @@ impl Catalog {
         }
     }
 
-    /// Whether timeline `x` holds no WAL past the segment where `y` (one of
-    /// its descendants) branched off it: `y` continues its history. (A
-    /// promoted standby's parent usually ends in that very segment.)
+    /// Whether timeline `x` committed nothing after `y` (one of its
+    /// descendants) branched off it, so `y` simply continues its history:
+    /// judged by `x`'s last commit where it is known, else by segment (no
+    /// WAL past the switch segment).
     fn superseded_by(&self, x: u32, y: u32) -> bool {
         let Some(yi) = self.timelines.get(&y) else {
             return false;
@@ -596,11 +597,21 @@ impl Catalog {
             return false;
         };
         let per_log = 0x1_0000_0000u64 / WAL_SEGMENT_SIZE;
-        self.windows
-            .iter()
-            .filter(|w| w.timeline == x)
-            .filter_map(|w| w.last_segment.parse::<WalSegmentName>().ok())
-            .all(|s| u64::from(s.log) * per_log + u64::from(s.seg) <= leave.0 / WAL_SEGMENT_SIZE)
+        self.windows.iter().filter(|w| w.timeline == x).all(|w| {
+            match (w.end_lsn, w.end_basis) {
+                // The last commit on `x` is known: diverged only if it
+                // committed after `y` branched off.
+                (Some(last_commit), _) => last_commit < leave,
+                (None, "backup end (nothing committed since)") => self
+                    .backups
+                    .iter()
+                    .any(|b| b.id == w.backup && b.stop_lsn <= leave),
+                // Otherwise by segment: nothing past the switch segment.
+                _ => w.last_segment.parse::<WalSegmentName>().is_ok_and(|s| {
+                    u64::from(s.log) * per_log + u64::from(s.seg) <= leave.0 / WAL_SEGMENT_SIZE
+                }),
+            }
+        })
     }
 
     /// One line per timeline, for errors.
