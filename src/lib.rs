@@ -18,7 +18,7 @@
 //! 4. `codec`: compression and encryption of streams
 //! 5. `repo`: repository format, keys, manifests, retention
 //! 6. `postgres`, `redis`: the engines, each checking its own config sections
-//! 7. `audit`: the append-only record of operations
+//! 7. `maintenance`, `audit`: retention, integrity checks and region repair across engines; the append-only record of operations
 //! 8. `check`, `playbook`: read-only checks of a setup; failover playbooks
 //! 9. `verify`: scratch restores, drills (which run playbooks), staging
 //! 10. `validate`: loading a config with every engine's checks
@@ -32,6 +32,7 @@ pub mod config;
 pub mod daemon;
 pub mod keys;
 pub mod lockfile;
+pub mod maintenance;
 pub mod os;
 pub mod playbook;
 pub mod postgres;

@@ -55,6 +55,53 @@ pub fn can_append(path: &Path) -> bool {
     ok
 }
 
+/// True when this process runs as root.
+pub fn is_root() -> bool {
+    // Read from /proc: no unsafe libc call needed (the crate forbids unsafe).
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A command that runs `program` as `os_user` (through runuser when root;
+/// as this process's own user otherwise).
+pub fn as_user(os_user: &str, program: &Path) -> tokio::process::Command {
+    if is_root() {
+        let mut c = tokio::process::Command::new("runuser");
+        c.arg("-u").arg(os_user).arg("--").arg(program);
+        c
+    } else {
+        tokio::process::Command::new(program)
+    }
+}
+
+/// Gives `dir` (recursively) to `os_user` when running as root; a no-op
+/// otherwise (an unprivileged process already owns what it created).
+pub async fn chown_to(dir: &Path, os_user: &str) -> std::io::Result<()> {
+    if !is_root() {
+        return Ok(());
+    }
+    let st = tokio::process::Command::new("chown")
+        .arg("-R")
+        .arg(format!("{os_user}:"))
+        .arg(dir)
+        .status()
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("chown {}: {e}", dir.display())))?;
+    if !st.success() {
+        return Err(std::io::Error::other(format!(
+            "chown -R {os_user}: {} failed; does the OS user {os_user} exist?",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// The effective uid of this process.
 pub fn current_uid() -> Option<u32> {
     use std::os::unix::fs::MetadataExt;

@@ -8,17 +8,7 @@ use std::path::{Path, PathBuf};
 /// Upward or sideways imports that predate the layer list (issue 16). Each
 /// is (file, module it imports); remove an entry when its import is gone:
 /// the test fails on stale entries too, so this list only shrinks.
-const KNOWN: &[(&str, &str)] = &[
-    // Maintenance (expire, integrity verify) is to leave `repo` for a layer
-    // above the engines.
-    ("src/repo/expire.rs", "postgres"),
-    ("src/repo/expire.rs", "redis"),
-    ("src/repo/inventory.rs", "postgres"),
-    ("src/repo/verify.rs", "postgres"),
-    ("src/repo/verify.rs", "redis"),
-    // `chown`/run-as-user are to move to `os`.
-    ("src/redis/restore.rs", "postgres"),
-];
+const KNOWN: &[(&str, &str)] = &[];
 
 /// Layer number of each top-level module, from the numbered list in the
 /// doc comment of `src/lib.rs` (`//! N. \`a\`, \`b\`: what they are`).

@@ -3,8 +3,10 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use dr::maintenance::expire::{
+    Executed, TempFile, execute, plan, remove_temp_files, stale_temp_files,
+};
 use dr::repo::Repository;
-use dr::repo::expire::{Executed, TempFile, execute, plan, remove_temp_files, stale_temp_files};
 use dr::repo::retention::SourcePlan;
 
 use super::output::table;

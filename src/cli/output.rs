@@ -132,7 +132,7 @@ pub async fn with_progress<T>(
 }
 
 /// Backups or snapshots listed from their keys alone (no identity here).
-pub fn stored_table(first: &str, items: &[dr::repo::inventory::StoredBackup]) -> String {
+pub fn stored_table(first: &str, items: &[dr::maintenance::inventory::StoredBackup]) -> String {
     let rows: Vec<Vec<String>> = items
         .iter()
         .map(|b| {

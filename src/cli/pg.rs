@@ -258,7 +258,7 @@ pub async fn restore(
 
 /// `dr list pg` on a host without the identity: what the keys say.
 async fn list_keys_only(repo: &Repository, cluster: &str, out: &Out) -> anyhow::Result<ExitCode> {
-    use dr::repo::inventory::{self, NEEDS_IDENTITY};
+    use dr::maintenance::inventory::{self, NEEDS_IDENTITY};
     let inv = inventory::pg(repo, cluster).await?;
     let note = format!("{NEEDS_IDENTITY}; {}", repo.codec.cannot_decrypt_because());
     if out.json {

@@ -80,7 +80,7 @@ pub async fn list(
     let (instance, _) = cfg.redis(name.as_deref())?;
     let repo = Repository::open(&cfg).await?;
     if !repo.codec.can_decrypt() {
-        use dr::repo::inventory::{self, NEEDS_IDENTITY};
+        use dr::maintenance::inventory::{self, NEEDS_IDENTITY};
         let inv = inventory::redis(&repo, &instance).await?;
         let note = format!("{NEEDS_IDENTITY}; {}", repo.codec.cannot_decrypt_because());
         if out.json {

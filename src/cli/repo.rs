@@ -53,7 +53,7 @@ pub async fn run(cmd: Command, config: Option<&Path>, out: &Out) -> anyhow::Resu
             if let Some(user) = &owner {
                 for spec in &cfg.region_specs {
                     if let dr::config::RegionKind::Fs { path } = &spec.kind {
-                        dr::postgres::server::chown_to(path, user).await?;
+                        dr::os::chown_to(path, user).await?;
                     }
                 }
             }

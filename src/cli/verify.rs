@@ -5,8 +5,8 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use dr::config::Config;
+use dr::maintenance::verify::{Level, Scope, VerifyReport, expected_objects, verify};
 use dr::repo::Repository;
-use dr::repo::verify::{Level, Scope, VerifyReport, expected_objects, verify};
 use dr::verify::report::{secs, time};
 use dr::verify::{Source, SourceReport};
 
@@ -85,7 +85,7 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
         Scope::Pg(v) => v.clone(),
         Scope::Redis(_) => Vec::new(),
     };
-    rep.wal_gaps = dr::repo::verify::wal_gaps(&repo, &clusters).await?;
+    rep.wal_gaps = dr::maintenance::verify::wal_gaps(&repo, &clusters).await?;
     print_report(&rep, out);
     Ok(if rep.clean() {
         ExitCode::SUCCESS
@@ -274,7 +274,7 @@ pub async fn sync(
     } else {
         None
     };
-    let rep = dr::repo::sync::sync(&repo, region, expected.as_deref(), read_data).await?;
+    let rep = dr::maintenance::sync::sync(&repo, region, expected.as_deref(), read_data).await?;
     if out.json {
         out.json(&serde_json::json!({ "ok": rep.complete(), "sync": rep }));
     } else {

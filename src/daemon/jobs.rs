@@ -195,18 +195,23 @@ pub async fn run_once(
                 serde_json::json!({ "by": "daemon" }),
             )
             .map_err(|e| JobError::Failed(e.to_string()))?;
-            let plans =
-                match send_boxed(crate::repo::expire::plan(&repo, cfg, chrono::Utc::now())).await {
-                    Ok(p) => p,
-                    Err(e) => {
-                        audit.finish(Some(&repo), Err(e.to_string())).await;
-                        return Err(e.into());
-                    }
-                };
+            let plans = match send_boxed(crate::maintenance::expire::plan(
+                &repo,
+                cfg,
+                chrono::Utc::now(),
+            ))
+            .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    audit.finish(Some(&repo), Err(e.to_string())).await;
+                    return Err(e.into());
+                }
+            };
             let mut deleted = 0;
             let mut failed = Vec::new();
             for p in plans {
-                let ex = send_boxed(crate::repo::expire::execute(&repo, p)).await;
+                let ex = send_boxed(crate::maintenance::expire::execute(&repo, p)).await;
                 deleted += ex.deleted.len();
                 failed.extend(ex.failed.into_iter().map(|(k, e)| format!("{k}: {e}")));
                 for (k, why) in ex.locked {
@@ -215,14 +220,14 @@ pub async fn run_once(
             }
             let now = chrono::Utc::now();
             let orphan_age = cfg.orphan_age();
-            match send_boxed(crate::repo::expire::stale_temp_files(
+            match send_boxed(crate::maintenance::expire::stale_temp_files(
                 &repo, now, orphan_age,
             ))
             .await
             {
                 Ok(t) => {
                     let (removed, bad) =
-                        send_boxed(crate::repo::expire::remove_temp_files(&repo, t)).await;
+                        send_boxed(crate::maintenance::expire::remove_temp_files(&repo, t)).await;
                     deleted += removed.len();
                     failed.extend(
                         bad.into_iter()
@@ -250,16 +255,16 @@ async fn sync_job(cfg: &Config) -> Result<JobOutcome, JobError> {
     let expected = if repo.codec.can_decrypt() {
         let pg: Vec<String> = cfg.postgres.keys().cloned().collect();
         let redis: Vec<String> = cfg.redis.keys().cloned().collect();
-        let scope = crate::repo::verify::Scope::All;
+        let scope = crate::maintenance::verify::Scope::All;
         Some(
-            crate::repo::verify::expected_objects(&repo, &scope, &pg, &redis)
+            crate::maintenance::verify::expected_objects(&repo, &scope, &pg, &redis)
                 .await?
                 .0,
         )
     } else {
         None
     };
-    let rep = crate::repo::sync::sync(&repo, None, expected.as_deref(), false).await?;
+    let rep = crate::maintenance::sync::sync(&repo, None, expected.as_deref(), false).await?;
     let copied: u64 = rep.regions.iter().map(|r| r.copied + r.replaced).sum();
     let bytes: u64 = rep.regions.iter().map(|r| r.bytes).sum();
     if !rep.complete() {

@@ -5,53 +5,15 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::process::Command;
-
 use super::PgError;
 
-/// True when this process runs as root.
-pub fn is_root() -> bool {
-    // Read from /proc: no unsafe libc call needed (the crate forbids unsafe).
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
-/// Builds a command that runs as `os_user` (via runuser when root).
-pub fn as_user(os_user: &str, program: &Path) -> Command {
-    if is_root() {
-        let mut c = Command::new("runuser");
-        c.arg("-u").arg(os_user).arg("--").arg(program);
-        c
-    } else {
-        Command::new(program)
-    }
-}
+pub use crate::os::{as_user, is_root};
 
 /// Gives `dir` (recursively) to `os_user` when running as root.
 pub async fn chown_to(dir: &Path, os_user: &str) -> Result<(), PgError> {
-    if !is_root() {
-        return Ok(());
-    }
-    let st = Command::new("chown")
-        .arg("-R")
-        .arg(format!("{os_user}:"))
-        .arg(dir)
-        .status()
+    crate::os::chown_to(dir, os_user)
         .await
-        .map_err(|e| PgError::io(dir, e))?;
-    if !st.success() {
-        return Err(PgError::Other(format!(
-            "chown -R {os_user}: {} failed; does the OS user {os_user} exist?",
-            dir.display()
-        )));
-    }
-    Ok(())
+        .map_err(|e| PgError::Other(e.to_string()))
 }
 
 /// Starts PostgreSQL on `data_dir`, listening only on 127.0.0.1:`port`, and

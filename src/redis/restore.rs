@@ -339,7 +339,7 @@ async fn start_server(
     port: u16,
     size: u64,
 ) -> Result<Option<u32>, RedisError> {
-    use crate::postgres::server::{as_user, chown_to, is_root};
+    use crate::os::{as_user, chown_to, is_root};
     let dir = std::fs::canonicalize(dir)
         .map_err(|e| RedisError::Other(format!("{}: {e}", dir.display())))?;
     let mut cmd = match &cfg.os_user {

@@ -1,11 +1,7 @@
 //! The repository: regions + codec + the `dr-repo.json` descriptor.
 
-pub mod expire;
-pub mod inventory;
 pub mod layout;
 pub mod retention;
-pub mod sync;
-pub mod verify;
 
 use std::time::Instant;
 

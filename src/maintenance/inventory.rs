@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::layout::{BackupId, ObjectKey, WalSegmentName, WalSuffix};
-use super::{RepoError, Repository};
+use crate::repo::layout::{BackupId, ObjectKey, WalSegmentName, WalSuffix};
+use crate::repo::{RepoError, Repository};
 
 /// Why a key listing is all a host without the identity gets.
 pub const NEEDS_IDENTITY: &str = "listed from object names only: manifests are encrypted, so \

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use super::verify::{ExpectedObject, Level};
-use super::{RepoError, Repository};
+use crate::repo::{RepoError, Repository};
 
 /// What one region received.
 #[derive(Debug, Clone, Default, Serialize)]

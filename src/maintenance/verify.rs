@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use futures::StreamExt;
 use serde::Serialize;
 
-use super::layout::ObjectKey;
-use super::{RepoError, Repository};
 use crate::codec::Expect;
+use crate::repo::layout::ObjectKey;
+use crate::repo::{RepoError, Repository};
 
 /// How deep to look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -316,7 +316,7 @@ pub async fn verify(
 /// must exist (complete) somewhere, as must the segment a timeline's
 /// streamed pieces belong to. Returns `cluster: first..last missing`.
 pub async fn wal_gaps(repo: &Repository, clusters: &[String]) -> Result<Vec<String>, RepoError> {
-    use super::layout::{WalSegmentName, WalSuffix};
+    use crate::repo::layout::{WalSegmentName, WalSuffix};
     use std::collections::BTreeSet;
     let mut gaps = Vec::new();
     for cluster in clusters {
@@ -361,14 +361,14 @@ pub async fn wal_gaps(repo: &Repository, clusters: &[String]) -> Result<Vec<Stri
     Ok(gaps)
 }
 
-fn prev_name(s: super::layout::WalSegmentName) -> String {
+fn prev_name(s: crate::repo::layout::WalSegmentName) -> String {
     let per_log = (0x1_0000_0000u64 / crate::postgres::WAL_SEGMENT_SIZE) as u32;
     let (log, seg) = if s.seg == 0 {
         (s.log.wrapping_sub(1), per_log - 1)
     } else {
         (s.log, s.seg - 1)
     };
-    super::layout::WalSegmentName { log, seg, ..s }.to_string()
+    crate::repo::layout::WalSegmentName { log, seg, ..s }.to_string()
 }
 
 fn problem(region: &str, key: &str, kind: &str, detail: String) -> Problem {

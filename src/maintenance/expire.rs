@@ -4,13 +4,13 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::layout::{ObjectKey, WalSegmentName};
-use super::retention::{
+use crate::config::Config;
+use crate::repo::layout::{ObjectKey, WalSegmentName};
+use crate::repo::retention::{
     Deletion, Item, PgBackup, PgWal, Policy, RedisSnap, SourcePlan, Stored, may_be_running,
     plan_pg, plan_redis,
 };
-use super::{RepoError, Repository};
-use crate::config::Config;
+use crate::repo::{RepoError, Repository};
 use crate::store::{ObjectInfo, Store, StoreError};
 
 /// Plans every configured source; `[retention] orphan_age` tells a running
