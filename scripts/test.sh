@@ -11,7 +11,7 @@ cd "$ROOT"
 
 banner() { printf '\n===== %s =====\n' "$*"; }
 
-banner "1/3 Installing prerequisites (scripts/setup.sh)"
+banner "1/4 Installing prerequisites (scripts/setup.sh)"
 bash "$ROOT/scripts/setup.sh"
 
 # Same search path as setup.sh: cargo-installed tools first, system dirs last.
@@ -21,7 +21,7 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH:/usr/local/sbin:/usr/local/bi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/dr/target}"
 mkdir -p -- "$CARGO_TARGET_DIR"
 
-banner "2/3 Starting test servers (scripts/testenv.sh)"
+banner "2/4 Starting test servers (scripts/testenv.sh)"
 # A state directory of its own (unless the caller chose one), so this run
 # neither reuses leftover data nor stops an environment someone started by
 # hand at the default location.
@@ -46,13 +46,30 @@ bash "$ROOT/scripts/testenv.sh" start >/dev/null
 source "$DR_TESTENV_DIR/env.sh"
 bash "$ROOT/scripts/testenv.sh" status
 
-banner "3/3 Running tests (cargo nextest run)"
+banner "3/4 Lints (cargo fmt --check, cargo clippy -D warnings)"
+# Formatting and lints are part of the suite: CI fails on either, after the
+# tests have run, so one run shows everything that is wrong.
+lint=0
+cargo fmt --all --check || {
+    echo "LINT: unformatted code (run: cargo fmt)" >&2
+    lint=1
+}
+cargo clippy --all-targets --locked -- -D warnings || {
+    echo "LINT: clippy warnings (see above)" >&2
+    lint=1
+}
+
+banner "4/4 Running tests (cargo nextest run)"
 echo "cargo:   $(cargo --version)"
 echo "nextest: $(cargo nextest --version 2>/dev/null | head -n1)"
 echo "target:  $CARGO_TARGET_DIR"
 status=0
 cargo nextest run --locked --no-fail-fast "$@" || status=$?
 
+if ((status == 0 && lint != 0)); then
+    banner "Tests passed, but lints FAILED (see LINT above)"
+    exit 1
+fi
 if ((status == 0)); then
     banner "Tests passed"
 else
