@@ -17,15 +17,7 @@ use std::time::{Duration, Instant};
 use common::pg::{TestPg, chown, fs_repo, mark, restore_started};
 use common::walk_files;
 
-fn json(o: &std::process::Output) -> serde_json::Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}\nstderr: {}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    })
-}
+use common::json_of as json;
 
 fn add_to_config(pg: &TestPg, text: &str) {
     let mut c = std::fs::read_to_string(&pg.cfg).expect("cfg");

@@ -527,38 +527,24 @@ pub async fn wal_fetch(
         .clone()
         .unwrap_or_else(|| base.join("pg_wal").join("dr-spool"));
     let repo = Repository::open(&cfg).await?;
-    // A region that blinks must not abort a recovery: retry before giving up.
-    let mut delay = std::time::Duration::from_millis(500);
-    let mut attempt = 1;
-    let outcome = loop {
-        match wal::fetch(
-            &repo,
-            &cluster,
-            system_id,
-            &file,
-            &dest,
-            &spool,
-            pg.prefetch,
-            until,
-        )
-        .await
-        {
-            Ok(o) => break o,
-            Err(e) if attempt < 3 && matches!(e, dr::postgres::PgError::Repo(_)) => {
-                tracing::warn!(file, attempt, error = %e, "fetch failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-                attempt += 1;
-            }
-            Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!(
-                    "{file} cannot be fetched; stopping recovery here rather than ending it \
-                     early (exit status {})",
-                    wal::FETCH_FAILED_STATUS
-                )));
-            }
-        }
-    };
+    let outcome = wal::fetch(
+        &repo,
+        &cluster,
+        system_id,
+        &file,
+        &dest,
+        &spool,
+        pg.prefetch,
+        until,
+    )
+    .await
+    .map_err(|e| {
+        anyhow::Error::new(e).context(format!(
+            "{file} cannot be fetched; stopping recovery here rather than ending it \
+             early (exit status {})",
+            wal::FETCH_FAILED_STATUS
+        ))
+    })?;
     match outcome {
         wal::FetchOutcome::Fetched { source } => {
             tracing::info!(file, source, "fetched");

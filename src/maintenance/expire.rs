@@ -128,7 +128,7 @@ async fn plan_pg_cluster(
     now: DateTime<Utc>,
     orphan_age: std::time::Duration,
 ) -> Result<SourcePlan, RepoError> {
-    let cat = crate::postgres::catalog::Catalog::load(repo, cluster)
+    let cat = crate::postgres::catalog::Catalog::load_backups(repo, cluster)
         .await
         .map_err(|e| RepoError::Other(e.to_string()))?;
     refuse_unreadable("postgres", cluster, &cat.unreadable)?;

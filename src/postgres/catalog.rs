@@ -43,14 +43,28 @@ pub struct Window {
     /// Whether the window ends in a streamed segment that was never
     /// completed (restores replay up to its last streamed byte).
     pub streamed_tail: bool,
-    /// What `to` is: the last commit in the archived WAL (what a time
-    /// target can reach), or the backup's end when nothing committed since.
-    pub end_basis: &'static str,
+    /// What `to` is.
+    pub end_basis: WindowEnd,
     /// Where the last commit record starts, when `to` is its time: a time
     /// target stops only before a later commit, so `to` itself is reached
     /// by stopping right after this record.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub end_lsn: Option<Lsn>,
+}
+
+/// What the end of a window (`to`) is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum WindowEnd {
+    /// The archive time of the last segment: commits were not read (more
+    /// segments without a commit than are searched).
+    #[serde(rename = "archive time of the last segment")]
+    ArchiveTime,
+    /// The last commit in the archived WAL: what a time target can reach.
+    #[serde(rename = "last commit in the archived WAL")]
+    LastCommit,
+    /// Nothing committed since the backup ended: its end is the window.
+    #[serde(rename = "backup end (nothing committed since)")]
+    BackupEnd,
 }
 
 /// What a restore replays.
@@ -60,8 +74,6 @@ pub struct Plan<'a> {
     pub backup: &'a PgManifest,
     /// The timeline recovery follows (`recovery_target_timeline`).
     pub timeline: u32,
-    /// The end of the chosen window (the newest reachable point).
-    pub window_end: DateTime<Utc>,
     /// For `latest` under `accept_gap`: what was left behind.
     pub gave_up: Option<String>,
     /// The target is the window's end, the last commit: recovery stops
@@ -94,8 +106,18 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Lists and reads everything stored for `cluster`.
+    /// Lists and reads everything stored for `cluster`; windows end at the
+    /// last commit their WAL holds.
     pub async fn load(repo: &Repository, cluster: &str) -> Result<Catalog, PgError> {
+        let mut cat = Catalog::load_backups(repo, cluster).await?;
+        cat.end_windows_at_last_commit(repo).await;
+        Ok(cat)
+    }
+
+    /// Lists and reads everything, but leaves the windows ending at the
+    /// archive time of their last segment: for retention, which reads only
+    /// backups and WAL names and need not decode a segment per window.
+    pub async fn load_backups(repo: &Repository, cluster: &str) -> Result<Catalog, PgError> {
         let (_, objects) = repo.regions.list(&format!("pg/{cluster}/")).await?;
         let mut manifests = Vec::new();
         let mut wal = BTreeMap::new();
@@ -199,7 +221,6 @@ impl Catalog {
             unreadable,
         };
         cat.windows = cat.compute_windows();
-        cat.end_windows_at_last_commit(repo).await;
         Ok(cat)
     }
 
@@ -308,16 +329,16 @@ impl Catalog {
             match found {
                 Some(c) if c.time > from => {
                     w.to = c.time;
-                    w.end_basis = "last commit in the archived WAL";
+                    w.end_basis = WindowEnd::LastCommit;
                     w.end_lsn = Some(c.lsn);
                 }
                 Some(_) => {
                     w.to = from;
-                    w.end_basis = "backup end (nothing committed since)";
+                    w.end_basis = WindowEnd::BackupEnd;
                 }
                 None if searched < MAX_SEGMENTS_BACK => {
                     w.to = from;
-                    w.end_basis = "backup end (nothing committed since)";
+                    w.end_basis = WindowEnd::BackupEnd;
                 }
                 None => {}
             }
@@ -413,7 +434,7 @@ impl Catalog {
             timeline: target,
             last_segment,
             streamed_tail: tail.is_some(),
-            end_basis: "archive time of the last segment",
+            end_basis: WindowEnd::ArchiveTime,
             end_lsn: None,
         })
     }
@@ -499,9 +520,8 @@ impl Catalog {
             gave_up => Ok(Plan {
                 backup,
                 timeline,
-                window_end: w.to,
                 gave_up,
-                stop_at_backup_end: target.is_some() && w.to == w.from,
+                stop_at_backup_end: target.is_some() && w.end_basis == WindowEnd::BackupEnd,
                 stop_after_lsn: w.end_lsn.filter(|_| target.is_some_and(|t| t >= w.to)),
             }),
         }
@@ -602,7 +622,7 @@ impl Catalog {
                 // The last commit on `x` is known: diverged only if it
                 // committed after `y` branched off.
                 (Some(last_commit), _) => last_commit < leave,
-                (None, "backup end (nothing committed since)") => self
+                (None, WindowEnd::BackupEnd) => self
                     .backups
                     .iter()
                     .any(|b| b.id == w.backup && b.stop_lsn <= leave),

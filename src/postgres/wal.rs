@@ -333,9 +333,38 @@ pub enum FetchOutcome {
 
 /// Fetches `name` into `dest`, verifying it, and prefetches up to `prefetch`
 /// following segments of the same timeline into `spool` in parallel.
-/// Segments after `until` count as not archived.
+/// Segments after `until` count as not archived. Storage failures are tried
+/// three times (0.5 s, then 1 s apart): a region that blinks must not abort
+/// a recovery, and any error returned must stop it.
 #[allow(clippy::too_many_arguments)]
 pub async fn fetch(
+    repo: &Repository,
+    cluster: &str,
+    system_id: u64,
+    name: &str,
+    dest: &Path,
+    spool: &Path,
+    prefetch: usize,
+    until: Option<WalSegmentName>,
+) -> Result<FetchOutcome, PgError> {
+    let mut delay = std::time::Duration::from_millis(500);
+    let mut attempt = 1;
+    loop {
+        let res = fetch_once(repo, cluster, system_id, name, dest, spool, prefetch, until).await;
+        match res {
+            Err(e @ PgError::Repo(_)) if attempt < 3 => {
+                tracing::warn!(file = name, attempt, error = %e, "fetch failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fetch_once(
     repo: &Repository,
     cluster: &str,
     system_id: u64,

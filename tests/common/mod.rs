@@ -312,3 +312,14 @@ pub fn segment_of(object: &Path) -> String {
         .expect("segment name")
         .to_string()
 }
+
+/// Parses a command's stdout as JSON, or fails showing both streams.
+pub fn json_of(o: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })
+}
