@@ -356,7 +356,7 @@ impl Catalog {
         let listed = self.pieces.get(&seg)?;
         let key = &listed.first()?.key;
         let prefix = &key[..key.find(".stream.")? + ".stream.".len()];
-        match super::wal::streamed_segment(repo, prefix, listed).await {
+        match super::pieces::streamed_segment(repo, prefix, listed).await {
             Ok(Some((data, _))) => {
                 tokio::task::spawn_blocking(move || super::wal_records::last_commit(&data, n))
                     .await
