@@ -6,10 +6,12 @@
 //! wraps a run with the lock and the audit record.
 
 pub mod actions;
+mod describe;
 pub mod engine;
 pub mod gates;
 pub mod http;
 pub mod model;
+pub mod parse;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
