@@ -99,7 +99,7 @@ pub async fn run(
                 .0,
         ),
     };
-    let mut audit = Audit::begin(
+    let audit = Audit::begin(
         AuditLog::from_config(cfg),
         "drill",
         name,
@@ -172,54 +172,12 @@ pub async fn run(
     let mut playbook_rto_point = None;
     let all_up = sources.iter().all(SourceReport::ok) && first_err.is_none();
     if let Some(pb) = &d.playbook {
-        if all_up && !cancel.is_cancelled() {
-            let at = t0.elapsed().as_secs_f64();
-            let run = tokio::select! {
-                r = run_playbook(cfg, &d, name, pb, &running) => Some(r),
-                () = cancel.cancelled() => None,
-            };
-            match run {
-                Some(Ok(r)) => {
-                    let point = at + r.rto_seconds.unwrap_or(r.total_seconds);
-                    checks.push(if r.ok() {
-                        CheckResult::pass(
-                            "playbook",
-                            format!(
-                                "{} on {}: done in {:.2}s (RTO point {:.2}s into the drill)",
-                                r.playbook, r.env, r.total_seconds, point
-                            ),
-                            r.total_seconds,
-                        )
-                    } else {
-                        CheckResult::fail(
-                            "playbook",
-                            format!(
-                                "{} on {} failed: {}",
-                                r.playbook,
-                                r.env,
-                                r.error.clone().unwrap_or_default()
-                            ),
-                            r.total_seconds,
-                        )
-                    });
-                    playbook_rto_point = Some(point);
-                    warnings.extend(r.warnings.iter().cloned());
-                    playbook = serde_json::to_value(&r).ok();
-                }
-                Some(Err(e)) => checks.push(CheckResult::fail("playbook", e, 0.0)),
-                None => checks.push(CheckResult::fail(
-                    "playbook",
-                    "interrupted by a signal",
-                    0.0,
-                )),
-            }
-        } else {
-            checks.push(CheckResult::fail(
-                "playbook",
-                "not run: not every source was restored and checked",
-                0.0,
-            ));
-        }
+        let (check, point, notes, value) =
+            playbook_step(cfg, &d, name, pb, &running, all_up, t0, cancel).await;
+        checks.push(check);
+        playbook_rto_point = point;
+        warnings.extend(notes);
+        playbook = value;
     }
     // Staging servers stay up on the restored data; the lock is released.
     drop(staging);
@@ -236,8 +194,145 @@ pub async fn run(
         let _ = audit.finish(Some(repo), Err(e.to_string())).await;
         return Err(e);
     }
+    let achieved = achieved(&sources, playbook_rto_point);
+    let objectives = Rtpo {
+        rto_seconds: d.rto_seconds,
+        rpo_seconds: d.rpo_seconds,
+    };
+    checks.extend(objective_checks(&objectives, &achieved));
+    let rep = DrillReport {
+        id: id.to_string(),
+        drill: name.to_string(),
+        started,
+        finished: Utc::now(),
+        target: d.to.clone(),
+        environment: d.environment.clone(),
+        ok: false,
+        objectives,
+        achieved,
+        sources,
+        playbook,
+        checks,
+        files: Vec::new(),
+        warnings,
+    };
+    Ok(conclude(repo, &d, rep, audit, id).await)
+}
+
+/// Decides the verdict, writes the report files, stores the report in the
+/// repository and closes the audit record.
+async fn conclude(
+    repo: &Repository,
+    d: &DrillConfig,
+    mut rep: DrillReport,
+    mut audit: Audit,
+    id: BackupId,
+) -> DrillReport {
+    rep.ok = rep.sources.iter().all(SourceReport::ok) && rep.checks.iter().all(|c| c.ok);
+    match write_files(d, &rep) {
+        Ok(files) => rep.files = files,
+        Err(e) => {
+            rep.checks.push(CheckResult::fail("report files", e, 0.0));
+            rep.ok = false;
+        }
+    }
+    if let Err(e) = report::store(repo, &ObjectKey::DrillReport { id }, &rep).await {
+        rep.warnings.push(e);
+    }
+    let details = serde_json::to_value(&rep).unwrap_or_default();
+    audit.set_details(details.clone());
+    let result = if rep.ok {
+        Ok(details)
+    } else {
+        Err(drill_failures(&rep))
+    };
+    let (_, w) = audit.finish(Some(repo), result).await;
+    rep.warnings.extend(w);
+    rep
+}
+
+/// Runs the drill's playbook once every source is up: the check line, the
+/// RTO point it reached (seconds into the drill), its warnings and report.
+#[allow(clippy::too_many_arguments)]
+async fn playbook_step(
+    cfg: &Config,
+    d: &DrillConfig,
+    name: &str,
+    pb: &str,
+    running: &[Option<Running>],
+    all_up: bool,
+    t0: Instant,
+    cancel: &CancellationToken,
+) -> (
+    CheckResult,
+    Option<f64>,
+    Vec<String>,
+    Option<serde_json::Value>,
+) {
+    if !all_up || cancel.is_cancelled() {
+        let why = "not run: not every source was restored and checked";
+        return (
+            CheckResult::fail("playbook", why, 0.0),
+            None,
+            Vec::new(),
+            None,
+        );
+    }
+    let at = t0.elapsed().as_secs_f64();
+    let run = tokio::select! {
+        r = run_playbook(cfg, d, name, pb, running) => Some(r),
+        () = cancel.cancelled() => None,
+    };
+    let r = match run {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => {
+            return (
+                CheckResult::fail("playbook", e, 0.0),
+                None,
+                Vec::new(),
+                None,
+            );
+        }
+        None => {
+            let check = CheckResult::fail("playbook", "interrupted by a signal", 0.0);
+            return (check, None, Vec::new(), None);
+        }
+    };
+    let point = at + r.rto_seconds.unwrap_or(r.total_seconds);
+    let check = if r.ok() {
+        CheckResult::pass(
+            "playbook",
+            format!(
+                "{} on {}: done in {:.2}s (RTO point {:.2}s into the drill)",
+                r.playbook, r.env, r.total_seconds, point
+            ),
+            r.total_seconds,
+        )
+    } else {
+        CheckResult::fail(
+            "playbook",
+            format!(
+                "{} on {} failed: {}",
+                r.playbook,
+                r.env,
+                r.error.clone().unwrap_or_default()
+            ),
+            r.total_seconds,
+        )
+    };
+    (
+        check,
+        Some(point),
+        r.warnings.clone(),
+        serde_json::to_value(&r).ok(),
+    )
+}
+
+/// The drill's RTO (the slowest source, or the playbook's RTO point if
+/// later) and RPO (the largest of the sources'), when every source has one.
+fn achieved(sources: &[SourceReport], playbook_rto_point: Option<f64>) -> Rtpo {
     let restored = sources.iter().all(|s| s.rto_seconds.is_some());
-    let achieved = Rtpo {
+    Rtpo {
         rto_seconds: restored.then(|| {
             sources
                 .iter()
@@ -251,11 +346,12 @@ pub async fn run(
                 .filter_map(|s| s.rpo_seconds)
                 .fold(0.0, f64::max)
         }),
-    };
-    let objectives = Rtpo {
-        rto_seconds: d.rto_seconds,
-        rpo_seconds: d.rpo_seconds,
-    };
+    }
+}
+
+/// One check per configured objective: met, missed, or not measured.
+fn objective_checks(objectives: &Rtpo, achieved: &Rtpo) -> Vec<CheckResult> {
+    let mut checks = Vec::new();
     for (what, goal, got) in [
         (
             "RTO objective",
@@ -285,43 +381,7 @@ pub async fn run(
             ),
         });
     }
-    let mut rep = DrillReport {
-        id: id.to_string(),
-        drill: name.to_string(),
-        started,
-        finished: Utc::now(),
-        target: d.to.clone(),
-        environment: d.environment.clone(),
-        ok: false,
-        objectives,
-        achieved,
-        sources,
-        playbook,
-        checks,
-        files: Vec::new(),
-        warnings,
-    };
-    rep.ok = rep.sources.iter().all(SourceReport::ok) && rep.checks.iter().all(|c| c.ok);
-    match write_files(&d, &rep) {
-        Ok(files) => rep.files = files,
-        Err(e) => {
-            rep.checks.push(CheckResult::fail("report files", e, 0.0));
-            rep.ok = false;
-        }
-    }
-    if let Err(e) = report::store(repo, &ObjectKey::DrillReport { id }, &rep).await {
-        rep.warnings.push(e);
-    }
-    let details = serde_json::to_value(&rep).unwrap_or_default();
-    audit.set_details(details.clone());
-    let result = if rep.ok {
-        Ok(details)
-    } else {
-        Err(drill_failures(&rep))
-    };
-    let (_, w) = audit.finish(Some(repo), result).await;
-    rep.warnings.extend(w);
-    Ok(rep)
+    checks
 }
 
 /// Checks a staging environment before the drill touches it and takes its
