@@ -166,26 +166,8 @@ pub async fn run_once(
             let r = crate::redis::snapshot::snapshot(&repo, &instance, rc, Progress::new()).await?;
             Ok(outcome(&repo, r.id, r.size))
         }
-        JobKind::PgVerify => {
-            // The restore path's futures are not provably `Send` through the
-            // daemon's spawned layers (a compiler limitation with streams of
-            // borrowing closures), so the verification runs on a thread of
-            // its own with owned inputs.
-            let (cfg, job, abort) = (cfg.clone(), job.clone(), abort.clone());
-            let handle = tokio::runtime::Handle::current();
-            tokio::task::spawn_blocking(move || handle.block_on(verify_job(&cfg, &job, &abort)))
-                .await
-                .map_err(|e| JobError::Failed(format!("verification task failed: {e}")))?
-        }
-        JobKind::RepoSync => {
-            // Same as verification: the copy streams are not provably `Send`
-            // through the scheduler, so the job runs on a thread of its own.
-            let cfg = cfg.clone();
-            let handle = tokio::runtime::Handle::current();
-            tokio::task::spawn_blocking(move || handle.block_on(sync_job(&cfg)))
-                .await
-                .map_err(|e| JobError::Failed(format!("sync task failed: {e}")))?
-        }
+        JobKind::PgVerify => verify_job(cfg, job, abort).await,
+        JobKind::RepoSync => sync_job(cfg).await,
         JobKind::Expire => {
             let repo = Repository::open(cfg).await?;
             let audit = crate::audit::Audit::begin(

@@ -251,7 +251,7 @@ pub async fn verify(
             }
         };
         let mut to_read = Vec::new();
-        for o in expected {
+        for (i, o) in expected.iter().enumerate() {
             match (present.get(&o.key), o.expect.stored_size) {
                 (None, _) => {
                     t.missing += 1;
@@ -274,15 +274,17 @@ pub async fn verify(
                 (Some(&have), _) => {
                     t.bytes += have;
                     if level == Level::ReadData {
-                        to_read.push(o);
+                        to_read.push(i);
                     } else {
                         t.ok += 1;
                     }
                 }
             }
         }
+        // Indices, not references, so the stream is provably `Send`.
         let results: Vec<(String, Result<(), String>)> = futures::stream::iter(to_read)
-            .map(|o| async move {
+            .map(|i| async move {
+                let o = &expected[i];
                 let res = read_copy(repo, &r.name, o).await;
                 (o.key.clone(), res)
             })
