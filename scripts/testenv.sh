@@ -337,7 +337,9 @@ default_user = $RMQ_USER
 default_pass = $RMQ_PASSWORD
 default_user_tags.administrator = true
 EOF
-    echo '[rabbitmq_management].' >"$RMQ_DIR/enabled_plugins"
+    # Federation only registers its runtime parameters (federation-upstream),
+    # so tests can back up a vhost parameter; nothing is federated.
+    echo '[rabbitmq_management,rabbitmq_federation].' >"$RMQ_DIR/enabled_plugins"
     chmod 700 "$RMQ_DIR"
     chown -R "$OS_USER:" "$RMQ_DIR"
     touch "$RMQ_LOG" && chown "$OS_USER:" "$RMQ_LOG"

@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+pub mod rabbitmq;
+pub use rabbitmq::{RabbitCheck, RabbitConfig, RabbitVerifyConfig};
+
 /// A configuration error, already formatted as `file:line: message` plus a hint.
 #[derive(Debug, thiserror::Error)]
 #[error("{location}: {message}")]
@@ -35,6 +38,9 @@ pub struct Config {
     /// Redis instances, by name (`[redis.<name>]`).
     #[serde(default)]
     pub redis: std::collections::BTreeMap<String, Spanned<RedisConfig>>,
+    /// RabbitMQ brokers, by name (`[rabbitmq.<name>]`): their definitions.
+    #[serde(default)]
+    pub rabbitmq: std::collections::BTreeMap<String, Spanned<RabbitConfig>>,
     /// Audit log settings.
     #[serde(default)]
     pub audit: AuditConfig,
@@ -1134,6 +1140,9 @@ impl Config {
                 ));
             }
         }
+        for (name, r) in &self.rabbitmq {
+            rabbitmq::check(name, r, layout_name_ok).map_err(|m| self.err(text, r.span(), m))?;
+        }
         for (name, pg) in &self.postgres {
             let p = pg.get_ref();
             if !layout_name_ok(name) {
@@ -1785,6 +1794,17 @@ impl Config {
     /// The named Redis instance, or the only one when `name` is `None`.
     pub fn redis(&self, name: Option<&str>) -> Result<(String, &RedisConfig), ConfigError> {
         self.pick(&self.redis, name, "redis", "Redis instances", "a url")
+    }
+
+    /// The named RabbitMQ broker, or the only one when `name` is `None`.
+    pub fn rabbitmq(&self, name: Option<&str>) -> Result<(String, &RabbitConfig), ConfigError> {
+        self.pick(
+            &self.rabbitmq,
+            name,
+            "rabbitmq",
+            "RabbitMQ brokers",
+            "url, user and password_env or password_file",
+        )
     }
 
     fn pick<'a, T>(

@@ -1,0 +1,510 @@
+//! RabbitMQ definitions: backup, list, restore (to a broker, --dry-run,
+//! --file) and the failures that must write nothing, against the real broker
+//! of `scripts/testenv.sh`. Each test works in vhosts and users of its own
+//! (random names), so tests share the broker without touching each other.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use chrono::{FixedOffset, Utc};
+use common::redis::DrSetup;
+use serde_json::{Value, json};
+
+/// The test broker's management API.
+struct Broker {
+    url: String,
+    user: String,
+    password: String,
+}
+
+impl Broker {
+    fn from_env() -> Broker {
+        Broker {
+            url: common::require_env("DR_TEST_RABBITMQ_URL", "RabbitMQ"),
+            user: common::require_env("DR_TEST_RABBITMQ_USER", "RabbitMQ"),
+            password: common::require_env("DR_TEST_RABBITMQ_PASSWORD", "RabbitMQ"),
+        }
+    }
+
+    /// `METHOD /api/<path>` with `body`; returns (status, reply).
+    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+            .args(["-u", &format!("{}:{}", self.user, self.password)])
+            .args(["-H", "content-type: application/json"]);
+        if let Some(b) = body {
+            c.args(["--data-binary", &b.to_string()]);
+        }
+        let o = c
+            .arg(format!("{}/api/{path}", self.url))
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        let (reply, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), reply.to_string())
+    }
+
+    fn ok(&self, method: &str, path: &str, body: Option<&Value>) -> String {
+        let (code, reply) = self.call(method, path, body);
+        assert!(
+            (200..300).contains(&code),
+            "{method} /api/{path}: HTTP {code}: {reply}"
+        );
+        reply
+    }
+
+    /// The broker's definitions in the scope of `vhosts`, normalised.
+    fn scoped(&self, vhosts: &[String]) -> Value {
+        let all: Value = serde_json::from_str(&self.ok("GET", "definitions", None)).expect("json");
+        dr::rabbitmq::definitions::normalised(&dr::rabbitmq::definitions::scope(&all, Some(vhosts)))
+    }
+}
+
+fn enc(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
+}
+
+/// A topology in two vhosts (one named with a slash): users with tags and
+/// permissions, an exchange of each type, quorum and classic queues with
+/// arguments, queue and exchange bindings, policies and a parameter.
+fn topology(a: &str, b: &str, app: &str, ro: &str) -> Value {
+    let perm = |user: &str, vhost: &str, c: &str, w: &str, r: &str| json!({"user": user, "vhost": vhost, "configure": c, "write": w, "read": r});
+    let ex = |vhost: &str, name: &str, ty: &str, args: Value| json!({"name": name, "vhost": vhost, "type": ty, "durable": true, "auto_delete": false, "internal": false, "arguments": args});
+    let q = |vhost: &str, name: &str, args: Value| json!({"name": name, "vhost": vhost, "durable": true, "auto_delete": false, "arguments": args});
+    let bind = |vhost: &str, src: &str, dst: &str, ty: &str, key: &str, args: Value| json!({"source": src, "vhost": vhost, "destination": dst, "destination_type": ty, "routing_key": key, "arguments": args});
+    json!({
+        "users": [
+            {"name": app, "password": "app-secret", "tags": ["management", "policymaker"], "limits": {}},
+            {"name": ro, "password": "ro-secret", "tags": ["monitoring"], "limits": {}}
+        ],
+        "vhosts": [{"name": a}, {"name": b}],
+        "permissions": [
+            perm(app, a, ".*", ".*", ".*"),
+            perm(app, b, "^app\\.", ".*", ".*"),
+            perm(ro, a, "", "", ".*")
+        ],
+        "topic_permissions": [
+            {"user": app, "vhost": a, "exchange": "events", "write": "^orders\\.", "read": ".*"}
+        ],
+        "parameters": [
+            {"vhost": a, "component": "federation-upstream", "name": "other-region",
+             "value": {"uri": "amqp://other-region.invalid", "ack-mode": "on-confirm"}}
+        ],
+        "global_parameters": [],
+        "policies": [
+            {"vhost": a, "name": "ttl", "pattern": "^classic\\.", "apply-to": "queues",
+             "definition": {"message-ttl": 60000}, "priority": 1},
+            {"vhost": b, "name": "limit", "pattern": ".*", "apply-to": "queues",
+             "definition": {"max-length": 1000}, "priority": 0}
+        ],
+        "queues": [
+            q(a, "orders.q", json!({"x-queue-type": "quorum", "x-delivery-limit": 5})),
+            q(a, "classic.q", json!({"x-queue-type": "classic", "x-max-length": 100, "x-dead-letter-exchange": "dlx"})),
+            q(a, "dead", json!({})),
+            q(b, "app.work", json!({"x-queue-type": "quorum"}))
+        ],
+        "exchanges": [
+            ex(a, "events", "topic", json!({})),
+            ex(a, "dlx", "fanout", json!({})),
+            ex(a, "direct.x", "direct", json!({"alternate-exchange": "dlx"})),
+            ex(a, "headers.x", "headers", json!({})),
+            ex(b, "app.in", "direct", json!({}))
+        ],
+        "bindings": [
+            bind(a, "events", "orders.q", "queue", "orders.#", json!({})),
+            bind(a, "dlx", "dead", "queue", "", json!({})),
+            bind(a, "events", "direct.x", "exchange", "audit.*", json!({})),
+            bind(a, "headers.x", "classic.q", "queue", "", json!({"x-match": "all", "kind": "report"})),
+            bind(b, "app.in", "app.work", "queue", "work", json!({}))
+        ]
+    })
+}
+
+struct Fixture {
+    broker: Broker,
+    vhosts: Vec<String>,
+    users: Vec<String>,
+    dr: DrSetup,
+    /// Holds the two region directories.
+    regions: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let broker = Broker::from_env();
+        let u = common::unique("dr");
+        let (a, b) = (format!("{u}-a"), format!("{u}/b"));
+        let (app, ro) = (format!("{u}-app"), format!("{u}-ro"));
+        broker.ok("POST", "definitions", Some(&topology(&a, &b, &app, &ro)));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let regions = common::fs_region_toml("local", &dir.path().join("repo"))
+            + &common::fs_region_toml("second", &dir.path().join("repo2"));
+        let section = rabbit_section(&broker.url, &[&a, &b], "DR_TEST_RABBITMQ_PASSWORD", "");
+        let dr = DrSetup::new(&regions, &section);
+        Fixture {
+            broker,
+            vhosts: vec![a, b],
+            users: vec![app, ro],
+            dr,
+            regions: dir,
+        }
+    }
+
+    fn delete_all(&self) {
+        for v in &self.vhosts {
+            self.broker
+                .ok("DELETE", &format!("vhosts/{}", enc(v)), None);
+        }
+        for u in &self.users {
+            self.broker.ok("DELETE", &format!("users/{}", enc(u)), None);
+        }
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        for v in &self.vhosts {
+            let _ = self
+                .broker
+                .call("DELETE", &format!("vhosts/{}", enc(v)), None);
+        }
+        for u in &self.users {
+            let _ = self
+                .broker
+                .call("DELETE", &format!("users/{}", enc(u)), None);
+        }
+    }
+}
+
+fn rabbit_section(url: &str, vhosts: &[&str], password_env: &str, extra: &str) -> String {
+    let list = if vhosts.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "vhosts = [{}]\n",
+            vhosts
+                .iter()
+                .map(|v| format!("{v:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    format!(
+        "[rabbitmq.mq]\nurl = \"{url}\"\nuser = \"{}\"\npassword_env = \"{password_env}\"\ntimeout_seconds = 10\n{list}{extra}\n",
+        common::require_env("DR_TEST_RABBITMQ_USER", "RabbitMQ"),
+    )
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Every object key under a region directory.
+fn objects(region: &Path) -> Vec<String> {
+    common::walk_files(region)
+        .into_iter()
+        .filter_map(|p| {
+            p.strip_prefix(region)
+                .ok()
+                .map(|r| r.to_string_lossy().into_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn backup_delete_restore_round_trip_with_point_in_time_dry_run_and_file() {
+    let f = Fixture::new();
+    let original = f.broker.scoped(&f.vhosts);
+    assert_eq!(original["queues"].as_array().map(Vec::len), Some(4));
+
+    let first = f.dr.dr_json(&["backup", "rabbitmq"]);
+    let snap = &first["snapshot"];
+    assert_eq!(snap["counts"]["vhosts"], 2, "{first}");
+    // The two users, and the administrator: RabbitMQ grants the user that
+    // creates a vhost full permissions on it.
+    assert_eq!(snap["counts"]["users"], 3);
+    assert_eq!(snap["counts"]["permissions"], 5);
+    assert_eq!(snap["counts"]["topic_permissions"], 1);
+    assert_eq!(snap["counts"]["exchanges"], 5);
+    assert_eq!(snap["counts"]["queues"], 4);
+    assert_eq!(snap["counts"]["bindings"], 5);
+    assert_eq!(snap["counts"]["policies"], 2);
+    assert_eq!(snap["counts"]["parameters"], 1);
+    assert_eq!(snap["counts"]["global_parameters"], 0);
+    assert_eq!(snap["regions"], json!(["local", "second"]));
+    assert!(!snap["server_version"].as_str().unwrap_or("").is_empty());
+
+    // Nothing in the repository shows the topology or a password hash.
+    let repo = f.regions.path().join("repo");
+    for key in objects(&repo) {
+        assert!(
+            !key.contains(&f.vhosts[0]) && !key.contains("orders"),
+            "{key}"
+        );
+        let body = std::fs::read(repo.join(&key)).expect("object");
+        let text = String::from_utf8_lossy(&body);
+        assert!(
+            !text.contains("orders.q") && !text.contains("password_hash"),
+            "{key} is not encrypted"
+        );
+    }
+
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let between = Utc::now();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+
+    // Changes: a new queue, a policy gone, a queue argument-free binding added.
+    let a = enc(&f.vhosts[0]);
+    f.broker.ok(
+        "PUT",
+        &format!("queues/{a}/extra"),
+        Some(&json!({"durable": true, "arguments": {"x-queue-type": "quorum"}})),
+    );
+    f.broker.ok("DELETE", &format!("policies/{a}/ttl"), None);
+    let changed = f.broker.scoped(&f.vhosts);
+    assert_ne!(changed, original);
+    let second = f.dr.dr_json(&["backup", "rabbitmq"]);
+    assert_eq!(second["snapshot"]["counts"]["queues"], 5);
+
+    let list = f.dr.dr_json(&["list", "rabbitmq"]);
+    assert_eq!(
+        list["snapshots"].as_array().map(Vec::len),
+        Some(2),
+        "{list}"
+    );
+
+    // The time between the snapshots, written with an offset.
+    let ist = FixedOffset::east_opt(5 * 3600 + 1800).expect("offset");
+    let to = between.with_timezone(&ist).to_rfc3339();
+    assert!(to.ends_with("+05:30"), "{to}");
+
+    // Dry runs list exactly the differences and change nothing.
+    let dry =
+        f.dr.dr_json(&["restore", "rabbitmq", "--to", "latest", "--dry-run"]);
+    assert_eq!(dry["restore"]["diff"], json!({}), "{dry}");
+    let dry =
+        f.dr.dr_json(&["restore", "rabbitmq", "--to", &to, "--dry-run"]);
+    let r = &dry["restore"];
+    assert_eq!(r["snapshot"], first["snapshot"]["id"], "{dry}");
+    let diff = r["diff"].as_object().expect("diff");
+    assert_eq!(
+        diff.keys().collect::<Vec<_>>(),
+        ["policies", "queues"],
+        "{dry}"
+    );
+    assert_eq!(
+        r["diff"]["policies"],
+        json!({"added": [format!("[{}] \"ttl\"", f.vhosts[0])], "removed": [], "changed": []})
+    );
+    assert_eq!(
+        r["diff"]["queues"],
+        json!({"added": [], "removed": [format!("[{}] \"extra\"", f.vhosts[0])], "changed": []})
+    );
+    let human = f.dr.dr(&["restore", "rabbitmq", "--to", &to, "--dry-run"]);
+    let text = stdout(&human);
+    assert!(
+        text.contains("policies: 1 to add, 0 to change, 0 only on the broker"),
+        "{text}"
+    );
+    assert!(
+        text.contains("- [") && text.contains("\"extra\" (left as is"),
+        "{text}"
+    );
+    assert_eq!(
+        f.broker.scoped(&f.vhosts),
+        changed,
+        "a dry run changed the broker"
+    );
+
+    // Lose everything, then restore the first state.
+    f.delete_all();
+    let gone = f.broker.scoped(&f.vhosts);
+    assert_eq!(gone["vhosts"], json!([]));
+    let restored = f.dr.dr_json(&["restore", "rabbitmq", "--to", &to]);
+    assert_eq!(restored["restore"]["snapshot"], first["snapshot"]["id"]);
+    assert_eq!(f.broker.scoped(&f.vhosts), original);
+    // Password hashes came back too: the restored user can log in.
+    let login = Broker {
+        url: f.broker.url.clone(),
+        user: f.users[0].clone(),
+        password: "app-secret".into(),
+    };
+    assert_eq!(login.call("GET", "whoami", None).0, 200);
+
+    // Latest brings the second state back over it.
+    f.dr.dr(&["restore", "rabbitmq", "--to", "latest"]);
+    assert_eq!(f.broker.scoped(&f.vhosts)["queues"], changed["queues"]);
+
+    // --file writes the first snapshot, private, for load_definitions.
+    let file = f.dr.path("defs.json");
+    let o = f.dr.dr(&[
+        "restore",
+        "rabbitmq",
+        "--to",
+        &to,
+        "--file",
+        file.to_str().expect("utf8"),
+    ]);
+    assert!(stdout(&o).contains("mode 0600"), "{}", stdout(&o));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).expect("file").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let written: Value =
+        serde_json::from_slice(&std::fs::read(&file).expect("read")).expect("json");
+    assert_eq!(dr::rabbitmq::definitions::normalised(&written), original);
+    // …and never over an existing file.
+    let again = f.dr.dr_raw(&[
+        "restore",
+        "rabbitmq",
+        "--to",
+        &to,
+        "--file",
+        file.to_str().expect("utf8"),
+    ]);
+    assert!(!again.status.success() && stderr(&again).contains("already exists"));
+
+    // Restores are audited.
+    let audit = std::fs::read_to_string(f.dr.path("audit.jsonl")).expect("audit");
+    assert!(audit.matches("restore.rabbitmq").count() >= 7, "{audit}");
+    assert!(!audit.contains("password_hash"));
+}
+
+/// A backup that fails before the broker answered writes nothing.
+fn assert_fails_writing_nothing(section: &str, envs: &[(&str, &str)], expect: &[&str]) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let region = dir.path().join("repo");
+    let dr = DrSetup::new(&common::fs_region_toml("local", &region), section);
+    let before = objects(&region);
+    let mut c = dr.command(&["backup", "rabbitmq"]);
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    let o = c.output().expect("run dr");
+    let err = stderr(&o);
+    assert!(!o.status.success(), "backup succeeded: {}", stdout(&o));
+    for e in expect {
+        assert!(err.contains(e), "expected {e:?} in: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(objects(&region), before, "a failed backup wrote objects");
+}
+
+#[test]
+fn refused_credentials_unreachable_url_and_bad_certificate_write_nothing() {
+    let broker = Broker::from_env();
+    // Wrong password.
+    assert_fails_writing_nothing(
+        &rabbit_section(&broker.url, &[], "DR_TEST_WRONG_PASSWORD", ""),
+        &[("DR_TEST_WRONG_PASSWORD", "not-the-password")],
+        &["refused the credentials", "HTTP 401"],
+    );
+    // Nothing listens.
+    let port = common::pg::free_port();
+    assert_fails_writing_nothing(
+        &rabbit_section(
+            &format!("http://127.0.0.1:{port}"),
+            &[],
+            "DR_TEST_RABBITMQ_PASSWORD",
+            "",
+        ),
+        &[],
+        &[
+            "cannot reach the RabbitMQ management API",
+            "is the broker running",
+        ],
+    );
+    // A TLS server whose certificate is signed by a CA the client does not trust.
+    let tls = tempfile::tempdir().expect("tempdir");
+    common::test_certificates(tls.path());
+    let port = common::pg::free_port();
+    let mut server = Command::new("openssl")
+        .args(["s_server", "-quiet", "-www", "-accept"])
+        .arg(port.to_string())
+        .args(["-cert", "server.crt", "-key", "server.key"])
+        .current_dir(tls.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl s_server");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "s_server did not listen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let url = format!("https://127.0.0.1:{port}");
+    let other_ca = tls.path().join("other-ca.crt");
+    assert_fails_writing_nothing(
+        &rabbit_section(
+            &url,
+            &[],
+            "DR_TEST_RABBITMQ_PASSWORD",
+            &format!("ca_file = \"{}\"\n", other_ca.display()),
+        ),
+        &[],
+        &["TLS to the RabbitMQ management API", "certificate"],
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+#[test]
+fn plain_http_off_loopback_and_missing_vhosts_are_refused() {
+    let broker = Broker::from_env();
+    let d = tempfile::tempdir().expect("tempdir");
+    let region = d.path().join("repo");
+    let setup = DrSetup::new(
+        &common::fs_region_toml("local", &region),
+        &rabbit_section(&broker.url, &[], "DR_TEST_RABBITMQ_PASSWORD", ""),
+    );
+    let text = std::fs::read_to_string(&setup.cfg).expect("config");
+    let plain = setup.path("plain.toml");
+    std::fs::write(
+        &plain,
+        text.replace(&broker.url, "http://mq.example.com:15672"),
+    )
+    .expect("config");
+    let o = Command::new(common::dr_bin())
+        .args([
+            "--config",
+            plain.to_str().expect("utf8"),
+            "list",
+            "rabbitmq",
+        ])
+        .output()
+        .expect("dr");
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("http:// is allowed only for a loopback host"),
+        "{}",
+        stderr(&o)
+    );
+
+    let missing = common::unique("no-such-vhost");
+    let d = tempfile::tempdir().expect("tempdir");
+    let region = d.path().join("repo");
+    let setup = DrSetup::new(
+        &common::fs_region_toml("local", &region),
+        &rabbit_section(&broker.url, &[&missing], "DR_TEST_RABBITMQ_PASSWORD", ""),
+    );
+    let before = objects(&region);
+    let o = setup.dr_raw(&["backup", "rabbitmq"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains(&format!("the broker has no vhost \"{missing}\"")),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(objects(&region), before);
+}
