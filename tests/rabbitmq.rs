@@ -134,17 +134,24 @@ struct Fixture {
 }
 
 impl Fixture {
+    /// Two fs regions, no retention.
     fn new() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let regions = common::fs_region_toml("local", &dir.path().join("repo"))
+            + &common::fs_region_toml("second", &dir.path().join("repo2"));
+        Fixture::with(dir, &regions, "")
+    }
+
+    /// The topology on the broker, and dr with `regions` (under `dir`) and
+    /// `extra` in the broker's section.
+    fn with(dir: tempfile::TempDir, regions: &str, extra: &str) -> Fixture {
         let broker = Broker::from_env();
         let u = common::unique("dr");
         let (a, b) = (format!("{u}-a"), format!("{u}/b"));
         let (app, ro) = (format!("{u}-app"), format!("{u}-ro"));
         broker.ok("POST", "definitions", Some(&topology(&a, &b, &app, &ro)));
-        let dir = tempfile::tempdir().expect("tempdir");
-        let regions = common::fs_region_toml("local", &dir.path().join("repo"))
-            + &common::fs_region_toml("second", &dir.path().join("repo2"));
-        let section = rabbit_section(&broker.url, &[&a, &b], "DR_TEST_RABBITMQ_PASSWORD", "");
-        let dr = DrSetup::new(&regions, &section);
+        let section = rabbit_section(&broker.url, &[&a, &b], "DR_TEST_RABBITMQ_PASSWORD", extra);
+        let dr = DrSetup::new(regions, &section);
         Fixture {
             broker,
             vhosts: vec![a, b],
@@ -507,4 +514,223 @@ fn plain_http_off_loopback_and_missing_vhosts_are_refused() {
         stderr(&o)
     );
     assert_eq!(objects(&region), before);
+}
+
+#[test]
+fn region_down_retention_verify_and_sync() {
+    let garage = common::require_env("DR_TEST_S3_ENDPOINT", "Garage (S3)");
+    let gate = common::Gate::start(common::endpoint_port(&garage));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let regions = format!(
+        "{}\n{}",
+        common::fs_region_toml("local", &dir.path().join("repo")),
+        common::s3_region_toml(
+            "garage",
+            &format!("http://127.0.0.1:{}", gate.port),
+            &common::require_env("DR_TEST_S3_BUCKET", "Garage (S3)"),
+            &common::unique("mq"),
+            &common::require_env("DR_TEST_S3_REGION", "Garage (S3)"),
+            "DR_TEST_S3_ACCESS_KEY_ID",
+            "DR_TEST_S3_SECRET_ACCESS_KEY",
+            "",
+        ),
+    );
+    let f = Fixture::with(
+        dir,
+        &regions,
+        "[rabbitmq.mq.retention]\nkeep_snapshots = 1\n",
+    );
+    let first = f.dr.dr_json(&["backup", "rabbitmq"]);
+    assert_eq!(first["snapshot"]["regions"], json!(["local", "garage"]));
+
+    // Garage is unreachable: with min_regions = 1 the snapshot still lands.
+    gate.set_open(false);
+    let second = f.dr.dr_json(&["backup", "rabbitmq"]);
+    assert_eq!(second["snapshot"]["regions"], json!(["local"]), "{second}");
+    assert_eq!(second["degraded"][0]["region"], "garage", "{second}");
+    gate.set_open(true);
+
+    // verify names what garage lacks; sync copies it; then all is clean.
+    let o = f.dr.dr_raw(&["--json", "verify", "rabbitmq", "--list"]);
+    assert!(!o.status.success(), "{}", stdout(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+    let garage_tally = v["verify"]["regions"]
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["region"] == "garage"))
+        .cloned()
+        .expect("garage tally");
+    assert_eq!(garage_tally["missing"], 2, "manifest and definitions: {v}");
+    let synced = f.dr.dr_json(&["repo", "sync"]);
+    assert_eq!(synced["ok"], true, "{synced}");
+    let v = f.dr.dr_json(&["verify", "rabbitmq", "--read-data"]);
+    assert_eq!(v["ok"], true, "{v}");
+
+    // The second snapshot restores from garage alone.
+    let local = f.regions.path().join("repo");
+    let moved = f.regions.path().join("repo-away");
+    std::fs::rename(&local, &moved).expect("take the fs region away");
+    let dry =
+        f.dr.dr_json(&["restore", "rabbitmq", "--to", "latest", "--dry-run"]);
+    assert_eq!(dry["restore"]["snapshot"], second["snapshot"]["id"]);
+    assert_eq!(dry["restore"]["region"], "garage", "{dry}");
+    // The restore's audit record went to the regions, recreating the fs one.
+    std::fs::remove_dir_all(&local).expect("remove the recreated region");
+    std::fs::rename(&moved, &local).expect("bring it back");
+
+    // Retention keeps the newest snapshot only, in both regions.
+    let e = f.dr.dr_json(&["expire"]);
+    assert_eq!(e["ok"], true, "{e}");
+    let list = f.dr.dr_json(&["list", "rabbitmq"]);
+    let ids: Vec<&Value> = list["snapshots"]
+        .as_array()
+        .expect("snapshots")
+        .iter()
+        .map(|s| &s["id"])
+        .collect();
+    assert_eq!(ids, [&second["snapshot"]["id"]], "{list}");
+    let v = f.dr.dr_json(&["verify", "rabbitmq", "--read-data"]);
+    assert_eq!(v["ok"], true, "{v}");
+    let first_id = first["snapshot"]["id"].as_str().expect("id");
+    assert!(
+        !objects(&local).iter().any(|k| k.contains(first_id)),
+        "the expired snapshot is still in the fs region"
+    );
+}
+
+/// Processes whose command line or working directory is under `dir`.
+fn processes_under(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        if e.file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+            .is_none()
+        {
+            continue;
+        }
+        let cmd = std::fs::read(e.path().join("cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .unwrap_or_default();
+        let cwd_in = std::fs::read_link(e.path().join("cwd")).is_ok_and(|c| c.starts_with(dir));
+        if cmd.contains(&needle) || cwd_in {
+            out.push(cmd);
+        }
+    }
+    out
+}
+
+/// Runs `program args` with `input` on stdin; returns stdout.
+fn pipe(program: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut c = Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    c.stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write");
+    let o = c.wait_with_output().expect("wait");
+    assert!(o.status.success(), "{program} {args:?} failed");
+    o.stdout
+}
+
+#[test]
+fn verify_restore_on_a_scratch_broker_passes_then_names_a_tampered_item() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The broker runs as the unprivileged test user, who must reach the scratch dir.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let scratch = dir.path().join("scratch");
+    let region = dir.path().join("repo");
+    let extra = format!(
+        "server_bin = \"{}\"\nos_user = \"{}\"\n[rabbitmq.mq.verify]\nscratch_dir = \"{}\"\n",
+        common::require_env("DR_TEST_RABBITMQ_SERVER_BIN", "RabbitMQ"),
+        common::require_env("DR_TEST_OS_USER", "RabbitMQ"),
+        scratch.display()
+    );
+    let f = Fixture::with(dir, &common::fs_region_toml("local", &region), &extra);
+    let a = &f.vhosts[0];
+    let mut cfg = std::fs::read_to_string(&f.dr.cfg).expect("config");
+    cfg.push_str(&format!(
+        "[[rabbitmq.mq.verify.check]]\nname = \"orders queue is quorum\"\nkind = \"queue\"\nvhost = \"{a}\"\nitem = \"orders.q\"\narguments = {{ \"x-queue-type\" = \"quorum\", \"x-delivery-limit\" = 5 }}\n\
+         [[rabbitmq.mq.verify.check]]\nname = \"app user\"\nkind = \"user\"\nitem = \"{}\"\n",
+        f.users[0]
+    ));
+    std::fs::write(&f.dr.cfg, cfg).expect("config");
+    let snap = f.dr.dr_json(&["backup", "rabbitmq"]);
+    let id = snap["snapshot"]["id"].as_str().expect("id").to_string();
+
+    let v = f.dr.dr_json(&["verify", "rabbitmq", "--restore"]);
+    let rep = &v["verify_restore"]["sources"][0];
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(rep["kind"], "rabbitmq");
+    assert_eq!(rep["backup"], id.as_str());
+    let checks: Vec<(&str, bool)> = rep["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .map(|c| (c["name"].as_str().unwrap_or(""), c["ok"] == true))
+        .collect();
+    assert_eq!(
+        checks,
+        [
+            ("restore", true),
+            ("definitions", true),
+            ("orders queue is quorum", true),
+            ("app user", true),
+            ("cleanup", true)
+        ],
+        "{rep}"
+    );
+    assert!(rep["rto_seconds"].as_f64().is_some() && rep["rpo_seconds"].as_f64().is_some());
+    // The scratch broker and its directory are gone.
+    assert_eq!(std::fs::read_dir(&scratch).expect("scratch").count(), 0);
+    assert!(
+        processes_under(&scratch).is_empty(),
+        "{:?}",
+        processes_under(&scratch)
+    );
+
+    // A manifest that names a queue the snapshot does not hold fails, naming it.
+    let mkey = region.join(format!("rabbitmq/mq/snapshots/{id}/manifest"));
+    let identity = f.dr.path("identity.txt");
+    let plain = pipe(
+        "age",
+        &["-d", "-i", identity.to_str().expect("utf8")],
+        &std::fs::read(&mkey).expect("manifest"),
+    );
+    let mut m: Value = serde_json::from_slice(&pipe("zstd", &["-d", "-c"], &plain)).expect("json");
+    let ghost = format!("[{a}] \"ghost\"");
+    m["items"]["queues"]
+        .as_array_mut()
+        .expect("queues")
+        .push(json!(ghost));
+    let cfg = std::fs::read_to_string(&f.dr.cfg).expect("config");
+    let rcpt = cfg
+        .split('"')
+        .find(|s| s.starts_with("age1"))
+        .expect("recipient");
+    let packed = pipe("zstd", &["-c", "-q"], m.to_string().as_bytes());
+    let sealed = pipe("age", &["-r", rcpt], &packed);
+    std::fs::remove_file(&mkey).expect("remove");
+    std::fs::write(&mkey, sealed).expect("tamper");
+    let o = f.dr.dr_raw(&["--json", "verify", "rabbitmq", "--restore"]);
+    assert!(!o.status.success(), "{}", stdout(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+    let defs = v["verify_restore"]["sources"][0]["checks"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "definitions"))
+        .cloned()
+        .expect("definitions check");
+    assert_eq!(defs["ok"], false);
+    let detail = defs["detail"].as_str().expect("detail");
+    assert!(detail.contains(&format!("queue {ghost}")), "{detail}");
+    assert!(detail.starts_with("1 of "), "{detail}");
+    assert_eq!(std::fs::read_dir(&scratch).expect("scratch").count(), 0);
+    assert!(processes_under(&scratch).is_empty());
 }

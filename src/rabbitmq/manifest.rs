@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::codec::Encoded;
+use crate::repo::layout::{BackupId, ObjectKey};
 
 /// Manifest format version.
 pub const MANIFEST_VERSION: u32 = 1;
@@ -43,6 +44,58 @@ pub struct RabbitManifest {
     pub definitions: Encoded,
     /// Seconds from the first request to the durable manifest.
     pub seconds: f64,
+}
+
+impl crate::repo::snapshots::SnapshotManifest for RabbitManifest {
+    const KIND: &'static str = MANIFEST_KIND;
+    const VERSION: u32 = MANIFEST_VERSION;
+    const PREFIX: &'static str = "rabbitmq";
+    const BACKUP_COMMAND: &'static str = "dr backup rabbitmq";
+    const ENGINE: &'static str = "RabbitMQ";
+    const INSTANCE: &'static str = "broker";
+
+    fn kind(&self) -> &str {
+        &self.kind
+    }
+    fn version(&self) -> u32 {
+        self.version
+    }
+    fn instance(&self) -> &str {
+        &self.instance
+    }
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn time(&self) -> DateTime<Utc> {
+        self.time
+    }
+    fn manifest_key(instance: &str, snapshot: BackupId) -> ObjectKey {
+        ObjectKey::RabbitManifest {
+            instance: instance.to_string(),
+            snapshot,
+        }
+    }
+    fn is_manifest(key: &ObjectKey) -> bool {
+        matches!(key, ObjectKey::RabbitManifest { .. })
+    }
+    fn data_key(instance: &str, snapshot: BackupId) -> ObjectKey {
+        ObjectKey::RabbitDefinitions {
+            instance: instance.to_string(),
+            snapshot,
+        }
+    }
+    fn data(&self) -> &Encoded {
+        &self.definitions
+    }
+    fn stored_part(key: &ObjectKey) -> Option<(BackupId, &'static str)> {
+        match key {
+            ObjectKey::RabbitDefinitions { snapshot, .. } => {
+                Some((snapshot.clone(), "definitions"))
+            }
+            ObjectKey::RabbitStarted { snapshot, .. } => Some((snapshot.clone(), "marker")),
+            _ => None,
+        }
+    }
 }
 
 impl RabbitManifest {

@@ -8,6 +8,7 @@ pub mod api;
 pub mod definitions;
 pub mod manifest;
 pub mod restore;
+pub mod server;
 pub mod snapshot;
 
 use crate::config::{Config, ConfigError};

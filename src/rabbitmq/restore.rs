@@ -8,122 +8,19 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use serde::Serialize;
 use serde_json::Value;
 
 use super::RabbitError;
 use super::api::Api;
 use super::definitions::{self, KindDiff};
-use super::manifest::{MANIFEST_KIND, MANIFEST_VERSION, RabbitManifest};
+use super::manifest::RabbitManifest;
 use crate::codec::Expect;
 use crate::repo::Repository;
 use crate::repo::layout::ObjectKey;
 
 /// Snapshots of one broker, oldest first, plus manifests that could not be read.
-#[derive(Debug, Default)]
-pub struct RabbitCatalog {
-    /// Readable snapshots, by time.
-    pub snapshots: Vec<RabbitManifest>,
-    /// `(key, error)` of manifests that could not be read.
-    pub unreadable: Vec<(String, String)>,
-}
-
-impl RabbitCatalog {
-    /// Lists and decodes every manifest of `instance`.
-    pub async fn load(repo: &Repository, instance: &str) -> Result<RabbitCatalog, RabbitError> {
-        if !repo.codec.can_decrypt() {
-            return Err(RabbitError::Other(format!(
-                "manifests are encrypted and listing and restoring need the private key: {}",
-                repo.codec.cannot_decrypt_because()
-            )));
-        }
-        let (_, objects) = repo
-            .regions
-            .list(&format!("rabbitmq/{instance}/snapshots/"))
-            .await
-            .map_err(crate::repo::RepoError::from)?;
-        let manifests: Vec<_> = objects
-            .into_iter()
-            .filter(|o| {
-                matches!(
-                    o.key.parse::<ObjectKey>(),
-                    Ok(ObjectKey::RabbitManifest { .. })
-                )
-            })
-            .collect();
-        let read: Vec<_> = futures::stream::iter(manifests)
-            .map(|o| async move {
-                let expect = Expect {
-                    key: o.key.clone(),
-                    stored_size: Some(o.size),
-                    ..Expect::default()
-                };
-                let r = match repo.get_verified(&o.key, expect).await {
-                    Ok((_, b)) => parse_manifest(&o.key, &b),
-                    Err(e) => Err(e.to_string()),
-                };
-                (o.key, r)
-            })
-            .buffered(8)
-            .collect()
-            .await;
-        let mut cat = RabbitCatalog::default();
-        for (key, r) in read {
-            match r {
-                Ok(m) if m.instance == instance => cat.snapshots.push(m),
-                Ok(m) => cat.unreadable.push((
-                    key,
-                    format!("manifest is for broker {:?}, not {instance:?}", m.instance),
-                )),
-                Err(e) => cat.unreadable.push((key, e)),
-            }
-        }
-        cat.snapshots
-            .sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
-        Ok(cat)
-    }
-
-    /// The newest snapshot at or before `target` (`None`: the newest).
-    pub fn pick(&self, target: Option<DateTime<Utc>>) -> Result<&RabbitManifest, RabbitError> {
-        let (Some(first), Some(last)) = (self.snapshots.first(), self.snapshots.last()) else {
-            return Err(RabbitError::Other(
-                "no snapshots in the repository; take one with `dr backup rabbitmq`".into(),
-            ));
-        };
-        let Some(t) = target else { return Ok(last) };
-        self.snapshots
-            .iter()
-            .rev()
-            .find(|m| m.time <= t)
-            .ok_or_else(|| {
-                RabbitError::Other(format!(
-                    "target {} is before the first snapshot ({}); snapshots cover {} to {} ({} in all)",
-                    fmt_time(t),
-                    fmt_time(first.time),
-                    fmt_time(first.time),
-                    fmt_time(last.time),
-                    self.snapshots.len()
-                ))
-            })
-    }
-}
-
-fn fmt_time(t: DateTime<Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
-}
-
-fn parse_manifest(key: &str, b: &[u8]) -> Result<RabbitManifest, String> {
-    let m: RabbitManifest = serde_json::from_slice(b)
-        .map_err(|e| format!("{key}: not a dr RabbitMQ manifest ({e})"))?;
-    if m.kind != MANIFEST_KIND || m.version != MANIFEST_VERSION {
-        return Err(format!(
-            "{key}: manifest kind {:?} version {} is not supported by this dr",
-            m.kind, m.version
-        ));
-    }
-    Ok(m)
-}
+pub type RabbitCatalog = crate::repo::snapshots::Catalog<RabbitManifest>;
 
 /// Reads and checks the definitions of snapshot `m` (regions in order).
 /// Returns the serving region and the document.
