@@ -734,3 +734,62 @@ fn verify_restore_on_a_scratch_broker_passes_then_names_a_tampered_item() {
     assert_eq!(std::fs::read_dir(&scratch).expect("scratch").count(), 0);
     assert!(processes_under(&scratch).is_empty());
 }
+
+#[test]
+fn playbook_gates_see_the_broker_and_its_queues() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let region = common::fs_region_toml("local", &dir.path().join("repo"));
+    let broker = Broker::from_env();
+    let env = format!(
+        "[env.test.rabbitmq.mq]\nurl = \"{}\"\nuser = \"{}\"\npassword_env = \"DR_TEST_RABBITMQ_PASSWORD\"\n",
+        broker.url, broker.user
+    );
+    let f = Fixture::with(dir, &region, &env);
+    let playbook = |name: &str, queue: &str| {
+        let p = f.dr.path(&format!("{name}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "name = \"{name}\"\nenv = \"test\"\n[defaults]\ntimeout = \"2s\"\ninterval = \"200ms\"\n\
+                 [[step]]\nname = \"broker up\"\npre = [\n  {{ type = \"rabbitmq.reachable\", target = \"mq\" }},\n  \
+                 {{ type = \"rabbitmq.queue_exists\", target = \"mq\", vhost = \"{}\", queue = \"{queue}\" }},\n]\n",
+                f.vhosts[0]
+            ),
+        )
+        .expect("playbook");
+        p
+    };
+    let run = |p: &Path| {
+        let o =
+            f.dr.command(&[
+                "failover",
+                p.to_str().expect("utf8"),
+                "--env",
+                "test",
+                "--yes",
+                "--json",
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("dr failover");
+        let v: Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {} {}", stdout(&o), stderr(&o)));
+        (o, v)
+    };
+    let (o, v) = run(&playbook("present", "orders.q"));
+    assert!(o.status.success(), "{v}");
+    let text = v.to_string();
+    assert!(text.contains("answers (RabbitMQ 3."), "{text}");
+    assert!(text.contains("quorum queue"), "{text}");
+
+    let (o, v) = run(&playbook("absent", "ghost"));
+    assert!(!o.status.success(), "{v}");
+    let text = v.to_string();
+    assert!(
+        text.contains(&format!(
+            "no queue \\\"ghost\\\" in vhost \\\"{}\\\"",
+            f.vhosts[0]
+        )),
+        "{text}"
+    );
+}

@@ -156,3 +156,20 @@ pub fn check(
     }
     Ok(())
 }
+
+/// `[env.<name>.rabbitmq.<server>]`: a broker playbook gates may check
+/// (`rabbitmq.reachable`, `rabbitmq.queue_exists`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitTarget {
+    /// Management API base URL (`https://`, or `http://` on loopback).
+    pub url: String,
+    /// Management user.
+    pub user: String,
+    /// Environment variable holding the password.
+    pub password_env: Option<String>,
+    /// File holding the password (first line).
+    pub password_file: Option<PathBuf>,
+    /// PEM CA bundle for a private CA (default: system roots).
+    pub ca_file: Option<PathBuf>,
+}

@@ -145,6 +145,23 @@ pub enum Check {
         /// Server name.
         target: String,
     },
+    /// The management API answers with these credentials.
+    #[serde(rename = "rabbitmq.reachable")]
+    RabbitReachable {
+        /// Broker name.
+        target: String,
+    },
+    /// A queue exists in a vhost.
+    #[serde(rename = "rabbitmq.queue_exists")]
+    RabbitQueueExists {
+        /// Broker name.
+        target: String,
+        /// Virtual host (default `/`).
+        #[serde(default = "default_vhost")]
+        vhost: String,
+        /// Queue name.
+        queue: String,
+    },
     /// `PING` answers.
     #[serde(rename = "redis.reachable")]
     RedisReachable {
@@ -327,6 +344,12 @@ pub enum TargetKind {
     Postgres,
     /// `[env.X.redis.NAME]`.
     Redis,
+    /// `[env.X.rabbitmq.NAME]`.
+    Rabbitmq,
+}
+
+fn default_vhost() -> String {
+    "/".into()
 }
 
 impl Check {
@@ -338,6 +361,8 @@ impl Check {
             Check::PgReplayLag { .. } => "pg.replay_lag_bytes",
             Check::PgWritable { .. } => "pg.writable",
             Check::RedisReachable { .. } => "redis.reachable",
+            Check::RabbitReachable { .. } => "rabbitmq.reachable",
+            Check::RabbitQueueExists { .. } => "rabbitmq.queue_exists",
             Check::RedisRole { .. } => "redis.role",
             Check::RedisLag { .. } => "redis.lag",
             Check::Http { .. } => "http",
@@ -365,6 +390,9 @@ impl Check {
             Check::RedisLag { target, master, .. } => std::iter::once((Redis, target.as_str()))
                 .chain(master.as_deref().map(|m| (Redis, m)))
                 .collect(),
+            Check::RabbitReachable { target } | Check::RabbitQueueExists { target, .. } => {
+                vec![(Rabbitmq, target)]
+            }
             Check::Http { .. } | Check::Tcp { .. } => Vec::new(),
         }
     }
@@ -388,6 +416,12 @@ impl Check {
             ),
             Check::PgWritable { target } => format!("pg.writable {target}"),
             Check::RedisReachable { target } => format!("redis.reachable {target}"),
+            Check::RabbitReachable { target } => format!("rabbitmq.reachable {target}"),
+            Check::RabbitQueueExists {
+                target,
+                vhost,
+                queue,
+            } => format!("rabbitmq.queue_exists {target} {queue:?} in vhost {vhost:?}"),
             Check::RedisRole { target, role } => {
                 format!("redis.role {target} = {role:?}").to_lowercase()
             }
@@ -750,6 +784,7 @@ impl Playbook {
                 let (known, section): (Vec<&String>, _) = match kind {
                     TargetKind::Postgres => (env.postgres.keys().collect(), "postgres"),
                     TargetKind::Redis => (env.redis.keys().collect(), "redis"),
+                    TargetKind::Rabbitmq => (env.rabbitmq.keys().collect(), "rabbitmq"),
                 };
                 if !known.iter().any(|k| *k == name) {
                     return Err(ConfigError {

@@ -74,14 +74,19 @@ pub fn check_url(url: &str) -> Result<url::Url, RabbitError> {
 
 /// Reads the password from `password_env` or `password_file`.
 pub fn password(cfg: &RabbitConfig) -> Result<String, RabbitError> {
-    if let Some(var) = &cfg.password_env {
+    password_from(cfg.password_env.as_deref(), cfg.password_file.as_deref())
+}
+
+/// Reads a password from an environment variable or a file (first line).
+pub fn password_from(env: Option<&str>, file: Option<&Path>) -> Result<String, RabbitError> {
+    if let Some(var) = env {
         return std::env::var(var).map_err(|_| {
             RabbitError::Config(format!(
                 "password_env = {var:?} but that environment variable is not set"
             ))
         });
     }
-    if let Some(f) = &cfg.password_file {
+    if let Some(f) = file {
         let s = std::fs::read_to_string(f)
             .map_err(|e| RabbitError::Config(format!("password_file {}: {e}", f.display())))?;
         return Ok(s.lines().next().unwrap_or_default().to_string());

@@ -104,5 +104,19 @@ pub fn check_config(cfg: &Config) -> Result<(), ConfigError> {
         api::check_url(&r.get_ref().url)
             .map_err(|e| cfg.error_at(r.span(), format!("[rabbitmq.{name}]: {e}")))?;
     }
+    for (env, e) in &cfg.env {
+        for (name, t) in &e.get_ref().rabbitmq {
+            let section = format!("[env.{env}.rabbitmq.{name}]");
+            api::check_url(&t.get_ref().url)
+                .map_err(|e| cfg.error_at(t.span(), format!("{section}: {e}")))?;
+            let r = t.get_ref();
+            if r.password_env.is_some() == r.password_file.is_some() {
+                return Err(cfg.error_at(
+                    t.span(),
+                    format!("{section}: give the password once: password_env or password_file"),
+                ));
+            }
+        }
+    }
     Ok(())
 }

@@ -33,6 +33,24 @@ pub async fn verify(
     cancel: &CancellationToken,
 ) -> SourceReport {
     let t0 = Instant::now();
+    let (mut rep, scratch) = restore_and_check(repo, name, cfg, target, t0, cancel).await;
+    if let Some(s) = scratch {
+        super::record_cleanup(&mut rep, &s).await;
+    }
+    rep.seconds = t0.elapsed().as_secs_f64();
+    rep
+}
+
+/// Restores and checks, leaving the scratch broker running for the caller,
+/// who must clean the returned scratch up. `t0` is when the recovery started.
+pub async fn restore_and_check(
+    repo: &Repository,
+    name: &str,
+    cfg: &RabbitConfig,
+    target: Option<DateTime<Utc>>,
+    t0: Instant,
+    cancel: &CancellationToken,
+) -> (SourceReport, Option<Scratch>) {
     let mut rep = SourceReport::new(
         "rabbitmq",
         name,
@@ -52,16 +70,14 @@ pub async fn verify(
         Err(e) => {
             rep.checks
                 .push(CheckResult::fail("scratch directory", e, 0.0));
-            return rep;
+            return (rep, None);
         }
     };
     rep.scratch_dir = Some(scratch.root().display().to_string());
     let work = run(repo, name, cfg, target, t0, &scratch, &mut rep);
     let interrupted = super::interruptible(work, cancel, t0, super::INTERRUPTED).await;
     rep.checks.extend(interrupted);
-    super::record_cleanup(&mut rep, &scratch).await;
-    rep.seconds = t0.elapsed().as_secs_f64();
-    rep
+    (rep, Some(scratch))
 }
 
 async fn run(
