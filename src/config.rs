@@ -1310,12 +1310,7 @@ impl Config {
                 return fail(format!("rabbitmq = [{r:?}] names no [rabbitmq.{r}]"));
             }
         }
-        if !c.rabbitmq.is_empty() && c.environment != SCRATCH {
-            return fail(format!(
-                "rabbitmq = {:?}: drills restore RabbitMQ into scratch brokers only so far; use environment = \"scratch\"",
-                c.rabbitmq
-            ));
-        }
+
         for p in &c.postgres {
             if !self.postgres.contains_key(p) {
                 return fail(format!("postgres = [{p:?}] names no [postgres.{p}]"));
@@ -1392,6 +1387,13 @@ impl Config {
                 return Err(format!(
                     "[env.{env}.postgres.{p}] needs data_dir (and bin_dir, os_user): the drill stops the server, \
                      restores into its data directory and starts it again"
+                ));
+            }
+        }
+        for r in &d.rabbitmq {
+            if !e.rabbitmq.contains_key(r) {
+                return Err(format!(
+                    "rabbitmq = [{r:?}] has no broker [env.{env}.rabbitmq.{r}] to restore into"
                 ));
             }
         }

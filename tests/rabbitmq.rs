@@ -793,3 +793,175 @@ fn playbook_gates_see_the_broker_and_its_queues() {
         "{text}"
     );
 }
+
+/// Ends every process working in `dir` (a broker the test started).
+fn stop_processes_under(dir: &Path) {
+    let needle = dir.to_string_lossy().into_owned();
+    for sig in ["-TERM", "-KILL"] {
+        let mut left = false;
+        for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let cmd = std::fs::read(e.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).into_owned())
+                .unwrap_or_default();
+            let cwd_in = std::fs::read_link(e.path().join("cwd")).is_ok_and(|c| c.starts_with(dir));
+            if cmd.contains(&needle) || cwd_in {
+                left = true;
+                let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+            }
+        }
+        if !left {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(8));
+    }
+}
+
+#[test]
+fn drill_into_a_staging_broker_and_refusing_production() {
+    // The staging broker: a private rabbitmq-server started through dr's own launcher.
+    let stage_dir = tempfile::tempdir().expect("tempdir");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(stage_dir.path(), std::fs::Permissions::from_mode(0o711))
+        .expect("chmod");
+    let broker_dir = stage_dir.path().join("broker");
+    std::fs::create_dir(&broker_dir).expect("mkdir");
+    let launcher: dr::config::RabbitConfig = toml::from_str(&format!(
+        "url = \"http://127.0.0.1:1\"\nuser = \"x\"\npassword_env = \"X\"\nserver_bin = \"{}\"\nos_user = \"{}\"\n",
+        common::require_env("DR_TEST_RABBITMQ_SERVER_BIN", "RabbitMQ"),
+        common::require_env("DR_TEST_OS_USER", "RabbitMQ"),
+    ))
+    .expect("launcher config");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let staging = rt
+        .block_on(dr::rabbitmq::server::start_scratch(
+            &launcher,
+            &broker_dir,
+            std::time::Duration::from_secs(120),
+        ))
+        .expect("staging broker");
+    struct Stop(std::path::PathBuf);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            stop_processes_under(&self.0);
+        }
+    }
+    let _stop = Stop(broker_dir.clone());
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let region = common::fs_region_toml("local", &dir.path().join("repo"));
+    let reports = dir.path().join("reports");
+    let f = Fixture::with(dir, &region, "");
+    let mut cfg = std::fs::read_to_string(&f.dr.cfg).expect("config");
+    cfg.push_str(&format!(
+        "[env.staging]\nallow_overwrite = true\n[env.staging.rabbitmq.mq]\nurl = \"{}\"\nuser = \"{}\"\npassword_env = \"DR_TEST_STAGING_PASSWORD\"\n\
+         [drill.stage]\nrabbitmq = [\"mq\"]\nenvironment = \"staging\"\nreport_dir = \"{}\"\n",
+        staging.url,
+        staging.user,
+        reports.display()
+    ));
+    std::fs::write(&f.dr.cfg, &cfg).expect("config");
+    f.dr.dr(&["backup", "rabbitmq"]);
+    let probe = Broker {
+        url: staging.url.clone(),
+        user: staging.user.clone(),
+        password: staging.password.clone(),
+    };
+    let (code, body) = probe.call("GET", "overview", None);
+    assert_eq!(code, 200, "staging broker login: {body}");
+    let o =
+        f.dr.command(&["--json", "drill", "stage"])
+            .env("DR_TEST_STAGING_PASSWORD", &staging.password)
+            .output()
+            .expect("dr drill");
+    let v: Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {} {}", stdout(&o), stderr(&o)));
+    assert!(o.status.success(), "{v:#}");
+    let src = &v["drill"]["sources"][0];
+    assert_eq!(src["kind"], "rabbitmq");
+    assert!(
+        src["staging"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("[env.staging.rabbitmq.mq]"))
+    );
+    assert!(
+        v["drill"]["achieved"]["rto_seconds"].as_f64().is_some(),
+        "{v:#}"
+    );
+    // The staging broker holds the production topology (federation URIs
+    // pointed at nothing), and it is still running.
+    let on_staging = Broker {
+        url: staging.url.clone(),
+        user: staging.user.clone(),
+        password: staging.password.clone(),
+    };
+    let expected = {
+        let all: Value =
+            serde_json::from_str(&f.broker.ok("GET", "definitions", None)).expect("json");
+        let scoped = dr::rabbitmq::definitions::scope(&all, Some(&f.vhosts));
+        dr::rabbitmq::definitions::normalised(&dr::rabbitmq::server::neutralised(&scoped))
+    };
+    let got = on_staging.scoped(&f.vhosts);
+    for kind in [
+        "vhosts",
+        "queues",
+        "exchanges",
+        "bindings",
+        "policies",
+        "parameters",
+    ] {
+        assert_eq!(got[kind], expected[kind], "{kind}");
+    }
+
+    // A staging broker at production's address is refused by the config…
+    let at_prod = cfg.replace(&staging.url, &f.broker.url);
+    let p = f.dr.path("at-prod.toml");
+    std::fs::write(&p, at_prod).expect("config");
+    let o = Command::new(common::dr_bin())
+        .args([
+            "--config",
+            p.to_str().expect("utf8"),
+            "drill",
+            "stage",
+            "--dry-run",
+        ])
+        .output()
+        .expect("dr");
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("the address of the production broker [rabbitmq.mq]"),
+        "{}",
+        stderr(&o)
+    );
+    // …and production reached under another address is refused by its node name.
+    let gate = common::Gate::start(common::endpoint_port(&f.broker.url));
+    let other = cfg
+        .replace(&staging.url, &format!("http://127.0.0.1:{}", gate.port))
+        .replace(
+            &format!("user = \"{}\"", staging.user),
+            &format!("user = \"{}\"", f.broker.user),
+        );
+    let p = f.dr.path("other-name.toml");
+    std::fs::write(&p, other).expect("config");
+    let o = Command::new(common::dr_bin())
+        .args([
+            "--config",
+            p.to_str().expect("utf8"),
+            "--json",
+            "drill",
+            "stage",
+        ])
+        .env("DR_TEST_STAGING_PASSWORD", &f.broker.password)
+        .output()
+        .expect("dr");
+    assert!(!o.status.success());
+    let err = stderr(&o) + &stdout(&o);
+    assert!(
+        err.contains("answers as node")
+            && err.contains("[rabbitmq.mq]")
+            && err.contains("nothing was touched"),
+        "{err}"
+    );
+}

@@ -155,10 +155,11 @@ pub async fn run(
     });
     let rabbitmq_runs = d.rabbitmq.iter().map(|n| async move {
         let (_, r) = cfg.rabbitmq(Some(n))?;
-        if staging_env.is_some() {
-            return Err(VerifyError::Other(format!(
-                "rabbitmq = [{n:?}]: drills restore RabbitMQ into scratch brokers only so far; use environment = \"scratch\""
-            )));
+        if let Some((env, e)) = staging_env {
+            let s = staging_server(&e.rabbitmq, env, "rabbitmq", n)?;
+            let rep =
+                super::rabbitmq_staging::restore(repo, env, n, r, s, target, t0, cancel).await;
+            return Ok((rep, None));
         }
         let (rep, s) = super::rabbitmq::restore_and_check(repo, n, r, target, t0, cancel).await;
         Ok::<_, VerifyError>((rep, s.map(Running::Rabbitmq)))

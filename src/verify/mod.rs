@@ -14,6 +14,7 @@ pub mod checks;
 pub mod drill;
 pub mod pg;
 pub mod rabbitmq;
+pub mod rabbitmq_staging;
 pub mod redis;
 pub mod report;
 pub mod scratch;

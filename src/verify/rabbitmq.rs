@@ -51,15 +51,7 @@ pub async fn restore_and_check(
     t0: Instant,
     cancel: &CancellationToken,
 ) -> (SourceReport, Option<Scratch>) {
-    let mut rep = SourceReport::new(
-        "rabbitmq",
-        name,
-        &target.map_or("latest".into(), |t| t.to_rfc3339()),
-    );
-    (rep.target_time, rep.target_basis) = match target {
-        Some(t) => (Some(t), "requested target time".into()),
-        None => (Some(Utc::now()), "verification start (latest)".into()),
-    };
+    let mut rep = new_report(name, target, "verification start (latest)");
     let parent = cfg
         .verify
         .scratch_dir
@@ -93,19 +85,9 @@ async fn run(
         rep.checks
             .push(CheckResult::fail(check, why, t0.elapsed().as_secs_f64()));
     };
-    let m = match RabbitCatalog::load(repo, name).await {
-        Ok(cat) => match cat.pick(target) {
-            Ok(m) => m.clone(),
-            Err(e) => return fail(rep, "restore", e.to_string()),
-        },
-        Err(e) => return fail(rep, "restore", e.to_string()),
+    let Some(snap) = fetch(repo, name, target, t0, rep).await else {
+        return;
     };
-    let fetched = Instant::now();
-    let (region, defs) = match restore::fetch(repo, &m).await {
-        Ok(r) => r,
-        Err(e) => return fail(rep, "restore", e.to_string()),
-    };
-    let fetch_seconds = fetched.elapsed().as_secs_f64();
     let started = Instant::now();
     let broker = match server::start_scratch(cfg, scratch.root(), START_LIMIT).await {
         Ok(b) => b,
@@ -117,37 +99,113 @@ async fn run(
         Ok(a) => a,
         Err(e) => return fail(rep, "scratch broker", e.to_string()),
     };
-    let loaded = Instant::now();
-    if let Err(e) = api.load_definitions(&server::neutralised(&defs)).await {
-        return fail(
-            rep,
+    let into = format!("a scratch broker (RabbitMQ started in {start_seconds:.1}s)");
+    load_and_check(&api, &snap, &into, cfg, t0, rep).await;
+}
+
+/// A snapshot fetched for loading: its manifest, definitions, the region
+/// that served them and how long that took.
+pub(super) struct Fetched {
+    m: crate::rabbitmq::manifest::RabbitManifest,
+    defs: Value,
+    region: String,
+    seconds: f64,
+}
+
+/// Picks and fetches the snapshot; a failure is a `restore` check.
+pub(super) async fn fetch(
+    repo: &Repository,
+    name: &str,
+    target: Option<DateTime<Utc>>,
+    t0: Instant,
+    rep: &mut SourceReport,
+) -> Option<Fetched> {
+    let t = Instant::now();
+    let r = async {
+        let cat = RabbitCatalog::load(repo, name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let m = cat.pick(target).map_err(|e| e.to_string())?.clone();
+        let (region, defs) = restore::fetch(repo, &m).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(Fetched {
+            m,
+            defs,
+            region,
+            seconds: t.elapsed().as_secs_f64(),
+        })
+    }
+    .await;
+    match r {
+        Ok(f) => Some(f),
+        Err(e) => {
+            rep.checks
+                .push(CheckResult::fail("restore", e, t0.elapsed().as_secs_f64()));
+            None
+        }
+    }
+}
+
+/// Loads a fetched snapshot into the broker at `api` (shovel and federation
+/// URIs pointed at nothing), reads it back, and checks the manifest's items
+/// and the user checks; `into` says which broker, for the report.
+pub(super) async fn load_and_check(
+    api: &Api,
+    snap: &Fetched,
+    into: &str,
+    cfg: &RabbitConfig,
+    t0: Instant,
+    rep: &mut SourceReport,
+) {
+    let m = &snap.m;
+    let fail = |rep: &mut SourceReport, why: String| {
+        rep.checks.push(CheckResult::fail(
             "restore",
-            format!("the scratch broker refused the definitions: {e}"),
-        );
+            why,
+            t0.elapsed().as_secs_f64(),
+        ));
+    };
+    let loaded = Instant::now();
+    if let Err(e) = api.load_definitions(&server::neutralised(&snap.defs)).await {
+        return fail(rep, format!("{into} refused the definitions: {e}"));
     }
     let live = match api.definitions().await {
         Ok(d) => definitions::scope(&d, m.vhosts.as_deref()),
-        Err(e) => return fail(rep, "restore", e.to_string()),
+        Err(e) => return fail(rep, e.to_string()),
     };
     rep.rto_seconds = Some(t0.elapsed().as_secs_f64());
     rep.backup = Some(m.id.clone());
     rep.bytes = m.definitions.plain_size;
-    rep.restore_seconds = Some(fetch_seconds + loaded.elapsed().as_secs_f64());
+    rep.restore_seconds = Some(snap.seconds + loaded.elapsed().as_secs_f64());
     rep.recovered_point = Some(m.time);
     rep.recovered_basis = "snapshot time (when the export was requested)".into();
     rep.set_rpo();
     rep.checks.push(CheckResult::pass(
         "restore",
         format!(
-            "snapshot {} ({} bytes from region {}) loaded into a scratch broker (RabbitMQ started in {start_seconds:.1}s)",
-            m.id, m.definitions.plain_size, region
+            "snapshot {} ({} bytes from region {}) loaded into {into}",
+            m.id, m.definitions.plain_size, snap.region
         ),
         t0.elapsed().as_secs_f64(),
     ));
     rep.checks.push(manifest_items(&m.items, &live));
     for c in &cfg.verify.check {
-        rep.checks.push(user_check(&api, c).await);
+        rep.checks.push(user_check(api, c).await);
     }
+}
+
+/// A report for `name` whose RPO is measured from `target` (or, for
+/// latest, from now: `basis` says what now is).
+pub(super) fn new_report(name: &str, target: Option<DateTime<Utc>>, basis: &str) -> SourceReport {
+    let mut rep = SourceReport::new(
+        "rabbitmq",
+        name,
+        &target.map_or("latest".into(), |t| t.to_rfc3339()),
+    );
+    (rep.target_time, rep.target_basis) = match target {
+        Some(t) => (Some(t), "requested target time".into()),
+        None => (Some(Utc::now()), basis.into()),
+    };
+    rep
 }
 
 /// Every item the manifest names is on the broker.

@@ -217,6 +217,7 @@ pub fn refuse_protected(cfg: &Config, env: &str, d: &DrillConfig) -> Result<(), 
             why.extend(clashes(&s, &redis, "url", "dir"));
         }
     }
+    why.extend(super::rabbitmq_staging::refuse_protected(cfg, env, e, d));
     if why.is_empty() { Ok(()) } else { Err(why) }
 }
 
@@ -407,6 +408,7 @@ pub async fn preflight(
     for (n, t) in servers(&e.redis, &d.redis, env, "redis", &mut why) {
         why.extend(redis_target_problems(env, n, t, &prod_redis).await);
     }
+    why.extend(super::rabbitmq_staging::preflight(cfg, env, e, d, &mut notes).await);
     if why.is_empty() { Ok(notes) } else { Err(why) }
 }
 
@@ -642,6 +644,7 @@ pub fn plan(cfg: &Config, env: &str, d: &DrillConfig) -> Vec<String> {
             ));
         }
     }
+    out.extend(super::rabbitmq_staging::plan(env, e, d));
     for n in &d.redis {
         if let Some(t) = e.redis.get(n).map(|t| t.get_ref()) {
             let dir = t.dir.as_deref().unwrap_or(Path::new("?"));
