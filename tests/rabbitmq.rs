@@ -597,24 +597,21 @@ fn region_down_retention_verify_and_sync() {
     );
 }
 
-/// Processes whose command line or working directory is under `dir`.
-fn processes_under(dir: &Path) -> Vec<String> {
+/// Processes (pid, command line) whose command line or working directory
+/// is under `dir`.
+fn processes_under(dir: &Path) -> Vec<(u32, String)> {
     let needle = dir.to_string_lossy().into_owned();
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        if e.file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-            .is_none()
-        {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
-        }
+        };
         let cmd = std::fs::read(e.path().join("cmdline"))
             .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
             .unwrap_or_default();
         let cwd_in = std::fs::read_link(e.path().join("cwd")).is_ok_and(|c| c.starts_with(dir));
         if cmd.contains(&needle) || cwd_in {
-            out.push(cmd);
+            out.push((pid, cmd));
         }
     }
     out
@@ -796,24 +793,13 @@ fn playbook_gates_see_the_broker_and_its_queues() {
 
 /// Ends every process working in `dir` (a broker the test started).
 fn stop_processes_under(dir: &Path) {
-    let needle = dir.to_string_lossy().into_owned();
     for sig in ["-TERM", "-KILL"] {
-        let mut left = false;
-        for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                continue;
-            };
-            let cmd = std::fs::read(e.path().join("cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).into_owned())
-                .unwrap_or_default();
-            let cwd_in = std::fs::read_link(e.path().join("cwd")).is_ok_and(|c| c.starts_with(dir));
-            if cmd.contains(&needle) || cwd_in {
-                left = true;
-                let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
-            }
-        }
-        if !left {
+        let left = processes_under(dir);
+        if left.is_empty() {
             return;
+        }
+        for (pid, _) in left {
+            let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
         }
         std::thread::sleep(std::time::Duration::from_secs(8));
     }

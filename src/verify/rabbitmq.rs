@@ -196,16 +196,7 @@ pub(super) async fn load_and_check(
 /// A report for `name` whose RPO is measured from `target` (or, for
 /// latest, from now: `basis` says what now is).
 pub(super) fn new_report(name: &str, target: Option<DateTime<Utc>>, basis: &str) -> SourceReport {
-    let mut rep = SourceReport::new(
-        "rabbitmq",
-        name,
-        &target.map_or("latest".into(), |t| t.to_rfc3339()),
-    );
-    (rep.target_time, rep.target_basis) = match target {
-        Some(t) => (Some(t), "requested target time".into()),
-        None => (Some(Utc::now()), basis.into()),
-    };
-    rep
+    SourceReport::of_snapshot("rabbitmq", name, target, basis)
 }
 
 /// Every item the manifest names is on the broker.
