@@ -9,6 +9,8 @@
 #     for the integration tests; the client tools (psql, pg_basebackup, ...)
 #     are what `dr` drives.
 #   - redis-server / redis-tools: real Redis for the integration tests.
+#   - rabbitmq-server (3.10, with its management plugin): a real broker for
+#     the RabbitMQ definitions tests; scripts/testenv.sh runs a private node.
 #   - zstd, age: command-line tools used to cross-check the formats `dr` writes.
 #   - ca-certificates, pkg-config, gcc, make: building crates with C parts.
 #   - curl: scripts/testenv.sh uses it to check that the S3 endpoint answers.
@@ -48,6 +50,7 @@ APT_PACKAGES=(
     "postgresql-contrib-15:/usr/share/postgresql/15/extension/amcheck.control"
     "redis-server:redis-server"
     "redis-tools:redis-cli"
+    "rabbitmq-server:/usr/lib/rabbitmq/bin/rabbitmq-server"
     "zstd:zstd"
     "age:age"
     "ca-certificates:/etc/ssl/certs/ca-certificates.crt"

@@ -1,5 +1,5 @@
-//! `dr`: backup, disaster-recovery and failover orchestration for PostgreSQL and
-//! Redis. The library is the product; the `dr` binary is a thin CLI over it.
+//! `dr`: backup, disaster-recovery and failover orchestration for PostgreSQL,
+//! Redis and RabbitMQ definitions. The library is the product; the `dr` binary is a thin CLI over it.
 //!
 //! Data flows `source → zstd → age → store` through bounded channels; the
 //! repository is append-only and a backup exists only once its manifest is
@@ -18,7 +18,7 @@
 //! 3. `store`: regions and their objects
 //! 4. `codec`: compression and encryption of streams
 //! 5. `repo`: repository format, keys, manifests, retention
-//! 6. `postgres`, `redis`: the engines, each checking its own config sections
+//! 6. `postgres`, `redis`, `rabbitmq`: the engines, each checking its own config sections
 //! 7. `maintenance`, `audit`: retention, integrity checks and region repair across engines; the append-only record of operations
 //! 8. `check`, `playbook`: read-only checks of a setup; failover playbooks
 //! 9. `verify`: scratch restores, drills (which run playbooks), staging
@@ -38,6 +38,7 @@ pub mod os;
 pub mod playbook;
 pub mod postgres;
 pub mod progress;
+pub mod rabbitmq;
 pub mod redis;
 pub mod repo;
 pub mod schedule;

@@ -8,6 +8,7 @@ mod failover;
 mod keygen;
 mod output;
 mod pg;
+mod rabbitmq;
 mod redis;
 mod repo;
 mod verify;
@@ -19,7 +20,7 @@ use clap::{Parser, Subcommand};
 
 pub use output::Out;
 
-/// Backup, disaster recovery and failover for PostgreSQL and Redis.
+/// Backup, disaster recovery and failover for PostgreSQL, Redis and RabbitMQ definitions.
 #[derive(Parser)]
 #[command(name = "dr", version, about, long_about = None)]
 struct Cli {
@@ -144,6 +145,11 @@ enum BackupCmd {
         /// Instance name (default: the only [redis.*]).
         name: Option<String>,
     },
+    /// RabbitMQ definitions (topology, users, policies) through the management API.
+    Rabbitmq {
+        /// Broker name (default: the only [rabbitmq.*]).
+        name: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -152,6 +158,9 @@ enum RestoreCmd {
     Pg(pg::RestoreArgs),
     /// Redis: the newest snapshot at or before a time, as dump.rdb.
     Redis(redis::RestoreArgs),
+    /// RabbitMQ: the newest definitions snapshot at or before a time, applied
+    /// to a broker, compared with it (--dry-run) or written to a file.
+    Rabbitmq(rabbitmq::RestoreArgs),
 }
 
 #[derive(Subcommand)]
@@ -164,6 +173,11 @@ enum ListCmd {
     /// Redis snapshots.
     Redis {
         /// Instance name (default: the only [redis.*]).
+        name: Option<String>,
+    },
+    /// RabbitMQ definitions snapshots.
+    Rabbitmq {
+        /// Broker name (default: the only [rabbitmq.*]).
         name: Option<String>,
     },
 }
@@ -224,6 +238,15 @@ pub fn run() -> ExitCode {
             }
             Command::List(ListCmd::Redis { name }) => {
                 redis::list(name, cli.config.as_deref(), &out).await
+            }
+            Command::Backup(BackupCmd::Rabbitmq { name }) => {
+                rabbitmq::backup(name, cli.config.as_deref(), &out).await
+            }
+            Command::Restore(RestoreCmd::Rabbitmq(args)) => {
+                rabbitmq::restore(args, cli.config.as_deref(), &out).await
+            }
+            Command::List(ListCmd::Rabbitmq { name }) => {
+                rabbitmq::list(name, cli.config.as_deref(), &out).await
             }
             Command::Restore(RestoreCmd::Pg(args)) => {
                 pg::restore(args, cli.config.as_deref(), &out).await

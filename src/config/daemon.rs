@@ -51,7 +51,7 @@ impl AuditConfig {
 /// One cron expression from the config and where it was set.
 #[derive(Debug, Clone)]
 pub struct ScheduleEntry<'a> {
-    /// `"postgres"`, `"redis"` or `"retention"`.
+    /// `"postgres"`, `"redis"`, `"rabbitmq"`, `"retention"` or `"sync"`.
     pub section: &'static str,
     /// The cluster or instance name (empty for `[retention]`).
     pub source: String,
@@ -221,6 +221,21 @@ impl Config {
             {
                 out.push(ScheduleEntry {
                     section: "redis",
+                    source: name.clone(),
+                    key: "snapshot",
+                    expr,
+                });
+            }
+        }
+        for (name, r) in &self.rabbitmq {
+            if let Some(expr) = r
+                .get_ref()
+                .schedule
+                .as_ref()
+                .and_then(|s| s.snapshot.as_ref())
+            {
+                out.push(ScheduleEntry {
+                    section: "rabbitmq",
                     source: name.clone(),
                     key: "snapshot",
                     expr,

@@ -22,6 +22,8 @@ pub enum JobKind {
     PgBackup,
     /// Redis snapshot (`dr backup redis`).
     RedisSnapshot,
+    /// RabbitMQ definitions snapshot (`dr backup rabbitmq`).
+    RabbitSnapshot,
     /// Scheduled scratch-restore verification of a PostgreSQL cluster.
     PgVerify,
     /// Retention (`dr expire`).
@@ -38,6 +40,7 @@ impl JobKind {
             ("postgres", "backup") => Some(JobKind::PgBackup),
             ("postgres", "verify") => Some(JobKind::PgVerify),
             ("redis", "snapshot") => Some(JobKind::RedisSnapshot),
+            ("rabbitmq", "snapshot") => Some(JobKind::RabbitSnapshot),
             ("retention", "schedule") => Some(JobKind::Expire),
             ("sync", "schedule") => Some(JobKind::RepoSync),
             _ => None,
@@ -48,7 +51,7 @@ impl JobKind {
     pub fn label(self) -> &'static str {
         match self {
             JobKind::PgBackup => "backup",
-            JobKind::RedisSnapshot => "snapshot",
+            JobKind::RedisSnapshot | JobKind::RabbitSnapshot => "snapshot",
             JobKind::PgVerify => "verify",
             JobKind::Expire => "expire",
             JobKind::RepoSync => "sync",
@@ -105,6 +108,9 @@ pub enum JobError {
     /// Redis or its snapshot failed.
     #[error(transparent)]
     Redis(#[from] RedisError),
+    /// RabbitMQ or its snapshot failed.
+    #[error(transparent)]
+    Rabbit(#[from] crate::rabbitmq::RabbitError),
     /// The repository could not be opened.
     #[error(transparent)]
     Repo(#[from] RepoError),
@@ -123,6 +129,7 @@ impl JobError {
         match self {
             JobError::Pg(e) => e.is_transient(),
             JobError::Redis(e) => e.is_transient(),
+            JobError::Rabbit(e) => e.is_transient(),
             JobError::Repo(e) => e.is_transient(),
             JobError::Config(_) | JobError::Failed(_) => false,
         }
@@ -164,6 +171,12 @@ pub async fn run_once(
             let (instance, rc) = cfg.redis(Some(&job.source))?;
             let repo = Repository::open(cfg).await?;
             let r = crate::redis::snapshot::snapshot(&repo, &instance, rc, Progress::new()).await?;
+            Ok(outcome(&repo, r.id, r.size))
+        }
+        JobKind::RabbitSnapshot => {
+            let (broker, rc) = cfg.rabbitmq(Some(&job.source))?;
+            let repo = Repository::open(cfg).await?;
+            let r = crate::rabbitmq::snapshot::snapshot(&repo, &broker, rc).await?;
             Ok(outcome(&repo, r.id, r.size))
         }
         JobKind::PgVerify => verify_job(cfg, job, abort).await,
@@ -235,11 +248,9 @@ async fn sync_job(cfg: &Config) -> Result<JobOutcome, JobError> {
     let repo = Repository::open(cfg).await?;
     // Authoritative sizes from the manifests when the identity is here.
     let expected = if repo.codec.can_decrypt() {
-        let pg: Vec<String> = cfg.postgres.keys().cloned().collect();
-        let redis: Vec<String> = cfg.redis.keys().cloned().collect();
-        let scope = crate::maintenance::verify::Scope::All;
+        use crate::maintenance::verify::{Scope, Sources, expected_objects};
         Some(
-            crate::maintenance::verify::expected_objects(&repo, &scope, &pg, &redis)
+            expected_objects(&repo, &Scope::All, &Sources::of(cfg))
                 .await?
                 .0,
         )
@@ -423,6 +434,10 @@ mod tests {
         assert_eq!(names, ["postgres.main.backup", "redis.cache.snapshot"]);
         assert_eq!(jobs[1].kind, JobKind::RedisSnapshot);
         assert_eq!(jobs[1].source, "cache");
+        let c = cfg("[rabbitmq.events]\nurl = \"https://mq.internal:15671\"\nuser = \"dr\"\npassword_env = \"P\"\n[rabbitmq.events.schedule]\nsnapshot = \"0 * * * *\"\n").expect("config");
+        let jobs = plan(&c).expect("plan");
+        assert_eq!(jobs[0].name, "rabbitmq.events.snapshot");
+        assert_eq!(jobs[0].kind, JobKind::RabbitSnapshot);
     }
 
     #[test]

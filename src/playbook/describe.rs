@@ -12,6 +12,8 @@ impl Check {
             Check::PgReplayLag { .. } => "pg.replay_lag_bytes",
             Check::PgWritable { .. } => "pg.writable",
             Check::RedisReachable { .. } => "redis.reachable",
+            Check::RabbitReachable { .. } => "rabbitmq.reachable",
+            Check::RabbitQueueExists { .. } => "rabbitmq.queue_exists",
             Check::RedisRole { .. } => "redis.role",
             Check::RedisLag { .. } => "redis.lag",
             Check::Http { .. } => "http",
@@ -39,6 +41,9 @@ impl Check {
             Check::RedisLag { target, master, .. } => std::iter::once((Redis, target.as_str()))
                 .chain(master.as_deref().map(|m| (Redis, m)))
                 .collect(),
+            Check::RabbitReachable { target } | Check::RabbitQueueExists { target, .. } => {
+                vec![(Rabbitmq, target)]
+            }
             Check::Http { .. } | Check::Tcp { .. } => Vec::new(),
         }
     }
@@ -62,6 +67,12 @@ impl Check {
             ),
             Check::PgWritable { target } => format!("pg.writable {target}"),
             Check::RedisReachable { target } => format!("redis.reachable {target}"),
+            Check::RabbitReachable { target } => format!("rabbitmq.reachable {target}"),
+            Check::RabbitQueueExists {
+                target,
+                vhost,
+                queue,
+            } => format!("rabbitmq.queue_exists {target} {queue:?} in vhost {vhost:?}"),
             Check::RedisRole { target, role } => {
                 format!("redis.role {target} = {role:?}").to_lowercase()
             }

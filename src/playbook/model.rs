@@ -141,6 +141,23 @@ pub enum Check {
         /// Server name.
         target: String,
     },
+    /// The management API answers with these credentials.
+    #[serde(rename = "rabbitmq.reachable")]
+    RabbitReachable {
+        /// Broker name.
+        target: String,
+    },
+    /// A queue exists in a vhost.
+    #[serde(rename = "rabbitmq.queue_exists")]
+    RabbitQueueExists {
+        /// Broker name.
+        target: String,
+        /// Virtual host (default `/`).
+        #[serde(default = "default_vhost")]
+        vhost: String,
+        /// Queue name.
+        queue: String,
+    },
     /// `PING` answers.
     #[serde(rename = "redis.reachable")]
     RedisReachable {
@@ -323,6 +340,13 @@ pub enum TargetKind {
     Postgres,
     /// `[env.X.redis.NAME]`.
     Redis,
+    /// `[env.X.rabbitmq.NAME]`.
+    Rabbitmq,
+}
+
+/// The default virtual host.
+pub(super) fn default_vhost() -> String {
+    "/".into()
 }
 
 pub(super) fn get() -> String {

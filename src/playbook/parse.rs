@@ -179,6 +179,7 @@ impl Playbook {
                 let (known, section): (Vec<&String>, _) = match kind {
                     TargetKind::Postgres => (env.postgres.keys().collect(), "postgres"),
                     TargetKind::Redis => (env.redis.keys().collect(), "redis"),
+                    TargetKind::Rabbitmq => (env.rabbitmq.keys().collect(), "rabbitmq"),
                 };
                 if !known.iter().any(|k| *k == name) {
                     return Err(ConfigError {

@@ -69,6 +69,7 @@ pub struct DrillReport {
 enum Running {
     Pg(super::pg::PgScratch),
     Redis(super::redis::RedisScratch),
+    Rabbitmq(super::scratch::Scratch),
 }
 
 impl Running {
@@ -76,6 +77,7 @@ impl Running {
         match self {
             Running::Pg(p) => &p.scratch,
             Running::Redis(r) => &r.scratch,
+            Running::Rabbitmq(s) => s,
         }
     }
 }
@@ -108,6 +110,7 @@ pub async fn run(
             "environment": d.environment,
             "postgres": d.postgres,
             "redis": d.redis,
+            "rabbitmq": d.rabbitmq,
         }),
     )?;
     let mut warnings = Vec::new();
@@ -150,15 +153,27 @@ pub async fn run(
         let (rep, s) = super::redis::restore_and_check(repo, n, r, target, t0, cancel).await;
         Ok::<_, VerifyError>((rep, s.map(Running::Redis)))
     });
-    let (pg_done, redis_done) = futures::future::join(
+    let rabbitmq_runs = d.rabbitmq.iter().map(|n| async move {
+        let (_, r) = cfg.rabbitmq(Some(n))?;
+        if let Some((env, e)) = staging_env {
+            let s = staging_server(&e.rabbitmq, env, "rabbitmq", n)?;
+            let rep =
+                super::rabbitmq_staging::restore(repo, env, n, r, s, target, t0, cancel).await;
+            return Ok((rep, None));
+        }
+        let (rep, s) = super::rabbitmq::restore_and_check(repo, n, r, target, t0, cancel).await;
+        Ok::<_, VerifyError>((rep, s.map(Running::Rabbitmq)))
+    });
+    let (pg_done, redis_done, rabbitmq_done) = futures::future::join3(
         futures::future::join_all(pg_runs),
         futures::future::join_all(redis_runs),
+        futures::future::join_all(rabbitmq_runs),
     )
     .await;
     let mut sources = Vec::new();
     let mut running = Vec::new();
     let mut first_err = None;
-    for r in pg_done.into_iter().chain(redis_done) {
+    for r in pg_done.into_iter().chain(redis_done).chain(rabbitmq_done) {
         match r {
             Ok((rep, s)) => {
                 sources.push(rep);
@@ -478,6 +493,12 @@ pub async fn dry_run(cfg: &Config, name: &str) -> Result<DrillPlan, VerifyError>
                             "[redis.{n}]: restore as of {} into a scratch server, check, remove",
                             d.to
                         )
+                    }))
+                    .chain(d.rabbitmq.iter().map(|n| {
+                        format!(
+                            "[rabbitmq.{n}]: load the definitions as of {} into a scratch broker, check, remove",
+                            d.to
+                        )
                     })),
             );
             // A plan that cannot restore anything does not pass.
@@ -544,6 +565,15 @@ async fn covered(cfg: &Config, d: &DrillConfig) -> Result<Vec<String>, Vec<Strin
                 Err(e) => refused.push(format!("[redis.{n}]: {e}")),
             },
             Err(e) => refused.push(format!("[redis.{n}]: {e}")),
+        }
+    }
+    for n in &d.rabbitmq {
+        match crate::rabbitmq::restore::RabbitCatalog::load(&repo, n).await {
+            Ok(cat) => match cat.pick(target) {
+                Ok(m) => notes.push(format!("[rabbitmq.{n}]: snapshot {}", m.id)),
+                Err(e) => refused.push(format!("[rabbitmq.{n}]: {e}")),
+            },
+            Err(e) => refused.push(format!("[rabbitmq.{n}]: {e}")),
         }
     }
     if refused.is_empty() {
@@ -634,7 +664,9 @@ fn scratch_env(cfg: &Config, d: &DrillConfig, running: &[Option<Running>]) -> En
                 let t = RedisTarget::at_url(format!("redis://127.0.0.1:{}", r.port));
                 redis.insert(n.clone(), toml::Spanned::new(0..0, t));
             }
-            None => {}
+            // Scratch brokers have a password of their own that no
+            // playbook is given: they are not part of the playbook's env.
+            Some(Running::Rabbitmq(_)) | None => {}
         }
     }
     EnvConfig {
@@ -642,6 +674,7 @@ fn scratch_env(cfg: &Config, d: &DrillConfig, running: &[Option<Running>]) -> En
         allow_overwrite: false,
         postgres,
         redis,
+        rabbitmq: BTreeMap::new(),
     }
 }
 
