@@ -268,8 +268,11 @@ impl Default for DaemonConfig {
     }
 }
 
+/// 8597: outside the range Prometheus allocates to exporters (its default
+/// port allocations list; 9187 there is postgres_exporter, which runs on the
+/// same database hosts as the daemon).
 fn default_listen() -> String {
-    "127.0.0.1:9187".into()
+    "127.0.0.1:8597".into()
 }
 
 fn default_max_concurrent() -> usize {
@@ -1402,7 +1405,7 @@ impl Config {
         let fail = |msg: String| Err(self.err(text, d.span(), format!("[daemon]: {msg}")));
         if c.listen.parse::<std::net::SocketAddr>().is_err() {
             return fail(format!(
-                "listen = {:?} is not an address and port; use e.g. \"127.0.0.1:9187\"",
+                "listen = {:?} is not an address and port; use e.g. \"127.0.0.1:8597\"",
                 c.listen
             ));
         }
