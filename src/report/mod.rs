@@ -62,6 +62,8 @@ pub struct TimelineView {
     pub first_segment: Option<String>,
     /// Last archived segment.
     pub last_segment: Option<String>,
+    /// Archive time of its first and last segment: the WAL coverage drawn.
+    pub archived: Option<(DateTime<Utc>, DateTime<Utc>)>,
 }
 
 /// A verification or drill result of one source, for the trend.
@@ -297,6 +299,15 @@ async fn pg_view(repo: &Repository, name: &str) -> SourceView {
             segments: t.segments,
             first_segment: t.first_segment.clone(),
             last_segment: t.last_segment.clone(),
+            archived: {
+                let times: Vec<DateTime<Utc>> = cat
+                    .wal
+                    .iter()
+                    .filter(|(seg, _)| seg.timeline.0 == t.id)
+                    .filter_map(|(_, e)| e.archived)
+                    .collect();
+                times.iter().min().copied().zip(times.iter().max().copied())
+            },
         })
         .collect();
     v.errors
@@ -639,6 +650,12 @@ fn timeline_svg(s: &SourceView, now: DateTime<Utc>) -> String {
     let mut times: Vec<DateTime<Utc>> = s.backups.iter().flat_map(|b| [b.start, b.end]).collect();
     times.extend(s.windows.iter().flat_map(|w| [w.from, w.to]));
     times.extend(s.gaps.iter().flat_map(|g| [g.after, g.before]).flatten());
+    times.extend(
+        s.timelines
+            .iter()
+            .filter_map(|t| t.archived)
+            .flat_map(|(a, b)| [a, b]),
+    );
     let (Some(t0), Some(t1)) = (times.iter().min().copied(), times.iter().max().copied()) else {
         return "<p class=\"muted\">Nothing to draw: no backup stored.</p>".into();
     };
@@ -654,7 +671,7 @@ fn timeline_svg(s: &SourceView, now: DateTime<Utc>) -> String {
         vec![None]
     };
     let lanes = if lanes.is_empty() { vec![None] } else { lanes };
-    let (w, left, right, lane_h, top) = (960.0, 92.0, 16.0, 34.0, 10.0);
+    let (w, left, right, lane_h, top) = (960.0, 92.0, 16.0, 36.0, 10.0);
     let h = top + lane_h * lanes.len() as f64 + 30.0;
     let span = (t1 - t0).num_milliseconds() as f64;
     let x =
@@ -692,6 +709,22 @@ fn timeline_svg(s: &SourceView, now: DateTime<Utc>) -> String {
                 time(Some(win.to)),
                 escape(&win.backup)
             );
+        }
+        for t in s.timelines.iter().filter(|t| Some(t.id) == *lane) {
+            if let Some((a, b)) = t.archived {
+                let _ = write!(
+                    out,
+                    "<rect class=\"wal\" x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"4\" fill=\"#7a8699\">\
+                     <title>WAL archived on timeline {}: {} segment(s), {} .. {}</title></rect>",
+                    x(a),
+                    y + 27.0,
+                    (x(b) - x(a)).max(2.0),
+                    t.id,
+                    t.segments,
+                    time(Some(a)),
+                    time(Some(b))
+                );
+            }
         }
         for g in s.gaps.iter().filter(|g| Some(g.timeline) == *lane) {
             let (Some(ga), Some(gb)) = (g.after, g.before) else {
@@ -739,7 +772,8 @@ fn timeline_svg(s: &SourceView, now: DateTime<Utc>) -> String {
     );
     out.push_str(
         "<p class=\"muted\"><span style=\"color:#3d9a5b\">■</span> restorable · \
-         <span style=\"color:#2f6fdb\">■</span> backup · <span style=\"color:#c62828\">■</span> WAL gap</p>",
+         <span style=\"color:#2f6fdb\">■</span> backup · <span style=\"color:#7a8699\">■</span> WAL archived · \
+         <span style=\"color:#c62828\">■</span> WAL gap</p>",
     );
     out
 }
