@@ -651,3 +651,39 @@ fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
+
+#[test]
+fn the_dashboard_is_importable_with_its_data_source_as_a_variable() {
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("config/grafana/dr.json")).expect("dashboard"),
+    )
+    .expect("dashboard is JSON");
+    assert!(dash["uid"].as_str().is_some_and(|u| !u.is_empty()));
+    assert!(dash["title"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(dash["schemaVersion"].as_u64().is_some_and(|v| v >= 30));
+    // Import asks for nothing: no __inputs, the data source is a variable.
+    assert!(dash.get("__inputs").is_none());
+    let vars = dash["templating"]["list"].as_array().expect("templating");
+    let ds = vars
+        .iter()
+        .find(|v| v["type"] == "datasource")
+        .expect("a data source variable");
+    assert_eq!(ds["query"], "prometheus");
+    let ds_ref = format!("${{{}}}", ds["name"].as_str().expect("name"));
+    let mut ids = BTreeSet::new();
+    for p in dash["panels"].as_array().expect("panels") {
+        assert!(
+            ids.insert(p["id"].as_u64().expect("panel id")),
+            "duplicate id"
+        );
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(p["datasource"]["uid"], ds_ref.as_str(), "{}", p["title"]);
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{} has no query", p["title"]);
+        for t in targets {
+            assert_eq!(t["datasource"]["uid"], ds_ref.as_str(), "{}", p["title"]);
+        }
+    }
+}

@@ -85,11 +85,15 @@ const RAW: char = '\u{E000}';
 
 /// A table; cells are escaped unless made with [`raw`].
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut out = String::from("<table><thead><tr>");
-    for h in header {
-        let _ = write!(out, "<th>{}</th>", escape(h));
+    let mut out = String::from("<table>");
+    if header.iter().any(|h| !h.is_empty()) {
+        out.push_str("<thead><tr>");
+        for h in header {
+            let _ = write!(out, "<th>{}</th>", escape(h));
+        }
+        out.push_str("</tr></thead>");
     }
-    out.push_str("</tr></thead><tbody>");
+    out.push_str("<tbody>");
     for r in rows {
         out.push_str("<tr>");
         for c in r {
