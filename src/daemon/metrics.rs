@@ -824,4 +824,59 @@ mod tests {
             "{text}"
         );
     }
+
+    #[test]
+    fn catalog_failover_and_schedule_gauges_render_with_their_labels() {
+        let s = Shared::new(3);
+        s.set_jobs(&[JobSpec {
+            cron: Cron::parse("0 2 * * 1-5").expect("cron"),
+            ..job("postgres.main.backup", JobKind::PgBackup)
+        }]);
+        let t = DateTime::from_timestamp(1_700_000_000, 0).expect("time");
+        s.with(|st| {
+            st.catalogs.insert(
+                ("postgres".into(), "main".into()),
+                CatalogStats {
+                    window_start: Some(t),
+                    window_end: Some(t + chrono::Duration::seconds(60)),
+                    newest_backup: Some(t),
+                    backups: 2,
+                    wal_gaps: 1,
+                    error: None,
+                },
+            );
+            st.catalogs.insert(
+                ("redis".into(), "cache".into()),
+                CatalogStats {
+                    error: Some("unreachable".into()),
+                    ..Default::default()
+                },
+            );
+            st.failovers.insert(("prod".into(), "ok".into()), 2);
+            st.last_failover.insert("prod".into(), t);
+        });
+        let text = s.with(|st| st.render(Utc::now()));
+        for want in [
+            "dr_job_schedule_interval_seconds{name=\"postgres.main.backup\",kind=\"backup\",source=\"main\"} 259200\n",
+            "dr_recoverable_window_start_timestamp_seconds{engine=\"postgres\",source=\"main\"} 1700000000\n",
+            "dr_recoverable_window_end_timestamp_seconds{engine=\"postgres\",source=\"main\"} 1700000060\n",
+            "dr_last_backup_timestamp_seconds{engine=\"postgres\",source=\"main\"} 1700000000\n",
+            "dr_repository_backups{engine=\"postgres\",source=\"main\"} 2\n",
+            "dr_wal_gap_segments{engine=\"postgres\",source=\"main\"} 1\n",
+            "dr_catalog_up{engine=\"redis\",source=\"cache\"} 0\n",
+            "dr_failovers_total{env=\"prod\",outcome=\"ok\"} 2\n",
+            "dr_last_failover_timestamp_seconds{env=\"prod\"} 1700000000\n",
+        ] {
+            assert!(text.contains(want), "{want} missing in:\n{text}");
+        }
+        // An unreadable catalog reports no count and no window.
+        assert!(
+            !text.contains("dr_repository_backups{engine=\"redis\""),
+            "{text}"
+        );
+        assert!(
+            !text.contains("dr_wal_gap_segments{engine=\"redis\""),
+            "{text}"
+        );
+    }
 }

@@ -368,4 +368,54 @@ mod tests {
             Some(0)
         );
     }
+
+    #[test]
+    fn the_audit_tail_counts_finished_failovers_once_and_restarts_on_rotation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let rec = |action: &str, phase: &str, outcome: &str, time: &str| {
+            format!(
+                "{{\"action\":\"{action}\",\"phase\":\"{phase}\",\"target\":\"prod\",\"outcome\":\"{outcome}\",\"time\":\"{time}\"}}\n"
+            )
+        };
+        let state = Shared::new(3);
+        let mut tail = AuditTail::default();
+        let mut text = rec("failover", "started", "running", "2026-11-25T18:00:00Z")
+            + &rec("failover", "finished", "ok", "2026-11-25T18:00:05Z")
+            + &rec("failover.dry-run", "finished", "ok", "2026-11-25T18:01:00Z");
+        // Half a line: counted once it is complete.
+        let half = rec(
+            "failover",
+            "finished",
+            "rolled_back",
+            "2026-11-25T19:00:00Z",
+        );
+        text.push_str(&half[..20]);
+        std::fs::write(&path, &text).expect("write");
+        tail.poll(&path, &state);
+        tail.poll(&path, &state);
+        let counts = |s: &Shared| s.with(|st| st.failovers.clone());
+        assert_eq!(counts(&state).get(&("prod".into(), "ok".into())), Some(&1));
+        assert_eq!(counts(&state).len(), 1);
+        text.push_str(&half[20..]);
+        std::fs::write(&path, &text).expect("write");
+        tail.poll(&path, &state);
+        assert_eq!(
+            counts(&state).get(&("prod".into(), "rolled_back".into())),
+            Some(&1)
+        );
+        let last = state.with(|st| st.last_failover.get("prod").copied());
+        assert_eq!(
+            last.map(|t| t.to_rfc3339()),
+            Some("2026-11-25T19:00:00+00:00".into())
+        );
+        // Rotated: the new file is read from its start, the counts anew.
+        std::fs::write(
+            &path,
+            rec("failover", "finished", "ok", "2026-11-26T00:00:00Z"),
+        )
+        .expect("write");
+        tail.poll(&path, &state);
+        assert_eq!(counts(&state).len(), 1, "{:?}", counts(&state));
+    }
 }
