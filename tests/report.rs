@@ -273,6 +273,8 @@ fn report_and_drill_html_render_in_a_real_browser_with_windows_gaps_and_numbers(
     ] {
         assert!(dom.contains(want), "the rendered report lacks {want:?}");
     }
+    // The archived WAL is drawn in two pieces, broken at the gap.
+    assert_eq!(dom.matches("class=\"wal\"").count(), 2);
     // Two results on the trend: the verification and the drill.
     assert_eq!(dom.matches("class=\"rto\"").count(), 2);
 

@@ -711,16 +711,30 @@ fn timeline_svg(s: &SourceView, now: DateTime<Utc>) -> String {
             );
         }
         for t in s.timelines.iter().filter(|t| Some(t.id) == *lane) {
-            if let Some((a, b)) = t.archived {
+            let Some((first, last)) = t.archived else {
+                continue;
+            };
+            // The archived WAL, broken where segments are missing.
+            let mut pieces = Vec::new();
+            let mut from = first;
+            let mut holes: Vec<&WalGap> = s.gaps.iter().filter(|g| g.timeline == t.id).collect();
+            holes.sort_by_key(|g| g.after);
+            for g in holes {
+                if let (Some(ga), Some(gb)) = (g.after, g.before) {
+                    pieces.push((from, ga));
+                    from = gb;
+                }
+            }
+            pieces.push((from, last));
+            for (a, b) in pieces {
                 let _ = write!(
                     out,
                     "<rect class=\"wal\" x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"4\" fill=\"#7a8699\">\
-                     <title>WAL archived on timeline {}: {} segment(s), {} .. {}</title></rect>",
+                     <title>WAL archived on timeline {}: {} .. {}</title></rect>",
                     x(a),
                     y + 27.0,
                     (x(b) - x(a)).max(2.0),
                     t.id,
-                    t.segments,
                     time(Some(a)),
                     time(Some(b))
                 );
