@@ -15,6 +15,11 @@
 #   - ca-certificates, pkg-config, gcc, make: building crates with C parts.
 #   - curl: scripts/testenv.sh uses it to check that the S3 endpoint answers.
 #   - time (GNU): the benchmarks report peak memory with it.
+#   - prometheus (with promtool): the alert rules are checked and unit-tested
+#     with promtool, and a real Prometheus scrapes a real `dr daemon` in the
+#     monitoring tests. Only the binaries are used; no service is started.
+#   - chromium: the HTML reports are loaded in headless Chromium (console,
+#     DOM, screenshot).
 #   - cargo-nextest: the test runner.
 #   - Garage 2.x: a small S3-compatible object store, built from crates.io
 #     because Debian 12 does not package it.
@@ -60,6 +65,8 @@ APT_PACKAGES=(
     "curl:curl"
     "time:/usr/bin/time"
     "python3-venv:/usr/lib/python3.11/ensurepip/__init__.py"
+    "prometheus:/usr/bin/promtool"
+    "chromium:/usr/bin/chromium"
 )
 
 is_present() {

@@ -22,7 +22,7 @@
 //! 7. `maintenance`, `audit`: retention, integrity checks and region repair across engines; the append-only record of operations
 //! 8. `check`, `playbook`: read-only checks of a setup; failover playbooks
 //! 9. `verify`: scratch restores, drills (which run playbooks), staging
-//! 10. `validate`: loading a config with every engine's checks
+//! 10. `validate`, `report`: loading a config with every engine's checks; `dr report` (recoverable windows, verification and drill history as HTML)
 //! 11. `daemon`: schedules, probes, metrics
 //! 12. `cli`, `main`: the `dr` binary
 
@@ -41,6 +41,7 @@ pub mod progress;
 pub mod rabbitmq;
 pub mod redis;
 pub mod repo;
+pub mod report;
 pub mod schedule;
 pub mod store;
 pub mod time;

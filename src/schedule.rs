@@ -62,6 +62,17 @@ impl Cron {
         self.schedule.after(&t).next()
     }
 
+    /// The longest gap, in seconds, between consecutive times of the next
+    /// `n + 1` after `t`: how old the newest run's result may get when every
+    /// run happens (a weekday schedule allows three days over a weekend).
+    pub fn longest_interval(&self, t: DateTime<Utc>, n: usize) -> Option<f64> {
+        let times: Vec<DateTime<Utc>> = self.schedule.after(&t).take(n + 1).collect();
+        times
+            .windows(2)
+            .map(|w| (w[1] - w[0]).num_milliseconds() as f64 / 1000.0)
+            .reduce(f64::max)
+    }
+
     /// The expression as written.
     pub fn expr(&self) -> &str {
         &self.expr
@@ -172,6 +183,15 @@ mod tests {
         DateTime::parse_from_rfc3339(s)
             .expect("time")
             .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn longest_interval_spans_the_weekend_of_a_weekday_schedule() {
+        let c = Cron::parse("0 2 * * 1-5").expect("parse");
+        let gap = c.longest_interval(at("2026-11-25T00:00:00Z"), 32);
+        assert_eq!(gap, Some(3.0 * 86400.0));
+        let c = Cron::parse("*/2 * * * * *").expect("parse");
+        assert_eq!(c.longest_interval(at("2026-11-25T00:00:00Z"), 8), Some(2.0));
     }
 
     #[test]

@@ -500,7 +500,8 @@ fn drill_production() -> (
     (fs, pg, base, scratch, reports, redis)
 }
 
-/// The drill's two report files: the JSON (parsed) and the Markdown.
+/// The drill's report files: the JSON (parsed) and the Markdown; the HTML
+/// beside them is checked in a browser by tests/report.rs.
 fn report_files(d: &Value) -> (Value, String) {
     let files: Vec<&str> = d["files"]
         .as_array()
@@ -508,7 +509,10 @@ fn report_files(d: &Value) -> (Value, String) {
         .iter()
         .filter_map(|f| f.as_str())
         .collect();
-    assert_eq!(files.len(), 2, "{d:#}");
+    assert_eq!(files.len(), 3, "{d:#}");
+    assert!(files[2].ends_with(".html"), "{files:?}");
+    let html = std::fs::read_to_string(files[2]).expect("html report");
+    assert!(html.contains(d["drill"].as_str().expect("drill")), "{html}");
     let json =
         serde_json::from_slice(&std::fs::read(files[0]).expect("json report")).expect("json");
     let md = std::fs::read_to_string(files[1]).expect("markdown report");

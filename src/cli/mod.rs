@@ -11,6 +11,7 @@ mod pg;
 mod rabbitmq;
 mod redis;
 mod repo;
+mod report;
 mod verify;
 
 use std::path::PathBuf;
@@ -83,6 +84,10 @@ enum Command {
     /// List backups and the recoverable window.
     #[command(subcommand)]
     List(ListCmd),
+    /// Write one self-contained HTML page: per source the recoverable
+    /// window (backups, WAL, gaps, timelines), the latest verification and
+    /// drill, and RTO/RPO over time from the reports in the repository.
+    Report(report::Args),
     /// Run a failover playbook (see playbooks/ and README, section Failover).
     Failover(failover::Args),
     /// Run scheduled jobs (backups, snapshots, restore verification, retention, region sync; cron, UTC); serve /metrics and /healthz.
@@ -256,6 +261,7 @@ pub fn run() -> ExitCode {
             }
             Command::Failover(args) => failover::run(args, cli.config.as_deref(), &out).await,
             Command::Drill(args) => drill::run(args, cli.config.as_deref(), &out).await,
+            Command::Report(args) => report::run(args, cli.config.as_deref(), &out).await,
             Command::Daemon(args) => daemon::run(args, cli.config.as_deref(), &out).await,
             Command::WalPush {
                 cluster,

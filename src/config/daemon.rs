@@ -158,8 +158,11 @@ impl Default for DaemonConfig {
     }
 }
 
+/// 8597: outside the range Prometheus allocates to exporters (its default
+/// port allocations list; 9187 there is postgres_exporter, which runs on the
+/// same database hosts as the daemon).
 fn default_listen() -> String {
-    "127.0.0.1:9187".into()
+    "127.0.0.1:8597".into()
 }
 
 fn default_max_concurrent() -> usize {

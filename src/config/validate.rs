@@ -310,7 +310,7 @@ impl Config {
         let fail = |msg: String| Err(self.err(text, d.span(), format!("[daemon]: {msg}")));
         if c.listen.parse::<std::net::SocketAddr>().is_err() {
             return fail(format!(
-                "listen = {:?} is not an address and port; use e.g. \"127.0.0.1:9187\"",
+                "listen = {:?} is not an address and port; use e.g. \"127.0.0.1:8597\"",
                 c.listen
             ));
         }

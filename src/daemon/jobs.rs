@@ -149,6 +149,8 @@ pub struct JobOutcome {
     pub degraded: Vec<(String, String)>,
     /// Recovery time of a verified restore, for verify jobs.
     pub rto_seconds: Option<f64>,
+    /// Recovery point of a verified restore (target minus recovered point).
+    pub rpo_seconds: Option<f64>,
 }
 
 /// Runs `job` once with the library functions the CLI uses. `abort` is
@@ -301,6 +303,11 @@ async fn verify_job(
         .iter()
         .filter_map(|s| s.rto_seconds)
         .reduce(f64::max);
+    let rpo = run
+        .sources
+        .iter()
+        .filter_map(|s| s.rpo_seconds)
+        .reduce(f64::max);
     if !run.ok {
         let failed: Vec<String> = run
             .sources
@@ -321,6 +328,7 @@ async fn verify_job(
     let bytes = run.sources.iter().map(|s| s.bytes).sum();
     let mut out = outcome(&repo, run.id, bytes);
     out.rto_seconds = rto;
+    out.rpo_seconds = rpo;
     Ok(out)
 }
 
@@ -340,6 +348,7 @@ fn outcome(repo: &Repository, id: String, bytes: u64) -> JobOutcome {
         regions: repo.regions.iter().map(|r| r.name.clone()).collect(),
         degraded: repo.regions.degraded(),
         rto_seconds: None,
+        rpo_seconds: None,
     }
 }
 
@@ -468,7 +477,7 @@ mod tests {
         let e = cfg("[daemon]\nlisten = \"localhost\"\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("127.0.0.1:9187"), "{e}");
+        assert!(e.contains("127.0.0.1:8597"), "{e}");
     }
 
     #[test]

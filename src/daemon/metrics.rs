@@ -28,6 +28,11 @@ pub struct JobStats {
     pub last_bytes: Option<u64>,
     /// Recovery time of the last verified restore (verify jobs).
     pub last_rto: Option<f64>,
+    /// Recovery point of the last verified restore (verify jobs).
+    pub last_rpo: Option<f64>,
+    /// Longest gap between consecutive scheduled times, seconds: how old the
+    /// last success may get when every run happens.
+    pub interval: Option<f64>,
     /// Finished runs.
     pub runs: u64,
     /// Failed runs (after retries).
@@ -73,6 +78,31 @@ pub struct WalStats {
     /// Streaming: age of the streamer's last status (a dead streamer stops
     /// updating it).
     pub stream_status_age_seconds: Option<f64>,
+    /// Streaming: the server lists the streamer in `pg_stat_replication`
+    /// with state `streaming`.
+    pub stream_connected: Option<bool>,
+    /// Streaming: the server counts the streamer as a synchronous standby
+    /// (`sync_state` is `sync` or `quorum`).
+    pub stream_synchronous: Option<bool>,
+    /// Streaming: the config asks for synchronous streaming (RPO 0).
+    pub stream_sync_expected: bool,
+}
+
+/// What the repository holds for one source (read from its catalog).
+#[derive(Debug, Clone, Default)]
+pub struct CatalogStats {
+    /// Earliest point a restore can reach.
+    pub window_start: Option<DateTime<Utc>>,
+    /// Latest point a restore can reach.
+    pub window_end: Option<DateTime<Utc>>,
+    /// End of the newest backup or snapshot.
+    pub newest_backup: Option<DateTime<Utc>>,
+    /// Backups or snapshots stored.
+    pub backups: u64,
+    /// Missing WAL segments between archived ones (PostgreSQL).
+    pub wal_gaps: u64,
+    /// Why the catalog could not be read, if it could not.
+    pub error: Option<String>,
 }
 
 /// The daemon's WAL streamer of one cluster.
@@ -119,6 +149,15 @@ pub struct State {
     pub reload_error: Option<String>,
     /// Failed runs in a row that make a job unhealthy.
     pub unhealthy_after: u32,
+    /// Per (engine, source): `postgres`/`redis` and the config name.
+    pub catalogs: BTreeMap<(String, String), CatalogStats>,
+    /// Failovers in the audit log, by (environment, outcome).
+    pub failovers: BTreeMap<(String, String), u64>,
+    /// End of the last failover per environment.
+    pub last_failover: BTreeMap<String, DateTime<Utc>>,
+    /// Finished runs of all jobs: the catalog probe rereads the repository
+    /// when it changed.
+    pub finished_runs: u64,
 }
 
 /// The state behind a lock; every update is a short, non-async section.
@@ -140,6 +179,10 @@ impl Shared {
             reloads: (0, 0),
             reload_error: None,
             unhealthy_after,
+            catalogs: BTreeMap::new(),
+            failovers: BTreeMap::new(),
+            last_failover: BTreeMap::new(),
+            finished_runs: 0,
         }))
     }
 
@@ -155,6 +198,7 @@ impl Shared {
 
     /// Makes the job list match `jobs`: new jobs appear, removed idle ones go.
     pub fn set_jobs(&self, jobs: &[JobSpec]) {
+        let now = Utc::now();
         self.with(|s| {
             s.jobs
                 .retain(|name, st| st.running || jobs.iter().any(|j| &j.name == name));
@@ -166,6 +210,8 @@ impl Shared {
                     last_duration: None,
                     last_bytes: None,
                     last_rto: None,
+                    last_rpo: None,
+                    interval: None,
                     runs: 0,
                     failures: 0,
                     consecutive_failures: 0,
@@ -175,6 +221,9 @@ impl Shared {
                     last_error: None,
                     next_run: None,
                 });
+                if let Some(st) = s.jobs.get_mut(&j.name) {
+                    st.interval = j.cron.longest_interval(now, 32);
+                }
             }
         })
     }
@@ -208,6 +257,7 @@ impl Shared {
                         .map(|(_, why)| (job.to_string(), why.clone()));
                 }
             }
+            s.finished_runs += 1;
             let Some(j) = s.jobs.get_mut(job) else {
                 return;
             };
@@ -220,6 +270,9 @@ impl Shared {
                     j.last_bytes = Some(o.bytes);
                     if o.rto_seconds.is_some() {
                         j.last_rto = o.rto_seconds;
+                    }
+                    if o.rpo_seconds.is_some() {
+                        j.last_rpo = o.rpo_seconds;
                     }
                     j.consecutive_failures = 0;
                     j.last_error = None;
@@ -324,7 +377,7 @@ impl State {
         m.sample(&[("outcome", "rejected")], self.reloads.1 as f64);
 
         type Get = fn(&JobStats) -> Option<f64>;
-        let per_job: [(&str, &str, &str, Get); 10] = [
+        let per_job: [(&str, &str, &str, Get); 11] = [
             (
                 "dr_job_last_success_timestamp_seconds",
                 "gauge",
@@ -386,6 +439,12 @@ impl State {
                 "Next scheduled time (UTC).",
                 |j| j.next_run.as_ref().map(|t| t.timestamp() as f64),
             ),
+            (
+                "dr_job_schedule_interval_seconds",
+                "gauge",
+                "Longest gap between consecutive scheduled times (the age the last success may reach when every run happens).",
+                |j| j.interval,
+            ),
         ];
         for (name, kind, help, get) in per_job {
             m.family(name, kind, help);
@@ -419,10 +478,20 @@ impl State {
             for (j, _, rto) in &verified {
                 m.sample(&[("source", &j.source)], *rto);
             }
+            m.family(
+                "dr_verified_restore_rpo_seconds",
+                "gauge",
+                "Recovery point of the last verified restore: its target minus the point the restored data represents.",
+            );
+            for (j, _, _) in &verified {
+                if let Some(rpo) = j.last_rpo {
+                    m.sample(&[("source", &j.source)], rpo);
+                }
+            }
         }
 
         type WalGet = fn(&WalStats) -> Option<f64>;
-        let per_cluster: [(&str, &str, &str, WalGet); 8] = [
+        let per_cluster: [(&str, &str, &str, WalGet); 12] = [
             (
                 "dr_wal_stream_lag_bytes",
                 "gauge",
@@ -440,6 +509,33 @@ impl State {
                 "gauge",
                 "Streaming: age of the streamer's last status report.",
                 |w| w.stream_status_age_seconds,
+            ),
+            (
+                "dr_wal_stream_connected",
+                "gauge",
+                "Streaming: 1 when the server lists the streamer as streaming in pg_stat_replication.",
+                |w| w.stream_connected.map(|b| f64::from(u8::from(b))),
+            ),
+            (
+                "dr_wal_stream_synchronous",
+                "gauge",
+                "Streaming: 1 when the server counts the streamer as a synchronous standby.",
+                |w| w.stream_synchronous.map(|b| f64::from(u8::from(b))),
+            ),
+            (
+                "dr_wal_stream_synchronous_expected",
+                "gauge",
+                "Streaming: 1 when the config asks for synchronous streaming (synchronous = true).",
+                |w| {
+                    w.stream_connected
+                        .map(|_| f64::from(u8::from(w.stream_sync_expected)))
+                },
+            ),
+            (
+                "dr_wal_archive_failing",
+                "gauge",
+                "1 when archive_command's last failure is newer than its last success.",
+                |w| (w.error.is_none()).then_some(f64::from(u8::from(w.failing.is_some()))),
             ),
             (
                 "dr_postgres_up",
@@ -493,6 +589,85 @@ impl State {
             for (cluster, st) in &self.streams {
                 m.sample(&[("cluster", cluster)], st.failures as f64);
             }
+        }
+
+        type CatGet = fn(&CatalogStats) -> Option<f64>;
+        let per_source: [(&str, &str, &str, CatGet); 6] = [
+            (
+                "dr_recoverable_window_start_timestamp_seconds",
+                "gauge",
+                "Earliest point a restore can reach (oldest backup's end or snapshot).",
+                |c| {
+                    c.window_start
+                        .as_ref()
+                        .map(|t| t.timestamp_millis() as f64 / 1000.0)
+                },
+            ),
+            (
+                "dr_recoverable_window_end_timestamp_seconds",
+                "gauge",
+                "Latest point a restore can reach (end of contiguous WAL, or newest snapshot).",
+                |c| {
+                    c.window_end
+                        .as_ref()
+                        .map(|t| t.timestamp_millis() as f64 / 1000.0)
+                },
+            ),
+            (
+                "dr_last_backup_timestamp_seconds",
+                "gauge",
+                "End of the newest backup or snapshot in the repository.",
+                |c| {
+                    c.newest_backup
+                        .as_ref()
+                        .map(|t| t.timestamp_millis() as f64 / 1000.0)
+                },
+            ),
+            (
+                "dr_repository_backups",
+                "gauge",
+                "Backups or snapshots of the source in the repository.",
+                |c| c.error.is_none().then_some(c.backups as f64),
+            ),
+            (
+                "dr_wal_gap_segments",
+                "gauge",
+                "WAL segments missing between archived ones (restores cannot cross them).",
+                |c| c.error.is_none().then_some(c.wal_gaps as f64),
+            ),
+            (
+                "dr_catalog_up",
+                "gauge",
+                "1 when the daemon could read the source's backups from the repository.",
+                |c| Some(f64::from(u8::from(c.error.is_none()))),
+            ),
+        ];
+        for (name, kind, help, get) in per_source {
+            m.family(name, kind, help);
+            for ((engine, source), c) in &self.catalogs {
+                if name == "dr_wal_gap_segments" && engine != "postgres" {
+                    continue;
+                }
+                if let Some(v) = get(c) {
+                    m.sample(&[("engine", engine), ("source", source)], v);
+                }
+            }
+        }
+        m.family(
+            "dr_failovers_total",
+            "counter",
+            "Failover playbook runs (not dry runs) in the audit log, by environment and outcome.",
+        );
+        for ((env, outcome), n) in &self.failovers {
+            m.sample(&[("env", env), ("outcome", outcome)], *n as f64);
+        }
+        m.family(
+            "dr_last_failover_timestamp_seconds",
+            "gauge",
+            "End of the last failover playbook run in the environment (audit log).",
+        );
+        for (env, t) in &self.last_failover {
+            m.sample(&[("env", env)], ts(t));
         }
 
         m.family(
@@ -589,6 +764,7 @@ mod tests {
             regions: vec!["a".into(), "b".into()],
             degraded: vec![("b".into(), "connection refused".into())],
             rto_seconds: None,
+            rpo_seconds: None,
         };
         s.finish("postgres.main.backup", 2.5, Ok(&ok));
         let text = s.with(|st| st.render(Utc::now()));
@@ -645,6 +821,61 @@ mod tests {
         let text = s.with(|st| st.render(Utc::now()));
         assert!(
             text.contains("dr_verified_restore_rto_seconds{source=\"main\"} 42\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn catalog_failover_and_schedule_gauges_render_with_their_labels() {
+        let s = Shared::new(3);
+        s.set_jobs(&[JobSpec {
+            cron: Cron::parse("0 2 * * 1-5").expect("cron"),
+            ..job("postgres.main.backup", JobKind::PgBackup)
+        }]);
+        let t = DateTime::from_timestamp(1_700_000_000, 0).expect("time");
+        s.with(|st| {
+            st.catalogs.insert(
+                ("postgres".into(), "main".into()),
+                CatalogStats {
+                    window_start: Some(t),
+                    window_end: Some(t + chrono::Duration::seconds(60)),
+                    newest_backup: Some(t),
+                    backups: 2,
+                    wal_gaps: 1,
+                    error: None,
+                },
+            );
+            st.catalogs.insert(
+                ("redis".into(), "cache".into()),
+                CatalogStats {
+                    error: Some("unreachable".into()),
+                    ..Default::default()
+                },
+            );
+            st.failovers.insert(("prod".into(), "ok".into()), 2);
+            st.last_failover.insert("prod".into(), t);
+        });
+        let text = s.with(|st| st.render(Utc::now()));
+        for want in [
+            "dr_job_schedule_interval_seconds{name=\"postgres.main.backup\",kind=\"backup\",source=\"main\"} 259200\n",
+            "dr_recoverable_window_start_timestamp_seconds{engine=\"postgres\",source=\"main\"} 1700000000\n",
+            "dr_recoverable_window_end_timestamp_seconds{engine=\"postgres\",source=\"main\"} 1700000060\n",
+            "dr_last_backup_timestamp_seconds{engine=\"postgres\",source=\"main\"} 1700000000\n",
+            "dr_repository_backups{engine=\"postgres\",source=\"main\"} 2\n",
+            "dr_wal_gap_segments{engine=\"postgres\",source=\"main\"} 1\n",
+            "dr_catalog_up{engine=\"redis\",source=\"cache\"} 0\n",
+            "dr_failovers_total{env=\"prod\",outcome=\"ok\"} 2\n",
+            "dr_last_failover_timestamp_seconds{env=\"prod\"} 1700000000\n",
+        ] {
+            assert!(text.contains(want), "{want} missing in:\n{text}");
+        }
+        // An unreadable catalog reports no count and no window.
+        assert!(
+            !text.contains("dr_repository_backups{engine=\"redis\""),
+            "{text}"
+        );
+        assert!(
+            !text.contains("dr_wal_gap_segments{engine=\"redis\""),
             "{text}"
         );
     }

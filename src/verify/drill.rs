@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::report::{self, CheckResult, SourceReport, secs};
@@ -24,7 +24,7 @@ use crate::repo::Repository;
 use crate::repo::layout::{BackupId, ObjectKey};
 
 /// Objectives or achievements: recovery time and recovery point, in seconds.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Rtpo {
     /// Recovery time.
     pub rto_seconds: Option<f64>,
@@ -33,7 +33,7 @@ pub struct Rtpo {
 }
 
 /// What a drill did and achieved.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DrillReport {
     /// Report id (also its repository object name and file names).
     pub id: String,
@@ -60,7 +60,7 @@ pub struct DrillReport {
     pub playbook: Option<serde_json::Value>,
     /// Drill-level checks: playbook, objectives, report files.
     pub checks: Vec<CheckResult>,
-    /// The JSON and Markdown report files written.
+    /// The JSON, Markdown and HTML report files written.
     pub files: Vec<String>,
     /// Things to know that did not fail the drill.
     pub warnings: Vec<String>,
@@ -687,7 +687,14 @@ fn write_files(d: &DrillConfig, rep: &DrillReport) -> Result<Vec<String>, String
     let body = serde_json::to_vec_pretty(rep).map_err(|e| e.to_string())?;
     std::fs::write(&json, body).map_err(|e| format!("{}: {e}", json.display()))?;
     std::fs::write(&md, markdown(rep)).map_err(|e| format!("{}: {e}", md.display()))?;
-    Ok(vec![json.display().to_string(), md.display().to_string()])
+    let html = base.with_extension("html");
+    std::fs::write(&html, super::html::drill(rep))
+        .map_err(|e| format!("{}: {e}", html.display()))?;
+    Ok(vec![
+        json.display().to_string(),
+        md.display().to_string(),
+        html.display().to_string(),
+    ])
 }
 
 /// The report as Markdown, for people and tickets.

@@ -12,6 +12,7 @@
 
 pub mod checks;
 pub mod drill;
+pub mod html;
 pub mod pg;
 pub mod rabbitmq;
 pub mod rabbitmq_staging;
