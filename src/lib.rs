@@ -13,7 +13,7 @@
 //! `src/` against it, and that no two files import each other, directly or
 //! through others.
 //!
-//! 1. `os`, `time`, `keys`, `lockfile`, `progress`, `tls`, `schedule`: foundations that stand alone
+//! 1. `error`, `os`, `time`, `keys`, `lockfile`, `progress`, `tls`, `schedule`: foundations that stand alone
 //! 2. `config`: plain data and parsing; checks that need an engine live with the engine
 //! 3. `store`: regions and their objects
 //! 4. `codec`: compression and encryption of streams
@@ -31,6 +31,7 @@ pub mod check;
 pub mod codec;
 pub mod config;
 pub mod daemon;
+pub mod error;
 pub mod keys;
 pub mod lockfile;
 pub mod maintenance;

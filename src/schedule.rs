@@ -25,10 +25,15 @@ impl PartialEq for Cron {
 const HINT: &str = "use 5 fields (minute hour day-of-month month day-of-week, e.g. \"0 2 * * *\") \
                     or 6 with seconds first (e.g. \"*/30 * * * * *\"); times are UTC";
 
+crate::message_error!(
+    /// A cron expression dr cannot schedule; says what to write instead.
+    ScheduleError
+);
+
 impl Cron {
     /// Parses a 5- or 6-field expression (or `@daily`-style shorthand); the
     /// error says what to write instead.
-    pub fn parse(expr: &str) -> Result<Cron, String> {
+    pub fn parse(expr: &str) -> Result<Cron, ScheduleError> {
         let trimmed = expr.trim();
         let translated = if trimmed.starts_with('@') {
             trimmed.to_string()
@@ -37,7 +42,7 @@ impl Cron {
             match fields.len() {
                 5 => fields.insert(0, "0".into()),
                 6 => {}
-                n => return Err(format!("has {n} fields; {HINT}")),
+                n => return Err(format!("has {n} fields; {HINT}").into()),
             }
             for (field, (name, lo, hi)) in fields.iter().zip(BOUNDS) {
                 in_range(field, name, lo, hi)?;

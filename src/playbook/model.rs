@@ -369,6 +369,11 @@ pub(super) fn secs10() -> Duration {
     Duration::from_secs(10)
 }
 
+crate::message_error!(
+    /// A size that is not a number of bytes (`1MiB`, `512kB`, `4096`).
+    SizeError
+);
+
 /// Parses `"10s"`, `"250ms"`, `"1m 30s"` (humantime).
 pub(super) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
@@ -400,7 +405,7 @@ pub(super) fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error>
 }
 
 /// Parses `"1MiB"`, `"1.5 GiB"`, `"512kB"`, `"100"` into bytes.
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
+pub fn parse_bytes(s: &str) -> Result<u64, SizeError> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -420,7 +425,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         u => {
             return Err(format!(
                 "unknown unit {u:?} in {s:?}; use B, kB, MB, GB, KiB, MiB or GiB"
-            ));
+            ).into());
         }
     };
     Ok((n * mult as f64).round() as u64)
