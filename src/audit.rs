@@ -19,6 +19,11 @@ use crate::config::Config;
 use crate::repo::Repository;
 use crate::repo::layout::{BackupId, ObjectKey};
 
+crate::message_error!(
+    /// An audit log that cannot be read back; names the file or the line.
+    AuditReadError
+);
+
 /// Audit log errors.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
@@ -150,7 +155,7 @@ impl AuditLog {
 
     /// Reads every record (for reports and tests). Unparseable lines are
     /// returned as errors naming the line.
-    pub fn read_all(&self) -> Result<Vec<AuditRecord>, String> {
+    pub fn read_all(&self) -> Result<Vec<AuditRecord>, AuditReadError> {
         let text = std::fs::read_to_string(&self.path)
             .map_err(|e| format!("cannot read {}: {e}", self.path.display()))?;
         text.lines()
@@ -158,7 +163,7 @@ impl AuditLog {
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(i, l)| {
                 serde_json::from_str(l)
-                    .map_err(|e| format!("{}:{}: {e}", self.path.display(), i + 1))
+                    .map_err(|e| AuditReadError(format!("{}:{}: {e}", self.path.display(), i + 1)))
             })
             .collect()
     }

@@ -45,5 +45,6 @@ pub fn parse_time(s: &str) -> Result<(DateTime<Utc>, bool), TimeError> {
     Err(format!(
         "{s:?} is not a time; use RFC 3339 (2026-11-25T18:44:12Z, 2026-11-25T19:44:12+01:00), \
          'YYYY-MM-DD HH:MM:SS[+TZ]' (local time without an offset), or 'latest'"
-    ).into())
+    )
+    .into())
 }

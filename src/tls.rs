@@ -63,7 +63,8 @@ pub fn client_config(
             key.display(),
             mode & 0o777,
             key.display()
-        ).into());
+        )
+        .into());
     }
     let key_der = rustls_pki_types::PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("{}: {e}", key.display()))?;

@@ -12,6 +12,11 @@ use toml::Spanned;
 
 use super::{RedisRetention, RedisSchedule};
 
+crate::message_error!(
+    /// A config section that is not valid; the caller adds the file and line.
+    SectionError
+);
+
 /// `[rabbitmq.<name>]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -103,31 +108,31 @@ pub fn check(
     name: &str,
     r: &Spanned<RabbitConfig>,
     name_ok: fn(&str) -> bool,
-) -> Result<(), String> {
+) -> Result<(), SectionError> {
     let c = r.get_ref();
     if !name_ok(name) {
         return Err(format!(
             "[rabbitmq.{name}]: names may use only letters, digits, '-' and '_' (max 64)"
-        ));
+        )
+        .into());
     }
     if c.timeout_seconds == 0 {
-        return Err(format!(
-            "[rabbitmq.{name}]: timeout_seconds must be at least 1"
-        ));
+        return Err(format!("[rabbitmq.{name}]: timeout_seconds must be at least 1").into());
     }
     if c.user.is_empty() {
-        return Err(format!("[rabbitmq.{name}]: user is empty"));
+        return Err(format!("[rabbitmq.{name}]: user is empty").into());
     }
     match (&c.password_env, &c.password_file) {
         (Some(_), Some(_)) => {
             return Err(format!(
                 "[rabbitmq.{name}]: give the password once: password_env or password_file, not both"
-            ));
+            )
+            .into());
         }
         (None, None) => {
             return Err(format!(
                 "[rabbitmq.{name}]: no password; add password_env = \"VAR\" or password_file = \"/path\""
-            ));
+            ).into());
         }
         _ => {}
     }
@@ -136,7 +141,7 @@ pub fn check(
     {
         return Err(format!(
             "[rabbitmq.{name}]: vhosts = [] backs up nothing; list vhosts or leave the key out for all"
-        ));
+        ).into());
     }
     for chk in &c.verify.check {
         if !CHECK_KINDS.contains(&chk.kind.as_str()) {
@@ -145,13 +150,14 @@ pub fn check(
                 chk.name,
                 chk.kind,
                 CHECK_KINDS.join(", ")
-            ));
+            )
+            .into());
         }
         if !chk.arguments.is_empty() && !matches!(chk.kind.as_str(), "queue" | "exchange") {
             return Err(format!(
                 "[[rabbitmq.{name}.verify.check]] {:?}: only queue and exchange checks take arguments",
                 chk.name
-            ));
+            ).into());
         }
     }
     Ok(())

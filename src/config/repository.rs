@@ -3,6 +3,11 @@
 
 use super::*;
 
+crate::message_error!(
+    /// A secret that cannot be read from its environment variable or file.
+    SecretError
+);
+
 /// A validated region: its name and backend.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RegionSpec {
@@ -181,15 +186,20 @@ impl fmt::Debug for SecretSource {
 
 impl SecretSource {
     /// Resolves the secret; the error says which variable or file is missing.
-    pub fn resolve(&self) -> Result<String, String> {
+    pub fn resolve(&self) -> Result<String, SecretError> {
         match self {
             SecretSource::Literal(s) => Ok(s.clone()),
-            SecretSource::Env(n) => std::env::var(n).map_err(|_| {
-                format!("environment variable {n} is not set; export it or use a *_file setting")
-            }),
+            SecretSource::Env(n) => std::env::var(n)
+                .map_err(|_| {
+                    format!(
+                        "environment variable {n} is not set; export it or use a *_file setting"
+                    )
+                })
+                .map_err(Into::into),
             SecretSource::File(p) => std::fs::read_to_string(p)
                 .map(|s| s.trim().to_string())
-                .map_err(|e| format!("cannot read {}: {e}", p.display())),
+                .map_err(|e| format!("cannot read {}: {e}", p.display()))
+                .map_err(Into::into),
         }
     }
 }

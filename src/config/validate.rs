@@ -25,7 +25,8 @@ impl Config {
         let specs = self.validate_repository(text)?;
         self.validate_redis_names(text)?;
         for (name, r) in &self.rabbitmq {
-            rabbitmq::check(name, r, layout_name_ok).map_err(|m| self.err(text, r.span(), m))?;
+            rabbitmq::check(name, r, layout_name_ok)
+                .map_err(|m| self.err(text, r.span(), m.into()))?;
         }
         self.validate_postgres(text)?;
         for (name, env) in &self.env {

@@ -24,7 +24,16 @@ pub struct ActionContext {
 const POLL: Duration = Duration::from_millis(20);
 
 /// Runs `action`: `Ok(what was done)` or `Err(why it failed)`.
-pub async fn run(action: &Action, t: &Targets, ctx: &ActionContext) -> Result<String, String> {
+pub async fn run(
+    action: &Action,
+    t: &Targets,
+    ctx: &ActionContext,
+) -> Result<String, super::StepError> {
+    perform(action, t, ctx).await.map_err(super::StepError)
+}
+
+/// What `run` does, its failure as text.
+async fn perform(action: &Action, t: &Targets, ctx: &ActionContext) -> Result<String, String> {
     match action {
         Action::PgPromote { target, timeout } => pg_promote(t, target, *timeout).await,
         Action::PgFence { target, mode } => match mode {

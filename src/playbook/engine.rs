@@ -456,7 +456,7 @@ impl Runner<'_> {
             let result = ActionResult {
                 action: action.describe(),
                 ok: r.is_ok(),
-                detail: r.unwrap_or_else(|e| e),
+                detail: r.unwrap_or_else(String::from),
                 seconds: start.elapsed().as_secs_f64(),
             };
             self.obs.event(&Event::ActionFinished { result: &result });
@@ -541,7 +541,7 @@ impl Runner<'_> {
                     result: ActionResult {
                         action: action.describe(),
                         ok: r.is_ok(),
-                        detail: r.unwrap_or_else(|e| e),
+                        detail: r.unwrap_or_else(String::from),
                         seconds: start.elapsed().as_secs_f64(),
                     },
                 };

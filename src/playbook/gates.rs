@@ -87,7 +87,7 @@ async fn poll(gate: &Gate, targets: &Targets, deadline: Instant) -> (bool, Strin
     let budget = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(100));
-    let r = match timeout(budget, check(&gate.check, targets)).await {
+    let r = match timeout(budget, observe(&gate.check, targets)).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {budget:.1?}")),
     };
@@ -132,7 +132,12 @@ async fn rabbitmq(c: &Check, t: &Targets) -> Result<String, String> {
 }
 
 /// Runs one check: `Ok(what it saw)` when it holds, `Err(what it saw)` otherwise.
-pub async fn check(c: &Check, t: &Targets) -> Result<String, String> {
+pub async fn check(c: &Check, t: &Targets) -> Result<String, super::StepError> {
+    observe(c, t).await.map_err(super::StepError)
+}
+
+/// What `check` sees, as text either way.
+async fn observe(c: &Check, t: &Targets) -> Result<String, String> {
     match c {
         Check::PgReachable { target } => {
             let row = t
@@ -364,7 +369,7 @@ async fn redis_lag(
             Ok(mi) => {
                 num(&mi, "master_repl_offset").ok_or_else(|| format!("{m}: no master_repl_offset"))
             }
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         },
         None => Err("no master named".into()),
     };

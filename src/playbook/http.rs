@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::StepError;
+
 /// Bodies beyond this are cut: a health check needs the first bytes only.
 const MAX_RESPONSE: u64 = 1 << 20;
 
@@ -76,7 +78,7 @@ pub async fn request(
     headers: &BTreeMap<String, String>,
     body: Option<&str>,
     timeout: Duration,
-) -> Result<Response, String> {
+) -> Result<Response, super::StepError> {
     let u = parse_url(url)?;
     let work = async {
         let mut stream = tokio::net::TcpStream::connect((u.host.as_str(), u.port))
@@ -117,6 +119,7 @@ pub async fn request(
     tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| format!("{method} {url}: no response within {timeout:?}"))?
+        .map_err(StepError)
 }
 
 fn parse_response(raw: &[u8]) -> Result<Response, String> {

@@ -24,6 +24,11 @@ use crate::postgres::{pg_cause, sql_cause};
 pub use engine::{Event, Observer, RunOptions, RunReport};
 pub use model::Playbook;
 
+crate::message_error!(
+    /// Why a playbook gate does not hold or an action failed: what was seen.
+    StepError
+);
+
 /// Errors that stop a failover before or around its steps. Failures of
 /// gates and actions are not errors: they are outcomes in the [`RunReport`].
 #[derive(Debug, thiserror::Error)]
@@ -185,7 +190,7 @@ impl Targets {
     }
 
     /// The management API of a RabbitMQ broker by name.
-    pub fn rabbitmq_api(&self, name: &str) -> Result<crate::rabbitmq::api::Api, String> {
+    pub fn rabbitmq_api(&self, name: &str) -> Result<crate::rabbitmq::api::Api, StepError> {
         let t = self
             .rabbitmq
             .get(name)
@@ -203,6 +208,7 @@ impl Targets {
             CONNECT_TIMEOUT,
         )
         .map_err(|e| format!("{name}: {e}"))
+        .map_err(Into::into)
     }
 
     /// The environment name.
@@ -211,51 +217,57 @@ impl Targets {
     }
 
     /// A PostgreSQL server by name.
-    pub fn pg(&self, name: &str) -> Result<&PgTarget, String> {
+    pub fn pg(&self, name: &str) -> Result<&PgTarget, StepError> {
         self.postgres
             .get(name)
             .ok_or_else(|| format!("no server {name:?} in [env.{}.postgres]", self.env))
+            .map_err(Into::into)
     }
 
     /// A Redis server by name.
-    pub fn redis(&self, name: &str) -> Result<&RedisTarget, String> {
+    pub fn redis(&self, name: &str) -> Result<&RedisTarget, StepError> {
         self.redis
             .get(name)
             .ok_or_else(|| format!("no server {name:?} in [env.{}.redis]", self.env))
+            .map_err(Into::into)
     }
 
     /// Connects to a PostgreSQL server.
-    pub async fn pg_client(&self, name: &str) -> Result<tokio_postgres::Client, String> {
+    pub async fn pg_client(&self, name: &str) -> Result<tokio_postgres::Client, StepError> {
         let t = self.pg(name)?;
         crate::postgres::connect_to(&t.conninfo, Some(CONNECT_TIMEOUT))
             .await
-            .map_err(|e| format!("cannot connect to {name}: {}", pg_cause(&e)))
+            .map_err(|e| StepError(format!("cannot connect to {name}: {}", pg_cause(&e))))
     }
 
     /// Runs `sql` on a fresh connection to a PostgreSQL server; the error
     /// names the server and carries the server's own message.
-    pub async fn pg_rows(&self, name: &str, sql: &str) -> Result<Vec<tokio_postgres::Row>, String> {
+    pub async fn pg_rows(
+        &self,
+        name: &str,
+        sql: &str,
+    ) -> Result<Vec<tokio_postgres::Row>, StepError> {
         self.pg_client(name)
             .await?
             .query(sql, &[])
             .await
-            .map_err(|e| format!("{name}: {}", sql_cause(&e)))
+            .map_err(|e| StepError(format!("{name}: {}", sql_cause(&e))))
     }
 
     /// Like [`Targets::pg_rows`] for a query that returns exactly one row.
-    pub async fn pg_row(&self, name: &str, sql: &str) -> Result<tokio_postgres::Row, String> {
+    pub async fn pg_row(&self, name: &str, sql: &str) -> Result<tokio_postgres::Row, StepError> {
         self.pg_rows(name, sql)
             .await?
             .into_iter()
             .next()
-            .ok_or_else(|| format!("{name}: the query returned no rows"))
+            .ok_or_else(|| StepError(format!("{name}: the query returned no rows")))
     }
 
     /// Connects to a Redis server.
     pub async fn redis_conn(
         &self,
         name: &str,
-    ) -> Result<redis::aio::MultiplexedConnection, String> {
+    ) -> Result<redis::aio::MultiplexedConnection, StepError> {
         let t = self.redis(name)?;
         let client = redis::Client::open(t.url.as_str())
             .map_err(|e| format!("{name}: bad Redis URL: {e}"))?;
@@ -266,15 +278,18 @@ impl Targets {
             .get_multiplexed_async_connection_with_config(&cfg)
             .await
             .map_err(|e| {
-                format!(
+                StepError(format!(
                     "cannot connect to {name}: {}",
                     crate::redis::client_cause(&e, &t.url)
-                )
+                ))
             })
     }
 
     /// `INFO replication` of a Redis server, as key → value.
-    pub async fn redis_replication(&self, name: &str) -> Result<HashMap<String, String>, String> {
+    pub async fn redis_replication(
+        &self,
+        name: &str,
+    ) -> Result<HashMap<String, String>, StepError> {
         let mut conn = self.redis_conn(name).await?;
         let info: String = redis::cmd("INFO")
             .arg("replication")
@@ -295,7 +310,7 @@ impl Targets {
     }
 
     /// Host and port of a Redis server's URL, as REPLICAOF wants them.
-    pub fn redis_addr(&self, name: &str) -> Result<(String, u16), String> {
+    pub fn redis_addr(&self, name: &str) -> Result<(String, u16), StepError> {
         let t = self.redis(name)?;
         let client = redis::Client::open(t.url.as_str())
             .map_err(|e| format!("{name}: bad Redis URL: {e}"))?;
@@ -304,7 +319,8 @@ impl Targets {
             redis::ConnectionAddr::TcpTls { host, port, .. } => Ok((host.clone(), *port)),
             other => Err(format!(
                 "{name}: {other:?} has no host and port for REPLICAOF; use a TCP URL"
-            )),
+            )
+            .into()),
         }
     }
 }

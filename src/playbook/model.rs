@@ -423,9 +423,9 @@ pub fn parse_bytes(s: &str) -> Result<u64, SizeError> {
         "MiB" => 1 << 20,
         "GiB" => 1 << 30,
         u => {
-            return Err(format!(
-                "unknown unit {u:?} in {s:?}; use B, kB, MB, GB, KiB, MiB or GiB"
-            ).into());
+            return Err(
+                format!("unknown unit {u:?} in {s:?}; use B, kB, MB, GB, KiB, MiB or GiB").into(),
+            );
         }
     };
     Ok((n * mult as f64).round() as u64)

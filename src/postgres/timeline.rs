@@ -34,10 +34,7 @@ pub fn parse_history(text: &str) -> Result<Vec<HistoryEntry>, HistoryError> {
         }
         let mut fields = line.split_whitespace();
         let (Some(tli), Some(lsn)) = (fields.next(), fields.next()) else {
-            return Err(format!(
-                "line {}: expected `<timeline> <LSN> <reason>`",
-                i + 1
-            ).into());
+            return Err(format!("line {}: expected `<timeline> <LSN> <reason>`", i + 1).into());
         };
         let parent = tli
             .parse::<u32>()
@@ -46,10 +43,9 @@ pub fn parse_history(text: &str) -> Result<Vec<HistoryEntry>, HistoryError> {
         if let Some(prev) = out.last()
             && (parent <= prev.parent || switch < prev.switch)
         {
-            return Err(format!(
-                "line {}: timelines and switch points must increase",
-                i + 1
-            ).into());
+            return Err(
+                format!("line {}: timelines and switch points must increase", i + 1).into(),
+            );
         }
         out.push(HistoryEntry { parent, switch });
     }

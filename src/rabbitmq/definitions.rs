@@ -8,6 +8,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+crate::message_error!(
+    /// An export that is not usable RabbitMQ definitions, or lacks a listed vhost.
+    DefinitionsError
+);
+
 /// The kinds of item in a definitions document, in the order RabbitMQ
 /// applies them on import.
 pub const KINDS: &[&str] = &[
@@ -53,7 +58,7 @@ fn text<'a>(item: &'a Value, field: &str) -> &'a str {
 /// without broker-identity parameters; with `vhosts`, only those vhosts,
 /// what is in them, and the users with permissions in them. Errors name a
 /// listed vhost the broker does not have.
-pub fn select(defs: &Value, vhosts: Option<&[String]>) -> Result<Value, String> {
+pub fn select(defs: &Value, vhosts: Option<&[String]>) -> Result<Value, DefinitionsError> {
     if !defs.is_object() {
         return Err("the definitions are not a JSON object".into());
     }
@@ -73,7 +78,8 @@ pub fn select(defs: &Value, vhosts: Option<&[String]>) -> Result<Value, String> 
                 "the broker has no vhost {}; it has {}",
                 missing.join(", "),
                 have.join(", ")
-            ));
+            )
+            .into());
         }
     }
     Ok(scope(defs, vhosts))

@@ -298,7 +298,7 @@ impl Regions {
                     Store::S3(super::S3Store::connect(s3).await.map_err(|message| {
                         RegionsError::Setup {
                             region: spec.name.clone(),
-                            message,
+                            message: message.into(),
                         }
                     })?)
                 }

@@ -23,6 +23,11 @@ use futures::{StreamExt, TryStreamExt};
 use super::{ByteStream, ObjectInfo, StoreError};
 use crate::config::S3Region;
 
+crate::message_error!(
+    /// An S3 region that cannot be set up from its config (credentials, TLS, endpoint).
+    S3SetupError
+);
+
 /// Parts uploaded concurrently per object.
 const PARTS_IN_FLIGHT: usize = 4;
 
@@ -39,7 +44,7 @@ pub struct S3Store {
 impl S3Store {
     /// Builds a client. With credentials in the config, no AWS credential chain or
     /// instance-metadata endpoint is ever contacted.
-    pub async fn connect(cfg: &S3Region) -> Result<S3Store, String> {
+    pub async fn connect(cfg: &S3Region) -> Result<S3Store, S3SetupError> {
         let timeouts = TimeoutConfig::builder()
             .connect_timeout(Duration::from_secs(5))
             .read_timeout(Duration::from_secs(60))
@@ -47,7 +52,13 @@ impl S3Store {
         let retry = RetryConfig::standard().with_max_attempts(4);
         let mut builder = match (&cfg.access_key_id, &cfg.secret_access_key) {
             (Some(k), Some(s)) => {
-                let creds = Credentials::new(k.resolve()?, s.resolve()?, None, None, "dr-config");
+                let creds = Credentials::new(
+                    k.resolve().map_err(String::from)?,
+                    s.resolve().map_err(String::from)?,
+                    None,
+                    None,
+                    "dr-config",
+                );
                 aws_sdk_s3::Config::builder()
                     .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
                     .credentials_provider(creds)

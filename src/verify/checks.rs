@@ -8,6 +8,11 @@ use crate::postgres::server::connect_local_at;
 
 use super::report::CheckResult;
 
+crate::message_error!(
+    /// A check that could not run against a restored server: what failed.
+    CheckError
+);
+
 /// Where a restored PostgreSQL server is reached.
 #[derive(Debug, Clone)]
 pub struct PgAt {
@@ -24,11 +29,11 @@ pub struct PgAt {
 
 impl PgAt {
     /// Connects to `db`.
-    pub async fn connect(&self, db: &str) -> Result<tokio_postgres::Client, String> {
+    pub async fn connect(&self, db: &str) -> Result<tokio_postgres::Client, CheckError> {
         if let Some(c) = &self.conninfo {
             return crate::postgres::connect_db(c, Some(db), Some(Duration::from_secs(10)))
                 .await
-                .map_err(|e| crate::postgres::pg_cause(&e));
+                .map_err(|e| CheckError(crate::postgres::pg_cause(&e)));
         }
         connect_local_at(
             &self.host,
@@ -38,7 +43,7 @@ impl PgAt {
             Duration::from_secs(10),
         )
         .await
-        .map_err(|e| crate::postgres::pg_cause(&e))
+        .map_err(|e| CheckError(crate::postgres::pg_cause(&e)))
     }
 }
 
@@ -47,7 +52,7 @@ fn quote_ident(s: &str) -> String {
 }
 
 /// Databases that accept connections, `template0` excluded by that rule.
-pub async fn databases(at: &PgAt) -> Result<Vec<String>, String> {
+pub async fn databases(at: &PgAt) -> Result<Vec<String>, CheckError> {
     let c = at.connect("postgres").await?;
     let rows = c
         .query(
@@ -257,13 +262,15 @@ pub async fn redis_user_check(url: &str, check: &RedisCheck) -> CheckResult {
 }
 
 /// A client for `url` on database `db` (whatever database the URL names).
-pub fn redis_client(url: &str, db: u32) -> Result<redis::Client, String> {
+pub fn redis_client(url: &str, db: u32) -> Result<redis::Client, CheckError> {
     use redis::IntoConnectionInfo;
     let info = url
         .into_connection_info()
         .map_err(|e| format!("bad Redis URL: {e}"))?;
     let settings = info.redis_settings().clone().set_db(i64::from(db));
-    redis::Client::open(info.set_redis_settings(settings)).map_err(|e| e.to_string())
+    redis::Client::open(info.set_redis_settings(settings))
+        .map_err(|e| e.to_string())
+        .map_err(Into::into)
 }
 
 fn secs(t: Instant) -> f64 {

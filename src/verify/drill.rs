@@ -252,7 +252,7 @@ async fn conclude(
         }
     }
     if let Err(e) = report::store(repo, &ObjectKey::DrillReport { id }, &rep).await {
-        rep.warnings.push(e);
+        rep.warnings.push(e.into());
     }
     let details = serde_json::to_value(&rep).unwrap_or_default();
     audit.set_details(details.clone());

@@ -153,7 +153,7 @@ pub async fn run(
     let run = VerifyRun::new(&id, started, reports);
     if let Err(e) = report::store(repo, &ObjectKey::VerifyReport { id }, &run).await {
         tracing::warn!("{e}");
-        warnings.push(e);
+        warnings.push(e.into());
     }
     Ok((run, warnings))
 }

@@ -161,7 +161,7 @@ async fn run(
             .map_err(|e| e.to_string()),
         Err(e) => Err(e),
     };
-    let port = prepared.and_then(|()| free_port());
+    let port = prepared.and_then(|()| free_port().map_err(String::from));
     let port = match port {
         Ok(p) => p,
         Err(e) => {

@@ -9,6 +9,11 @@ use serde::{Deserialize, Serialize};
 use crate::repo::Repository;
 use crate::repo::layout::{BackupId, ObjectKey};
 
+crate::message_error!(
+    /// A report that could not be stored in the repository (the run itself stands).
+    ReportStoreError
+);
+
 /// The outcome of one check.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckResult {
@@ -180,12 +185,16 @@ pub async fn store<T: Serialize>(
     repo: &Repository,
     key: &ObjectKey,
     report: &T,
-) -> Result<(), String> {
+) -> Result<(), ReportStoreError> {
     let body = serde_json::to_vec(report).map_err(|e| format!("cannot encode the report: {e}"))?;
     repo.put_buffer(key, Bytes::from(body), None)
         .await
         .map(|_| ())
-        .map_err(|e| format!("the report could not be stored in the repository as {key}: {e}"))
+        .map_err(|e| {
+            ReportStoreError(format!(
+                "the report could not be stored in the repository as {key}: {e}"
+            ))
+        })
 }
 
 /// Seconds as people read them in reports.

@@ -13,6 +13,11 @@ use std::time::{Duration, Instant};
 
 use crate::postgres::server::{as_user, chown_to, is_root};
 
+crate::message_error!(
+    /// A scratch environment that could not be set up or removed: what is left and where.
+    ScratchError
+);
+
 /// One scratch directory and the servers that may run in it.
 #[derive(Debug)]
 pub struct Scratch {
@@ -35,7 +40,7 @@ impl Scratch {
         parent: &Path,
         prefix: &str,
         os_user: Option<&str>,
-    ) -> Result<Scratch, String> {
+    ) -> Result<Scratch, ScratchError> {
         std::fs::create_dir_all(parent).map_err(|e| {
             format!(
                 "cannot create the scratch parent {}: {e}; set scratch_dir in the verify settings",
@@ -61,7 +66,7 @@ impl Scratch {
             && let Err(e) = chown_to(&scratch.root, u).await
         {
             let _ = std::fs::remove_dir_all(&scratch.root);
-            return Err(e.to_string());
+            return Err(e.to_string().into());
         }
         Ok(scratch)
     }
@@ -83,7 +88,7 @@ impl Scratch {
 
     /// Stops every server in the scratch directory and removes it. The
     /// result says what, if anything, could not be cleaned up.
-    pub async fn cleanup(&self) -> Result<String, String> {
+    pub async fn cleanup(&self) -> Result<String, ScratchError> {
         let mut notes = Vec::new();
         if let Some(pg) = &self.pg
             && pg.data.join("postmaster.pid").exists()
@@ -162,7 +167,8 @@ impl Scratch {
                 } else {
                     format!("processes {still:?} still run there")
                 }
-            )),
+            )
+            .into()),
         }
     }
 }
@@ -233,11 +239,12 @@ pub fn processes_under(dir: &Path) -> Vec<u32> {
 }
 
 /// A free TCP port on 127.0.0.1 (the listener is closed again at once).
-pub fn free_port() -> Result<u16, String> {
+pub fn free_port() -> Result<u16, ScratchError> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(|e| format!("cannot find a free loopback port: {e}"))
+        .map_err(Into::into)
 }
 
 #[cfg(test)]
