@@ -414,7 +414,7 @@ async fn prepare_staging<'a>(
         .map_err(|why| {
             format!(
                 "refusing to drill into environment {env}, nothing was touched: {}",
-                why.join("; ")
+                why
             )
         })?;
     Ok((e, lock, notes))
@@ -474,7 +474,7 @@ pub async fn dry_run(cfg: &Config, name: &str) -> Result<DrillPlan, VerifyError>
                 Ok(notes) => plan.notes = notes,
                 Err(why) => {
                     plan.ok = false;
-                    plan.refused = why;
+                    plan.refused = why.0;
                 }
             }
         }

@@ -28,6 +28,25 @@ use crate::config::{
 use crate::postgres::restore::{ExtraTarget, RestoreOptions, Target};
 use crate::repo::Repository;
 
+/// Why a staging drill must not touch its targets: every reason found, so
+/// one run shows them all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal(pub Vec<String>);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join("; "))
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+impl From<Vec<String>> for Refusal {
+    fn from(why: Vec<String>) -> Self {
+        Refusal(why)
+    }
+}
+
 mod preflight;
 mod protect;
 mod redis_server;

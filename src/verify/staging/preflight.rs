@@ -143,16 +143,17 @@ pub async fn preflight(
     cfg: &Config,
     env: &str,
     d: &DrillConfig,
-) -> Result<Vec<String>, Vec<String>> {
+) -> Result<Vec<String>, super::Refusal> {
     let e = cfg.environment(env).map_err(|e| vec![e.to_string()])?;
     if !e.allow_overwrite {
         return Err(vec![format!(
             "[env.{env}] does not set allow_overwrite = true; a drill replaces the data of its servers"
-        )]);
+        )]
+        .into());
     }
     let mut why = match refuse_protected(cfg, env, d) {
         Ok(()) => Vec::new(),
-        Err(w) => w,
+        Err(w) => w.0,
     };
     // Production's running servers, as they answer now.
     let mut notes = Vec::new();
@@ -180,7 +181,11 @@ pub async fn preflight(
         why.extend(redis_target_problems(env, n, t, &prod_redis).await);
     }
     why.extend(crate::verify::rabbitmq_staging::preflight(cfg, env, e, d, &mut notes).await);
-    if why.is_empty() { Ok(notes) } else { Err(why) }
+    if why.is_empty() {
+        Ok(notes)
+    } else {
+        Err(super::Refusal(why))
+    }
 }
 
 /// The production servers that said who they are; a silent one is noted,

@@ -159,9 +159,9 @@ pub(super) fn clashes(target: &Server, protected: &[Server], addr: &str, dir: &s
 /// The configured targets of drill `d` in `[env.<env>]`, checked against
 /// every protected server by address and directory. Returns every reason
 /// to refuse, each naming both servers.
-pub fn refuse_protected(cfg: &Config, env: &str, d: &DrillConfig) -> Result<(), Vec<String>> {
+pub fn refuse_protected(cfg: &Config, env: &str, d: &DrillConfig) -> Result<(), super::Refusal> {
     let Some(e) = cfg.env.get(env).map(|e| e.get_ref()) else {
-        return Err(vec![format!("no [env.{env}]")]);
+        return Err(vec![format!("no [env.{env}]")].into());
     };
     let (pg, redis) = protected(cfg, env);
     let mut why = Vec::new();
@@ -180,7 +180,11 @@ pub fn refuse_protected(cfg: &Config, env: &str, d: &DrillConfig) -> Result<(), 
     why.extend(crate::verify::rabbitmq_staging::refuse_protected(
         cfg, env, e, d,
     ));
-    if why.is_empty() { Ok(()) } else { Err(why) }
+    if why.is_empty() {
+        Ok(())
+    } else {
+        Err(super::Refusal(why))
+    }
 }
 
 /// Refuses, with the drill's line, a staging drill whose targets are (or
@@ -189,9 +193,8 @@ pub fn refuse_protected(cfg: &Config, env: &str, d: &DrillConfig) -> Result<(), 
 pub fn check_config(cfg: &Config) -> Result<(), ConfigError> {
     for (name, d) in &cfg.drill {
         if let Some(env) = d.get_ref().staging() {
-            refuse_protected(cfg, env, d.get_ref()).map_err(|why| {
-                cfg.error_at(d.span(), format!("[drill.{name}]: {}", why.join("; ")))
-            })?;
+            refuse_protected(cfg, env, d.get_ref())
+                .map_err(|why| cfg.error_at(d.span(), format!("[drill.{name}]: {why}")))?;
         }
     }
     Ok(())
