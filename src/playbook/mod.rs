@@ -8,7 +8,6 @@
 pub mod actions;
 pub mod engine;
 pub mod gates;
-pub mod http;
 pub mod model;
 
 use std::collections::HashMap;

@@ -22,6 +22,7 @@ use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 use crate::config::{ConfigError, EnvConfig, line_of};
+use crate::http::{HeaderValue, check_request, redact_url};
 
 /// A parsed and checked playbook.
 #[derive(Debug, Clone)]
@@ -174,11 +175,16 @@ pub enum Check {
     /// An HTTP request answers with `status` (and a body containing `body_contains`).
     #[serde(rename = "http")]
     Http {
-        /// `http://host[:port]/path`.
+        /// `https://host[:port]/path` (or `http://`).
         url: String,
         /// Request method.
         #[serde(default = "get")]
         method: String,
+        /// Extra headers; secrets as `{ env = "VAR" }` or `{ file = "/path" }`.
+        #[serde(default)]
+        headers: BTreeMap<String, HeaderValue>,
+        /// CA certificate(s) (PEM) to verify the server with, instead of the system roots.
+        ca_file: Option<PathBuf>,
         /// Expected status.
         #[serde(default = "ok_status")]
         status: u16,
@@ -286,16 +292,18 @@ pub enum Action {
     /// An HTTP request that must answer with `status`.
     #[serde(rename = "http")]
     Http {
-        /// `http://host[:port]/path`.
+        /// `https://host[:port]/path` (or `http://`).
         url: String,
         /// Request method.
         #[serde(default = "post")]
         method: String,
         /// Request body.
         body: Option<String>,
-        /// Extra headers.
+        /// Extra headers; secrets as `{ env = "VAR" }` or `{ file = "/path" }`.
         #[serde(default)]
-        headers: BTreeMap<String, String>,
+        headers: BTreeMap<String, HeaderValue>,
+        /// CA certificate(s) (PEM) to verify the server with, instead of the system roots.
+        ca_file: Option<PathBuf>,
         /// Expected status.
         #[serde(default = "ok_status")]
         status: u16,
@@ -408,8 +416,10 @@ impl Check {
                 method,
                 status,
                 body_contains,
+                ..
             } => format!(
-                "http {method} {url} → {status}{}",
+                "http {method} {} → {status}{}",
+                redact_url(url),
                 body_contains
                     .as_deref()
                     .map(|b| format!(" containing {b:?}"))
@@ -474,7 +484,7 @@ impl Action {
                 url,
                 status,
                 ..
-            } => format!("http {method} {url} → {status}"),
+            } => format!("http {method} {} → {status}", redact_url(url)),
             Action::Sql { target, statement } => format!("sql {target}: {statement}"),
             Action::Sleep { duration } => {
                 format!("sleep {}", humantime::format_duration(*duration))
@@ -835,6 +845,9 @@ fn parse_gate(
     let check: Check = toml::Value::Table(table)
         .try_into()
         .map_err(|e: toml::de::Error| hint(e.message().trim()))?;
+    if let Check::Http { url, headers, .. } = &check {
+        check_request(url, headers)?;
+    }
     Ok(Gate {
         check,
         timeout,
@@ -855,6 +868,9 @@ fn parse_action(t: &Spanned<toml::Table>) -> Result<Action, String> {
         if *shell && argv.len() != 1 {
             return Err("with shell = true, argv must be one string: the script sh -c runs".into());
         }
+    }
+    if let Action::Http { url, headers, .. } = &a {
+        check_request(url, headers)?;
     }
     Ok(a)
 }
