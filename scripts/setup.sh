@@ -13,6 +13,7 @@
 #   - ca-certificates, pkg-config, gcc, make: building crates with C parts.
 #   - curl: scripts/testenv.sh uses it to check that the S3 endpoint answers.
 #   - time (GNU): the benchmarks report peak memory with it.
+#   - groff-base: the tests render the manual pages `dr man` writes.
 #   - cargo-nextest: the test runner.
 #   - Garage 2.x: a small S3-compatible object store, built from crates.io
 #     because Debian 12 does not package it.
@@ -57,6 +58,7 @@ APT_PACKAGES=(
     "curl:curl"
     "time:/usr/bin/time"
     "python3-venv:/usr/lib/python3.11/ensurepip/__init__.py"
+    "groff-base:groff"
 )
 
 is_present() {
