@@ -20,6 +20,7 @@
 #     monitoring tests. Only the binaries are used; no service is started.
 #   - chromium: the HTML reports are loaded in headless Chromium (console,
 #     DOM, screenshot).
+#   - groff-base: the tests render the manual pages `dr man` writes.
 #   - cargo-nextest: the test runner.
 #   - Garage 2.x: a small S3-compatible object store, built from crates.io
 #     because Debian 12 does not package it.
@@ -67,6 +68,7 @@ APT_PACKAGES=(
     "python3-venv:/usr/lib/python3.11/ensurepip/__init__.py"
     "prometheus:/usr/bin/promtool"
     "chromium:/usr/bin/chromium"
+    "groff-base:groff"
 )
 
 is_present() {

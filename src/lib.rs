@@ -14,7 +14,7 @@
 //! through others.
 //!
 //! 1. `error`, `os`, `time`, `keys`, `lockfile`, `progress`, `tls`, `schedule`: foundations that stand alone
-//! 2. `config`: plain data and parsing; checks that need an engine live with the engine
+//! 2. `config`, `http`: plain data and parsing, checks that need an engine living with the engine; the HTTP(S) client over `tls`
 //! 3. `store`: regions and their objects
 //! 4. `codec`: compression and encryption of streams
 //! 5. `repo`: repository format, keys, manifests, retention
@@ -32,6 +32,7 @@ pub mod codec;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod http;
 pub mod keys;
 pub mod lockfile;
 pub mod maintenance;

@@ -2,6 +2,7 @@
 
 mod check;
 mod daemon;
+mod docs;
 mod drill;
 mod expire;
 mod failover;
@@ -132,6 +133,10 @@ enum Command {
         #[arg(long, value_name = "SEGMENT")]
         until: Option<String>,
     },
+    /// Print a shell completion script (e.g. dr completions bash > /etc/bash_completion.d/dr).
+    Completions(docs::CompletionsArgs),
+    /// Print the manual page, or write one page per command with --out DIR.
+    Man(docs::ManArgs),
 }
 
 #[derive(Subcommand)]
@@ -228,6 +233,8 @@ pub fn run() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Keygen(args) => keygen::run(args, &out),
+            Command::Completions(args) => docs::completions(args),
+            Command::Man(args) => docs::man(args, &out),
             Command::Repo(cmd) => repo::run(cmd, cli.config.as_deref(), &out).await,
             Command::Check => check::run(cli.config.as_deref(), &out).await,
             Command::Verify(args) => verify::run(args, cli.config.as_deref(), &out).await,

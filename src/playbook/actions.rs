@@ -5,9 +5,10 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use super::Targets;
 use super::model::{Action, FenceMode};
-use super::{Targets, http};
 use crate::config::PgTarget;
+use crate::http;
 use crate::postgres::server::as_user;
 use crate::postgres::sql_cause;
 
@@ -87,11 +88,21 @@ async fn perform(action: &Action, t: &Targets, ctx: &ActionContext) -> Result<St
             method,
             body,
             headers,
+            ca_file,
             status,
             timeout,
         } => {
-            let r = http::request(method, url, headers, body.as_deref(), *timeout).await?;
+            let r = http::request(&http::Request {
+                method,
+                url,
+                headers,
+                body: body.as_deref(),
+                ca_file: ca_file.as_deref(),
+                timeout: *timeout,
+            })
+            .await?;
             let snippet: String = r.body.chars().take(120).collect();
+            let url = http::redact_url(url);
             if r.status == *status {
                 Ok(format!("{method} {url} answered {}", r.status))
             } else {

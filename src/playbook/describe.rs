@@ -2,6 +2,7 @@
 //! the audit log.
 
 use super::model::*;
+use crate::http::redact_url;
 
 impl Check {
     /// The gate's `type` as written.
@@ -93,8 +94,10 @@ impl Check {
                 method,
                 status,
                 body_contains,
+                ..
             } => format!(
-                "http {method} {url} → {status}{}",
+                "http {method} {} → {status}{}",
+                redact_url(url),
                 body_contains
                     .as_deref()
                     .map(|b| format!(" containing {b:?}"))
@@ -159,7 +162,7 @@ impl Action {
                 url,
                 status,
                 ..
-            } => format!("http {method} {url} → {status}"),
+            } => format!("http {method} {} → {status}", redact_url(url)),
             Action::Sql { target, statement } => format!("sql {target}: {statement}"),
             Action::Sleep { duration } => {
                 format!("sleep {}", humantime::format_duration(*duration))

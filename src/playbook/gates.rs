@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::time::timeout;
 
+use super::Targets;
 use super::model::{Check, Gate, PgRole, RedisRole, human_bytes};
-use super::{Targets, http};
+use crate::http;
 use crate::postgres::Lsn;
 use crate::postgres::sql_cause;
 
@@ -224,17 +225,22 @@ async fn observe(c: &Check, t: &Targets) -> Result<String, String> {
         Check::Http {
             url,
             method,
+            headers,
+            ca_file,
             status,
             body_contains,
         } => {
-            let r = http::request(
+            // The gate's own timeout bounds the polling around this call.
+            let r = http::request(&http::Request {
                 method,
                 url,
-                &Default::default(),
-                None,
-                Duration::from_secs(3600),
-            )
+                headers,
+                body: None,
+                ca_file: ca_file.as_deref(),
+                timeout: Duration::from_secs(3600),
+            })
             .await?;
+            let url = http::redact_url(url);
             let snippet: String = r.body.chars().take(120).collect();
             if r.status != *status {
                 return Err(format!(

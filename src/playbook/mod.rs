@@ -9,7 +9,6 @@ pub mod actions;
 mod describe;
 pub mod engine;
 pub mod gates;
-pub mod http;
 pub mod model;
 pub mod parse;
 

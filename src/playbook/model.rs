@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::http::HeaderValue;
+
 /// A parsed and checked playbook.
 #[derive(Debug, Clone)]
 pub struct Playbook {
@@ -187,11 +189,16 @@ pub enum Check {
     /// An HTTP request answers with `status` (and a body containing `body_contains`).
     #[serde(rename = "http")]
     Http {
-        /// `http://host[:port]/path`.
+        /// `https://host[:port]/path` (or `http://`).
         url: String,
         /// Request method.
         #[serde(default = "get")]
         method: String,
+        /// Extra headers; secrets as `{ env = "VAR" }` or `{ file = "/path" }`.
+        #[serde(default)]
+        headers: BTreeMap<String, HeaderValue>,
+        /// CA certificate(s) (PEM) to verify the server with, instead of the system roots.
+        ca_file: Option<PathBuf>,
         /// Expected status.
         #[serde(default = "ok_status")]
         status: u16,
@@ -299,16 +306,18 @@ pub enum Action {
     /// An HTTP request that must answer with `status`.
     #[serde(rename = "http")]
     Http {
-        /// `http://host[:port]/path`.
+        /// `https://host[:port]/path` (or `http://`).
         url: String,
         /// Request method.
         #[serde(default = "post")]
         method: String,
         /// Request body.
         body: Option<String>,
-        /// Extra headers.
+        /// Extra headers; secrets as `{ env = "VAR" }` or `{ file = "/path" }`.
         #[serde(default)]
-        headers: BTreeMap<String, String>,
+        headers: BTreeMap<String, HeaderValue>,
+        /// CA certificate(s) (PEM) to verify the server with, instead of the system roots.
+        ca_file: Option<PathBuf>,
         /// Expected status.
         #[serde(default = "ok_status")]
         status: u16,

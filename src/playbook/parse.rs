@@ -10,6 +10,7 @@ use toml::Spanned;
 
 use super::model::*;
 use crate::config::{ConfigError, EnvConfig, line_of};
+use crate::http::check_request;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -265,6 +266,9 @@ pub(super) fn parse_gate(
     let check: Check = toml::Value::Table(table)
         .try_into()
         .map_err(|e: toml::de::Error| hint(e.message().trim()))?;
+    if let Check::Http { url, headers, .. } = &check {
+        check_request(url, headers)?;
+    }
     Ok(Gate {
         check,
         timeout,
@@ -285,6 +289,9 @@ pub(super) fn parse_action(t: &Spanned<toml::Table>) -> Result<Action, String> {
         if *shell && argv.len() != 1 {
             return Err("with shell = true, argv must be one string: the script sh -c runs".into());
         }
+    }
+    if let Action::Http { url, headers, .. } = &a {
+        check_request(url, headers)?;
     }
     Ok(a)
 }

@@ -76,6 +76,7 @@ pub fn fs_region_toml(name: &str, path: &Path) -> String {
 /// Path of the built `dr` binary.
 pub mod pg;
 pub mod redis;
+pub mod tls;
 pub mod topology;
 
 /// Path of the built `dr` binary.
