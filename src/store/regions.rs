@@ -103,7 +103,15 @@ pub struct Regions {
     down: std::sync::Mutex<std::collections::BTreeMap<String, Down>>,
     /// Where failures are remembered across runs (see [`Regions::remember_failures`]).
     health_file: Option<std::path::PathBuf>,
+    /// A region that takes no data of a put for this long is stalled: its
+    /// write is abandoned and it counts as failed, so one hung connection
+    /// cannot hold up a write the other regions can take.
+    stall_timeout: std::time::Duration,
 }
+
+/// How long a region may take no data of a write before it counts as
+/// stalled, unless `[repository] stall_timeout` says otherwise.
+pub const DEFAULT_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// How long a region that failed stays skipped by later runs before it is
 /// tried again.
@@ -158,7 +166,14 @@ impl Regions {
             min_regions,
             down: Default::default(),
             health_file: None,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
         }
+    }
+
+    /// Sets how long a region may take no data of a write before it counts
+    /// as stalled and failed.
+    pub fn set_stall_timeout(&mut self, t: std::time::Duration) {
+        self.stall_timeout = t;
     }
 
     /// Remembers write failures in `file` so that the next short-lived runs
@@ -291,6 +306,27 @@ impl Regions {
     /// clients are created but not contacted).
     pub async fn from_config(cfg: &Config) -> Result<Regions, RegionsError> {
         let mut out = Vec::new();
+        // Injected faults (tests and scripts/chaos.sh only; see store::faults).
+        let faults = match std::env::var(super::faults::FAULTS_ENV) {
+            Ok(v) if !v.trim().is_empty() => {
+                super::FaultPlan::parse_env(&v).map_err(|message| RegionsError::Setup {
+                    region: super::faults::FAULTS_ENV.to_string(),
+                    message,
+                })?
+            }
+            _ => Vec::new(),
+        };
+        for (region, _) in &faults {
+            if !cfg.region_specs.iter().any(|s| &s.name == region) {
+                return Err(RegionsError::Setup {
+                    region: region.clone(),
+                    message: format!(
+                        "{} names a region that is not configured",
+                        super::faults::FAULTS_ENV
+                    ),
+                });
+            }
+        }
         for spec in &cfg.region_specs {
             let store = match &spec.kind {
                 RegionKind::Fs { path } => Store::Fs(super::FsStore::new(path.clone())),
@@ -303,12 +339,21 @@ impl Regions {
                     })?)
                 }
             };
+            let store = match faults.iter().find(|(r, _)| r == &spec.name) {
+                Some((_, plan)) => {
+                    tracing::warn!(region = %spec.name, ?plan, "injecting store faults ({})", super::faults::FAULTS_ENV);
+                    Store::Faulty(Box::new(super::FaultyStore::new(store, plan.clone())))
+                }
+                None => store,
+            };
             out.push(Region {
                 name: spec.name.clone(),
                 store: std::sync::Arc::new(store),
             });
         }
-        Ok(Regions::new(out, *cfg.repository.min_regions.get_ref()))
+        let mut r = Regions::new(out, *cfg.repository.min_regions.get_ref());
+        r.set_stall_timeout(cfg.repository.stall_timeout);
+        Ok(r)
     }
 
     /// The regions, in preference order.
@@ -344,6 +389,12 @@ impl Regions {
         let mut puts = Vec::with_capacity(self.regions.len());
         let mut skipped = Vec::new();
         let mut live_regions = Vec::new();
+        let mut aborts = Vec::with_capacity(self.regions.len());
+        let stall_timeout = self.stall_timeout;
+        let stall = std::sync::Arc::new(std::sync::Mutex::new(Vec::<usize>::new()));
+        // Closed (the sender dropped) once the pump has handed over the
+        // whole body.
+        let (done_tx, done_rx) = tokio::sync::watch::channel(());
         let down = self.skipped();
         for r in &self.regions {
             if let Some(why) = down.get(&r.name) {
@@ -366,34 +417,74 @@ impl Regions {
             let store = r.store.clone();
             let k = key.to_string();
             let name = r.name.clone();
+            let mut task = tokio::spawn(async move { store.put(&k, super::channel_stream(rx)).await });
+            let abort = task.abort_handle();
+            aborts.push(abort.clone());
+            let stalled = stall.clone();
+            let idx = puts.len();
+            let k = key.to_string();
+            let mut done = done_rx.clone();
             puts.push(async move {
-                tokio::spawn(async move { store.put(&k, super::channel_stream(rx)).await })
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(StoreError::Backend {
-                            store: name,
-                            op: "put",
-                            key: String::new(),
-                            message: format!("upload task failed: {e}"),
-                            transient: true,
-                        })
+                let res = tokio::select! {
+                    r = &mut task => r,
+                    // Every byte was handed over, yet the region does not
+                    // finish: stalled as well.
+                    _ = async {
+                        let _ = done.changed().await;
+                        tokio::time::sleep(stall_timeout).await;
+                    } => {
+                        if let Ok(mut s) = stalled.lock() {
+                            s.push(idx);
+                        }
+                        abort.abort();
+                        (&mut task).await
+                    }
+                };
+                res.unwrap_or_else(|e| {
+                    let message = if e.is_cancelled() && stalled.lock().is_ok_and(|s| s.contains(&idx)) {
+                        format!(
+                            "stalled: made no progress for {}; write abandoned",
+                            humantime::format_duration(stall_timeout)
+                        )
+                    } else {
+                        format!("upload task failed: {e}")
+                    };
+                    Err(StoreError::Backend {
+                        store: name,
+                        op: "put",
+                        key: k,
+                        message,
+                        transient: true,
                     })
+                })
             });
             live_regions.push(r);
         }
         let pump = async move {
+            let _done = done_tx;
             let mut total = 0u64;
             while let Some(item) = body.next().await {
                 match item {
                     Ok(chunk) => {
                         total += chunk.len() as u64;
                         let mut live = 0;
-                        for slot in senders.iter_mut() {
+                        for (i, slot) in senders.iter_mut().enumerate() {
                             if let Some(tx) = slot {
-                                if tx.send(Ok(chunk.clone())).await.is_err() {
-                                    *slot = None;
-                                } else {
-                                    live += 1;
+                                match tokio::time::timeout(stall_timeout, tx.send(Ok(chunk.clone())))
+                                    .await
+                                {
+                                    Ok(Ok(())) => live += 1,
+                                    Ok(Err(_)) => *slot = None,
+                                    Err(_) => {
+                                        // The region stopped reading: abandon its write
+                                        // (the task ends with an error, never with a
+                                        // short object) and go on with the others.
+                                        if let Ok(mut s) = stall.lock() {
+                                            s.push(i);
+                                        }
+                                        aborts[i].abort();
+                                        *slot = None;
+                                    }
                                 }
                             }
                         }
@@ -402,8 +493,12 @@ impl Regions {
                         }
                     }
                     Err(e) => {
-                        for tx in senders.iter().flatten() {
-                            let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string()))).await;
+                        for (i, tx) in senders.iter().enumerate() {
+                            let Some(tx) = tx else { continue };
+                            let err = Err(io::Error::new(e.kind(), e.to_string()));
+                            if tokio::time::timeout(stall_timeout, tx.send(err)).await.is_err() {
+                                aborts[i].abort();
+                            }
                         }
                         return Err(e);
                     }
