@@ -98,7 +98,7 @@ if ((${#kill_cmds[@]})); then
         DR_CHAOS_COMMANDS="${kill_cmds[*]}" \
         DR_CHAOS_RESTORE_EVERY=${DR_CHAOS_RESTORE_EVERY:-5} \
         DR_CHAOS_JSON=$RESULTS \
-        cargo test --locked --quiet --test kill_campaign -- \
+        cargo test --locked --quiet --no-fail-fast --test kill_campaign --test kill_campaign_services -- \
         --test-threads="${DR_CHAOS_JOBS:-2}" --nocapture >"$OUT/kill_campaign.log" 2>&1 || status=1
 fi
 

@@ -12,19 +12,9 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::chaos::os_ids;
 use common::json_of as json;
 use common::pg::{TestPg, chown, free_port, fs_repo, restore_started};
-
-fn os_ids(user: &str) -> (u32, u32) {
-    let id = |flag: &str| -> u32 {
-        let o = Command::new("id").args([flag, user]).output().expect("id");
-        String::from_utf8_lossy(&o.stdout)
-            .trim()
-            .parse()
-            .expect("numeric id")
-    };
-    (id("-u"), id("-g"))
-}
 
 /// dr as the OS user, started directly (a signal reaches dr itself), in a
 /// process group of its own.
@@ -247,8 +237,8 @@ fn two_daemons_with_different_state_dirs_share_a_repository_without_loss() {
         chown(&state, &pg.user);
         let text = std::fs::read_to_string(&pg.cfg).expect("cfg")
             + &format!(
-                "\n[postgres.main.schedule]\nbackup = \"*/2 * * * * *\"\n\n[postgres.main.retention]\nkeep_full = 2\n\n\
-                 [retention]\nschedule = \"*/3 * * * * *\"\n\n[daemon]\nlisten = \"127.0.0.1:{}\"\nstate_dir = \"{}\"\nprobe_seconds = 1\n",
+                "\n[postgres.main.schedule]\nbackup = \"*/4 * * * * *\"\n\n[postgres.main.retention]\nkeep_full = 2\n\n\
+                 [retention]\nschedule = \"*/5 * * * * *\"\n\n[daemon]\nlisten = \"127.0.0.1:{}\"\nstate_dir = \"{}\"\nprobe_seconds = 1\n",
                 free_port(),
                 state.display()
             );
@@ -271,6 +261,13 @@ fn two_daemons_with_different_state_dirs_share_a_repository_without_loss() {
         let o = d.wait_with_output().expect("daemon");
         logs.push(String::from_utf8_lossy(&o.stderr).to_string());
         ok(&o, "a daemon");
+    }
+    for (n, log) in logs.iter().enumerate() {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("job succeeded") && l.contains("postgres.main.backup")),
+            "daemon {n} took no backup: {log}"
+        );
     }
     let ids = consistent(&pg, "two daemons");
     assert!(!ids.is_empty(), "no backups kept: {logs:?}");

@@ -709,4 +709,56 @@ mod tests {
             .expect("c is tried again and takes it");
         assert_eq!(rep.ok, vec!["a".to_string(), "c".to_string()]);
     }
+
+    fn set_plan(r: &Regions, name: &str, plan: FaultPlan) {
+        let Some(Store::Faulty(f)) = r.get_region(name).map(|r| &*r.store) else {
+            panic!("region {name} has no fault switch");
+        };
+        f.set_plan(plan);
+    }
+
+    /// A region that stops taking data (mid-body, or after the last byte)
+    /// is abandoned after `stall_timeout`: the write completes in the other
+    /// regions when they make min_regions, and fails otherwise, instead of
+    /// hanging on the stalled one.
+    #[tokio::test]
+    async fn a_stalled_region_is_abandoned_after_the_stall_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (min, stall_after) in [(1, 0u64), (1, 100_000), (2, 100_000)] {
+            let mut r = regions(dir.path(), &["a", "b"], min);
+            r.set_stall_timeout(std::time::Duration::from_millis(300));
+            set_plan(
+                &r,
+                "b",
+                FaultPlan {
+                    stall_put_after: Some(stall_after),
+                    ..Default::default()
+                },
+            );
+            let key = format!("k-{min}-{stall_after}");
+            // One chunk: every byte is handed over before b stalls. Eight:
+            // the hand-over itself blocks on b.
+            let body = crate::store::generated(if stall_after == 0 { 1 << 20 } else { 8 << 20 });
+            let t = std::time::Instant::now();
+            let res = tokio::time::timeout(std::time::Duration::from_secs(20), r.put(&key, body))
+                .await
+                .expect("the write hung on a stalled region");
+            assert!(t.elapsed() < std::time::Duration::from_secs(10));
+            match (min, res) {
+                (1, Ok(rep)) => {
+                    assert_eq!(rep.ok, vec!["a".to_string()]);
+                    let why = rep.failed[0].1.to_string();
+                    assert!(why.contains("stalled"), "{why}");
+                    assert_eq!(r.degraded().len(), 1);
+                }
+                (2, Err(RegionsError::NotEnoughRegions { details, .. })) => {
+                    assert!(details.contains("stalled"), "{details}");
+                }
+                (m, other) => panic!("min_regions {m}: {other:?}"),
+            }
+            // Nothing under the key in the stalled region.
+            let b = FsStore::new(dir.path().join("b"));
+            assert_eq!(b.head(&key).await.expect("head"), None);
+        }
+    }
 }
