@@ -15,7 +15,9 @@
 # Environment:
 #   DR_CHAOS_RESTORE_EVERY  restore to the last mark before the kill every
 #                           N kills (default 5; always at the end of a command)
-#   DR_CHAOS_JOBS           commands campaigned at once (default 2)
+#   DR_CHAOS_JOBS           commands campaigned at once per test binary (default 2)
+#   DR_CHAOS_MINUTES        time budget of the kill runs: no kill starts after
+#                           it (the table says how many ran); default none
 #   DR_CHAOS_OUT            results directory (default $CARGO_TARGET_DIR/chaos-<time>)
 #   DR_KILL_SEED            replay the delays of an earlier run
 #
@@ -93,13 +95,25 @@ done
 status=0
 t0=$SECONDS
 if ((${#kill_cmds[@]})); then
-    echo "chaos: kill campaign (log: $OUT/kill_campaign.log)"
-    DR_CHAOS_KILLS=$KILLS \
-        DR_CHAOS_COMMANDS="${kill_cmds[*]}" \
-        DR_CHAOS_RESTORE_EVERY=${DR_CHAOS_RESTORE_EVERY:-5} \
-        DR_CHAOS_JSON=$RESULTS \
-        cargo test --locked --quiet --no-fail-fast --test kill_campaign --test kill_campaign_services -- \
-        --test-threads="${DR_CHAOS_JOBS:-2}" --nocapture >"$OUT/kill_campaign.log" 2>&1 || status=1
+    until=
+    [[ -n ${DR_CHAOS_MINUTES:-} ]] && until=$(($(date +%s) + DR_CHAOS_MINUTES * 60))
+    # PostgreSQL commands and the others run side by side, each binary
+    # campaigning DR_CHAOS_JOBS commands at once.
+    pids=()
+    for bin in kill_campaign kill_campaign_services; do
+        echo "chaos: $bin (log: $OUT/$bin.log)"
+        DR_CHAOS_UNTIL=$until \
+            DR_CHAOS_KILLS=$KILLS \
+            DR_CHAOS_COMMANDS="${kill_cmds[*]}" \
+            DR_CHAOS_RESTORE_EVERY=${DR_CHAOS_RESTORE_EVERY:-5} \
+            DR_CHAOS_JSON=$RESULTS \
+            cargo test --locked --quiet --test "$bin" -- \
+            --test-threads="${DR_CHAOS_JOBS:-2}" --nocapture >"$OUT/$bin.log" 2>&1 &
+        pids+=($!)
+    done
+    for p in "${pids[@]}"; do
+        wait "$p" || status=1
+    done
 fi
 
 # Fault and concurrency tests: one row per test, pass or fail.

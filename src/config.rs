@@ -804,10 +804,7 @@ pub struct RepositoryConfig {
     pub min_regions: Spanned<usize>,
     /// A region that takes no data of a write for this long is stalled: its
     /// write is abandoned and the region counts as failed for that write.
-    #[serde(
-        default = "default_stall_timeout",
-        with = "humantime_serde"
-    )]
+    #[serde(default = "default_stall_timeout", with = "humantime_serde")]
     pub stall_timeout: std::time::Duration,
 }
 

@@ -45,7 +45,10 @@ fn ok(o: &Output, what: &str) {
 
 /// `verify --list` passes; the listed backup ids.
 fn consistent(pg: &TestPg, ctx: &str) -> Vec<String> {
-    ok(&pg.dr_raw(&["--json", "verify", "--list"]), &format!("{ctx}: verify --list"));
+    ok(
+        &pg.dr_raw(&["--json", "verify", "--list"]),
+        &format!("{ctx}: verify --list"),
+    );
     json(&pg.dr(&["--json", "list", "pg"]))["backups"]
         .as_array()
         .expect("backups")
@@ -95,7 +98,10 @@ fn two_backups_at_once_both_succeed_or_one_is_refused_and_nothing_is_lost() {
         let a = spawn(&pg, &pg.cfg, &args);
         let b = spawn(&pg, &pg.cfg, &["backup", "pg"]);
         pg.pgbench(&["-n", "-t", "100"]);
-        let (a, b) = (a.wait_with_output().expect("a"), b.wait_with_output().expect("b"));
+        let (a, b) = (
+            a.wait_with_output().expect("a"),
+            b.wait_with_output().expect("b"),
+        );
         let succeeded = [&a, &b].iter().filter(|o| o.status.success()).count();
         for o in [&a, &b] {
             if !o.status.success() {
@@ -149,8 +155,11 @@ fn sync_and_expire_at_once_lose_nothing() {
         std::fs::create_dir_all(d).expect("mkdir");
         chown(d, &user);
     }
-    std::fs::set_permissions(fs.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
+    std::fs::set_permissions(
+        fs.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
     let mut pg = TestPg::new(&format!(
         "{}{}",
         common::fs_region_toml("a", &a),
@@ -187,7 +196,10 @@ fn sync_and_expire_at_once_lose_nothing() {
                 String::from_utf8_lossy(&s.stderr)
             );
         }
-        ok(&pg.dr_raw(&["repo", "sync"]), &format!("round {round}: the next sync"));
+        ok(
+            &pg.dr_raw(&["repo", "sync"]),
+            &format!("round {round}: the next sync"),
+        );
         for region in ["a", "b"] {
             ok(
                 &pg.dr_raw(&["--json", "verify", "--list", "--region", region]),
@@ -210,7 +222,10 @@ fn two_wal_push_of_one_segment_at_once_both_succeed_with_one_exact_copy() {
         let p = path.to_str().expect("utf8");
         let a = spawn(&pg, &pg.cfg, &["wal-push", p]);
         let b = spawn(&pg, &pg.cfg, &["wal-push", p]);
-        let (a, b) = (a.wait_with_output().expect("a"), b.wait_with_output().expect("b"));
+        let (a, b) = (
+            a.wait_with_output().expect("a"),
+            b.wait_with_output().expect("b"),
+        );
         ok(&a, &format!("round {round}: first wal-push"));
         ok(&b, &format!("round {round}: second wal-push"));
         let dest = pg.dir.path().join("fetched");

@@ -24,7 +24,6 @@
 
 mod common;
 
-
 use common::chaos::*;
 use common::pg::{TestPg, mark};
 
@@ -325,5 +324,3 @@ fn kill_restore_pg() {
     });
     c.finish();
 }
-
-

@@ -148,11 +148,16 @@ fn kill_backup_redis() {
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let s2 = stop.clone();
             let writer = std::thread::spawn(move || {
-                let mut conn = redis::Client::open(url).expect("url").get_connection().expect("conn");
+                let mut conn = redis::Client::open(url)
+                    .expect("url")
+                    .get_connection()
+                    .expect("conn");
                 let mut n = 0u64;
                 while !s2.load(std::sync::atomic::Ordering::Relaxed) {
-                    let _: redis::RedisResult<()> =
-                        redis::cmd("SET").arg(format!("w:{}", n % 5000)).arg(n).query(&mut conn);
+                    let _: redis::RedisResult<()> = redis::cmd("SET")
+                        .arg(format!("w:{}", n % 5000))
+                        .arg(n)
+                        .query(&mut conn);
                     n += 1;
                 }
             });
@@ -171,10 +176,17 @@ fn kill_backup_redis() {
             eprintln!("backup redis #{i}: delay {d:?}, killed {killed}");
             let ctx = format!("backup redis #{i} killed at {d:?}");
             let after = snapshots(&ctx);
-            assert!(after >= before && after <= before + 1, "{ctx}: {before} -> {after} snapshots");
+            assert!(
+                after >= before && after <= before + 1,
+                "{ctx}: {before} -> {after} snapshots"
+            );
             r.consistent = true;
             setup.dr(&["backup", "redis"]);
-            assert_eq!(snapshots(&ctx), after + 1, "{ctx}: the next run added a snapshot");
+            assert_eq!(
+                snapshots(&ctx),
+                after + 1,
+                "{ctx}: the next run added a snapshot"
+            );
             r.next_ok = true;
             if restore {
                 let target = setup.path(&format!("rr-{i}"));
@@ -191,16 +203,23 @@ fn kill_backup_redis() {
                     &port.to_string(),
                 ]);
                 let pid = v["restore"]["pid"].as_u64();
-                let got: redis::RedisResult<String> = redis::Client::open(format!("redis://127.0.0.1:{port}"))
-                    .and_then(|c| c.get_connection())
-                    .and_then(|mut c| redis::cmd("GET").arg("chaos:mark").query(&mut c));
+                let got: redis::RedisResult<String> =
+                    redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                        .and_then(|c| c.get_connection())
+                        .and_then(|mut c| redis::cmd("GET").arg("chaos:mark").query(&mut c));
                 if let Some(pid) = pid {
-                    let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+                    let _ = Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .status();
                 }
                 remove(&target);
                 assert_eq!(v["restore"]["keys_match"], true, "{ctx}: {v}");
                 r.restore = Some(got.as_deref().ok() == Some(i.to_string().as_str()));
-                assert_eq!(r.restore, Some(true), "{ctx}: chaos:mark in the restore: {got:?}");
+                assert_eq!(
+                    r.restore,
+                    Some(true),
+                    "{ctx}: chaos:mark in the restore: {got:?}"
+                );
             }
         });
     }
@@ -224,8 +243,11 @@ fn kill_repo_sync() {
         std::fs::create_dir_all(d).expect("mkdir");
         chown(d, &user);
     }
-    std::fs::set_permissions(fs.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
+    std::fs::set_permissions(
+        fs.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
     let regions = format!(
         "{}{}",
         common::fs_region_toml("a", &a),
@@ -264,7 +286,10 @@ fn kill_repo_sync() {
             r.killed = Some(killed);
             eprintln!("repo sync #{i}: delay {d:?}, killed {killed}");
             let ctx = format!("repo sync #{i} killed at {d:?}");
-            verify_list(pg.dr_raw(&["--json", "verify", "--list", "pg", "--region", "a"]), &ctx);
+            verify_list(
+                pg.dr_raw(&["--json", "verify", "--list", "pg", "--region", "a"]),
+                &ctx,
+            );
             let v = json(&pg.dr_raw(&["--json", "verify", "--list", "pg", "--region", "b"]));
             let problems = v["verify"]["problems"]
                 .as_array()
@@ -274,7 +299,9 @@ fn kill_repo_sync() {
             assert!(bad.is_empty(), "{ctx}: region b holds bad copies: {bad:?}");
             // A manifest in b means its backup directory is whole in b.
             for f in common::walk_files(&b) {
-                if f.file_name().is_some_and(|n| n == "manifest") && f.to_string_lossy().contains("/backups/") {
+                if f.file_name().is_some_and(|n| n == "manifest")
+                    && f.to_string_lossy().contains("/backups/")
+                {
                     let dir_b = f.parent().expect("dir");
                     let dir_a = a.join(dir_b.strip_prefix(&b).expect("under b"));
                     for fa in common::walk_files(&dir_a) {
@@ -283,13 +310,22 @@ fn kill_repo_sync() {
                             std::fs::metadata(&fa).map(|m| m.len()).ok(),
                             std::fs::metadata(&fb).map(|m| m.len()).ok(),
                         );
-                        assert_eq!(la, lb, "{ctx}: {} has its manifest in b but {} is not whole there", dir_b.display(), fb.display());
+                        assert_eq!(
+                            la,
+                            lb,
+                            "{ctx}: {} has its manifest in b but {} is not whole there",
+                            dir_b.display(),
+                            fb.display()
+                        );
                     }
                 }
             }
             r.consistent = true;
             pg.dr(&["repo", "sync"]);
-            verify_list(pg.dr_raw(&["--json", "verify", "--list", "pg", "--region", "b"]), &format!("{ctx}, after the next sync"));
+            verify_list(
+                pg.dr_raw(&["--json", "verify", "--list", "pg", "--region", "b"]),
+                &format!("{ctx}, after the next sync"),
+            );
             r.next_ok = true;
             if restore {
                 r.restore = Some(check_latest_restores(&mut pg, &format!("sync-{i}")));
@@ -306,7 +342,17 @@ fn kill_repo_sync() {
         pg.archive_now();
         pg.dr(&["repo", "sync"]);
         let dir = pg.target("sync-final");
-        pg.dr_with(&cfg_b, &["restore", "pg", "--to", "latest", "--target", dir.to_str().expect("utf8")]);
+        pg.dr_with(
+            &cfg_b,
+            &[
+                "restore",
+                "pg",
+                "--to",
+                "latest",
+                "--target",
+                dir.to_str().expect("utf8"),
+            ],
+        );
         remove(&dir);
         Some(true)
     });
@@ -348,7 +394,10 @@ fn kill_daemon_mid_job() {
             eprintln!("daemon #{i}: delay {d:?}, killed {killed}");
             let ctx = format!("daemon #{i} killed at {d:?}");
             let after = check_repo(&pg, &ctx);
-            assert!(before.iter().all(|b| after.contains(b)), "{ctx}: {before:?} -> {after:?}");
+            assert!(
+                before.iter().all(|b| after.contains(b)),
+                "{ctx}: {before:?} -> {after:?}"
+            );
             r.consistent = true;
             // The next daemon starts and takes a backup.
             let mut next = spawn_dr(&pg, &["daemon"]);
@@ -360,13 +409,21 @@ fn kill_daemon_mid_job() {
                 if let Some(st) = next.try_wait().expect("try_wait") {
                     panic!("{ctx}: the next daemon exited with {st}");
                 }
-                assert!(Instant::now() < deadline, "{ctx}: the next daemon took no backup within 60 s");
+                assert!(
+                    Instant::now() < deadline,
+                    "{ctx}: the next daemon took no backup within 60 s"
+                );
                 std::thread::sleep(Duration::from_millis(300));
             }
             // SIGTERM: the running job may finish, then it exits.
-            let _ = Command::new("kill").args(["-TERM", "--", &format!("-{}", next.id())]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", "--", &format!("-{}", next.id())])
+                .status();
             let st = next.wait().expect("wait");
-            assert!(st.success(), "{ctx}: the next daemon exited with {st} on SIGTERM");
+            assert!(
+                st.success(),
+                "{ctx}: the next daemon exited with {st} on SIGTERM"
+            );
             check_repo(&pg, &format!("{ctx}, after the next daemon"));
             r.next_ok = true;
             if restore {
@@ -403,7 +460,12 @@ fn kill_s3_server_mid_multipart_upload() {
             let m = mark(&pg);
             let mut load = workload(&pg, 200);
             let mut child = Command::new("runuser")
-                .args(dr_args(&pg.user, &pg.dr, &pg.cfg, &["backup", "pg", "--full"]))
+                .args(dr_args(
+                    &pg.user,
+                    &pg.dr,
+                    &pg.cfg,
+                    &["backup", "pg", "--full"],
+                ))
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .process_group(0)
@@ -415,7 +477,10 @@ fn kill_s3_server_mid_multipart_upload() {
             r.killed = Some(running);
             let out = child.wait_with_output().expect("wait");
             let _ = load.wait();
-            eprintln!("s3-server #{i}: delay {d:?}, killed mid-backup {running}, dr exit {}", out.status);
+            eprintln!(
+                "s3-server #{i}: delay {d:?}, killed mid-backup {running}, dr exit {}",
+                out.status
+            );
             std::thread::sleep(Duration::from_millis(500));
             garage.run();
             garage.wait_s3();
@@ -424,7 +489,12 @@ fn kill_s3_server_mid_multipart_upload() {
             if out.status.success() {
                 assert_eq!(after.len(), before.len() + 1, "{ctx}: dr said success");
             } else {
-                assert_eq!(after, before, "{ctx}: dr failed ({}) but a backup appeared", String::from_utf8_lossy(&out.stderr));
+                assert_eq!(
+                    after,
+                    before,
+                    "{ctx}: dr failed ({}) but a backup appeared",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
             r.consistent = true;
             pg.dr(&["backup", "pg"]);

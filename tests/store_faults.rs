@@ -84,14 +84,22 @@ fn verify_region(pg: &TestPg, region: &str) -> serde_json::Value {
 }
 
 fn clean(v: &serde_json::Value) -> bool {
-    v["ok"] == true && v["verify"]["problems"].as_array().is_some_and(|p| p.is_empty())
-        && v["verify"]["wal_gaps"].as_array().is_none_or(|g| g.is_empty())
+    v["ok"] == true
+        && v["verify"]["problems"]
+            .as_array()
+            .is_some_and(|p| p.is_empty())
+        && v["verify"]["wal_gaps"]
+            .as_array()
+            .is_none_or(|g| g.is_empty())
 }
 
 fn setup(min_regions: usize, extra_repo_keys: &str) -> (TwoRegions, TestPg) {
     let r = TwoRegions::new();
     let pg = TestPg::new(&r.toml(min_regions));
-    repository_keys(&pg, &format!("min_regions = {min_regions}\n{extra_repo_keys}"));
+    repository_keys(
+        &pg,
+        &format!("min_regions = {min_regions}\n{extra_repo_keys}"),
+    );
     pg.pgbench(&["-i", "-s", "2", "-q"]);
     pg.dr(&["backup", "pg", "--full"]);
     (r, pg)
@@ -150,9 +158,9 @@ fn failed_clearly(pg: &TestPg, o: &Output, before: usize, what: &str) {
     assert_eq!(backups(pg), before, "{what}: a failed backup is listed");
     let v = json(&pg.dr_raw(&["--json", "verify", "--list"]));
     assert!(
-        v["verify"]["problems"]
-            .as_array()
-            .is_some_and(|p| p.iter().all(|p| p["region"] == "b" && p["kind"] == "missing")),
+        v["verify"]["problems"].as_array().is_some_and(|p| p
+            .iter()
+            .all(|p| p["region"] == "b" && p["kind"] == "missing")),
         "{what}: damage beyond copies b missed: {v}"
     );
 }
@@ -195,7 +203,11 @@ fn a_stalled_region_is_abandoned_after_stall_timeout() {
     let (_r, mut pg) = setup(1, "stall_timeout = \"3s\"");
     pg.pgbench(&["-n", "-t", "100"]);
     let t = Instant::now();
-    let o = dr_faulty(&pg, "b:stall_put_after=65536", &["--json", "backup", "pg", "--full"]);
+    let o = dr_faulty(
+        &pg,
+        "b:stall_put_after=65536",
+        &["--json", "backup", "pg", "--full"],
+    );
     assert!(
         t.elapsed() < Duration::from_secs(120),
         "the backup hung on a stalled region for {:?}",
@@ -213,8 +225,16 @@ fn a_stalled_region_is_abandoned_after_stall_timeout() {
     let (_r, pg) = setup(2, "stall_timeout = \"3s\"");
     let before = backups(&pg);
     let t = Instant::now();
-    let o = dr_faulty(&pg, "b:stall_put_after=65536", &["--json", "backup", "pg", "--full"]);
-    assert!(t.elapsed() < Duration::from_secs(120), "hung {:?}", t.elapsed());
+    let o = dr_faulty(
+        &pg,
+        "b:stall_put_after=65536",
+        &["--json", "backup", "pg", "--full"],
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(120),
+        "hung {:?}",
+        t.elapsed()
+    );
     failed_clearly(&pg, &o, before, "stalled, min_regions=2");
 }
 
@@ -224,26 +244,33 @@ fn short_writes_in_one_region_are_found_by_verify_and_repaired_by_sync() {
     pg.pgbench(&["-n", "-t", "100"]);
     // b silently keeps only the first 1000 bytes of every object.
     let o = dr_faulty(&pg, "b:short_write_after=1000", &["--json", "backup", "pg"]);
-    assert!(
-        o.status.success(),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(clean(&verify_region(&pg, "a")), "region a");
     let vb = verify_region(&pg, "b");
     let corrupt = vb["verify"]["problems"]
         .as_array()
         .map(|p| p.iter().filter(|p| p["kind"] == "corrupt").count())
         .unwrap_or(0);
-    assert!(corrupt > 0, "verify --list finds the short copies in b: {vb}");
+    assert!(
+        corrupt > 0,
+        "verify --list finds the short copies in b: {vb}"
+    );
     // Reads fall back to a: the restore is exact despite b's bad copies.
     latest_exact(&mut pg, "short-before-sync");
     let o = pg.dr_raw(&["repo", "sync"]);
-    assert!(o.status.success(), "sync: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "sync: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let vb = verify_region(&pg, "b");
     assert!(clean(&vb), "region b after sync: {vb}");
     let o = pg.dr_raw(&["--json", "verify", "--read-data", "--region", "b"]);
-    assert!(o.status.success(), "read-data of b after sync: {}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        o.status.success(),
+        "read-data of b after sync: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
 }
 
 /// A small tmpfs mounted at `at`, unmounted on drop.
@@ -252,11 +279,21 @@ struct Tmpfs(PathBuf);
 impl Tmpfs {
     fn mount(at: &Path, size: &str, user: &str) -> Tmpfs {
         let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
             .arg(at)
             .status()
             .expect("mount");
-        assert!(st.success(), "mount tmpfs at {} (the tests run as root)", at.display());
+        assert!(
+            st.success(),
+            "mount tmpfs at {} (the tests run as root)",
+            at.display()
+        );
         chown(at, user);
         Tmpfs(at.to_path_buf())
     }
@@ -325,7 +362,11 @@ fn a_full_filesystem_in_one_region() {
                 String::from_utf8_lossy(&o.stderr)
             );
             let o = pg.dr_raw(&["repo", "sync"]);
-            assert!(o.status.success(), "{what}: sync: {}", String::from_utf8_lossy(&o.stderr));
+            assert!(
+                o.status.success(),
+                "{what}: sync: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
             assert!(clean(&verify_region(&pg, "b")), "{what}: b after sync");
             latest_exact(&mut pg, "full-2");
         }

@@ -417,7 +417,8 @@ impl Regions {
             let store = r.store.clone();
             let k = key.to_string();
             let name = r.name.clone();
-            let mut task = tokio::spawn(async move { store.put(&k, super::channel_stream(rx)).await });
+            let mut task =
+                tokio::spawn(async move { store.put(&k, super::channel_stream(rx)).await });
             let abort = task.abort_handle();
             aborts.push(abort.clone());
             let stalled = stall.clone();
@@ -441,14 +442,15 @@ impl Regions {
                     }
                 };
                 res.unwrap_or_else(|e| {
-                    let message = if e.is_cancelled() && stalled.lock().is_ok_and(|s| s.contains(&idx)) {
-                        format!(
-                            "stalled: made no progress for {}; write abandoned",
-                            humantime::format_duration(stall_timeout)
-                        )
-                    } else {
-                        format!("upload task failed: {e}")
-                    };
+                    let message =
+                        if e.is_cancelled() && stalled.lock().is_ok_and(|s| s.contains(&idx)) {
+                            format!(
+                                "stalled: made no progress for {}; write abandoned",
+                                humantime::format_duration(stall_timeout)
+                            )
+                        } else {
+                            format!("upload task failed: {e}")
+                        };
                     Err(StoreError::Backend {
                         store: name,
                         op: "put",
@@ -470,8 +472,11 @@ impl Regions {
                         let mut live = 0;
                         for (i, slot) in senders.iter_mut().enumerate() {
                             if let Some(tx) = slot {
-                                match tokio::time::timeout(stall_timeout, tx.send(Ok(chunk.clone())))
-                                    .await
+                                match tokio::time::timeout(
+                                    stall_timeout,
+                                    tx.send(Ok(chunk.clone())),
+                                )
+                                .await
                                 {
                                     Ok(Ok(())) => live += 1,
                                     Ok(Err(_)) => *slot = None,
@@ -496,7 +501,10 @@ impl Regions {
                         for (i, tx) in senders.iter().enumerate() {
                             let Some(tx) = tx else { continue };
                             let err = Err(io::Error::new(e.kind(), e.to_string()));
-                            if tokio::time::timeout(stall_timeout, tx.send(err)).await.is_err() {
+                            if tokio::time::timeout(stall_timeout, tx.send(err))
+                                .await
+                                .is_err()
+                            {
                                 aborts[i].abort();
                             }
                         }

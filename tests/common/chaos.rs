@@ -37,6 +37,9 @@ pub struct Campaign {
     pub rng: Rng,
     pub kills: u32,
     pub restore_every: u32,
+    /// No new run starts after this time (`DR_CHAOS_UNTIL`, Unix seconds),
+    /// so a long campaign fits a time budget.
+    pub until: Option<u64>,
     pub started: Instant,
     pub t: Tally,
 }
@@ -94,6 +97,9 @@ impl Campaign {
             rng: Rng(seed),
             kills: env_u32("DR_CHAOS_KILLS").unwrap_or(default_kills),
             restore_every: env_u32("DR_CHAOS_RESTORE_EVERY").unwrap_or(0),
+            until: std::env::var("DR_CHAOS_UNTIL")
+                .ok()
+                .and_then(|s| s.parse().ok()),
             started: Instant::now(),
             t: Tally::default(),
         })
@@ -101,6 +107,15 @@ impl Campaign {
 
     pub fn delay(&mut self, span: Duration) -> Duration {
         self.rng.delay(span)
+    }
+
+    /// Whether the time budget is spent: later runs are skipped, and the
+    /// summary says how many ran.
+    pub fn out_of_time(&self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.until.is_some_and(|u| now >= u)
     }
 
     /// Whether run `i` ends with a restore check.
@@ -111,6 +126,9 @@ impl Campaign {
     /// Runs one kill cycle; a panic in it is an inconsistent run, recorded
     /// with its message, and the campaign goes on.
     pub fn run(&mut self, i: u32, f: impl FnOnce(&mut Run)) {
+        if self.out_of_time() {
+            return;
+        }
         let mut r = Run::default();
         let res = std::panic::catch_unwind(AssertUnwindSafe(|| f(&mut r)));
         self.t.runs += 1;
@@ -376,7 +394,10 @@ pub fn expire_removes_orphans(c: &mut Campaign, dr: impl Fn(&[&str]) -> Output, 
             String::from_utf8_lossy(&o.stderr)
         );
         after = leftovers(&dr);
-        assert_eq!(after, 0, "expire left {after} orphan objects or temp files (of {left})");
+        assert_eq!(
+            after, 0,
+            "expire left {after} orphan objects or temp files (of {left})"
+        );
         None
     });
     c.t.orphans_left = left;
@@ -456,7 +477,6 @@ pub fn pg_setup(remote: bool) -> (tempfile::TempDir, TestPg) {
     pg.dr(&["backup", "pg", "--full"]);
     (fs, pg)
 }
-
 
 /// Removes a directory tree, if there.
 pub fn remove(p: &Path) {

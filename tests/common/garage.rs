@@ -23,15 +23,23 @@ pub struct OwnGarage {
 }
 
 fn hex(n: usize) -> String {
-    (0..n).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
+    (0..n)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
 }
 
 fn garage_bin() -> PathBuf {
     let cargo_home = std::env::var("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo"));
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo")
+        });
     let p = cargo_home.join("bin/garage");
-    if p.exists() { p } else { PathBuf::from("garage") }
+    if p.exists() {
+        p
+    } else {
+        PathBuf::from("garage")
+    }
 }
 
 impl OwnGarage {
@@ -66,7 +74,9 @@ impl OwnGarage {
         let (id, secret) = (g.key_id.clone(), g.secret.clone());
         g.cli(&["key", "import", "--yes", "-n", "chaos", &id, &secret]);
         g.cli(&["bucket", "create", "dr-chaos"]);
-        g.cli(&["bucket", "allow", "--read", "--write", "--owner", "dr-chaos", "--key", &id]);
+        g.cli(&[
+            "bucket", "allow", "--read", "--write", "--owner", "dr-chaos", "--key", &id,
+        ]);
         g.wait_s3();
         g
     }
