@@ -10,7 +10,8 @@
 //! An import may only point down: a module uses modules of lower layers,
 //! never one above it nor one beside it in its own layer (design.md §11).
 //! `tests/layers.rs` reads this list and checks every `crate::` path in
-//! `src/` against it.
+//! `src/` against it, and that no two files import each other, directly or
+//! through others.
 //!
 //! 1. `os`, `time`, `keys`, `lockfile`, `progress`, `tls`, `schedule`: foundations that stand alone
 //! 2. `config`: plain data and parsing; checks that need an engine live with the engine

@@ -52,7 +52,8 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// `text` without its `#[cfg(test)] mod … { … }` blocks: tests may reach
+/// `text` without its `#[cfg(test)] mod … { … }` blocks (test modules in
+/// files of their own are `tests.rs`, also left out): tests may reach
 /// up to build their fixtures (e.g. `config`'s tests load through
 /// `validate`), the layers are about what the product code uses.
 fn without_test_modules(text: &str) -> String {
@@ -121,7 +122,8 @@ fn imports_point_down_the_layers_of_lib_rs() {
             .expect("under the crate")
             .to_string_lossy()
             .replace('\\', "/");
-        if rel == "src/lib.rs" {
+        // `src/lib.rs` holds the list; `tests.rs` files are test modules.
+        if rel == "src/lib.rs" || rel.ends_with("/tests.rs") {
             continue;
         }
         let module = rel
@@ -184,4 +186,190 @@ fn test_modules_are_left_out_and_comments_ignored() {
     let found = imports(&without_test_modules(text), "crate::");
     let names: Vec<&str> = found.iter().map(String::as_str).collect();
     assert_eq!(names, ["a", "c", "f"]);
+}
+
+/// The module path of a file under `src/`: `postgres/wal.rs` is
+/// `postgres::wal`, `postgres/mod.rs` is `postgres`.
+fn module_path(rel: &str) -> Vec<String> {
+    let trimmed = rel.trim_start_matches("src/").trim_end_matches(".rs");
+    let mut parts: Vec<String> = trimmed.split('/').map(str::to_string).collect();
+    if parts.last().is_some_and(|p| p == "mod") {
+        parts.pop();
+    }
+    parts
+}
+
+/// Every path that `code` names from `crate::`, `super::` or `self::`, with
+/// `use` groups (`a::{b, c::d}`) expanded, as segments relative to the crate
+/// root, resolved from the module `here`.
+fn named_paths(code: &str, here: &[String]) -> Vec<Vec<String>> {
+    let code: String = code
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut out = Vec::new();
+    let bytes: Vec<char> = code.chars().collect();
+    let mut i = 0;
+    while i < bytes.len() {
+        let starts_word = i == 0 || !(bytes[i - 1].is_alphanumeric() || bytes[i - 1] == '_');
+        let rest: String = bytes[i..bytes.len().min(i + 8)].iter().collect();
+        let root = ["crate::", "super::", "self::"]
+            .into_iter()
+            .find(|r| rest.starts_with(r));
+        let (Some(root), true) = (root, starts_word) else {
+            i += 1;
+            continue;
+        };
+        // The rest of the path, braces included, up to where it ends.
+        let mut j = i;
+        let mut depth = 0;
+        while j < bytes.len() {
+            let c = bytes[j];
+            if c == '{' {
+                depth += 1;
+            } else if c == '}' {
+                if depth == 0 {
+                    break;
+                }
+                depth -= 1;
+            } else if depth == 0 && !(c.is_alphanumeric() || c == '_' || c == ':') {
+                break;
+            }
+            j += 1;
+        }
+        let text: String = bytes[i..j].iter().collect();
+        // `super::` names the parent module; `self::` this file's module.
+        let base: Vec<String> = match root {
+            "crate::" => Vec::new(),
+            "super::" => here[..here.len().saturating_sub(1)].to_vec(),
+            _ => here.to_vec(),
+        };
+        for path in expand(&text[root.len()..]) {
+            let mut full = base.clone();
+            full.extend(
+                path.split("::")
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string),
+            );
+            out.push(full);
+        }
+        i = j.max(i + 1);
+    }
+    out
+}
+
+/// `a::{b, c::{d, e}}` as `a::b`, `a::c::d`, `a::c::e`.
+fn expand(path: &str) -> Vec<String> {
+    let path: String = path.chars().filter(|c| !c.is_whitespace()).collect();
+    let Some(open) = path.find('{') else {
+        return vec![path];
+    };
+    let head = &path[..open];
+    let inner = &path[open + 1..path.rfind('}').unwrap_or(path.len())];
+    let mut parts = Vec::new();
+    let (mut depth, mut start) = (0, 0);
+    for (k, c) in inner.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&inner[start..k]);
+                start = k + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&inner[start..]);
+    parts
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .flat_map(|p| expand(p).into_iter().map(move |e| format!("{head}{e}")))
+        .collect()
+}
+
+/// No two files of `src/` import each other, directly or through others:
+/// the graph of `use` lines between files is acyclic. A module's `mod.rs`
+/// naming its own children (to declare or re-export them) is not an import.
+#[test]
+fn files_of_src_import_each_other_without_circles() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    let rels: Vec<String> = files
+        .iter()
+        .map(|p| {
+            p.strip_prefix(root)
+                .expect("under the crate")
+                .to_string_lossy()
+                .replace('\\', "/")
+        })
+        .filter(|r| r != "src/lib.rs" && r != "src/main.rs" && !r.ends_with("/tests.rs"))
+        .collect();
+    let modules: BTreeMap<Vec<String>, String> =
+        rels.iter().map(|r| (module_path(r), r.clone())).collect();
+    let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for rel in &rels {
+        let here = module_path(rel);
+        let text = std::fs::read_to_string(root.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        let code = without_test_modules(&text);
+        for path in named_paths(&code, &here) {
+            // The longest prefix of the path that is a file of its own.
+            let target = (1..=path.len())
+                .rev()
+                .find_map(|n| modules.get(&path[..n]).map(|t| (n, t)));
+            let Some((n, target)) = target else { continue };
+            let parent_names_child = path[..n].starts_with(&here) && path.len() > here.len();
+            if target != rel && !parent_names_child {
+                edges.entry(rel.clone()).or_default().insert(target.clone());
+            }
+        }
+    }
+    // Depth-first search for a back edge; report the circle it closes.
+    fn visit(
+        node: &str,
+        edges: &BTreeMap<String, BTreeSet<String>>,
+        state: &mut BTreeMap<String, u8>,
+        stack: &mut Vec<String>,
+        found: &mut Vec<String>,
+    ) {
+        state.insert(node.to_string(), 1);
+        stack.push(node.to_string());
+        for next in edges.get(node).into_iter().flatten() {
+            match state.get(next.as_str()).copied().unwrap_or(0) {
+                0 => visit(next, edges, state, stack, found),
+                1 => {
+                    let from = stack.iter().position(|s| s == next).unwrap_or(0);
+                    found.push(format!("{} -> {next}", stack[from..].join(" -> ")));
+                }
+                _ => {}
+            }
+        }
+        stack.pop();
+        state.insert(node.to_string(), 2);
+    }
+    let (mut state, mut stack, mut found) = (BTreeMap::new(), Vec::new(), Vec::new());
+    for rel in &rels {
+        if !state.contains_key(rel.as_str()) {
+            visit(rel, &edges, &mut state, &mut stack, &mut found);
+        }
+    }
+    assert!(edges.len() > 50, "too few imports read: {}", edges.len());
+    assert!(
+        found.is_empty(),
+        "import circles between files of src/:\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn use_groups_expand_and_relative_roots_resolve() {
+    assert_eq!(expand("a::{b, c::{d, e}}"), ["a::b", "a::c::d", "a::c::e"]);
+    let here: Vec<String> = vec!["postgres".into(), "stream".into()];
+    let got = named_paths(
+        "use super::{wal::X, Lsn};\nfn f() { crate::repo::g() }",
+        &here,
+    );
+    let got: Vec<String> = got.iter().map(|p| p.join("::")).collect();
+    assert_eq!(got, ["postgres::wal::X", "postgres::Lsn", "repo::g"]);
 }

@@ -4,6 +4,7 @@ pub mod backup;
 pub mod catalog;
 pub mod checksum;
 pub mod manifest;
+pub mod pieces;
 pub mod quote;
 pub mod replication;
 pub mod restore;

@@ -526,7 +526,8 @@ async fn fetch_streamed(
     dest: &Path,
 ) -> Result<FetchOutcome, PgError> {
     let prefix = format!("{dir}{seg}.stream.");
-    let Some((data, streamed)) = streamed_segment(repo, &prefix, listed).await? else {
+    let Some((data, streamed)) = super::pieces::streamed_segment(repo, &prefix, listed).await?
+    else {
         return Ok(FetchOutcome::NotFound);
     };
     save(dest, data).await?;
@@ -534,52 +535,6 @@ async fn fetch_streamed(
     Ok(FetchOutcome::Fetched {
         source: format!("streamed pieces ({streamed} bytes)"),
     })
-}
-
-/// The streamed pieces named `<prefix><range>-<hash>` in `listed` that cover
-/// the segment from its start, assembled and zero-padded to a whole segment,
-/// with the number of bytes streamed; `None` when no piece starts at 0.
-pub(crate) async fn streamed_segment(
-    repo: &Repository,
-    prefix: &str,
-    listed: &[crate::store::ObjectInfo],
-) -> Result<Option<(Vec<u8>, usize)>, PgError> {
-    let pieces: Vec<(u32, u32, String, u64)> = listed
-        .iter()
-        .filter_map(|o| {
-            let (range, hash) = o.key.strip_prefix(prefix)?.rsplit_once('-')?;
-            let WalSuffix::Stream { start, end } = WalSuffix::parse(&format!(".stream.{range}"))?
-            else {
-                return None;
-            };
-            (hash.len() == 64).then(|| (start, end, o.key.clone(), o.size))
-        })
-        .collect();
-    let ranges: Vec<(u32, u32)> = pieces.iter().map(|p| (p.0, p.1)).collect();
-    let needed = super::stream::cover(&ranges);
-    if needed.is_empty() {
-        return Ok(None);
-    }
-    let pieces: Vec<_> = needed.into_iter().map(|i| pieces[i].clone()).collect();
-    let fetched: Vec<Result<(u32, u32, Bytes), PgError>> = futures::stream::iter(pieces)
-        .map(|(start, end, key, stored)| async move {
-            let expect = Expect {
-                plain_hash: key.rsplit('-').next().map(str::to_string),
-                key,
-                stored_size: Some(stored),
-                plain_size: Some(u64::from(end - start)),
-            };
-            let (_, data) = repo.get_verified(&expect.key.clone(), expect).await?;
-            Ok((start, end, data))
-        })
-        .buffer_unordered(8)
-        .collect()
-        .await;
-    let pieces = fetched.into_iter().collect::<Result<Vec<_>, _>>()?;
-    let mut data = super::stream::assemble(pieces);
-    let streamed = data.len();
-    data.resize(super::WAL_SEGMENT_SIZE as usize, 0);
-    Ok(Some((data, streamed)))
 }
 
 /// Downloads and verifies one object into `path` (temp file + fsync + rename),

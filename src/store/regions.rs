@@ -109,9 +109,7 @@ pub struct Regions {
     stall_timeout: std::time::Duration,
 }
 
-/// How long a region may take no data of a write before it counts as
-/// stalled, unless `[repository] stall_timeout` says otherwise.
-pub const DEFAULT_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+pub use crate::config::DEFAULT_STALL_TIMEOUT;
 
 /// How long a region that failed stays skipped by later runs before it is
 /// tried again.
