@@ -120,7 +120,7 @@ fi
 suite_rows() { # suite_rows TEST_BINARY LABEL
     local bin=$1 label=$2 log=$OUT/$1.log
     echo "chaos: $label (log: $log)"
-    cargo test --locked --quiet --test "$bin" -- --test-threads=2 >"$log" 2>&1 || status=1
+    cargo test --locked --test "$bin" -- --test-threads=2 >"$log" 2>&1 || status=1
     python3 - "$log" "$label" >>"$RESULTS" <<'EOF'
 import json, re, sys
 log, label = sys.argv[1], sys.argv[2]

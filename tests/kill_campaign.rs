@@ -81,9 +81,16 @@ fn backup_campaign(command: &'static str, remote: bool, kills: u32) {
     if remote {
         backup_runs(&mut c, &mut pg, &[], n, command);
     } else {
-        // Incremental and --full backups read and write differently: half each.
-        backup_runs(&mut c, &mut pg, &[], n.div_ceil(2), command);
-        backup_runs(&mut c, &mut pg, &["--full"], n / 2, "backup pg --full");
+        // Incremental and --full backups read and write differently: half
+        // each, in turns of up to 10, so a time budget still covers both.
+        let mut left = n;
+        while left > 0 && !c.out_of_time() {
+            let inc = left.div_ceil(2).min(10);
+            backup_runs(&mut c, &mut pg, &[], inc, command);
+            let full = (left - inc).min(10);
+            backup_runs(&mut c, &mut pg, &["--full"], full, "backup pg --full");
+            left -= inc + full;
+        }
     }
     pg.pgbench(&["-n", "-t", "200"]);
     let m = mark(&pg);
@@ -104,12 +111,12 @@ fn backup_campaign(command: &'static str, remote: bool, kills: u32) {
 
 #[test]
 fn kill_backup_pg_local() {
-    backup_campaign("backup-pg", false, 6);
+    backup_campaign("backup-pg", false, 4);
 }
 
 #[test]
 fn kill_backup_pg_remote() {
-    backup_campaign("backup-pg-remote", true, 3);
+    backup_campaign("backup-pg-remote", true, 2);
 }
 
 /// `dr wal-fetch seg` compared with the segment in pg_wal: Some(true) for
@@ -140,7 +147,7 @@ fn fetched(pg: &TestPg, seg: &str, orig: &[u8], ctx: &str) -> Option<bool> {
 /// archived copy is exact.
 #[test]
 fn kill_wal_push() {
-    let Some(mut c) = Campaign::new("wal-push", 6) else {
+    let Some(mut c) = Campaign::new("wal-push", 4) else {
         return;
     };
     let (_fs, mut pg) = pg_setup(false);
@@ -208,7 +215,7 @@ fn kill_wal_push() {
 /// finishes the job and every kept backup stays complete.
 #[test]
 fn kill_expire() {
-    let Some(mut c) = Campaign::new("expire", 4) else {
+    let Some(mut c) = Campaign::new("expire", 3) else {
         return;
     };
     let (_fs, mut pg) = pg_setup(false);
@@ -262,7 +269,7 @@ fn kill_expire() {
 /// reusable, never mistaken for a finished restore.
 #[test]
 fn kill_restore_pg() {
-    let Some(mut c) = Campaign::new("restore-pg", 4) else {
+    let Some(mut c) = Campaign::new("restore-pg", 3) else {
         return;
     };
     let (_fs, mut pg) = pg_setup(false);

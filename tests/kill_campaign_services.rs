@@ -58,7 +58,7 @@ fn wait_sync_streaming(pg: &TestPg) {
 /// a restore of `latest` holds every mark committed before the kill.
 #[test]
 fn kill_wal_stream() {
-    let Some(mut c) = Campaign::new("wal-stream", 4) else {
+    let Some(mut c) = Campaign::new("wal-stream", 3) else {
         return;
     };
     let fs = tempfile::tempdir().expect("tempdir");
@@ -116,11 +116,11 @@ fn kill_wal_stream() {
 /// snapshot holds the mark written before the kill.
 #[test]
 fn kill_backup_redis() {
-    let Some(mut c) = Campaign::new("backup-redis", 5) else {
+    let Some(mut c) = Campaign::new("backup-redis", 3) else {
         return;
     };
     let redis = TestRedis::start(&[]);
-    redis.populate(150_000);
+    redis.populate(100_000);
     let fs = tempfile::tempdir().expect("tempdir");
     let repo = fs.path().join("repo");
     let setup = DrSetup::new(
@@ -233,7 +233,7 @@ fn kill_backup_redis() {
 /// data there, and the next sync completes the region.
 #[test]
 fn kill_repo_sync() {
-    let Some(mut c) = Campaign::new("repo-sync", 5) else {
+    let Some(mut c) = Campaign::new("repo-sync", 3) else {
         return;
     };
     let fs = tempfile::tempdir().expect("tempdir");
@@ -364,7 +364,7 @@ fn kill_repo_sync() {
 /// and takes backups again.
 #[test]
 fn kill_daemon_mid_job() {
-    let Some(mut c) = Campaign::new("daemon", 3) else {
+    let Some(mut c) = Campaign::new("daemon", 2) else {
         return;
     };
     let (_fs, mut pg) = pg_setup(false);
@@ -442,7 +442,7 @@ fn kill_daemon_mid_job() {
 /// repository verifies, the next backup succeeds and restores exactly.
 #[test]
 fn kill_s3_server_mid_multipart_upload() {
-    let Some(mut c) = Campaign::new("s3-server", 3) else {
+    let Some(mut c) = Campaign::new("s3-server", 2) else {
         return;
     };
     let mut garage = OwnGarage::start();

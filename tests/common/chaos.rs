@@ -120,7 +120,7 @@ impl Campaign {
 
     /// Whether run `i` ends with a restore check.
     pub fn restore_now(&self, i: u32) -> bool {
-        self.restore_every > 0 && (i + 1) % self.restore_every == 0
+        self.restore_every > 0 && (i + 1).is_multiple_of(self.restore_every)
     }
 
     /// Runs one kill cycle; a panic in it is an inconsistent run, recorded
