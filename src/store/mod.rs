@@ -7,6 +7,7 @@ mod faults;
 mod fs;
 mod regions;
 mod s3;
+mod stall;
 
 use std::io;
 use std::ops::Range;

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
+use super::stall::{Stalled, region_put};
 use super::{ByteStream, ObjectInfo, Store, StoreError};
 use crate::config::{Config, RegionKind};
 
@@ -410,54 +411,21 @@ impl Regions {
             }
             let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
             senders.push(Some(tx));
-            // A task per region: request signing and checksums are CPU work
-            // that would otherwise run region after region on one thread.
-            let store = r.store.clone();
-            let k = key.to_string();
-            let name = r.name.clone();
-            let mut task =
-                tokio::spawn(async move { store.put(&k, super::channel_stream(rx)).await });
-            let abort = task.abort_handle();
-            aborts.push(abort.clone());
-            let stalled = stall.clone();
-            let idx = puts.len();
-            let k = key.to_string();
-            let mut done = done_rx.clone();
-            puts.push(async move {
-                let res = tokio::select! {
-                    r = &mut task => r,
-                    // Every byte was handed over, yet the region does not
-                    // finish: stalled as well.
-                    _ = async {
-                        let _ = done.changed().await;
-                        tokio::time::sleep(stall_timeout).await;
-                    } => {
-                        if let Ok(mut s) = stalled.lock() {
-                            s.push(idx);
-                        }
-                        abort.abort();
-                        (&mut task).await
-                    }
-                };
-                res.unwrap_or_else(|e| {
-                    let message =
-                        if e.is_cancelled() && stalled.lock().is_ok_and(|s| s.contains(&idx)) {
-                            format!(
-                                "stalled: made no progress for {}; write abandoned",
-                                humantime::format_duration(stall_timeout)
-                            )
-                        } else {
-                            format!("upload task failed: {e}")
-                        };
-                    Err(StoreError::Backend {
-                        store: name,
-                        op: "put",
-                        key: k,
-                        message,
-                        transient: true,
-                    })
-                })
-            });
+            let stalled = Stalled {
+                timeout: stall_timeout,
+                regions: stall.clone(),
+                idx: puts.len(),
+            };
+            let (abort, put) = region_put(
+                r.store.clone(),
+                r.name.clone(),
+                key,
+                rx,
+                done_rx.clone(),
+                stalled,
+            );
+            aborts.push(abort);
+            puts.push(put);
             live_regions.push(r);
         }
         let pump = async move {
