@@ -9,10 +9,17 @@
 #     for the integration tests; the client tools (psql, pg_basebackup, ...)
 #     are what `dr` drives.
 #   - redis-server / redis-tools: real Redis for the integration tests.
+#   - rabbitmq-server (3.10, with its management plugin): a real broker for
+#     the RabbitMQ definitions tests; scripts/testenv.sh runs a private node.
 #   - zstd, age: command-line tools used to cross-check the formats `dr` writes.
 #   - ca-certificates, pkg-config, gcc, make: building crates with C parts.
 #   - curl: scripts/testenv.sh uses it to check that the S3 endpoint answers.
 #   - time (GNU): the benchmarks report peak memory with it.
+#   - prometheus (with promtool): the alert rules are checked and unit-tested
+#     with promtool, and a real Prometheus scrapes a real `dr daemon` in the
+#     monitoring tests. Only the binaries are used; no service is started.
+#   - chromium: the HTML reports are loaded in headless Chromium (console,
+#     DOM, screenshot).
 #   - cargo-nextest: the test runner.
 #   - Garage 2.x: a small S3-compatible object store, built from crates.io
 #     because Debian 12 does not package it.
@@ -48,6 +55,7 @@ APT_PACKAGES=(
     "postgresql-contrib-15:/usr/share/postgresql/15/extension/amcheck.control"
     "redis-server:redis-server"
     "redis-tools:redis-cli"
+    "rabbitmq-server:/usr/lib/rabbitmq/bin/rabbitmq-server"
     "zstd:zstd"
     "age:age"
     "ca-certificates:/etc/ssl/certs/ca-certificates.crt"
@@ -57,6 +65,8 @@ APT_PACKAGES=(
     "curl:curl"
     "time:/usr/bin/time"
     "python3-venv:/usr/lib/python3.11/ensurepip/__init__.py"
+    "prometheus:/usr/bin/promtool"
+    "chromium:/usr/bin/chromium"
 )
 
 is_present() {

@@ -21,6 +21,11 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH:/usr/local/sbin:/usr/local/bi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/dr/target}"
 mkdir -p -- "$CARGO_TARGET_DIR"
 
+# Screenshots and other files tests leave for people to look at (the HTML
+# reports rendered in headless Chromium).
+export DR_ARTIFACTS_DIR="${DR_ARTIFACTS_DIR:-$CARGO_TARGET_DIR/artifacts}"
+mkdir -p -- "$DR_ARTIFACTS_DIR"
+
 banner "2/4 Starting test servers (scripts/testenv.sh)"
 # A state directory of its own (unless the caller chose one), so this run
 # neither reuses leftover data nor stops an environment someone started by
@@ -63,9 +68,11 @@ banner "4/4 Running tests (cargo nextest run)"
 echo "cargo:   $(cargo --version)"
 echo "nextest: $(cargo nextest --version 2>/dev/null | head -n1)"
 echo "target:  $CARGO_TARGET_DIR"
+echo "artifacts (screenshots): $DR_ARTIFACTS_DIR"
 status=0
 cargo nextest run --locked --no-fail-fast "$@" || status=$?
 
+echo "artifacts (screenshots): $DR_ARTIFACTS_DIR"
 if ((status == 0 && lint != 0)); then
     banner "Tests passed, but lints FAILED (see LINT above)"
     exit 1

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Throwaway PostgreSQL 15, Redis, Garage (S3) and moto (S3 with Object Lock)
-# servers for the integration tests, on free loopback ports, all state under
+# Throwaway PostgreSQL 15, Redis, RabbitMQ (with the management plugin),
+# Garage (S3) and moto (S3 with Object Lock) servers for the integration tests, on free loopback ports, all state under
 # one directory.
 #
 # Usage: scripts/testenv.sh start|stop|status|env
@@ -39,6 +39,15 @@ REDIS_DIR=$STATE_DIR/redis
 REDIS_CONF=$REDIS_DIR/redis.conf
 REDIS_PIDFILE=$REDIS_DIR/redis.pid
 REDIS_LOG=$REDIS_DIR/redis.log
+
+RMQ_DIR=$STATE_DIR/rabbitmq
+RMQ_LOG=$RMQ_DIR/startup.log
+# The broker's own start script (not the /usr/sbin wrapper, which switches
+# to the rabbitmq user); epmd from the Erlang runtime it depends on.
+RMQ_SERVER_BIN=/usr/lib/rabbitmq/bin/rabbitmq-server
+EPMD_BIN=/usr/bin/epmd
+# Administrator created at first boot (default_user in rabbitmq.conf).
+RMQ_USER=dr-admin
 
 GARAGE_DIR=$STATE_DIR/garage
 GARAGE_CONF=$GARAGE_DIR/garage.toml
@@ -147,6 +156,8 @@ pg_pid() { read_pid "$PG_DATA/postmaster.pid"; }
 redis_pid() { read_pid "$REDIS_PIDFILE"; }
 garage_pid() { read_pid "$GARAGE_PIDFILE"; }
 moto_pid() { read_pid "$MOTO_PIDFILE"; }
+rabbitmq_pid() { read_pid "$RMQ_DIR/rabbitmq.pid"; }
+epmd_pid() { read_pid "$RMQ_DIR/epmd.pid"; }
 
 # Sends SIGTERM, waits, then SIGKILL if the process is still there.
 kill_and_wait() { # kill_and_wait LABEL PID NAME
@@ -307,6 +318,80 @@ stop_redis() {
 }
 
 # ---------------------------------------------------------------------------
+# RabbitMQ
+# ---------------------------------------------------------------------------
+# A private node (its own name, epmd port, Erlang cookie in its own HOME,
+# data and log directories under the state dir) on loopback ports only, so
+# neither a system broker nor another test environment is touched.
+start_rabbitmq() {
+    local amqp_port=$1 mgmt_port=$2 dist_port=$3 epmd_port=$4
+    local label="RabbitMQ (management on 127.0.0.1:$mgmt_port)"
+    mkdir -p "$RMQ_DIR/mnesia" "$RMQ_DIR/log"
+    RMQ_PASSWORD=$(random_hex 16)
+    cat >"$RMQ_DIR/rabbitmq.conf" <<EOF
+# dr test environment (scripts/testenv.sh)
+listeners.tcp.default = 127.0.0.1:$amqp_port
+management.tcp.port = $mgmt_port
+management.tcp.ip = 127.0.0.1
+default_user = $RMQ_USER
+default_pass = $RMQ_PASSWORD
+default_user_tags.administrator = true
+EOF
+    # Federation only registers its runtime parameters (federation-upstream),
+    # so tests can back up a vhost parameter; nothing is federated.
+    echo '[rabbitmq_management,rabbitmq_federation].' >"$RMQ_DIR/enabled_plugins"
+    chmod 700 "$RMQ_DIR"
+    chown -R "$OS_USER:" "$RMQ_DIR"
+    touch "$RMQ_LOG" && chown "$OS_USER:" "$RMQ_LOG"
+
+    # epmd is started here (not by the node, which would daemonize it) so
+    # that its PID is known and `stop` can end it.
+    log "RabbitMQ: starting epmd on 127.0.0.1:$epmd_port"
+    (cd / && exec setpriv --reuid="$OS_USER" --regid="$OS_USER" --init-groups \
+        "$EPMD_BIN" -port "$epmd_port" -address 127.0.0.1) </dev/null >>"$RMQ_LOG" 2>&1 &
+    echo $! >"$RMQ_DIR/epmd.pid"
+
+    log "RabbitMQ: starting node dr-test@localhost (AMQP :$amqp_port, management :$mgmt_port, distribution :$dist_port)"
+    (cd / && exec env -i PATH="$PATH" LANG=C.UTF-8 HOME="$RMQ_DIR" \
+        RABBITMQ_NODENAME=dr-test@localhost \
+        RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+        RABBITMQ_NODE_PORT="$amqp_port" \
+        RABBITMQ_DIST_PORT="$dist_port" \
+        ERL_EPMD_PORT="$epmd_port" \
+        ERL_EPMD_ADDRESS=127.0.0.1 \
+        RABBITMQ_MNESIA_BASE="$RMQ_DIR/mnesia" \
+        RABBITMQ_LOG_BASE="$RMQ_DIR/log" \
+        RABBITMQ_CONFIG_FILE="$RMQ_DIR/rabbitmq.conf" \
+        RABBITMQ_ADVANCED_CONFIG_FILE="$RMQ_DIR/advanced.config" \
+        RABBITMQ_ENABLED_PLUGINS_FILE="$RMQ_DIR/enabled_plugins" \
+        RABBITMQ_PID_FILE="$RMQ_DIR/rabbitmq.pid" \
+        setpriv --reuid="$OS_USER" --regid="$OS_USER" --init-groups "$RMQ_SERVER_BIN") \
+        </dev/null >>"$RMQ_LOG" 2>&1 &
+    local launcher=$! deadline=$((SECONDS + START_TIMEOUT))
+    until [[ $(curl -s -o /dev/null -w '%{http_code}' --max-time 2 -u "$RMQ_USER:$RMQ_PASSWORD" \
+        "http://127.0.0.1:$mgmt_port/api/overview" 2>/dev/null || true) == 200 ]]; do
+        still_running "$launcher" || start_failed "$label" "$RMQ_LOG" "rabbitmq-server exited during startup"
+        ((SECONDS < deadline)) || start_failed "$label" "$RMQ_LOG" "management API did not answer within ${START_TIMEOUT}s"
+        sleep 0.3
+    done
+    [[ -n $(rabbitmq_pid) ]] || start_failed "$label" "$RMQ_LOG" "no pid file $RMQ_DIR/rabbitmq.pid"
+}
+
+stop_rabbitmq() {
+    local pid
+    pid=$(rabbitmq_pid)
+    if pid_is "$pid" beam; then
+        log "RabbitMQ: stopping (pid $pid)"
+        kill_and_wait RabbitMQ "$pid" beam
+    fi
+    pid=$(epmd_pid)
+    if pid_is "$pid" epmd; then
+        log "RabbitMQ: stopping epmd (pid $pid)"
+        kill_and_wait epmd "$pid" epmd
+    fi
+}
+
+# ---------------------------------------------------------------------------
 # Garage (S3)
 # ---------------------------------------------------------------------------
 garage_cli() { garage -c "$GARAGE_CONF" "$@"; }
@@ -462,13 +547,14 @@ stop_garage() {
 stop_servers() {
     stop_moto
     stop_garage
+    stop_rabbitmq
     stop_redis
     stop_postgres
 }
 
 all_running() {
     pid_is "$(pg_pid)" postgres && pid_is "$(redis_pid)" redis-server && pid_is "$(garage_pid)" garage &&
-        pid_is "$(moto_pid)" moto_server
+        pid_is "$(moto_pid)" moto_server && pid_is "$(rabbitmq_pid)" beam
 }
 
 # Refuses to delete a directory this script did not create.
@@ -480,7 +566,7 @@ remove_state_dir() {
 }
 
 write_env_file() {
-    local pg_port=$1 redis_port=$2 s3_port=$3 moto_port=$4 tmp=$ENV_FILE.tmp
+    local pg_port=$1 redis_port=$2 s3_port=$3 moto_port=$4 amqp_port=$5 mgmt_port=$6 tmp=$ENV_FILE.tmp
     {
         echo "# Generated by scripts/testenv.sh start; removed by scripts/testenv.sh stop."
         printf 'export %s=%q\n' \
@@ -493,6 +579,11 @@ write_env_file() {
             DR_TEST_OS_USER "$OS_USER" \
             DR_TEST_REDIS_URL "redis://127.0.0.1:$redis_port" \
             DR_TEST_REDIS_SERVER_BIN "$(command -v redis-server)" \
+            DR_TEST_RABBITMQ_URL "http://127.0.0.1:$mgmt_port" \
+            DR_TEST_RABBITMQ_AMQP_PORT "$amqp_port" \
+            DR_TEST_RABBITMQ_USER "$RMQ_USER" \
+            DR_TEST_RABBITMQ_PASSWORD "$RMQ_PASSWORD" \
+            DR_TEST_RABBITMQ_SERVER_BIN "$RMQ_SERVER_BIN" \
             DR_TEST_S3_ENDPOINT "http://$GARAGE_ADDR:$s3_port" \
             DR_TEST_S3_REGION "$S3_REGION" \
             DR_TEST_S3_BUCKET "$S3_BUCKET" \
@@ -515,7 +606,10 @@ check_prereqs() {
     for tool in "$PG_BIN_DIR/initdb" "$PG_BIN_DIR/pg_ctl" "$PG_BIN_DIR/psql"; do
         [[ -x $tool ]] || missing+=("$tool")
     done
-    for tool in redis-server redis-cli garage curl runuser od; do
+    for tool in "$RMQ_SERVER_BIN" "$EPMD_BIN"; do
+        [[ -x $tool ]] || missing+=("$tool")
+    done
+    for tool in redis-server redis-cli garage curl runuser setpriv od; do
         command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
     done
     [[ -x $MOTO_VENV/bin/moto_server ]] || missing+=("$MOTO_VENV/bin/moto_server")
@@ -556,16 +650,17 @@ cmd_start() {
     ((${#PG_SOCKET_DIR} < 80)) ||
         die "DR_TESTENV_DIR is too long for PostgreSQL's Unix socket path; use a shorter one"
 
-    local ports pg_port redis_port s3_port rpc_port admin_port moto_port
-    ports=$(free_ports 6)
-    read -r pg_port redis_port s3_port rpc_port admin_port moto_port <<<"$ports"
+    local ports pg_port redis_port s3_port rpc_port admin_port moto_port amqp_port mgmt_port dist_port epmd_port
+    ports=$(free_ports 10)
+    read -r pg_port redis_port s3_port rpc_port admin_port moto_port amqp_port mgmt_port dist_port epmd_port <<<"$ports"
 
     start_postgres "$pg_port"
     start_redis "$redis_port"
+    start_rabbitmq "$amqp_port" "$mgmt_port" "$dist_port" "$epmd_port"
     start_garage "$s3_port" "$rpc_port" "$admin_port"
     start_moto "$moto_port"
 
-    write_env_file "$pg_port" "$redis_port" "$s3_port" "$moto_port"
+    write_env_file "$pg_port" "$redis_port" "$s3_port" "$moto_port" "$amqp_port" "$mgmt_port"
     log "all servers up in $((SECONDS - t0))s; environment in $ENV_FILE"
     cat -- "$ENV_FILE"
 }
@@ -605,6 +700,16 @@ cmd_status() {
         echo "redis:    running (pid $pid, 127.0.0.1:$redis_port)"
     else
         echo "redis:    NOT answering (127.0.0.1:$redis_port; log $REDIS_LOG)"
+        ok=3
+    fi
+
+    pid=$(rabbitmq_pid)
+    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 -u "$DR_TEST_RABBITMQ_USER:$DR_TEST_RABBITMQ_PASSWORD" \
+        "$DR_TEST_RABBITMQ_URL/api/overview" 2>/dev/null || true)
+    if pid_is "$pid" beam && [[ $code == 200 ]]; then
+        echo "rabbitmq: running (pid $pid, management $DR_TEST_RABBITMQ_URL, AMQP 127.0.0.1:$DR_TEST_RABBITMQ_AMQP_PORT)"
+    else
+        echo "rabbitmq: NOT answering (management $DR_TEST_RABBITMQ_URL returned '${code:-none}'; log $RMQ_LOG)"
         ok=3
     fi
 

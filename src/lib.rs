@@ -1,5 +1,5 @@
-//! `dr`: backup, disaster-recovery and failover orchestration for PostgreSQL and
-//! Redis. The library is the product; the `dr` binary is a thin CLI over it.
+//! `dr`: backup, disaster-recovery and failover orchestration for PostgreSQL,
+//! Redis and RabbitMQ definitions. The library is the product; the `dr` binary is a thin CLI over it.
 //!
 //! Data flows `source → zstd → age → store` through bounded channels; the
 //! repository is append-only and a backup exists only once its manifest is
@@ -13,16 +13,16 @@
 //! `src/` against it, and that no two files import each other, directly or
 //! through others.
 //!
-//! 1. `os`, `time`, `keys`, `lockfile`, `progress`, `tls`, `schedule`: foundations that stand alone
+//! 1. `error`, `os`, `time`, `keys`, `lockfile`, `progress`, `tls`, `schedule`: foundations that stand alone
 //! 2. `config`: plain data and parsing; checks that need an engine live with the engine
 //! 3. `store`: regions and their objects
 //! 4. `codec`: compression and encryption of streams
 //! 5. `repo`: repository format, keys, manifests, retention
-//! 6. `postgres`, `redis`: the engines, each checking its own config sections
+//! 6. `postgres`, `redis`, `rabbitmq`: the engines, each checking its own config sections
 //! 7. `maintenance`, `audit`: retention, integrity checks and region repair across engines; the append-only record of operations
 //! 8. `check`, `playbook`: read-only checks of a setup; failover playbooks
 //! 9. `verify`: scratch restores, drills (which run playbooks), staging
-//! 10. `validate`: loading a config with every engine's checks
+//! 10. `validate`, `report`: loading a config with every engine's checks; `dr report` (recoverable windows, verification and drill history as HTML)
 //! 11. `daemon`: schedules, probes, metrics
 //! 12. `cli`, `main`: the `dr` binary
 
@@ -31,6 +31,7 @@ pub mod check;
 pub mod codec;
 pub mod config;
 pub mod daemon;
+pub mod error;
 pub mod keys;
 pub mod lockfile;
 pub mod maintenance;
@@ -38,8 +39,10 @@ pub mod os;
 pub mod playbook;
 pub mod postgres;
 pub mod progress;
+pub mod rabbitmq;
 pub mod redis;
 pub mod repo;
+pub mod report;
 pub mod schedule;
 pub mod store;
 pub mod time;

@@ -25,10 +25,15 @@ impl PartialEq for Cron {
 const HINT: &str = "use 5 fields (minute hour day-of-month month day-of-week, e.g. \"0 2 * * *\") \
                     or 6 with seconds first (e.g. \"*/30 * * * * *\"); times are UTC";
 
+crate::message_error!(
+    /// A cron expression dr cannot schedule; says what to write instead.
+    ScheduleError
+);
+
 impl Cron {
     /// Parses a 5- or 6-field expression (or `@daily`-style shorthand); the
     /// error says what to write instead.
-    pub fn parse(expr: &str) -> Result<Cron, String> {
+    pub fn parse(expr: &str) -> Result<Cron, ScheduleError> {
         let trimmed = expr.trim();
         let translated = if trimmed.starts_with('@') {
             trimmed.to_string()
@@ -37,7 +42,7 @@ impl Cron {
             match fields.len() {
                 5 => fields.insert(0, "0".into()),
                 6 => {}
-                n => return Err(format!("has {n} fields; {HINT}")),
+                n => return Err(format!("has {n} fields; {HINT}").into()),
             }
             for (field, (name, lo, hi)) in fields.iter().zip(BOUNDS) {
                 in_range(field, name, lo, hi)?;
@@ -60,6 +65,17 @@ impl Cron {
     /// The first time strictly after `t`.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.schedule.after(&t).next()
+    }
+
+    /// The longest gap, in seconds, between consecutive times of the next
+    /// `n + 1` after `t`: how old the newest run's result may get when every
+    /// run happens (a weekday schedule allows three days over a weekend).
+    pub fn longest_interval(&self, t: DateTime<Utc>, n: usize) -> Option<f64> {
+        let times: Vec<DateTime<Utc>> = self.schedule.after(&t).take(n + 1).collect();
+        times
+            .windows(2)
+            .map(|w| (w[1] - w[0]).num_milliseconds() as f64 / 1000.0)
+            .reduce(f64::max)
     }
 
     /// The expression as written.
@@ -172,6 +188,15 @@ mod tests {
         DateTime::parse_from_rfc3339(s)
             .expect("time")
             .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn longest_interval_spans_the_weekend_of_a_weekday_schedule() {
+        let c = Cron::parse("0 2 * * 1-5").expect("parse");
+        let gap = c.longest_interval(at("2026-11-25T00:00:00Z"), 32);
+        assert_eq!(gap, Some(3.0 * 86400.0));
+        let c = Cron::parse("*/2 * * * * *").expect("parse");
+        assert_eq!(c.longest_interval(at("2026-11-25T00:00:00Z"), 8), Some(2.0));
     }
 
     #[test]

@@ -6,6 +6,11 @@ use std::sync::Arc;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
+crate::message_error!(
+    /// A TLS setting that cannot be used; names the file and the problem.
+    TlsError
+);
+
 /// A client config that verifies servers against the PEM bundle `root`, or the
 /// system roots when `root` is `None`, and presents `client` (certificate
 /// chain, private key; PEM files) when given. Errors name the file and the
@@ -13,7 +18,7 @@ use rustls_pki_types::pem::PemObject;
 pub fn client_config(
     root: Option<&Path>,
     client: Option<(&Path, &Path)>,
-) -> Result<rustls::ClientConfig, String> {
+) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     match root {
         Some(path) => {
@@ -21,7 +26,7 @@ pub fn client_config(
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| format!("{}: {e}", path.display()))?;
             if certs.is_empty() {
-                return Err(format!("{} holds no certificate", path.display()));
+                return Err(format!("{} holds no certificate", path.display()).into());
             }
             for c in certs {
                 roots
@@ -47,7 +52,7 @@ pub fn client_config(
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| format!("{}: {e}", cert.display()))?;
     if chain.is_empty() {
-        return Err(format!("{} holds no certificate", cert.display()));
+        return Err(format!("{} holds no certificate", cert.display()).into());
     }
     // Like libpq: a private key others can read is refused.
     let meta = std::fs::metadata(key).map_err(|e| format!("{}: {e}", key.display()))?;
@@ -58,11 +63,11 @@ pub fn client_config(
             key.display(),
             mode & 0o777,
             key.display()
-        ));
+        ).into());
     }
     let key_der = rustls_pki_types::PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("{}: {e}", key.display()))?;
     builder
         .with_client_auth_cert(chain, key_der)
-        .map_err(|e| format!("client certificate {}: {e}", cert.display()))
+        .map_err(|e| format!("client certificate {}: {e}", cert.display()).into())
 }

@@ -24,6 +24,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
 /// The checks that need engine knowledge, on an already parsed config.
 pub fn check(cfg: &Config) -> Result<(), ConfigError> {
     crate::redis::check_config(cfg)?;
+    crate::rabbitmq::check_config(cfg)?;
     crate::postgres::check_config(cfg)?;
     crate::verify::staging::check_config(cfg)
 }

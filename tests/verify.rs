@@ -500,7 +500,8 @@ fn drill_production() -> (
     (fs, pg, base, scratch, reports, redis)
 }
 
-/// The drill's two report files: the JSON (parsed) and the Markdown.
+/// The drill's report files: the JSON (parsed) and the Markdown; the HTML
+/// beside them is checked in a browser by tests/report.rs.
 fn report_files(d: &Value) -> (Value, String) {
     let files: Vec<&str> = d["files"]
         .as_array()
@@ -508,7 +509,10 @@ fn report_files(d: &Value) -> (Value, String) {
         .iter()
         .filter_map(|f| f.as_str())
         .collect();
-    assert_eq!(files.len(), 2, "{d:#}");
+    assert_eq!(files.len(), 3, "{d:#}");
+    assert!(files[2].ends_with(".html"), "{files:?}");
+    let html = std::fs::read_to_string(files[2]).expect("html report");
+    assert!(html.contains(d["drill"].as_str().expect("drill")), "{html}");
     let json =
         serde_json::from_slice(&std::fs::read(files[0]).expect("json report")).expect("json");
     let md = std::fs::read_to_string(files[1]).expect("markdown report");
@@ -931,4 +935,93 @@ fn drill_into_staging_servers_restores_production_data_and_refuses_production() 
         pg.sql_at(sp, "SELECT count(*) FROM pgbench_accounts"),
         "100000"
     );
+}
+
+/// Creates a vhost with a quorum queue and a binding on the test broker;
+/// returns (management URL, admin user, vhost).
+fn rabbitmq_vhost() -> (String, String, String) {
+    let url = common::require_env("DR_TEST_RABBITMQ_URL", "RabbitMQ");
+    let user = common::require_env("DR_TEST_RABBITMQ_USER", "RabbitMQ");
+    let password = common::require_env("DR_TEST_RABBITMQ_PASSWORD", "RabbitMQ");
+    let vhost = common::unique("drill");
+    let defs = serde_json::json!({
+        "vhosts": [{"name": vhost}],
+        "queues": [{"name": "jobs", "vhost": vhost, "durable": true, "auto_delete": false,
+                    "arguments": {"x-queue-type": "quorum"}}],
+        "exchanges": [{"name": "in", "vhost": vhost, "type": "direct", "durable": true,
+                       "auto_delete": false, "internal": false, "arguments": {}}],
+        "bindings": [{"source": "in", "vhost": vhost, "destination": "jobs",
+                      "destination_type": "queue", "routing_key": "job", "arguments": {}}]
+    });
+    let o = Command::new("curl")
+        .args(["-sS", "-f", "-u", &format!("{user}:{password}")])
+        .args(["-H", "content-type: application/json", "-X", "POST"])
+        .args(["--data-binary", &defs.to_string()])
+        .arg(format!("{url}/api/definitions"))
+        .output()
+        .expect("curl");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (url, user, vhost)
+}
+
+fn delete_rabbitmq_vhost(url: &str, user: &str, vhost: &str) {
+    let password = common::require_env("DR_TEST_RABBITMQ_PASSWORD", "RabbitMQ");
+    let _ = Command::new("curl")
+        .args(["-sS", "-u", &format!("{user}:{password}"), "-X", "DELETE"])
+        .arg(format!("{url}/api/vhosts/{vhost}"))
+        .output();
+}
+
+#[test]
+fn drill_over_postgres_redis_and_rabbitmq_reports_one_rto_and_rpo() {
+    let (_fs, pg, base, scratch, reports, redis) = drill_production();
+    let (url, user, vhost) = rabbitmq_vhost();
+    let bin = common::require_env("DR_TEST_REDIS_SERVER_BIN", "Redis");
+    let sections = format!(
+        "{}\n[redis.cache]\nurl = \"{}\"\nserver_bin = \"{bin}\"\n[redis.cache.verify]\nscratch_dir = \"{}\"\n\n\
+         [rabbitmq.mq]\nurl = \"{url}\"\nuser = \"{user}\"\npassword_env = \"DR_TEST_RABBITMQ_PASSWORD\"\nvhosts = [\"{vhost}\"]\n\
+         server_bin = \"{}\"\nos_user = \"{}\"\n[rabbitmq.mq.verify]\nscratch_dir = \"{}\"\n\
+         [[rabbitmq.mq.verify.check]]\nname = \"jobs is quorum\"\nkind = \"queue\"\nvhost = \"{vhost}\"\nitem = \"jobs\"\narguments = {{ \"x-queue-type\" = \"quorum\" }}\n\n\
+         [drill.all]\npostgres = [\"main\"]\nredis = [\"cache\"]\nrabbitmq = [\"mq\"]\nto = \"latest\"\nrto_seconds = 900\nrpo_seconds = 900\nreport_dir = \"{}\"\n",
+        verify_section(&scratch, &[]),
+        redis.url(),
+        scratch.display(),
+        common::require_env("DR_TEST_RABBITMQ_SERVER_BIN", "RabbitMQ"),
+        pg.user,
+        scratch.display(),
+        reports.display()
+    );
+    set_config(&pg, &base, &sections);
+    pg.dr(&["backup", "redis"]);
+    pg.dr(&["backup", "rabbitmq"]);
+    let o = pg.dr_raw(&["--json", "drill", "all"]);
+    delete_rabbitmq_vhost(&url, &user, &vhost);
+    let v = json(&o);
+    assert!(o.status.success(), "{v:#}");
+    let d = &v["drill"];
+    assert_eq!(d["ok"], true, "{d:#}");
+    let sources = d["sources"].as_array().expect("sources");
+    let kinds: Vec<&str> = sources.iter().filter_map(|s| s["kind"].as_str()).collect();
+    assert_eq!(kinds, ["pg", "redis", "rabbitmq"], "{d:#}");
+    let rto = d["achieved"]["rto_seconds"].as_f64().expect("one RTO");
+    let rpo = d["achieved"]["rpo_seconds"].as_f64().expect("one RPO");
+    for s in sources {
+        let (r, p) = (
+            s["rto_seconds"].as_f64().expect("source RTO"),
+            s["rpo_seconds"].as_f64().expect("source RPO"),
+        );
+        assert!(r <= rto && p <= rpo, "{s:#}");
+        assert_eq!(check(s, "cleanup")["ok"], true, "{s:#}");
+        eprintln!(
+            "MEASURED drill {} {}: RTO {r:.2}s RPO {p:.3}s",
+            s["kind"], s["name"]
+        );
+    }
+    let mq = &sources[2];
+    assert_eq!(check(mq, "definitions")["ok"], true, "{mq:#}");
+    assert_eq!(check(mq, "jobs is quorum")["ok"], true, "{mq:#}");
+    eprintln!("MEASURED drill overall: RTO {rto:.2}s RPO {rpo:.3}s");
+    let (_, md) = report_files(d);
+    assert!(md.contains("## rabbitmq `mq`"), "{md}");
+    assert_clean(&scratch);
 }

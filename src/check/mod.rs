@@ -86,116 +86,9 @@ pub async fn run(cfg: &Config) -> CheckReport {
     let mut healthy = 0;
     let mut repo_ids = Vec::new();
     for r in regions.iter() {
-        let name = format!("region {}", r.name);
-        let t = Instant::now();
-        // Read before writing: a region without a repository is reported,
-        // never written to (a check must not create a repository).
-        let info = r.store.get_bytes(&info_key).await;
-        let missing = matches!(&info, Err(e) if e.is_not_found());
-        // A locked bucket used without object_lock_days: dr's deletes would
-        // only add delete markers (objects hidden, storage kept).
-        if let crate::store::Store::S3(s3) = r.store.as_ref()
-            && !s3.object_lock_configured()
-            && s3.bucket_object_lock().await.unwrap_or(false)
-        {
-            rep.push(
-                format!("object lock in {}", r.name),
-                Status::Warn,
-                format!(
-                    "{}: the bucket has Object Lock enabled but the region has no object_lock_days; \
-                     dr expire would only hide objects behind delete markers and storage would not be \
-                     reclaimed; set object_lock_days and object_lock_mode to match the bucket",
-                    r.store.describe()
-                ),
-            );
-        }
-        match &info {
-            Ok(_) => match write_probe(r).await {
-                Ok((true, note)) => {
-                    healthy += 1;
-                    rep.push(
-                        &name,
-                        Status::Ok,
-                        format!(
-                            "{}: writable, {} ms round trip{note}",
-                            r.store.describe(),
-                            t.elapsed().as_millis()
-                        ),
-                    );
-                }
-                Ok((false, _)) => rep.push(
-                    &name,
-                    Status::Fail,
-                    format!(
-                        "{}: read back different bytes than written",
-                        r.store.describe()
-                    ),
-                ),
-                Err(e) => rep.push(&name, Status::Fail, e.to_string()),
-            },
-            Err(_) if missing => {
-                let (status, detail) = uninitialized_region(r).await;
-                if status != Status::Fail {
-                    healthy += 1;
-                }
-                rep.push(&name, status, detail);
-            }
-            Err(e) => rep.push(&name, Status::Fail, e.to_string()),
-        }
-        match info {
-            Ok(b) => match serde_json::from_slice::<crate::repo::RepoInfo>(&b) {
-                Ok(info) if info.version == crate::repo::FORMAT_VERSION => {
-                    repo_ids.push(info.id.clone());
-                    rep.push(
-                        format!("repository in {}", r.name),
-                        Status::Ok,
-                        format!(
-                            "id {}, created {}",
-                            info.id,
-                            info.created.format("%Y-%m-%d %H:%M:%SZ")
-                        ),
-                    );
-                    let fps: Vec<String> = cfg
-                        .repository
-                        .recipients
-                        .get_ref()
-                        .iter()
-                        .map(|x| keys::fingerprint(x))
-                        .collect();
-                    if !fps.iter().all(|f| info.recipient_fingerprints.contains(f)) {
-                        rep.push(
-                            format!("recipients in {}", r.name),
-                            Status::Warn,
-                            "the configured recipients differ from those at `dr repo init`; older backups need the old identities",
-                        );
-                    }
-                }
-                Ok(info) => rep.push(
-                    format!("repository in {}", r.name),
-                    Status::Fail,
-                    format!(
-                        "format version {} is not supported by this dr (reads {})",
-                        info.version,
-                        crate::repo::FORMAT_VERSION
-                    ),
-                ),
-                Err(e) => rep.push(
-                    format!("repository in {}", r.name),
-                    Status::Fail,
-                    format!("dr-repo.json is not a dr descriptor: {e}"),
-                ),
-            },
-            Err(_) if missing => rep.push(
-                format!("repository in {}", r.name),
-                Status::Warn,
-                "not initialized; run `dr repo init`",
-            ),
-            Err(e) => rep.push(
-                format!("repository in {}", r.name),
-                Status::Fail,
-                e.to_string(),
-            ),
-        }
+        let (ok, id) = region_checks(cfg, r, &info_key, &mut rep).await;
+        healthy += usize::from(ok);
+        repo_ids.extend(id);
     }
     repo_ids.dedup();
     if repo_ids.len() > 1 {
@@ -241,6 +134,143 @@ pub async fn run(cfg: &Config) -> CheckReport {
         rep.push(format!("redis {name}"), status, detail);
     }
     rep
+}
+
+/// Checks one region: reachable and writable (or uninitialized but
+/// usable), its Object Lock settings, and its repository descriptor.
+/// Returns whether it counts towards the write quorum, and its repository id.
+async fn region_checks(
+    cfg: &Config,
+    r: &crate::store::Region,
+    info_key: &str,
+    rep: &mut CheckReport,
+) -> (bool, Option<String>) {
+    let mut healthy = false;
+    let name = format!("region {}", r.name);
+    let t = Instant::now();
+    // Read before writing: a region without a repository is reported,
+    // never written to (a check must not create a repository).
+    let info = r.store.get_bytes(info_key).await;
+    let missing = matches!(&info, Err(e) if e.is_not_found());
+    // A locked bucket used without object_lock_days: dr's deletes would
+    // only add delete markers (objects hidden, storage kept).
+    if let crate::store::Store::S3(s3) = r.store.as_ref()
+        && !s3.object_lock_configured()
+        && s3.bucket_object_lock().await.unwrap_or(false)
+    {
+        rep.push(
+            format!("object lock in {}", r.name),
+            Status::Warn,
+            format!(
+                "{}: the bucket has Object Lock enabled but the region has no object_lock_days; \
+                 dr expire would only hide objects behind delete markers and storage would not be \
+                 reclaimed; set object_lock_days and object_lock_mode to match the bucket",
+                r.store.describe()
+            ),
+        );
+    }
+    match &info {
+        Ok(_) => match write_probe(r).await {
+            Ok((true, note)) => {
+                healthy = true;
+                rep.push(
+                    &name,
+                    Status::Ok,
+                    format!(
+                        "{}: writable, {} ms round trip{note}",
+                        r.store.describe(),
+                        t.elapsed().as_millis()
+                    ),
+                );
+            }
+            Ok((false, _)) => rep.push(
+                &name,
+                Status::Fail,
+                format!(
+                    "{}: read back different bytes than written",
+                    r.store.describe()
+                ),
+            ),
+            Err(e) => rep.push(&name, Status::Fail, e.to_string()),
+        },
+        Err(_) if missing => {
+            let (status, detail) = uninitialized_region(r).await;
+            if status != Status::Fail {
+                healthy = true;
+            }
+            rep.push(&name, status, detail);
+        }
+        Err(e) => rep.push(&name, Status::Fail, e.to_string()),
+    }
+    let id = descriptor_checks(cfg, r, info, missing, rep);
+    (healthy, id)
+}
+
+/// Checks a region's `dr-repo.json`: a supported format, the configured
+/// recipients. Returns the repository id it names.
+fn descriptor_checks(
+    cfg: &Config,
+    r: &crate::store::Region,
+    info: Result<bytes::Bytes, crate::store::StoreError>,
+    missing: bool,
+    rep: &mut CheckReport,
+) -> Option<String> {
+    let mut repo_id = None;
+    match info {
+        Ok(b) => match serde_json::from_slice::<crate::repo::RepoInfo>(&b) {
+            Ok(info) if info.version == crate::repo::FORMAT_VERSION => {
+                repo_id = Some(info.id.clone());
+                rep.push(
+                    format!("repository in {}", r.name),
+                    Status::Ok,
+                    format!(
+                        "id {}, created {}",
+                        info.id,
+                        info.created.format("%Y-%m-%d %H:%M:%SZ")
+                    ),
+                );
+                let fps: Vec<String> = cfg
+                    .repository
+                    .recipients
+                    .get_ref()
+                    .iter()
+                    .map(|x| keys::fingerprint(x))
+                    .collect();
+                if !fps.iter().all(|f| info.recipient_fingerprints.contains(f)) {
+                    rep.push(
+                        format!("recipients in {}", r.name),
+                        Status::Warn,
+                        "the configured recipients differ from those at `dr repo init`; older backups need the old identities",
+                    );
+                }
+            }
+            Ok(info) => rep.push(
+                format!("repository in {}", r.name),
+                Status::Fail,
+                format!(
+                    "format version {} is not supported by this dr (reads {})",
+                    info.version,
+                    crate::repo::FORMAT_VERSION
+                ),
+            ),
+            Err(e) => rep.push(
+                format!("repository in {}", r.name),
+                Status::Fail,
+                format!("dr-repo.json is not a dr descriptor: {e}"),
+            ),
+        },
+        Err(_) if missing => rep.push(
+            format!("repository in {}", r.name),
+            Status::Warn,
+            "not initialized; run `dr repo init`",
+        ),
+        Err(e) => rep.push(
+            format!("repository in {}", r.name),
+            Status::Fail,
+            e.to_string(),
+        ),
+    }
+    repo_id
 }
 
 /// Writes, reads back and deletes a probe object in a region that holds a

@@ -8,8 +8,10 @@ mod failover;
 mod keygen;
 mod output;
 mod pg;
+mod rabbitmq;
 mod redis;
 mod repo;
+mod report;
 mod verify;
 
 use std::path::PathBuf;
@@ -19,7 +21,7 @@ use clap::{Parser, Subcommand};
 
 pub use output::Out;
 
-/// Backup, disaster recovery and failover for PostgreSQL and Redis.
+/// Backup, disaster recovery and failover for PostgreSQL, Redis and RabbitMQ definitions.
 #[derive(Parser)]
 #[command(name = "dr", version, about, long_about = None)]
 struct Cli {
@@ -82,6 +84,10 @@ enum Command {
     /// List backups and the recoverable window.
     #[command(subcommand)]
     List(ListCmd),
+    /// Write one self-contained HTML page: per source the recoverable
+    /// window (backups, WAL, gaps, timelines), the latest verification and
+    /// drill, and RTO/RPO over time from the reports in the repository.
+    Report(report::Args),
     /// Run a failover playbook (see playbooks/ and README, section Failover).
     Failover(failover::Args),
     /// Run scheduled jobs (backups, snapshots, restore verification, retention, region sync; cron, UTC); serve /metrics and /healthz.
@@ -144,6 +150,11 @@ enum BackupCmd {
         /// Instance name (default: the only [redis.*]).
         name: Option<String>,
     },
+    /// RabbitMQ definitions (topology, users, policies) through the management API.
+    Rabbitmq {
+        /// Broker name (default: the only [rabbitmq.*]).
+        name: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -152,6 +163,9 @@ enum RestoreCmd {
     Pg(pg::RestoreArgs),
     /// Redis: the newest snapshot at or before a time, as dump.rdb.
     Redis(redis::RestoreArgs),
+    /// RabbitMQ: the newest definitions snapshot at or before a time, applied
+    /// to a broker, compared with it (--dry-run) or written to a file.
+    Rabbitmq(rabbitmq::RestoreArgs),
 }
 
 #[derive(Subcommand)]
@@ -164,6 +178,11 @@ enum ListCmd {
     /// Redis snapshots.
     Redis {
         /// Instance name (default: the only [redis.*]).
+        name: Option<String>,
+    },
+    /// RabbitMQ definitions snapshots.
+    Rabbitmq {
+        /// Broker name (default: the only [rabbitmq.*]).
         name: Option<String>,
     },
 }
@@ -225,6 +244,15 @@ pub fn run() -> ExitCode {
             Command::List(ListCmd::Redis { name }) => {
                 redis::list(name, cli.config.as_deref(), &out).await
             }
+            Command::Backup(BackupCmd::Rabbitmq { name }) => {
+                rabbitmq::backup(name, cli.config.as_deref(), &out).await
+            }
+            Command::Restore(RestoreCmd::Rabbitmq(args)) => {
+                rabbitmq::restore(args, cli.config.as_deref(), &out).await
+            }
+            Command::List(ListCmd::Rabbitmq { name }) => {
+                rabbitmq::list(name, cli.config.as_deref(), &out).await
+            }
             Command::Restore(RestoreCmd::Pg(args)) => {
                 pg::restore(args, cli.config.as_deref(), &out).await
             }
@@ -233,6 +261,7 @@ pub fn run() -> ExitCode {
             }
             Command::Failover(args) => failover::run(args, cli.config.as_deref(), &out).await,
             Command::Drill(args) => drill::run(args, cli.config.as_deref(), &out).await,
+            Command::Report(args) => report::run(args, cli.config.as_deref(), &out).await,
             Command::Daemon(args) => daemon::run(args, cli.config.as_deref(), &out).await,
             Command::WalPush {
                 cluster,

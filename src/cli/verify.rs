@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use dr::config::Config;
-use dr::maintenance::verify::{Level, Scope, VerifyReport, expected_objects, verify};
+use dr::maintenance::verify::{Level, Scope, Sources, VerifyReport, expected_objects, verify};
 use dr::repo::Repository;
 use dr::verify::report::{secs, time};
 use dr::verify::{Source, SourceReport};
@@ -20,13 +20,15 @@ pub enum Kind {
     Pg,
     /// Redis snapshots.
     Redis,
+    /// RabbitMQ definitions snapshots.
+    Rabbitmq,
 }
 
 /// `dr verify` arguments.
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("level").required(true).args(["list", "read_data", "restore"])))]
 pub struct Args {
-    /// pg or redis (default: everything configured).
+    /// pg, redis or rabbitmq (default: everything configured).
     kind: Option<Kind>,
     /// Cluster or instance name (default: all of that kind).
     name: Option<String>,
@@ -55,14 +57,9 @@ fn scope(cfg: &Config, kind: Option<Kind>, name: Option<String>) -> anyhow::Resu
         (Some(Kind::Pg), None) => Scope::Pg(cfg.postgres.keys().cloned().collect()),
         (Some(Kind::Redis), Some(n)) => Scope::Redis(vec![cfg.redis(Some(&n))?.0]),
         (Some(Kind::Redis), None) => Scope::Redis(cfg.redis.keys().cloned().collect()),
+        (Some(Kind::Rabbitmq), Some(n)) => Scope::Rabbitmq(vec![cfg.rabbitmq(Some(&n))?.0]),
+        (Some(Kind::Rabbitmq), None) => Scope::Rabbitmq(cfg.rabbitmq.keys().cloned().collect()),
     })
-}
-
-fn sources(cfg: &Config) -> (Vec<String>, Vec<String>) {
-    (
-        cfg.postgres.keys().cloned().collect(),
-        cfg.redis.keys().cloned().collect(),
-    )
 }
 
 pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result<ExitCode> {
@@ -77,13 +74,13 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
         Level::List
     };
     let repo = Repository::open(&cfg).await?;
-    let (pg, redis) = sources(&cfg);
-    let (expected, unreadable) = expected_objects(&repo, &scope, &pg, &redis).await?;
+    let all = Sources::of(&cfg);
+    let (expected, unreadable) = expected_objects(&repo, &scope, &all).await?;
     let mut rep = verify(&repo, &expected, level, args.region.as_deref(), unreadable).await?;
     let clusters = match &scope {
-        Scope::All => pg,
+        Scope::All => all.pg,
         Scope::Pg(v) => v.clone(),
-        Scope::Redis(_) => Vec::new(),
+        Scope::Redis(_) | Scope::Rabbitmq(_) => Vec::new(),
     };
     rep.wal_gaps = dr::maintenance::verify::wal_gaps(&repo, &clusters).await?;
     print_report(&rep, out);
@@ -102,12 +99,16 @@ async fn restore(cfg: &Config, args: Args, out: &Out) -> anyhow::Result<ExitCode
             .keys()
             .map(|n| Source::Pg(n.clone()))
             .chain(cfg.redis.keys().map(|n| Source::Redis(n.clone())))
+            .chain(cfg.rabbitmq.keys().map(|n| Source::Rabbitmq(n.clone())))
             .collect(),
         Scope::Pg(names) => names.into_iter().map(Source::Pg).collect(),
         Scope::Redis(names) => names.into_iter().map(Source::Redis).collect::<Vec<_>>(),
+        Scope::Rabbitmq(names) => names.into_iter().map(Source::Rabbitmq).collect(),
     };
     if sources.is_empty() {
-        anyhow::bail!("nothing to verify: no [postgres.*] or [redis.*] is configured");
+        anyhow::bail!(
+            "nothing to verify: no [postgres.*], [redis.*] or [rabbitmq.*] is configured"
+        );
     }
     let target = parse_to(&args.to, out)?;
     let dr_command = dr_command(cfg)?;
@@ -269,8 +270,11 @@ pub async fn sync(
     // Manifests give authoritative sizes when the identity is here; without
     // it, sizes are compared across regions.
     let expected = if repo.codec.can_decrypt() {
-        let (pg, redis) = sources(cfg);
-        Some(expected_objects(&repo, &Scope::All, &pg, &redis).await?.0)
+        Some(
+            expected_objects(&repo, &Scope::All, &Sources::of(cfg))
+                .await?
+                .0,
+        )
     } else {
         None
     };

@@ -51,7 +51,7 @@ impl AuditConfig {
 /// One cron expression from the config and where it was set.
 #[derive(Debug, Clone)]
 pub struct ScheduleEntry<'a> {
-    /// `"postgres"`, `"redis"` or `"retention"`.
+    /// `"postgres"`, `"redis"`, `"rabbitmq"`, `"retention"` or `"sync"`.
     pub section: &'static str,
     /// The cluster or instance name (empty for `[retention]`).
     pub source: String,
@@ -158,8 +158,11 @@ impl Default for DaemonConfig {
     }
 }
 
+/// 8597: outside the range Prometheus allocates to exporters (its default
+/// port allocations list; 9187 there is postgres_exporter, which runs on the
+/// same database hosts as the daemon).
 fn default_listen() -> String {
-    "127.0.0.1:9187".into()
+    "127.0.0.1:8597".into()
 }
 
 fn default_max_concurrent() -> usize {
@@ -221,6 +224,21 @@ impl Config {
             {
                 out.push(ScheduleEntry {
                     section: "redis",
+                    source: name.clone(),
+                    key: "snapshot",
+                    expr,
+                });
+            }
+        }
+        for (name, r) in &self.rabbitmq {
+            if let Some(expr) = r
+                .get_ref()
+                .schedule
+                .as_ref()
+                .and_then(|s| s.snapshot.as_ref())
+            {
+                out.push(ScheduleEntry {
+                    section: "rabbitmq",
                     source: name.clone(),
                     key: "snapshot",
                     expr,

@@ -16,6 +16,9 @@ pub struct DrillConfig {
     /// Redis instances to restore (names of `[redis.*]`).
     #[serde(default)]
     pub redis: Vec<String>,
+    /// RabbitMQ brokers whose definitions to restore (names of `[rabbitmq.*]`).
+    #[serde(default)]
+    pub rabbitmq: Vec<String>,
     /// Recovery target: `latest` or a time (RFC 3339).
     #[serde(default = "default_drill_to")]
     pub to: String,
@@ -81,6 +84,9 @@ pub struct EnvConfig {
     /// Redis servers, by name (`[env.<name>.redis.<server>]`).
     #[serde(default)]
     pub redis: std::collections::BTreeMap<String, Spanned<RedisTarget>>,
+    /// RabbitMQ brokers, by name (`[env.<name>.rabbitmq.<server>]`).
+    #[serde(default)]
+    pub rabbitmq: std::collections::BTreeMap<String, Spanned<RabbitTarget>>,
 }
 
 impl EnvConfig {
@@ -173,10 +179,15 @@ impl Config {
         if !layout_name_ok(name) {
             return fail("names may use only letters, digits, '-' and '_' (max 64)".into());
         }
-        if c.postgres.is_empty() && c.redis.is_empty() {
+        if c.postgres.is_empty() && c.redis.is_empty() && c.rabbitmq.is_empty() {
             return fail(
-                "restores nothing; add postgres = [\"main\"] and/or redis = [\"cache\"]".into(),
+                "restores nothing; add postgres = [\"main\"], redis = [\"cache\"] and/or rabbitmq = [\"events\"]".into(),
             );
+        }
+        for r in &c.rabbitmq {
+            if !self.rabbitmq.contains_key(r) {
+                return fail(format!("rabbitmq = [{r:?}] names no [rabbitmq.{r}]"));
+            }
         }
         for p in &c.postgres {
             if !self.postgres.contains_key(p) {
@@ -257,6 +268,13 @@ impl Config {
                 ));
             }
         }
+        for r in &d.rabbitmq {
+            if !e.rabbitmq.contains_key(r) {
+                return Err(format!(
+                    "rabbitmq = [{r:?}] has no broker [env.{env}.rabbitmq.{r}] to restore into"
+                ));
+            }
+        }
         for r in &d.redis {
             let t = e.redis.get(r).map(|t| t.get_ref()).ok_or_else(|| {
                 format!("redis = [{r:?}] has no server [env.{env}.redis.{r}] to restore into")
@@ -296,13 +314,16 @@ impl Config {
             );
         }
         let e = env.get_ref();
-        if e.postgres.is_empty() && e.redis.is_empty() {
+        if e.postgres.is_empty() && e.redis.is_empty() && e.rabbitmq.is_empty() {
             return fail(
                 env.span(),
                 format!(
-                    "[env.{name}] names no server; add [env.{name}.postgres.<server>] with conninfo or [env.{name}.redis.<server>] with url"
+                    "[env.{name}] names no server; add [env.{name}.postgres.<server>] with conninfo, [env.{name}.redis.<server>] with url or [env.{name}.rabbitmq.<server>] with url and user"
                 ),
             );
+        }
+        for (server, t) in &e.rabbitmq {
+            check_name(server, &format!("[env.{name}.rabbitmq.{server}]"), t.span())?;
         }
         for (server, t) in &e.postgres {
             let section = format!("[env.{name}.postgres.{server}]");

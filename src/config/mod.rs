@@ -23,6 +23,9 @@ mod validate;
 use durations::{humantime_serde, humantime_serde_opt};
 use validate::layout_name_ok;
 
+pub mod rabbitmq;
+pub use rabbitmq::{RabbitCheck, RabbitConfig, RabbitTarget, RabbitVerifyConfig};
+
 pub use daemon::*;
 pub use drill::*;
 pub use postgres::*;
@@ -54,6 +57,9 @@ pub struct Config {
     /// Redis instances, by name (`[redis.<name>]`).
     #[serde(default)]
     pub redis: std::collections::BTreeMap<String, Spanned<RedisConfig>>,
+    /// RabbitMQ brokers, by name (`[rabbitmq.<name>]`): their definitions.
+    #[serde(default)]
+    pub rabbitmq: std::collections::BTreeMap<String, Spanned<RabbitConfig>>,
     /// Audit log settings.
     #[serde(default)]
     pub audit: AuditConfig,
@@ -120,6 +126,17 @@ impl Config {
     /// The named Redis instance, or the only one when `name` is `None`.
     pub fn redis(&self, name: Option<&str>) -> Result<(String, &RedisConfig), ConfigError> {
         self.pick(&self.redis, name, "redis", "Redis instances", "a url")
+    }
+
+    /// The named RabbitMQ broker, or the only one when `name` is `None`.
+    pub fn rabbitmq(&self, name: Option<&str>) -> Result<(String, &RabbitConfig), ConfigError> {
+        self.pick(
+            &self.rabbitmq,
+            name,
+            "rabbitmq",
+            "RabbitMQ brokers",
+            "url, user and password_env or password_file",
+        )
     }
 
     fn pick<'a, T>(

@@ -24,6 +24,9 @@ impl Config {
     pub(super) fn validate(&mut self, text: &str) -> Result<(), ConfigError> {
         let specs = self.validate_repository(text)?;
         self.validate_redis_names(text)?;
+        for (name, r) in &self.rabbitmq {
+            rabbitmq::check(name, r, layout_name_ok).map_err(|m| self.err(text, r.span(), m))?;
+        }
         self.validate_postgres(text)?;
         for (name, env) in &self.env {
             self.validate_env(text, name, env)?;
@@ -307,7 +310,7 @@ impl Config {
         let fail = |msg: String| Err(self.err(text, d.span(), format!("[daemon]: {msg}")));
         if c.listen.parse::<std::net::SocketAddr>().is_err() {
             return fail(format!(
-                "listen = {:?} is not an address and port; use e.g. \"127.0.0.1:9187\"",
+                "listen = {:?} is not an address and port; use e.g. \"127.0.0.1:8597\"",
                 c.listen
             ));
         }

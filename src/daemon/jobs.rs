@@ -22,6 +22,8 @@ pub enum JobKind {
     PgBackup,
     /// Redis snapshot (`dr backup redis`).
     RedisSnapshot,
+    /// RabbitMQ definitions snapshot (`dr backup rabbitmq`).
+    RabbitSnapshot,
     /// Scheduled scratch-restore verification of a PostgreSQL cluster.
     PgVerify,
     /// Retention (`dr expire`).
@@ -38,6 +40,7 @@ impl JobKind {
             ("postgres", "backup") => Some(JobKind::PgBackup),
             ("postgres", "verify") => Some(JobKind::PgVerify),
             ("redis", "snapshot") => Some(JobKind::RedisSnapshot),
+            ("rabbitmq", "snapshot") => Some(JobKind::RabbitSnapshot),
             ("retention", "schedule") => Some(JobKind::Expire),
             ("sync", "schedule") => Some(JobKind::RepoSync),
             _ => None,
@@ -48,7 +51,7 @@ impl JobKind {
     pub fn label(self) -> &'static str {
         match self {
             JobKind::PgBackup => "backup",
-            JobKind::RedisSnapshot => "snapshot",
+            JobKind::RedisSnapshot | JobKind::RabbitSnapshot => "snapshot",
             JobKind::PgVerify => "verify",
             JobKind::Expire => "expire",
             JobKind::RepoSync => "sync",
@@ -105,6 +108,9 @@ pub enum JobError {
     /// Redis or its snapshot failed.
     #[error(transparent)]
     Redis(#[from] RedisError),
+    /// RabbitMQ or its snapshot failed.
+    #[error(transparent)]
+    Rabbit(#[from] crate::rabbitmq::RabbitError),
     /// The repository could not be opened.
     #[error(transparent)]
     Repo(#[from] RepoError),
@@ -123,6 +129,7 @@ impl JobError {
         match self {
             JobError::Pg(e) => e.is_transient(),
             JobError::Redis(e) => e.is_transient(),
+            JobError::Rabbit(e) => e.is_transient(),
             JobError::Repo(e) => e.is_transient(),
             JobError::Config(_) | JobError::Failed(_) => false,
         }
@@ -142,6 +149,8 @@ pub struct JobOutcome {
     pub degraded: Vec<(String, String)>,
     /// Recovery time of a verified restore, for verify jobs.
     pub rto_seconds: Option<f64>,
+    /// Recovery point of a verified restore (target minus recovered point).
+    pub rpo_seconds: Option<f64>,
 }
 
 /// Runs `job` once with the library functions the CLI uses. `abort` is
@@ -166,26 +175,14 @@ pub async fn run_once(
             let r = crate::redis::snapshot::snapshot(&repo, &instance, rc, Progress::new()).await?;
             Ok(outcome(&repo, r.id, r.size))
         }
-        JobKind::PgVerify => {
-            // The restore path's futures are not provably `Send` through the
-            // daemon's spawned layers (a compiler limitation with streams of
-            // borrowing closures), so the verification runs on a thread of
-            // its own with owned inputs.
-            let (cfg, job, abort) = (cfg.clone(), job.clone(), abort.clone());
-            let handle = tokio::runtime::Handle::current();
-            tokio::task::spawn_blocking(move || handle.block_on(verify_job(&cfg, &job, &abort)))
-                .await
-                .map_err(|e| JobError::Failed(format!("verification task failed: {e}")))?
+        JobKind::RabbitSnapshot => {
+            let (broker, rc) = cfg.rabbitmq(Some(&job.source))?;
+            let repo = Repository::open(cfg).await?;
+            let r = crate::rabbitmq::snapshot::snapshot(&repo, &broker, rc).await?;
+            Ok(outcome(&repo, r.id, r.size))
         }
-        JobKind::RepoSync => {
-            // Same as verification: the copy streams are not provably `Send`
-            // through the scheduler, so the job runs on a thread of its own.
-            let cfg = cfg.clone();
-            let handle = tokio::runtime::Handle::current();
-            tokio::task::spawn_blocking(move || handle.block_on(sync_job(&cfg)))
-                .await
-                .map_err(|e| JobError::Failed(format!("sync task failed: {e}")))?
-        }
+        JobKind::PgVerify => verify_job(cfg, job, abort).await,
+        JobKind::RepoSync => sync_job(cfg).await,
         JobKind::Expire => {
             let repo = Repository::open(cfg).await?;
             let audit = crate::audit::Audit::begin(
@@ -253,11 +250,9 @@ async fn sync_job(cfg: &Config) -> Result<JobOutcome, JobError> {
     let repo = Repository::open(cfg).await?;
     // Authoritative sizes from the manifests when the identity is here.
     let expected = if repo.codec.can_decrypt() {
-        let pg: Vec<String> = cfg.postgres.keys().cloned().collect();
-        let redis: Vec<String> = cfg.redis.keys().cloned().collect();
-        let scope = crate::maintenance::verify::Scope::All;
+        use crate::maintenance::verify::{Scope, Sources, expected_objects};
         Some(
-            crate::maintenance::verify::expected_objects(&repo, &scope, &pg, &redis)
+            expected_objects(&repo, &Scope::All, &Sources::of(cfg))
                 .await?
                 .0,
         )
@@ -308,6 +303,11 @@ async fn verify_job(
         .iter()
         .filter_map(|s| s.rto_seconds)
         .reduce(f64::max);
+    let rpo = run
+        .sources
+        .iter()
+        .filter_map(|s| s.rpo_seconds)
+        .reduce(f64::max);
     if !run.ok {
         let failed: Vec<String> = run
             .sources
@@ -328,6 +328,7 @@ async fn verify_job(
     let bytes = run.sources.iter().map(|s| s.bytes).sum();
     let mut out = outcome(&repo, run.id, bytes);
     out.rto_seconds = rto;
+    out.rpo_seconds = rpo;
     Ok(out)
 }
 
@@ -347,6 +348,7 @@ fn outcome(repo: &Repository, id: String, bytes: u64) -> JobOutcome {
         regions: repo.regions.iter().map(|r| r.name.clone()).collect(),
         degraded: repo.regions.degraded(),
         rto_seconds: None,
+        rpo_seconds: None,
     }
 }
 
@@ -441,6 +443,10 @@ mod tests {
         assert_eq!(names, ["postgres.main.backup", "redis.cache.snapshot"]);
         assert_eq!(jobs[1].kind, JobKind::RedisSnapshot);
         assert_eq!(jobs[1].source, "cache");
+        let c = cfg("[rabbitmq.events]\nurl = \"https://mq.internal:15671\"\nuser = \"dr\"\npassword_env = \"P\"\n[rabbitmq.events.schedule]\nsnapshot = \"0 * * * *\"\n").expect("config");
+        let jobs = plan(&c).expect("plan");
+        assert_eq!(jobs[0].name, "rabbitmq.events.snapshot");
+        assert_eq!(jobs[0].kind, JobKind::RabbitSnapshot);
     }
 
     #[test]
@@ -471,7 +477,7 @@ mod tests {
         let e = cfg("[daemon]\nlisten = \"localhost\"\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("127.0.0.1:9187"), "{e}");
+        assert!(e.contains("127.0.0.1:8597"), "{e}");
     }
 
     #[test]

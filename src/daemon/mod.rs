@@ -419,11 +419,29 @@ async fn probe_loop(
     plans: watch::Receiver<Arc<Plan>>,
     stop: CancellationToken,
 ) {
+    // The repository's catalogs are read when a job finished since the last
+    // read (a backup, an expiry, a verification changed them), when the
+    // config changed, and otherwise every CATALOG_EVERY.
+    const CATALOG_EVERY: Duration = Duration::from_secs(300);
+    let mut catalog_seen: Option<(u64, usize, std::time::Instant)> = None;
+    let mut audit = probe::AuditTail::default();
     loop {
         let cfg = plans.borrow().cfg.clone();
         tokio::select! {
             _ = probe::probe_all(&cfg, &state) => {}
             _ = stop.cancelled() => return,
+        }
+        audit.poll(crate::audit::AuditLog::from_config(&cfg).path(), &state);
+        let runs = state.with(|s| s.finished_runs);
+        let cfg_id = Arc::as_ptr(&cfg) as usize;
+        let due = catalog_seen
+            .is_none_or(|(r, c, t)| r != runs || c != cfg_id || t.elapsed() >= CATALOG_EVERY);
+        if due {
+            tokio::select! {
+                _ = probe::probe_catalogs(&cfg, &state) => {}
+                _ = stop.cancelled() => return,
+            }
+            catalog_seen = Some((runs, cfg_id, std::time::Instant::now()));
         }
         let every = Duration::from_secs(cfg.daemon().probe_seconds);
         tokio::select! {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::metrics::{Shared, WalStats};
+use super::metrics::{CatalogStats, Shared, WalStats};
 use crate::config::{Config, PgConfig};
 use crate::repo::layout::ObjectKey;
 
@@ -16,7 +16,14 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn probe_all(cfg: &Config, state: &Shared) {
     let mut wal = Vec::new();
     for (name, pg) in &cfg.postgres {
-        let w = match tokio::time::timeout(PROBE_TIMEOUT, archiver(pg.get_ref())).await {
+        let stream_app = (pg.get_ref().wal == crate::config::WalMode::Stream)
+            .then(|| pg.get_ref().stream_application_name(name));
+        let w = match tokio::time::timeout(
+            PROBE_TIMEOUT,
+            archiver(pg.get_ref(), stream_app.as_deref()),
+        )
+        .await
+        {
             Ok(Ok(w)) => w,
             Ok(Err(e)) => WalStats {
                 error: Some(e),
@@ -37,6 +44,7 @@ pub async fn probe_all(cfg: &Config, state: &Shared) {
             w.stream_status_age_seconds =
                 Some((now - st.updated).num_milliseconds().max(0) as f64 / 1000.0);
         }
+        w.stream_sync_expected = pg.get_ref().synchronous;
         wal.push((name.clone(), w));
     }
     let mut regions = Vec::new();
@@ -75,8 +83,10 @@ pub async fn probe_all(cfg: &Config, state: &Shared) {
     });
 }
 
-/// Reads `pg_stat_archiver` and the current WAL file of one cluster.
-async fn archiver(pg: &PgConfig) -> Result<WalStats, String> {
+/// Reads `pg_stat_archiver` and the current WAL file of one cluster, and
+/// with `stream_app` set, how the server sees the streamer of that
+/// `application_name` in `pg_stat_replication`.
+async fn archiver(pg: &PgConfig, stream_app: Option<&str>) -> Result<WalStats, String> {
     let client = crate::postgres::connect_to(&pg.conninfo, Some(PROBE_TIMEOUT))
         .await
         .map_err(|e| e.to_string())?;
@@ -122,7 +132,36 @@ async fn archiver(pg: &PgConfig) -> Result<WalStats, String> {
         )),
         _ => None,
     };
+    let (mut stream_connected, mut stream_synchronous) = (None, None);
+    if let Some(app) = stream_app {
+        let rows = client
+            .query(
+                "SELECT state = 'streaming', sync_state IN ('sync', 'quorum') \
+                 FROM pg_stat_replication WHERE application_name = $1",
+                &[&app],
+            )
+            .await
+            .map_err(|e| format!("querying pg_stat_replication: {e}"))?;
+        let mut connected = false;
+        let mut sync = false;
+        for r in rows {
+            connected |= r
+                .try_get::<_, Option<bool>>(0)
+                .ok()
+                .flatten()
+                .unwrap_or(false);
+            sync |= r
+                .try_get::<_, Option<bool>>(1)
+                .ok()
+                .flatten()
+                .unwrap_or(false);
+        }
+        stream_connected = Some(connected);
+        stream_synchronous = Some(sync);
+    }
     Ok(WalStats {
+        stream_connected,
+        stream_synchronous,
         probed: None,
         error: None,
         in_recovery,
@@ -133,6 +172,137 @@ async fn archiver(pg: &PgConfig) -> Result<WalStats, String> {
         failing,
         ..WalStats::default()
     })
+}
+
+/// Reads what the repository holds for every source of `cfg`: recoverable
+/// window, newest backup, count, WAL gaps. Slower than the other probes (it
+/// lists the repository and reads manifests), so the daemon runs it after
+/// jobs finish and every few minutes, not every probe.
+pub async fn probe_catalogs(cfg: &Config, state: &Shared) {
+    let mut out = Vec::new();
+    let repo = crate::repo::Repository::open(cfg).await;
+    for name in cfg.postgres.keys() {
+        let st = match &repo {
+            Err(e) => CatalogStats {
+                error: Some(e.to_string()),
+                ..Default::default()
+            },
+            Ok(repo) => match crate::postgres::catalog::Catalog::load_backups(repo, name).await {
+                Err(e) => CatalogStats {
+                    error: Some(e.to_string()),
+                    ..Default::default()
+                },
+                Ok(cat) => CatalogStats {
+                    window_start: cat.windows.iter().map(|w| w.from).min(),
+                    window_end: cat.windows.iter().map(|w| w.to).max(),
+                    newest_backup: cat.backups.iter().map(|b| b.stop_time).max(),
+                    backups: cat.backups.len() as u64,
+                    wal_gaps: cat.wal_gaps().iter().map(|g| g.missing).sum(),
+                    error: None,
+                },
+            },
+        };
+        out.push((("postgres".to_string(), name.clone()), st));
+    }
+    for name in cfg.redis.keys() {
+        let st = match &repo {
+            Err(e) => CatalogStats {
+                error: Some(e.to_string()),
+                ..Default::default()
+            },
+            Ok(repo) => match crate::redis::restore::RedisCatalog::load(repo, name).await {
+                Err(e) => CatalogStats {
+                    error: Some(e.to_string()),
+                    ..Default::default()
+                },
+                Ok(cat) => CatalogStats {
+                    window_start: cat.snapshots.iter().map(|s| s.time).min(),
+                    window_end: cat.snapshots.iter().map(|s| s.time).max(),
+                    newest_backup: cat.snapshots.iter().map(|s| s.time).max(),
+                    backups: cat.snapshots.len() as u64,
+                    wal_gaps: 0,
+                    error: None,
+                },
+            },
+        };
+        out.push((("redis".to_string(), name.clone()), st));
+    }
+    state.with(|s| {
+        s.catalogs = out.into_iter().collect();
+    });
+}
+
+/// Follows the audit log for failovers: reads what was appended since the
+/// last call (from the start again when the file shrank, e.g. rotated).
+#[derive(Debug, Default)]
+pub struct AuditTail {
+    path: Option<std::path::PathBuf>,
+    offset: u64,
+    partial: Vec<u8>,
+}
+
+impl AuditTail {
+    /// Reads new records of `path` and counts finished failovers into `state`.
+    pub fn poll(&mut self, path: &std::path::Path, state: &Shared) {
+        use std::io::{Read, Seek, SeekFrom};
+        let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        if self.path.as_deref() != Some(path) || len < self.offset {
+            *self = AuditTail {
+                path: Some(path.to_path_buf()),
+                ..Default::default()
+            };
+            state.with(|s| {
+                s.failovers.clear();
+                s.last_failover.clear();
+            });
+        }
+        if len == self.offset {
+            return;
+        }
+        let Ok(mut f) = std::fs::File::open(path) else {
+            return;
+        };
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut buf = Vec::new();
+        if f.take(len - self.offset).read_to_end(&mut buf).is_err() {
+            return;
+        }
+        self.offset += buf.len() as u64;
+        self.partial.extend_from_slice(&buf);
+        let Some(end) = self.partial.iter().rposition(|b| *b == b'\n') else {
+            return;
+        };
+        let complete: Vec<u8> = self.partial.drain(..=end).collect();
+        let mut seen = Vec::new();
+        for line in complete.split(|b| *b == b'\n') {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+                continue;
+            };
+            if v["action"] == "failover" && v["phase"] == "finished" {
+                let env = v["target"].as_str().unwrap_or("").to_string();
+                let outcome = v["outcome"].as_str().unwrap_or("").to_string();
+                let time = v["time"]
+                    .as_str()
+                    .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.with_timezone(&Utc));
+                seen.push((env, outcome, time));
+            }
+        }
+        if seen.is_empty() {
+            return;
+        }
+        state.with(|s| {
+            for (env, outcome, time) in seen {
+                *s.failovers.entry((env.clone(), outcome)).or_default() += 1;
+                if let Some(t) = time {
+                    let last = s.last_failover.entry(env).or_insert(t);
+                    *last = (*last).max(t);
+                }
+            }
+        });
+    }
 }
 
 fn from_epoch(secs: f64) -> Option<DateTime<Utc>> {
@@ -197,5 +367,55 @@ mod tests {
             lag("000000010000000000000005", "000000010000000000000005"),
             Some(0)
         );
+    }
+
+    #[test]
+    fn the_audit_tail_counts_finished_failovers_once_and_restarts_on_rotation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let rec = |action: &str, phase: &str, outcome: &str, time: &str| {
+            format!(
+                "{{\"action\":\"{action}\",\"phase\":\"{phase}\",\"target\":\"prod\",\"outcome\":\"{outcome}\",\"time\":\"{time}\"}}\n"
+            )
+        };
+        let state = Shared::new(3);
+        let mut tail = AuditTail::default();
+        let mut text = rec("failover", "started", "running", "2026-11-25T18:00:00Z")
+            + &rec("failover", "finished", "ok", "2026-11-25T18:00:05Z")
+            + &rec("failover.dry-run", "finished", "ok", "2026-11-25T18:01:00Z");
+        // Half a line: counted once it is complete.
+        let half = rec(
+            "failover",
+            "finished",
+            "rolled_back",
+            "2026-11-25T19:00:00Z",
+        );
+        text.push_str(&half[..20]);
+        std::fs::write(&path, &text).expect("write");
+        tail.poll(&path, &state);
+        tail.poll(&path, &state);
+        let counts = |s: &Shared| s.with(|st| st.failovers.clone());
+        assert_eq!(counts(&state).get(&("prod".into(), "ok".into())), Some(&1));
+        assert_eq!(counts(&state).len(), 1);
+        text.push_str(&half[20..]);
+        std::fs::write(&path, &text).expect("write");
+        tail.poll(&path, &state);
+        assert_eq!(
+            counts(&state).get(&("prod".into(), "rolled_back".into())),
+            Some(&1)
+        );
+        let last = state.with(|st| st.last_failover.get("prod").copied());
+        assert_eq!(
+            last.map(|t| t.to_rfc3339()),
+            Some("2026-11-25T19:00:00+00:00".into())
+        );
+        // Rotated: the new file is read from its start, the counts anew.
+        std::fs::write(
+            &path,
+            rec("failover", "finished", "ok", "2026-11-26T00:00:00Z"),
+        )
+        .expect("write");
+        tail.poll(&path, &state);
+        assert_eq!(counts(&state).len(), 1, "{:?}", counts(&state));
     }
 }

@@ -7,9 +7,10 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::repo::layout::{ObjectKey, WalSegmentName};
 use crate::repo::retention::{
-    Deletion, Item, PgBackup, PgWal, Policy, RedisSnap, SourcePlan, Stored, may_be_running,
-    plan_pg, plan_redis,
+    Deletion, Item, PgBackup, PgWal, Policy, Snap, SourcePlan, Stored, may_be_running, plan_pg,
+    plan_snapshots,
 };
+use crate::repo::snapshots::{Catalog, SnapshotManifest, list_objects};
 use crate::repo::{RepoError, Repository};
 use crate::store::{ObjectInfo, Store, StoreError};
 
@@ -45,54 +46,73 @@ pub async fn plan(
         out.push(plan_pg_cluster(repo, name, &policy, now, orphan_age).await?);
     }
     for (name, r) in &cfg.redis {
-        let policy = r
-            .get_ref()
-            .retention
-            .as_ref()
-            .map(|r| Policy {
-                keep: r.keep_snapshots,
-                keep_within: r.keep_within,
-            })
-            .unwrap_or_default();
-        let cat = crate::redis::restore::RedisCatalog::load(repo, name)
-            .await
-            .map_err(|e| RepoError::Other(e.to_string()))?;
-        refuse_unreadable("redis", name, &cat.unreadable)?;
-        let snaps: Vec<RedisSnap> = cat
-            .snapshots
-            .iter()
-            .filter_map(|m| {
-                Some(RedisSnap {
-                    item: Item {
-                        id: m.id.clone(),
-                        time: m.time,
-                    },
-                    manifest: ObjectKey::RedisManifest {
-                        instance: name.clone(),
-                        snapshot: m.id.parse().ok()?,
-                    }
-                    .to_string(),
-                })
-            })
-            .collect();
-        let (_, objects) = repo
-            .regions
-            .list(&format!("redis/{name}/snapshots/"))
-            .await?;
-        let stored: Vec<Stored> = objects
-            .iter()
-            .filter_map(|o| {
-                let (id, kind) = match o.key.parse::<ObjectKey>().ok()? {
-                    ObjectKey::RedisRdb { snapshot, .. } => (snapshot, "rdb"),
-                    ObjectKey::RedisStarted { snapshot, .. } => (snapshot, "marker"),
-                    _ => return None,
-                };
-                Some(to_stored(o, id.to_string(), kind))
-            })
-            .collect();
-        out.push(plan_redis(name, &snaps, &stored, &policy, now, orphan_age));
+        let policy = snapshot_policy(r.get_ref().retention.as_ref());
+        out.push(
+            plan_snapshot_source::<crate::redis::manifest::RedisManifest>(
+                repo, name, &policy, now, orphan_age,
+            )
+            .await?,
+        );
+    }
+    for (name, r) in &cfg.rabbitmq {
+        let policy = snapshot_policy(r.get_ref().retention.as_ref());
+        out.push(
+            plan_snapshot_source::<crate::rabbitmq::manifest::RabbitManifest>(
+                repo, name, &policy, now, orphan_age,
+            )
+            .await?,
+        );
     }
     Ok(out)
+}
+
+fn snapshot_policy(r: Option<&crate::config::RedisRetention>) -> Policy {
+    r.map(|r| Policy {
+        keep: r.keep_snapshots,
+        keep_within: r.keep_within,
+    })
+    .unwrap_or_default()
+}
+
+/// Plans one Redis instance or RabbitMQ broker: its snapshots by their
+/// manifests, and every data object and running marker by name.
+async fn plan_snapshot_source<M: SnapshotManifest>(
+    repo: &Repository,
+    name: &str,
+    policy: &Policy,
+    now: DateTime<Utc>,
+    orphan_age: std::time::Duration,
+) -> Result<SourcePlan, RepoError> {
+    let cat = Catalog::<M>::load(repo, name).await?;
+    refuse_unreadable(M::PREFIX, name, &cat.unreadable)?;
+    let snaps: Vec<Snap> = cat
+        .manifest_keys(name)
+        .into_iter()
+        .map(|(manifest, m)| Snap {
+            item: Item {
+                id: m.id().to_string(),
+                time: m.time(),
+            },
+            manifest,
+        })
+        .collect();
+    let stored: Vec<Stored> = list_objects::<M>(repo, name)
+        .await?
+        .iter()
+        .filter_map(|o| {
+            let (id, kind) = M::stored_part(&o.key.parse::<ObjectKey>().ok()?)?;
+            Some(to_stored(o, id.to_string(), kind))
+        })
+        .collect();
+    Ok(plan_snapshots(
+        M::PREFIX,
+        name,
+        &snaps,
+        &stored,
+        policy,
+        now,
+        orphan_age,
+    ))
 }
 
 /// An unreadable manifest could reference anything: expiring around it could

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::codec::Expect;
 use crate::repo::layout::ObjectKey;
+use crate::repo::snapshots::{Catalog, SnapshotManifest, list_objects};
 use crate::repo::{RepoError, Repository};
 
 /// How deep to look.
@@ -24,12 +25,36 @@ pub enum Level {
 /// Which sources to verify.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
-    /// Every configured PostgreSQL cluster and Redis instance.
+    /// Every configured PostgreSQL cluster, Redis instance and RabbitMQ broker.
     All,
     /// PostgreSQL clusters (one, or all configured).
     Pg(Vec<String>),
     /// Redis instances (one, or all configured).
     Redis(Vec<String>),
+    /// RabbitMQ brokers (one, or all configured).
+    Rabbitmq(Vec<String>),
+}
+
+/// Every configured source, by kind: what [`Scope::All`] covers.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// PostgreSQL clusters.
+    pub pg: Vec<String>,
+    /// Redis instances.
+    pub redis: Vec<String>,
+    /// RabbitMQ brokers.
+    pub rabbitmq: Vec<String>,
+}
+
+impl Sources {
+    /// The sources `cfg` configures.
+    pub fn of(cfg: &crate::config::Config) -> Sources {
+        Sources {
+            pg: cfg.postgres.keys().cloned().collect(),
+            redis: cfg.redis.keys().cloned().collect(),
+            rabbitmq: cfg.rabbitmq.keys().cloned().collect(),
+        }
+    }
 }
 
 /// One object the repository must hold.
@@ -101,13 +126,12 @@ impl VerifyReport {
 }
 
 /// Collects the objects a scope needs: manifests, the data objects they list,
-/// WAL segments and timeline histories, RDB snapshots. Needs the identity
-/// (manifests are encrypted).
+/// WAL segments and timeline histories, Redis and RabbitMQ snapshots. Needs
+/// the identity (manifests are encrypted).
 pub async fn expected_objects(
     repo: &Repository,
     scope: &Scope,
-    all_pg: &[String],
-    all_redis: &[String],
+    all: &Sources,
 ) -> Result<(Vec<ExpectedObject>, Vec<(String, String)>), RepoError> {
     if !repo.codec.can_decrypt() {
         return Err(RepoError::Other(format!(
@@ -119,10 +143,12 @@ pub async fn expected_objects(
             repo.codec.cannot_decrypt_because()
         )));
     }
-    let (pg, redis): (Vec<String>, Vec<String>) = match scope {
-        Scope::All => (all_pg.to_vec(), all_redis.to_vec()),
-        Scope::Pg(v) => (v.clone(), Vec::new()),
-        Scope::Redis(v) => (Vec::new(), v.clone()),
+    let none = Vec::new;
+    let (pg, redis, rabbitmq) = match scope {
+        Scope::All => (all.pg.clone(), all.redis.clone(), all.rabbitmq.clone()),
+        Scope::Pg(v) => (v.clone(), none(), none()),
+        Scope::Redis(v) => (none(), v.clone(), none()),
+        Scope::Rabbitmq(v) => (none(), none(), v.clone()),
     };
     let mut out = BTreeMap::new();
     let mut unreadable = Vec::new();
@@ -167,36 +193,48 @@ pub async fn expected_objects(
         }
     }
     for instance in &redis {
-        let cat = crate::redis::restore::RedisCatalog::load(repo, instance)
-            .await
-            .map_err(|e| RepoError::Other(e.to_string()))?;
-        unreadable.extend(cat.unreadable);
-        let (_, objects) = repo
-            .regions
-            .list(&format!("redis/{instance}/snapshots/"))
-            .await?;
-        let sizes: BTreeMap<&str, u64> = objects.iter().map(|o| (o.key.as_str(), o.size)).collect();
-        for m in &cat.snapshots {
-            let Ok(id) = m.id.parse() else { continue };
-            let mkey = ObjectKey::RedisManifest {
-                instance: instance.clone(),
-                snapshot: id,
-            }
-            .to_string();
-            if let Some(size) = sizes.get(mkey.as_str()) {
-                add(&mut out, &mkey, stored(&mkey, *size));
-            }
-            let Ok(id) = m.id.parse() else { continue };
-            let rkey = ObjectKey::RedisRdb {
-                instance: instance.clone(),
-                snapshot: id,
-            }
-            .to_string();
-            let e = Expect::from_encoded(&rkey, &m.rdb);
-            add(&mut out, &rkey, e);
-        }
+        add_snapshots::<crate::redis::manifest::RedisManifest>(
+            repo,
+            instance,
+            &mut out,
+            &mut unreadable,
+        )
+        .await?;
+    }
+    for broker in &rabbitmq {
+        add_snapshots::<crate::rabbitmq::manifest::RabbitManifest>(
+            repo,
+            broker,
+            &mut out,
+            &mut unreadable,
+        )
+        .await?;
     }
     Ok((out.into_values().collect(), unreadable))
+}
+
+/// The manifests of one snapshot source (as stored) and the data objects
+/// they record (with hash and sizes).
+async fn add_snapshots<M: SnapshotManifest>(
+    repo: &Repository,
+    instance: &str,
+    out: &mut BTreeMap<String, ExpectedObject>,
+    unreadable: &mut Vec<(String, String)>,
+) -> Result<(), RepoError> {
+    let cat = Catalog::<M>::load(repo, instance).await?;
+    unreadable.extend(cat.unreadable.iter().cloned());
+    let objects = list_objects::<M>(repo, instance).await?;
+    let sizes: BTreeMap<&str, u64> = objects.iter().map(|o| (o.key.as_str(), o.size)).collect();
+    for (mkey, m) in cat.manifest_keys(instance) {
+        if let Some(size) = sizes.get(mkey.as_str()) {
+            add(out, &mkey, stored(&mkey, *size));
+        }
+        let Ok(id) = m.id().parse() else { continue };
+        let dkey = M::data_key(instance, id).to_string();
+        let e = Expect::from_encoded(&dkey, m.data());
+        add(out, &dkey, e);
+    }
+    Ok(())
 }
 
 fn stored(key: &str, size: u64) -> Expect {
@@ -251,7 +289,7 @@ pub async fn verify(
             }
         };
         let mut to_read = Vec::new();
-        for o in expected {
+        for (i, o) in expected.iter().enumerate() {
             match (present.get(&o.key), o.expect.stored_size) {
                 (None, _) => {
                     t.missing += 1;
@@ -274,15 +312,17 @@ pub async fn verify(
                 (Some(&have), _) => {
                     t.bytes += have;
                     if level == Level::ReadData {
-                        to_read.push(o);
+                        to_read.push(i);
                     } else {
                         t.ok += 1;
                     }
                 }
             }
         }
+        // Indices, not references, so the stream is provably `Send`.
         let results: Vec<(String, Result<(), String>)> = futures::stream::iter(to_read)
-            .map(|o| async move {
+            .map(|i| async move {
+                let o = &expected[i];
                 let res = read_copy(repo, &r.name, o).await;
                 (o.key.clone(), res)
             })

@@ -99,6 +99,38 @@ async fn poll(gate: &Gate, targets: &Targets, deadline: Instant) -> (bool, Strin
     }
 }
 
+/// The RabbitMQ gates, through the broker's management API.
+async fn rabbitmq(c: &Check, t: &Targets) -> Result<String, String> {
+    match c {
+        Check::RabbitReachable { target } => {
+            let api = t.rabbitmq_api(target)?;
+            let o = api.overview().await.map_err(|e| format!("{target}: {e}"))?;
+            Ok(format!(
+                "{target} answers (RabbitMQ {}, cluster {}, node {})",
+                o.version, o.cluster_name, o.node
+            ))
+        }
+        Check::RabbitQueueExists {
+            target,
+            vhost,
+            queue,
+        } => {
+            let api = t.rabbitmq_api(target)?;
+            match api.get(&["queues", vhost, queue]).await {
+                Ok(Some(q)) => Ok(format!(
+                    "{target}: queue {queue:?} in vhost {vhost:?} exists ({} queue, state {}, {} message(s))",
+                    q.get("type").and_then(|v| v.as_str()).unwrap_or("classic"),
+                    q.get("state").and_then(|v| v.as_str()).unwrap_or("unknown"),
+                    q.get("messages").and_then(|v| v.as_u64()).unwrap_or(0),
+                )),
+                Ok(None) => Err(format!("{target}: no queue {queue:?} in vhost {vhost:?}")),
+                Err(e) => Err(format!("{target}: {e}")),
+            }
+        }
+        _ => Err(format!("{} is not a RabbitMQ gate", c.kind())),
+    }
+}
+
 /// Runs one check: `Ok(what it saw)` when it holds, `Err(what it saw)` otherwise.
 pub async fn check(c: &Check, t: &Targets) -> Result<String, String> {
     match c {
@@ -160,6 +192,7 @@ pub async fn check(c: &Check, t: &Targets) -> Result<String, String> {
                 .map_err(|e| format!("PING {target}: {e}"))?;
             Ok(format!("{target} answers {pong}"))
         }
+        Check::RabbitReachable { .. } | Check::RabbitQueueExists { .. } => rabbitmq(c, t).await,
         Check::RedisRole { target, role } => {
             let info = t.redis_replication(target).await?;
             let actual = info.get("role").map(String::as_str).unwrap_or("unknown");

@@ -6,10 +6,12 @@
 //! wraps a run with the lock and the audit record.
 
 pub mod actions;
+mod describe;
 pub mod engine;
 pub mod gates;
 pub mod http;
 pub mod model;
+pub mod parse;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -153,6 +155,7 @@ pub struct Targets {
     env: String,
     postgres: HashMap<String, PgTarget>,
     redis: HashMap<String, RedisTarget>,
+    rabbitmq: HashMap<String, crate::config::RabbitTarget>,
 }
 
 /// How long connecting to a server may take before the probe counts as failed.
@@ -173,7 +176,33 @@ impl Targets {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.get_ref().clone()))
                 .collect(),
+            rabbitmq: env
+                .rabbitmq
+                .iter()
+                .map(|(k, v)| (k.clone(), v.get_ref().clone()))
+                .collect(),
         }
+    }
+
+    /// The management API of a RabbitMQ broker by name.
+    pub fn rabbitmq_api(&self, name: &str) -> Result<crate::rabbitmq::api::Api, String> {
+        let t = self
+            .rabbitmq
+            .get(name)
+            .ok_or_else(|| format!("no server {name:?} in [env.{}.rabbitmq]", self.env))?;
+        let password = crate::rabbitmq::api::password_from(
+            t.password_env.as_deref(),
+            t.password_file.as_deref(),
+        )
+        .map_err(|e| format!("{name}: {e}"))?;
+        crate::rabbitmq::api::Api::new(
+            &t.url,
+            &t.user,
+            password,
+            t.ca_file.as_deref(),
+            CONNECT_TIMEOUT,
+        )
+        .map_err(|e| format!("{name}: {e}"))
     }
 
     /// The environment name.

@@ -14,14 +14,10 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
-use toml::Spanned;
-
-use crate::config::{ConfigError, EnvConfig, line_of};
 
 /// A parsed and checked playbook.
 #[derive(Debug, Clone)]
@@ -144,6 +140,23 @@ pub enum Check {
     PgWritable {
         /// Server name.
         target: String,
+    },
+    /// The management API answers with these credentials.
+    #[serde(rename = "rabbitmq.reachable")]
+    RabbitReachable {
+        /// Broker name.
+        target: String,
+    },
+    /// A queue exists in a vhost.
+    #[serde(rename = "rabbitmq.queue_exists")]
+    RabbitQueueExists {
+        /// Broker name.
+        target: String,
+        /// Virtual host (default `/`).
+        #[serde(default = "default_vhost")]
+        vhost: String,
+        /// Queue name.
+        queue: String,
     },
     /// `PING` answers.
     #[serde(rename = "redis.reachable")]
@@ -327,191 +340,42 @@ pub enum TargetKind {
     Postgres,
     /// `[env.X.redis.NAME]`.
     Redis,
+    /// `[env.X.rabbitmq.NAME]`.
+    Rabbitmq,
 }
 
-impl Check {
-    /// The gate's `type` as written.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Check::PgReachable { .. } => "pg.reachable",
-            Check::PgRole { .. } => "pg.role",
-            Check::PgReplayLag { .. } => "pg.replay_lag_bytes",
-            Check::PgWritable { .. } => "pg.writable",
-            Check::RedisReachable { .. } => "redis.reachable",
-            Check::RedisRole { .. } => "redis.role",
-            Check::RedisLag { .. } => "redis.lag",
-            Check::Http { .. } => "http",
-            Check::Tcp { .. } => "tcp",
-            Check::Sql { .. } => "sql",
-        }
-    }
-
-    /// Servers the check refers to.
-    pub fn targets(&self) -> Vec<(TargetKind, &str)> {
-        use TargetKind::*;
-        match self {
-            Check::PgReachable { target }
-            | Check::PgRole { target, .. }
-            | Check::PgWritable { target }
-            | Check::Sql { target, .. } => vec![(Postgres, target)],
-            Check::PgReplayLag {
-                target, primary, ..
-            } => std::iter::once((Postgres, target.as_str()))
-                .chain(primary.as_deref().map(|p| (Postgres, p)))
-                .collect(),
-            Check::RedisReachable { target } | Check::RedisRole { target, .. } => {
-                vec![(Redis, target)]
-            }
-            Check::RedisLag { target, master, .. } => std::iter::once((Redis, target.as_str()))
-                .chain(master.as_deref().map(|m| (Redis, m)))
-                .collect(),
-            Check::Http { .. } | Check::Tcp { .. } => Vec::new(),
-        }
-    }
-
-    /// One line for plans and reports.
-    pub fn describe(&self) -> String {
-        match self {
-            Check::PgReachable { target } => format!("pg.reachable {target}"),
-            Check::PgRole { target, role } => format!("pg.role {target} = {role:?}").to_lowercase(),
-            Check::PgReplayLag {
-                target,
-                primary,
-                max,
-            } => format!(
-                "pg.replay_lag_bytes {target}{} <= {}",
-                primary
-                    .as_deref()
-                    .map(|p| format!(" (vs {p})"))
-                    .unwrap_or_default(),
-                human_bytes(*max)
-            ),
-            Check::PgWritable { target } => format!("pg.writable {target}"),
-            Check::RedisReachable { target } => format!("redis.reachable {target}"),
-            Check::RedisRole { target, role } => {
-                format!("redis.role {target} = {role:?}").to_lowercase()
-            }
-            Check::RedisLag {
-                target,
-                master,
-                max,
-            } => format!(
-                "redis.lag {target}{} <= {}",
-                master
-                    .as_deref()
-                    .map(|m| format!(" (vs {m})"))
-                    .unwrap_or_default(),
-                human_bytes(*max)
-            ),
-            Check::Http {
-                url,
-                method,
-                status,
-                body_contains,
-            } => format!(
-                "http {method} {url} → {status}{}",
-                body_contains
-                    .as_deref()
-                    .map(|b| format!(" containing {b:?}"))
-                    .unwrap_or_default()
-            ),
-            Check::Tcp { address } => format!("tcp {address}"),
-            Check::Sql { target, query } => format!("sql {target}: {query}"),
-        }
-    }
+/// The default virtual host.
+pub(super) fn default_vhost() -> String {
+    "/".into()
 }
 
-impl Action {
-    /// Servers the action refers to.
-    pub fn targets(&self) -> Vec<(TargetKind, &str)> {
-        use TargetKind::*;
-        match self {
-            Action::PgPromote { target, .. }
-            | Action::PgFence { target, .. }
-            | Action::PgUnfence { target, .. }
-            | Action::Sql { target, .. } => vec![(Postgres, target)],
-            Action::PgRepoint {
-                target, primary, ..
-            } => vec![(Postgres, target), (Postgres, primary)],
-            Action::RedisPromote { target } => vec![(Redis, target)],
-            Action::RedisReplicaof { target, master, .. } => vec![(Redis, target), (Redis, master)],
-            Action::Exec { .. } | Action::Http { .. } | Action::Sleep { .. } => Vec::new(),
-        }
-    }
-
-    /// True for the actions after which a new primary exists (RTO accounting).
-    pub fn is_promotion(&self) -> bool {
-        matches!(self, Action::PgPromote { .. } | Action::RedisPromote { .. })
-    }
-
-    /// One line for plans and reports.
-    pub fn describe(&self) -> String {
-        match self {
-            Action::PgPromote { target, .. } => format!("pg.promote {target}"),
-            Action::PgFence { target, mode } => {
-                format!("pg.fence {target} ({})", fence_mode_name(*mode))
-            }
-            Action::PgUnfence { target, mode } => {
-                format!("pg.unfence {target} ({})", fence_mode_name(*mode))
-            }
-            Action::PgRepoint {
-                target, primary, ..
-            } => format!("pg.repoint {target} → {primary}"),
-            Action::RedisPromote { target } => format!("redis.promote {target}"),
-            Action::RedisReplicaof { target, master, .. } => {
-                format!("redis.replicaof {target} → {master}")
-            }
-            Action::Exec { argv, shell, .. } => {
-                let cmd = argv.join(" ");
-                if *shell {
-                    format!("exec sh -c {cmd:?}")
-                } else {
-                    format!("exec {cmd}")
-                }
-            }
-            Action::Http {
-                method,
-                url,
-                status,
-                ..
-            } => format!("http {method} {url} → {status}"),
-            Action::Sql { target, statement } => format!("sql {target}: {statement}"),
-            Action::Sleep { duration } => {
-                format!("sleep {}", humantime::format_duration(*duration))
-            }
-        }
-    }
-}
-
-fn fence_mode_name(m: FenceMode) -> &'static str {
-    match m {
-        FenceMode::Stop => "stop",
-        FenceMode::ReadOnly => "read_only",
-    }
-}
-
-fn get() -> String {
+pub(super) fn get() -> String {
     "GET".into()
 }
 
-fn post() -> String {
+pub(super) fn post() -> String {
     "POST".into()
 }
 
-fn ok_status() -> u16 {
+pub(super) fn ok_status() -> u16 {
     200
 }
 
-fn secs60() -> Duration {
+pub(super) fn secs60() -> Duration {
     Duration::from_secs(60)
 }
 
-fn secs10() -> Duration {
+pub(super) fn secs10() -> Duration {
     Duration::from_secs(10)
 }
 
+crate::message_error!(
+    /// A size that is not a number of bytes (`1MiB`, `512kB`, `4096`).
+    SizeError
+);
+
 /// Parses `"10s"`, `"250ms"`, `"1m 30s"` (humantime).
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(super) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s).map_err(|e| {
         serde::de::Error::custom(format!(
@@ -520,12 +384,14 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     })
 }
 
-fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+pub(super) fn de_opt_duration<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
     de_duration(d).map(Some)
 }
 
 /// Parses a byte count: an integer or a string such as `"1MiB"`, `"512 kB"`.
-fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+pub(super) fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {
@@ -539,7 +405,7 @@ fn de_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 }
 
 /// Parses `"1MiB"`, `"1.5 GiB"`, `"512kB"`, `"100"` into bytes.
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
+pub fn parse_bytes(s: &str) -> Result<u64, SizeError> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -559,7 +425,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         u => {
             return Err(format!(
                 "unknown unit {u:?} in {s:?}; use B, kB, MB, GB, KiB, MiB or GiB"
-            ));
+            ).into());
         }
     };
     Ok((n * mult as f64).round() as u64)
@@ -582,298 +448,12 @@ pub fn human_bytes(n: u64) -> String {
 
 // ---- raw file structure ------------------------------------------------------
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPlaybook {
-    name: String,
-    #[serde(default)]
-    description: String,
-    env: Option<String>,
-    #[serde(default)]
-    defaults: RawDefaults,
-    #[serde(rename = "step", default)]
-    steps: Vec<Spanned<RawStep>>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawDefaults {
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    timeout: Option<Duration>,
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    interval: Option<Duration>,
-    on_failure: Option<OnFailure>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawStep {
-    name: String,
-    #[serde(default)]
-    pre: Vec<Spanned<toml::Table>>,
-    action: Option<Spanned<toml::Table>>,
-    #[serde(default)]
-    post: Vec<Spanned<toml::Table>>,
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    timeout: Option<Duration>,
-    #[serde(default)]
-    retries: u32,
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    retry_delay: Option<Duration>,
-    on_failure: Option<OnFailure>,
-    #[serde(default)]
-    rollback: Vec<Spanned<toml::Table>>,
-}
-
-/// Gate timeout when neither the gate, its step nor `[defaults]` set one.
-pub const DEFAULT_GATE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Gate poll interval when none is set.
-pub const DEFAULT_GATE_INTERVAL: Duration = Duration::from_millis(250);
-
-impl Playbook {
-    /// Reads and parses a playbook file.
-    pub fn load(path: &Path) -> Result<Playbook, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            location: path.display().to_string(),
-            message: format!("cannot read playbook: {e}"),
-        })?;
-        Self::parse(&text, path)
-    }
-
-    /// Parses playbook text; `path` is used in messages only.
-    pub fn parse(text: &str, path: &Path) -> Result<Playbook, ConfigError> {
-        let at = |span: Option<Range<usize>>, message: String| ConfigError {
-            location: match span {
-                Some(s) if s.end > 0 => format!("{}:{}", path.display(), line_of(text, s.start)),
-                _ => path.display().to_string(),
-            },
-            message,
-        };
-        let raw: RawPlaybook =
-            toml::from_str(text).map_err(|e| at(e.span(), hint(e.message().trim())))?;
-        if raw.steps.is_empty() {
-            return Err(at(
-                None,
-                "the playbook has no steps; add at least one [[step]] with a name and an action"
-                    .into(),
-            ));
-        }
-        let d = &raw.defaults;
-        let mut steps = Vec::new();
-        for s in &raw.steps {
-            let span = s.span();
-            let r = s.get_ref();
-            let line = line_of(text, span.start);
-            if let Some(prev) = steps.iter().find(|p: &&Step| p.name == r.name) {
-                return Err(at(
-                    Some(span),
-                    format!(
-                        "duplicate step name {:?} (first used on line {}); give each step a unique name",
-                        r.name, prev.line
-                    ),
-                ));
-            }
-            let timeout = r.timeout.or(d.timeout).unwrap_or(DEFAULT_GATE_TIMEOUT);
-            let interval = d.interval.unwrap_or(DEFAULT_GATE_INTERVAL);
-            let gates = |list: &[Spanned<toml::Table>], which: &str| {
-                list.iter()
-                    .map(|g| {
-                        let line = line_of(text, g.span().start);
-                        parse_gate(g, timeout, interval, line).map_err(|m| {
-                            at(
-                                Some(g.span()),
-                                format!("step {:?}, {which} gate: {m}", r.name),
-                            )
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-            };
-            let action = |t: &Spanned<toml::Table>, which: &str| {
-                parse_action(t)
-                    .map_err(|m| at(Some(t.span()), format!("step {:?}, {which}: {m}", r.name)))
-            };
-            let step = Step {
-                name: r.name.clone(),
-                line,
-                pre: gates(&r.pre, "pre")?,
-                action: r.action.as_ref().map(|a| action(a, "action")).transpose()?,
-                post: gates(&r.post, "post")?,
-                retries: r.retries,
-                retry_delay: r.retry_delay.unwrap_or(Duration::from_secs(1)),
-                on_failure: r.on_failure.or(d.on_failure).unwrap_or(OnFailure::Abort),
-                rollback: r
-                    .rollback
-                    .iter()
-                    .map(|a| action(a, "rollback action"))
-                    .collect::<Result<_, _>>()?,
-            };
-            if step.action.is_none() && !step.post.is_empty() {
-                return Err(at(
-                    Some(span),
-                    format!(
-                        "step {:?} has post gates but no action; make them pre gates, or add an action",
-                        r.name
-                    ),
-                ));
-            }
-            if step.action.is_none() && step.pre.is_empty() {
-                return Err(at(
-                    Some(span),
-                    format!("step {:?} does nothing; add an action or gates", r.name),
-                ));
-            }
-            steps.push(step);
-        }
-        Ok(Playbook {
-            name: raw.name,
-            description: raw.description,
-            env: raw.env,
-            steps,
-            source: path.to_path_buf(),
-        })
-    }
-
-    /// Checks that every server the playbook names exists in `env`, naming
-    /// the playbook line of the first one that does not.
-    pub fn check_targets(&self, env_name: &str, env: &EnvConfig) -> Result<(), ConfigError> {
-        for step in &self.steps {
-            let gates = step.pre.iter().chain(&step.post);
-            let named = gates
-                .flat_map(|g| g.check.targets().into_iter().map(move |t| (t, g.line)))
-                .chain(
-                    step.action
-                        .iter()
-                        .chain(&step.rollback)
-                        .flat_map(|a| a.targets().into_iter().map(move |t| (t, step.line))),
-                );
-            for ((kind, name), line) in named {
-                let (known, section): (Vec<&String>, _) = match kind {
-                    TargetKind::Postgres => (env.postgres.keys().collect(), "postgres"),
-                    TargetKind::Redis => (env.redis.keys().collect(), "redis"),
-                };
-                if !known.iter().any(|k| *k == name) {
-                    return Err(ConfigError {
-                        location: format!("{}:{line}", self.source.display()),
-                        message: format!(
-                            "step {:?}: no server {name:?} in [env.{env_name}.{section}] (configured: {}); \
-                             add [env.{env_name}.{section}.{name}] to the config or fix the name",
-                            step.name,
-                            if known.is_empty() {
-                                "none".to_string()
-                            } else {
-                                known
-                                    .iter()
-                                    .map(|s| s.as_str())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            }
-                        ),
-                    });
-                }
-            }
-            // pg_ctl needs the data directory: say so now, not mid-failover.
-            for a in step.action.iter().chain(&step.rollback) {
-                if let Action::PgFence {
-                    target,
-                    mode: FenceMode::Stop,
-                }
-                | Action::PgUnfence {
-                    target,
-                    mode: FenceMode::Stop,
-                } = a
-                {
-                    let has_dir = env
-                        .postgres
-                        .get(target)
-                        .is_some_and(|t| t.get_ref().data_dir.is_some());
-                    if !has_dir {
-                        return Err(ConfigError {
-                            location: format!("{}:{}", self.source.display(), step.line),
-                            message: format!(
-                                "step {:?}: mode = \"stop\" runs pg_ctl, which needs data_dir in \
-                                 [env.{env_name}.postgres.{target}] (and dr on that host); add it, \
-                                 or fence with mode = \"read_only\"",
-                                step.name
-                            ),
-                        });
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-fn parse_gate(
-    t: &Spanned<toml::Table>,
-    step_timeout: Duration,
-    interval: Duration,
-    line: usize,
-) -> Result<Gate, String> {
-    let mut table = t.get_ref().clone();
-    let mut take_duration = |key: &str| -> Result<Option<Duration>, String> {
-        match table.remove(key) {
-            None => Ok(None),
-            Some(toml::Value::String(s)) => humantime::parse_duration(&s)
-                .map(Some)
-                .map_err(|e| format!("{key} = {s:?} is not a duration ({e}); write e.g. \"10s\"")),
-            Some(v) => Err(format!(
-                "{key} must be a duration string such as \"10s\", not {v}"
-            )),
-        }
-    };
-    let timeout = take_duration("timeout")?.unwrap_or(step_timeout);
-    let interval = take_duration("interval")?.unwrap_or(interval);
-    let negate = match table.remove("negate") {
-        None => false,
-        Some(toml::Value::Boolean(b)) => b,
-        Some(v) => return Err(format!("negate must be true or false, not {v}")),
-    };
-    if interval.is_zero() {
-        return Err("interval must be greater than zero".into());
-    }
-    let check: Check = toml::Value::Table(table)
-        .try_into()
-        .map_err(|e: toml::de::Error| hint(e.message().trim()))?;
-    Ok(Gate {
-        check,
-        timeout,
-        interval,
-        negate,
-        line,
-    })
-}
-
-fn parse_action(t: &Spanned<toml::Table>) -> Result<Action, String> {
-    let a: Action = toml::Value::Table(t.get_ref().clone())
-        .try_into()
-        .map_err(|e: toml::de::Error| hint(e.message().trim()))?;
-    if let Action::Exec { argv, shell, .. } = &a {
-        if argv.is_empty() {
-            return Err("exec needs argv = [\"program\", \"arg\", …]".into());
-        }
-        if *shell && argv.len() != 1 {
-            return Err("with shell = true, argv must be one string: the script sh -c runs".into());
-        }
-    }
-    Ok(a)
-}
-
-fn hint(msg: &str) -> String {
-    if msg.contains("missing field `type`") {
-        format!("{msg}; every gate and action needs a type, e.g. type = \"pg.promote\"")
-    } else if msg.starts_with("unknown field") {
-        format!("{msg}; remove or correct the key (README.md, section Failover, lists every key)")
-    } else if msg.starts_with("missing field") {
-        format!("{msg}; add it (README.md, section Failover)")
-    } else {
-        msg.to_string()
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
+    use crate::config::{ConfigError, EnvConfig};
 
     fn parse(t: &str) -> Result<Playbook, ConfigError> {
         Playbook::parse(t, Path::new("pb.toml"))

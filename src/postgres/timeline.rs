@@ -18,9 +18,14 @@ pub struct HistoryEntry {
     pub switch: Lsn,
 }
 
+crate::message_error!(
+    /// A timeline history file that does not parse; names the line.
+    HistoryError
+);
+
 /// Parses a timeline history file (`<parent>\t<X/X>\t<reason>` per line,
 /// oldest ancestor first; `#` comments and blank lines allowed).
-pub fn parse_history(text: &str) -> Result<Vec<HistoryEntry>, String> {
+pub fn parse_history(text: &str) -> Result<Vec<HistoryEntry>, HistoryError> {
     let mut out: Vec<HistoryEntry> = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -32,7 +37,7 @@ pub fn parse_history(text: &str) -> Result<Vec<HistoryEntry>, String> {
             return Err(format!(
                 "line {}: expected `<timeline> <LSN> <reason>`",
                 i + 1
-            ));
+            ).into());
         };
         let parent = tli
             .parse::<u32>()
@@ -44,7 +49,7 @@ pub fn parse_history(text: &str) -> Result<Vec<HistoryEntry>, String> {
             return Err(format!(
                 "line {}: timelines and switch points must increase",
                 i + 1
-            ));
+            ).into());
         }
         out.push(HistoryEntry { parent, switch });
     }

@@ -124,7 +124,11 @@ pub async fn push(
 
 /// What can be checked of a file's content from its name alone: segments and
 /// `.partial` segments carry a page header; other files are left alone.
-fn check_content(file: WalFile, system_id: u64, data: &[u8]) -> Result<(), String> {
+fn check_content(
+    file: WalFile,
+    system_id: u64,
+    data: &[u8],
+) -> Result<(), super::wal_header::InvalidSegment> {
     match file {
         WalFile::Segment(seg, WalSuffix::None | WalSuffix::Partial) => {
             super::wal_header::check_segment(&seg, system_id, data)

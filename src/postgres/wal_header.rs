@@ -50,16 +50,21 @@ impl LongPageHeader {
     }
 }
 
+crate::message_error!(
+    /// Bytes that are not the WAL segment they claim to be; says which check failed.
+    InvalidSegment
+);
+
 /// Checks that `data` is the WAL segment `name` of the cluster `system_id`:
 /// full size, a long page header with a WAL magic, the segment's own timeline
 /// and address, and the cluster's system identifier. The error says which
 /// check failed, in words an operator can act on.
-pub fn check_segment(name: &WalSegmentName, system_id: u64, data: &[u8]) -> Result<(), String> {
+pub fn check_segment(name: &WalSegmentName, system_id: u64, data: &[u8]) -> Result<(), InvalidSegment> {
     if data.len() as u64 != WAL_SEGMENT_SIZE {
         return Err(format!(
             "is {} bytes, but a WAL segment is {WAL_SEGMENT_SIZE} bytes",
             data.len()
-        ));
+        ).into());
     }
     let h = LongPageHeader::parse(data).ok_or("has no WAL page header")?;
     // Every release so far uses 0xD1xx; the low byte changes per major version.
@@ -67,7 +72,7 @@ pub fn check_segment(name: &WalSegmentName, system_id: u64, data: &[u8]) -> Resu
         return Err(format!(
             "does not start with a WAL page header (magic {:#06x})",
             h.magic
-        ));
+        ).into());
     }
     if h.info & XLP_LONG_HEADER == 0 {
         return Err("its first page lacks the long header a segment starts with".into());
@@ -76,7 +81,7 @@ pub fn check_segment(name: &WalSegmentName, system_id: u64, data: &[u8]) -> Resu
         return Err(format!(
             "has segment size {} in its header, expected {WAL_SEGMENT_SIZE}",
             h.seg_size
-        ));
+        ).into());
     }
     // The first segment of a new timeline starts as a copy of its parent's
     // segment, page headers included: an older timeline is fine, a newer or
@@ -85,7 +90,7 @@ pub fn check_segment(name: &WalSegmentName, system_id: u64, data: &[u8]) -> Resu
         return Err(format!(
             "belongs to timeline {} but its name says timeline {}",
             h.timeline, name.timeline.0
-        ));
+        ).into());
     }
     let per_log = 0x1_0000_0000u64 / WAL_SEGMENT_SIZE;
     let want = (u64::from(name.log) * per_log + u64::from(name.seg)) * WAL_SEGMENT_SIZE;
@@ -94,13 +99,13 @@ pub fn check_segment(name: &WalSegmentName, system_id: u64, data: &[u8]) -> Resu
             "starts at WAL address {} but its name says {}",
             super::Lsn(h.page_addr),
             super::Lsn(want)
-        ));
+        ).into());
     }
     if h.system_id != system_id {
         return Err(format!(
             "belongs to database system {} but this cluster is {system_id}",
             h.system_id
-        ));
+        ).into());
     }
     Ok(())
 }

@@ -66,6 +66,65 @@ pub struct RedisManifest {
     pub seconds: f64,
 }
 
+impl crate::repo::snapshots::SnapshotManifest for RedisManifest {
+    const KIND: &'static str = MANIFEST_KIND;
+    const VERSION: u32 = MANIFEST_VERSION;
+    const PREFIX: &'static str = "redis";
+    const BACKUP_COMMAND: &'static str = "dr backup redis";
+    const ENGINE: &'static str = "Redis";
+    const INSTANCE: &'static str = "instance";
+
+    fn kind(&self) -> &str {
+        &self.kind
+    }
+    fn version(&self) -> u32 {
+        self.version
+    }
+    fn instance(&self) -> &str {
+        &self.instance
+    }
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn time(&self) -> DateTime<Utc> {
+        self.time
+    }
+    fn manifest_key(
+        instance: &str,
+        snapshot: crate::repo::layout::BackupId,
+    ) -> crate::repo::layout::ObjectKey {
+        crate::repo::layout::ObjectKey::RedisManifest {
+            instance: instance.to_string(),
+            snapshot,
+        }
+    }
+    fn is_manifest(key: &crate::repo::layout::ObjectKey) -> bool {
+        matches!(key, crate::repo::layout::ObjectKey::RedisManifest { .. })
+    }
+    fn data_key(
+        instance: &str,
+        snapshot: crate::repo::layout::BackupId,
+    ) -> crate::repo::layout::ObjectKey {
+        crate::repo::layout::ObjectKey::RedisRdb {
+            instance: instance.to_string(),
+            snapshot,
+        }
+    }
+    fn data(&self) -> &Encoded {
+        &self.rdb
+    }
+    fn stored_part(
+        key: &crate::repo::layout::ObjectKey,
+    ) -> Option<(crate::repo::layout::BackupId, &'static str)> {
+        use crate::repo::layout::ObjectKey;
+        match key {
+            ObjectKey::RedisRdb { snapshot, .. } => Some((snapshot.clone(), "rdb")),
+            ObjectKey::RedisStarted { snapshot, .. } => Some((snapshot.clone(), "marker")),
+            _ => None,
+        }
+    }
+}
+
 impl RedisManifest {
     /// Total keys over all databases.
     pub fn total_keys(&self) -> u64 {

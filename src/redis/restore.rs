@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 
 use super::RedisError;
-use super::manifest::{DbKeys, MANIFEST_KIND, MANIFEST_VERSION, RedisManifest, parse_keyspace};
+use super::manifest::{DbKeys, RedisManifest, parse_keyspace};
 use super::rdb::RdbCheck;
 use crate::codec::Expect;
 use crate::config::RedisConfig;
@@ -23,112 +23,7 @@ use crate::repo::Repository;
 use crate::repo::layout::ObjectKey;
 
 /// Snapshots of one instance, oldest first, plus manifests that could not be read.
-#[derive(Debug, Default)]
-pub struct RedisCatalog {
-    /// Readable snapshots, by time.
-    pub snapshots: Vec<RedisManifest>,
-    /// `(key, error)` of manifests that could not be read.
-    pub unreadable: Vec<(String, String)>,
-}
-
-impl RedisCatalog {
-    /// Lists and decodes every manifest of `instance`.
-    pub async fn load(repo: &Repository, instance: &str) -> Result<RedisCatalog, RedisError> {
-        if !repo.codec.can_decrypt() {
-            return Err(RedisError::Other(format!(
-                "manifests are encrypted and listing and restoring need the private key: {}",
-                repo.codec.cannot_decrypt_because()
-            )));
-        }
-        let (_, objects) = repo
-            .regions
-            .list(&format!("redis/{instance}/snapshots/"))
-            .await
-            .map_err(crate::repo::RepoError::from)?;
-        let manifests: Vec<_> = objects
-            .into_iter()
-            .filter(|o| {
-                matches!(
-                    o.key.parse::<ObjectKey>(),
-                    Ok(ObjectKey::RedisManifest { .. })
-                )
-            })
-            .collect();
-        let read: Vec<_> = futures::stream::iter(manifests)
-            .map(|o| async move {
-                let expect = Expect {
-                    key: o.key.clone(),
-                    stored_size: Some(o.size),
-                    ..Expect::default()
-                };
-                let r = match repo.get_verified(&o.key, expect).await {
-                    Ok((_, b)) => parse_manifest(&o.key, &b),
-                    Err(e) => Err(e.to_string()),
-                };
-                (o.key, r)
-            })
-            .buffered(8)
-            .collect()
-            .await;
-        let mut cat = RedisCatalog::default();
-        for (key, r) in read {
-            match r {
-                Ok(m) if m.instance == instance => cat.snapshots.push(m),
-                Ok(m) => cat.unreadable.push((
-                    key,
-                    format!(
-                        "manifest is for instance {:?}, not {instance:?}",
-                        m.instance
-                    ),
-                )),
-                Err(e) => cat.unreadable.push((key, e)),
-            }
-        }
-        cat.snapshots
-            .sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
-        Ok(cat)
-    }
-
-    /// The newest snapshot at or before `target` (`None`: the newest).
-    pub fn pick(&self, target: Option<DateTime<Utc>>) -> Result<&RedisManifest, RedisError> {
-        let (Some(first), Some(last)) = (self.snapshots.first(), self.snapshots.last()) else {
-            return Err(RedisError::Other(
-                "no snapshots in the repository; take one with `dr backup redis`".into(),
-            ));
-        };
-        let Some(t) = target else { return Ok(last) };
-        self.snapshots
-            .iter()
-            .rev()
-            .find(|m| m.time <= t)
-            .ok_or_else(|| {
-                RedisError::Other(format!(
-                    "target {} is before the first snapshot ({}); snapshots cover {} to {} ({} in all)",
-                    fmt_time(t),
-                    fmt_time(first.time),
-                    fmt_time(first.time),
-                    fmt_time(last.time),
-                    self.snapshots.len()
-                ))
-            })
-    }
-}
-
-fn fmt_time(t: DateTime<Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
-}
-
-fn parse_manifest(key: &str, b: &[u8]) -> Result<RedisManifest, String> {
-    let m: RedisManifest =
-        serde_json::from_slice(b).map_err(|e| format!("{key}: not a dr Redis manifest ({e})"))?;
-    if m.kind != MANIFEST_KIND || m.version != MANIFEST_VERSION {
-        return Err(format!(
-            "{key}: manifest kind {:?} version {} is not supported by this dr",
-            m.kind, m.version
-        ));
-    }
-    Ok(m)
-}
+pub type RedisCatalog = crate::repo::snapshots::Catalog<RedisManifest>;
 
 /// What to restore and where.
 #[derive(Debug, Clone)]

@@ -313,6 +313,28 @@ pub enum ObjectKey {
         /// Snapshot id.
         snapshot: BackupId,
     },
+    /// `rabbitmq/<instance>/snapshots/<id>/manifest`
+    RabbitManifest {
+        /// Broker name.
+        instance: String,
+        /// Snapshot id.
+        snapshot: BackupId,
+    },
+    /// `rabbitmq/<instance>/snapshots/<id>/started`: the running marker.
+    RabbitStarted {
+        /// Broker name.
+        instance: String,
+        /// Snapshot id.
+        snapshot: BackupId,
+    },
+    /// `rabbitmq/<instance>/snapshots/<id>/definitions`: the export (JSON),
+    /// password hashes included, so only ever stored encrypted.
+    RabbitDefinitions {
+        /// Broker name.
+        instance: String,
+        /// Snapshot id.
+        snapshot: BackupId,
+    },
     /// `audit/<yyyy>/<mm>/<id>`: one encrypted audit record.
     Audit {
         /// Record id (time-sortable).
@@ -380,6 +402,15 @@ impl fmt::Display for ObjectKey {
             }
             ObjectKey::RedisRdb { instance, snapshot } => {
                 write!(f, "redis/{instance}/snapshots/{snapshot}/rdb")
+            }
+            ObjectKey::RabbitManifest { instance, snapshot } => {
+                write!(f, "rabbitmq/{instance}/snapshots/{snapshot}/manifest")
+            }
+            ObjectKey::RabbitStarted { instance, snapshot } => {
+                write!(f, "rabbitmq/{instance}/snapshots/{snapshot}/started")
+            }
+            ObjectKey::RabbitDefinitions { instance, snapshot } => {
+                write!(f, "rabbitmq/{instance}/snapshots/{snapshot}/definitions")
             }
             ObjectKey::Audit { id } => {
                 write!(f, "audit/{}/{id}", id.time().format("%Y/%m"))
@@ -489,6 +520,18 @@ impl FromStr for ObjectKey {
                 instance: name(i)?,
                 snapshot: id.parse()?,
             }),
+            ["rabbitmq", i, "snapshots", id, "manifest"] => Ok(ObjectKey::RabbitManifest {
+                instance: name(i)?,
+                snapshot: id.parse()?,
+            }),
+            ["rabbitmq", i, "snapshots", id, "started"] => Ok(ObjectKey::RabbitStarted {
+                instance: name(i)?,
+                snapshot: id.parse()?,
+            }),
+            ["rabbitmq", i, "snapshots", id, "definitions"] => Ok(ObjectKey::RabbitDefinitions {
+                instance: name(i)?,
+                snapshot: id.parse()?,
+            }),
             ["audit", y, m, id] => Ok(ObjectKey::Audit {
                 id: dated_id(id, y, m).ok_or_else(not_key)?,
             }),
@@ -581,6 +624,18 @@ mod tests {
                     snapshot: random_id(&mut rng),
                 },
                 ObjectKey::RedisStarted {
+                    instance: random_name(&mut rng),
+                    snapshot: random_id(&mut rng),
+                },
+                ObjectKey::RabbitManifest {
+                    instance: random_name(&mut rng),
+                    snapshot: random_id(&mut rng),
+                },
+                ObjectKey::RabbitStarted {
+                    instance: random_name(&mut rng),
+                    snapshot: random_id(&mut rng),
+                },
+                ObjectKey::RabbitDefinitions {
                     instance: random_name(&mut rng),
                     snapshot: random_id(&mut rng),
                 },

@@ -2,6 +2,7 @@
 
 pub mod layout;
 pub mod retention;
+pub mod snapshots;
 
 use std::time::Instant;
 

@@ -146,7 +146,7 @@ pub struct Deletion {
 /// Everything one source's expiry would do.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SourcePlan {
-    /// `pg` or `redis`.
+    /// `pg`, `redis` or `rabbitmq`.
     pub kind: String,
     /// Cluster or instance name.
     pub name: String,
@@ -397,20 +397,22 @@ pub fn plan_pg(
     }
 }
 
-/// A Redis snapshot as retention sees it.
+/// A snapshot (Redis, RabbitMQ) as retention sees it.
 #[derive(Debug, Clone)]
-pub struct RedisSnap {
+pub struct Snap {
     /// Id and time.
     pub item: Item,
     /// Manifest key.
     pub manifest: String,
 }
 
-/// Plans one Redis instance. `stored` is every rdb and running marker of
-/// every snapshot directory (listed), so interrupted snapshots are found.
-pub fn plan_redis(
+/// Plans one snapshot source of `kind` (`redis`, `rabbitmq`). `stored` is
+/// every data object and running marker of every snapshot directory
+/// (listed), so interrupted snapshots are found.
+pub fn plan_snapshots(
+    kind: &str,
     name: &str,
-    snaps: &[RedisSnap],
+    snaps: &[Snap],
     stored: &[Stored],
     policy: &Policy,
     now: DateTime<Utc>,
@@ -418,7 +420,7 @@ pub fn plan_redis(
 ) -> SourcePlan {
     let items: Vec<Item> = snaps.iter().map(|s| s.item.clone()).collect();
     let decisions = decide(&items, policy, now);
-    let by_id: BTreeMap<&str, &RedisSnap> = snaps.iter().map(|s| (s.item.id.as_str(), s)).collect();
+    let by_id: BTreeMap<&str, &Snap> = snaps.iter().map(|s| (s.item.id.as_str(), s)).collect();
     let mut deletions = Vec::new();
     let mut expired = BTreeSet::new();
     for d in decisions.iter().filter(|d| !d.keep) {
@@ -432,7 +434,7 @@ pub fn plan_redis(
             expired.insert(d.id.as_str());
         }
     }
-    // A snapshot reads only its own rdb: nothing is shared, nothing deferred.
+    // A snapshot reads only its own data object: nothing is shared, nothing deferred.
     let dirs = plan_dirs(
         stored,
         &by_id.keys().copied().collect(),
@@ -444,7 +446,7 @@ pub fn plan_redis(
     );
     deletions.extend(dirs.deletions);
     SourcePlan {
-        kind: "redis".into(),
+        kind: kind.into(),
         name: name.into(),
         decisions,
         deletions,
@@ -711,8 +713,8 @@ b1 delete beyond the policy (keep 1)
 
     #[test]
     fn redis_plan_deletes_manifests_before_rdbs() {
-        let snaps: Vec<RedisSnap> = (1..=4)
-            .map(|i| RedisSnap {
+        let snaps: Vec<Snap> = (1..=4)
+            .map(|i| Snap {
                 item: Item {
                     id: format!("s{i}"),
                     time: t(&format!("2026-11-2{i}T00:00:00Z")),
@@ -742,7 +744,8 @@ b1 delete beyond the policy (keep 1)
             keep: Some(2),
             keep_within: None,
         };
-        let p = plan_redis(
+        let p = plan_snapshots(
+            "redis",
             "c",
             &snaps,
             &stored,

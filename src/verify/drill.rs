@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::report::{self, CheckResult, SourceReport, secs};
@@ -24,7 +24,7 @@ use crate::repo::Repository;
 use crate::repo::layout::{BackupId, ObjectKey};
 
 /// Objectives or achievements: recovery time and recovery point, in seconds.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Rtpo {
     /// Recovery time.
     pub rto_seconds: Option<f64>,
@@ -33,7 +33,7 @@ pub struct Rtpo {
 }
 
 /// What a drill did and achieved.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DrillReport {
     /// Report id (also its repository object name and file names).
     pub id: String,
@@ -60,7 +60,7 @@ pub struct DrillReport {
     pub playbook: Option<serde_json::Value>,
     /// Drill-level checks: playbook, objectives, report files.
     pub checks: Vec<CheckResult>,
-    /// The JSON and Markdown report files written.
+    /// The JSON, Markdown and HTML report files written.
     pub files: Vec<String>,
     /// Things to know that did not fail the drill.
     pub warnings: Vec<String>,
@@ -69,6 +69,7 @@ pub struct DrillReport {
 enum Running {
     Pg(super::pg::PgScratch),
     Redis(super::redis::RedisScratch),
+    Rabbitmq(super::scratch::Scratch),
 }
 
 impl Running {
@@ -76,6 +77,7 @@ impl Running {
         match self {
             Running::Pg(p) => &p.scratch,
             Running::Redis(r) => &r.scratch,
+            Running::Rabbitmq(s) => s,
         }
     }
 }
@@ -99,7 +101,7 @@ pub async fn run(
                 .0,
         ),
     };
-    let mut audit = Audit::begin(
+    let audit = Audit::begin(
         AuditLog::from_config(cfg),
         "drill",
         name,
@@ -108,6 +110,7 @@ pub async fn run(
             "environment": d.environment,
             "postgres": d.postgres,
             "redis": d.redis,
+            "rabbitmq": d.rabbitmq,
         }),
     )?;
     let mut warnings = Vec::new();
@@ -150,15 +153,27 @@ pub async fn run(
         let (rep, s) = super::redis::restore_and_check(repo, n, r, target, t0, cancel).await;
         Ok::<_, VerifyError>((rep, s.map(Running::Redis)))
     });
-    let (pg_done, redis_done) = futures::future::join(
+    let rabbitmq_runs = d.rabbitmq.iter().map(|n| async move {
+        let (_, r) = cfg.rabbitmq(Some(n))?;
+        if let Some((env, e)) = staging_env {
+            let s = staging_server(&e.rabbitmq, env, "rabbitmq", n)?;
+            let rep =
+                super::rabbitmq_staging::restore(repo, env, n, r, s, target, t0, cancel).await;
+            return Ok((rep, None));
+        }
+        let (rep, s) = super::rabbitmq::restore_and_check(repo, n, r, target, t0, cancel).await;
+        Ok::<_, VerifyError>((rep, s.map(Running::Rabbitmq)))
+    });
+    let (pg_done, redis_done, rabbitmq_done) = futures::future::join3(
         futures::future::join_all(pg_runs),
         futures::future::join_all(redis_runs),
+        futures::future::join_all(rabbitmq_runs),
     )
     .await;
     let mut sources = Vec::new();
     let mut running = Vec::new();
     let mut first_err = None;
-    for r in pg_done.into_iter().chain(redis_done) {
+    for r in pg_done.into_iter().chain(redis_done).chain(rabbitmq_done) {
         match r {
             Ok((rep, s)) => {
                 sources.push(rep);
@@ -172,54 +187,12 @@ pub async fn run(
     let mut playbook_rto_point = None;
     let all_up = sources.iter().all(SourceReport::ok) && first_err.is_none();
     if let Some(pb) = &d.playbook {
-        if all_up && !cancel.is_cancelled() {
-            let at = t0.elapsed().as_secs_f64();
-            let run = tokio::select! {
-                r = run_playbook(cfg, &d, name, pb, &running) => Some(r),
-                () = cancel.cancelled() => None,
-            };
-            match run {
-                Some(Ok(r)) => {
-                    let point = at + r.rto_seconds.unwrap_or(r.total_seconds);
-                    checks.push(if r.ok() {
-                        CheckResult::pass(
-                            "playbook",
-                            format!(
-                                "{} on {}: done in {:.2}s (RTO point {:.2}s into the drill)",
-                                r.playbook, r.env, r.total_seconds, point
-                            ),
-                            r.total_seconds,
-                        )
-                    } else {
-                        CheckResult::fail(
-                            "playbook",
-                            format!(
-                                "{} on {} failed: {}",
-                                r.playbook,
-                                r.env,
-                                r.error.clone().unwrap_or_default()
-                            ),
-                            r.total_seconds,
-                        )
-                    });
-                    playbook_rto_point = Some(point);
-                    warnings.extend(r.warnings.iter().cloned());
-                    playbook = serde_json::to_value(&r).ok();
-                }
-                Some(Err(e)) => checks.push(CheckResult::fail("playbook", e, 0.0)),
-                None => checks.push(CheckResult::fail(
-                    "playbook",
-                    "interrupted by a signal",
-                    0.0,
-                )),
-            }
-        } else {
-            checks.push(CheckResult::fail(
-                "playbook",
-                "not run: not every source was restored and checked",
-                0.0,
-            ));
-        }
+        let (check, point, notes, value) =
+            playbook_step(cfg, &d, name, pb, &running, all_up, t0, cancel).await;
+        checks.push(check);
+        playbook_rto_point = point;
+        warnings.extend(notes);
+        playbook = value;
     }
     // Staging servers stay up on the restored data; the lock is released.
     drop(staging);
@@ -236,8 +209,145 @@ pub async fn run(
         let _ = audit.finish(Some(repo), Err(e.to_string())).await;
         return Err(e);
     }
+    let achieved = achieved(&sources, playbook_rto_point);
+    let objectives = Rtpo {
+        rto_seconds: d.rto_seconds,
+        rpo_seconds: d.rpo_seconds,
+    };
+    checks.extend(objective_checks(&objectives, &achieved));
+    let rep = DrillReport {
+        id: id.to_string(),
+        drill: name.to_string(),
+        started,
+        finished: Utc::now(),
+        target: d.to.clone(),
+        environment: d.environment.clone(),
+        ok: false,
+        objectives,
+        achieved,
+        sources,
+        playbook,
+        checks,
+        files: Vec::new(),
+        warnings,
+    };
+    Ok(conclude(repo, &d, rep, audit, id).await)
+}
+
+/// Decides the verdict, writes the report files, stores the report in the
+/// repository and closes the audit record.
+async fn conclude(
+    repo: &Repository,
+    d: &DrillConfig,
+    mut rep: DrillReport,
+    mut audit: Audit,
+    id: BackupId,
+) -> DrillReport {
+    rep.ok = rep.sources.iter().all(SourceReport::ok) && rep.checks.iter().all(|c| c.ok);
+    match write_files(d, &rep) {
+        Ok(files) => rep.files = files,
+        Err(e) => {
+            rep.checks.push(CheckResult::fail("report files", e, 0.0));
+            rep.ok = false;
+        }
+    }
+    if let Err(e) = report::store(repo, &ObjectKey::DrillReport { id }, &rep).await {
+        rep.warnings.push(e);
+    }
+    let details = serde_json::to_value(&rep).unwrap_or_default();
+    audit.set_details(details.clone());
+    let result = if rep.ok {
+        Ok(details)
+    } else {
+        Err(drill_failures(&rep))
+    };
+    let (_, w) = audit.finish(Some(repo), result).await;
+    rep.warnings.extend(w);
+    rep
+}
+
+/// Runs the drill's playbook once every source is up: the check line, the
+/// RTO point it reached (seconds into the drill), its warnings and report.
+#[allow(clippy::too_many_arguments)]
+async fn playbook_step(
+    cfg: &Config,
+    d: &DrillConfig,
+    name: &str,
+    pb: &str,
+    running: &[Option<Running>],
+    all_up: bool,
+    t0: Instant,
+    cancel: &CancellationToken,
+) -> (
+    CheckResult,
+    Option<f64>,
+    Vec<String>,
+    Option<serde_json::Value>,
+) {
+    if !all_up || cancel.is_cancelled() {
+        let why = "not run: not every source was restored and checked";
+        return (
+            CheckResult::fail("playbook", why, 0.0),
+            None,
+            Vec::new(),
+            None,
+        );
+    }
+    let at = t0.elapsed().as_secs_f64();
+    let run = tokio::select! {
+        r = run_playbook(cfg, d, name, pb, running) => Some(r),
+        () = cancel.cancelled() => None,
+    };
+    let r = match run {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => {
+            return (
+                CheckResult::fail("playbook", e, 0.0),
+                None,
+                Vec::new(),
+                None,
+            );
+        }
+        None => {
+            let check = CheckResult::fail("playbook", "interrupted by a signal", 0.0);
+            return (check, None, Vec::new(), None);
+        }
+    };
+    let point = at + r.rto_seconds.unwrap_or(r.total_seconds);
+    let check = if r.ok() {
+        CheckResult::pass(
+            "playbook",
+            format!(
+                "{} on {}: done in {:.2}s (RTO point {:.2}s into the drill)",
+                r.playbook, r.env, r.total_seconds, point
+            ),
+            r.total_seconds,
+        )
+    } else {
+        CheckResult::fail(
+            "playbook",
+            format!(
+                "{} on {} failed: {}",
+                r.playbook,
+                r.env,
+                r.error.clone().unwrap_or_default()
+            ),
+            r.total_seconds,
+        )
+    };
+    (
+        check,
+        Some(point),
+        r.warnings.clone(),
+        serde_json::to_value(&r).ok(),
+    )
+}
+
+/// The drill's RTO (the slowest source, or the playbook's RTO point if
+/// later) and RPO (the largest of the sources'), when every source has one.
+fn achieved(sources: &[SourceReport], playbook_rto_point: Option<f64>) -> Rtpo {
     let restored = sources.iter().all(|s| s.rto_seconds.is_some());
-    let achieved = Rtpo {
+    Rtpo {
         rto_seconds: restored.then(|| {
             sources
                 .iter()
@@ -251,11 +361,12 @@ pub async fn run(
                 .filter_map(|s| s.rpo_seconds)
                 .fold(0.0, f64::max)
         }),
-    };
-    let objectives = Rtpo {
-        rto_seconds: d.rto_seconds,
-        rpo_seconds: d.rpo_seconds,
-    };
+    }
+}
+
+/// One check per configured objective: met, missed, or not measured.
+fn objective_checks(objectives: &Rtpo, achieved: &Rtpo) -> Vec<CheckResult> {
+    let mut checks = Vec::new();
     for (what, goal, got) in [
         (
             "RTO objective",
@@ -285,43 +396,7 @@ pub async fn run(
             ),
         });
     }
-    let mut rep = DrillReport {
-        id: id.to_string(),
-        drill: name.to_string(),
-        started,
-        finished: Utc::now(),
-        target: d.to.clone(),
-        environment: d.environment.clone(),
-        ok: false,
-        objectives,
-        achieved,
-        sources,
-        playbook,
-        checks,
-        files: Vec::new(),
-        warnings,
-    };
-    rep.ok = rep.sources.iter().all(SourceReport::ok) && rep.checks.iter().all(|c| c.ok);
-    match write_files(&d, &rep) {
-        Ok(files) => rep.files = files,
-        Err(e) => {
-            rep.checks.push(CheckResult::fail("report files", e, 0.0));
-            rep.ok = false;
-        }
-    }
-    if let Err(e) = report::store(repo, &ObjectKey::DrillReport { id }, &rep).await {
-        rep.warnings.push(e);
-    }
-    let details = serde_json::to_value(&rep).unwrap_or_default();
-    audit.set_details(details.clone());
-    let result = if rep.ok {
-        Ok(details)
-    } else {
-        Err(drill_failures(&rep))
-    };
-    let (_, w) = audit.finish(Some(repo), result).await;
-    rep.warnings.extend(w);
-    Ok(rep)
+    checks
 }
 
 /// Checks a staging environment before the drill touches it and takes its
@@ -418,6 +493,12 @@ pub async fn dry_run(cfg: &Config, name: &str) -> Result<DrillPlan, VerifyError>
                             "[redis.{n}]: restore as of {} into a scratch server, check, remove",
                             d.to
                         )
+                    }))
+                    .chain(d.rabbitmq.iter().map(|n| {
+                        format!(
+                            "[rabbitmq.{n}]: load the definitions as of {} into a scratch broker, check, remove",
+                            d.to
+                        )
                     })),
             );
             // A plan that cannot restore anything does not pass.
@@ -484,6 +565,15 @@ async fn covered(cfg: &Config, d: &DrillConfig) -> Result<Vec<String>, Vec<Strin
                 Err(e) => refused.push(format!("[redis.{n}]: {e}")),
             },
             Err(e) => refused.push(format!("[redis.{n}]: {e}")),
+        }
+    }
+    for n in &d.rabbitmq {
+        match crate::rabbitmq::restore::RabbitCatalog::load(&repo, n).await {
+            Ok(cat) => match cat.pick(target) {
+                Ok(m) => notes.push(format!("[rabbitmq.{n}]: snapshot {}", m.id)),
+                Err(e) => refused.push(format!("[rabbitmq.{n}]: {e}")),
+            },
+            Err(e) => refused.push(format!("[rabbitmq.{n}]: {e}")),
         }
     }
     if refused.is_empty() {
@@ -574,7 +664,9 @@ fn scratch_env(cfg: &Config, d: &DrillConfig, running: &[Option<Running>]) -> En
                 let t = RedisTarget::at_url(format!("redis://127.0.0.1:{}", r.port));
                 redis.insert(n.clone(), toml::Spanned::new(0..0, t));
             }
-            None => {}
+            // Scratch brokers have a password of their own that no
+            // playbook is given: they are not part of the playbook's env.
+            Some(Running::Rabbitmq(_)) | None => {}
         }
     }
     EnvConfig {
@@ -582,6 +674,7 @@ fn scratch_env(cfg: &Config, d: &DrillConfig, running: &[Option<Running>]) -> En
         allow_overwrite: false,
         postgres,
         redis,
+        rabbitmq: BTreeMap::new(),
     }
 }
 
@@ -594,7 +687,14 @@ fn write_files(d: &DrillConfig, rep: &DrillReport) -> Result<Vec<String>, String
     let body = serde_json::to_vec_pretty(rep).map_err(|e| e.to_string())?;
     std::fs::write(&json, body).map_err(|e| format!("{}: {e}", json.display()))?;
     std::fs::write(&md, markdown(rep)).map_err(|e| format!("{}: {e}", md.display()))?;
-    Ok(vec![json.display().to_string(), md.display().to_string()])
+    let html = base.with_extension("html");
+    std::fs::write(&html, super::html::drill(rep))
+        .map_err(|e| format!("{}: {e}", html.display()))?;
+    Ok(vec![
+        json.display().to_string(),
+        md.display().to_string(),
+        html.display().to_string(),
+    ])
 }
 
 /// The report as Markdown, for people and tickets.

@@ -12,7 +12,10 @@
 
 pub mod checks;
 pub mod drill;
+pub mod html;
 pub mod pg;
+pub mod rabbitmq;
+pub mod rabbitmq_staging;
 pub mod redis;
 pub mod report;
 pub mod scratch;
@@ -51,6 +54,8 @@ pub enum Source {
     Pg(String),
     /// A `[redis.<name>]` instance.
     Redis(String),
+    /// A `[rabbitmq.<name>]` broker.
+    Rabbitmq(String),
 }
 
 /// Appends the cleanup outcome to a report as a check: a scratch copy left
@@ -108,6 +113,7 @@ pub async fn run(
         let (action, name) = match s {
             Source::Pg(n) => ("verify.pg", n),
             Source::Redis(n) => ("verify.redis", n),
+            Source::Rabbitmq(n) => ("verify.rabbitmq", n),
         };
         let mut audit = Audit::begin(
             AuditLog::from_config(cfg),
@@ -127,6 +133,10 @@ pub async fn run(
             Source::Redis(n) => {
                 let (_, r) = cfg.redis(Some(n))?;
                 redis::verify(repo, n, r, target, cancel).await
+            }
+            Source::Rabbitmq(n) => {
+                let (_, r) = cfg.rabbitmq(Some(n))?;
+                rabbitmq::verify(repo, n, r, target, cancel).await
             }
         };
         let details = serde_json::to_value(&rep).unwrap_or_default();

@@ -82,16 +82,7 @@ pub(super) fn new_report(
     target: Option<DateTime<Utc>>,
     latest_basis: &str,
 ) -> SourceReport {
-    let mut rep = SourceReport::new(
-        "redis",
-        instance,
-        &target.map_or("latest".into(), |t| t.to_rfc3339()),
-    );
-    (rep.target_time, rep.target_basis) = match target {
-        Some(t) => (Some(t), "requested target time".into()),
-        None => (Some(Utc::now()), latest_basis.into()),
-    };
-    rep
+    SourceReport::of_snapshot("redis", instance, target, latest_basis)
 }
 
 async fn run(

@@ -112,6 +112,27 @@ impl SourceReport {
         }
     }
 
+    /// A report of a snapshot source whose RPO is measured from `target`,
+    /// or for `latest` from now (`latest_basis` says what now is): the age
+    /// of the newest snapshot is what a disaster at this moment would lose.
+    pub fn of_snapshot(
+        kind: &str,
+        name: &str,
+        target: Option<DateTime<Utc>>,
+        latest_basis: &str,
+    ) -> SourceReport {
+        let mut rep = SourceReport::new(
+            kind,
+            name,
+            &target.map_or("latest".into(), |t| t.to_rfc3339()),
+        );
+        (rep.target_time, rep.target_basis) = match target {
+            Some(t) => (Some(t), "requested target time".into()),
+            None => (Some(Utc::now()), latest_basis.into()),
+        };
+        rep
+    }
+
     /// True when every check passed.
     pub fn ok(&self) -> bool {
         !self.checks.is_empty() && self.checks.iter().all(|c| c.ok)

@@ -165,6 +165,24 @@ pub(crate) fn check_data_dir(
     ))
 }
 
+/// The server settings a local backup depends on.
+async fn server_facts(client: &tokio_postgres::Client) -> Result<ServerFacts, PgError> {
+    Ok(ServerFacts {
+        version: query_one_text(client, "SELECT current_setting('server_version_num')")
+            .await?
+            .parse()
+            .unwrap_or(0),
+        archive_mode: query_one_text(client, "SELECT current_setting('archive_mode')").await?,
+        wal_segment_size: query_one_text(
+            client,
+            "SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'",
+        )
+        .await?
+        .parse()
+        .unwrap_or(super::super::WAL_SEGMENT_SIZE),
+    })
+}
+
 /// Takes the backup; the caller records it.
 pub(super) async fn take(
     repo: &Repository,
@@ -181,20 +199,7 @@ pub(super) async fn take(
         )));
     }
     let client = super::super::connect(cfg).await?;
-    let facts = ServerFacts {
-        version: query_one_text(&client, "SELECT current_setting('server_version_num')")
-            .await?
-            .parse()
-            .unwrap_or(0),
-        archive_mode: query_one_text(&client, "SELECT current_setting('archive_mode')").await?,
-        wal_segment_size: query_one_text(
-            &client,
-            "SELECT setting FROM pg_settings WHERE name = 'wal_segment_size'",
-        )
-        .await?
-        .parse()
-        .unwrap_or(super::super::WAL_SEGMENT_SIZE),
-    };
+    let facts = server_facts(&client).await?;
     super::check_server(&facts, cfg)?;
     let server_dir = query_one_text(&client, "SELECT current_setting('data_directory')").await?;
     check_data_dir(cluster, &server_dir, cfg).map_err(PgError::Other)?;

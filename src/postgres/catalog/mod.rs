@@ -26,6 +26,21 @@ pub struct WalEntry {
     pub archived: Option<DateTime<Utc>>,
 }
 
+/// Segments missing between two archived ones of a timeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct WalGap {
+    /// Timeline.
+    pub timeline: u32,
+    /// The first missing segment.
+    pub first_missing: String,
+    /// How many are missing in a row.
+    pub missing: u64,
+    /// Archive time of the segment before the gap.
+    pub after: Option<DateTime<Utc>>,
+    /// Archive time of the segment after the gap.
+    pub before: Option<DateTime<Utc>>,
+}
+
 /// A span of time that can be restored to.
 #[derive(Debug, Clone, Serialize)]
 pub struct Window {
@@ -227,6 +242,31 @@ impl Catalog {
         };
         cat.windows = cat.compute_windows();
         Ok(cat)
+    }
+
+    /// Holes in the archived WAL: per timeline, runs of segments missing
+    /// between two archived ones (a restore cannot replay across them).
+    pub fn wal_gaps(&self) -> Vec<WalGap> {
+        let per_log = 0x1_0000_0000u64 / WAL_SEGMENT_SIZE;
+        let number = |s: &WalSegmentName| u64::from(s.log) * per_log + u64::from(s.seg);
+        let mut out = Vec::new();
+        let mut prev: Option<(&WalSegmentName, &WalEntry)> = None;
+        for (seg, entry) in &self.wal {
+            if let Some((p, pe)) = prev
+                && p.timeline == seg.timeline
+                && number(seg) > number(p) + 1
+            {
+                out.push(WalGap {
+                    timeline: seg.timeline.0,
+                    first_missing: next_segment(*p).to_string(),
+                    missing: number(seg) - number(p) - 1,
+                    after: pe.archived,
+                    before: entry.archived,
+                });
+            }
+            prev = Some((seg, entry));
+        }
+        out
     }
 
     fn compute_windows(&self) -> Vec<Window> {

@@ -175,12 +175,13 @@ async fn write_objects(
     }
     let remaining: Arc<Vec<AtomicUsize>> =
         Arc::new(needed.into_iter().map(AtomicUsize::new).collect());
-    let jobs = m
-        .objects
-        .iter()
+    // Items carry indices, not references: a stream of borrowing items is
+    // not provably `Send` to a spawned task (the daemon runs restores).
+    let jobs = (0..m.objects.len())
         .zip(by_object)
         .filter(|(_, pieces)| !pieces.is_empty())
-        .map(|(o, pieces)| {
+        .map(|(oi, pieces)| {
+            let o = &m.objects[oi];
             let remaining = remaining.clone();
             let key = m.owner(&o.backup).map(|backup| {
                 ObjectKey::PgData {

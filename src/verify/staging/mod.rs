@@ -75,6 +75,7 @@ pub fn plan(cfg: &Config, env: &str, d: &DrillConfig) -> Vec<String> {
             ));
         }
     }
+    out.extend(crate::verify::rabbitmq_staging::plan(env, e, d));
     for n in &d.redis {
         if let Some(t) = e.redis.get(n).map(|t| t.get_ref()) {
             let dir = t.dir.as_deref().unwrap_or(Path::new("?"));

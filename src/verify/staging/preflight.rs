@@ -179,6 +179,7 @@ pub async fn preflight(
     for (n, t) in servers(&e.redis, &d.redis, env, "redis", &mut why) {
         why.extend(redis_target_problems(env, n, t, &prod_redis).await);
     }
+    why.extend(crate::verify::rabbitmq_staging::preflight(cfg, env, e, d, &mut notes).await);
     if why.is_empty() { Ok(notes) } else { Err(why) }
 }
 

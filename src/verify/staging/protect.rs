@@ -177,6 +177,9 @@ pub fn refuse_protected(cfg: &Config, env: &str, d: &DrillConfig) -> Result<(), 
             why.extend(clashes(&s, &redis, "url", "dir"));
         }
     }
+    why.extend(crate::verify::rabbitmq_staging::refuse_protected(
+        cfg, env, e, d,
+    ));
     if why.is_empty() { Ok(()) } else { Err(why) }
 }
 
