@@ -58,6 +58,18 @@ pub struct RepositoryConfig {
     /// Regions that must hold an object durably before a write counts.
     #[serde(default = "default_min_regions")]
     pub min_regions: Spanned<usize>,
+    /// A region that takes no data of a write for this long is stalled: its
+    /// write is abandoned and the region counts as failed for that write.
+    #[serde(default = "default_stall_timeout", with = "humantime_serde")]
+    pub stall_timeout: std::time::Duration,
+}
+
+/// How long a region may take no data of a write before it counts as
+/// stalled, unless `[repository] stall_timeout` says otherwise.
+pub const DEFAULT_STALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+fn default_stall_timeout() -> std::time::Duration {
+    DEFAULT_STALL_TIMEOUT
 }
 
 fn no_recipients() -> Spanned<Vec<String>> {

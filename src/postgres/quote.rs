@@ -17,6 +17,13 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
+/// One directory as an element of a list setting (`unix_socket_directories`),
+/// which PostgreSQL splits at commas: in double quotes (a `"` doubled), so
+/// a directory whose name holds a comma or a space stays one directory.
+pub fn list_element(dir: &Path) -> String {
+    format!("\"{}\"", dir.display().to_string().replace('"', "\"\""))
+}
+
 /// Escapes `%` for `restore_command` / `archive_command`, where PostgreSQL
 /// replaces `%f`, `%p`, `%r` and reads `%%` as one `%`.
 pub fn percent_escape(s: &str) -> String {
@@ -159,5 +166,14 @@ mod tests {
             let e = conf_quote("recovery_target_name", bad).expect_err("refused");
             assert!(e.to_string().contains("recovery_target_name"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_directory_with_a_comma_stays_one_list_element() {
+        assert_eq!(
+            list_element(Path::new("/srv/r-full, min = 1")),
+            "\"/srv/r-full, min = 1\""
+        );
+        assert_eq!(list_element(Path::new("/a\"b")), "\"/a\"\"b\"");
     }
 }

@@ -7,6 +7,7 @@ mod faults;
 mod fs;
 mod regions;
 mod s3;
+mod stall;
 
 use std::io;
 use std::ops::Range;
@@ -15,9 +16,9 @@ use std::pin::Pin;
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 
-pub use faults::{FaultPlan, FaultyStore};
+pub use faults::{FAULTS_ENV, FaultPlan, FaultyStore};
 pub use fs::FsStore;
-pub use regions::{PutReport, Region, Regions, RegionsError};
+pub use regions::{DEFAULT_STALL_TIMEOUT, PutReport, Region, Regions, RegionsError};
 pub use s3::S3Store;
 
 /// A stream of bytes, as produced by the codec and consumed by stores.

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
+use super::stall::{Stalled, region_put};
 use super::{ByteStream, ObjectInfo, Store, StoreError};
 use crate::config::{Config, RegionKind};
 
@@ -103,7 +104,13 @@ pub struct Regions {
     down: std::sync::Mutex<std::collections::BTreeMap<String, Down>>,
     /// Where failures are remembered across runs (see [`Regions::remember_failures`]).
     health_file: Option<std::path::PathBuf>,
+    /// A region that takes no data of a put for this long is stalled: its
+    /// write is abandoned and it counts as failed, so one hung connection
+    /// cannot hold up a write the other regions can take.
+    stall_timeout: std::time::Duration,
 }
+
+pub use crate::config::DEFAULT_STALL_TIMEOUT;
 
 /// How long a region that failed stays skipped by later runs before it is
 /// tried again.
@@ -158,7 +165,14 @@ impl Regions {
             min_regions,
             down: Default::default(),
             health_file: None,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
         }
+    }
+
+    /// Sets how long a region may take no data of a write before it counts
+    /// as stalled and failed.
+    pub fn set_stall_timeout(&mut self, t: std::time::Duration) {
+        self.stall_timeout = t;
     }
 
     /// Remembers write failures in `file` so that the next short-lived runs
@@ -291,6 +305,27 @@ impl Regions {
     /// clients are created but not contacted).
     pub async fn from_config(cfg: &Config) -> Result<Regions, RegionsError> {
         let mut out = Vec::new();
+        // Injected faults (tests and scripts/chaos.sh only; see store::faults).
+        let faults = match std::env::var(super::faults::FAULTS_ENV) {
+            Ok(v) if !v.trim().is_empty() => {
+                super::FaultPlan::parse_env(&v).map_err(|message| RegionsError::Setup {
+                    region: super::faults::FAULTS_ENV.to_string(),
+                    message,
+                })?
+            }
+            _ => Vec::new(),
+        };
+        for (region, _) in &faults {
+            if !cfg.region_specs.iter().any(|s| &s.name == region) {
+                return Err(RegionsError::Setup {
+                    region: region.clone(),
+                    message: format!(
+                        "{} names a region that is not configured",
+                        super::faults::FAULTS_ENV
+                    ),
+                });
+            }
+        }
         for spec in &cfg.region_specs {
             let store = match &spec.kind {
                 RegionKind::Fs { path } => Store::Fs(super::FsStore::new(path.clone())),
@@ -303,12 +338,21 @@ impl Regions {
                     })?)
                 }
             };
+            let store = match faults.iter().find(|(r, _)| r == &spec.name) {
+                Some((_, plan)) => {
+                    tracing::warn!(region = %spec.name, ?plan, "injecting store faults ({})", super::faults::FAULTS_ENV);
+                    Store::Faulty(Box::new(super::FaultyStore::new(store, plan.clone())))
+                }
+                None => store,
+            };
             out.push(Region {
                 name: spec.name.clone(),
                 store: std::sync::Arc::new(store),
             });
         }
-        Ok(Regions::new(out, *cfg.repository.min_regions.get_ref()))
+        let mut r = Regions::new(out, *cfg.repository.min_regions.get_ref());
+        r.set_stall_timeout(cfg.repository.stall_timeout);
+        Ok(r)
     }
 
     /// The regions, in preference order.
@@ -344,6 +388,12 @@ impl Regions {
         let mut puts = Vec::with_capacity(self.regions.len());
         let mut skipped = Vec::new();
         let mut live_regions = Vec::new();
+        let mut aborts = Vec::with_capacity(self.regions.len());
+        let stall_timeout = self.stall_timeout;
+        let stall = std::sync::Arc::new(std::sync::Mutex::new(Vec::<usize>::new()));
+        // Closed (the sender dropped) once the pump has handed over the
+        // whole body.
+        let (done_tx, done_rx) = tokio::sync::watch::channel(());
         let down = self.skipped();
         for r in &self.regions {
             if let Some(why) = down.get(&r.name) {
@@ -361,39 +411,51 @@ impl Regions {
             }
             let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
             senders.push(Some(tx));
-            // A task per region: request signing and checksums are CPU work
-            // that would otherwise run region after region on one thread.
-            let store = r.store.clone();
-            let k = key.to_string();
-            let name = r.name.clone();
-            puts.push(async move {
-                tokio::spawn(async move { store.put(&k, super::channel_stream(rx)).await })
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(StoreError::Backend {
-                            store: name,
-                            op: "put",
-                            key: String::new(),
-                            message: format!("upload task failed: {e}"),
-                            transient: true,
-                        })
-                    })
-            });
+            let stalled = Stalled {
+                timeout: stall_timeout,
+                regions: stall.clone(),
+                idx: puts.len(),
+            };
+            let (abort, put) = region_put(
+                r.store.clone(),
+                r.name.clone(),
+                key,
+                rx,
+                done_rx.clone(),
+                stalled,
+            );
+            aborts.push(abort);
+            puts.push(put);
             live_regions.push(r);
         }
         let pump = async move {
+            let _done = done_tx;
             let mut total = 0u64;
             while let Some(item) = body.next().await {
                 match item {
                     Ok(chunk) => {
                         total += chunk.len() as u64;
                         let mut live = 0;
-                        for slot in senders.iter_mut() {
+                        for (i, slot) in senders.iter_mut().enumerate() {
                             if let Some(tx) = slot {
-                                if tx.send(Ok(chunk.clone())).await.is_err() {
-                                    *slot = None;
-                                } else {
-                                    live += 1;
+                                match tokio::time::timeout(
+                                    stall_timeout,
+                                    tx.send(Ok(chunk.clone())),
+                                )
+                                .await
+                                {
+                                    Ok(Ok(())) => live += 1,
+                                    Ok(Err(_)) => *slot = None,
+                                    Err(_) => {
+                                        // The region stopped reading: abandon its write
+                                        // (the task ends with an error, never with a
+                                        // short object) and go on with the others.
+                                        if let Ok(mut s) = stall.lock() {
+                                            s.push(i);
+                                        }
+                                        aborts[i].abort();
+                                        *slot = None;
+                                    }
                                 }
                             }
                         }
@@ -402,8 +464,15 @@ impl Regions {
                         }
                     }
                     Err(e) => {
-                        for tx in senders.iter().flatten() {
-                            let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string()))).await;
+                        for (i, tx) in senders.iter().enumerate() {
+                            let Some(tx) = tx else { continue };
+                            let err = Err(io::Error::new(e.kind(), e.to_string()));
+                            if tokio::time::timeout(stall_timeout, tx.send(err))
+                                .await
+                                .is_err()
+                            {
+                                aborts[i].abort();
+                            }
                         }
                         return Err(e);
                     }
@@ -613,5 +682,57 @@ mod tests {
             .await
             .expect("c is tried again and takes it");
         assert_eq!(rep.ok, vec!["a".to_string(), "c".to_string()]);
+    }
+
+    fn set_plan(r: &Regions, name: &str, plan: FaultPlan) {
+        let Some(Store::Faulty(f)) = r.get_region(name).map(|r| &*r.store) else {
+            panic!("region {name} has no fault switch");
+        };
+        f.set_plan(plan);
+    }
+
+    /// A region that stops taking data (mid-body, or after the last byte)
+    /// is abandoned after `stall_timeout`: the write completes in the other
+    /// regions when they make min_regions, and fails otherwise, instead of
+    /// hanging on the stalled one.
+    #[tokio::test]
+    async fn a_stalled_region_is_abandoned_after_the_stall_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (min, stall_after) in [(1, 0u64), (1, 100_000), (2, 100_000)] {
+            let mut r = regions(dir.path(), &["a", "b"], min);
+            r.set_stall_timeout(std::time::Duration::from_millis(300));
+            set_plan(
+                &r,
+                "b",
+                FaultPlan {
+                    stall_put_after: Some(stall_after),
+                    ..Default::default()
+                },
+            );
+            let key = format!("k-{min}-{stall_after}");
+            // One chunk: every byte is handed over before b stalls. Eight:
+            // the hand-over itself blocks on b.
+            let body = crate::store::generated(if stall_after == 0 { 1 << 20 } else { 8 << 20 });
+            let t = std::time::Instant::now();
+            let res = tokio::time::timeout(std::time::Duration::from_secs(20), r.put(&key, body))
+                .await
+                .expect("the write hung on a stalled region");
+            assert!(t.elapsed() < std::time::Duration::from_secs(10));
+            match (min, res) {
+                (1, Ok(rep)) => {
+                    assert_eq!(rep.ok, vec!["a".to_string()]);
+                    let why = rep.failed[0].1.to_string();
+                    assert!(why.contains("stalled"), "{why}");
+                    assert_eq!(r.degraded().len(), 1);
+                }
+                (2, Err(RegionsError::NotEnoughRegions { details, .. })) => {
+                    assert!(details.contains("stalled"), "{details}");
+                }
+                (m, other) => panic!("min_regions {m}: {other:?}"),
+            }
+            // Nothing under the key in the stalled region.
+            let b = FsStore::new(dir.path().join("b"));
+            assert_eq!(b.head(&key).await.expect("head"), None);
+        }
     }
 }

@@ -39,7 +39,10 @@ pub fn isolation_settings(root: &Path, data: &Path, socket: &Path, port: u16) ->
     vec![
         format!("port={port}"),
         "listen_addresses=127.0.0.1".into(),
-        format!("unix_socket_directories={}", p(socket)),
+        format!(
+            "unix_socket_directories={}",
+            crate::postgres::quote::list_element(socket)
+        ),
         "unix_socket_permissions=0700".into(),
         format!("hba_file={}", p(&root.join("pg_hba.conf"))),
         format!("data_directory={}", p(data)),
@@ -519,7 +522,7 @@ mod tests {
             "archive_cleanup_command=",
             "external_pid_file=",
             "listen_addresses=127.0.0.1",
-            "unix_socket_directories=/s/socket",
+            "unix_socket_directories=\"/s/socket\"",
             "hba_file=/s/pg_hba.conf",
             "data_directory=/s/data",
             "port=5999",

@@ -74,6 +74,8 @@ pub fn fs_region_toml(name: &str, path: &Path) -> String {
 }
 
 /// Path of the built `dr` binary.
+pub mod chaos;
+pub mod garage;
 pub mod pg;
 pub mod redis;
 pub mod tls;

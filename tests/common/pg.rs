@@ -364,7 +364,16 @@ impl TestPg {
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        panic!("segment {seg} was not archived within 30s");
+        let archiver = self.sql_at(
+            port,
+            "SELECT last_archived_wal || ' failed ' || failed_count || ' ' || coalesce(last_failed_wal, '') FROM pg_stat_archiver",
+        );
+        let log = std::fs::read_to_string(self.dir.path().join("pg.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        panic!(
+            "segment {seg} was not archived within 30s (archiver: {archiver}); pg.log ends:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
     }
 
     /// Writes a copy of the config with another data dir and port, as the

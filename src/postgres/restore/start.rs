@@ -21,7 +21,10 @@ pub(super) async fn start_and_wait(
     // needed whatever the restored pg_hba.conf asks of TCP clients.
     let own_socket = if opts.conninfo.is_none() && opts.connect_host.is_none() {
         let dir = private_socket(&opts.dir, port, &cfg.os_user).await?;
-        extra.push(format!("unix_socket_directories={}", dir.display()));
+        extra.push(format!(
+            "unix_socket_directories={}",
+            crate::postgres::quote::list_element(&dir)
+        ));
         extra.push("unix_socket_permissions=0700".into());
         extra.push(format!("hba_file={}", dir.join("pg_hba.conf").display()));
         Some(dir)
