@@ -8,7 +8,7 @@ const BLOCK: usize = 512;
 
 /// An archive member, announced before its body.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum TarEntry {
+pub enum TarEntry {
     /// A directory.
     Dir {
         /// Path inside the archive, without a trailing `/`.
@@ -321,6 +321,54 @@ impl TarParser {
         }
         Ok(())
     }
+}
+
+/// Parses a whole archive fed in pieces cut at `cuts` (positions taken
+/// modulo the length, in any order), as `BASE_BACKUP` messages would bring
+/// it: every member with its body, or the parser's error. The entry point of
+/// the `tar` fuzz target and of the property tests. Panics if the parser
+/// breaks its own contract with the sink (data outside a file, an entry
+/// inside one, a file left open after a successful finish).
+pub fn read_archive(data: &[u8], cuts: &[usize]) -> Result<Vec<(TarEntry, Vec<u8>)>, PgError> {
+    struct Seen {
+        members: Vec<(TarEntry, Vec<u8>)>,
+        open: bool,
+    }
+    impl TarSink for Seen {
+        fn entry(&mut self, e: TarEntry) -> Result<(), PgError> {
+            assert!(!self.open, "entry inside a file");
+            self.open = matches!(e, TarEntry::File { .. });
+            self.members.push((e, Vec::new()));
+            Ok(())
+        }
+        fn data(&mut self, data: &[u8]) -> Result<(), PgError> {
+            assert!(self.open, "data outside a file");
+            if let Some((_, body)) = self.members.last_mut() {
+                body.extend_from_slice(data);
+            }
+            Ok(())
+        }
+        fn file_end(&mut self) -> Result<(), PgError> {
+            assert!(self.open, "file end outside a file");
+            self.open = false;
+            Ok(())
+        }
+    }
+    let mut at: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
+    at.push(0);
+    at.push(data.len());
+    at.sort_unstable();
+    let mut p = TarParser::new("input");
+    let mut seen = Seen {
+        members: Vec::new(),
+        open: false,
+    };
+    for w in at.windows(2) {
+        p.feed(&data[w[0]..w[1]], &mut seen)?;
+    }
+    p.finish()?;
+    assert!(!seen.open, "finish accepted an archive with a file open");
+    Ok(seen.members)
 }
 
 #[cfg(test)]
