@@ -51,7 +51,7 @@ fuzz_target!(|data: &[u8]| {
             u64::from(name.seg) < (1 << 32) / WAL_SEGMENT_SIZE,
             "impossible segment number accepted"
         );
-        let addr = (u64::from(name.log) << 32) | u64::from(name.seg) * WAL_SEGMENT_SIZE;
+        let addr = (u64::from(name.log) << 32) | (u64::from(name.seg) * WAL_SEGMENT_SIZE);
         assert_eq!(h.page_addr, addr, "accepted another segment's address");
     }
     seg[..n].fill(0);

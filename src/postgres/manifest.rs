@@ -173,8 +173,7 @@ impl PgManifest {
         self.objects
             .iter()
             .filter(|o| o.backup.is_none())
-            .map(|o| o.encoded.stored_size)
-            .sum()
+            .fold(0u64, |sum, o| sum.saturating_add(o.encoded.stored_size))
     }
 }
 
@@ -302,6 +301,39 @@ mod props {
                 server_manifest,
             }
         }
+    }
+
+    /// Sizes from a damaged or foreign manifest add up without overflow.
+    #[test]
+    fn own_stored_size_saturates() {
+        let mut m: PgManifest = serde_json::from_value(serde_json::json!({
+            "kind": "dr-pg-backup", "version": 1, "cluster": "c", "system_id": 1,
+            "id": "x", "server_version": 1, "start_time": "2026-01-01T00:00:00Z",
+            "stop_time": "2026-01-01T00:00:00Z", "start_lsn": "0/0", "stop_lsn": "0/0",
+            "timeline": 1, "start_segment": "", "stop_segment": "", "wal_segment_size": 1,
+            "backup_label": "", "tablespace_map": "", "dirs": [], "files": [], "objects": [],
+            "size": 0, "stored_size": 0, "duration_seconds": 0.0, "checksum_failures": []
+        }))
+        .expect("manifest");
+        let object = DataObject {
+            backup: None,
+            n: 0,
+            encoded: Encoded {
+                plain_size: 0,
+                plain_hash: String::new(),
+                stored_size: u64::MAX,
+            },
+        };
+        m.objects = vec![object.clone(), object];
+        assert_eq!(m.own_stored_size(), u64::MAX);
+        // Found by the round-trip property: exact floats.
+        m.duration_seconds = 212_228_279.272_909_58;
+        let back: PgManifest =
+            serde_json::from_slice(&serde_json::to_vec(&m).expect("json")).expect("back");
+        assert_eq!(
+            back.duration_seconds.to_bits(),
+            m.duration_seconds.to_bits()
+        );
     }
 
     proptest! {

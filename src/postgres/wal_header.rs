@@ -205,7 +205,7 @@ mod props {
 
     fn made(name: &WalSegmentName, system_id: u64) -> Vec<u8> {
         let mut d = vec![0u8; WAL_SEGMENT_SIZE as usize];
-        let addr = (u64::from(name.log) << 32) | u64::from(name.seg) * WAL_SEGMENT_SIZE;
+        let addr = (u64::from(name.log) << 32) | (u64::from(name.seg) * WAL_SEGMENT_SIZE);
         d[0..2].copy_from_slice(&0xd110u16.to_le_bytes());
         d[2..4].copy_from_slice(&(XLP_LONG_HEADER | 0x0004).to_le_bytes());
         d[4..8].copy_from_slice(&name.timeline.0.to_le_bytes());

@@ -255,7 +255,9 @@ impl TarParser {
             return Err(bad(&self.name, "header checksum mismatch (corrupt stream)"));
         }
         let mut name = field(&h[0..100]);
-        if &h[257..262] == b"ustar" {
+        // The prefix field is POSIX ustar's ("ustar\0", as PostgreSQL
+        // writes); old GNU headers ("ustar  \0") keep times there.
+        if &h[257..263] == b"ustar\0" {
             let prefix = field(&h[345..500]);
             if !prefix.is_empty() {
                 name = format!("{prefix}/{name}");
@@ -521,6 +523,29 @@ mod tests {
         let mut p = TarParser::new("base.tar");
         let e = p.feed(&b, &mut Collect::default()).expect_err("corrupt");
         assert!(e.to_string().contains("checksum"), "{e}");
+    }
+
+    #[test]
+    fn a_gnu_header_has_no_prefix_field() {
+        // GNU headers keep atime and ctime where ustar has the prefix: not
+        // part of the name (the tar crate reads it so too).
+        let mut h = header("name", b'0', 0, "");
+        h[257..265].copy_from_slice(b"ustar  \0");
+        h[345..357].copy_from_slice(b"14712345670\0");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        let mut p = TarParser::new("base.tar");
+        let mut c = Collect::default();
+        p.feed(&h, &mut c).expect("feed");
+        assert_eq!(
+            c.entries,
+            vec![TarEntry::File {
+                path: "name".into(),
+                mode: 0o600,
+                size: 0
+            }]
+        );
     }
 
     #[test]
