@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the cargo-fuzz targets in fuzz/ (RELIABILITY.md, "Fuzzing"): every
 # parser of outside bytes, each for SECONDS_PER_TARGET seconds, one at a
-# time and at low priority (nice), one libFuzzer job per target. Not part of
+# time and at low priority (nice), one libFuzzer process per target (no
+# -jobs: its workers log to a shared fuzz-N.log in the working directory,
+# which mixes the reports of two scripts run side by side). Not part of
 # CI: it needs the nightly toolchain and takes as long as you give it.
 #
 # Usage: scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]
@@ -90,7 +92,7 @@ for t in "${TARGETS[@]}"; do
     start=$(date +%s)
     status=0
     nice -n 10 cargo "+$TOOLCHAIN" fuzz run "$t" "$corpus" -- \
-        -max_total_time="$SECS" -max_len="$(max_len "$t")" -jobs=1 -workers=1 \
+        -max_total_time="$SECS" -max_len="$(max_len "$t")" \
         -rss_limit_mb=4096 -print_final_stats=1 \
         -artifact_prefix="$artifacts/" >"$log" 2>&1 || status=$?
     secs=$(($(date +%s) - start))

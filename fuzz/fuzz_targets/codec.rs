@@ -93,10 +93,14 @@ fuzz_target!(|data: &[u8]| {
                 .decode_bytes(dr::store::once(Bytes::from(input.clone())), expect.clone()),
         );
         assert!(r.is_err(), "damaged object decoded (decode_bytes)");
-        let r = f.rt.block_on(dr::store::collect(
-            f.codec
-                .decode(dr::store::once(Bytes::from(input.clone())), expect),
-        ));
+        // decode spawns its tasks at once: call it inside the runtime.
+        let r = f.rt.block_on(async {
+            dr::store::collect(
+                f.codec
+                    .decode(dr::store::once(Bytes::from(input.clone())), expect),
+            )
+            .await
+        });
         assert!(r.is_err(), "damaged object decoded (decode)");
     }
 });

@@ -753,10 +753,26 @@ fn next_frame(rbuf: &mut BytesMut) -> Result<Option<Frame>, PgError> {
         }
         return Ok(None);
     }
+    // The parser reserves room for the length a message announces: a
+    // broken or hostile server must not make dr reserve gigabytes.
+    if rbuf.len() >= 5 {
+        let len = u32::from_be_bytes([rbuf[1], rbuf[2], rbuf[3], rbuf[4]]);
+        if len > MAX_MESSAGE {
+            return Err(proto(
+                "read",
+                format!("message length {len} is beyond any message the server sends"),
+            ));
+        }
+    }
     Ok(backend::Message::parse(rbuf)
         .map_err(|e| proto("read", e))?
         .map(Frame::Msg))
 }
+
+/// The longest message accepted from the server: far above the CopyData
+/// messages of WAL and base backups (at most a few hundred KiB) and the rows
+/// of replication commands.
+const MAX_MESSAGE: u32 = 64 << 20;
 
 /// One CopyData payload of `START_REPLICATION`: XLogData or a keepalive,
 /// `None` for an empty payload.
@@ -1067,6 +1083,19 @@ mod tests {
         let e = connect_error(port).await;
         assert!(matches!(e, PgError::Protocol { .. }), "{e:?}");
         assert!(!e.is_transient(), "{e}");
+    }
+
+    /// Found by the `replication` fuzz target: a message announcing 4 GiB
+    /// made the parser reserve 4 GiB.
+    #[test]
+    fn a_huge_announced_length_is_refused_before_any_allocation() {
+        let mut rbuf = BytesMut::from(&[0xffu8, 0xff, 0xff, 0xff, 0xff][..]);
+        assert!(matches!(
+            next_frame(&mut rbuf),
+            Err(PgError::Protocol { .. })
+        ));
+        let mut rbuf = BytesMut::from(&b"d\x10\x00\x00\x00"[..]);
+        assert!(next_frame(&mut rbuf).is_err());
     }
 
     #[test]
