@@ -527,7 +527,7 @@ pub async fn wal_fetch(
         .clone()
         .unwrap_or_else(|| base.join("pg_wal").join("dr-spool"));
     let repo = Repository::open(&cfg).await?;
-    let outcome = wal::fetch(
+    let result = wal::fetch(
         &repo,
         &cluster,
         system_id,
@@ -537,21 +537,26 @@ pub async fn wal_fetch(
         pg.prefetch,
         until,
     )
-    .await
-    .map_err(|e| {
-        anyhow::Error::new(e).context(format!(
-            "{file} cannot be fetched; stopping recovery here rather than ending it \
-             early (exit status {})",
-            wal::FETCH_FAILED_STATUS
-        ))
-    })?;
+    .await;
+    let code = wal::fetch_status(&result);
+    let status = ExitCode::from(code);
+    let outcome = match result {
+        Ok(o) => o,
+        Err(e) => {
+            out.error(&anyhow::Error::new(e).context(format!(
+                "{file} cannot be fetched; stopping recovery here rather than ending it \
+                 early (exit status {code})"
+            )));
+            return Ok(status);
+        }
+    };
     match outcome {
         wal::FetchOutcome::Fetched { source } => {
             tracing::info!(file, source, "fetched");
             if out.json {
                 out.json(&serde_json::json!({ "ok": true, "file": file, "dest": dest, "source": source }));
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(status)
         }
         // PostgreSQL asks for files past the end of the archive; say nothing
         // (a JSON caller still gets its document).
@@ -559,7 +564,7 @@ pub async fn wal_fetch(
             if out.json {
                 out.json(&serde_json::json!({ "ok": false, "file": file, "archived": false }));
             }
-            Ok(ExitCode::from(1))
+            Ok(status)
         }
     }
 }

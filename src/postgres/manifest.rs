@@ -173,8 +173,7 @@ impl PgManifest {
         self.objects
             .iter()
             .filter(|o| o.backup.is_none())
-            .map(|o| o.encoded.stored_size)
-            .sum()
+            .fold(0u64, |sum, o| sum.saturating_add(o.encoded.stored_size))
     }
 }
 
@@ -196,6 +195,156 @@ mod tests {
         assert!(safe_relative_path("base/1/1234"));
         for bad in ["", "/etc/passwd", "../x", "base/../../x", "a//b", "./a"] {
             assert!(!safe_relative_path(bad), "{bad}");
+        }
+    }
+}
+
+/// Manifests written and read back: any manifest (any strings, sizes,
+/// times, extents) reads back to the same value, so what a backup records
+/// is what a restore gets.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn encoded() -> impl Strategy<Value = Encoded> {
+        (any::<u64>(), "[0-9a-f]{64}", any::<u64>()).prop_map(
+            |(plain_size, plain_hash, stored_size)| Encoded {
+                plain_size,
+                plain_hash,
+                stored_size,
+            },
+        )
+    }
+
+    fn time() -> impl Strategy<Value = DateTime<Utc>> {
+        (0i64..4_102_444_800, 0u32..1_000_000_000)
+            .prop_map(|(s, ns)| DateTime::from_timestamp(s, ns).expect("time"))
+    }
+
+    fn file() -> impl Strategy<Value = FileEntry> {
+        (
+            ".{0,30}",
+            any::<u64>(),
+            any::<u32>(),
+            prop::collection::vec(
+                (
+                    prop::option::of(".{0,24}"),
+                    any::<u32>(),
+                    any::<u64>(),
+                    any::<u64>(),
+                    "[0-9a-f]{64}",
+                )
+                    .prop_map(|(backup, object, offset, len, hash)| Extent {
+                        backup,
+                        object,
+                        offset,
+                        len,
+                        hash,
+                    }),
+                0..4,
+            ),
+        )
+            .prop_map(|(path, size, mode, extents)| FileEntry {
+                path,
+                size,
+                mode,
+                extents,
+            })
+    }
+
+    prop_compose! {
+        fn manifest()(
+            (cluster, system_id, id, server_version) in (".{0,20}", any::<u64>(), ".{0,24}", any::<u32>()),
+            (start_time, stop_time, start_lsn, stop_lsn, timeline) in (time(), time(), any::<u64>(), any::<u64>(), any::<u32>()),
+            (start_segment, stop_segment, backup_label, tablespace_map) in (".{0,24}", ".{0,24}", ".{0,80}", ".{0,40}"),
+            dirs in prop::collection::vec((".{0,30}", any::<u32>()).prop_map(|(path, mode)| DirEntry { path, mode }), 0..4),
+            files in prop::collection::vec(file(), 0..4),
+            objects in prop::collection::vec(
+                (prop::option::of(".{0,24}"), any::<u32>(), encoded())
+                    .prop_map(|(backup, n, encoded)| DataObject { backup, n, encoded }),
+                0..4,
+            ),
+            (size, stored_size, duration_seconds) in (any::<u64>(), any::<u64>(), 0f64..1e9),
+            checksum_failures in prop::collection::vec((".{0,20}", any::<u64>()), 0..3),
+            tablespaces in prop::collection::vec(
+                (any::<u32>(), ".{0,12}", ".{0,30}").prop_map(|(oid, name, location)| Tablespace { oid, name, location }),
+                0..3,
+            ),
+            server_manifest in prop::option::of(file()),
+        ) -> PgManifest {
+            PgManifest {
+                kind: "dr-pg-backup".into(),
+                version: MANIFEST_VERSION,
+                cluster,
+                system_id,
+                id,
+                server_version,
+                start_time,
+                stop_time,
+                start_lsn: Lsn(start_lsn),
+                stop_lsn: Lsn(stop_lsn),
+                timeline,
+                start_segment,
+                stop_segment,
+                wal_segment_size: 16 << 20,
+                backup_label,
+                tablespace_map,
+                dirs,
+                files,
+                objects,
+                size,
+                stored_size,
+                duration_seconds,
+                checksum_failures,
+                tablespaces,
+                server_manifest,
+            }
+        }
+    }
+
+    /// Sizes from a damaged or foreign manifest add up without overflow.
+    #[test]
+    fn own_stored_size_saturates() {
+        let mut m: PgManifest = serde_json::from_value(serde_json::json!({
+            "kind": "dr-pg-backup", "version": 1, "cluster": "c", "system_id": 1,
+            "id": "x", "server_version": 1, "start_time": "2026-01-01T00:00:00Z",
+            "stop_time": "2026-01-01T00:00:00Z", "start_lsn": "0/0", "stop_lsn": "0/0",
+            "timeline": 1, "start_segment": "", "stop_segment": "", "wal_segment_size": 1,
+            "backup_label": "", "tablespace_map": "", "dirs": [], "files": [], "objects": [],
+            "size": 0, "stored_size": 0, "duration_seconds": 0.0, "checksum_failures": []
+        }))
+        .expect("manifest");
+        let object = DataObject {
+            backup: None,
+            n: 0,
+            encoded: Encoded {
+                plain_size: 0,
+                plain_hash: String::new(),
+                stored_size: u64::MAX,
+            },
+        };
+        m.objects = vec![object.clone(), object];
+        assert_eq!(m.own_stored_size(), u64::MAX);
+        // Found by the round-trip property: exact floats.
+        m.duration_seconds = 212_228_279.272_909_58;
+        let back: PgManifest =
+            serde_json::from_slice(&serde_json::to_vec(&m).expect("json")).expect("back");
+        assert_eq!(
+            back.duration_seconds.to_bits(),
+            m.duration_seconds.to_bits()
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        #[test]
+        fn manifests_round_trip(m in manifest()) {
+            let once = serde_json::to_vec(&m).expect("serialize");
+            let back: PgManifest = serde_json::from_slice(&once).expect("reads back");
+            // Debug shows every field: equal Debug, equal manifests.
+            prop_assert_eq!(format!("{back:?}"), format!("{m:?}"));
+            prop_assert_eq!(serde_json::to_vec(&back).expect("serialize"), once);
         }
     }
 }

@@ -52,7 +52,8 @@ impl Stream<'_> {
 
     /// Copies `n` record bytes from `pos`; returns them and the position after.
     fn read(&self, mut pos: usize, n: usize) -> Option<(Vec<u8>, usize)> {
-        let mut out = Vec::with_capacity(n);
+        // `n` comes from the segment: never reserve more than it holds.
+        let mut out = Vec::with_capacity(n.min(self.data.len()));
         while out.len() < n {
             pos = self.skip_header(pos)?;
             let page_end = (pos / PAGE + 1) * PAGE;
@@ -255,6 +256,15 @@ mod tests {
             let name: crate::repo::layout::WalSegmentName = "000000010000000000000007".parse().expect("name");
             let _ = super::super::wal_header::check_segment(&name, 1, &seg);
         }
+    }
+
+    #[test]
+    fn a_huge_continuation_length_reserves_nothing_huge() {
+        // xlp_rem_len of 4 GiB in a damaged first page: skipped, not
+        // allocated (libFuzzer's malloc limit would report it).
+        let mut seg = segment(3, &[commit(DateTime::from_timestamp(1, 0).expect("t"))]);
+        seg[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(last_commit(&seg, 3), None);
     }
 
     #[test]

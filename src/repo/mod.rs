@@ -166,7 +166,9 @@ pub fn codec_from_config(cfg: &Config) -> Result<Codec, RepoError> {
     }
 }
 
-fn parse_info(region: &str, bytes: &[u8]) -> Result<RepoInfo, RepoError> {
+/// Reads a repository descriptor (`dr-repo.json`) fetched from `region`,
+/// checking its format name and version.
+pub fn parse_info(region: &str, bytes: &[u8]) -> Result<RepoInfo, RepoError> {
     let info: RepoInfo = serde_json::from_slice(bytes).map_err(|e| RepoError::BadDescriptor {
         region: region.to_string(),
         why: format!("is not a dr repository descriptor ({e}); is this region pointing at another tool's data?"),

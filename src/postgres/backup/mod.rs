@@ -28,6 +28,7 @@ use crate::repo::layout::{BackupId, ObjectKey};
 pub(crate) use local::check_data_dir;
 pub(crate) use pack::PageChecks;
 pub(crate) use remote::replication_hint;
+pub use tar::{TarEntry, read_archive};
 
 /// Paths under PGDATA whose contents are not backed up (PostgreSQL docs,
 /// "Making a Base Backup Using the Low Level API"); the directories themselves

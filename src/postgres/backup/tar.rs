@@ -8,7 +8,7 @@ const BLOCK: usize = 512;
 
 /// An archive member, announced before its body.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum TarEntry {
+pub enum TarEntry {
     /// A directory.
     Dir {
         /// Path inside the archive, without a trailing `/`.
@@ -255,7 +255,9 @@ impl TarParser {
             return Err(bad(&self.name, "header checksum mismatch (corrupt stream)"));
         }
         let mut name = field(&h[0..100]);
-        if &h[257..262] == b"ustar" {
+        // The prefix field is POSIX ustar's ("ustar\0", as PostgreSQL
+        // writes); old GNU headers ("ustar  \0") keep times there.
+        if &h[257..263] == b"ustar\0" {
             let prefix = field(&h[345..500]);
             if !prefix.is_empty() {
                 name = format!("{prefix}/{name}");
@@ -321,6 +323,54 @@ impl TarParser {
         }
         Ok(())
     }
+}
+
+/// Parses a whole archive fed in pieces cut at `cuts` (positions taken
+/// modulo the length, in any order), as `BASE_BACKUP` messages would bring
+/// it: every member with its body, or the parser's error. The entry point of
+/// the `tar` fuzz target and of the property tests. Panics if the parser
+/// breaks its own contract with the sink (data outside a file, an entry
+/// inside one, a file left open after a successful finish).
+pub fn read_archive(data: &[u8], cuts: &[usize]) -> Result<Vec<(TarEntry, Vec<u8>)>, PgError> {
+    struct Seen {
+        members: Vec<(TarEntry, Vec<u8>)>,
+        open: bool,
+    }
+    impl TarSink for Seen {
+        fn entry(&mut self, e: TarEntry) -> Result<(), PgError> {
+            assert!(!self.open, "entry inside a file");
+            self.open = matches!(e, TarEntry::File { .. });
+            self.members.push((e, Vec::new()));
+            Ok(())
+        }
+        fn data(&mut self, data: &[u8]) -> Result<(), PgError> {
+            assert!(self.open, "data outside a file");
+            if let Some((_, body)) = self.members.last_mut() {
+                body.extend_from_slice(data);
+            }
+            Ok(())
+        }
+        fn file_end(&mut self) -> Result<(), PgError> {
+            assert!(self.open, "file end outside a file");
+            self.open = false;
+            Ok(())
+        }
+    }
+    let mut at: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
+    at.push(0);
+    at.push(data.len());
+    at.sort_unstable();
+    let mut p = TarParser::new("input");
+    let mut seen = Seen {
+        members: Vec::new(),
+        open: false,
+    };
+    for w in at.windows(2) {
+        p.feed(&data[w[0]..w[1]], &mut seen)?;
+    }
+    p.finish()?;
+    assert!(!seen.open, "finish accepted an archive with a file open");
+    Ok(seen.members)
 }
 
 #[cfg(test)]
@@ -473,6 +523,29 @@ mod tests {
         let mut p = TarParser::new("base.tar");
         let e = p.feed(&b, &mut Collect::default()).expect_err("corrupt");
         assert!(e.to_string().contains("checksum"), "{e}");
+    }
+
+    #[test]
+    fn a_gnu_header_has_no_prefix_field() {
+        // GNU headers keep atime and ctime where ustar has the prefix: not
+        // part of the name (the tar crate reads it so too).
+        let mut h = header("name", b'0', 0, "");
+        h[257..265].copy_from_slice(b"ustar  \0");
+        h[345..357].copy_from_slice(b"14712345670\0");
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        let mut p = TarParser::new("base.tar");
+        let mut c = Collect::default();
+        p.feed(&h, &mut c).expect("feed");
+        assert_eq!(
+            c.entries,
+            vec![TarEntry::File {
+                path: "name".into(),
+                mode: 0o600,
+                size: 0
+            }]
+        );
     }
 
     #[test]

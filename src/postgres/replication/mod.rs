@@ -140,10 +140,12 @@ mod base_backup;
 mod physical;
 #[cfg(test)]
 mod props;
+mod replay;
 #[cfg(test)]
 mod tests;
 mod wire;
 
+pub use replay::{BaseBackupRead, replay_base_backup, replay_stream};
 use wire::*;
 
 impl ReplicationConn {

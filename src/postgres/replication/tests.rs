@@ -80,3 +80,16 @@ fn server_errors_are_retried_by_sqlstate() {
         assert!(!err(code).is_transient(), "{code}");
     }
 }
+
+/// Found by the `replication` fuzz target: a message announcing 4 GiB
+/// made the parser reserve 4 GiB.
+#[test]
+fn a_huge_announced_length_is_refused_before_any_allocation() {
+    let mut rbuf = BytesMut::from(&[0xffu8, 0xff, 0xff, 0xff, 0xff][..]);
+    assert!(matches!(
+        next_frame(&mut rbuf),
+        Err(PgError::Protocol { .. })
+    ));
+    let mut rbuf = BytesMut::from(&b"d\x10\x00\x00\x00"[..]);
+    assert!(next_frame(&mut rbuf).is_err());
+}

@@ -23,10 +23,26 @@ pub(super) fn next_frame(rbuf: &mut BytesMut) -> Result<Option<Frame>, PgError> 
         }
         return Ok(None);
     }
+    // The parser reserves room for the length a message announces: a
+    // broken or hostile server must not make dr reserve gigabytes.
+    if rbuf.len() >= 5 {
+        let len = u32::from_be_bytes([rbuf[1], rbuf[2], rbuf[3], rbuf[4]]);
+        if len > MAX_MESSAGE {
+            return Err(proto(
+                "read",
+                format!("message length {len} is beyond any message the server sends"),
+            ));
+        }
+    }
     Ok(backend::Message::parse(rbuf)
         .map_err(|e| proto("read", e))?
         .map(Frame::Msg))
 }
+
+/// The longest message accepted from the server: far above the CopyData
+/// messages of WAL and base backups (at most a few hundred KiB) and the rows
+/// of replication commands.
+const MAX_MESSAGE: u32 = 64 << 20;
 
 /// One CopyData payload of `START_REPLICATION`: XLogData or a keepalive,
 /// `None` for an empty payload.
