@@ -16,6 +16,11 @@ use serde::{Deserialize, Deserializer};
 
 use crate::tls;
 
+crate::message_error!(
+    /// An HTTP(S) request that cannot be made or was not answered as expected: the URL (secrets redacted) and the cause.
+    HttpError
+);
+
 /// Bodies beyond this are cut: a health check or hook reply needs the first
 /// bytes only, and an endless body must not fill memory.
 pub const MAX_BODY: usize = 1 << 20;
@@ -93,7 +98,7 @@ fn is_secret_name(name: &str) -> bool {
 /// Checks a request as written, before anything runs: the URL is http(s)
 /// with a host and no password, header names are valid, and secret headers
 /// do not hold a literal value. Errors say what to write instead.
-pub fn check_request(url: &str, headers: &BTreeMap<String, HeaderValue>) -> Result<(), String> {
+pub fn check_request(url: &str, headers: &BTreeMap<String, HeaderValue>) -> Result<(), HttpError> {
     let parsed = url::Url::parse(url).map_err(|e| {
         format!(
             "url {:?} is not a URL ({e}); write e.g. \"https://host:8443/health\"",
@@ -104,14 +109,16 @@ pub fn check_request(url: &str, headers: &BTreeMap<String, HeaderValue>) -> Resu
         return Err(format!(
             "url {:?} must start with https:// or http:// and name a host",
             redact_url(url)
-        ));
+        )
+        .into());
     }
     if parsed.password().is_some() {
         return Err(format!(
             "url {:?} holds a password; send it as a header instead, e.g. \
              headers = {{ Authorization = {{ env = \"HOOK_TOKEN\" }} }}",
             redact_url(url)
-        ));
+        )
+        .into());
     }
     for (name, value) in headers {
         reqwest::header::HeaderName::from_bytes(name.as_bytes())
@@ -122,16 +129,16 @@ pub fn check_request(url: &str, headers: &BTreeMap<String, HeaderValue>) -> Resu
                     "header {name} holds its value in the playbook text, where plans, logs and \
                      version control show it; take it from the environment or a file: \
                      {name} = {{ env = \"HOOK_TOKEN\" }} or {name} = {{ file = \"/etc/dr/hook-token\" }}"
-                ));
+                ).into());
             }
             HeaderValue::Literal(v) => {
                 reqwest::header::HeaderValue::from_str(v)
                     .map_err(|_| format!("header {name}: the value holds a control character"))?;
             }
             HeaderValue::Env(var) if var.is_empty() || var.contains('=') => {
-                return Err(format!(
-                    "header {name}: {var:?} is not an environment variable name"
-                ));
+                return Err(
+                    format!("header {name}: {var:?} is not an environment variable name").into(),
+                );
             }
             HeaderValue::Env(_) | HeaderValue::File(_) => {}
         }
@@ -200,8 +207,8 @@ fn read_secret_file(path: &Path) -> Result<String, String> {
 pub fn client(
     ca_file: Option<&Path>,
     connect_timeout: Duration,
-) -> Result<reqwest::Client, String> {
-    let tls = tls::client_config(ca_file, None)?;
+) -> Result<reqwest::Client, HttpError> {
+    let tls = tls::client_config(ca_file, None).map_err(String::from)?;
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .connect_timeout(connect_timeout)
@@ -209,6 +216,7 @@ pub fn client(
         .user_agent(concat!("dr/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| format!("HTTP client setup: {}", causes(&e)))
+        .map_err(Into::into)
 }
 
 /// One request as a playbook writes it.
@@ -240,7 +248,7 @@ pub struct Response {
 /// Sends one request and reads the response (Content-Length or chunked),
 /// all within `req.timeout`. Errors name the method, the URL (password
 /// redacted) and the cause, e.g. the certificate problem.
-pub async fn request(req: &Request<'_>) -> Result<Response, String> {
+pub async fn request(req: &Request<'_>) -> Result<Response, HttpError> {
     let shown = redact_url(req.url);
     let what = format!("{} {shown}", req.method);
     let method = reqwest::Method::from_bytes(req.method.as_bytes())
@@ -282,12 +290,15 @@ pub async fn request(req: &Request<'_>) -> Result<Response, String> {
             body: String::from_utf8_lossy(&body).into_owned(),
         })
     };
-    tokio::time::timeout(req.timeout, work).await.map_err(|_| {
-        format!(
-            "{what}: no response within {}",
-            humantime::format_duration(req.timeout)
-        )
-    })?
+    tokio::time::timeout(req.timeout, work)
+        .await
+        .map_err(|_| {
+            format!(
+                "{what}: no response within {}",
+                humantime::format_duration(req.timeout)
+            )
+        })?
+        .map_err(Into::into)
 }
 
 /// The error and its causes, each said once, with a hint when the cause is

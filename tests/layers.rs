@@ -81,6 +81,44 @@ fn without_test_modules(text: &str) -> String {
     out
 }
 
+/// Files that hold test modules (`#[cfg(test)] mod name;` in their parent):
+/// like `#[cfg(test)] mod … { … }` blocks, they are left out.
+fn test_module_files(root: &Path, files: &[PathBuf]) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for path in files {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        let dir = if path
+            .file_name()
+            .is_some_and(|n| n == "mod.rs" || n == "lib.rs")
+        {
+            path.parent().map(Path::to_path_buf)
+        } else {
+            path.parent().zip(path.file_stem()).map(|(p, s)| p.join(s))
+        };
+        let Some(dir) = dir else { continue };
+        let mut lines = text.lines().peekable();
+        while let Some(line) = lines.next() {
+            if line.trim() != "#[cfg(test)]" {
+                continue;
+            }
+            let Some(next) = lines.peek() else { break };
+            if let Some(name) = next
+                .trim()
+                .strip_prefix("mod ")
+                .and_then(|r| r.strip_suffix(';'))
+            {
+                let file = dir.join(format!("{name}.rs"));
+                if let Ok(rel) = file.strip_prefix(root) {
+                    out.insert(rel.to_string_lossy().replace('\\', "/"));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// The top-level modules that `text` names after `prefix` (`crate::` or
 /// `dr::`), comments left out.
 fn imports(text: &str, prefix: &str) -> BTreeSet<String> {
@@ -114,6 +152,7 @@ fn imports_point_down_the_layers_of_lib_rs() {
     let mut files = Vec::new();
     rust_files(&root.join("src"), &mut files);
     files.sort();
+    let test_files = test_module_files(root, &files);
     let mut bad = Vec::new();
     let mut used_known = BTreeSet::new();
     for path in &files {
@@ -123,7 +162,7 @@ fn imports_point_down_the_layers_of_lib_rs() {
             .to_string_lossy()
             .replace('\\', "/");
         // `src/lib.rs` holds the list; `tests.rs` files are test modules.
-        if rel == "src/lib.rs" || rel.ends_with("/tests.rs") {
+        if rel == "src/lib.rs" || rel.ends_with("/tests.rs") || test_files.contains(&rel) {
             continue;
         }
         let module = rel
@@ -296,6 +335,7 @@ fn files_of_src_import_each_other_without_circles() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files = Vec::new();
     rust_files(&root.join("src"), &mut files);
+    let test_files = test_module_files(root, &files);
     let rels: Vec<String> = files
         .iter()
         .map(|p| {
@@ -305,6 +345,7 @@ fn files_of_src_import_each_other_without_circles() {
                 .replace('\\', "/")
         })
         .filter(|r| r != "src/lib.rs" && r != "src/main.rs" && !r.ends_with("/tests.rs"))
+        .filter(|r| !test_files.contains(r))
         .collect();
     let modules: BTreeMap<Vec<String>, String> =
         rels.iter().map(|r| (module_path(r), r.clone())).collect();

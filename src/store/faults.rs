@@ -24,6 +24,11 @@ use futures::StreamExt;
 
 use super::{ByteStream, ObjectInfo, Store, StoreError};
 
+crate::message_error!(
+    /// A fault-injection spec (`DR_FAULTS`) that does not parse; names the item.
+    FaultSpecError
+);
+
 /// The environment variable that injects faults into configured regions.
 pub const FAULTS_ENV: &str = "DR_FAULTS";
 
@@ -52,7 +57,7 @@ pub struct FaultPlan {
 
 impl FaultPlan {
     /// Parses one region's `KEY=VALUE,…` list.
-    pub fn parse(spec: &str) -> Result<FaultPlan, String> {
+    pub fn parse(spec: &str) -> Result<FaultPlan, FaultSpecError> {
         let mut p = FaultPlan::default();
         for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let (k, v) = item.split_once('=').unwrap_or((item, "true"));
@@ -75,14 +80,14 @@ impl FaultPlan {
                         .filter(|r| (0.0..=1.0).contains(r))
                         .ok_or_else(|| format!("error_rate={v}: not a number from 0 to 1"))?
                 }
-                _ => return Err(format!("unknown fault {k:?}")),
+                _ => return Err(format!("unknown fault {k:?}").into()),
             }
         }
         Ok(p)
     }
 
     /// Parses a whole `DR_FAULTS` value: region name to plan.
-    pub fn parse_env(value: &str) -> Result<Vec<(String, FaultPlan)>, String> {
+    pub fn parse_env(value: &str) -> Result<Vec<(String, FaultPlan)>, FaultSpecError> {
         value
             .split(';')
             .map(str::trim)

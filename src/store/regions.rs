@@ -310,7 +310,7 @@ impl Regions {
             Ok(v) if !v.trim().is_empty() => {
                 super::FaultPlan::parse_env(&v).map_err(|message| RegionsError::Setup {
                     region: super::faults::FAULTS_ENV.to_string(),
-                    message,
+                    message: message.into(),
                 })?
             }
             _ => Vec::new(),

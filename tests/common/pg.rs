@@ -354,12 +354,16 @@ impl TestPg {
     /// Forces a WAL switch on `port` and waits until it is archived.
     pub fn archive_now_at(&self, port: u16) {
         let seg = self.sql_at(port, "SELECT pg_walfile_name(pg_switch_wal())");
+        // The last archived name alone can trail the segment: a backup
+        // history file (`<older segment>.<offset>.backup`) archived after it
+        // sorts lower. The segment's `.done` status file settles it.
+        let archived = format!(
+            "SELECT coalesce(last_archived_wal, '') >= '{seg}' OR EXISTS \
+             (SELECT 1 FROM pg_ls_dir('pg_wal/archive_status') f WHERE f = '{seg}.done') \
+             FROM pg_stat_archiver"
+        );
         for _ in 0..300 {
-            let last = self.sql_at(
-                port,
-                "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver",
-            );
-            if last.as_str() >= seg.as_str() {
+            if self.sql_at(port, &archived) == "t" {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
