@@ -10,8 +10,8 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use chrono::Utc;
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use super::report::{self, CheckResult, SourceReport, secs};
@@ -23,48 +23,7 @@ use crate::postgres::restore::Target;
 use crate::repo::Repository;
 use crate::repo::layout::{BackupId, ObjectKey};
 
-/// Objectives or achievements: recovery time and recovery point, in seconds.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Rtpo {
-    /// Recovery time.
-    pub rto_seconds: Option<f64>,
-    /// Recovery point.
-    pub rpo_seconds: Option<f64>,
-}
-
-/// What a drill did and achieved.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DrillReport {
-    /// Report id (also its repository object name and file names).
-    pub id: String,
-    /// Drill name.
-    pub drill: String,
-    /// When it started.
-    pub started: DateTime<Utc>,
-    /// When it ended.
-    pub finished: DateTime<Utc>,
-    /// Target as configured (`latest` or a time).
-    pub target: String,
-    /// Where the sources were restored.
-    pub environment: String,
-    /// Whether every source, the playbook and every objective passed.
-    pub ok: bool,
-    /// Declared objectives.
-    pub objectives: Rtpo,
-    /// Achieved overall: RTO until the last source answered (and the
-    /// playbook's RTO point), RPO of the worst source.
-    pub achieved: Rtpo,
-    /// Each source restored.
-    pub sources: Vec<SourceReport>,
-    /// The failover playbook's run, when one ran.
-    pub playbook: Option<serde_json::Value>,
-    /// Drill-level checks: playbook, objectives, report files.
-    pub checks: Vec<CheckResult>,
-    /// The JSON, Markdown and HTML report files written.
-    pub files: Vec<String>,
-    /// Things to know that did not fail the drill.
-    pub warnings: Vec<String>,
-}
+pub use super::report::{DrillReport, Rtpo};
 
 enum Running {
     Pg(super::pg::PgScratch),

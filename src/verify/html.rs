@@ -7,8 +7,7 @@ use std::fmt::Write;
 
 use chrono::{DateTime, Utc};
 
-use super::drill::DrillReport;
-use super::report::{SourceReport, secs, time};
+use super::report::{DrillReport, SourceReport, secs, time};
 
 /// `s` escaped for HTML text and attribute values.
 pub fn escape(s: &str) -> String {
