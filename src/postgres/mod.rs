@@ -429,4 +429,14 @@ mod tests {
         assert_eq!(l.to_string(), "1/2A000028");
         assert!("zz".parse::<Lsn>().is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn lsns_round_trip_in_postgresql_spelling(lsn in proptest::prelude::any::<u64>()) {
+            let l = Lsn(lsn);
+            proptest::prop_assert_eq!(l.to_string().parse::<Lsn>(), Ok(l));
+            // PostgreSQL's own spelling: upper-case hex, no leading zeros.
+            proptest::prop_assert_eq!(l.to_string(), format!("{:X}/{:X}", lsn >> 32, lsn as u32));
+        }
+    }
 }
