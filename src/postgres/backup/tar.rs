@@ -325,6 +325,34 @@ impl TarParser {
     }
 }
 
+/// What a sink saw, in order: an entry and, for a file, its bytes; it
+/// panics if the parser breaks its contract with the sink.
+#[derive(Default)]
+struct Seen {
+    members: Vec<(TarEntry, Vec<u8>)>,
+    open: bool,
+}
+impl TarSink for Seen {
+    fn entry(&mut self, e: TarEntry) -> Result<(), PgError> {
+        assert!(!self.open, "entry inside a file");
+        self.open = matches!(e, TarEntry::File { .. });
+        self.members.push((e, Vec::new()));
+        Ok(())
+    }
+    fn data(&mut self, data: &[u8]) -> Result<(), PgError> {
+        assert!(self.open, "data outside a file");
+        if let Some((_, body)) = self.members.last_mut() {
+            body.extend_from_slice(data);
+        }
+        Ok(())
+    }
+    fn file_end(&mut self) -> Result<(), PgError> {
+        assert!(self.open, "file end outside a file");
+        self.open = false;
+        Ok(())
+    }
+}
+
 /// Parses a whole archive fed in pieces cut at `cuts` (positions taken
 /// modulo the length, in any order), as `BASE_BACKUP` messages would bring
 /// it: every member with its body, or the parser's error. The entry point of
@@ -332,39 +360,12 @@ impl TarParser {
 /// breaks its own contract with the sink (data outside a file, an entry
 /// inside one, a file left open after a successful finish).
 pub fn read_archive(data: &[u8], cuts: &[usize]) -> Result<Vec<(TarEntry, Vec<u8>)>, PgError> {
-    struct Seen {
-        members: Vec<(TarEntry, Vec<u8>)>,
-        open: bool,
-    }
-    impl TarSink for Seen {
-        fn entry(&mut self, e: TarEntry) -> Result<(), PgError> {
-            assert!(!self.open, "entry inside a file");
-            self.open = matches!(e, TarEntry::File { .. });
-            self.members.push((e, Vec::new()));
-            Ok(())
-        }
-        fn data(&mut self, data: &[u8]) -> Result<(), PgError> {
-            assert!(self.open, "data outside a file");
-            if let Some((_, body)) = self.members.last_mut() {
-                body.extend_from_slice(data);
-            }
-            Ok(())
-        }
-        fn file_end(&mut self) -> Result<(), PgError> {
-            assert!(self.open, "file end outside a file");
-            self.open = false;
-            Ok(())
-        }
-    }
     let mut at: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
     at.push(0);
     at.push(data.len());
     at.sort_unstable();
     let mut p = TarParser::new("input");
-    let mut seen = Seen {
-        members: Vec::new(),
-        open: false,
-    };
+    let mut seen = Seen::default();
     for w in at.windows(2) {
         p.feed(&data[w[0]..w[1]], &mut seen)?;
     }
@@ -565,34 +566,6 @@ mod props {
     use proptest::prelude::*;
 
     use super::*;
-
-    /// What a sink saw, in order: an entry and, for a file, its bytes.
-    #[derive(Default)]
-    struct Seen {
-        members: Vec<(TarEntry, Vec<u8>)>,
-        open: bool,
-    }
-
-    impl TarSink for Seen {
-        fn entry(&mut self, e: TarEntry) -> Result<(), PgError> {
-            assert!(!self.open, "entry inside a file");
-            self.open = matches!(e, TarEntry::File { .. });
-            self.members.push((e, Vec::new()));
-            Ok(())
-        }
-        fn data(&mut self, data: &[u8]) -> Result<(), PgError> {
-            assert!(self.open, "data outside a file");
-            if let Some((_, body)) = self.members.last_mut() {
-                body.extend_from_slice(data);
-            }
-            Ok(())
-        }
-        fn file_end(&mut self) -> Result<(), PgError> {
-            assert!(self.open, "file end outside a file");
-            self.open = false;
-            Ok(())
-        }
-    }
 
     #[derive(Debug, Clone)]
     enum Member {
