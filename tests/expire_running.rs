@@ -260,6 +260,16 @@ fn orphans_older_than_orphan_age_are_removed_and_reported() {
     hold.release(&pg);
     let (orphan_id, orphan_files) = unfinished(&repo);
     pg.dr(&["backup", "pg"]);
+    // Verification passes and names the orphan as one.
+    let v = json(&pg.dr(&["--json", "verify", "--list"]));
+    assert_eq!(v["ok"], true, "{v}");
+    let orphans = v["verify"]["orphans"].as_array().expect("orphans");
+    assert_eq!(orphans.len(), 1, "{v}");
+    assert!(
+        orphans[0].as_str().is_some_and(|o| o.contains(&orphan_id)
+            && o.contains(&format!("{} object(s) and no manifest", orphan_files.len()))),
+        "{v}"
+    );
     // A writer killed mid-put leaves its temp file; one being written is young.
     let tmp = repo.join(".tmp");
     std::fs::create_dir_all(&tmp).expect("mkdir");
@@ -337,6 +347,8 @@ fn orphans_older_than_orphan_age_are_removed_and_reported() {
     assert!(has_manifest(&dirs[0].1));
     let text = String::from_utf8_lossy(&pg.dr(&["expire"]).stdout).into_owned();
     assert!(text.contains(", 0 of them orphans"), "{text}");
+    let v = json(&pg.dr(&["--json", "verify", "--list"]));
+    assert_eq!(v["verify"]["orphans"], serde_json::json!([]), "{v}");
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::pg::{TestPg, chown, free_port, fs_repo, mark, restore_and_check, run_as_in};
-use common::{segment_of, wal_objects};
+use common::{segment_of, wal_objects, walk_files};
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -483,5 +483,106 @@ fn without_an_audit_path_the_first_restore_as_postgres_is_audited_not_refused() 
         recs.iter()
             .any(|r| r.action == "restore.pg" && r.outcome == "ok" && r.actor.user == pg.user),
         "{recs:?}"
+    );
+}
+
+/// `verify --list` judges the WAL archive by what the backups need: a hole
+/// below every backup's start (an expired segment that a sync running beside
+/// `expire` copied back) is a note, not a failure, and `expire` clears it; a
+/// hole after the oldest backup's start, or in a backup's own segments,
+/// fails and names the region.
+#[test]
+fn verify_judges_the_wal_archive_by_what_backups_need() {
+    let fs = tempfile::tempdir().expect("tempdir");
+    let repo = fs.path().join("repo");
+    let pg = TestPg::new(&format!(
+        "{}\n[postgres.main.retention]\nkeep_full = 1\n",
+        fs_repo(&fs)
+    ));
+    pg.pgbench(&["-i", "-s", "1", "-q"]);
+    for _ in 0..3 {
+        pg.pgbench(&["-n", "-t", "50"]);
+        pg.archive_now();
+    }
+    let before = wal_objects(&repo);
+    assert!(before.len() >= 3, "{before:?}");
+    pg.dr(&["backup", "pg"]);
+    for _ in 0..3 {
+        pg.pgbench(&["-n", "-t", "50"]);
+        pg.archive_now();
+    }
+    let list = |extra: &[&str]| {
+        let mut args = vec!["--json", "verify", "--list"];
+        args.extend_from_slice(extra);
+        let o = pg.dr_raw(&args);
+        (o.status.success(), common::json_of(&o))
+    };
+
+    // A hole below the backup.
+    std::fs::remove_file(&before[1]).expect("rm");
+    let (ok, v) = list(&[]);
+    assert!(ok, "{v}");
+    assert_eq!(v["verify"]["wal_gaps"], serde_json::json!([]), "{v}");
+    let unneeded = v["verify"]["unneeded_wal"][0].as_str().unwrap_or_default();
+    assert!(
+        unneeded.contains("precede the start of every backup")
+            && unneeded.contains(&segment_of(&before[0])),
+        "{v}"
+    );
+    let text = String::from_utf8_lossy(&pg.dr(&["verify", "--list"]).stdout).into_owned();
+    assert!(
+        text.contains("note: main (system ") && text.contains("clean"),
+        "{text}"
+    );
+    pg.dr(&["expire"]);
+    let (ok, v) = list(&[]);
+    assert!(ok, "{v}");
+    assert_eq!(v["verify"]["unneeded_wal"], serde_json::json!([]), "{v}");
+
+    // A hole the backup's window needs.
+    let after = wal_objects(&repo);
+    let start = walk_files(&repo)
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains(".backup"))
+        .map(|p| segment_of(&p))
+        .expect("backup history file");
+    let later: Vec<&PathBuf> = after.iter().filter(|p| segment_of(p) > start).collect();
+    assert!(later.len() >= 3, "{after:?}");
+    let hole = later[1].clone();
+    let kept = fs.path().join("kept-segment");
+    std::fs::copy(&hole, &kept).expect("keep");
+    std::fs::remove_file(&hole).expect("rm");
+    let (ok, v) = list(&["--region", "local"]);
+    assert!(!ok, "{v}");
+    let gap = v["verify"]["wal_gaps"][0].as_str().unwrap_or_default();
+    assert!(
+        gap.contains(&format!(
+            "WAL {} .. {} missing",
+            segment_of(&hole),
+            segment_of(&hole)
+        )),
+        "{v}"
+    );
+    let o = pg.dr_raw(&["verify", "--list", "--region", "local"]);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        text.contains("in region local: replay stops before it"),
+        "{text}"
+    );
+    std::fs::copy(&kept, &hole).expect("put back");
+    chown(&hole, &pg.user);
+
+    // The backup's own first segment.
+    let own = after
+        .iter()
+        .find(|p| segment_of(p) == start)
+        .expect("start segment archived");
+    std::fs::remove_file(own).expect("rm");
+    let (ok, v) = list(&[]);
+    assert!(!ok, "{v}");
+    let gap = v["verify"]["wal_gaps"][0].as_str().unwrap_or_default();
+    assert!(
+        gap.contains("needs WAL") && gap.contains(&format!("{start} is missing")),
+        "{v}"
     );
 }

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use dr::config::Config;
+use dr::maintenance::coverage::wal_coverage;
 use dr::maintenance::verify::{Level, Scope, Sources, VerifyReport, expected_objects, verify};
 use dr::repo::Repository;
 use dr::verify::report::{secs, time};
@@ -75,14 +76,24 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
     };
     let repo = Repository::open(&cfg).await?;
     let all = Sources::of(&cfg);
-    let (expected, unreadable) = expected_objects(&repo, &scope, &all).await?;
-    let mut rep = verify(&repo, &expected, level, args.region.as_deref(), unreadable).await?;
+    let expected = expected_objects(&repo, &scope, &all).await?;
+    let mut rep = verify(
+        &repo,
+        &expected.objects,
+        level,
+        args.region.as_deref(),
+        expected.unreadable,
+    )
+    .await?;
     let clusters = match &scope {
         Scope::All => all.pg,
         Scope::Pg(v) => v.clone(),
         Scope::Redis(_) | Scope::Rabbitmq(_) => Vec::new(),
     };
-    rep.wal_gaps = dr::maintenance::verify::wal_gaps(&repo, &clusters).await?;
+    let wal = wal_coverage(&repo, &clusters, &expected.wal, args.region.as_deref()).await?;
+    rep.wal_gaps = wal.gaps;
+    rep.unneeded_wal = wal.unneeded;
+    rep.orphans = expected.orphans;
     print_report(&rep, out);
     Ok(if rep.clean() {
         ExitCode::SUCCESS
@@ -242,8 +253,20 @@ fn print_report(rep: &VerifyReport, out: &Out) {
     for (k, e) in &rep.unreadable_manifests {
         println!("UNREADABLE MANIFEST {k}: {e}");
     }
+    let gap_where = match rep.regions.as_slice() {
+        [one] => format!("in region {}", one.region),
+        _ => "in every region".to_string(),
+    };
     for g in &rep.wal_gaps {
-        println!("WAL GAP {g} in every region: replay stops before it");
+        println!("WAL GAP {g} {gap_where}: replay stops before it");
+    }
+    for u in &rep.unneeded_wal {
+        println!("note: {u}");
+    }
+    for o in &rep.orphans {
+        println!(
+            "note: {o}; `dr expire` removes such objects once older than [retention] orphan_age"
+        );
     }
     if rep.clean() {
         println!(
@@ -269,16 +292,8 @@ pub async fn sync(
     let repo = Repository::open(cfg).await?;
     // Manifests give authoritative sizes when the identity is here; without
     // it, sizes are compared across regions.
-    let expected = if repo.codec.can_decrypt() {
-        Some(
-            expected_objects(&repo, &Scope::All, &Sources::of(cfg))
-                .await?
-                .0,
-        )
-    } else {
-        None
-    };
-    let rep = dr::maintenance::sync::sync(&repo, region, expected.as_deref(), read_data).await?;
+    let expected = dr::maintenance::sync::manifests(&repo, &Sources::of(cfg)).await?;
+    let rep = dr::maintenance::sync::sync(&repo, region, expected.as_ref(), read_data).await?;
     if out.json {
         out.json(&serde_json::json!({ "ok": rep.complete(), "sync": rep }));
     } else {
@@ -310,6 +325,13 @@ pub async fn sync(
         for r in &rep.regions {
             for f in &r.failed {
                 println!("FAILED in {}: {f}", r.region);
+            }
+            if r.vanished > 0 {
+                println!(
+                    "{}: {} object(s) were deleted everywhere while the sync ran (an expire); \
+                     nothing to copy",
+                    r.region, r.vanished
+                );
             }
             if r.manifests_held_back > 0 {
                 println!(

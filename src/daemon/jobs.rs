@@ -249,17 +249,10 @@ pub async fn run_once(
 async fn sync_job(cfg: &Config) -> Result<JobOutcome, JobError> {
     let repo = Repository::open(cfg).await?;
     // Authoritative sizes from the manifests when the identity is here.
-    let expected = if repo.codec.can_decrypt() {
-        use crate::maintenance::verify::{Scope, Sources, expected_objects};
-        Some(
-            expected_objects(&repo, &Scope::All, &Sources::of(cfg))
-                .await?
-                .0,
-        )
-    } else {
-        None
-    };
-    let rep = crate::maintenance::sync::sync(&repo, None, expected.as_deref(), false).await?;
+    let expected =
+        crate::maintenance::sync::manifests(&repo, &crate::maintenance::verify::Sources::of(cfg))
+            .await?;
+    let rep = crate::maintenance::sync::sync(&repo, None, expected.as_ref(), false).await?;
     let copied: u64 = rep.regions.iter().map(|r| r.copied + r.replaced).sum();
     let bytes: u64 = rep.regions.iter().map(|r| r.bytes).sum();
     if !rep.complete() {

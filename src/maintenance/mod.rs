@@ -4,6 +4,7 @@
 //! reads their manifests and catalogs; the repository format below knows
 //! nothing of them.
 
+pub mod coverage;
 pub mod expire;
 pub mod inventory;
 pub mod sync;

@@ -12,8 +12,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use futures::StreamExt;
 use serde::Serialize;
 
-use super::verify::{ExpectedObject, Level};
+use super::verify::{Expected, Level, Scope, Sources, expected_objects};
+use crate::repo::layout::ObjectKey;
 use crate::repo::{RepoError, Repository};
+use crate::store::StoreError;
 
 /// What one region received.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -30,6 +32,9 @@ pub struct RegionSync {
     pub replaced: u64,
     /// Stored bytes copied.
     pub bytes: u64,
+    /// Objects deleted everywhere between the listing and their copy (by an
+    /// `expire` running at the same time): not copied, and not a failure.
+    pub vanished: u64,
     /// Manifests not copied because an object copy failed.
     pub manifests_held_back: u64,
     /// Failures, one line each.
@@ -56,13 +61,24 @@ impl SyncReport {
     }
 }
 
+/// What the manifests say, when this host can read them: authoritative
+/// sizes, and what no backup needs (not worth copying).
+pub async fn manifests(repo: &Repository, all: &Sources) -> Result<Option<Expected>, RepoError> {
+    if !repo.codec.can_decrypt() {
+        return Ok(None);
+    }
+    Ok(Some(expected_objects(repo, &Scope::All, all).await?))
+}
+
 /// Brings `only` (or every region) up to date. `expected` (from the
-/// manifests) gives authoritative sizes and, with `read_data`, lets bad
-/// copies of the same size be found by decoding them.
+/// manifests) gives authoritative sizes, leaves out what no manifest needs
+/// (WAL below every backup's start, directories without a manifest: what
+/// `expire` deletes, which a copy would only bring back) and, with
+/// `read_data`, lets bad copies of the same size be found by decoding them.
 pub async fn sync(
     repo: &Repository,
     only: Option<&str>,
-    expected: Option<&[ExpectedObject]>,
+    expected: Option<&Expected>,
     read_data: bool,
 ) -> Result<SyncReport, RepoError> {
     if let Some(name) = only
@@ -93,8 +109,13 @@ pub async fn sync(
         }
     }
     let order: Vec<String> = repo.regions.iter().map(|r| r.name.clone()).collect();
-    let keys: BTreeSet<&String> = have.values().flat_map(|m| m.keys()).collect();
+    let keys: BTreeSet<&String> = have
+        .values()
+        .flat_map(|m| m.keys())
+        .filter(|k| !expected.is_some_and(|e| unneeded(e, k)))
+        .collect();
     let authoritative: BTreeMap<&str, u64> = expected
+        .map(|e| e.objects.as_slice())
         .unwrap_or_default()
         .iter()
         .filter_map(|o| Some((o.key.as_str(), o.expect.stored_size?)))
@@ -126,7 +147,8 @@ pub async fn sync(
         let expected = expected.ok_or_else(|| {
             RepoError::Other("--read-data needs the manifests; configure identity_file".into())
         })?;
-        let rep = super::verify::verify(repo, expected, Level::ReadData, None, Vec::new()).await?;
+        let rep = super::verify::verify(repo, &expected.objects, Level::ReadData, None, Vec::new())
+            .await?;
         for p in rep.problems.iter().filter(|p| p.kind == "corrupt") {
             corrupt
                 .entry(p.region.clone())
@@ -175,7 +197,7 @@ pub async fn sync(
                 rs.manifests_held_back = batch.len() as u64;
                 break;
             }
-            let results: Vec<(String, bool, Result<u64, String>)> = futures::stream::iter(batch)
+            let results: Vec<(String, bool, Result<Copied, String>)> = futures::stream::iter(batch)
                 .map(|(k, replace)| {
                     let sources = sources_for(&k, &order, target, &have, &reference, &corrupt);
                     async move {
@@ -188,7 +210,7 @@ pub async fn sync(
                 .await;
             for (k, replace, r) in results {
                 match r {
-                    Ok(n) => {
+                    Ok(Copied::Bytes(n)) => {
                         rs.bytes += n;
                         if replace {
                             rs.replaced += 1;
@@ -196,6 +218,8 @@ pub async fn sync(
                             rs.copied += 1;
                         }
                     }
+                    Ok(Copied::Vanished) => rs.vanished += 1,
+                    Ok(Copied::AlreadyThere) => rs.copied += 1,
                     Err(e) => rs.failed.push(format!("{k}: {e}")),
                 }
             }
@@ -206,6 +230,19 @@ pub async fn sync(
         objects: reference.len(),
         regions: out,
     })
+}
+
+/// Not worth copying: a WAL segment below the start of every backup of its
+/// system, or an object of a directory without a manifest (a running
+/// backup writes every region itself; an expired one's leftovers would
+/// only come back).
+fn unneeded(expected: &Expected, key: &str) -> bool {
+    expected.orphan_keys.contains(key)
+        || matches!(
+            key.parse::<ObjectKey>(),
+            Ok(ObjectKey::Wal { cluster, system_id, segment, .. })
+                if expected.wal.below_floor(&cluster, system_id, &segment)
+        )
 }
 
 /// Regions holding a good copy of `key`, in preference order.
@@ -227,6 +264,18 @@ fn sources_for(
         .collect()
 }
 
+/// How one copy ended.
+enum Copied {
+    /// Stored bytes written.
+    Bytes(u64),
+    /// Every source's copy was deleted after the listing (an `expire`
+    /// running beside the sync): nothing to copy any more.
+    Vanished,
+    /// The target got the object after the listing (another sync, a
+    /// `wal-push`): create-only puts leave it as it is.
+    AlreadyThere,
+}
+
 /// Copies the stored bytes of `key` from the first source that works.
 async fn copy_one(
     repo: &Repository,
@@ -234,7 +283,7 @@ async fn copy_one(
     target: &str,
     sources: &[String],
     replace: bool,
-) -> Result<u64, String> {
+) -> Result<Copied, String> {
     let t = repo
         .regions
         .get_region(target)
@@ -243,6 +292,7 @@ async fn copy_one(
         return Err("no region holds a good copy".into());
     }
     let mut errors = Vec::new();
+    let mut gone = 0;
     for s in sources {
         let Some(src) = repo.regions.get_region(s) else {
             continue;
@@ -250,6 +300,7 @@ async fn copy_one(
         let body = match src.store.get(key, None).await {
             Ok(b) => b,
             Err(e) => {
+                gone += usize::from(matches!(e, StoreError::NotFound { .. }));
                 errors.push(format!("[{s}] {e}"));
                 continue;
             }
@@ -263,9 +314,13 @@ async fn copy_one(
                 .map_err(|e| format!("removing the bad copy: {e}"))?;
         }
         match t.store.put(key, body).await {
-            Ok(n) => return Ok(n),
+            Ok(n) => return Ok(Copied::Bytes(n)),
+            Err(StoreError::AlreadyExists { .. }) if !replace => return Ok(Copied::AlreadyThere),
             Err(e) => errors.push(format!("[{s} → {target}] {e}")),
         }
+    }
+    if gone == sources.len() {
+        return Ok(Copied::Vanished);
     }
     Err(errors.join("; "))
 }

@@ -2,15 +2,17 @@
 //! manifests and the WAL archive need, with the right size (`--list`), and does
 //! every copy decrypt and hash to what was written (`--read-data`)?
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use futures::StreamExt;
 use serde::Serialize;
 
+use super::coverage::WalNeeds;
 use crate::codec::Expect;
 use crate::repo::layout::ObjectKey;
 use crate::repo::snapshots::{Catalog, SnapshotManifest, list_objects};
 use crate::repo::{RepoError, Repository};
+use crate::store::ObjectInfo;
 
 /// How deep to look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -111,8 +113,14 @@ pub struct VerifyReport {
     /// Manifests that could not be read from any region.
     pub unreadable_manifests: Vec<(String, String)>,
     /// Segments missing in every region between archived ones of the same
-    /// timeline: replay cannot pass them.
+    /// timeline, or among a backup's own: replay cannot pass them.
     pub wal_gaps: Vec<String>,
+    /// Archived WAL below the start of every backup (not a problem).
+    pub unneeded_wal: Vec<String>,
+    /// Backup and snapshot directories no manifest accounts for: running,
+    /// interrupted or expired (not a problem; `expire` removes them once
+    /// older than `[retention] orphan_age`).
+    pub orphans: Vec<String>,
 }
 
 impl VerifyReport {
@@ -125,14 +133,29 @@ impl VerifyReport {
     }
 }
 
+/// What the manifests of a scope say the repository must hold.
+#[derive(Debug, Clone, Default)]
+pub struct Expected {
+    /// Objects every region must hold.
+    pub objects: Vec<ExpectedObject>,
+    /// `(key, error)` of manifests that could not be read.
+    pub unreadable: Vec<(String, String)>,
+    /// The WAL the PostgreSQL backups need.
+    pub wal: WalNeeds,
+    /// Directories no manifest accounts for, one line each.
+    pub orphans: Vec<String>,
+    /// The objects of those directories.
+    pub orphan_keys: BTreeSet<String>,
+}
+
 /// Collects the objects a scope needs: manifests, the data objects they list,
-/// WAL segments and timeline histories, Redis and RabbitMQ snapshots. Needs
-/// the identity (manifests are encrypted).
+/// WAL from the oldest backup's start and timeline histories, Redis and
+/// RabbitMQ snapshots. Needs the identity (manifests are encrypted).
 pub async fn expected_objects(
     repo: &Repository,
     scope: &Scope,
     all: &Sources,
-) -> Result<(Vec<ExpectedObject>, Vec<(String, String)>), RepoError> {
+) -> Result<Expected, RepoError> {
     if !repo.codec.can_decrypt() {
         return Err(RepoError::Other(format!(
             "verify needs the private key: which data objects a backup needs, and their sizes, \
@@ -151,66 +174,117 @@ pub async fn expected_objects(
         Scope::Rabbitmq(v) => (none(), none(), v.clone()),
     };
     let mut out = BTreeMap::new();
-    let mut unreadable = Vec::new();
+    let mut found = Expected::default();
     for cluster in &pg {
-        let (_, objects) = repo.regions.list(&format!("pg/{cluster}/")).await?;
-        for o in &objects {
-            match o.key.parse::<ObjectKey>() {
-                Ok(ObjectKey::PgManifest { system_id, .. }) => {
-                    let m =
-                        match crate::postgres::catalog::read_manifest(repo, &o.key, o.size).await {
-                            Ok(m) => m,
-                            Err(e) => {
-                                unreadable.push((o.key.clone(), e.to_string()));
-                                continue;
-                            }
-                        };
-                    add(&mut out, &o.key, stored(&o.key, o.size));
-                    for d in &m.objects {
-                        let backup = d.backup.clone().unwrap_or_else(|| m.id.to_string());
-                        let Ok(backup) = backup.parse() else {
-                            unreadable.push((o.key.clone(), format!("bad backup id {backup:?}")));
-                            continue;
-                        };
-                        let key = ObjectKey::PgData {
-                            cluster: cluster.clone(),
-                            system_id,
-                            backup,
-                            n: d.n,
-                        }
-                        .to_string();
-                        let e = Expect::from_encoded(&key, &d.encoded);
-                        add(&mut out, &key, e);
-                    }
-                }
-                Ok(ObjectKey::Wal { hash, .. } | ObjectKey::TimelineHistory { hash, .. }) => {
-                    let mut e = stored(&o.key, o.size);
-                    e.plain_hash = Some(hash);
-                    add(&mut out, &o.key, e);
-                }
-                _ => {}
-            }
-        }
+        add_pg(repo, cluster, &mut out, &mut found).await?;
     }
     for instance in &redis {
         add_snapshots::<crate::redis::manifest::RedisManifest>(
-            repo,
-            instance,
-            &mut out,
-            &mut unreadable,
+            repo, instance, &mut out, &mut found,
         )
         .await?;
     }
     for broker in &rabbitmq {
         add_snapshots::<crate::rabbitmq::manifest::RabbitManifest>(
-            repo,
-            broker,
-            &mut out,
-            &mut unreadable,
+            repo, broker, &mut out, &mut found,
         )
         .await?;
     }
-    Ok((out.into_values().collect(), unreadable))
+    found.objects = out.into_values().collect();
+    Ok(found)
+}
+
+/// One cluster's manifests, the data objects they list, the WAL from the
+/// oldest backup's start, and timeline histories; then the backup
+/// directories none of them accounts for.
+async fn add_pg(
+    repo: &Repository,
+    cluster: &str,
+    out: &mut BTreeMap<String, ExpectedObject>,
+    found: &mut Expected,
+) -> Result<(), RepoError> {
+    let (_, objects) = repo.regions.list(&format!("pg/{cluster}/")).await?;
+    let keys: Vec<(ObjectKey, &ObjectInfo)> = objects
+        .iter()
+        .filter_map(|o| Some((o.key.parse::<ObjectKey>().ok()?, o)))
+        .collect();
+    let mut with_manifest = BTreeSet::new();
+    for (k, o) in &keys {
+        let ObjectKey::PgManifest {
+            system_id, backup, ..
+        } = k
+        else {
+            continue;
+        };
+        with_manifest.insert(backup.to_string());
+        let m = match crate::postgres::catalog::read_manifest(repo, &o.key, o.size).await {
+            Ok(m) => m,
+            Err(e) => {
+                found.unreadable.push((o.key.clone(), e.to_string()));
+                continue;
+            }
+        };
+        add(out, &o.key, stored(&o.key, o.size));
+        found.wal.add(
+            cluster,
+            *system_id,
+            &m.id.to_string(),
+            &m.start_segment,
+            &m.stop_segment,
+        );
+        for d in &m.objects {
+            let backup = d.backup.clone().unwrap_or_else(|| m.id.to_string());
+            let Ok(backup) = backup.parse() else {
+                found
+                    .unreadable
+                    .push((o.key.clone(), format!("bad backup id {backup:?}")));
+                continue;
+            };
+            let key = ObjectKey::PgData {
+                cluster: cluster.to_string(),
+                system_id: *system_id,
+                backup,
+                n: d.n,
+            }
+            .to_string();
+            let e = Expect::from_encoded(&key, &d.encoded);
+            add(out, &key, e);
+        }
+    }
+    let mut loose: BTreeMap<String, u64> = BTreeMap::new();
+    for (k, o) in &keys {
+        match k {
+            ObjectKey::Wal {
+                system_id,
+                segment,
+                hash,
+                ..
+            } if !found.wal.below_floor(cluster, *system_id, segment) => {
+                let mut e = stored(&o.key, o.size);
+                e.plain_hash = Some(hash.clone());
+                add(out, &o.key, e);
+            }
+            ObjectKey::TimelineHistory { hash, .. } => {
+                let mut e = stored(&o.key, o.size);
+                e.plain_hash = Some(hash.clone());
+                add(out, &o.key, e);
+            }
+            ObjectKey::PgData { backup, .. } | ObjectKey::PgStarted { backup, .. }
+                if !out.contains_key(&o.key) && !with_manifest.contains(&backup.to_string()) =>
+            {
+                *loose.entry(backup.to_string()).or_default() += 1;
+                found.orphan_keys.insert(o.key.clone());
+            }
+            _ => {}
+        }
+    }
+    found.orphans.extend(loose.into_iter().map(|(id, n)| {
+        format!(
+            "postgres {cluster}: backup {id}: {n} object(s) and no manifest (running, \
+             interrupted or expired)"
+        )
+    }));
+    Ok(())
 }
 
 /// The manifests of one snapshot source (as stored) and the data objects
@@ -219,10 +293,10 @@ async fn add_snapshots<M: SnapshotManifest>(
     repo: &Repository,
     instance: &str,
     out: &mut BTreeMap<String, ExpectedObject>,
-    unreadable: &mut Vec<(String, String)>,
+    found: &mut Expected,
 ) -> Result<(), RepoError> {
     let cat = Catalog::<M>::load(repo, instance).await?;
-    unreadable.extend(cat.unreadable.iter().cloned());
+    found.unreadable.extend(cat.unreadable.iter().cloned());
     let objects = list_objects::<M>(repo, instance).await?;
     let sizes: BTreeMap<&str, u64> = objects.iter().map(|o| (o.key.as_str(), o.size)).collect();
     for (mkey, m) in cat.manifest_keys(instance) {
@@ -234,6 +308,33 @@ async fn add_snapshots<M: SnapshotManifest>(
         let e = Expect::from_encoded(&dkey, m.data());
         add(out, &dkey, e);
     }
+    let with_manifest: BTreeSet<&str> = objects
+        .iter()
+        .filter_map(|o| o.key.strip_suffix("/manifest")?.rsplit('/').next())
+        .collect();
+    let mut loose: BTreeMap<String, u64> = BTreeMap::new();
+    for o in &objects {
+        let Some((id, _)) = o
+            .key
+            .parse::<ObjectKey>()
+            .ok()
+            .and_then(|k| M::stored_part(&k))
+        else {
+            continue;
+        };
+        let id = id.to_string();
+        if !out.contains_key(&o.key) && !with_manifest.contains(id.as_str()) {
+            *loose.entry(id).or_default() += 1;
+            found.orphan_keys.insert(o.key.clone());
+        }
+    }
+    found.orphans.extend(loose.into_iter().map(|(id, n)| {
+        format!(
+            "{} {instance}: snapshot {id}: {n} object(s) and no manifest (running, interrupted \
+             or expired)",
+            M::PREFIX
+        )
+    }));
     Ok(())
 }
 
@@ -348,67 +449,9 @@ pub async fn verify(
         problems,
         unreadable_manifests,
         wal_gaps: Vec::new(),
+        unneeded_wal: Vec::new(),
+        orphans: Vec::new(),
     })
-}
-
-/// Holes in each cluster's WAL archive, across all regions: for every
-/// timeline, each segment between the oldest and the newest archived one
-/// must exist (complete) somewhere, as must the segment a timeline's
-/// streamed pieces belong to. Returns `cluster: first..last missing`.
-pub async fn wal_gaps(repo: &Repository, clusters: &[String]) -> Result<Vec<String>, RepoError> {
-    use crate::repo::layout::{WalSegmentName, WalSuffix};
-    use std::collections::BTreeSet;
-    let mut gaps = Vec::new();
-    for cluster in clusters {
-        let (_, objects) = repo.regions.list(&format!("pg/{cluster}/")).await?;
-        let mut segs: BTreeMap<(u64, u32), BTreeSet<WalSegmentName>> = BTreeMap::new();
-        for o in &objects {
-            if let Ok(ObjectKey::Wal {
-                system_id,
-                segment,
-                suffix: WalSuffix::None | WalSuffix::Stream { start: 0, .. },
-                ..
-            }) = o.key.parse::<ObjectKey>()
-            {
-                segs.entry((system_id, segment.timeline.0))
-                    .or_default()
-                    .insert(segment);
-            }
-        }
-        for ((system_id, _), set) in segs {
-            let (Some(&first), Some(&last)) = (set.first(), set.last()) else {
-                continue;
-            };
-            let mut cur = first;
-            let mut missing_from: Option<WalSegmentName> = None;
-            while cur <= last {
-                let have = set.contains(&cur);
-                match (have, missing_from) {
-                    (false, None) => missing_from = Some(cur),
-                    (true, Some(from)) => {
-                        gaps.push(format!(
-                            "{cluster} (system {system_id}): WAL {from} .. {} missing",
-                            prev_name(cur)
-                        ));
-                        missing_from = None;
-                    }
-                    _ => {}
-                }
-                cur = crate::postgres::wal::next_segment(cur);
-            }
-        }
-    }
-    Ok(gaps)
-}
-
-fn prev_name(s: crate::repo::layout::WalSegmentName) -> String {
-    let per_log = (0x1_0000_0000u64 / crate::postgres::WAL_SEGMENT_SIZE) as u32;
-    let (log, seg) = if s.seg == 0 {
-        (s.log.wrapping_sub(1), per_log - 1)
-    } else {
-        (s.log, s.seg - 1)
-    };
-    crate::repo::layout::WalSegmentName { log, seg, ..s }.to_string()
 }
 
 fn problem(region: &str, key: &str, kind: &str, detail: String) -> Problem {

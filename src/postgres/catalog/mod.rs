@@ -245,13 +245,25 @@ impl Catalog {
     }
 
     /// Holes in the archived WAL: per timeline, runs of segments missing
-    /// between two archived ones (a restore cannot replay across them).
+    /// between two archived ones (a restore cannot replay across them). WAL
+    /// below the start of every backup is needed by nothing (`expire`
+    /// deletes it), so holes down there do not count.
     pub fn wal_gaps(&self) -> Vec<WalGap> {
         let per_log = 0x1_0000_0000u64 / WAL_SEGMENT_SIZE;
         let number = |s: &WalSegmentName| u64::from(s.log) * per_log + u64::from(s.seg);
+        let floor = self
+            .backups
+            .iter()
+            .filter_map(|b| b.start_segment.parse::<WalSegmentName>().ok())
+            .map(|s| number(&s))
+            .min();
         let mut out = Vec::new();
         let mut prev: Option<(&WalSegmentName, &WalEntry)> = None;
-        for (seg, entry) in &self.wal {
+        for (seg, entry) in self
+            .wal
+            .iter()
+            .filter(|(s, _)| floor.is_none_or(|f| number(s) >= f))
+        {
             if let Some((p, pe)) = prev
                 && p.timeline == seg.timeline
                 && number(seg) > number(p) + 1

@@ -242,4 +242,29 @@ proptest! {
             }
         }
     }
+
+    #[test]
+    fn gaps_are_the_missing_runs_from_the_oldest_backup_on(h in history()) {
+        let cat = catalog(&h);
+        let floor = cat.backups.iter().map(|b| {
+            let s: WalSegmentName = b.start_segment.parse().expect("segment");
+            u64::from(s.seg)
+        }).min().expect("a backup");
+        let mut want = Vec::new();
+        for tl in [1u32, 2] {
+            let have: Vec<u64> = cat.wal.keys()
+                .filter(|s| s.timeline.0 == tl && u64::from(s.seg) >= floor)
+                .map(|s| u64::from(s.seg))
+                .collect();
+            for w in have.windows(2) {
+                if w[1] > w[0] + 1 {
+                    want.push((tl, seg(tl, w[0] + 1).to_string(), w[1] - w[0] - 1));
+                }
+            }
+        }
+        let got: Vec<(u32, String, u64)> = cat.wal_gaps().into_iter()
+            .map(|g| (g.timeline, g.first_missing, g.missing))
+            .collect();
+        prop_assert_eq!(got, want, "{:?}", h);
+    }
 }
