@@ -6,8 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::pg::free_port;
-
 /// One Garage server and the bucket and key it serves.
 pub struct OwnGarage {
     /// State (config, metadata, data, log).
@@ -28,6 +26,27 @@ fn hex(n: usize) -> String {
         .collect()
 }
 
+/// A free loopback port below the kernel's ephemeral range. The server is
+/// restarted on the same ports after each SIGKILL, and in between any
+/// `bind(0)` or outgoing connection on the machine may be handed a port
+/// from the ephemeral range (a chaos run lost its Garage that way, with
+/// "Address already in use"); below that range only an explicit choice
+/// like this one takes a port.
+fn stable_port() -> u16 {
+    let low_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (lo, hi) = (10_000u16, low_ephemeral.max(12_000));
+    for _ in 0..1000 {
+        let port = lo + rand::random::<u16>() % (hi - lo);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {lo}..{hi}");
+}
+
 fn garage_bin() -> PathBuf {
     let cargo_home = std::env::var("CARGO_HOME")
         .map(PathBuf::from)
@@ -46,7 +65,7 @@ impl OwnGarage {
     /// Starts a server with bucket `dr-chaos` and a key allowed on it.
     pub fn start() -> OwnGarage {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (port, rpc, admin) = (free_port(), free_port(), free_port());
+        let (port, rpc, admin) = (stable_port(), stable_port(), stable_port());
         let conf = dir.path().join("garage.toml");
         std::fs::write(
             &conf,
