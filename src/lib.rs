@@ -21,7 +21,7 @@
 //! 6. `postgres`, `redis`, `rabbitmq`: the engines, each checking its own config sections
 //! 7. `maintenance`, `audit`: retention, integrity checks and region repair across engines; the append-only record of operations
 //! 8. `check`, `playbook`: read-only checks of a setup; failover playbooks
-//! 9. `verify`: scratch restores, drills (which run playbooks), staging
+//! 9. `verify`, `ha`: scratch restores, drills (which run playbooks), staging; automatic failover through etcd (which reuses playbook actions)
 //! 10. `validate`, `report`: loading a config with every engine's checks; `dr report` (recoverable windows, verification and drill history as HTML)
 //! 11. `daemon`: schedules, probes, metrics
 //! 12. `cli`, `main`: the `dr` binary
@@ -32,6 +32,7 @@ pub mod codec;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod ha;
 pub mod http;
 pub mod keys;
 pub mod lockfile;
