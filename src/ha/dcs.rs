@@ -196,8 +196,19 @@ impl Dcs {
             keeper.keep_alive().await?;
             stream.message().await
         };
-        let r = self.bounded("renewing the lease", fut).await?;
-        Ok(r.is_some_and(|r| r.ttl() > 0))
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(r)) => Ok(r.is_some_and(|r| r.ttl() > 0)),
+            // An expired lease is an answer, not a failure: the caller
+            // takes a new one.
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(m))) if m.contains("not found") => {
+                Ok(false)
+            }
+            Ok(Err(e)) => Err(etcd("renewing the lease", e)),
+            Err(_) => Err(HaError::Etcd(format!(
+                "renewing the lease: no answer from etcd within {:?}",
+                self.timeout
+            ))),
+        }
     }
 
     /// Seconds left on `lease` (`None` when it has expired).

@@ -289,6 +289,18 @@ impl Member {
             .map_err(|e| HaError::Pg(e.0))
     }
 
+    async fn publish_optime(&self, obs: &Observed) -> Result<(), HaError> {
+        let Some(lsn) = obs.received else {
+            return Ok(());
+        };
+        let o = Optime {
+            leader: self.name.clone(),
+            lsn,
+            sync_standbys: obs.sync_standbys.clone(),
+        };
+        self.dcs.put_optime(&o).await
+    }
+
     async fn tick(&mut self) -> Result<(), HaError> {
         let obs = pg::observe(&self.me, self.ha.loop_wait).await;
         let Some(lease) = *self.lease.borrow() else {
@@ -301,6 +313,15 @@ impl Member {
             .as_ref()
             .is_some_and(|l| l.name == self.name && l.lease == lease);
         self.leader.store(mine, Ordering::SeqCst);
+        tracing::debug!(
+            member = self.name,
+            role = obs.role.label(),
+            leader = ?view.leader,
+            lease,
+            paused = view.paused,
+            optime = ?view.optime,
+            "tick"
+        );
         if mine {
             self.lead(&obs, &view).await
         } else {
@@ -315,15 +336,7 @@ impl Member {
         match obs.role {
             Role::Primary => {
                 self.down_since = None;
-                if let Some(lsn) = obs.received {
-                    self.dcs
-                        .put_optime(&Optime {
-                            leader: self.name.clone(),
-                            lsn,
-                            sync_standbys: obs.sync_standbys.clone(),
-                        })
-                        .await?;
-                }
+                self.publish_optime(obs).await?;
                 if let Some(s) = &view.switchover
                     && s.from == self.name
                     && s.to != self.name
@@ -511,11 +524,21 @@ impl Member {
                         member = self.name,
                         "leader key taken"
                     );
+                    // At once, not a loop later: standbys run for leader
+                    // only once a leader has published a position.
+                    self.publish_optime(obs).await?;
                 }
                 Ok(())
             }
             Role::Standby => {
                 let best = best_candidate(view, self.spec.max_lag_bytes);
+                tracing::debug!(
+                    member = self.name,
+                    "no leader; best candidate {:?} (optime {:?}, members {:?})",
+                    best.map(|b| &b.name),
+                    view.optime,
+                    view.members
+                );
                 if best.is_some_and(|b| b.name == self.name) {
                     let why = format!(
                         "leader key gone (last leader {})",
@@ -591,14 +614,7 @@ impl Member {
             "promoted in {promoted:.2}s: {why}"
         );
         let now = pg::observe(&self.me, self.ha.loop_wait).await;
-        if let Some(lsn) = now.received {
-            let o = Optime {
-                leader: self.name.clone(),
-                lsn,
-                sync_standbys: Vec::new(),
-            };
-            self.dcs.put_optime(&o).await?;
-        }
+        self.publish_optime(&now).await?;
         if switchover.is_some() {
             self.dcs.set_switchover(None).await?;
         }
@@ -669,13 +685,29 @@ impl Member {
         let details = json!({ "member": self.name, "leader": leader });
         let a = Audit::begin(self.audit.clone(), "ha.rejoin", &self.cluster, details)?;
         let r = async {
-            let rewind = pg::make_standby(&self.me, &lt).await?;
             let start = Action::PgUnfence {
                 target: self.name.clone(),
                 mode: FenceMode::Stop,
             };
+            pg::write_standby_conf(&self.me, &lt)?;
+            // A crashed server is recovered as a standby, which writes no
+            // WAL of its own, and stopped cleanly: pg_rewind would otherwise
+            // recover it as a primary and write a checkpoint past the point
+            // where the leader's timeline forked.
+            let crashed = !pg::shut_down_cleanly(&self.me).await?;
+            if crashed {
+                self.run(start.clone(), "recover").await?;
+                let stop = Action::PgFence {
+                    target: self.name.clone(),
+                    mode: FenceMode::Stop,
+                };
+                self.run(stop, "recover").await?;
+            }
+            let rewind = pg::rewind(&self.me, &lt).await?;
             self.run(start, "rejoin").await?;
-            Ok::<_, HaError>(json!({ "member": self.name, "leader": leader, "pg_rewind": rewind }))
+            Ok::<_, HaError>(
+                json!({ "member": self.name, "leader": leader, "recovered_crash": crashed, "pg_rewind": rewind }),
+            )
         }
         .await;
         tracing::info!(member = self.name, "rejoin as a standby of {leader}: {r:?}");

@@ -134,9 +134,8 @@ fn data_dir(t: &PgTarget) -> Result<&Path, HaError> {
         .ok_or_else(|| HaError::Config("member has no data_dir".into()))
 }
 
-/// The position of the last checkpoint of a stopped server (its shutdown
-/// checkpoint after `pg_ctl stop`), from `pg_controldata`.
-pub async fn final_lsn(t: &PgTarget) -> Result<Lsn, HaError> {
+/// `pg_controldata`'s report on a stopped server.
+async fn controldata(t: &PgTarget) -> Result<String, HaError> {
     let dir = data_dir(t)?;
     let out = as_user(&t.os_user, &t.bin_dir.join("pg_controldata"))
         .arg("-D")
@@ -153,19 +152,34 @@ pub async fn final_lsn(t: &PgTarget) -> Result<Lsn, HaError> {
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    parse_checkpoint(&String::from_utf8_lossy(&out.stdout)).ok_or_else(|| {
-        HaError::Pg(format!(
-            "pg_controldata on {} printed no \"Latest checkpoint location\"",
-            dir.display()
-        ))
-    })
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// "Latest checkpoint location:  0/3000028" from pg_controldata's output.
-fn parse_checkpoint(text: &str) -> Option<Lsn> {
+fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
     text.lines()
-        .find_map(|l| l.strip_prefix("Latest checkpoint location:"))
-        .and_then(|v| v.trim().parse().ok())
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// The position of the last checkpoint of a stopped server (its shutdown
+/// checkpoint after `pg_ctl stop`).
+pub async fn final_lsn(t: &PgTarget) -> Result<Lsn, HaError> {
+    let text = controldata(t).await?;
+    field(&text, "Latest checkpoint location")
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| {
+            HaError::Pg("pg_controldata printed no \"Latest checkpoint location\"".into())
+        })
+}
+
+/// True when the stopped server was shut down cleanly (as a primary or a
+/// standby), so pg_rewind reads it as it is instead of recovering it first.
+pub async fn shut_down_cleanly(t: &PgTarget) -> Result<bool, HaError> {
+    let text = controldata(t).await?;
+    Ok(matches!(
+        field(&text, "Database cluster state"),
+        Some("shut down" | "shut down in recovery")
+    ))
 }
 
 /// Configuration files pg_rewind would replace with the source's copies,
@@ -177,11 +191,30 @@ const OWN_FILES: [&str; 4] = [
     "pg_ident.conf",
 ];
 
-/// Makes the stopped server at `t` a standby of `leader`: pg_rewind from
-/// the leader (a no-op when it did not diverge), its own config files put
-/// back, `standby.signal` and `primary_conninfo` written. The caller starts
-/// it. Returns pg_rewind's last line.
-pub async fn make_standby(t: &PgTarget, leader: &PgTarget) -> Result<String, HaError> {
+/// Writes `standby.signal` and points `primary_conninfo` at `leader`
+/// (timeline `latest`, to follow its promotion).
+pub fn write_standby_conf(t: &PgTarget, leader: &PgTarget) -> Result<(), HaError> {
+    let dir = data_dir(t)?;
+    let signal = dir.join("standby.signal");
+    std::fs::write(&signal, b"")
+        .map_err(|e| HaError::Pg(format!("writing {}: {e}", signal.display())))?;
+    let auto = dir.join("postgresql.auto.conf");
+    let mut conf = std::fs::read_to_string(&auto).unwrap_or_default();
+    if !conf.is_empty() && !conf.ends_with('\n') {
+        conf.push('\n');
+    }
+    // Later lines win: these override any earlier setting in the file.
+    conf.push_str(&format!(
+        "primary_conninfo = {}\nrecovery_target_timeline = 'latest'\n",
+        crate::playbook::actions::quote_literal(leader.replication_conninfo())
+    ));
+    std::fs::write(&auto, conf).map_err(|e| HaError::Pg(format!("writing {}: {e}", auto.display())))
+}
+
+/// pg_rewind of the cleanly stopped server at `t` from `leader` (a no-op
+/// when it did not diverge), then its own config files put back and the
+/// standby settings written again. Returns pg_rewind's last line.
+pub async fn rewind(t: &PgTarget, leader: &PgTarget) -> Result<String, HaError> {
     let dir = data_dir(t)?;
     let mut saved = Vec::new();
     for f in OWN_FILES {
@@ -211,26 +244,12 @@ pub async fn make_standby(t: &PgTarget, leader: &PgTarget) -> Result<String, HaE
     if !out.status.success() {
         return Err(HaError::Pg(format!(
             "pg_rewind of {} from the leader failed: {}; rebuild this member with pg_basebackup \
-             (wal_log_hints = on or data checksums are needed for pg_rewind)",
+             (pg_rewind needs wal_log_hints = on or data checksums)",
             dir.display(),
             text.trim()
         )));
     }
-    let signal = dir.join("standby.signal");
-    std::fs::write(&signal, b"")
-        .map_err(|e| HaError::Pg(format!("writing {}: {e}", signal.display())))?;
-    let auto = dir.join("postgresql.auto.conf");
-    let mut conf = std::fs::read_to_string(&auto).unwrap_or_default();
-    if !conf.is_empty() && !conf.ends_with('\n') {
-        conf.push('\n');
-    }
-    // Later lines win: these override any earlier setting in the file.
-    conf.push_str(&format!(
-        "primary_conninfo = {}\nrecovery_target_timeline = 'latest'\n",
-        crate::playbook::actions::quote_literal(leader.replication_conninfo())
-    ));
-    std::fs::write(&auto, conf)
-        .map_err(|e| HaError::Pg(format!("writing {}: {e}", auto.display())))?;
+    write_standby_conf(t, leader)?;
     Ok(text.trim().lines().last().unwrap_or("").to_string())
 }
 
@@ -243,7 +262,13 @@ mod tests {
         let text = "pg_control version number:            1300\n\
                     Latest checkpoint location:           0/3000028\n\
                     Latest checkpoint's REDO location:    0/3000028\n";
-        assert_eq!(parse_checkpoint(text), Some(Lsn(0x3000028)));
-        assert_eq!(parse_checkpoint("nothing"), None);
+        let lsn = field(text, "Latest checkpoint location").and_then(|v| v.parse().ok());
+        assert_eq!(lsn, Some(Lsn(0x3000028)));
+        assert_eq!(field("nothing", "Latest checkpoint location"), None);
+        let state = "Database cluster state:               shut down in recovery\n";
+        assert_eq!(
+            field(state, "Database cluster state"),
+            Some("shut down in recovery")
+        );
     }
 }

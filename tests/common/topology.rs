@@ -74,7 +74,8 @@ impl PgTopology {
         // repointed standby starts streaming at once.
         let common = "listen_addresses = '127.0.0.1'\nunix_socket_directories = ''\n\
                       wal_level = replica\nmax_wal_senders = 10\nhot_standby = on\n\
-                      wal_retrieve_retry_interval = '200ms'\nshared_buffers = '32MB'\n";
+                      wal_retrieve_retry_interval = '200ms'\nshared_buffers = '32MB'\n\
+                      wal_log_hints = on\n";
         append(&data.join("postgresql.conf"), common);
         let mut t = PgTopology {
             dir,
