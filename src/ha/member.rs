@@ -623,7 +623,7 @@ impl Member {
         for (i, h) in self.hooks.iter().enumerate() {
             let r = actions::run(h, &self.targets, &ctx(&self.name)).await;
             hooks.push(
-                json!({ "hook": i + 1, "ok": r.is_ok(), "detail": r.map_or_else(|e| e.0, |s| s) }),
+                json!({ "hook": i + 1, "ok": r.is_ok(), "detail": r.unwrap_or_else(|e| e.0) }),
             );
         }
         details["promote_seconds"] = json!(promoted);
@@ -654,7 +654,7 @@ impl Member {
                 timeout: self.ha.ttl,
             };
             let r = self.run(a, "repoint").await;
-            json!({ "member": n, "ok": r.is_ok(), "detail": r.map_or_else(|e| e.to_string(), |s| s) })
+            json!({ "member": n, "ok": r.is_ok(), "detail": r.unwrap_or_else(|e| e.to_string()) })
         });
         futures::future::join_all(runs).await
     }

@@ -192,12 +192,14 @@ mod tests {
         // Too far behind: nobody.
         assert_eq!(best_candidate(&v, 5).map(|m| m.name.as_str()), None);
         // A synchronous standby goes first, even if behind.
-        v.optime
-            .as_mut()
-            .map(|o| o.sync_standbys = vec!["b".into()]);
+        if let Some(o) = v.optime.as_mut() {
+            o.sync_standbys = vec!["b".into()];
+        }
         assert_eq!(best_candidate(&v, 200).map(|m| m.name.as_str()), Some("b"));
         // Equal positions: the name decides, the same on every member.
-        v.optime.as_mut().map(|o| o.sync_standbys.clear());
+        if let Some(o) = v.optime.as_mut() {
+            o.sync_standbys.clear();
+        }
         v.members[1].received_lsn = Some(Lsn(990));
         assert_eq!(best_candidate(&v, 200).map(|m| m.name.as_str()), Some("b"));
         // Before any leader published a position, nobody runs.

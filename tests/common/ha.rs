@@ -59,15 +59,7 @@ impl HaCluster {
         let members: String = names
             .iter()
             .zip(&nodes)
-            .map(|(n, node)| {
-                format!(
-                    "[ha.postgres.main.member.{n}]\nconninfo = \"host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable\"\ndata_dir = \"{}\"\nbin_dir = \"{}\"\nos_user = \"{}\"\n\n",
-                    node.port,
-                    node.data.display(),
-                    topo.bin.display(),
-                    topo.user
-                )
-            })
+            .map(|(n, node)| topo.server_toml(&format!("ha.postgres.main.member.{n}"), node))
             .collect();
         let base = |endpoint: &str, extra: &str| {
             format!(

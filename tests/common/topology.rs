@@ -193,16 +193,21 @@ impl PgTopology {
         }
         nodes
             .into_iter()
-            .map(|(name, n)| {
-                format!(
-                    "[env.{env}.postgres.{name}]\nconninfo = \"host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable\"\ndata_dir = \"{}\"\nbin_dir = \"{}\"\nos_user = \"{}\"\n\n",
-                    n.port,
-                    n.data.display(),
-                    self.bin.display(),
-                    self.user
-                )
-            })
+            .map(|(name, n)| self.server_toml(&format!("env.{env}.postgres.{name}"), n))
             .collect()
+    }
+
+    /// A `[table]` with the keys `dr` needs to act on `n` (conninfo,
+    /// data_dir, bin_dir, os_user), as playbook servers and `[ha]` members
+    /// have them.
+    pub fn server_toml(&self, table: &str, n: &PgNode) -> String {
+        format!(
+            "[{table}]\nconninfo = \"host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable\"\ndata_dir = \"{}\"\nbin_dir = \"{}\"\nos_user = \"{}\"\n\n",
+            n.port,
+            n.data.display(),
+            self.bin.display(),
+            self.user
+        )
     }
 
     fn stop(&self, data: &Path) {
