@@ -38,6 +38,10 @@ pub enum AuditError {
         /// Cause (in the message; not a separate source, so it is said once).
         cause: std::io::Error,
     },
+    /// The repository of an audited operation could not be opened (the
+    /// failure is in the record).
+    #[error(transparent)]
+    Repository(#[from] crate::repo::RepoError),
 }
 
 /// Who ran the operation.
@@ -210,6 +214,24 @@ impl Audit {
             record,
             clock: Instant::now(),
         })
+    }
+
+    /// Writes the `started` record, then opens the repository the operation
+    /// works on; a failure to open it is recorded as the outcome.
+    pub async fn begin_open(
+        cfg: &Config,
+        action: &str,
+        target: &str,
+        details: serde_json::Value,
+    ) -> Result<(Audit, Repository), AuditError> {
+        let audit = Audit::begin(AuditLog::from_config(cfg), action, target, details)?;
+        match Repository::open(cfg).await {
+            Ok(r) => Ok((audit, r)),
+            Err(e) => {
+                audit.finish(None, Err(e.to_string())).await;
+                Err(e.into())
+            }
+        }
     }
 
     /// The record id.

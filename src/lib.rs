@@ -18,13 +18,14 @@
 //! 3. `store`: regions and their objects
 //! 4. `codec`: compression and encryption of streams
 //! 5. `repo`: repository format, keys, manifests, retention
-//! 6. `postgres`, `redis`, `rabbitmq`: the engines, each checking its own config sections
-//! 7. `maintenance`, `audit`: retention, integrity checks and region repair across engines; the append-only record of operations
-//! 8. `check`, `playbook`: read-only checks of a setup; failover playbooks
-//! 9. `verify`, `ha`: scratch restores, drills (which run playbooks), staging; automatic failover through etcd (which reuses playbook actions)
-//! 10. `validate`, `report`: loading a config with every engine's checks; `dr report` (recoverable windows, verification and drill history as HTML)
-//! 11. `daemon`: schedules, probes, metrics
-//! 12. `cli`, `main`: the `dr` binary
+//! 6. `audit`: the append-only record of operations, kept locally and in the repository, so every layer above audits the same way
+//! 7. `postgres`, `redis`, `rabbitmq`: the engines, each checking its own config sections
+//! 8. `maintenance`: retention, integrity checks and region repair across engines
+//! 9. `check`, `playbook`: read-only checks of a setup; failover playbooks
+//! 10. `verify`, `ha`: scratch restores, drills (which run playbooks), staging; automatic failover through etcd (which reuses playbook actions and audits through `audit`)
+//! 11. `validate`, `report`: loading a config with every engine's checks; `dr report` (recoverable windows, verification and drill history as HTML)
+//! 12. `daemon`: schedules, probes, metrics
+//! 13. `cli`, `main`: the `dr` binary
 
 pub mod audit;
 pub mod check;

@@ -1,6 +1,7 @@
 //! The import graph of `src/` against the layers written at the top of
 //! `src/lib.rs`: every `crate::` path (and `dr::` path in the binary) must
-//! point to a lower layer or stay inside its own module.
+//! point to a lower layer or stay inside its own module. And the sizes that
+//! keep a file to one idea: at most 800 lines a file, 150 a function.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -413,4 +414,75 @@ fn use_groups_expand_and_relative_roots_resolve() {
     );
     let got: Vec<String> = got.iter().map(|p| p.join("::")).collect();
     assert_eq!(got, ["postgres::wal::X", "postgres::Lsn", "repo::g"]);
+}
+
+/// Functions of `text` (as rustfmt lays them out) longer than `max` lines,
+/// as `name (lines)`.
+fn long_functions(text: &str, max: usize) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let body = line.trim_start();
+        let indent = line.len() - body.len();
+        let head = ["pub ", "pub(crate) ", "pub(super) ", "async ", "const "]
+            .iter()
+            .fold(body, |b, p| b.strip_prefix(p).unwrap_or(b));
+        let head = head.strip_prefix("async ").unwrap_or(head);
+        let Some(rest) = head.strip_prefix("fn ") else {
+            continue;
+        };
+        if line.trim_end().ends_with(';') {
+            continue;
+        }
+        let close = format!("{}}}", " ".repeat(indent));
+        let Some(len) = lines[i + 1..].iter().position(|l| l.trim_end() == close) else {
+            continue;
+        };
+        if len + 2 > max {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            out.push(format!("{name} ({} lines)", len + 2));
+        }
+    }
+    out
+}
+
+#[test]
+fn files_and_functions_stay_small_enough_to_hold_one_idea() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&root, &mut files);
+    let mut too_big = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).expect("read source");
+        let rel = f
+            .strip_prefix(&root)
+            .expect("under src")
+            .display()
+            .to_string();
+        let n = text.lines().count();
+        if n > 800 {
+            too_big.push(format!(
+                "{rel}: {n} lines (at most 800: split it along its ideas)"
+            ));
+        }
+        for fun in long_functions(&text, 150) {
+            too_big.push(format!("{rel}: fn {fun} (at most 150)"));
+        }
+    }
+    assert!(too_big.is_empty(), "{}", too_big.join("\n"));
+}
+
+#[test]
+fn long_functions_are_found_at_any_indent() {
+    let body = "    x();\n".repeat(149);
+    let text = format!(
+        "fn short() {{\n    x();\n}}\n\nimpl A {{\n    pub async fn long(&self) {{\n{}    }}\n}}\n",
+        body.replace("\n    ", "\n        ")
+            .replacen("    x", "        x", 1)
+    );
+    assert_eq!(long_functions(&text, 150), ["long (151 lines)"]);
+    assert!(long_functions(&text, 151).is_empty());
 }

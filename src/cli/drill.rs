@@ -8,7 +8,7 @@ use dr::verify::report::secs;
 
 use super::output::table;
 use super::verify::print_source;
-use super::{Out, cancel_on_signal, dr_command, load_config};
+use super::{Out, cancel_on_signal, load_config};
 
 /// `dr drill` arguments.
 #[derive(clap::Args)]
@@ -53,7 +53,7 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
             ExitCode::FAILURE
         });
     }
-    let dr_command = dr_command(&cfg)?;
+    let dr_command = dr::postgres::quote::current_dr_command(&cfg.source)?;
     let repo = Repository::open(&cfg).await?;
     let cancel = cancel_on_signal();
     if !out.json {

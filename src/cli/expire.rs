@@ -3,14 +3,12 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use dr::maintenance::expire::{
-    Executed, TempFile, execute, plan, remove_temp_files, stale_temp_files,
-};
+use dr::maintenance::expire::{TempFile, plan, stale_temp_files};
 use dr::repo::Repository;
 use dr::repo::retention::SourcePlan;
 
 use super::output::table;
-use super::{Out, audited_open, load_config};
+use super::{Out, load_config};
 
 /// `dr expire` arguments.
 #[derive(clap::Args)]
@@ -20,12 +18,14 @@ pub struct Args {
     dry_run: bool,
 }
 
+/// The config section a plan's kind is written under (`pg` is
+/// `[postgres.*]`; `redis` and `rabbitmq` are their own names).
+fn kind_label(kind: &str) -> &str {
+    if kind == "pg" { "postgres" } else { kind }
+}
+
 fn print_plan(p: &SourcePlan) {
-    println!(
-        "[{}.{}]",
-        if p.kind == "pg" { "postgres" } else { "redis" },
-        p.name
-    );
+    println!("[{}.{}]", kind_label(&p.kind), p.name);
     let rows: Vec<Vec<String>> = p
         .decisions
         .iter()
@@ -97,52 +97,9 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let (audit, repo) = audited_open(&cfg, "expire", "repository", serde_json::Value::Null).await?;
-    let planned = match plan(&repo, &cfg, now).await {
-        Ok(p) => stale_temp_files(&repo, now, cfg.orphan_age())
-            .await
-            .map(|t| (p, t)),
-        Err(e) => Err(e),
-    };
-    let (plans, temp) = match planned {
-        Ok(p) => p,
-        Err(e) => {
-            audit.finish(Some(&repo), Err(e.to_string())).await;
-            return Err(e.into());
-        }
-    };
-    let mut results = Vec::new();
-    for p in plans {
-        results.push(execute(&repo, p).await);
-    }
-    let (temp_removed, temp_failed) = remove_temp_files(&repo, temp).await;
-    let ok = results.iter().all(|r| r.failed.is_empty()) && temp_failed.is_empty();
-    let summary: Vec<_> = results
-        .iter()
-        .map(|r| {
-            serde_json::json!({
-                "source": format!("{}.{}", r.plan.kind, r.plan.name),
-                "deleted": r.deleted.len(), "locked": r.locked.len(),
-                "failed": r.failed.len(), "skipped": r.skipped,
-                "orphans_deleted": orphans_deleted(r), "running": r.plan.running,
-                "expired": r.plan.decisions.iter().filter(|d| !d.keep).map(|d| &d.id).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    let details = serde_json::json!({
-        "sources": summary, "temp_files_removed": temp_removed.len(),
-        "temp_files_failed": temp_failed.len(),
-    });
-    audit
-        .finish(
-            Some(&repo),
-            if ok {
-                Ok(details)
-            } else {
-                Err(format!("some deletions failed: {details}"))
-            },
-        )
-        .await;
+    let (_, run) = dr::maintenance::expire::run(&cfg, now, "cli").await?;
+    let ok = run.ok();
+    let (results, temp_removed, temp_failed) = (run.expire, run.temp_removed, run.temp_failed);
     if out.json {
         let temp_failed: Vec<_> = temp_failed
             .iter()
@@ -157,15 +114,11 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
             let expired = r.plan.decisions.iter().filter(|d| !d.keep).count();
             println!(
                 "[{}.{}] {} expired; {} object(s) deleted, {} of them orphans",
-                if r.plan.kind == "pg" {
-                    "postgres"
-                } else {
-                    "redis"
-                },
+                kind_label(&r.plan.kind),
                 r.plan.name,
                 expired,
                 r.deleted.len(),
-                orphans_deleted(r)
+                r.orphans_deleted()
             );
             print_running(&r.plan);
             for (k, why) in &r.locked {
@@ -193,13 +146,4 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
     } else {
         ExitCode::FAILURE
     })
-}
-
-/// Orphan objects (of backups that never wrote a manifest) actually deleted.
-fn orphans_deleted(r: &Executed) -> usize {
-    r.plan
-        .deletions
-        .iter()
-        .filter(|d| d.orphan && r.deleted.contains(&d.key))
-        .count()
 }

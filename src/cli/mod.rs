@@ -429,12 +429,6 @@ fn parse_to(to: &str, out: &Out) -> anyhow::Result<Option<chrono::DateTime<chron
     Ok(Some(t))
 }
 
-/// How PostgreSQL runs this `dr` (for `restore_command`): the absolute
-/// binary and config paths, quoted for the shell.
-fn dr_command(cfg: &dr::config::Config) -> anyhow::Result<String> {
-    Ok(dr::postgres::quote::current_dr_command(&cfg.source)?)
-}
-
 /// A token cancelled on Ctrl-C or SIGTERM, so long operations can stop
 /// their scratch servers and remove their directories before exiting.
 fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
@@ -469,19 +463,7 @@ async fn audited_open(
     target: &str,
     details: serde_json::Value,
 ) -> anyhow::Result<(dr::audit::Audit, dr::repo::Repository)> {
-    let audit = dr::audit::Audit::begin(
-        dr::audit::AuditLog::from_config(cfg),
-        action,
-        target,
-        details,
-    )?;
-    match dr::repo::Repository::open(cfg).await {
-        Ok(r) => Ok((audit, r)),
-        Err(e) => {
-            audit.finish(None, Err(e.to_string())).await;
-            Err(e.into())
-        }
-    }
+    Ok(dr::audit::Audit::begin_open(cfg, action, target, details).await?)
 }
 
 /// Says which regions were skipped after a failure (degraded mode) and returns

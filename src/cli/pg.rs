@@ -10,7 +10,7 @@ use dr::postgres::{backup, restore, stream, wal};
 use dr::repo::Repository;
 
 use super::output::{bytes, table, with_progress};
-use super::{Out, audited_open, dr_command, load_config, parse_to, report_degraded};
+use super::{Out, audited_open, load_config, parse_to, report_degraded};
 
 /// `dr restore pg` arguments.
 #[derive(clap::Args)]
@@ -147,7 +147,21 @@ pub async fn restore(
         None => Target::Latest,
         Some(t) => Target::Time(t),
     };
-    let restore_command = wal_fetch_command(&dr_command(&cfg)?, &cluster);
+    // Bad input is refused before anything is audited or touched.
+    let tablespace_map = args
+        .tablespace_map
+        .iter()
+        .map(|m| match m.split_once('=') {
+            Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), PathBuf::from(v))),
+            _ => Err(anyhow::anyhow!(
+                "--tablespace-map {m:?}: expected NAME=DIR, e.g. --tablespace-map fast=/srv/restore-fast"
+            )),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let restore_command = wal_fetch_command(
+        &dr::postgres::quote::current_dr_command(&cfg.source)?,
+        &cluster,
+    );
     let (audit, repo) = audited_open(
         &cfg,
         "restore.pg",
@@ -157,35 +171,19 @@ pub async fn restore(
     .await?;
     let args_delta = args.delta;
     let opts = RestoreOptions {
-        target,
         extra: ExtraTarget {
             lsn: args.lsn,
             xid: args.xid,
             name: args.restore_point,
         },
-        dir: args.target,
         start: args.start.then_some(args.port),
         no_archive: args.no_archive,
-        restore_command,
         delta: args.delta,
-        replace_other_cluster: false,
-        tablespace_map: args
-            .tablespace_map
-            .iter()
-            .map(|m| match m.split_once('=') {
-                Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_string(), PathBuf::from(v))),
-                _ => Err(anyhow::anyhow!(
-                    "--tablespace-map {m:?}: expected NAME=DIR, e.g. --tablespace-map fast=/srv/restore-fast"
-                )),
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?,
-        settings: Vec::new(),
-        connect_host: None,
+        tablespace_map,
         connect_user: restore::default_connect_user(pg),
         timeline: args.timeline,
         accept_gap: args.accept_gap,
-        keep_files: Vec::new(),
-        conninfo: None,
+        ..RestoreOptions::new(target, args.target, restore_command)
     };
     let progress = dr::progress::Progress::new();
     let r = with_progress(
@@ -522,10 +520,7 @@ pub async fn wal_fetch(
     let (cluster, pg) = cfg.pg(cluster.as_deref())?;
     let base = dr::postgres::archive_data_dir(pg);
     let system_id = dr::postgres::system_id(&base)?;
-    let spool = pg
-        .spool_dir
-        .clone()
-        .unwrap_or_else(|| base.join("pg_wal").join("dr-spool"));
+    let spool = wal::spool_dir(pg, &base);
     let repo = Repository::open(&cfg).await?;
     let result = wal::fetch(
         &repo,

@@ -12,7 +12,7 @@ use dr::verify::report::{secs, time};
 use dr::verify::{Source, SourceReport};
 
 use super::output::{bytes, table};
-use super::{Out, cancel_on_signal, dr_command, load_config, parse_to};
+use super::{Out, cancel_on_signal, load_config, parse_to};
 
 /// What to verify.
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -122,7 +122,7 @@ async fn restore(cfg: &Config, args: Args, out: &Out) -> anyhow::Result<ExitCode
         );
     }
     let target = parse_to(&args.to, out)?;
-    let dr_command = dr_command(cfg)?;
+    let dr_command = dr::postgres::quote::current_dr_command(&cfg.source)?;
     let repo = Repository::open(cfg).await?;
     let cancel = cancel_on_signal();
     if !out.json {

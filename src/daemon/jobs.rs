@@ -184,63 +184,33 @@ pub async fn run_once(
         JobKind::PgVerify => verify_job(cfg, job, abort).await,
         JobKind::RepoSync => sync_job(cfg).await,
         JobKind::Expire => {
-            let repo = Repository::open(cfg).await?;
-            let audit = crate::audit::Audit::begin(
-                crate::audit::AuditLog::from_config(cfg),
-                "expire",
-                "repository",
-                serde_json::json!({ "by": "daemon" }),
-            )
-            .map_err(|e| JobError::Failed(e.to_string()))?;
-            let plans = match send_boxed(crate::maintenance::expire::plan(
-                &repo,
+            let (repo, run) = send_boxed(crate::maintenance::expire::run(
                 cfg,
                 chrono::Utc::now(),
+                "daemon",
             ))
             .await
-            {
-                Ok(p) => p,
-                Err(e) => {
-                    audit.finish(Some(&repo), Err(e.to_string())).await;
-                    return Err(e.into());
-                }
-            };
-            let mut deleted = 0;
-            let mut failed = Vec::new();
-            for p in plans {
-                let ex = send_boxed(crate::maintenance::expire::execute(&repo, p)).await;
-                deleted += ex.deleted.len();
-                failed.extend(ex.failed.into_iter().map(|(k, e)| format!("{k}: {e}")));
-                for (k, why) in ex.locked {
-                    tracing::info!(job = %job.name, key = %k, "kept: {why}");
-                }
+            .map_err(|e| match e {
+                crate::maintenance::expire::ExpireError::Plan(e) => JobError::Repo(e),
+                e => JobError::Failed(e.to_string()),
+            })?;
+            for (k, why) in run.expire.iter().flat_map(|r| &r.locked) {
+                tracing::info!(job = %job.name, key = %k, "kept: {why}");
             }
-            let now = chrono::Utc::now();
-            let orphan_age = cfg.orphan_age();
-            match send_boxed(crate::maintenance::expire::stale_temp_files(
-                &repo, now, orphan_age,
-            ))
-            .await
-            {
-                Ok(t) => {
-                    let (removed, bad) =
-                        send_boxed(crate::maintenance::expire::remove_temp_files(&repo, t)).await;
-                    deleted += removed.len();
-                    failed.extend(
-                        bad.into_iter()
+            if !run.ok() {
+                let failed: Vec<String> = run
+                    .expire
+                    .iter()
+                    .flat_map(|r| r.failed.iter().map(|(k, e)| format!("{k}: {e}")))
+                    .chain(
+                        run.temp_failed
+                            .iter()
                             .map(|(f, e)| format!("[{}] .tmp/{}: {e}", f.region, f.name)),
-                    );
-                }
-                Err(e) => failed.push(e.to_string()),
+                    )
+                    .collect();
+                return Err(JobError::Failed(failed.join("; ")));
             }
-            let result = if failed.is_empty() {
-                Ok(serde_json::json!({ "deleted": deleted }))
-            } else {
-                Err(failed.join("; "))
-            };
-            audit.finish(Some(&repo), result.clone()).await;
-            result.map_err(JobError::Failed)?;
-            Ok(outcome(&repo, format!("{deleted} deleted"), 0))
+            Ok(outcome(&repo, format!("{} deleted", run.deleted()), 0))
         }
     }
 }

@@ -340,3 +340,124 @@ pub async fn remove_temp_files(
     }
     (removed, failed)
 }
+
+/// What an audited `expire` run did.
+#[derive(Debug, Serialize)]
+pub struct ExpireRun {
+    /// Per source: its plan and what was deleted, kept or failed.
+    pub expire: Vec<Executed>,
+    /// Temp files of killed writers removed.
+    pub temp_removed: Vec<TempFile>,
+    /// Temp files that could not be removed, with why.
+    pub temp_failed: Vec<(TempFile, String)>,
+    /// The audit record's id.
+    pub audit_id: String,
+}
+
+impl ExpireRun {
+    /// Every planned deletion and temp file removal succeeded (objects kept
+    /// by Object Lock are not failures).
+    pub fn ok(&self) -> bool {
+        self.expire.iter().all(|r| r.failed.is_empty()) && self.temp_failed.is_empty()
+    }
+
+    /// Objects deleted, temp files included.
+    pub fn deleted(&self) -> usize {
+        self.expire.iter().map(|r| r.deleted.len()).sum::<usize>() + self.temp_removed.len()
+    }
+
+    /// The audit record's details: per source, counts and expired ids.
+    fn details(&self, by: &str) -> serde_json::Value {
+        let sources: Vec<_> = self
+            .expire
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "source": format!("{}.{}", r.plan.kind, r.plan.name),
+                    "deleted": r.deleted.len(), "locked": r.locked.len(),
+                    "failed": r.failed.len(), "skipped": r.skipped,
+                    "orphans_deleted": r.orphans_deleted(), "running": r.plan.running,
+                    "expired": r.plan.decisions.iter().filter(|d| !d.keep).map(|d| &d.id).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "by": by, "sources": sources, "temp_files_removed": self.temp_removed.len(),
+            "temp_files_failed": self.temp_failed.len(),
+        })
+    }
+}
+
+impl Executed {
+    /// Objects of backups that never wrote a manifest actually deleted.
+    pub fn orphans_deleted(&self) -> usize {
+        self.plan
+            .deletions
+            .iter()
+            .filter(|d| d.orphan && self.deleted.contains(&d.key))
+            .count()
+    }
+}
+
+/// Why an `expire` run did not run or could not plan.
+#[derive(Debug, thiserror::Error)]
+pub enum ExpireError {
+    /// No audit record could be started, or the repository not opened.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    /// Planning failed (nothing was deleted).
+    #[error(transparent)]
+    Plan(#[from] RepoError),
+}
+
+/// `dr expire` as the CLI and the daemon run it: audited (`by` says who
+/// asked), every source planned, every plan carried out, stale temp files
+/// removed. Returns the opened repository with the result.
+pub async fn run(
+    cfg: &Config,
+    now: DateTime<Utc>,
+    by: &str,
+) -> Result<(Repository, ExpireRun), ExpireError> {
+    let (audit, repo) = crate::audit::Audit::begin_open(
+        cfg,
+        "expire",
+        "repository",
+        serde_json::json!({ "by": by }),
+    )
+    .await?;
+    let planned = match plan(&repo, cfg, now).await {
+        Ok(p) => stale_temp_files(&repo, now, cfg.orphan_age())
+            .await
+            .map(|t| (p, t)),
+        Err(e) => Err(e),
+    };
+    let (plans, temp) = match planned {
+        Ok(p) => p,
+        Err(e) => {
+            audit.finish(Some(&repo), Err(e.to_string())).await;
+            return Err(e.into());
+        }
+    };
+    let mut expire = Vec::new();
+    for p in plans {
+        expire.push(execute(&repo, p).await);
+    }
+    let (temp_removed, temp_failed) = remove_temp_files(&repo, temp).await;
+    let run = ExpireRun {
+        expire,
+        temp_removed,
+        temp_failed,
+        audit_id: audit.id(),
+    };
+    let details = run.details(by);
+    let result = if run.ok() {
+        Ok(details)
+    } else {
+        Err(format!("some deletions failed: {details}"))
+    };
+    let (_, warnings) = audit.finish(Some(&repo), result).await;
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    Ok((repo, run))
+}

@@ -43,6 +43,27 @@ pub struct RegionSync {
     pub unreachable: Option<String>,
 }
 
+impl RegionSync {
+    /// Counts the outcome of each copy `(key, replacing a bad copy, result)`.
+    fn tally(&mut self, results: Vec<(String, bool, Result<Copied, String>)>) {
+        for (k, replace, r) in results {
+            match r {
+                Ok(Copied::Bytes(n)) => {
+                    self.bytes += n;
+                    if replace {
+                        self.replaced += 1;
+                    } else {
+                        self.copied += 1;
+                    }
+                }
+                Ok(Copied::Vanished) => self.vanished += 1,
+                Ok(Copied::AlreadyThere) => self.copied += 1,
+                Err(e) => self.failed.push(format!("{k}: {e}")),
+            }
+        }
+    }
+}
+
 /// Result of a sync.
 #[derive(Debug, Clone, Serialize)]
 pub struct SyncReport {
@@ -208,21 +229,7 @@ pub async fn sync(
                 .buffer_unordered(4)
                 .collect()
                 .await;
-            for (k, replace, r) in results {
-                match r {
-                    Ok(Copied::Bytes(n)) => {
-                        rs.bytes += n;
-                        if replace {
-                            rs.replaced += 1;
-                        } else {
-                            rs.copied += 1;
-                        }
-                    }
-                    Ok(Copied::Vanished) => rs.vanished += 1,
-                    Ok(Copied::AlreadyThere) => rs.copied += 1,
-                    Err(e) => rs.failed.push(format!("{k}: {e}")),
-                }
-            }
+            rs.tally(results);
         }
         out.push(rs);
     }

@@ -271,12 +271,13 @@ impl Regions {
     /// A region took a write: it is healthy again, in this process and for
     /// the next runs.
     fn mark_up(&self, name: &str) {
-        if let Ok(mut d) = self.down.lock()
-            && d.remove(name).is_some()
-        {
+        // Only a change is written: a put must not read and rewrite the
+        // health file each time it succeeds.
+        let was_down = self.down.lock().is_ok_and(|mut d| d.remove(name).is_some());
+        if was_down {
             tracing::info!(region = %name, "region took a write again; no longer skipped");
+            self.save_health(name, None);
         }
-        self.save_health(name, None);
     }
 
     fn mark_down(&self, name: &str, why: &StoreError) {

@@ -12,7 +12,7 @@ use super::checks::{self, PgAt};
 use super::report::{CheckResult, SourceReport};
 use super::scratch::{Scratch, free_port};
 use crate::config::{DEFAULT_SCRATCH_DIR, PgConfig};
-use crate::postgres::restore::{self, ExtraTarget, RestoreOptions, Target};
+use crate::postgres::restore::{self, RestoreOptions, Target};
 use crate::repo::Repository;
 
 /// A restored cluster still running in its scratch directory.
@@ -176,23 +176,17 @@ async fn run(
     out.at.port = port;
     rep.port = Some(port);
     let opts = RestoreOptions {
-        target: target.clone(),
-        extra: ExtraTarget::default(),
-        dir: out.data.clone(),
         start: Some(port),
         no_archive: true,
-        restore_command: crate::postgres::quote::wal_fetch_command(dr_command, cluster),
-        delta: false,
-        replace_other_cluster: false,
         // Tablespaces stay inside the scratch directory.
-        tablespace_map: Vec::new(),
         settings: isolation_settings(&root, &out.data, &socket, port),
         connect_host: Some(out.at.host.clone()),
         connect_user: cfg.verify.user.clone(),
-        timeline: crate::postgres::timeline::TimelineChoice::Auto,
-        accept_gap: false,
-        keep_files: Vec::new(),
-        conninfo: None,
+        ..RestoreOptions::new(
+            target.clone(),
+            out.data.clone(),
+            crate::postgres::quote::wal_fetch_command(dr_command, cluster),
+        )
     };
     restore_then_check(repo, cluster, cfg, &opts, &out.at, t0, rep).await;
 }

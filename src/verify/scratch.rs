@@ -134,7 +134,7 @@ impl Scratch {
         }
         let mut last = None;
         for _ in 0..5 {
-            match std::fs::remove_dir_all(&self.root) {
+            match tokio::fs::remove_dir_all(&self.root).await {
                 Ok(()) => {
                     last = None;
                     break;

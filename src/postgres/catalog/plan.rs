@@ -319,7 +319,8 @@ impl Catalog {
             });
             match beyond {
                 Some((missing, (later, e))) => format!(
-                    "is beyond a gap in the archived WAL: segment {missing} is missing in every region,                      so replay stops at {} although {later} was archived{}",
+                    "is beyond a gap in the archived WAL: segment {missing} is missing in every region, \
+                     so replay stops at {} although {later} was archived{}",
                     fmt(&last),
                     e.archived
                         .map(|a| format!(" ({})", fmt(&a)))
@@ -328,7 +329,27 @@ impl Catalog {
                 None => format!("is after the last archived WAL ({})", fmt(&last)),
             }
         } else {
-            "falls in a gap in the archived WAL".into()
+            let before = self
+                .windows
+                .iter()
+                .filter(|w| w.to < t)
+                .max_by_key(|w| w.to);
+            let after = self
+                .windows
+                .iter()
+                .filter(|w| w.from > t)
+                .min_by_key(|w| w.from);
+            match (before, after) {
+                (Some(b), Some(a)) => format!(
+                    "is in no recoverable window: the nearest points are {} (where replay from \
+                     backup {} stops) and {} (when backup {} ended)",
+                    fmt(&b.to),
+                    b.backup,
+                    fmt(&a.from),
+                    a.backup
+                ),
+                _ => "is in no recoverable window".into(),
+            }
         };
         format!(
             "target {} {why}; the recoverable window is: {windows}",

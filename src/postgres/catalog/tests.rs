@@ -268,3 +268,25 @@ proptest! {
         prop_assert_eq!(got, want, "{:?}", h);
     }
 }
+
+#[test]
+fn a_target_between_windows_names_the_nearest_points_and_backups() {
+    let h = History {
+        n1: 10,
+        gaps1: vec![4],
+        branch: None,
+        backups: vec![(1, 1), (1, 6)],
+    };
+    let cat = catalog(&h);
+    let e = cat
+        .plan(Some(at(50)), false, TimelineChoice::Auto)
+        .expect_err("between windows")
+        .to_string();
+    assert!(
+        e.contains("is in no recoverable window: the nearest points are")
+            && e.contains("backup b0 stops")
+            && e.contains("when backup b1 ended"),
+        "{e}"
+    );
+    assert!(!e.contains("  "), "{e}");
+}

@@ -151,6 +151,34 @@ pub struct RestoreOptions {
     pub conninfo: Option<String>,
 }
 
+impl RestoreOptions {
+    /// Options with every default: restore `target` into the empty or absent
+    /// `dir` with PostgreSQL fetching WAL through `restore_command`; no
+    /// start, no delta, tablespaces inside the target, timeline chosen by
+    /// the target, no gap accepted. Callers change what differs with struct
+    /// update syntax (`RestoreOptions { start: Some(port), ..new(…) }`).
+    pub fn new(target: Target, dir: PathBuf, restore_command: String) -> RestoreOptions {
+        RestoreOptions {
+            target,
+            extra: ExtraTarget::default(),
+            dir,
+            start: None,
+            no_archive: false,
+            restore_command,
+            delta: false,
+            replace_other_cluster: false,
+            tablespace_map: Vec::new(),
+            settings: Vec::new(),
+            connect_host: None,
+            connect_user: String::new(),
+            timeline: crate::postgres::timeline::TimelineChoice::Auto,
+            accept_gap: false,
+            keep_files: Vec::new(),
+            conninfo: None,
+        }
+    }
+}
+
 /// What a restore did.
 #[derive(Debug, Serialize)]
 pub struct RestoreReport {

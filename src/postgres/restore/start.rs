@@ -63,10 +63,7 @@ pub(super) async fn start_and_wait(
         Err(e) => return Err(e),
     }
     // Segments prefetched past the target are no longer needed.
-    let spool = cfg
-        .spool_dir
-        .clone()
-        .unwrap_or_else(|| opts.dir.join("pg_wal").join("dr-spool"));
+    let spool = crate::postgres::wal::spool_dir(cfg, &opts.dir);
     let prefix = format!("{}-", m.system_id);
     if let Ok(rd) = std::fs::read_dir(&spool) {
         for e in rd.flatten() {

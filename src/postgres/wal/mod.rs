@@ -335,6 +335,15 @@ pub enum FetchOutcome {
     NotFound,
 }
 
+/// Where `wal-fetch` keeps prefetched segments for the cluster whose data
+/// directory is `data_dir`: `spool_dir` when configured, else
+/// `<data_dir>/pg_wal/dr-spool`.
+pub fn spool_dir(cfg: &crate::config::PgConfig, data_dir: &Path) -> PathBuf {
+    cfg.spool_dir
+        .clone()
+        .unwrap_or_else(|| data_dir.join("pg_wal").join("dr-spool"))
+}
+
 /// The exit status `wal-fetch` gives PostgreSQL for a result of [`fetch`]:
 /// 0 when fetched, 1 when not archived (the end of the archive: recovery
 /// ends and the server promotes), [`FETCH_FAILED_STATUS`] for any error, so
@@ -406,10 +415,12 @@ async fn fetch_once(
     let spool_name = |n: &str| spool.join(format!("{system_id}-{n}"));
     let spooled = spool_name(name);
     if tokio::fs::metadata(&spooled).await.is_ok() {
-        tokio::fs::rename(&spooled, dest)
-            .await
-            .or_else(|_| std::fs::copy(&spooled, dest).map(|_| ()))
-            .map_err(|e| PgError::io(dest, e))?;
+        if tokio::fs::rename(&spooled, dest).await.is_err() {
+            // Another file system (a spool_dir elsewhere): copy instead.
+            tokio::fs::copy(&spooled, dest)
+                .await
+                .map_err(|e| PgError::io(dest, e))?;
+        }
         return Ok(FetchOutcome::Fetched {
             source: "spool".into(),
         });

@@ -25,7 +25,7 @@ use super::report::{CheckResult, SourceReport};
 use crate::config::{
     Config, ConfigError, DrillConfig, PgConfig, PgTarget, RedisConfig, RedisTarget,
 };
-use crate::postgres::restore::{ExtraTarget, RestoreOptions, Target};
+use crate::postgres::restore::{RestoreOptions, Target};
 use crate::repo::Repository;
 
 /// Why a staging drill must not touch its targets: every reason found, so
@@ -187,23 +187,19 @@ pub async fn restore_pg(
         pg.bin_dir = t.bin_dir.clone();
         pg.os_user = t.os_user.clone();
         let opts = RestoreOptions {
-            target: target.clone(),
-            extra: ExtraTarget::default(),
-            dir: data.clone(),
             start: Some(port),
             no_archive: true,
-            restore_command: crate::postgres::quote::wal_fetch_command(dr_command, cluster),
             delta: true,
             // allow_overwrite consented to replacing the staging cluster.
             replace_other_cluster: true,
-            tablespace_map: Vec::new(),
             settings: vec!["hot_standby=on".into()],
-            connect_host: None,
-            connect_user: String::new(),
-            timeline: crate::postgres::timeline::TimelineChoice::Auto,
-            accept_gap: false,
             keep_files: KEPT_PG_FILES.iter().map(|s| s.to_string()).collect(),
             conninfo: Some(t.conninfo.clone()),
+            ..RestoreOptions::new(
+                target.clone(),
+                data.clone(),
+                crate::postgres::quote::wal_fetch_command(dr_command, cluster),
+            )
         };
         let at = PgAt {
             host: String::new(),

@@ -30,7 +30,7 @@ pub(super) async fn redis_steps(
     let mut r = match restore::restore(repo, instance, cfg, &opts, progress).await {
         Ok(r) => r,
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
+            let _ = tokio::fs::remove_dir_all(&tmp).await;
             return Err(("restore", e.to_string()));
         }
     };
@@ -51,7 +51,7 @@ pub(super) async fn redis_steps(
             s.elapsed().as_secs_f64(),
         )),
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
+            let _ = tokio::fs::remove_dir_all(&tmp).await;
             return Err(("staging stopped", e));
         }
     }
