@@ -7,9 +7,15 @@
 //! Every call is bounded by a timeout, so a cut-off daemon notices in time
 //! to fence its server.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
 use serde::{Deserialize, Serialize};
 
 use super::HaError;
@@ -91,6 +97,29 @@ impl ClusterView {
     /// The live state of member `name`.
     pub fn member(&self, name: &str) -> Option<&MemberState> {
         self.members.iter().find(|m| m.name == name)
+    }
+
+    /// The standby that should take over when nobody leads: healthy, within
+    /// `max_lag` of the last published leader position, synchronous standbys
+    /// first, then the most received WAL, then the name (so every member
+    /// computes the same answer). `None` before any leader has published.
+    pub fn best_candidate(&self, max_lag: u64) -> Option<&MemberState> {
+        let optime = self.optime.as_ref()?;
+        self.members
+            .iter()
+            .filter(|m| m.role == "standby" && m.healthy)
+            .filter(|m| {
+                m.received_lsn
+                    .is_some_and(|r| optime.lsn.0.saturating_sub(r.0) <= max_lag)
+            })
+            .max_by(|a, b| {
+                let sync = |m: &MemberState| optime.sync_standbys.contains(&m.name);
+                (sync(a), a.received_lsn, std::cmp::Reverse(&a.name)).cmp(&(
+                    sync(b),
+                    b.received_lsn,
+                    std::cmp::Reverse(&b.name),
+                ))
+            })
     }
 }
 
@@ -308,6 +337,53 @@ impl Dcs {
         Ok(())
     }
 
+    /// Wakes `wake` whenever the leader, switchover or pause key changes (an
+    /// expired lease deletes the leader key), so members act at once rather
+    /// than at their next `loop_wait`. Runs until `stop`; a broken watch is
+    /// opened again after `retry`, with one wake-up for what it may have
+    /// missed.
+    pub async fn watch_changes(&self, wake: Arc<Notify>, retry: Duration, stop: CancellationToken) {
+        let prefix = format!("{}/", self.root);
+        let wanted = ["leader", "switchover", "pause"].map(|k| self.key(k).into_bytes());
+        loop {
+            let mut c = self.client.clone();
+            let opts = WatchOptions::new().with_prefix();
+            match self
+                .bounded("watching the cluster", c.watch(prefix.clone(), Some(opts)))
+                .await
+            {
+                Ok(mut stream) => loop {
+                    let msg = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        m = stream.message() => m,
+                    };
+                    match msg {
+                        Ok(Some(r)) => {
+                            let hit = r.events().iter().filter_map(|e| e.kv());
+                            if hit
+                                .into_iter()
+                                .any(|kv| wanted.iter().any(|w| w == kv.key()))
+                            {
+                                wake.notify_one();
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!("{}", etcd("watching the cluster", e));
+                            break;
+                        }
+                    }
+                },
+                Err(e) => tracing::debug!("{e}"),
+            }
+            wake.notify_one();
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(retry) => {}
+            }
+        }
+    }
+
     /// Reads every key of the cluster in one request (one revision).
     pub async fn view(&self) -> Result<ClusterView, HaError> {
         let mut c = self.client.clone();
@@ -365,4 +441,57 @@ fn password(ha: &HaConfig) -> Result<String, HaError> {
     Err(HaError::Config(
         "[ha] user is set without a password; set password_env or password_file".into(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::postgres::Lsn;
+
+    fn m(name: &str, role: &str, lsn: u64, healthy: bool) -> MemberState {
+        MemberState {
+            name: name.into(),
+            role: role.into(),
+            timeline: 1,
+            received_lsn: Some(Lsn(lsn)),
+            replayed_lsn: Some(Lsn(lsn)),
+            healthy,
+            sync_standbys: vec![],
+        }
+    }
+
+    #[test]
+    fn the_most_caught_up_eligible_standby_wins_sync_first() {
+        let mut v = ClusterView {
+            optime: Some(Optime {
+                leader: "a".into(),
+                lsn: Lsn(1000),
+                sync_standbys: vec![],
+            }),
+            members: vec![
+                m("a", "down", 0, false),
+                m("b", "standby", 900, true),
+                m("c", "standby", 990, true),
+                m("d", "standby", 999, false),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(v.best_candidate(200).map(|m| m.name.as_str()), Some("c"));
+        // Too far behind: nobody.
+        assert_eq!(v.best_candidate(5).map(|m| m.name.as_str()), None);
+        // A synchronous standby goes first, even if behind.
+        if let Some(o) = v.optime.as_mut() {
+            o.sync_standbys = vec!["b".into()];
+        }
+        assert_eq!(v.best_candidate(200).map(|m| m.name.as_str()), Some("b"));
+        // Equal positions: the name decides, the same on every member.
+        if let Some(o) = v.optime.as_mut() {
+            o.sync_standbys.clear();
+        }
+        v.members[1].received_lsn = Some(Lsn(990));
+        assert_eq!(v.best_candidate(200).map(|m| m.name.as_str()), Some("b"));
+        // Before any leader published a position, nobody runs.
+        v.optime = None;
+        assert!(v.best_candidate(200).is_none());
+    }
 }

@@ -1,26 +1,63 @@
-//! One member's loop for one cluster: three tasks. The lease keeper renews
-//! the member's lease every `loop_wait` and publishes the fencing deadline
-//! (last renewal sent + ttl − loop_wait); the watchdog stops the server when
-//! the deadline passes while this member leads; the main loop observes the
-//! server, publishes its state and acts (lead, follow, elect). The keeper is
-//! separate so that a slow promotion or hook never delays a renewal.
+//! One member's loop for one cluster: it observes the server, publishes
+//! its state and acts (lead, follow, elect) every `loop_wait`, and at once
+//! when the leader, switchover or pause key changes. The lease keeper and
+//! the fencing watchdog ([`super::lease`]) run beside it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::HaError;
 use super::dcs::{ClusterView, Dcs, MemberState, Optime, Switchover};
+use super::lease::{ctx, keep_lease, stop_server, watchdog};
 use super::pg::{self, Observed, Role};
-use super::{HaError, best_candidate};
 use crate::audit::{Audit, AuditLog};
 use crate::config::{Config, EnvConfig, HaConfig, HaPgCluster, PgTarget};
 use crate::playbook::Targets;
-use crate::playbook::actions::{self, ActionContext};
+use crate::playbook::actions;
 use crate::playbook::model::{Action, FenceMode};
+
+/// How soon a member looks again while it waits for something quick (a
+/// switchover target replaying the old primary's last WAL).
+const HURRY: Duration = Duration::from_millis(50);
+
+/// Runs the automatic-failover loops of member `member` (every cluster it
+/// belongs to) until `stop` is cancelled.
+pub async fn run(cfg: Arc<Config>, member: String, stop: CancellationToken) -> Result<(), HaError> {
+    let ha = super::settings(&cfg)?;
+    let clusters: Vec<String> = ha
+        .postgres
+        .iter()
+        .filter(|(_, c)| c.get_ref().member.contains_key(&member))
+        .map(|(n, _)| n.clone())
+        .collect();
+    if clusters.is_empty() {
+        return Err(HaError::Config(format!(
+            "member {member:?} is in no [ha.postgres.<cluster>]; pass --member with one of the configured member names"
+        )));
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for cluster in clusters {
+        tasks.spawn(run_member(
+            cfg.clone(),
+            cluster,
+            member.clone(),
+            stop.clone(),
+        ));
+    }
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(HaError::Refused(format!("failover loop crashed: {e}"))),
+        }
+    }
+    Ok(())
+}
 
 /// A member's view of one cluster and what it needs to act.
 struct Member {
@@ -37,10 +74,12 @@ struct Member {
     deadline: watch::Receiver<Option<Instant>>,
     leader: Arc<AtomicBool>,
     down_since: Option<Instant>,
+    /// Look again after [`HURRY`] instead of `loop_wait`.
+    hurry: bool,
 }
 
 /// Runs member `name` of `cluster` until `stop` is cancelled.
-pub async fn run_member(
+async fn run_member(
     cfg: Arc<Config>,
     cluster: String,
     name: String,
@@ -119,151 +158,32 @@ pub async fn run_member(
         deadline: deadline_rx,
         leader,
         down_since: None,
+        hurry: false,
         spec,
         ha,
     };
+    let wake = Arc::new(Notify::new());
+    let watcher = tokio::spawn({
+        let (d, w, s, retry) = (m.dcs.clone(), wake.clone(), stop.clone(), m.ha.loop_wait);
+        async move { d.watch_changes(w, retry, s).await }
+    });
     loop {
+        m.hurry = false;
         if let Err(e) = m.tick().await {
             tracing::warn!(cluster = m.cluster, member = m.name, "{e}");
         }
+        let pause = if m.hurry { HURRY } else { m.ha.loop_wait };
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(m.ha.loop_wait) => {}
+            _ = tokio::time::sleep(pause) => {}
+            _ = wake.notified() => {}
         }
     }
     m.shutdown().await;
     keeper.abort();
     dog.abort();
+    watcher.abort();
     Ok(())
-}
-
-/// Grants and renews the member's lease; publishes it and the fencing
-/// deadline. The time recorded is when the renewal was sent, so the
-/// deadline is never later than the lease's real expiry in etcd.
-async fn keep_lease(
-    dcs: Dcs,
-    ttl: Duration,
-    loop_wait: Duration,
-    lease_tx: watch::Sender<Option<i64>>,
-    deadline_tx: watch::Sender<Option<Instant>>,
-    stop: CancellationToken,
-) {
-    let mut lease: Option<i64> = None;
-    loop {
-        let sent = Instant::now();
-        let ok = match lease {
-            None => match dcs.grant(ttl).await {
-                Ok(id) => {
-                    lease = Some(id);
-                    true
-                }
-                Err(e) => {
-                    tracing::warn!("{e}");
-                    false
-                }
-            },
-            Some(id) => match dcs.renew(id).await {
-                Ok(true) => true,
-                Ok(false) => {
-                    tracing::warn!("lease {id:x} expired; taking a new one");
-                    lease = None;
-                    lease_tx.send_replace(None);
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!("{e}");
-                    false
-                }
-            },
-        };
-        if ok {
-            deadline_tx.send_replace(Some(sent + ttl - loop_wait));
-            lease_tx.send_if_modified(|l| {
-                let changed = *l != lease;
-                *l = lease;
-                changed
-            });
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep_until((sent + loop_wait).into()) => {}
-        }
-    }
-}
-
-/// Stops the server when the deadline passes while this member leads: its
-/// lease may be about to expire, and a standby to promote.
-async fn watchdog(
-    mut deadline: watch::Receiver<Option<Instant>>,
-    leader: Arc<AtomicBool>,
-    me: PgTarget,
-    audit: AuditLog,
-    who: String,
-    stop: CancellationToken,
-) {
-    loop {
-        let d = *deadline.borrow_and_update();
-        let expired = async {
-            match d {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            r = deadline.changed() => if r.is_err() { return },
-            _ = expired => {
-                if leader.swap(false, Ordering::SeqCst) {
-                    fence_now(&me, &audit, &who).await;
-                }
-                // Wait for a new renewal before arming again.
-                if deadline.changed().await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-async fn fence_now(me: &PgTarget, audit: &AuditLog, who: &str) {
-    tracing::error!(
-        member = who,
-        "cannot renew the leader lease before its deadline; stopping PostgreSQL so that it \
-         cannot accept writes while another member may be promoted"
-    );
-    let t = Instant::now();
-    let r = stop_server(me).await;
-    let details = json!({ "member": who, "reason": "leader lease not renewed in time", "seconds": t.elapsed().as_secs_f64() });
-    match Audit::begin(audit.clone(), "ha.fence", who, details.clone()) {
-        Ok(a) => {
-            a.finish(None, r.map(|_| details)).await;
-        }
-        Err(e) => tracing::error!("{e}"),
-    }
-}
-
-/// `pg_ctl stop -m fast` on the member's own server, as `pg.fence` does.
-async fn stop_server(me: &PgTarget) -> Result<String, String> {
-    let env = EnvConfig {
-        state_dir: None,
-        allow_overwrite: false,
-        postgres: [("self".to_string(), toml::Spanned::new(0..0, me.clone()))].into(),
-        redis: Default::default(),
-        rabbitmq: Default::default(),
-    };
-    let t = Targets::new("ha", &env);
-    let a = Action::PgFence {
-        target: "self".into(),
-        mode: FenceMode::Stop,
-    };
-    actions::run(&a, &t, &ctx("fence")).await.map_err(|e| e.0)
-}
-
-fn ctx(step: &str) -> ActionContext {
-    ActionContext {
-        playbook: "ha".into(),
-        step: step.into(),
-    }
 }
 
 fn state(name: &str, o: &Observed) -> MemberState {
@@ -504,6 +424,8 @@ impl Member {
             if s.to == self.name && obs.role == Role::Standby && caught_up {
                 return self.take_over(obs, view, lease, "switchover").await;
             }
+            // The target replays the old primary's last WAL within moments.
+            self.hurry = s.to == self.name && s.final_lsn.is_some();
             return Ok(());
         }
         match obs.role {
@@ -531,7 +453,7 @@ impl Member {
                 Ok(())
             }
             Role::Standby => {
-                let best = best_candidate(view, self.spec.max_lag_bytes);
+                let best = view.best_candidate(self.spec.max_lag_bytes);
                 tracing::debug!(
                     member = self.name,
                     "no leader; best candidate {:?} (optime {:?}, members {:?})",
