@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::ha::{HaCluster, LOOP_WAIT, TTL};
+use common::ha::{HaCluster, LOOP_WAIT, OwnEtcd, TTL};
 
 const SETTLE: Duration = Duration::from_secs(40);
 
@@ -25,9 +25,7 @@ fn rows(c: &HaCluster, on: &str) -> String {
 #[test]
 fn killing_the_primary_and_its_daemon_promotes_the_standby_with_every_commit() {
     let mut c = HaCluster::new(1);
-    c.start_daemon("a");
-    c.start_daemon("b");
-    c.wait_settled("a", &["b"], SETTLE);
+    c.start_all(SETTLE);
     // Synchronous: a commit is acknowledged only once b has it.
     c.topo.sql(
         c.port("a"),
@@ -87,9 +85,7 @@ fn killing_the_primary_and_its_daemon_promotes_the_standby_with_every_commit() {
 #[test]
 fn a_leader_cut_off_from_etcd_fences_itself_before_a_standby_promotes_and_rejoins() {
     let mut c = HaCluster::new(1);
-    c.start_daemon("a");
-    c.start_daemon("b");
-    c.wait_settled("a", &["b"], SETTLE);
+    c.start_all(SETTLE);
     write_rows(&c, "a", 10);
 
     c.gates[c.idx("a")].set_open(false);
@@ -133,28 +129,116 @@ fn a_leader_cut_off_from_etcd_fences_itself_before_a_standby_promotes_and_rejoin
     c.topo
         .wait_for(c.port("a"), "SELECT count(*) FROM kept", "11", SETTLE);
     assert_eq!(c.topo.sql(c.port("a"), "SELECT pg_is_in_recovery()"), "t");
-    let fences = c.audit_records("ha.fence");
     assert!(
-        fences
-            .iter()
-            .any(|r| r["phase"] == "finished" && r["outcome"] == "ok"),
-        "{fences:?}"
+        !c.audited_ok("ha.fence").is_empty(),
+        "{:?}",
+        c.audit_records("ha.fence")
     );
-    let rejoins = c.audit_records("ha.rejoin");
     assert!(
-        rejoins
-            .iter()
-            .any(|r| r["phase"] == "finished" && r["outcome"] == "ok"),
-        "{rejoins:?}"
+        !c.audited_ok("ha.rejoin").is_empty(),
+        "{:?}",
+        c.audit_records("ha.rejoin")
+    );
+}
+
+#[test]
+fn with_etcd_down_nobody_is_promoted_the_primary_stops_and_serves_again_when_etcd_returns() {
+    let mut etcd = OwnEtcd::start();
+    let mut c = HaCluster::with_etcd(1, &etcd.endpoint);
+    c.start_all(SETTLE);
+    write_rows(&c, "a", 10);
+
+    etcd.kill();
+    let down = Instant::now();
+    // The documented rule: a leader that cannot renew its lease stops its
+    // server before the lease could expire, etcd down or not.
+    c.wait("a stops serving", TTL, |c| !c.writable("a"));
+    let fenced = down.elapsed();
+    // Two leases long, nobody serves writes: no standby can take the key.
+    while down.elapsed() < TTL * 2 {
+        assert!(
+            !c.writable("b"),
+            "b was promoted without etcd\n{}",
+            c.logs()
+        );
+        assert!(
+            !c.writable("a"),
+            "a serves again without etcd\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    etcd.resume();
+    let back = Instant::now();
+    // etcd extends every lease when it starts, so a still holds the key and
+    // its daemon starts its server again.
+    c.wait("a serves again", SETTLE, |c| c.writable("a"));
+    eprintln!(
+        "etcd down: a fenced after {fenced:.2?}; etcd back: a writable after {:.2?}",
+        back.elapsed()
+    );
+    assert!(!c.writable("b"), "b was promoted\n{}", c.logs());
+    c.wait_settled("a", &["b"], SETTLE);
+    assert_eq!(rows(&c, "a"), "10");
+    c.topo.sql(c.port("a"), "INSERT INTO kept VALUES (11)");
+    c.topo
+        .wait_for(c.port("b"), "SELECT count(*) FROM kept", "11", SETTLE);
+    assert!(c.audit_records("ha.failover").is_empty());
+    assert!(
+        !c.audited_ok("ha.fence").is_empty(),
+        "the fence is not audited"
+    );
+}
+
+#[test]
+fn an_old_primary_that_diverged_is_rewound_and_follows_the_new_one() {
+    let mut c = HaCluster::new(1);
+    c.start_all(SETTLE);
+    write_rows(&c, "a", 100);
+    c.topo
+        .wait_for(c.port("b"), "SELECT count(*) FROM kept", "100", SETTLE);
+    c.kill_daemon("a");
+    c.crash_server("a");
+    c.wait("b accepts writes", TTL + SETTLE, |c| c.writable("b"));
+    c.topo.sql(c.port("b"), "INSERT INTO kept VALUES (101)");
+
+    // The old primary comes back without its daemon (a host rebooted with
+    // PostgreSQL enabled), takes writes b never sees, and crashes: its
+    // history forks from b's.
+    c.topo.start(&c.nodes[c.idx("a")]);
+    assert_eq!(c.topo.sql(c.port("a"), "SELECT pg_is_in_recovery()"), "f");
+    c.topo.sql(
+        c.port("a"),
+        "INSERT INTO kept SELECT -generate_series(1, 5000)",
+    );
+    c.crash_server("a");
+
+    c.start_daemon("a");
+    c.wait_settled("b", &["a"], SETTLE);
+    c.topo.sql(c.port("b"), "INSERT INTO kept VALUES (102)");
+    c.topo
+        .wait_for(c.port("a"), "SELECT count(*) FROM kept", "102", SETTLE);
+    assert_eq!(
+        c.topo
+            .sql(c.port("a"), "SELECT count(*) FROM kept WHERE i < 0"),
+        "0",
+        "the diverged writes survived the rejoin"
+    );
+    let done: Vec<_> = c.audited_ok("ha.rejoin");
+    assert_eq!(done.len(), 1, "{done:?}");
+    let d = &done[0]["details"];
+    assert_eq!(d["recovered_crash"], true, "{d}");
+    // pg_rewind copied blocks back ("Done!"), not "no rewind required".
+    assert!(
+        d["pg_rewind"].as_str().is_some_and(|s| s.contains("Done")),
+        "{d}"
     );
 }
 
 #[test]
 fn switchover_loses_no_commit_and_the_old_primary_follows() {
     let mut c = HaCluster::new(1);
-    c.start_daemon("a");
-    c.start_daemon("b");
-    c.wait_settled("a", &["b"], SETTLE);
+    c.start_all(SETTLE);
     // Asynchronous replication: only the switchover's wait keeps these.
     write_rows(&c, "a", 20000);
     let o = c.dr(&["--json", "ha", "switchover", "--to", "b"]);
@@ -171,11 +255,7 @@ fn switchover_loses_no_commit_and_the_old_primary_follows() {
     assert_eq!(rows(&c, "b"), "20000");
     assert!(c.writable("b"));
     c.wait_settled("b", &["a"], SETTLE);
-    let done = |a: &str| {
-        c.audit_records(a)
-            .iter()
-            .any(|r| r["phase"] == "finished" && r["outcome"] == "ok")
-    };
+    let done = |a: &str| !c.audited_ok(a).is_empty();
     assert!(done("ha.switchover.request") && done("ha.switchover") && done("ha.handover"));
     // Back again: the old primary, now a standby, takes over as cleanly.
     let o = c.dr(&["ha", "switchover", "--to", "a"]);
@@ -191,9 +271,7 @@ fn switchover_loses_no_commit_and_the_old_primary_follows() {
 #[test]
 fn while_paused_nothing_is_promoted_and_resume_lets_failover_happen() {
     let mut c = HaCluster::new(1);
-    c.start_daemon("a");
-    c.start_daemon("b");
-    c.wait_settled("a", &["b"], SETTLE);
+    c.start_all(SETTLE);
     let o = c.dr(&["ha", "pause"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     c.wait("status shows paused", SETTLE, |c| {
@@ -229,10 +307,7 @@ fn while_paused_nothing_is_promoted_and_resume_lets_failover_happen() {
 #[test]
 fn of_two_standbys_exactly_one_is_promoted_and_the_other_follows_it() {
     let mut c = HaCluster::new(2);
-    for n in ["a", "b", "c"] {
-        c.start_daemon(n);
-    }
-    c.wait_settled("a", &["b", "c"], SETTLE);
+    c.start_all(SETTLE);
     write_rows(&c, "a", 100);
     c.kill_daemon("a");
     c.crash_server("a");
@@ -247,11 +322,7 @@ fn of_two_standbys_exactly_one_is_promoted_and_the_other_follows_it() {
     c.topo.sql(c.port(winner), "INSERT INTO kept VALUES (101)");
     c.topo
         .wait_for(c.port(other), "SELECT count(*) FROM kept", "101", SETTLE);
-    let ok: Vec<_> = c
-        .audit_records("ha.failover")
-        .into_iter()
-        .filter(|r| r["phase"] == "finished" && r["outcome"] == "ok")
-        .collect();
+    let ok: Vec<_> = c.audited_ok("ha.failover");
     assert_eq!(ok.len(), 1, "{ok:?}");
 }
 

@@ -242,9 +242,17 @@ pub async fn rewind(t: &PgTarget, leader: &PgTarget) -> Result<String, HaError> 
             .map_err(|e| HaError::Pg(format!("restoring {}: {e}", dir.join(f).display())))?;
     }
     if !out.status.success() {
+        // pg_rewind reads this server's WAL back to the last checkpoint
+        // before the fork; a later checkpoint may have recycled it.
+        let hint = if text.contains("could not open file") && text.contains("pg_wal") {
+            "this server no longer has the WAL since the fork: set wal_keep_size on every member \
+             so checkpoints keep it"
+        } else {
+            "pg_rewind needs wal_log_hints = on or data checksums"
+        };
         return Err(HaError::Pg(format!(
             "pg_rewind of {} from the leader failed: {}; rebuild this member with pg_basebackup \
-             (pg_rewind needs wal_log_hints = on or data checksums)",
+             ({hint})",
             dir.display(),
             text.trim()
         )));

@@ -44,9 +44,14 @@ pub struct HaCluster {
 
 impl HaCluster {
     /// A primary and `standbys` streaming standbys, configs written, no
-    /// daemon started yet.
+    /// daemon started yet, coordinated through the etcd of
+    /// `scripts/testenv.sh`.
     pub fn new(standbys: usize) -> HaCluster {
-        let etcd = require_env("DR_TEST_ETCD_ENDPOINTS", "etcd");
+        HaCluster::with_etcd(standbys, &require_env("DR_TEST_ETCD_ENDPOINTS", "etcd"))
+    }
+
+    /// As [`HaCluster::new`], through the etcd at `etcd` (a URL).
+    pub fn with_etcd(standbys: usize, etcd: &str) -> HaCluster {
         let topo = PgTopology::new(standbys);
         let dir = tempfile::tempdir().expect("tempdir");
         let mut nodes = vec![topo.primary.clone()];
@@ -71,8 +76,8 @@ impl HaCluster {
             )
         };
         let op_cfg = dir.path().join("operator.toml");
-        std::fs::write(&op_cfg, base(&etcd, "")).expect("write config");
-        let etcd_port = endpoint_port(&etcd);
+        std::fs::write(&op_cfg, base(etcd, "")).expect("write config");
+        let etcd_port = endpoint_port(etcd);
         let mut gates = Vec::new();
         let mut cfgs = Vec::new();
         for n in &names {
@@ -135,6 +140,16 @@ impl HaCluster {
             .spawn()
             .expect("start dr daemon");
         self.daemons[i] = Some(child);
+    }
+
+    /// Starts every member's daemon and waits until `a` leads and the
+    /// others stream from it.
+    pub fn start_all(&mut self, timeout: Duration) {
+        for n in self.names.clone() {
+            self.start_daemon(&n);
+        }
+        let others: Vec<&str> = self.names[1..].iter().map(String::as_str).collect();
+        self.wait_settled("a", &others, timeout);
     }
 
     /// SIGKILLs member `name`'s daemon.
@@ -262,6 +277,14 @@ impl HaCluster {
             .is_ok()
     }
 
+    /// Finished, successful audit records with action `action`.
+    pub fn audited_ok(&self, action: &str) -> Vec<serde_json::Value> {
+        self.audit_records(action)
+            .into_iter()
+            .filter(|r| r["phase"] == "finished" && r["outcome"] == "ok")
+            .collect()
+    }
+
     /// Audit records (both phases) with action `action`.
     pub fn audit_records(&self, action: &str) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.audit)
@@ -270,6 +293,110 @@ impl HaCluster {
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|r| r["action"] == action)
             .collect()
+    }
+}
+
+/// An etcd of the test's own (one member on loopback, data in a temporary
+/// directory), for tests that stop it: the shared one of
+/// `scripts/testenv.sh` keeps serving the other tests.
+pub struct OwnEtcd {
+    /// Client URL.
+    pub endpoint: String,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+impl OwnEtcd {
+    /// Starts it and waits until it answers `/health`.
+    pub fn start() -> OwnEtcd {
+        let client_port = free_port();
+        let mut e = OwnEtcd {
+            endpoint: format!("http://127.0.0.1:{client_port}"),
+            dir: tempfile::tempdir().expect("tempdir"),
+            client_port,
+            peer_port: free_port(),
+            child: None,
+        };
+        e.resume();
+        e
+    }
+
+    /// The etcd binary: `DR_TEST_ETCD_BIN`, else Debian's.
+    fn bin() -> PathBuf {
+        let bin = PathBuf::from(
+            std::env::var("DR_TEST_ETCD_BIN").unwrap_or_else(|_| "/usr/bin/etcd".into()),
+        );
+        assert!(
+            bin.is_file(),
+            "{} not found: this test runs an etcd of its own. Install it with `scripts/setup.sh` \
+             (Debian package etcd-server) or set DR_TEST_ETCD_BIN to an etcd binary",
+            bin.display()
+        );
+        bin
+    }
+
+    /// Starts it again on the same ports and data (after [`OwnEtcd::kill`]).
+    pub fn resume(&mut self) {
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .expect("etcd log");
+        let child = Command::new(OwnEtcd::bin())
+            .args(["--name", "own", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &self.endpoint])
+            .args(["--advertise-client-urls", &self.endpoint])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("own={peer}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start etcd");
+        self.child = Some(child);
+        let start = Instant::now();
+        while !self.healthy() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "etcd did not answer on {} within 30s; its log: {}",
+                self.endpoint,
+                self.dir.path().join("etcd.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILLs it, as a crash or a power cut would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        use std::io::{Read, Write};
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.client_port));
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut reply = String::new();
+        s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .is_ok()
+            && s.read_to_string(&mut reply).is_ok()
+            && reply.contains("\"health\":\"true\"")
+    }
+}
+
+impl Drop for OwnEtcd {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

@@ -71,11 +71,13 @@ impl PgTopology {
             "initdb",
         );
         // Standbys retry a lost primary every 200 ms instead of 5 s, so a
-        // repointed standby starts streaming at once.
+        // repointed standby starts streaming at once. pg_rewind needs hint
+        // bits logged, and the WAL back to the last checkpoint before a fork,
+        // which later checkpoints would otherwise recycle.
         let common = "listen_addresses = '127.0.0.1'\nunix_socket_directories = ''\n\
                       wal_level = replica\nmax_wal_senders = 10\nhot_standby = on\n\
                       wal_retrieve_retry_interval = '200ms'\nshared_buffers = '32MB'\n\
-                      wal_log_hints = on\n";
+                      wal_log_hints = on\nwal_keep_size = '128MB'\n";
         append(&data.join("postgresql.conf"), common);
         let mut t = PgTopology {
             dir,
