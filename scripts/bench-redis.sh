@@ -3,7 +3,9 @@
 # `redis-cli --rdb FILE && zstd -3 -T0 FILE | age -r … > out`, on the same
 # dataset (KEYS keys of six types), in one run, with the server both in
 # disk-based and in diskless replication mode. Prints wall time, peak RSS and
-# stored size for both sides and the time ratio.
+# stored size for both sides and the time ratio; then the time of one
+# snapshot at the server's default diskless delay (5 s) for `redis-cli --rdb`
+# and for dr with `sync = "auto"` and `sync = "diskless"`.
 #
 # Usage: scripts/bench-redis.sh [KEYS]        (default 3000000)
 # Environment: RUNS (default 3; the best run of each side counts).
@@ -153,6 +155,36 @@ PY
 )")
 done
 
+# Latency at the server's default diskless settings (diskless, 5 s delay
+# for more replicas): redis-cli --rdb announces diskless support and waits;
+# dr's sync = "auto" asks for a disk-based sync instead.
+redis-cli -p "$PORT" config set repl-diskless-sync yes >/dev/null
+redis-cli -p "$PORT" config set repl-diskless-sync-delay 5 >/dev/null
+for m in auto diskless; do
+    sed "s/^\[redis.bench\]\$/[redis.bench]\nsync = \"$m\"/" "$WORK/dr.toml" >"$WORK/dr-$m.toml"
+done
+LAT=()
+for side in redis-cli dr-auto dr-diskless; do
+    T=()
+    for i in $(seq 1 "$RUNS"); do
+        echo "== [delay 5] run $i/$RUNS: $side"
+        rm -f "$WORK/dump.rdb"
+        start=$(date +%s.%N)
+        case $side in
+        redis-cli) redis-cli -p "$PORT" --rdb "$WORK/dump.rdb" >/dev/null 2>&1 ;;
+        dr-auto) "$DR" --config "$WORK/dr-auto.toml" --json backup redis >"$WORK/dr.json" ;;
+        dr-diskless) "$DR" --config "$WORK/dr-diskless.toml" --json backup redis >"$WORK/dr.json" ;;
+        esac
+        end=$(date +%s.%N)
+        T+=("$(python3 -c "print($end - $start)")")
+    done
+    LAT+=("$(printf '%-12s best %6.2f s   runs (s): %s' "$side" "$(best "${T[@]}")" "${T[*]}")")
+done
+rm -f "$WORK/dump.rdb"
+
 echo
 echo "== results ($KEYS keys, best of $RUNS; ratio = pipeline time / dr time)"
 printf '%s\n' "${RESULTS[@]}"
+echo
+echo "== snapshot time at repl-diskless-sync-delay 5 (redis-cli --rdb alone, no compression; dr stores encrypted)"
+printf '%s\n' "${LAT[@]}"

@@ -379,20 +379,21 @@ fn verify_levels_and_drill_names_are_checked_before_anything_runs() {
 }
 
 /// Runs dr with stdout a pipe nobody reads any more, as `dr … | head` once
-/// head has exited.
+/// head has exited. The read end is closed before dr starts: closing it
+/// after the spawn races with dr's first write on a loaded machine.
 fn dr_into_closed_pipe(cfg: &Path, args: &[&str]) -> Output {
-    let mut child = Command::new(dr_bin())
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    Command::new(dr_bin())
         .arg("--config")
         .arg(cfg)
         .args(args)
         .env_remove("DR_CONFIG")
         .env_remove("DR_IDENTITY_FILE")
-        .stdout(Stdio::piped())
+        .stdout(writer)
         .stderr(Stdio::piped())
-        .spawn()
-        .expect("run dr");
-    drop(child.stdout.take());
-    child.wait_with_output().expect("wait for dr")
+        .output()
+        .expect("run dr")
 }
 
 #[test]

@@ -195,6 +195,39 @@ fn diskless_sync_with_an_acl_user_into_s3() {
     restore_and_compare(&dr, &src, "restored", 500, total, "cache");
 }
 
+/// `sync = "auto"` avoids the server's diskless delay by asking for a
+/// disk-based sync; `disk` and `diskless` force the choice. Every mode
+/// restores the same data.
+#[test]
+fn sync_mode_chooses_disk_or_diskless() {
+    // The server's defaults: diskless, waiting 5 s for more replicas.
+    let delayed = TestRedis::start(&["repl-diskless-sync yes", "repl-diskless-sync-delay 5"]);
+    let total = 5_000;
+    delayed.populate(total);
+    let snap = |extra: &str| {
+        let repo = tempfile::tempdir().expect("tempdir");
+        let dr = DrSetup::new(&fs_region(&repo), &redis_section(&delayed.url(), extra));
+        let v = dr.dr_json(&["backup", "redis"]);
+        assert_eq!(v["snapshot"]["keys"].as_u64(), Some(total + 10), "{v}");
+        (repo, dr, v["snapshot"]["diskless"].clone())
+    };
+    let (_, _, auto) = snap("");
+    assert_eq!(auto, false, "auto must not wait for the diskless delay");
+    let (_, _, forced) = snap("sync = \"diskless\"");
+    assert_eq!(forced, true, "sync = \"diskless\" must stream diskless");
+    let (_repo, dr, disk) = snap("sync = \"disk\"");
+    assert_eq!(disk, false);
+    restore_and_compare(&dr, &delayed, "restored", 500, total, "cache");
+
+    // Without a delay, auto lets the server stream diskless.
+    let prompt = TestRedis::start(&["repl-diskless-sync yes", "repl-diskless-sync-delay 0"]);
+    prompt.populate(100);
+    let repo = tempfile::tempdir().expect("tempdir");
+    let dr = DrSetup::new(&fs_region(&repo), &redis_section(&prompt.url(), ""));
+    let v = dr.dr_json(&["backup", "redis"]);
+    assert_eq!(v["snapshot"]["diskless"], true, "{v}");
+}
+
 fn expect_fail(dr: &DrSetup, args: &[&str], needles: &[&str]) {
     let o = dr.dr_raw(args);
     let e = String::from_utf8_lossy(&o.stderr);

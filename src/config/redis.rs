@@ -19,6 +19,9 @@ pub struct RedisConfig {
     pub server_bin: PathBuf,
     /// Unprivileged OS user for servers `dr` starts (default: the current user).
     pub os_user: Option<String>,
+    /// How the server sends the snapshot: `auto` (default), `disk` or `diskless`.
+    #[serde(default)]
+    pub sync: RedisSyncMode,
     /// Seconds without a byte from the server before a snapshot is abandoned.
     #[serde(default = "default_redis_timeout")]
     pub timeout_seconds: u64,
@@ -30,6 +33,28 @@ pub struct RedisConfig {
     /// When `dr daemon` takes snapshots (`[redis.<name>.schedule]`).
     #[serde(default)]
     pub schedule: Option<RedisSchedule>,
+}
+
+/// `[redis.<name>] sync`: whether a snapshot asks for a diskless transfer.
+///
+/// A diskless sync streams the RDB straight from the forked child, but the
+/// server first waits `repl-diskless-sync-delay` seconds (5 by default) for
+/// more replicas to share the fork. A disk-based sync writes the RDB to the
+/// server's own `dir` first (disk space and I/O on the server) and starts at
+/// once, or joins a save already running.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisSyncMode {
+    /// Disk-based when the server would delay a diskless sync
+    /// (`repl-diskless-sync yes` with a delay above 0, read by `CONFIG GET`);
+    /// otherwise, or when `CONFIG GET` is not allowed, the server's choice.
+    #[default]
+    Auto,
+    /// Never announce diskless support: the server saves to disk and sends the file.
+    Disk,
+    /// Announce diskless support (`REPLCONF capa eof`): the server's choice,
+    /// diskless when `repl-diskless-sync yes`.
+    Diskless,
 }
 
 /// `[redis.<name>.schedule]`: cron expressions, in UTC.

@@ -48,6 +48,22 @@ fn base() -> String {
 }
 
 #[test]
+fn redis_sync_mode_defaults_to_auto_and_names_the_choices() {
+    let redis = |extra: &str| base() + "[redis.cache]\nurl = \"redis://127.0.0.1:6379\"\n" + extra;
+    let c = parse(&redis("")).expect("no sync key");
+    assert_eq!(c.redis["cache"].get_ref().sync, RedisSyncMode::Auto);
+    let c = parse(&redis("sync = \"disk\"\n")).expect("disk");
+    assert_eq!(c.redis["cache"].get_ref().sync, RedisSyncMode::Disk);
+    let e = parse(&redis("sync = \"fast\"\n"))
+        .expect_err("fast")
+        .to_string();
+    assert!(
+        e.contains("dr.toml:10") && e.contains("`auto`, `disk`, `diskless`"),
+        "{e}"
+    );
+}
+
+#[test]
 fn backup_mode_decides_what_is_required() {
     let remote = base() + "[postgres.main]\nmode = \"remote\"\nconninfo = \"host=db1 user=dr\"\n";
     let c = parse(&remote).expect("remote mode needs no data_dir");

@@ -293,6 +293,7 @@ mod tests {
             server_bin: "/usr/bin/redis-server".into(),
             os_user: None,
             timeout_seconds: 60,
+            sync: Default::default(),
             retention: None,
             verify: Default::default(),
             schedule: None,

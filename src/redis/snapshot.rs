@@ -3,6 +3,7 @@
 //! Nothing touches local disk, memory stays bounded, and a snapshot becomes
 //! visible only when its manifest is written after the RDB is durable.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,7 @@ use super::manifest::{
 };
 use super::rdb::{RdbCheck, RdbSummary};
 use super::{Conn, Endpoint, RedisError};
-use crate::config::RedisConfig;
+use crate::config::{RedisConfig, RedisSyncMode};
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::repo::layout::{BackupId, ObjectKey};
@@ -82,7 +83,7 @@ pub struct Probe {
 /// replication rights is refused. Starts no sync: the server does not fork.
 pub async fn probe(cfg: &RedisConfig, timeout: Duration) -> Result<Probe, RedisError> {
     let ep = Endpoint::from_config(cfg)?;
-    let (mut s, version) = replication_session(&ep, timeout, 8 * 1024).await?;
+    let (mut s, version) = replication_session(&ep, timeout, 8 * 1024, true).await?;
     let repl = s.info("replication").await?;
     let role = info_field(&repl, "role").unwrap_or("unknown").to_string();
     // PSYNC itself would make the server fork and send a full RDB; ask the
@@ -110,11 +111,13 @@ pub async fn probe(cfg: &RedisConfig, timeout: Duration) -> Result<Probe, RedisE
 
 /// Connects, authenticates, reads the server version and announces the
 /// replica capabilities (`REPLCONF`, refused to a user without replication
-/// rights): the start of a snapshot, and all a check may do.
+/// rights): the start of a snapshot, and all a check may do. Without `eof`
+/// the server cannot send diskless and saves to disk first.
 async fn replication_session(
     ep: &Endpoint,
     timeout: Duration,
     buffer: usize,
+    eof: bool,
 ) -> Result<(Session, String), RedisError> {
     let conn = ep.connect(timeout).await?;
     let mut s = Session {
@@ -127,8 +130,48 @@ async fn replication_session(
     let version = info_field(&info, "redis_version")
         .unwrap_or("unknown")
         .to_string();
-    s.replconf(&["capa", "eof", "capa", "psync2"], true).await?;
+    let capa: &[&str] = if eof {
+        &["capa", "eof", "capa", "psync2"]
+    } else {
+        &["capa", "psync2"]
+    };
+    s.replconf(capa, true).await?;
     Ok((s, version))
+}
+
+/// Whether a snapshot announces diskless support (see [`RedisSyncMode`]).
+async fn wants_eof(ep: &Endpoint, mode: RedisSyncMode, timeout: Duration) -> bool {
+    match mode {
+        RedisSyncMode::Disk => false,
+        RedisSyncMode::Diskless => true,
+        RedisSyncMode::Auto => {
+            let settings = async {
+                let mut s = Session {
+                    io: BufReader::new(ep.connect(timeout).await?),
+                    addr: ep.addr(),
+                    timeout,
+                };
+                s.handshake(ep).await?;
+                s.config_get("repl-diskless-sync*").await
+            };
+            match settings.await {
+                Ok(Some(c)) => {
+                    let on = c.get("repl-diskless-sync").is_some_and(|v| v == "yes");
+                    let delay = c
+                        .get("repl-diskless-sync-delay")
+                        .and_then(|d| d.parse::<u64>().ok())
+                        .unwrap_or(0);
+                    tracing::debug!(on, delay, "server's diskless sync settings");
+                    !(on && delay > 0)
+                }
+                Ok(None) => true,
+                Err(e) => {
+                    tracing::debug!("CONFIG GET failed ({e}); the server chooses the sync");
+                    true
+                }
+            }
+        }
+    }
 }
 
 /// Takes one snapshot of `instance`.
@@ -141,7 +184,8 @@ pub async fn snapshot(
     let t0 = Instant::now();
     let ep = Endpoint::from_config(cfg)?;
     let timeout = Duration::from_secs(cfg.timeout_seconds);
-    let (mut s, server_version) = replication_session(&ep, timeout, CHUNK).await?;
+    let eof = wants_eof(&ep, cfg.sync, timeout).await;
+    let (mut s, server_version) = replication_session(&ep, timeout, CHUNK, eof).await?;
     // Redis 7+: no replication stream after the RDB; older servers refuse it.
     if let Err(e) = s.replconf(&["rdb-only", "1"], false).await {
         tracing::debug!("server does not support rdb-only: {e}");
@@ -449,6 +493,43 @@ impl Session {
             reply.into(),
             "the user needs replication rights, e.g. `ACL SETUSER <user> +psync +sync +replconf +ping +info`",
         )
+    }
+
+    /// `CONFIG GET pattern` as name → value; `None` when the server or the
+    /// user's rights refuse it.
+    async fn config_get(
+        &mut self,
+        pattern: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, RedisError> {
+        self.send_many(&[&["CONFIG", "GET", pattern]]).await?;
+        let head = loop {
+            let l = self.line().await?;
+            if !l.is_empty() {
+                break l;
+            }
+        };
+        if head.starts_with('-') {
+            tracing::debug!("CONFIG GET refused: {head}");
+            return Ok(None);
+        }
+        let n: usize = head
+            .strip_prefix('*')
+            .and_then(|n| n.parse().ok())
+            .filter(|n| *n <= 1024)
+            .ok_or_else(|| self.protocol(format!("CONFIG GET answered {head:?}")))?;
+        let mut items = Vec::with_capacity(n);
+        for _ in 0..n {
+            match self.reply().await? {
+                Reply::Bulk(b) => items.push(String::from_utf8_lossy(&b).into_owned()),
+                _ => return Err(self.protocol("CONFIG GET: an item is not a string".into())),
+            }
+        }
+        let mut it = items.into_iter();
+        let mut out = BTreeMap::new();
+        while let (Some(k), Some(v)) = (it.next(), it.next()) {
+            out.insert(k, v);
+        }
+        Ok(Some(out))
     }
 
     async fn info(&mut self, section: &str) -> Result<String, RedisError> {
