@@ -69,6 +69,8 @@ APT_PACKAGES=(
     "prometheus:/usr/bin/promtool"
     "chromium:/usr/bin/chromium"
     "groff-base:groff"
+    "etcd-server:/usr/bin/etcd"
+    "protobuf-compiler:/usr/bin/protoc"
 )
 
 is_present() {

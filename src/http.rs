@@ -186,7 +186,7 @@ fn resolve(name: &str, value: &HeaderValue) -> Result<reqwest::header::HeaderVal
 
 /// A secret file's contents without the trailing newline; refused when
 /// anyone may read it, like a TLS client key.
-fn read_secret_file(path: &Path) -> Result<String, String> {
+pub fn read_secret_file(path: &Path) -> Result<String, String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
     if mode & 0o007 != 0 {

@@ -22,7 +22,7 @@
 //! 7. `postgres`, `redis`, `rabbitmq`: the engines, each checking its own config sections
 //! 8. `maintenance`: retention, integrity checks and region repair across engines
 //! 9. `check`, `playbook`: read-only checks of a setup; failover playbooks
-//! 10. `verify`: scratch restores, drills (which run playbooks), staging
+//! 10. `verify`, `ha`: scratch restores, drills (which run playbooks), staging; automatic failover through etcd (which reuses playbook actions and audits through `audit`)
 //! 11. `validate`, `report`: loading a config with every engine's checks; `dr report` (recoverable windows, verification and drill history as HTML)
 //! 12. `daemon`: schedules, probes, metrics
 //! 13. `cli`, `main`: the `dr` binary
@@ -33,6 +33,7 @@ pub mod codec;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod ha;
 pub mod http;
 pub mod keys;
 pub mod lockfile;

@@ -26,5 +26,6 @@ pub fn check(cfg: &Config) -> Result<(), ConfigError> {
     crate::redis::check_config(cfg)?;
     crate::rabbitmq::check_config(cfg)?;
     crate::postgres::check_config(cfg)?;
+    crate::ha::check_config(cfg)?;
     crate::verify::staging::check_config(cfg)
 }

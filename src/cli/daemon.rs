@@ -12,6 +12,9 @@ pub struct Args {
     /// Check the config and print each job with its next run times (UTC), then exit.
     #[arg(long)]
     pub check: bool,
+    /// Which `[ha]` member this daemon is (default: `[ha] member`).
+    #[arg(long, env = "DR_HA_MEMBER")]
+    pub member: Option<String>,
 }
 
 pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result<ExitCode> {
@@ -19,10 +22,11 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
         .map(Path::to_path_buf)
         .unwrap_or_else(dr::config::default_config_path);
     if !args.check {
-        dr::daemon::run(&path).await?;
+        dr::daemon::run(&path, args.member.as_deref()).await?;
         return Ok(ExitCode::SUCCESS);
     }
     let plan = dr::daemon::load_plan(&path)?;
+    let member = dr::daemon::ha_member(&plan.cfg, args.member.as_deref())?;
     let now = chrono::Utc::now();
     let next = |j: &dr::daemon::jobs::JobSpec| -> Vec<String> {
         let mut t = now;
@@ -67,6 +71,9 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
         d.listen,
         d.state_dir.join("daemon.lock").display()
     );
+    if let Some(m) = &member {
+        println!("automatic failover ([ha]) as member {m}");
+    }
     let streams = plan.cfg.streaming_clusters();
     for c in &streams {
         println!("WAL of [postgres.{c}] is streamed continuously (slot and lag: `dr check`)");

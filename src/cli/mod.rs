@@ -6,6 +6,7 @@ mod docs;
 mod drill;
 mod expire;
 mod failover;
+mod ha;
 mod keygen;
 mod output;
 mod pg;
@@ -91,6 +92,9 @@ enum Command {
     Report(report::Args),
     /// Run a failover playbook (see playbooks/ and README, section Failover).
     Failover(failover::Args),
+    /// Automatic failover through etcd ([ha]): status, switchover, pause, resume.
+    #[command(subcommand)]
+    Ha(ha::Command),
     /// Run scheduled jobs (backups, snapshots, restore verification, retention, region sync; cron, UTC); serve /metrics and /healthz.
     Daemon(daemon::Args),
     /// Archive one WAL file (archive_command = 'dr wal-push %p').
@@ -270,6 +274,7 @@ pub fn run() -> ExitCode {
             Command::Drill(args) => drill::run(args, cli.config.as_deref(), &out).await,
             Command::Report(args) => report::run(args, cli.config.as_deref(), &out).await,
             Command::Daemon(args) => daemon::run(args, cli.config.as_deref(), &out).await,
+            Command::Ha(cmd) => ha::run(cmd, cli.config.as_deref(), &out).await,
             Command::WalPush {
                 cluster,
                 path,

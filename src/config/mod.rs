@@ -13,6 +13,7 @@ use toml::Spanned;
 mod daemon;
 mod drill;
 mod durations;
+mod ha;
 mod postgres;
 mod redis;
 mod repository;
@@ -28,6 +29,7 @@ pub use rabbitmq::{RabbitCheck, RabbitConfig, RabbitTarget, RabbitVerifyConfig};
 
 pub use daemon::*;
 pub use drill::*;
+pub use ha::*;
 pub use postgres::*;
 pub use redis::*;
 pub use repository::*;
@@ -78,6 +80,9 @@ pub struct Config {
     /// Disaster-recovery drills, by name (`[drill.<name>]`), run by `dr drill NAME`.
     #[serde(default)]
     pub drill: std::collections::BTreeMap<String, Spanned<DrillConfig>>,
+    /// Automatic failover through etcd (`[ha]`).
+    #[serde(default)]
+    pub ha: Option<Spanned<HaConfig>>,
     /// Where this file was loaded from (for messages).
     #[serde(skip)]
     pub source: PathBuf,

@@ -37,6 +37,7 @@ impl Config {
             self.validate_drill(text, name, d)?;
         }
         self.validate_daemon(text)?;
+        self.validate_ha(text)?;
         self.region_specs = specs;
         Ok(())
     }

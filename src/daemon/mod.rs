@@ -66,6 +66,12 @@ pub enum DaemonError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    /// `[ha]` is configured but this daemon does not know which member it is.
+    #[error(
+        "[ha] is configured but this daemon is no member: pass --member NAME (or set DR_HA_MEMBER, \
+         or [ha] member) naming one of: {0}"
+    )]
+    NoMember(String),
 }
 
 /// Loads `path` and the jobs it schedules.
@@ -122,9 +128,26 @@ where
     })
 }
 
-/// Runs the daemon for the config at `path` until SIGTERM or SIGINT.
-pub async fn run(path: &Path) -> Result<(), DaemonError> {
+/// The member this daemon is in `[ha]`: `cli` (from `--member`) or
+/// `[ha] member`, which must name a configured member; `None` without `[ha]`.
+pub fn ha_member(cfg: &Config, cli: Option<&str>) -> Result<Option<String>, DaemonError> {
+    let Some(ha) = cfg.ha() else { return Ok(None) };
+    let names: Vec<String> = ha
+        .postgres
+        .values()
+        .flat_map(|c| c.get_ref().member.keys().cloned())
+        .collect();
+    match ha.member_name(cli) {
+        Some(m) if names.iter().any(|n| n == m) => Ok(Some(m.to_string())),
+        _ => Err(DaemonError::NoMember(names.join(", "))),
+    }
+}
+
+/// Runs the daemon for the config at `path` until SIGTERM or SIGINT; with
+/// `[ha]`, also the automatic-failover loop of member `member`.
+pub async fn run(path: &Path, member: Option<&str>) -> Result<(), DaemonError> {
     let plan = load_plan(path)?;
+    let ha_member = ha_member(&plan.cfg, member)?;
     let settings = plan.cfg.daemon();
     let _lock = lock(&settings.state_dir, path)?;
     let listener = tokio::net::TcpListener::bind(&settings.listen)
@@ -160,6 +183,19 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
         }),
     ];
     spawn_streamers(plan_rx.clone(), &ctx);
+    // Automatic failover runs with the config the daemon started with: a
+    // reload must not change who the members are under a running loop.
+    let ha_task = ha_member.map(|member| {
+        let (cfg, stop) = (plan_rx.borrow().cfg.clone(), ctx.stop.clone());
+        supervise("ha", stop.clone(), move || {
+            let (cfg, member, stop) = (cfg.clone(), member.clone(), stop.clone());
+            async move {
+                if let Err(e) = crate::ha::run(cfg, member, stop).await {
+                    tracing::error!("automatic failover stopped: {e}");
+                }
+            }
+        })
+    });
     let listener = Arc::new(tokio::sync::Mutex::new(Some(listener)));
     let http_task = supervise("http", ctx.stop.clone(), {
         let (state, stop, listen) = (state.clone(), ctx.stop.clone(), settings.listen.clone());
@@ -222,6 +258,9 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
     }
     for l in loops {
         let _ = l.await;
+    }
+    if let Some(t) = ha_task {
+        let _ = t.await;
     }
     let _ = http_task.await;
     tracing::info!("stopped");

@@ -305,7 +305,7 @@ async fn set_read_only(t: &Targets, target: &str, on: bool) -> Result<String, St
 }
 
 /// Quotes a string literal for SQL that cannot take parameters (ALTER SYSTEM).
-fn quote_literal(s: &str) -> String {
+pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 

@@ -76,6 +76,7 @@ pub fn fs_region_toml(name: &str, path: &Path) -> String {
 /// Path of the built `dr` binary.
 pub mod chaos;
 pub mod garage;
+pub mod ha;
 pub mod pg;
 pub mod redis;
 pub mod tls;

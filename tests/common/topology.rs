@@ -71,10 +71,13 @@ impl PgTopology {
             "initdb",
         );
         // Standbys retry a lost primary every 200 ms instead of 5 s, so a
-        // repointed standby starts streaming at once.
+        // repointed standby starts streaming at once. pg_rewind needs hint
+        // bits logged, and the WAL back to the last checkpoint before a fork,
+        // which later checkpoints would otherwise recycle.
         let common = "listen_addresses = '127.0.0.1'\nunix_socket_directories = ''\n\
                       wal_level = replica\nmax_wal_senders = 10\nhot_standby = on\n\
-                      wal_retrieve_retry_interval = '200ms'\nshared_buffers = '32MB'\n";
+                      wal_retrieve_retry_interval = '200ms'\nshared_buffers = '32MB'\n\
+                      wal_log_hints = on\nwal_keep_size = '128MB'\n";
         append(&data.join("postgresql.conf"), common);
         let mut t = PgTopology {
             dir,
@@ -192,16 +195,21 @@ impl PgTopology {
         }
         nodes
             .into_iter()
-            .map(|(name, n)| {
-                format!(
-                    "[env.{env}.postgres.{name}]\nconninfo = \"host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable\"\ndata_dir = \"{}\"\nbin_dir = \"{}\"\nos_user = \"{}\"\n\n",
-                    n.port,
-                    n.data.display(),
-                    self.bin.display(),
-                    self.user
-                )
-            })
+            .map(|(name, n)| self.server_toml(&format!("env.{env}.postgres.{name}"), n))
             .collect()
+    }
+
+    /// A `[table]` with the keys `dr` needs to act on `n` (conninfo,
+    /// data_dir, bin_dir, os_user), as playbook servers and `[ha]` members
+    /// have them.
+    pub fn server_toml(&self, table: &str, n: &PgNode) -> String {
+        format!(
+            "[{table}]\nconninfo = \"host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable\"\ndata_dir = \"{}\"\nbin_dir = \"{}\"\nos_user = \"{}\"\n\n",
+            n.port,
+            n.data.display(),
+            self.bin.display(),
+            self.user
+        )
     }
 
     fn stop(&self, data: &Path) {
