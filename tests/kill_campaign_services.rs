@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::chaos::*;
 use common::garage::OwnGarage;
-use common::pg::{TestPg, chown, free_port, fs_repo, mark, restore_started};
+use common::pg::{TestPg, chown, free_port, fs_repo, mark, restore_started, stable_port};
 use common::redis::{DrSetup, TestRedis};
 
 /// `dr wal-stream` as the OS user in a process group of its own, logging
@@ -371,7 +371,7 @@ fn kill_daemon_mid_job() {
     let state = pg.dir.path().join("daemon-state");
     std::fs::create_dir_all(&state).expect("state");
     chown(&state, &pg.user);
-    let port = free_port();
+    let port = stable_port();
     let mut text = std::fs::read_to_string(&pg.cfg).expect("cfg");
     text.push_str(&format!(
         "\n[postgres.main.schedule]\nbackup = \"*/2 * * * * *\"\n\n[daemon]\nlisten = \"127.0.0.1:{port}\"\nstate_dir = \"{}\"\nprobe_seconds = 1\nretry_initial_seconds = 1\n",

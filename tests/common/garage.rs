@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::pg::stable_port;
+
 /// One Garage server and the bucket and key it serves.
 pub struct OwnGarage {
     /// State (config, metadata, data, log).
@@ -24,27 +26,6 @@ fn hex(n: usize) -> String {
     (0..n)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
         .collect()
-}
-
-/// A free loopback port below the kernel's ephemeral range. The server is
-/// restarted on the same ports after each SIGKILL, and in between any
-/// `bind(0)` or outgoing connection on the machine may be handed a port
-/// from the ephemeral range (a chaos run lost its Garage that way, with
-/// "Address already in use"); below that range only an explicit choice
-/// like this one takes a port.
-fn stable_port() -> u16 {
-    let low_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let (lo, hi) = (10_000u16, low_ephemeral.max(12_000));
-    for _ in 0..1000 {
-        let port = lo + rand::random::<u16>() % (hi - lo);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free loopback port in {lo}..{hi}");
 }
 
 fn garage_bin() -> PathBuf {

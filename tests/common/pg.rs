@@ -32,6 +32,27 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
+/// A free loopback port below the kernel's ephemeral range, for a server
+/// that is killed and started again on the same port many times: between
+/// two starts any `bind(0)` or outgoing connection on the machine may be
+/// handed a port from the ephemeral range (chaos runs lost a Garage and a
+/// daemon's metrics port that way, "Address already in use"); below that
+/// range only an explicit choice like this one takes a port.
+pub fn stable_port() -> u16 {
+    let low_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (lo, hi) = (10_000u16, low_ephemeral.max(12_000));
+    for _ in 0..1000 {
+        let port = lo + rand::random::<u16>() % (hi - lo);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {lo}..{hi}");
+}
+
 fn run_as(user: &str, program: &Path, args: &[&str]) -> Output {
     run_as_in(user, program, args, Path::new("/"))
 }
