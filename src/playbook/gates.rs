@@ -35,11 +35,17 @@ pub async fn evaluate(gate: &Gate, targets: &Targets) -> GateResult {
     let start = Instant::now();
     let deadline = start + gate.timeout;
     let mut polls = 0;
+    // What the last poll that got an answer saw: a last poll cut short by
+    // the deadline on a slow server must not hide why the gate failed.
+    let mut answered: Option<String> = None;
     loop {
         polls += 1;
-        let (ok, observed) = poll(gate, targets, deadline).await;
+        let (ok, mut observed, got_answer) = poll(gate, targets, deadline).await;
         let now = Instant::now();
         if ok || now + gate.interval >= deadline {
+            if let (false, false, Some(seen)) = (ok, got_answer, &answered) {
+                observed = format!("{seen}; then {observed}");
+            }
             let observed = if ok || polls == 1 {
                 observed
             } else {
@@ -57,6 +63,9 @@ pub async fn evaluate(gate: &Gate, targets: &Targets) -> GateResult {
                 seconds: start.elapsed().as_secs_f64(),
             };
         }
+        if got_answer {
+            answered = Some(observed);
+        }
         tokio::time::sleep(gate.interval).await;
     }
 }
@@ -64,7 +73,7 @@ pub async fn evaluate(gate: &Gate, targets: &Targets) -> GateResult {
 /// Checks `gate` once (for dry runs: no waiting for conditions to change).
 pub async fn evaluate_once(gate: &Gate, targets: &Targets) -> GateResult {
     let start = Instant::now();
-    let (ok, observed) = poll(gate, targets, start + gate.timeout).await;
+    let (ok, observed, _) = poll(gate, targets, start + gate.timeout).await;
     GateResult {
         gate: describe(gate),
         line: gate.line,
@@ -83,21 +92,23 @@ fn describe(gate: &Gate) -> String {
     }
 }
 
-/// One poll, bounded by the deadline; `negate` applied.
-async fn poll(gate: &Gate, targets: &Targets, deadline: Instant) -> (bool, String) {
+/// One poll, bounded by the deadline; `negate` applied. The third value is
+/// false when the check got no answer before the deadline.
+async fn poll(gate: &Gate, targets: &Targets, deadline: Instant) -> (bool, String, bool) {
     let budget = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(100));
-    let r = match timeout(budget, observe(&gate.check, targets)).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("no answer within {budget:.1?}")),
+    let (r, answered) = match timeout(budget, observe(&gate.check, targets)).await {
+        Ok(r) => (r, true),
+        Err(_) => (Err(format!("no answer within {budget:.1?}")), false),
     };
-    match (r, gate.negate) {
+    let (ok, seen) = match (r, gate.negate) {
         (Ok(seen), false) => (true, seen),
         (Err(seen), false) => (false, seen),
         (Ok(seen), true) => (false, format!("{seen} (the gate requires this to fail)")),
         (Err(seen), true) => (true, seen),
-    }
+    };
+    (ok, seen, answered)
 }
 
 /// The RabbitMQ gates, through the broker's management API.
@@ -395,5 +406,60 @@ async fn redis_lag(
         Err(e) => Ok(format!(
             "lag unknown ({e}); {target} is at offset {offset}, link {link}"
         )),
+    }
+}
+
+#[cfg(test)]
+mod answer_tests {
+    use super::*;
+    use crate::config::EnvConfig;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that answers its first request with 503 and then stops
+    /// answering, as a loaded server may: the failed gate still says 503.
+    #[tokio::test]
+    async fn a_last_poll_without_answer_keeps_the_last_answer() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            let mut first = true;
+            while let Ok((mut c, _)) = l.accept().await {
+                if first {
+                    first = false;
+                    let mut buf = [0u8; 1024];
+                    let _ = c.read(&mut buf).await;
+                    let _ = c
+                        .write_all(b"HTTP/1.1 503 Busy\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                } else {
+                    held.push(c);
+                }
+            }
+        });
+        let gate = Gate {
+            check: Check::Http {
+                url: format!("http://{addr}/health"),
+                method: "GET".into(),
+                headers: Default::default(),
+                ca_file: None,
+                status: 200,
+                body_contains: None,
+            },
+            timeout: Duration::from_millis(800),
+            interval: Duration::from_millis(50),
+            negate: false,
+            line: 1,
+        };
+        let env: EnvConfig = toml::from_str("").expect("empty env");
+        let r = evaluate(&gate, &Targets::new("t", &env)).await;
+        assert!(!r.ok);
+        assert!(
+            r.observed.contains("answered 503") && r.observed.contains("no answer within"),
+            "{}",
+            r.observed
+        );
     }
 }
