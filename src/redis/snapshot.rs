@@ -83,7 +83,8 @@ pub struct Probe {
 /// replication rights is refused. Starts no sync: the server does not fork.
 pub async fn probe(cfg: &RedisConfig, timeout: Duration) -> Result<Probe, RedisError> {
     let ep = Endpoint::from_config(cfg)?;
-    let (mut s, version) = replication_session(&ep, timeout, 8 * 1024, true).await?;
+    let (mut s, version) =
+        replication_session(&ep, timeout, 8 * 1024, RedisSyncMode::Diskless).await?;
     let repl = s.info("replication").await?;
     let role = info_field(&repl, "role").unwrap_or("unknown").to_string();
     // PSYNC itself would make the server fork and send a full RDB; ask the
@@ -111,13 +112,13 @@ pub async fn probe(cfg: &RedisConfig, timeout: Duration) -> Result<Probe, RedisE
 
 /// Connects, authenticates, reads the server version and announces the
 /// replica capabilities (`REPLCONF`, refused to a user without replication
-/// rights): the start of a snapshot, and all a check may do. Without `eof`
-/// the server cannot send diskless and saves to disk first.
+/// rights): the start of a snapshot, and all a check may do. Whether it
+/// announces diskless support (`capa eof`) follows `sync`.
 async fn replication_session(
     ep: &Endpoint,
     timeout: Duration,
     buffer: usize,
-    eof: bool,
+    sync: RedisSyncMode,
 ) -> Result<(Session, String), RedisError> {
     let conn = ep.connect(timeout).await?;
     let mut s = Session {
@@ -130,48 +131,13 @@ async fn replication_session(
     let version = info_field(&info, "redis_version")
         .unwrap_or("unknown")
         .to_string();
-    let capa: &[&str] = if eof {
+    let capa: &[&str] = if s.wants_eof(sync).await {
         &["capa", "eof", "capa", "psync2"]
     } else {
         &["capa", "psync2"]
     };
     s.replconf(capa, true).await?;
     Ok((s, version))
-}
-
-/// Whether a snapshot announces diskless support (see [`RedisSyncMode`]).
-async fn wants_eof(ep: &Endpoint, mode: RedisSyncMode, timeout: Duration) -> bool {
-    match mode {
-        RedisSyncMode::Disk => false,
-        RedisSyncMode::Diskless => true,
-        RedisSyncMode::Auto => {
-            let settings = async {
-                let mut s = Session {
-                    io: BufReader::new(ep.connect(timeout).await?),
-                    addr: ep.addr(),
-                    timeout,
-                };
-                s.handshake(ep).await?;
-                s.config_get("repl-diskless-sync*").await
-            };
-            match settings.await {
-                Ok(Some(c)) => {
-                    let on = c.get("repl-diskless-sync").is_some_and(|v| v == "yes");
-                    let delay = c
-                        .get("repl-diskless-sync-delay")
-                        .and_then(|d| d.parse::<u64>().ok())
-                        .unwrap_or(0);
-                    tracing::debug!(on, delay, "server's diskless sync settings");
-                    !(on && delay > 0)
-                }
-                Ok(None) => true,
-                Err(e) => {
-                    tracing::debug!("CONFIG GET failed ({e}); the server chooses the sync");
-                    true
-                }
-            }
-        }
-    }
 }
 
 /// Takes one snapshot of `instance`.
@@ -184,8 +150,7 @@ pub async fn snapshot(
     let t0 = Instant::now();
     let ep = Endpoint::from_config(cfg)?;
     let timeout = Duration::from_secs(cfg.timeout_seconds);
-    let eof = wants_eof(&ep, cfg.sync, timeout).await;
-    let (mut s, server_version) = replication_session(&ep, timeout, CHUNK, eof).await?;
+    let (mut s, server_version) = replication_session(&ep, timeout, CHUNK, cfg.sync).await?;
     // Redis 7+: no replication stream after the RDB; older servers refuse it.
     if let Err(e) = s.replconf(&["rdb-only", "1"], false).await {
         tracing::debug!("server does not support rdb-only: {e}");
@@ -493,6 +458,31 @@ impl Session {
             reply.into(),
             "the user needs replication rights, e.g. `ACL SETUSER <user> +psync +sync +replconf +ping +info`",
         )
+    }
+
+    /// Whether to announce diskless support (see [`RedisSyncMode`]); `auto`
+    /// asks this connection's server with `CONFIG GET`.
+    async fn wants_eof(&mut self, mode: RedisSyncMode) -> bool {
+        match mode {
+            RedisSyncMode::Disk => false,
+            RedisSyncMode::Diskless => true,
+            RedisSyncMode::Auto => match self.config_get("repl-diskless-sync*").await {
+                Ok(Some(c)) => {
+                    let on = c.get("repl-diskless-sync").is_some_and(|v| v == "yes");
+                    let delay = c
+                        .get("repl-diskless-sync-delay")
+                        .and_then(|d| d.parse::<u64>().ok())
+                        .unwrap_or(0);
+                    tracing::debug!(on, delay, "server's diskless sync settings");
+                    !(on && delay > 0)
+                }
+                Ok(None) => true,
+                Err(e) => {
+                    tracing::debug!("CONFIG GET failed ({e}); the server chooses the sync");
+                    true
+                }
+            },
+        }
     }
 
     /// `CONFIG GET pattern` as name → value; `None` when the server or the
