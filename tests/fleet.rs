@@ -141,20 +141,36 @@ fn ok_runs(runs: &[Run], job: &str, node: &str) -> usize {
 
 /// `pg`'s config with `extra`, its own `[daemon]` and `[ha]` as fleet
 /// member `node` (the etcd of `scripts/testenv.sh`, keys under `prefix`).
-fn fleet_config(pg: &TestPg, node: &str, prefix: &str, extra: &str) -> PathBuf {
+fn fleet_config(pg: &TestPg, node: &str, prefix: &str, extra: &str) -> (PathBuf, u16) {
     let etcd = require_env("DR_TEST_ETCD_ENDPOINTS", "etcd");
     let base = std::fs::read_to_string(&pg.cfg).expect("config");
     let state = pg.dir.path().join(format!("state-{node}"));
+    let port = free_port();
     let text = format!(
         "{base}\n{extra}\n[daemon]\nlisten = \"127.0.0.1:{}\"\nstate_dir = \"{}\"\nretries = 0\n\n\
          [ha]\nendpoints = [\"{etcd}\"]\nprefix = \"{prefix}\"\nttl = \"3s\"\nloop_wait = \"1s\"\nmember = \"{node}\"\n",
-        free_port(),
+        port,
         state.display()
     );
     let p = pg.dir.path().join(format!("{node}.toml"));
     std::fs::write(&p, text).expect("write config");
     common::pg::chown(&p, &pg.user);
-    p
+    (p, port)
+}
+
+/// The value of `name{…label…}` on the daemon listening on `port`.
+fn metric(port: u16, name: &str, label: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
 }
 
 #[test]
@@ -172,7 +188,7 @@ fn two_daemons_split_the_jobs_one_killed_mid_backup_is_taken_over_and_no_run_ove
         redis.url()
     );
     let cfg_of = |node: &str| fleet_config(&pg, node, &prefix, &jobs);
-    let (cfg1, cfg2) = (cfg_of("n1"), cfg_of("n2"));
+    let ((cfg1, _), (cfg2, port2)) = (cfg_of("n1"), cfg_of("n2"));
     let audit = pg.dir.path().join("audit.jsonl");
     let (log1, log2) = (pg.dir.path().join("n1.log"), pg.dir.path().join("n2.log"));
     let logs = [log1.as_path(), log2.as_path()];
@@ -193,6 +209,8 @@ fn two_daemons_split_the_jobs_one_killed_mid_backup_is_taken_over_and_no_run_ove
     let before = runs(&audit);
     assert_eq!(ok_runs(&before, BACKUP, "n2"), 0, "{before:#?}");
     assert_eq!(ok_runs(&before, SNAPSHOT, "n1"), 0, "{before:#?}");
+    let elsewhere = metric(port2, "dr_job_runs_elsewhere_total", BACKUP);
+    assert!(elsewhere.is_some_and(|n| n >= 1.0), "{elsewhere:?}");
 
     // SIGKILL n1 in the middle of a backup.
     let mut killed = None;
@@ -309,7 +327,7 @@ fn wal_is_streamed_by_one_daemon_of_the_fleet_and_another_takes_over_when_it_die
     let repo = tempfile::tempdir().expect("tempdir");
     let pg = TestPg::streaming(&fs_repo(&repo), "stream_flush_interval = \"200ms\"\n");
     let prefix = format!("/t{}", unique("fleetwal"));
-    let cfgs = ["n1", "n2"].map(|n| fleet_config(&pg, n, &prefix, ""));
+    let cfgs = ["n1", "n2"].map(|n| fleet_config(&pg, n, &prefix, "").0);
     let logs = ["n1", "n2"].map(|n| pg.dir.path().join(format!("{n}.log")));
     let log_refs = [logs[0].as_path(), logs[1].as_path()];
     let mut daemons: Vec<Daemon> = (0..2)

@@ -123,7 +123,7 @@ async fn claim(
     match fleet::claim(f, &plan.cfg, &names, job, at).await {
         Ok(Some(run)) => Some(Some(run)),
         Ok(None) => {
-            ctx.state.cancel(&job.name);
+            ctx.state.ran_elsewhere(&job.name);
             None
         }
         Err(e) => {
