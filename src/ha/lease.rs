@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::dcs::Dcs;
+use super::stats::Report;
 use crate::audit::{Audit, AuditLog};
 use crate::config::{EnvConfig, PgTarget};
 use crate::playbook::Targets;
@@ -28,6 +29,7 @@ pub(super) async fn keep_lease(
     loop_wait: Duration,
     lease_tx: watch::Sender<Option<i64>>,
     deadline_tx: watch::Sender<Option<Instant>>,
+    report: Report,
     stop: CancellationToken,
 ) {
     let mut lease: Option<i64> = None;
@@ -48,6 +50,10 @@ pub(super) async fn keep_lease(
                 Ok(true) => true,
                 Ok(false) => {
                     tracing::warn!("lease {id:x} expired; taking a new one");
+                    report.set(|s| {
+                        s.renewals_expired += 1;
+                        s.lease_expires = None;
+                    });
                     lease = None;
                     lease_tx.send_replace(None);
                     continue;
@@ -58,6 +64,7 @@ pub(super) async fn keep_lease(
                 }
             },
         };
+        report.renewal(ok, Some(sent + ttl));
         if ok {
             deadline_tx.send_replace(Some(sent + ttl - loop_wait));
             lease_tx.send_if_modified(|l| {
@@ -81,6 +88,7 @@ pub(super) async fn watchdog(
     me: PgTarget,
     audit: AuditLog,
     who: String,
+    report: Report,
     stop: CancellationToken,
 ) {
     loop {
@@ -96,6 +104,7 @@ pub(super) async fn watchdog(
             r = deadline.changed() => if r.is_err() { return },
             _ = expired => {
                 if leader.swap(false, Ordering::SeqCst) {
+                    report.fence();
                     fence_now(&me, &audit, &who).await;
                 }
                 // Wait for a new renewal before arming again.

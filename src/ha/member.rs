@@ -15,6 +15,7 @@ use super::HaError;
 use super::dcs::{ClusterView, Dcs, MemberState, Optime, Switchover};
 use super::lease::{ctx, keep_lease, stop_server, watchdog};
 use super::pg::{self, Observed, Role};
+use super::stats::{HaStats, Report};
 use crate::audit::{Audit, AuditLog};
 use crate::config::{Config, EnvConfig, HaConfig, HaPgCluster, PgTarget};
 use crate::playbook::Targets;
@@ -26,8 +27,13 @@ use crate::playbook::model::{Action, FenceMode};
 const HURRY: Duration = Duration::from_millis(50);
 
 /// Runs the automatic-failover loops of member `member` (every cluster it
-/// belongs to) until `stop` is cancelled.
-pub async fn run(cfg: Arc<Config>, member: String, stop: CancellationToken) -> Result<(), HaError> {
+/// belongs to) until `stop` is cancelled, reporting through `stats`.
+pub async fn run(
+    cfg: Arc<Config>,
+    member: String,
+    stats: Arc<HaStats>,
+    stop: CancellationToken,
+) -> Result<(), HaError> {
     let ha = super::settings(&cfg)?;
     let clusters: Vec<String> = ha
         .postgres
@@ -42,10 +48,12 @@ pub async fn run(cfg: Arc<Config>, member: String, stop: CancellationToken) -> R
     }
     let mut tasks = tokio::task::JoinSet::new();
     for cluster in clusters {
+        let report = Report::new(stats.clone(), &cluster, &member);
         tasks.spawn(run_member(
             cfg.clone(),
             cluster,
             member.clone(),
+            report,
             stop.clone(),
         ));
     }
@@ -73,6 +81,7 @@ struct Member {
     lease: watch::Receiver<Option<i64>>,
     deadline: watch::Receiver<Option<Instant>>,
     leader: Arc<AtomicBool>,
+    report: Report,
     down_since: Option<Instant>,
     /// Look again after [`HURRY`] instead of `loop_wait`.
     hurry: bool,
@@ -83,6 +92,7 @@ async fn run_member(
     cfg: Arc<Config>,
     cluster: String,
     name: String,
+    report: Report,
     stop: CancellationToken,
 ) -> Result<(), HaError> {
     let ha = super::settings(&cfg)?.clone();
@@ -131,6 +141,7 @@ async fn run_member(
         ha.loop_wait,
         lease_tx,
         deadline_tx,
+        report.clone(),
         stop.clone(),
     ));
     let dog = tokio::spawn(watchdog(
@@ -139,6 +150,7 @@ async fn run_member(
         me.clone(),
         AuditLog::from_config(&cfg),
         format!("{cluster}/{name}"),
+        report.clone(),
         stop.clone(),
     ));
     tracing::info!(
@@ -157,6 +169,7 @@ async fn run_member(
         lease: lease_rx,
         deadline: deadline_rx,
         leader,
+        report,
         down_since: None,
         hurry: false,
         spec,
@@ -233,6 +246,15 @@ impl Member {
             .as_ref()
             .is_some_and(|l| l.name == self.name && l.lease == lease);
         self.leader.store(mine, Ordering::SeqCst);
+        self.report.set(|s| {
+            s.role = obs.role.label().into();
+            s.leader = mine;
+            s.leader_name = view.leader.as_ref().map(|l| l.name.clone());
+            s.paused = view.paused;
+            s.timeline = obs.timeline;
+            s.lag_bytes = view.lag_bytes(obs.received);
+            s.max_lag_bytes = self.spec.max_lag_bytes;
+        });
         tracing::debug!(
             member = self.name,
             role = obs.role.label(),
@@ -524,12 +546,14 @@ impl Member {
             timeout: Duration::from_secs(60),
         };
         if let Err(e) = self.run(promote, "promote").await {
+            self.report.promotion(switchover.is_some(), false);
             let _ = self.dcs.release(&self.name).await;
             self.leader.store(false, Ordering::SeqCst);
             audit.finish(None, Err(e.to_string())).await;
             return Err(e);
         }
         let promoted = t0.elapsed().as_secs_f64();
+        self.report.promotion(switchover.is_some(), true);
         tracing::warn!(
             cluster = self.cluster,
             member = self.name,
@@ -590,6 +614,7 @@ impl Member {
             &self.cluster,
             details.clone(),
         )?;
+        self.report.fence();
         let r = stop_server(&self.me).await;
         tracing::warn!(member = self.name, "fenced: {why}");
         a.finish(None, r.as_ref().map(|_| details).map_err(|e| e.clone()))
@@ -633,6 +658,7 @@ impl Member {
         }
         .await;
         tracing::info!(member = self.name, "rejoin as a standby of {leader}: {r:?}");
+        self.report.rejoin(r.is_ok());
         a.finish(
             None,
             r.as_ref().map(|d| d.clone()).map_err(|e| e.to_string()),
