@@ -545,7 +545,19 @@ impl Member {
             target: self.name.clone(),
             timeout: Duration::from_secs(60),
         };
-        if let Err(e) = self.run(promote, "promote").await {
+        let cut = match switchover {
+            // A switchover's old primary has stopped: nothing to cut off.
+            Some(_) => Ok(Vec::new()),
+            None => self.detach_others().await,
+        };
+        if let Ok(d) = &cut {
+            details["detached"] = json!(d);
+        }
+        let r = match cut {
+            Ok(_) => self.run(promote, "promote").await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
             self.report.promotion(switchover.is_some(), false);
             let _ = self.dcs.release(&self.name).await;
             self.leader.store(false, Ordering::SeqCst);
@@ -580,6 +592,51 @@ impl Member {
         audit.set_details(details.clone());
         audit.finish(None, Ok(details)).await;
         Ok(())
+    }
+
+    /// Before a failover promotion: stops every other member's standby from
+    /// streaming, so none acknowledges another commit of the old primary
+    /// (whose server may still run, its daemon frozen or cut off), then
+    /// waits until this member has received everything any of them had: a
+    /// commit acknowledged by any one synchronous standby is kept. Members
+    /// that do not answer are skipped; their servers are down or unreachable.
+    async fn detach_others(&self) -> Result<Vec<serde_json::Value>, HaError> {
+        let others: Vec<(&String, &PgTarget)> = self
+            .spec
+            .member
+            .iter()
+            .filter(|(n, _)| **n != self.name)
+            .map(|(n, t)| (n, t.get_ref()))
+            .collect();
+        let runs = others.iter().map(|(_, t)| pg::detach(t, self.ha.loop_wait));
+        let got = futures::future::join_all(runs).await;
+        let mut need = None;
+        let mut out = Vec::new();
+        for ((n, _), r) in others.iter().zip(got) {
+            if let Ok(Some(lsn)) = &r {
+                need = need.max(Some(*lsn));
+            }
+            out.push(match r {
+                Ok(lsn) => json!({ "member": n, "received_lsn": lsn }),
+                Err(e) => json!({ "member": n, "error": e }),
+            });
+        }
+        let Some(need) = need else { return Ok(out) };
+        let start = Instant::now();
+        loop {
+            let o = pg::observe(&self.me, self.ha.loop_wait).await;
+            if o.received.is_some_and(|r| r >= need) {
+                return Ok(out);
+            }
+            if start.elapsed() > self.ha.ttl {
+                return Err(HaError::Refused(format!(
+                    "not promoted: another standby received up to {need}, this one only {:?}; \
+                     the best standby takes over instead",
+                    o.received
+                )));
+            }
+            tokio::time::sleep(HURRY).await;
+        }
     }
 
     /// Points the other live standbys at this member; each daemon would
