@@ -548,7 +548,7 @@ impl Member {
         let cut = match switchover {
             // A switchover's old primary has stopped: nothing to cut off.
             Some(_) => Ok(Vec::new()),
-            None => self.detach_others().await,
+            None => self.detach_others(view).await,
         };
         if let Ok(d) = &cut {
             details["detached"] = json!(d);
@@ -600,12 +600,15 @@ impl Member {
     /// waits until this member has received everything any of them had: a
     /// commit acknowledged by any one synchronous standby is kept. Members
     /// that do not answer are skipped; their servers are down or unreachable.
-    async fn detach_others(&self) -> Result<Vec<serde_json::Value>, HaError> {
+    async fn detach_others(&self, view: &ClusterView) -> Result<Vec<serde_json::Value>, HaError> {
+        // The last leader was a primary: nothing to detach, and its host
+        // may be gone, which would only cost a connect timeout.
+        let last = view.optime.as_ref().map(|o| o.leader.as_str());
         let others: Vec<(&String, &PgTarget)> = self
             .spec
             .member
             .iter()
-            .filter(|(n, _)| **n != self.name)
+            .filter(|(n, _)| **n != self.name && Some(n.as_str()) != last)
             .map(|(n, t)| (n, t.get_ref()))
             .collect();
         let runs = others.iter().map(|(_, t)| pg::detach(t, self.ha.loop_wait));
