@@ -72,7 +72,8 @@ impl HaStats {
         }
     }
 
-    fn update(&self, cluster: &str, member: &str, f: impl FnOnce(&mut MemberStats)) {
+    /// Changes what member `member` of `cluster` reports.
+    pub fn update(&self, cluster: &str, member: &str, f: impl FnOnce(&mut MemberStats)) {
         // Plain counters: a poisoned lock still holds a usable state.
         let mut g = match self.0.lock() {
             Ok(g) => g,
