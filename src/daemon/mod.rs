@@ -6,6 +6,7 @@
 //! scheduler, the probes (WAL archive lag, region reachability) and the HTTP
 //! endpoint. One daemon runs per state directory, enforced by an OS file lock.
 
+pub mod fleet;
 pub mod http;
 pub mod jobs;
 pub mod metrics;
@@ -131,7 +132,9 @@ where
 /// The member this daemon is in `[ha]`: `cli` (from `--member`) or
 /// `[ha] member`, which must name a configured member; `None` without `[ha]`.
 pub fn ha_member(cfg: &Config, cli: Option<&str>) -> Result<Option<String>, DaemonError> {
-    let Some(ha) = cfg.ha() else { return Ok(None) };
+    let Some(ha) = cfg.ha().filter(|h| !h.postgres.is_empty()) else {
+        return Ok(None);
+    };
     let names: Vec<String> = ha
         .postgres
         .values()
@@ -163,7 +166,11 @@ pub async fn run(path: &Path, member: Option<&str>) -> Result<(), DaemonError> {
     let state = Arc::new(Shared::new(settings.unhealthy_after_failures));
     state.set_jobs(&plan.jobs);
     announce(&plan, &settings.listen);
+    // The fleet lease outlives `stop`: running jobs keep their claims
+    // through the shutdown grace period.
+    let fleet_stop = CancellationToken::new();
     let ctx = Arc::new(Ctx {
+        fleet: fleet::join(&plan.cfg, member, fleet_stop.clone()),
         state: state.clone(),
         slots: Arc::new(Semaphore::new(settings.max_concurrent_jobs)),
         stop: CancellationToken::new(),
@@ -258,6 +265,7 @@ pub async fn run(path: &Path, member: Option<&str>) -> Result<(), DaemonError> {
             tracing::error!("jobs did not stop within 10s of being aborted; exiting anyway");
         }
     }
+    fleet_stop.cancel();
     for l in loops {
         let _ = l.await;
     }

@@ -141,7 +141,7 @@ async fn run_member(
         ha.loop_wait,
         lease_tx,
         deadline_tx,
-        report.clone(),
+        Some(report.clone()),
         stop.clone(),
     ));
     let dog = tokio::spawn(watchdog(

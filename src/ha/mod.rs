@@ -11,6 +11,7 @@
 //! is alive. [`ops`] holds what `dr ha` does: status, switchover, pause.
 
 pub mod dcs;
+pub mod fleet;
 mod lease;
 mod member;
 pub mod ops;
