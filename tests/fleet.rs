@@ -139,33 +139,39 @@ fn ok_runs(runs: &[Run], job: &str, node: &str) -> usize {
         .count()
 }
 
+/// `pg`'s config with `extra`, its own `[daemon]` and `[ha]` as fleet
+/// member `node` (the etcd of `scripts/testenv.sh`, keys under `prefix`).
+fn fleet_config(pg: &TestPg, node: &str, prefix: &str, extra: &str) -> PathBuf {
+    let etcd = require_env("DR_TEST_ETCD_ENDPOINTS", "etcd");
+    let base = std::fs::read_to_string(&pg.cfg).expect("config");
+    let state = pg.dir.path().join(format!("state-{node}"));
+    let text = format!(
+        "{base}\n{extra}\n[daemon]\nlisten = \"127.0.0.1:{}\"\nstate_dir = \"{}\"\nretries = 0\n\n\
+         [ha]\nendpoints = [\"{etcd}\"]\nprefix = \"{prefix}\"\nttl = \"3s\"\nloop_wait = \"1s\"\nmember = \"{node}\"\n",
+        free_port(),
+        state.display()
+    );
+    let p = pg.dir.path().join(format!("{node}.toml"));
+    std::fs::write(&p, text).expect("write config");
+    common::pg::chown(&p, &pg.user);
+    p
+}
+
 #[test]
 fn two_daemons_split_the_jobs_one_killed_mid_backup_is_taken_over_and_no_run_overlaps() {
-    let etcd = require_env("DR_TEST_ETCD_ENDPOINTS", "etcd");
     let repo = tempfile::tempdir().expect("tempdir");
     let pg = TestPg::new(&fs_repo(&repo));
     // Big enough that a backup takes a while to kill it in the middle.
     pg.pgbench(&["-i", "-s", "10"]);
     let redis = TestRedis::start(&[]);
     redis.populate(2_000);
-    let base = std::fs::read_to_string(&pg.cfg).expect("config");
     let prefix = format!("/t{}", unique("fleet"));
-    let cfg_of = |node: &str| -> PathBuf {
-        let state = pg.dir.path().join(format!("state-{node}"));
-        let text = format!(
-            "{base}\n[postgres.main.schedule]\nbackup = \"*/3 * * * * *\"\n\n\
-             [redis.cache]\nurl = \"{}\"\n[redis.cache.schedule]\nsnapshot = \"*/3 * * * * *\"\n\n\
-             [daemon]\nlisten = \"127.0.0.1:{}\"\nstate_dir = \"{}\"\nretries = 0\n\n\
-             [ha]\nendpoints = [\"{etcd}\"]\nprefix = \"{prefix}\"\nttl = \"3s\"\nloop_wait = \"1s\"\nmember = \"{node}\"\n",
-            redis.url(),
-            free_port(),
-            state.display()
-        );
-        let p = pg.dir.path().join(format!("{node}.toml"));
-        std::fs::write(&p, text).expect("write config");
-        common::pg::chown(&p, &pg.user);
-        p
-    };
+    let jobs = format!(
+        "[postgres.main.schedule]\nbackup = \"*/3 * * * * *\"\n\n\
+         [redis.cache]\nurl = \"{}\"\n[redis.cache.schedule]\nsnapshot = \"*/3 * * * * *\"\n",
+        redis.url()
+    );
+    let cfg_of = |node: &str| fleet_config(&pg, node, &prefix, &jobs);
     let (cfg1, cfg2) = (cfg_of("n1"), cfg_of("n2"));
     let audit = pg.dir.path().join("audit.jsonl");
     let (log1, log2) = (pg.dir.path().join("n1.log"), pg.dir.path().join("n2.log"));
@@ -296,6 +302,65 @@ fn two_daemons_split_the_jobs_one_killed_mid_backup_is_taken_over_and_no_run_ove
     for r in all.iter().filter(|r| r.job == BACKUP && r.outcome == "ok") {
         assert!(ids.contains(&r.written.as_str()), "{r:?} not in {ids:?}");
     }
+}
+
+#[test]
+fn wal_is_streamed_by_one_daemon_of_the_fleet_and_another_takes_over_when_it_dies() {
+    let repo = tempfile::tempdir().expect("tempdir");
+    let pg = TestPg::streaming(&fs_repo(&repo), "stream_flush_interval = \"200ms\"\n");
+    let prefix = format!("/t{}", unique("fleetwal"));
+    let cfgs = ["n1", "n2"].map(|n| fleet_config(&pg, n, &prefix, ""));
+    let logs = ["n1", "n2"].map(|n| pg.dir.path().join(format!("{n}.log")));
+    let log_refs = [logs[0].as_path(), logs[1].as_path()];
+    let mut daemons: Vec<Daemon> = (0..2)
+        .map(|i| Daemon::start(&pg, &cfgs[i], &logs[i]))
+        .collect();
+    let streamers =
+        || pg.sql("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'dr_main'");
+    let owner = || {
+        (0..2).find(|&i| {
+            std::fs::read_to_string(&logs[i])
+                .unwrap_or_default()
+                .contains("this daemon of the fleet runs it now")
+        })
+    };
+    wait_until(
+        "one daemon streams",
+        Duration::from_secs(60),
+        &log_refs,
+        || streamers() == "1" && owner().is_some(),
+    );
+    // The other one waits instead of fighting for the slot.
+    std::thread::sleep(Duration::from_secs(3));
+    let first = owner().expect("owner");
+    let other = 1 - first;
+    let other_log = std::fs::read_to_string(&logs[other]).unwrap_or_default();
+    assert!(
+        !other_log.contains("this daemon of the fleet runs it now")
+            && !other_log.contains("WAL streaming failed"),
+        "{other_log}"
+    );
+    assert_eq!(streamers(), "1");
+
+    daemons[first].kill();
+    pg.sql("CREATE TABLE t AS SELECT i FROM generate_series(1, 50000) i");
+    let lsn = pg.sql("SELECT pg_current_wal_lsn()");
+    wait_until(
+        "the other daemon streams what was written after the kill",
+        Duration::from_secs(60),
+        &log_refs,
+        || {
+            pg.sql(&format!(
+                "SELECT coalesce(bool_or(flush_lsn >= '{lsn}'), false) FROM pg_stat_replication \
+                 WHERE application_name = 'dr_main'"
+            )) == "t"
+        },
+    );
+    assert!(
+        std::fs::read_to_string(&logs[other])
+            .unwrap_or_default()
+            .contains("this daemon of the fleet runs it now")
+    );
 }
 
 /// A fleet member of `[ha]` at `endpoint`, ready to claim.

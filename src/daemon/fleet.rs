@@ -116,24 +116,80 @@ impl FleetRun {
 /// Cancels `run` when the claim of `fleet_run` is lost; returns whether it
 /// was (checked after the run).
 pub fn stop_on_loss(fleet_run: Option<&FleetRun>, run: &CancellationToken) -> Arc<LossFlag> {
-    let flag = Arc::new(LossFlag::default());
-    if let Some(f) = fleet_run {
-        let (lost, run, flag2) = (f.lost(), run.clone(), flag.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = lost.cancelled() => {
-                    flag2.0.store(true, std::sync::atomic::Ordering::SeqCst);
-                    tracing::error!(
-                        "this daemon could not renew its fleet lease in time; stopping the run so \
-                         that it cannot overlap a run on another daemon"
-                    );
-                    run.cancel();
-                }
-                _ = run.cancelled() => {}
-            }
-        });
+    match fleet_run {
+        Some(f) => cancel_on_loss(f.lost(), run),
+        None => Arc::new(LossFlag::default()),
     }
+}
+
+/// Cancels `run` when `lost` fires, saying why; the watch ends with `run`.
+pub fn cancel_on_loss(lost: CancellationToken, run: &CancellationToken) -> Arc<LossFlag> {
+    let flag = Arc::new(LossFlag::default());
+    let (run, flag2) = (run.clone(), flag.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = lost.cancelled() => {
+                flag2.0.store(true, std::sync::atomic::Ordering::SeqCst);
+                tracing::error!(
+                    "this daemon could not renew its fleet lease in time; stopping its run so \
+                     that it cannot overlap a run on another daemon"
+                );
+                run.cancel();
+            }
+            _ = run.cancelled() => {}
+        }
+    });
     flag
+}
+
+/// Runs `work` once this daemon holds the fleet's claim on the continuous
+/// job `job` (a WAL streamer): one daemon of the fleet at a time. The others
+/// wait, and one of them takes over within `ttl` of the holder's death.
+/// Without a fleet, `work` simply runs until `stop`.
+///
+/// Unlike a scheduled run, `work` is not stopped when the lease may be lost:
+/// a WAL streamer's replication slot already admits one streamer at a time,
+/// so an etcd outage must not stop streaming (and, with synchronous
+/// streaming, the primary's commits).
+pub async fn singleton<F, Fut>(
+    fleet: Option<&Fleet>,
+    job: &str,
+    retry: std::time::Duration,
+    stop: &CancellationToken,
+    mut work: F,
+) where
+    F: FnMut(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let Some(fleet) = fleet else {
+        return work(stop.clone()).await;
+    };
+    let mut said = String::new();
+    while !stop.is_cancelled() {
+        let now = match fleet.claim(job, &[], Utc::now()).await {
+            Ok(Claim::Mine(guard)) => {
+                tracing::info!(
+                    job,
+                    node = fleet.node(),
+                    "this daemon of the fleet runs it now"
+                );
+                work(stop.clone()).await;
+                guard.release().await;
+                said.clear();
+                continue;
+            }
+            Ok(Claim::Busy { node } | Claim::Taken { node }) => format!("runs on {node}"),
+            Err(e) => e.to_string(),
+        };
+        if now != said {
+            tracing::info!(job, "{now}; this daemon takes over if that ends");
+            said = now;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(retry) => {}
+        }
+    }
 }
 
 /// Set when a run was stopped because its claim may have been lost.

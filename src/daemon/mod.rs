@@ -323,7 +323,7 @@ fn spawn_streamers(plans: watch::Receiver<Arc<Plan>>, ctx: &Arc<Ctx>) {
                 let handle = ctx.tracker.spawn(run_streamer(
                     cfg.clone(),
                     name.clone(),
-                    ctx.state.clone(),
+                    ctx.clone(),
                     token.clone(),
                 ));
                 running.insert(name, (fp, token, handle));
@@ -364,8 +364,18 @@ impl StreamerSettings {
     }
 }
 
-/// One cluster's streamer until `stop`.
-async fn run_streamer(cfg: Arc<Config>, name: String, state: Arc<Shared>, stop: CancellationToken) {
+/// One cluster's streamer until `stop`; in a fleet, on one daemon at a time.
+async fn run_streamer(cfg: Arc<Config>, name: String, ctx: Arc<Ctx>, stop: CancellationToken) {
+    let retry = cfg.ha().map(|h| h.loop_wait).unwrap_or_default();
+    let job = format!("postgres.{name}.wal-stream");
+    fleet::singleton(ctx.fleet.as_ref(), &job, retry, &stop, |run| {
+        stream_wal(cfg.clone(), name.clone(), ctx.state.clone(), run)
+    })
+    .await;
+}
+
+/// Streams one cluster's WAL until `stop`.
+async fn stream_wal(cfg: Arc<Config>, name: String, state: Arc<Shared>, stop: CancellationToken) {
     let Some(pg) = cfg.postgres.get(&name).map(|p| p.get_ref().clone()) else {
         return;
     };
