@@ -16,6 +16,7 @@ mod lease;
 mod member;
 pub mod ops;
 pub mod pg;
+pub mod stats;
 
 use crate::audit::AuditError;
 use crate::config::{Config, HaConfig};
@@ -23,6 +24,7 @@ use crate::playbook::model::Action;
 use serde::Deserialize;
 
 pub use member::run;
+pub use stats::HaStats;
 
 /// Why an automatic-failover operation failed.
 #[derive(Debug, thiserror::Error)]
