@@ -7,8 +7,8 @@
 #   - Redis with 200k keys, a snapshot every 10 s;
 #   - `dr expire` every 30 s.
 # Prints RSS at start, after the first minute, peak and at the end, job
-# counts from /metrics, and a JSON line. Run it with MALLOC_ARENA_MAX or
-# other allocator settings in the environment to compare them.
+# counts from /metrics, and a JSON line. Run it with MALLOC_ARENA_MAX, or
+# LD_PRELOAD of another allocator, in the environment to compare them.
 #
 # Usage (as root on Debian 12): scripts/bench-daemon.sh [MINUTES]   (default 4)
 # DR_BIN=/path/to/dr uses that binary instead of building a release one.
@@ -174,7 +174,7 @@ wait "$DAEMON_PID" 2>/dev/null || true
 DAEMON_PID=
 
 step "Results"
-python3 - "$BENCH/rss.tsv" "$BENCH/metrics.txt" "$MINUTES" "${MALLOC_ARENA_MAX:-}" <<'PY'
+python3 - "$BENCH/rss.tsv" "$BENCH/metrics.txt" "$MINUTES" "${MALLOC_ARENA_MAX:-}" "${LD_PRELOAD:-}" <<'PY'
 import json, re, sys
 rows = [tuple(int(x) for x in l.split()) for l in open(sys.argv[1]) if l.strip()]
 t0 = rows[0][0]
@@ -189,12 +189,13 @@ for line in open(sys.argv[2]):
         runs.setdefault(kind, {"runs": 0, "failures": 0})[m.group(1)] += int(m.group(3))
 start, minute, peak, last = rss[0][1], at(60), max(r for _, r in rss), rss[-1][1]
 late = [r for t, r in rss if t >= rss[-1][0] / 2]
-print(f"daemon RSS over {sys.argv[3]} min (MALLOC_ARENA_MAX={sys.argv[4] or 'unset'}):")
+print(f"daemon RSS over {sys.argv[3]} min (MALLOC_ARENA_MAX={sys.argv[4] or 'unset'}, LD_PRELOAD={sys.argv[5] or 'unset'}):")
 print(f"  start {start:.0f} MiB, after 1 min {minute:.0f} MiB, peak {peak:.0f} MiB, end {last:.0f} MiB")
 print(f"  second half: min {min(late):.0f}, max {max(late):.0f} MiB")
 for k, v in sorted(runs.items()):
     print(f"  {k:10} runs {v['runs']:4}  failures {v['failures']}")
 print(json.dumps({"minutes": int(sys.argv[3]), "malloc_arena_max": sys.argv[4] or None,
+                  "ld_preload": sys.argv[5] or None,
                   "rss_mib": {"start": round(start), "after_1_min": round(minute),
                               "peak": round(peak), "end": round(last)},
                   "jobs": runs}, separators=(",", ":")))

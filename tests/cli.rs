@@ -694,3 +694,54 @@ fn repo_init_owner_hands_directory_regions_to_the_archiving_user() {
     }
     assert_eq!(std::fs::metadata(env.repo()).expect("meta").uid(), uid);
 }
+
+/// The environment of process `pid`, as `KEY=VALUE` strings.
+fn environ(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect()
+}
+
+#[test]
+fn the_daemon_caps_malloc_arenas_unless_its_environment_chose() {
+    let env = setup();
+    let cfg = env.write_config(&fs_region_toml("local", &env.repo()));
+    assert!(run_cfg(&cfg, &["repo", "init"]).status.success());
+    for (given, want) in [
+        (None, "MALLOC_ARENA_MAX=2"),
+        (Some("8"), "MALLOC_ARENA_MAX=8"),
+    ] {
+        let state = env.dir.path().join(format!("state-{want}"));
+        let listen = format!("127.0.0.1:{}", common::pg::free_port());
+        let mut c = Command::new(dr_bin());
+        c.arg("--config")
+            .arg(&cfg)
+            .args(["daemon", "--listen", &listen, "--state-dir"])
+            .arg(&state)
+            .env_remove("MALLOC_ARENA_MAX")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(v) = given {
+            c.env("MALLOC_ARENA_MAX", v);
+        }
+        let mut child = c.spawn().expect("dr daemon");
+        // The same process, after it started itself again: its lock names it.
+        let t = Instant::now();
+        let lock = state.join("daemon.lock");
+        while !std::fs::read_to_string(&lock)
+            .is_ok_and(|l| l.contains(&format!("pid {} ", child.id())))
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(30) && child.try_wait().expect("wait").is_none(),
+                "the daemon did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let e = environ(child.id());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(e.iter().any(|v| v == want), "{want} not in {e:?}");
+    }
+}
