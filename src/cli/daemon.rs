@@ -24,34 +24,6 @@ pub struct Args {
     pub state_dir: Option<std::path::PathBuf>,
 }
 
-/// Starts `dr daemon` again with `MALLOC_ARENA_MAX=2` unless the
-/// environment sets it. glibc gives threads that allocate at once heaps of
-/// their own (up to 8 per core) and seldom returns their free pages, so a
-/// daemon whose jobs run on many threads held 450 MiB after 4 busy minutes;
-/// with two arenas it peaked at 190 MiB (BENCHMARKS.md, daemon memory). Only
-/// returns if the exec fails, and then the daemon runs as it is.
-pub fn bound_malloc_arenas() {
-    use std::os::unix::process::CommandExt;
-    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
-        return;
-    }
-    let Ok(exe) = std::env::current_exe() else {
-        return;
-    };
-    let mut args = std::env::args_os();
-    let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
-    let err = std::process::Command::new(&exe)
-        .arg0(arg0)
-        .args(args)
-        .env("MALLOC_ARENA_MAX", "2")
-        .exec();
-    eprintln!(
-        "warning: cannot start {} again with MALLOC_ARENA_MAX=2 ({err}); running with glibc's default arenas, \
-         which can hold several hundred MiB; set MALLOC_ARENA_MAX=2 in the daemon's environment",
-        exe.display()
-    );
-}
-
 pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result<ExitCode> {
     let path = config
         .map(Path::to_path_buf)

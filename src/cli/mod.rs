@@ -218,10 +218,6 @@ pub fn run() -> ExitCode {
         Err(e) => return usage_error(&e, json, fetching),
     };
     let fetching = matches!(cli.command, Command::WalFetch { .. });
-    if matches!(&cli.command, Command::Daemon(a) if !a.check) {
-        // Before any thread exists: the exec replaces this process.
-        daemon::bound_malloc_arenas();
-    }
     init_logging(&cli);
     let out = Out { json: cli.json };
     let rt = match tokio::runtime::Builder::new_multi_thread()
