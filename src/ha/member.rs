@@ -8,56 +8,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::HaError;
 use super::dcs::{ClusterView, Dcs, MemberState, Optime, Switchover};
-use super::lease::{ctx, keep_lease, stop_server, watchdog};
+use super::driver::{Background, Tick, reclaim, run_hooks, step_down};
+use super::lease::{ctx, pg_fence, stop_server};
 use super::pg::{self, Observed, Role};
 use crate::audit::{Audit, AuditLog};
 use crate::config::{Config, EnvConfig, HaConfig, HaPgCluster, PgTarget};
 use crate::playbook::Targets;
 use crate::playbook::actions;
 use crate::playbook::model::{Action, FenceMode};
-
-/// How soon a member looks again while it waits for something quick (a
-/// switchover target replaying the old primary's last WAL).
-const HURRY: Duration = Duration::from_millis(50);
-
-/// Runs the automatic-failover loops of member `member` (every cluster it
-/// belongs to) until `stop` is cancelled.
-pub async fn run(cfg: Arc<Config>, member: String, stop: CancellationToken) -> Result<(), HaError> {
-    let ha = super::settings(&cfg)?;
-    let clusters: Vec<String> = ha
-        .postgres
-        .iter()
-        .filter(|(_, c)| c.get_ref().member.contains_key(&member))
-        .map(|(n, _)| n.clone())
-        .collect();
-    if clusters.is_empty() {
-        return Err(HaError::Config(format!(
-            "member {member:?} is in no [ha.postgres.<cluster>]; pass --member with one of the configured member names"
-        )));
-    }
-    let mut tasks = tokio::task::JoinSet::new();
-    for cluster in clusters {
-        tasks.spawn(run_member(
-            cfg.clone(),
-            cluster,
-            member.clone(),
-            stop.clone(),
-        ));
-    }
-    while let Some(r) = tasks.join_next().await {
-        match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(e) => return Err(HaError::Refused(format!("failover loop crashed: {e}"))),
-        }
-    }
-    Ok(())
-}
 
 /// A member's view of one cluster and what it needs to act.
 struct Member {
@@ -74,12 +37,12 @@ struct Member {
     deadline: watch::Receiver<Option<Instant>>,
     leader: Arc<AtomicBool>,
     down_since: Option<Instant>,
-    /// Look again after [`HURRY`] instead of `loop_wait`.
+    /// Look again after [`super::driver::HURRY`] instead of `loop_wait`.
     hurry: bool,
 }
 
 /// Runs member `name` of `cluster` until `stop` is cancelled.
-async fn run_member(
+pub(super) async fn run_member(
     cfg: Arc<Config>,
     cluster: String,
     name: String,
@@ -109,80 +72,30 @@ async fn run_member(
         redis: Default::default(),
         rabbitmq: Default::default(),
     };
-    // etcd may be down when the daemon starts: keep trying, never give up.
-    let dcs = loop {
-        match Dcs::connect(&ha, &cluster, ha.loop_wait).await {
-            Ok(d) => break d,
-            Err(e) => {
-                tracing::warn!(cluster, member = name, "{e}; retrying");
-                tokio::select! {
-                    _ = stop.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(ha.loop_wait) => {}
-                }
-            }
-        }
+    let who = format!("{cluster}/{name}");
+    let fence = pg_fence(me.clone(), AuditLog::from_config(&cfg), who.clone());
+    let Some(bg) = Background::start(&ha, &cluster, &who, fence, &stop).await else {
+        return Ok(());
     };
-    let (lease_tx, lease_rx) = watch::channel(None);
-    let (deadline_tx, deadline_rx) = watch::channel(None);
-    let leader = Arc::new(AtomicBool::new(false));
-    let keeper = tokio::spawn(keep_lease(
-        dcs.clone(),
-        ha.ttl,
-        ha.loop_wait,
-        lease_tx,
-        deadline_tx,
-        stop.clone(),
-    ));
-    let dog = tokio::spawn(watchdog(
-        deadline_rx.clone(),
-        leader.clone(),
-        me.clone(),
-        AuditLog::from_config(&cfg),
-        format!("{cluster}/{name}"),
-        stop.clone(),
-    ));
-    tracing::info!(
-        cluster,
-        member = name,
-        "automatic failover: member loop started"
-    );
     let mut m = Member {
         targets: Targets::new(&format!("ha.{cluster}"), &env),
         name,
         cluster,
         me,
-        dcs,
+        dcs: bg.dcs.clone(),
         audit: AuditLog::from_config(&cfg),
         hooks,
-        lease: lease_rx,
-        deadline: deadline_rx,
-        leader,
+        lease: bg.lease.clone(),
+        deadline: bg.deadline.clone(),
+        leader: bg.leader.clone(),
         down_since: None,
         hurry: false,
         spec,
         ha,
     };
-    let wake = Arc::new(Notify::new());
-    let watcher = tokio::spawn({
-        let (d, w, s, retry) = (m.dcs.clone(), wake.clone(), stop.clone(), m.ha.loop_wait);
-        async move { d.watch_changes(w, retry, s).await }
-    });
-    loop {
-        m.hurry = false;
-        if let Err(e) = m.tick().await {
-            tracing::warn!(cluster = m.cluster, member = m.name, "{e}");
-        }
-        let pause = if m.hurry { HURRY } else { m.ha.loop_wait };
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(pause) => {}
-            _ = wake.notified() => {}
-        }
-    }
+    let loop_wait = m.ha.loop_wait;
+    bg.run(&mut m, loop_wait, &stop).await;
     m.shutdown().await;
-    keeper.abort();
-    dog.abort();
-    watcher.abort();
     Ok(())
 }
 
@@ -195,6 +108,20 @@ fn state(name: &str, o: &Observed) -> MemberState {
         replayed_lsn: o.replayed,
         healthy: o.role != Role::Down,
         sync_standbys: o.sync_standbys.clone(),
+    }
+}
+
+impl Tick for Member {
+    async fn tick(&mut self) -> Result<(), HaError> {
+        Member::tick(self).await
+    }
+
+    fn hurry(&mut self) -> bool {
+        std::mem::take(&mut self.hurry)
+    }
+
+    fn who(&self) -> String {
+        format!("{}/{}", self.cluster, self.name)
     }
 }
 
@@ -368,13 +295,8 @@ impl Member {
             return self.elect(obs, view, lease).await;
         };
         if leader.name == self.name {
-            // Our name under an old lease (the daemon restarted): take it
-            // over if the server is still a healthy primary, else free it.
-            self.dcs.release(&self.name).await?;
-            if obs.role == Role::Primary {
-                self.dcs.try_acquire(&self.name, lease).await?;
-            }
-            return Ok(());
+            let serving = obs.role == Role::Primary;
+            return reclaim(&self.dcs, &self.name, lease, serving).await;
         }
         let leads = view
             .member(&leader.name)
@@ -541,13 +463,7 @@ impl Member {
             self.dcs.set_switchover(None).await?;
         }
         let repointed = self.repoint_others(view).await;
-        let mut hooks = Vec::new();
-        for (i, h) in self.hooks.iter().enumerate() {
-            let r = actions::run(h, &self.targets, &ctx(&self.name)).await;
-            hooks.push(
-                json!({ "hook": i + 1, "ok": r.is_ok(), "detail": r.unwrap_or_else(|e| e.0) }),
-            );
-        }
+        let hooks = run_hooks(&self.hooks, &self.targets, &self.name).await;
         details["promote_seconds"] = json!(promoted);
         details["total_seconds"] = json!(t0.elapsed().as_secs_f64());
         details["new_timeline"] = json!(now.timeline);
@@ -647,14 +563,12 @@ impl Member {
     async fn shutdown(&mut self) {
         let lease = *self.lease.borrow();
         let paused = self.dcs.view().await.map(|v| v.paused).unwrap_or(false);
-        if self.leader.load(Ordering::SeqCst) && !paused {
+        let fence = async {
             if let Err(e) = stop_server(&self.me).await {
                 tracing::error!(member = self.name, "stopping the server on shutdown: {e}");
             }
-            let _ = self.dcs.release(&self.name).await;
-        }
-        if let Some(l) = lease {
-            let _ = self.dcs.revoke(l).await;
-        }
+        };
+        let leading = self.leader.load(Ordering::SeqCst);
+        step_down(&self.dcs, &self.name, lease, leading, paused, fence).await;
     }
 }
