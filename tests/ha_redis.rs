@@ -278,6 +278,22 @@ fn a_bad_redis_ha_config_is_refused_naming_the_key_and_the_fix() {
         err.contains("[[ha.redis.cache.hook]]") && err.contains("playbook action"),
         "{err}"
     );
+    // No daemon runs: the status names the group and has no leader; a
+    // switchover is refused as PostgreSQL-only.
+    let o = g.dr(&["ha", "status"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        out.contains("redis group cache") && out.contains("no leader"),
+        "{out}"
+    );
+    let o = g.dr(&["ha", "switchover", "--to", "b"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("PostgreSQL-only") && err.contains("--group"),
+        "{err}"
+    );
     // A member that is in no group.
     let (ok, err) = check("member.toml", text.clone(), "z");
     assert!(!ok);

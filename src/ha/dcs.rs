@@ -316,6 +316,28 @@ impl Dcs {
         Ok(r.succeeded())
     }
 
+    /// As [`Dcs::try_acquire`], and publishes `optime` in the same
+    /// transaction: a leader that dies right after taking the key has still
+    /// published the position its successors are judged against.
+    pub async fn try_acquire_with_optime<O: Serialize>(
+        &self,
+        name: &str,
+        lease: i64,
+        optime: &O,
+    ) -> Result<bool, HaError> {
+        let body = serde_json::to_vec(optime).map_err(|e| etcd("encoding optime", e))?;
+        let key = self.leader_key();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([
+                TxnOp::put(key, name, Some(PutOptions::new().with_lease(lease))),
+                TxnOp::put(self.key("optime"), body, None),
+            ]);
+        let mut c = self.client.clone();
+        let r = self.bounded("taking the leader key", c.txn(txn)).await?;
+        Ok(r.succeeded())
+    }
+
     /// Deletes the leader key if `name` holds it.
     pub async fn release(&self, name: &str) -> Result<bool, HaError> {
         let key = self.leader_key();

@@ -294,11 +294,18 @@ impl Member {
                     );
                     return self.fence(&why).await;
                 }
-                if self.dcs.try_acquire(&self.name, lease).await? {
+                // With its offset: replicas run only once a master published.
+                let o = RedisOptime {
+                    leader: self.name.clone(),
+                    offset: obs.offset.unwrap_or(0),
+                };
+                if self
+                    .dcs
+                    .try_acquire_with_optime(&self.name, lease, &o)
+                    .await?
+                {
                     self.leader.store(true, Ordering::SeqCst);
                     tracing::info!(member = self.who(), "leader key taken");
-                    // At once: replicas run only once a master published.
-                    self.publish_optime(obs).await?;
                 }
                 Ok(())
             }
