@@ -6,8 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::ha::{LOOP_WAIT, TTL};
+use common::ha::{HaCluster, LOOP_WAIT, TTL};
 use common::ha_redis::RedisGroup;
+use common::topology::start_redis;
 
 const SETTLE: Duration = Duration::from_secs(40);
 
@@ -294,8 +295,76 @@ fn a_bad_redis_ha_config_is_refused_naming_the_key_and_the_fix() {
         err.contains("PostgreSQL-only") && err.contains("--group"),
         "{err}"
     );
+    // One daemon may be a member of a PostgreSQL cluster and a Redis group;
+    // the status then lists both engines.
+    let both = format!(
+        "{text}[ha.postgres.main.member.a]\nconninfo = \"host=127.0.0.1\"\ndata_dir = \"/tmp/a\"\n\n\
+         [ha.postgres.main.member.p]\nconninfo = \"host=127.0.0.1\"\ndata_dir = \"/tmp/p\"\n"
+    );
+    let (ok, err) = check("both.toml", both.clone(), "a");
+    assert!(ok, "{err}");
+    let op = std::fs::read_to_string(&g.op_cfg).expect("operator cfg");
+    let both_op = g.dir.path().join("both-op.toml");
+    std::fs::write(&both_op, format!("{op}{}", &both[text.len()..])).expect("write");
+    let o = std::process::Command::new(common::dr_bin())
+        .arg("--config")
+        .arg(&both_op)
+        .args(["--json", "ha", "status"])
+        .output()
+        .expect("dr");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(s["postgres"][0]["cluster"], "main", "{s}");
+    assert_eq!(s["redis"][0]["group"], "cache", "{s}");
+    assert_eq!(s["redis"][0]["members"][1]["role"], "unknown", "{s}");
     // A member that is in no group.
     let (ok, err) = check("member.toml", text.clone(), "z");
     assert!(!ok);
     assert!(err.contains("--member") && err.contains("a, b"), "{err}");
+}
+
+#[test]
+fn one_daemon_per_host_fails_over_both_its_postgres_cluster_and_its_redis_group() {
+    let etcd = common::require_env("DR_TEST_ETCD_ENDPOINTS", "etcd");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ra = start_redis(dir.path(), "a", None);
+    let rb = start_redis(dir.path(), "b", Some(ra.port));
+    let redis = format!(
+        "[ha.redis.cache.member.a]\nurl = \"{}\"\n\n[ha.redis.cache.member.b]\nurl = \"{}\"\n\n",
+        ra.url(),
+        rb.url()
+    );
+    let mut c = HaCluster::with_more(1, &etcd, &redis);
+    c.start_all(SETTLE);
+    c.wait("a leads the Redis group too", SETTLE, |c| {
+        let s = c.status_json(&["--group", "cache"]);
+        s["leader"] == "a" && s["members"][1]["link_up"] == true
+    });
+    let set = |port: u16| {
+        redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+            .and_then(|mut c| redis::cmd("SET").arg("k").arg("v").query::<()>(&mut c))
+            .is_ok()
+    };
+    let b_port = rb.port;
+
+    c.kill_daemon("a");
+    c.crash_server("a");
+    drop(ra);
+    c.wait(
+        "b accepts writes in both engines",
+        TTL + LOOP_WAIT * 4 + SETTLE,
+        |c| c.writable("b") && set(b_port),
+    );
+    c.wait("both failovers are audited", SETTLE, |c| {
+        c.audited_ok("ha.failover").len() == 2
+    });
+    let mut targets: Vec<String> = c
+        .audited_ok("ha.failover")
+        .iter()
+        .map(|r| format!("{}:{}", r["target"], r["details"]["member"]))
+        .collect();
+    targets.sort();
+    assert_eq!(targets, ["\"main\":\"b\"", "\"redis/cache\":\"b\""]);
+    drop(rb);
 }

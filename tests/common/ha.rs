@@ -73,6 +73,12 @@ impl HaCluster {
 
     /// As [`HaCluster::new`], through the etcd at `etcd` (a URL).
     pub fn with_etcd(standbys: usize, etcd: &str) -> HaCluster {
+        HaCluster::with_more(standbys, etcd, "")
+    }
+
+    /// As [`HaCluster::with_etcd`], with `more` `[ha]` TOML in every config
+    /// (e.g. a Redis group of the same members).
+    pub fn with_more(standbys: usize, etcd: &str, more: &str) -> HaCluster {
         let topo = PgTopology::new(standbys);
         let mut nodes = vec![topo.primary.clone()];
         nodes.extend(topo.standbys.iter().cloned());
@@ -83,7 +89,7 @@ impl HaCluster {
             .map(|(n, node)| topo.server_toml(&format!("ha.postgres.main.member.{n}"), node))
             .collect();
         HaCluster {
-            d: HaDaemons::new(names, etcd, &members),
+            d: HaDaemons::new(names, etcd, &format!("{members}{more}")),
             topo,
             nodes,
         }
@@ -128,9 +134,9 @@ impl HaCluster {
         );
     }
 
-    /// `dr ha status --json`.
+    /// `dr ha status --json --cluster main`.
     pub fn status(&self) -> serde_json::Value {
-        self.status_json(&[])
+        self.status_json(&["--cluster", "main"])
     }
 
     /// Polls until `f` holds, or fails the test with the daemons' logs.
