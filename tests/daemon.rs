@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::pg::{TestPg, free_port, fs_repo};
+use common::pg::{TestPg, free_port, fs_repo, os_id as id};
 use common::redis::{AfterBudget, DrSetup, Proxy, TestRedis};
 use common::{dr_bin, fs_region_toml, require_env};
 
@@ -163,14 +163,6 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
     }
-}
-
-fn id(user: &str, flag: &str) -> u32 {
-    let o = Command::new("id").args([flag, user]).output().expect("id");
-    String::from_utf8_lossy(&o.stdout)
-        .trim()
-        .parse()
-        .expect("numeric id")
 }
 
 /// The value of `name` in the sample whose labels contain `labels`.

@@ -132,16 +132,7 @@ impl Daemon {
         use std::os::unix::process::CommandExt;
         let log = pg.dir.path().join(log);
         let err = std::fs::File::create(&log).expect("log");
-        let id = |flag: &str| -> u32 {
-            let o = Command::new("id")
-                .args([flag, &pg.user])
-                .output()
-                .expect("id");
-            String::from_utf8_lossy(&o.stdout)
-                .trim()
-                .parse()
-                .expect("id")
-        };
+        let id = |flag: &str| common::pg::os_id(&pg.user, flag);
         let child = Command::new(&pg.dr)
             .arg("--config")
             .arg(&pg.cfg)

@@ -43,6 +43,10 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
         v
     };
     let d = plan.cfg.daemon();
+    // The name this daemon claims jobs under, when daemons share them.
+    let fleet = plan.cfg.ha().filter(|h| h.fleet).map(|_| {
+        dr::daemon::fleet::node_name(&plan.cfg, member.as_deref().or(args.member.as_deref()))
+    });
     if out.json {
         let jobs: Vec<_> = plan
             .jobs
@@ -50,7 +54,7 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
             .map(|j| serde_json::json!({ "name": j.name, "kind": j.kind.label(), "schedule": j.cron.expr(), "next_utc": next(j) }))
             .collect();
         out.json(
-            &serde_json::json!({ "ok": true, "timezone": "UTC", "listen": d.listen, "jobs": jobs, "wal_streams": plan.cfg.streaming_clusters() }),
+            &serde_json::json!({ "ok": true, "timezone": "UTC", "listen": d.listen, "jobs": jobs, "wal_streams": plan.cfg.streaming_clusters(), "fleet": fleet }),
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -73,6 +77,11 @@ pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result
     );
     if let Some(m) = &member {
         println!("automatic failover ([ha]) as member {m}");
+    }
+    if let Some(n) = &fleet {
+        println!(
+            "jobs shared through etcd with the daemons of this config (fleet), as {n}: each run on one daemon"
+        );
     }
     let streams = plan.cfg.streaming_clusters();
     for c in &streams {

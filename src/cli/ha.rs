@@ -59,7 +59,8 @@ pub async fn run(cmd: Command, config: Option<&Path>, out: &Out) -> anyhow::Resu
     match cmd {
         Command::Status { cluster, group } => {
             let ha = dr::ha::settings(&cfg)?;
-            let redis = group.is_some() || (cluster.is_none() && ha.postgres.is_empty());
+            let redis = group.is_some()
+                || (cluster.is_none() && ha.postgres.is_empty() && !ha.redis.is_empty());
             if redis {
                 let s = dr::ha::redis_ops::status(&cfg, group.as_deref()).await?;
                 if out.json {
@@ -117,8 +118,9 @@ async fn pause(
     paused: bool,
     out: &Out,
 ) -> anyhow::Result<ExitCode> {
+    let ha = dr::ha::settings(cfg)?;
     let redis =
-        group.is_some() || (cluster.is_none() && dr::ha::settings(cfg)?.postgres.is_empty());
+        group.is_some() || (cluster.is_none() && ha.postgres.is_empty() && !ha.redis.is_empty());
     let c = if redis {
         dr::ha::redis_ops::set_paused(cfg, group, paused).await?
     } else {

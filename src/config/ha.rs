@@ -34,7 +34,12 @@ pub struct HaConfig {
     #[serde(default = "default_loop_wait", with = "humantime_serde")]
     pub loop_wait: std::time::Duration,
     /// Which member this host is (overridden by `--member` / `DR_HA_MEMBER`).
+    /// Without clusters, it only names this daemon in the fleet.
     pub member: Option<String>,
+    /// Daemons sharing this config divide its scheduled jobs through etcd
+    /// (`crate::ha::fleet`): each run on exactly one of them. Default true.
+    #[serde(default = "default_fleet")]
+    pub fleet: bool,
     /// Protected PostgreSQL clusters (`[ha.postgres.<cluster>]`).
     #[serde(default)]
     pub postgres: std::collections::BTreeMap<String, Spanned<HaPgCluster>>,
@@ -68,6 +73,10 @@ pub struct HaPgCluster {
 
 fn default_prefix() -> String {
     "/dr".into()
+}
+
+fn default_fleet() -> bool {
+    true
 }
 
 fn default_ttl() -> std::time::Duration {
@@ -159,8 +168,8 @@ impl Config {
                 h.prefix
             ));
         }
-        if h.postgres.is_empty() && h.redis.is_empty() {
-            return err("[ha] protects no cluster; add [ha.postgres.<cluster>.member.<name>] sections (conninfo, data_dir) or [ha.redis.<group>.member.<name>] sections (url) for each member".into());
+        if h.postgres.is_empty() && h.redis.is_empty() && !h.fleet {
+            return err("[ha] protects no cluster and has fleet = false, so it does nothing; add [ha.postgres.<cluster>.member.<name>] sections (conninfo, data_dir) or [ha.redis.<group>.member.<name>] sections (url) for each member, or remove fleet = false to share the scheduled jobs between daemons".into());
         }
         for (cluster, c) in &h.postgres {
             let cerr = |m: String| Err(self.err(text, c.span(), m));
@@ -168,6 +177,11 @@ impl Config {
                 return cerr(format!(
                     "[ha.postgres.{cluster}]: use letters, digits, '-' and '_' in the cluster name"
                 ));
+            }
+            if cluster == "fleet" {
+                return cerr(
+                    "[ha.postgres.fleet]: \"fleet\" names the keys of the daemons' shared jobs; give the cluster another name".into(),
+                );
             }
             if c.get_ref().member.len() < 2 {
                 return cerr(format!(
@@ -195,6 +209,7 @@ impl Config {
         }
         self.validate_ha_redis(text, h)?;
         if let Some(m) = &h.member
+            && !(h.postgres.is_empty() && h.redis.is_empty())
             && !h.member_names().contains(m)
         {
             return err(format!(

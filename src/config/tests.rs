@@ -331,3 +331,19 @@ fn s3_debug_redacts_secrets() {
         "{dbg}"
     );
 }
+
+#[test]
+fn ha_without_clusters_is_a_fleet_and_the_fleet_name_is_reserved() {
+    let ha = "[ha]\nendpoints = [\"http://127.0.0.1:2379\"]\nttl = \"10s\"\nloop_wait = \"3s\"\n";
+    let c = parse(&format!("{}{ha}", base())).expect("a fleet-only [ha] parses");
+    assert!(c.ha().is_some_and(|h| h.fleet && h.postgres.is_empty()));
+    let e = parse(&format!("{}{ha}fleet = false\n", base())).expect_err("nothing to do");
+    assert!(e.to_string().contains("fleet = false"), "{e}");
+    let member = "conninfo = \"host=127.0.0.1\"\ndata_dir = \"/d\"\n";
+    let e = parse(&format!(
+        "{}{ha}[ha.postgres.fleet.member.a]\n{member}[ha.postgres.fleet.member.b]\n{member}",
+        base()
+    ))
+    .expect_err("reserved name");
+    assert!(e.to_string().contains("another name"), "{e}");
+}

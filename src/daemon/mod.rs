@@ -6,6 +6,7 @@
 //! scheduler, the probes (WAL archive lag, region reachability) and the HTTP
 //! endpoint. One daemon runs per state directory, enforced by an OS file lock.
 
+pub mod fleet;
 pub mod http;
 pub mod jobs;
 pub mod metrics;
@@ -131,7 +132,12 @@ where
 /// The member this daemon is in `[ha]`: `cli` (from `--member`) or
 /// `[ha] member`, which must name a configured member; `None` without `[ha]`.
 pub fn ha_member(cfg: &Config, cli: Option<&str>) -> Result<Option<String>, DaemonError> {
-    let Some(ha) = cfg.ha() else { return Ok(None) };
+    let Some(ha) = cfg
+        .ha()
+        .filter(|h| !h.postgres.is_empty() || !h.redis.is_empty())
+    else {
+        return Ok(None);
+    };
     let names = ha.member_names();
     match ha.member_name(cli) {
         Some(m) if names.iter().any(|n| n == m) => Ok(Some(m.to_string())),
@@ -159,7 +165,11 @@ pub async fn run(path: &Path, member: Option<&str>) -> Result<(), DaemonError> {
     let state = Arc::new(Shared::new(settings.unhealthy_after_failures));
     state.set_jobs(&plan.jobs);
     announce(&plan, &settings.listen);
+    // The fleet lease outlives `stop`: running jobs keep their claims
+    // through the shutdown grace period.
+    let fleet_stop = CancellationToken::new();
     let ctx = Arc::new(Ctx {
+        fleet: fleet::join(&plan.cfg, member, fleet_stop.clone()),
         state: state.clone(),
         slots: Arc::new(Semaphore::new(settings.max_concurrent_jobs)),
         stop: CancellationToken::new(),
@@ -252,6 +262,7 @@ pub async fn run(path: &Path, member: Option<&str>) -> Result<(), DaemonError> {
             tracing::error!("jobs did not stop within 10s of being aborted; exiting anyway");
         }
     }
+    fleet_stop.cancel();
     for l in loops {
         let _ = l.await;
     }
@@ -309,7 +320,7 @@ fn spawn_streamers(plans: watch::Receiver<Arc<Plan>>, ctx: &Arc<Ctx>) {
                 let handle = ctx.tracker.spawn(run_streamer(
                     cfg.clone(),
                     name.clone(),
-                    ctx.state.clone(),
+                    ctx.clone(),
                     token.clone(),
                 ));
                 running.insert(name, (fp, token, handle));
@@ -350,8 +361,18 @@ impl StreamerSettings {
     }
 }
 
-/// One cluster's streamer until `stop`.
-async fn run_streamer(cfg: Arc<Config>, name: String, state: Arc<Shared>, stop: CancellationToken) {
+/// One cluster's streamer until `stop`; in a fleet, on one daemon at a time.
+async fn run_streamer(cfg: Arc<Config>, name: String, ctx: Arc<Ctx>, stop: CancellationToken) {
+    let retry = cfg.ha().map(|h| h.loop_wait).unwrap_or_default();
+    let job = format!("postgres.{name}.wal-stream");
+    fleet::singleton(ctx.fleet.as_ref(), &job, retry, &stop, |run| {
+        stream_wal(cfg.clone(), name.clone(), ctx.state.clone(), run)
+    })
+    .await;
+}
+
+/// Streams one cluster's WAL until `stop`.
+async fn stream_wal(cfg: Arc<Config>, name: String, state: Arc<Shared>, stop: CancellationToken) {
     let Some(pg) = cfg.postgres.get(&name).map(|p| p.get_ref().clone()) else {
         return;
     };

@@ -11,9 +11,11 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::fleet::{self, FleetRun};
 use super::jobs::{self, JobSpec, RetryPolicy};
 use super::metrics::Shared;
 use crate::config::Config;
+use crate::ha::fleet::Fleet;
 
 /// A loaded config and the jobs it schedules.
 #[derive(Debug)]
@@ -36,6 +38,8 @@ pub struct Ctx {
     pub abort: CancellationToken,
     /// Running jobs, so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// With `[ha]` fleet: each run is claimed in etcd first.
+    pub fleet: Option<Fleet>,
 }
 
 /// The longest the loop sleeps, so its heartbeat (watched by `/healthz`)
@@ -61,7 +65,7 @@ pub async fn run(ctx: Arc<Ctx>, mut plans: watch::Receiver<Arc<Plan>>) {
             if let Some(t) = entry.1
                 && t <= now
             {
-                trigger(&ctx, &plan.cfg, job, t);
+                trigger(&ctx, &plan, job, t);
                 entry.1 = job.cron.next_after(now);
             }
         }
@@ -90,7 +94,7 @@ pub async fn run(ctx: Arc<Ctx>, mut plans: watch::Receiver<Arc<Plan>>) {
     }
 }
 
-fn trigger(ctx: &Arc<Ctx>, cfg: &Arc<Config>, job: &JobSpec, at: DateTime<Utc>) {
+fn trigger(ctx: &Arc<Ctx>, plan: &Arc<Plan>, job: &JobSpec, at: DateTime<Utc>) {
     if !ctx.state.try_start(&job.name) {
         tracing::warn!(
             job = %job.name,
@@ -99,12 +103,38 @@ fn trigger(ctx: &Arc<Ctx>, cfg: &Arc<Config>, job: &JobSpec, at: DateTime<Utc>) 
         );
         return;
     }
-    let (ctx2, cfg, job) = (ctx.clone(), cfg.clone(), job.clone());
+    let (ctx2, plan, job) = (ctx.clone(), plan.clone(), job.clone());
     ctx.tracker
-        .spawn(async move { run_job(ctx2, cfg, job).await });
+        .spawn(async move { run_job(ctx2, plan, job, at).await });
 }
 
-async fn run_job(ctx: Arc<Ctx>, cfg: Arc<Config>, job: JobSpec) {
+/// In a fleet, claims the run: `None` when this daemon must not run it
+/// (another has it, or the claim failed, which is recorded as a failure).
+async fn claim(
+    ctx: &Ctx,
+    plan: &Plan,
+    job: &JobSpec,
+    at: DateTime<Utc>,
+) -> Option<Option<FleetRun>> {
+    let Some(f) = &ctx.fleet else {
+        return Some(None);
+    };
+    let names: Vec<String> = plan.jobs.iter().map(|j| j.name.clone()).collect();
+    match fleet::claim(f, &plan.cfg, &names, job, at).await {
+        Ok(Some(run)) => Some(Some(run)),
+        Ok(None) => {
+            ctx.state.ran_elsewhere(&job.name);
+            None
+        }
+        Err(e) => {
+            tracing::error!(job = %job.name, error = %e, "job failed");
+            ctx.state.finish(&job.name, 0.0, Err(e));
+            None
+        }
+    }
+}
+
+async fn run_job(ctx: Arc<Ctx>, plan: Arc<Plan>, job: JobSpec, at: DateTime<Utc>) {
     let permit = tokio::select! {
         p = ctx.slots.clone().acquire_owned() => p,
         _ = ctx.stop.cancelled() => {
@@ -116,6 +146,13 @@ async fn run_job(ctx: Arc<Ctx>, cfg: Arc<Config>, job: JobSpec) {
         ctx.state.cancel(&job.name);
         return;
     };
+    let Some(fleet_run) = claim(&ctx, &plan, &job, at).await else {
+        return;
+    };
+    let cfg = plan.cfg.clone();
+    // Stopped at the end of the grace period, or when a fleet claim may be lost.
+    let cancel = ctx.abort.child_token();
+    let lost = fleet::stop_on_loss(fleet_run.as_ref(), &cancel);
     tracing::info!(job = %job.name, "job started");
     let t0 = Instant::now();
     let policy = RetryPolicy::from(&cfg.daemon());
@@ -137,7 +174,7 @@ async fn run_job(ctx: Arc<Ctx>, cfg: Arc<Config>, job: JobSpec) {
                 delay.as_secs_f64()
             );
         },
-        || jobs::run_once(&cfg, &job, &ctx.abort),
+        || jobs::run_once(&cfg, &job, &cancel),
     );
     // Dropping the run is safe: a backup becomes visible only when its
     // manifest, written last, is durable, and the PostgreSQL session that
@@ -149,21 +186,32 @@ async fn run_job(ctx: Arc<Ctx>, cfg: Arc<Config>, job: JobSpec) {
     } else {
         tokio::select! {
             r = work => Some(r),
-            _ = ctx.abort.cancelled() => None,
+            _ = cancel.cancelled() => None,
         }
     };
+    // Ends the loss watch.
+    cancel.cancel();
     let secs = t0.elapsed().as_secs_f64();
-    match result {
+    let outcome = match result {
         Some(Ok(out)) => {
             for (region, why) in &out.degraded {
                 tracing::warn!(job = %job.name, region, error = %why, "region missed writes; run `dr repo sync` once it is back");
             }
             tracing::info!(job = %job.name, id = %out.id, bytes = out.bytes, seconds = secs, "job succeeded");
-            ctx.state.finish(&job.name, secs, Ok(&out));
+            Ok(out)
         }
         Some(Err(e)) => {
+            let e = match lost.is_set() {
+                true => format!("stopped: this daemon lost its fleet lease mid-run ({e})"),
+                false => e.to_string(),
+            };
             tracing::error!(job = %job.name, error = %e, seconds = secs, "job failed");
-            ctx.state.finish(&job.name, secs, Err(e.to_string()));
+            Err(e)
+        }
+        None if lost.is_set() => {
+            let e = "stopped: this daemon lost its fleet lease mid-run; nothing of this run is visible in the repository";
+            tracing::error!(job = %job.name, seconds = secs, "{e}");
+            Err(e.to_string())
         }
         None => {
             tracing::warn!(
@@ -171,8 +219,12 @@ async fn run_job(ctx: Arc<Ctx>, cfg: Arc<Config>, job: JobSpec) {
                 seconds = secs,
                 "job aborted: the shutdown grace period is over; nothing of this run is visible in the repository"
             );
-            ctx.state
-                .finish(&job.name, secs, Err("aborted at shutdown".into()));
+            Err("aborted at shutdown".to_string())
         }
+    };
+    let outcome = outcome.as_ref().map_err(Clone::clone);
+    if let Some(f) = fleet_run {
+        f.finish(outcome.clone()).await;
     }
+    ctx.state.finish(&job.name, secs, outcome);
 }

@@ -214,7 +214,8 @@ impl Dcs {
         })
     }
 
-    fn key(&self, k: &str) -> String {
+    /// The full name of key `k` under this connection's root.
+    pub(super) fn key(&self, k: &str) -> String {
         format!("{}/{k}", self.root)
     }
 
@@ -223,7 +224,13 @@ impl Dcs {
         self.key("leader")
     }
 
-    async fn bounded<T>(
+    /// A client for requests this type has no method for.
+    pub(super) fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Runs `f`, bounded by the request timeout.
+    pub(super) async fn bounded<T>(
         &self,
         what: &str,
         f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,

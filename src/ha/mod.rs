@@ -17,6 +17,7 @@
 
 pub mod dcs;
 mod driver;
+pub mod fleet;
 mod lease;
 mod member;
 pub mod ops;

@@ -75,8 +75,8 @@ pub fn cluster<'a>(
         None => Err(HaError::Config(match name {
             Some(n) => format!("no [ha.postgres.{n}]; configured: {list}"),
             None if names.is_empty() => {
-                "no [ha.postgres.<cluster>] is configured; dr ha switchover \
-                 is PostgreSQL-only (Redis groups: dr ha status|pause|resume --group NAME)"
+                "no [ha.postgres.<cluster>] is configured (a planned switchover is \
+                 PostgreSQL-only; for a Redis group, dr ha status|pause|resume take --group NAME)"
                     .to_string()
             }
             None => format!("several clusters are configured ({list}); name one with --cluster"),

@@ -600,3 +600,15 @@ impl TestPg {
         self.dr_raw(&args)
     }
 }
+
+/// The numeric uid (`flag = "-u"`) or gid (`"-g"`) of OS user `user`.
+pub fn os_id(user: &str, flag: &str) -> u32 {
+    let o = std::process::Command::new("id")
+        .args([flag, user])
+        .output()
+        .expect("id");
+    String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .parse()
+        .expect("numeric id")
+}

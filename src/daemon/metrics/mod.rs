@@ -43,6 +43,8 @@ pub struct JobStats {
     pub retries: u64,
     /// Scheduled times skipped because a run was still going.
     pub skipped: u64,
+    /// Scheduled times another daemon of the fleet ran (or was running).
+    pub elsewhere: u64,
     /// A run is in progress (or waiting for a slot).
     pub running: bool,
     /// Why the last run failed.
@@ -217,6 +219,7 @@ impl Shared {
                     consecutive_failures: 0,
                     retries: 0,
                     skipped: 0,
+                    elsewhere: 0,
                     running: false,
                     last_error: None,
                     next_run: None,
@@ -282,6 +285,16 @@ impl Shared {
                     j.consecutive_failures += 1;
                     j.last_error = Some(e);
                 }
+            }
+        })
+    }
+
+    /// Records that another daemon of the fleet has this scheduled time.
+    pub fn ran_elsewhere(&self, job: &str) {
+        self.with(|s| {
+            if let Some(j) = s.jobs.get_mut(job) {
+                j.running = false;
+                j.elsewhere += 1;
             }
         })
     }

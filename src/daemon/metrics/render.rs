@@ -50,7 +50,7 @@ impl State {
     /// Per scheduled job: runs, failures, durations, sizes, schedule.
     fn render_jobs(&self, m: &mut Metrics) {
         type Get = fn(&JobStats) -> Option<f64>;
-        let per_job: [(&str, &str, &str, Get); 11] = [
+        let per_job: [(&str, &str, &str, Get); 12] = [
             (
                 "dr_job_last_success_timestamp_seconds",
                 "gauge",
@@ -99,6 +99,12 @@ impl State {
                 "counter",
                 "Scheduled times skipped because the previous run was still going.",
                 |j| Some(j.skipped as f64),
+            ),
+            (
+                "dr_job_runs_elsewhere_total",
+                "counter",
+                "Scheduled times run by another daemon of the fleet ([ha] fleet).",
+                |j| Some(j.elsewhere as f64),
             ),
             (
                 "dr_job_running",
