@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::ha::{HaCluster, LOOP_WAIT, TTL};
+use common::ha::{HaCluster, LOOP_WAIT, OwnEtcd, TTL};
 use common::ha_redis::RedisGroup;
 use common::topology::start_redis;
 
@@ -367,4 +367,52 @@ fn one_daemon_per_host_fails_over_both_its_postgres_cluster_and_its_redis_group(
     targets.sort();
     assert_eq!(targets, ["\"main\":\"b\"", "\"redis/cache\":\"b\""]);
     drop(rb);
+}
+
+#[test]
+fn with_etcd_down_nobody_is_promoted_the_master_fences_itself_and_serves_again_when_etcd_returns() {
+    let mut etcd = OwnEtcd::start();
+    let mut g = RedisGroup::with_etcd(1, &etcd.endpoint);
+    g.start_all(SETTLE);
+    write_acked(&g, "a", 10, 1);
+
+    etcd.kill();
+    let down = Instant::now();
+    g.wait_with(&g, "a fences itself", TTL + SETTLE, |g| {
+        g.set("a", "x", "1").is_err()
+    });
+    let fenced = down.elapsed();
+    eprintln!("etcd down at 0s: a fenced at {fenced:.2?}");
+    assert!(
+        fenced < TTL,
+        "a was fenced after its lease could expire ({fenced:?})"
+    );
+    // Well past the lease: nobody was promoted.
+    while down.elapsed() < TTL + LOOP_WAIT * 3 {
+        assert!(
+            g.set("b", "x", "1").is_err(),
+            "b was promoted without etcd\n{}",
+            g.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    etcd.resume();
+    g.wait_with(&g, "a serves writes again", SETTLE, |g| {
+        g.set("a", "kept:back", "1").is_ok()
+    });
+    assert!(g.set("b", "x", "1").is_err(), "b accepts writes");
+    g.wait_link("b", "a");
+    g.wait_with(&g, "b has a's new write", SETTLE, |g| kept(g, "b") == 11);
+    let s = g.status();
+    assert_eq!(s["leader"], "a", "{s}");
+    // a lifted its own fence (REPLICAOF NO ONE), audited as its promotion.
+    g.wait_with(&g, "a's unfencing is audited", SETTLE, |g| {
+        !g.audited_ok("ha.failover").is_empty()
+    });
+    let lifted = g.audited_ok("ha.failover");
+    assert!(
+        !lifted.is_empty() && lifted.iter().all(|r| r["details"]["member"] == "a"),
+        "{lifted:?}"
+    );
 }

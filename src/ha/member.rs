@@ -361,16 +361,29 @@ impl Member {
                         ))
                         .await;
                 }
-                if self.dcs.try_acquire(&self.name, lease).await? {
+                // With its position, in the same transaction: standbys run
+                // for leader only once a leader has published one, and this
+                // one may die right after taking the key.
+                let taken = match obs.received {
+                    Some(lsn) => {
+                        let o = Optime {
+                            leader: self.name.clone(),
+                            lsn,
+                            sync_standbys: obs.sync_standbys.clone(),
+                        };
+                        self.dcs
+                            .try_acquire_with_optime(&self.name, lease, &o)
+                            .await?
+                    }
+                    None => self.dcs.try_acquire(&self.name, lease).await?,
+                };
+                if taken {
                     self.leader.store(true, Ordering::SeqCst);
                     tracing::info!(
                         cluster = self.cluster,
                         member = self.name,
                         "leader key taken"
                     );
-                    // At once, not a loop later: standbys run for leader
-                    // only once a leader has published a position.
-                    self.publish_optime(obs).await?;
                 }
                 Ok(())
             }

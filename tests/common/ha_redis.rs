@@ -38,7 +38,11 @@ impl RedisGroup {
     /// A master `a` and `replicas` replicas of it in group `cache`, links
     /// up, configs written, no daemon started.
     pub fn new(replicas: usize) -> RedisGroup {
-        let etcd = require_env("DR_TEST_ETCD_ENDPOINTS", "etcd");
+        RedisGroup::with_etcd(replicas, &require_env("DR_TEST_ETCD_ENDPOINTS", "etcd"))
+    }
+
+    /// As [`RedisGroup::new`], through the etcd at `etcd` (a URL).
+    pub fn with_etcd(replicas: usize, etcd: &str) -> RedisGroup {
         let dir = tempfile::tempdir().expect("tempdir");
         let names = member_names(replicas + 1);
         let master = start_redis(dir.path(), "a", None);
@@ -53,7 +57,7 @@ impl RedisGroup {
             .map(|(n, node)| format!("[ha.redis.cache.member.{n}]\nurl = \"{}\"\n\n", node.url()))
             .collect();
         let g = RedisGroup {
-            d: HaDaemons::new(names, &etcd, &members),
+            d: HaDaemons::new(names, etcd, &members),
             nodes: nodes.into_iter().map(Some).collect(),
             ports,
             dir,
