@@ -8,11 +8,12 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::http_get;
 use common::pg::{TestPg, chown, free_port, fs_repo};
 use common::redis::TestRedis;
 
@@ -266,18 +267,6 @@ fn encode(s: &str) -> String {
     out
 }
 
-/// (status, body) of an HTTP/1.0 GET on 127.0.0.1 (no chunking), or None.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let (head, body) = out.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_string()))
-}
-
 fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
@@ -452,6 +441,27 @@ fn a_real_prometheus_finds_every_metric_of_the_rules_and_data_for_every_dashboar
             pg.dir.path().join("failover-state").display(),
             redis.url(),
             pg.dir.path().join("daemon-state").display()
+        ),
+    );
+    // The same server leads an [ha] cluster through the real etcd, so the
+    // failover metrics are scraped too. Its standby p2 is a host that is
+    // down (nothing listens on its port): p1 leads alone.
+    append(
+        &pg.cfg,
+        &format!(
+            "\n[ha]\nendpoints = [\"{}\"]\nprefix = \"/t{}\"\nmember = \"p1\"\n\n\
+             [ha.postgres.main.member.p1]\nconninfo = \"host=127.0.0.1 port={} user=postgres dbname=postgres\"\n\
+             data_dir = \"{}\"\nbin_dir = \"{}\"\nos_user = \"{}\"\n\n\
+             [ha.postgres.main.member.p2]\nconninfo = \"host=127.0.0.1 port={} user=postgres dbname=postgres\"\n\
+             data_dir = \"{}\"\n",
+            common::require_env("DR_TEST_ETCD_ENDPOINTS", "etcd"),
+            common::unique("mon"),
+            pg.port,
+            pg.data.display(),
+            pg.bin.display(),
+            pg.user,
+            free_port(),
+            pg.dir.path().join("p2").display(),
         ),
     );
     let o = pg.dr_raw(&[

@@ -193,10 +193,12 @@ pub async fn run(path: &Path, member: Option<&str>) -> Result<(), DaemonError> {
     // reload must not change who the members are under a running loop.
     let ha_task = ha_member.map(|member| {
         let (cfg, stop) = (plan_rx.borrow().cfg.clone(), ctx.stop.clone());
+        let stats = state.with(|s| s.ha.clone());
         supervise("ha", stop.clone(), move || {
             let (cfg, member, stop) = (cfg.clone(), member.clone(), stop.clone());
+            let stats = stats.clone();
             async move {
-                if let Err(e) = crate::ha::run(cfg, member, stop).await {
+                if let Err(e) = crate::ha::run(cfg, member, stats, stop).await {
                     tracing::error!("automatic failover stopped: {e}");
                 }
             }

@@ -129,6 +129,21 @@ impl<M: Named, O> ClusterView<M, O> {
 }
 
 impl ClusterView {
+    /// The newest position known of the leader: its live state, else the
+    /// position it last published.
+    pub fn leader_lsn(&self) -> Option<Lsn> {
+        self.leader
+            .as_ref()
+            .and_then(|l| self.member(&l.name))
+            .and_then(|m| m.received_lsn)
+            .or(self.optime.as_ref().map(|o| o.lsn))
+    }
+
+    /// Bytes `received` is behind [`ClusterView::leader_lsn`].
+    pub fn lag_bytes(&self, received: Option<Lsn>) -> Option<u64> {
+        Some(self.leader_lsn()?.0.saturating_sub(received?.0))
+    }
+
     /// The standby that should take over when nobody leads: healthy, within
     /// `max_lag` of the last published leader position, synchronous standbys
     /// first, then the most received WAL, then the name (so every member

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::HaError;
 use super::dcs::Dcs;
 use super::lease::{Fence, ctx, keep_lease, watchdog};
+use super::stats::Report;
 use crate::config::HaConfig;
 use crate::playbook::Targets;
 use crate::playbook::actions;
@@ -52,13 +53,14 @@ pub(super) trait Tick {
 impl Background {
     /// Connects to etcd for the keys under `<prefix>/<scope>/` (etcd may be
     /// down when the daemon starts: it keeps trying, never gives up), then
-    /// starts the keeper, the watchdog with `fence` and the watch. `None`
-    /// when `stop` came first.
+    /// starts the keeper, the watchdog with `fence` and the watch, counting
+    /// renewals and fences in `report`. `None` when `stop` came first.
     pub async fn start(
         ha: &HaConfig,
         scope: &str,
         who: &str,
         fence: Fence,
+        report: Report,
         stop: &CancellationToken,
     ) -> Option<Background> {
         let dcs = loop {
@@ -84,12 +86,14 @@ impl Background {
                 ha.loop_wait,
                 lease_tx,
                 deadline_tx,
+                Some(report.clone()),
                 stop.clone(),
             )),
             tokio::spawn(watchdog(
                 deadline.clone(),
                 leader.clone(),
                 fence,
+                Some(report),
                 stop.clone(),
             )),
             tokio::spawn({

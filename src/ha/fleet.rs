@@ -126,6 +126,7 @@ impl Fleet {
                 ha.loop_wait,
                 lease_tx,
                 deadline_tx,
+                None,
                 stop.clone(),
             ));
             register(dcs, node, lease, ha.loop_wait, stop).await;

@@ -14,21 +14,24 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::dcs::Dcs;
+use super::stats::Report;
 use crate::audit::{Audit, AuditLog};
 use crate::config::{EnvConfig, PgTarget};
 use crate::playbook::Targets;
 use crate::playbook::actions::{self, ActionContext};
 use crate::playbook::model::{Action, FenceMode};
 
-/// Grants and renews the member's lease; publishes it and the fencing
-/// deadline. The time recorded is when the renewal was sent, so the
-/// deadline is never later than the lease's real expiry in etcd.
+/// Grants and renews the lease; publishes it and the fencing deadline, and
+/// counts renewals in `report` (a member's; the fleet has none). The time
+/// recorded is when the renewal was sent, so the deadline is never later
+/// than the lease's real expiry in etcd.
 pub(super) async fn keep_lease(
     dcs: Dcs,
     ttl: Duration,
     loop_wait: Duration,
     lease_tx: watch::Sender<Option<i64>>,
     deadline_tx: watch::Sender<Option<Instant>>,
+    report: Option<Report>,
     stop: CancellationToken,
 ) {
     let mut lease: Option<i64> = None;
@@ -49,6 +52,12 @@ pub(super) async fn keep_lease(
                 Ok(true) => true,
                 Ok(false) => {
                     tracing::warn!("lease {id:x} expired; taking a new one");
+                    if let Some(r) = &report {
+                        r.set(|s| {
+                            s.renewals_expired += 1;
+                            s.lease_expires = None;
+                        });
+                    }
                     lease = None;
                     lease_tx.send_replace(None);
                     continue;
@@ -59,6 +68,9 @@ pub(super) async fn keep_lease(
                 }
             },
         };
+        if let Some(r) = &report {
+            r.renewal(ok, Some(sent + ttl));
+        }
         if ok {
             deadline_tx.send_replace(Some(sent + ttl - loop_wait));
             lease_tx.send_if_modified(|l| {
@@ -80,6 +92,7 @@ pub(super) async fn watchdog(
     mut deadline: watch::Receiver<Option<Instant>>,
     leader: Arc<AtomicBool>,
     fence: Fence,
+    report: Option<Report>,
     stop: CancellationToken,
 ) {
     loop {
@@ -95,6 +108,9 @@ pub(super) async fn watchdog(
             r = deadline.changed() => if r.is_err() { return },
             _ = expired => {
                 if leader.swap(false, Ordering::SeqCst) {
+                    if let Some(r) = &report {
+                        r.fence();
+                    }
                     fence().await;
                 }
                 // Wait for a new renewal before arming again.

@@ -13,9 +13,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::HaError;
 use super::dcs::{ClusterView, Dcs, MemberState, Optime, Switchover};
-use super::driver::{Background, Tick, reclaim, run_hooks, step_down};
+use super::driver::{Background, HURRY, Tick, reclaim, run_hooks, step_down};
 use super::lease::{ctx, pg_fence, stop_server};
 use super::pg::{self, Observed, Role};
+use super::stats::Report;
 use crate::audit::{Audit, AuditLog};
 use crate::config::{Config, EnvConfig, HaConfig, HaPgCluster, PgTarget};
 use crate::playbook::Targets;
@@ -36,8 +37,9 @@ struct Member {
     lease: watch::Receiver<Option<i64>>,
     deadline: watch::Receiver<Option<Instant>>,
     leader: Arc<AtomicBool>,
+    report: Report,
     down_since: Option<Instant>,
-    /// Look again after [`super::driver::HURRY`] instead of `loop_wait`.
+    /// Look again after [`HURRY`] instead of `loop_wait`.
     hurry: bool,
 }
 
@@ -46,6 +48,7 @@ pub(super) async fn run_member(
     cfg: Arc<Config>,
     cluster: String,
     name: String,
+    report: Report,
     stop: CancellationToken,
 ) -> Result<(), HaError> {
     let ha = super::settings(&cfg)?.clone();
@@ -74,7 +77,8 @@ pub(super) async fn run_member(
     };
     let who = format!("{cluster}/{name}");
     let fence = pg_fence(me.clone(), AuditLog::from_config(&cfg), who.clone());
-    let Some(bg) = Background::start(&ha, &cluster, &who, fence, &stop).await else {
+    let Some(bg) = Background::start(&ha, &cluster, &who, fence, report.clone(), &stop).await
+    else {
         return Ok(());
     };
     let mut m = Member {
@@ -88,6 +92,7 @@ pub(super) async fn run_member(
         lease: bg.lease.clone(),
         deadline: bg.deadline.clone(),
         leader: bg.leader.clone(),
+        report,
         down_since: None,
         hurry: false,
         spec,
@@ -160,6 +165,15 @@ impl Member {
             .as_ref()
             .is_some_and(|l| l.name == self.name && l.lease == lease);
         self.leader.store(mine, Ordering::SeqCst);
+        self.report.set(|s| {
+            s.role = obs.role.label().into();
+            s.leader = mine;
+            s.leader_name = view.leader.as_ref().map(|l| l.name.clone());
+            s.paused = view.paused;
+            s.timeline = obs.timeline;
+            s.lag_bytes = view.lag_bytes(obs.received);
+            s.max_lag_bytes = self.spec.max_lag_bytes;
+        });
         tracing::debug!(
             member = self.name,
             role = obs.role.label(),
@@ -458,13 +472,27 @@ impl Member {
             target: self.name.clone(),
             timeout: Duration::from_secs(60),
         };
-        if let Err(e) = self.run(promote, "promote").await {
+        let cut = match switchover {
+            // A switchover's old primary has stopped: nothing to cut off.
+            Some(_) => Ok(Vec::new()),
+            None => self.detach_others(view).await,
+        };
+        if let Ok(d) = &cut {
+            details["detached"] = json!(d);
+        }
+        let r = match cut {
+            Ok(_) => self.run(promote, "promote").await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
+            self.report.promotion(switchover.is_some(), false);
             let _ = self.dcs.release(&self.name).await;
             self.leader.store(false, Ordering::SeqCst);
             audit.finish(None, Err(e.to_string())).await;
             return Err(e);
         }
         let promoted = t0.elapsed().as_secs_f64();
+        self.report.promotion(switchover.is_some(), true);
         tracing::warn!(
             cluster = self.cluster,
             member = self.name,
@@ -485,6 +513,54 @@ impl Member {
         audit.set_details(details.clone());
         audit.finish(None, Ok(details)).await;
         Ok(())
+    }
+
+    /// Before a failover promotion: stops every other member's standby from
+    /// streaming, so none acknowledges another commit of the old primary
+    /// (whose server may still run, its daemon frozen or cut off), then
+    /// waits until this member has received everything any of them had: a
+    /// commit acknowledged by any one synchronous standby is kept. Members
+    /// that do not answer are skipped; their servers are down or unreachable.
+    async fn detach_others(&self, view: &ClusterView) -> Result<Vec<serde_json::Value>, HaError> {
+        // The last leader was a primary: nothing to detach, and its host
+        // may be gone, which would only cost a connect timeout.
+        let last = view.optime.as_ref().map(|o| o.leader.as_str());
+        let others: Vec<(&String, &PgTarget)> = self
+            .spec
+            .member
+            .iter()
+            .filter(|(n, _)| **n != self.name && Some(n.as_str()) != last)
+            .map(|(n, t)| (n, t.get_ref()))
+            .collect();
+        let runs = others.iter().map(|(_, t)| pg::detach(t, self.ha.loop_wait));
+        let got = futures::future::join_all(runs).await;
+        let mut need = None;
+        let mut out = Vec::new();
+        for ((n, _), r) in others.iter().zip(got) {
+            if let Ok(Some(lsn)) = &r {
+                need = need.max(Some(*lsn));
+            }
+            out.push(match r {
+                Ok(lsn) => json!({ "member": n, "received_lsn": lsn }),
+                Err(e) => json!({ "member": n, "error": e }),
+            });
+        }
+        let Some(need) = need else { return Ok(out) };
+        let start = Instant::now();
+        loop {
+            let o = pg::observe(&self.me, self.ha.loop_wait).await;
+            if o.received.is_some_and(|r| r >= need) {
+                return Ok(out);
+            }
+            if start.elapsed() > self.ha.ttl {
+                return Err(HaError::Refused(format!(
+                    "not promoted: another standby received up to {need}, this one only {:?}; \
+                     the best standby takes over instead",
+                    o.received
+                )));
+            }
+            tokio::time::sleep(HURRY).await;
+        }
     }
 
     /// Points the other live standbys at this member; each daemon would
@@ -519,6 +595,7 @@ impl Member {
             &self.cluster,
             details.clone(),
         )?;
+        self.report.fence();
         let r = stop_server(&self.me).await;
         tracing::warn!(member = self.name, "fenced: {why}");
         a.finish(None, r.as_ref().map(|_| details).map_err(|e| e.clone()))
@@ -562,6 +639,7 @@ impl Member {
         }
         .await;
         tracing::info!(member = self.name, "rejoin as a standby of {leader}: {r:?}");
+        self.report.rejoin(r.is_ok());
         a.finish(
             None,
             r.as_ref().map(|d| d.clone()).map_err(|e| e.to_string()),

@@ -25,6 +25,7 @@ pub mod pg;
 pub mod redis;
 mod redis_member;
 pub mod redis_ops;
+pub mod stats;
 
 use crate::audit::AuditError;
 use crate::config::{Config, HaConfig};
@@ -32,10 +33,12 @@ use crate::playbook::model::Action;
 use serde::Deserialize;
 
 /// Runs the automatic-failover loops of member `member` (every PostgreSQL
-/// cluster and Redis group it belongs to) until `stop` is cancelled.
+/// cluster and Redis group it belongs to) until `stop` is cancelled,
+/// reporting through `stats`.
 pub async fn run(
     cfg: std::sync::Arc<Config>,
     member: String,
+    stats: std::sync::Arc<HaStats>,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<(), HaError> {
     let ha = settings(&cfg)?;
@@ -60,18 +63,23 @@ pub async fn run(
     }
     let mut tasks = tokio::task::JoinSet::new();
     for c in clusters {
+        let report = stats::Report::new(stats.clone(), &c, &member);
         tasks.spawn(member::run_member(
             cfg.clone(),
             c,
             member.clone(),
+            report,
             stop.clone(),
         ));
     }
     for g in groups {
+        let scope = format!("{}/{g}", crate::config::HA_REDIS_SCOPE);
+        let report = stats::Report::new(stats.clone(), &scope, &member);
         tasks.spawn(redis_member::run_member(
             cfg.clone(),
             g,
             member.clone(),
+            report,
             stop.clone(),
         ));
     }
@@ -84,6 +92,8 @@ pub async fn run(
     }
     Ok(())
 }
+
+pub use stats::HaStats;
 
 /// Why an automatic-failover operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -99,11 +99,7 @@ pub async fn status(cfg: &Config, name: Option<&str>) -> Result<ClusterStatus, H
     };
     let leader_name = view.leader.as_ref().map(|l| l.name.clone());
     // The live leader's own position is fresher than the published optime.
-    let top = leader_name
-        .as_ref()
-        .and_then(|n| view.member(n))
-        .and_then(|m| m.received_lsn)
-        .or(view.optime.as_ref().map(|o| o.lsn));
+    let top = view.leader_lsn();
     let members = spec
         .member
         .keys()
@@ -116,10 +112,7 @@ pub async fn status(cfg: &Config, name: Option<&str>) -> Result<ClusterStatus, H
                 timeline: s.map(|s| s.timeline),
                 received_lsn: s.and_then(|s| s.received_lsn),
                 replayed_lsn: s.and_then(|s| s.replayed_lsn),
-                lag_bytes: match (top, s.and_then(|s| s.received_lsn)) {
-                    (Some(t), Some(r)) => Some(t.0.saturating_sub(r.0)),
-                    _ => None,
-                },
+                lag_bytes: view.lag_bytes(s.and_then(|s| s.received_lsn)),
                 healthy: s.is_some_and(|s| s.healthy),
             }
         })

@@ -128,6 +128,51 @@ async fn query(t: &PgTarget, timeout: Duration) -> Result<Observed, String> {
     })
 }
 
+/// Stops the standby at `t` from streaming (an empty `primary_conninfo`)
+/// and returns the last position it received and flushed, once its WAL
+/// receiver has exited: from then on it cannot acknowledge a commit of the
+/// primary it streamed from. `None` when the server is no standby.
+pub async fn detach(t: &PgTarget, timeout: Duration) -> Result<Option<Lsn>, String> {
+    let c = crate::postgres::connect_to(&t.conninfo, Some(timeout))
+        .await
+        .map_err(|e| crate::postgres::pg_cause(&e))?;
+    let q = |e: tokio_postgres::Error| crate::postgres::sql_cause(&e);
+    let standby: bool = c
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .map_err(q)?
+        .get(0);
+    if !standby {
+        return Ok(None);
+    }
+    c.batch_execute("ALTER SYSTEM SET primary_conninfo = ''")
+        .await
+        .map_err(q)?;
+    c.batch_execute("SELECT pg_reload_conf()")
+        .await
+        .map_err(q)?;
+    let start = std::time::Instant::now();
+    loop {
+        // The receiver's flushed position outlives it; read it once the
+        // receiver is gone, so nothing arrives after it.
+        let row = c
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_stat_wal_receiver), \
+                        coalesce(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::text",
+                &[],
+            )
+            .await
+            .map_err(q)?;
+        if row.get::<_, i64>(0) == 0 {
+            return Ok(row.get::<_, Option<String>>(1).and_then(|s| s.parse().ok()));
+        }
+        if start.elapsed() > timeout {
+            return Err(format!("its WAL receiver still runs after {timeout:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn data_dir(t: &PgTarget) -> Result<&Path, HaError> {
     t.data_dir
         .as_deref()

@@ -19,6 +19,7 @@ use super::dcs::Dcs;
 use super::driver::{Background, Tick, reclaim, run_hooks, step_down};
 use super::lease::{Fence, ctx};
 use super::redis::{self as r, GroupView, Observed, RedisOptime, Role};
+use super::stats::Report;
 use crate::audit::{Audit, AuditLog};
 use crate::config::{Config, EnvConfig, HaConfig, HaRedisGroup};
 use crate::playbook::Targets;
@@ -38,6 +39,7 @@ struct Member {
     lease: watch::Receiver<Option<i64>>,
     deadline: watch::Receiver<Option<Instant>>,
     leader: Arc<AtomicBool>,
+    report: Report,
     down_since: Option<Instant>,
 }
 
@@ -107,6 +109,7 @@ pub(super) async fn run_member(
     cfg: Arc<Config>,
     group: String,
     name: String,
+    report: Report,
     stop: CancellationToken,
 ) -> Result<(), HaError> {
     let ha = super::settings(&cfg)?.clone();
@@ -127,7 +130,7 @@ pub(super) async fn run_member(
     );
     let scope = format!("{}/{group}", crate::config::HA_REDIS_SCOPE);
     let who = format!("redis/{group}/{name}");
-    let Some(bg) = Background::start(&ha, &scope, &who, fence, &stop).await else {
+    let Some(bg) = Background::start(&ha, &scope, &who, fence, report.clone(), &stop).await else {
         return Ok(());
     };
     let mut m = Member {
@@ -140,6 +143,7 @@ pub(super) async fn run_member(
         lease: bg.lease.clone(),
         deadline: bg.deadline.clone(),
         leader: bg.leader.clone(),
+        report,
         down_since: None,
         spec,
         ha,
@@ -163,6 +167,20 @@ impl Tick for Member {
             .as_ref()
             .is_some_and(|l| l.name == self.name && l.lease == lease);
         self.leader.store(mine, Ordering::SeqCst);
+        let top = view
+            .leader
+            .as_ref()
+            .and_then(|l| view.member(&l.name))
+            .and_then(|m| m.offset)
+            .or(view.optime.as_ref().map(|o| o.offset));
+        self.report.set(|s| {
+            s.role = obs.state(&self.name).role;
+            s.leader = mine;
+            s.leader_name = view.leader.as_ref().map(|l| l.name.clone());
+            s.paused = view.paused;
+            s.lag_bytes = top.zip(obs.offset).map(|(t, o)| t.saturating_sub(o));
+            s.max_lag_bytes = self.spec.max_lag_bytes;
+        });
         tracing::debug!(member = self.name, role = ?obs.role, offset = ?obs.offset, leader = ?view.leader, "tick");
         if mine {
             self.lead(&obs, &view).await
@@ -371,9 +389,11 @@ impl Member {
         if let Err(e) = actions::run(&promote, &self.targets, &ctx("promote")).await {
             let _ = self.dcs.release(&self.name).await;
             self.leader.store(false, Ordering::SeqCst);
+            self.report.promotion(false, false);
             audit.finish(None, Err(e.0.clone())).await;
             return Err(HaError::Redis(e.0));
         }
+        self.report.promotion(false, true);
         let promoted = t0.elapsed().as_secs_f64();
         tracing::warn!(member = self.who(), "promoted in {promoted:.2}s: {why}");
         let now = r::observe(&self.targets, &self.name, self.ha.loop_wait).await;
@@ -414,6 +434,7 @@ impl Member {
 
     /// Fences this member's server: it is a master but does not lead.
     async fn fence(&mut self, why: &str) -> Result<(), HaError> {
+        self.report.fence();
         fence_audited(
             &self.targets,
             &self.name,
@@ -448,6 +469,9 @@ impl Member {
             timeout: self.ha.ttl,
         };
         let res = actions::run(&act, &self.targets, &ctx("follow")).await;
+        if audited {
+            self.report.rejoin(res.is_ok());
+        }
         tracing::info!(member = self.who(), "follow {leader}: {res:?}");
         if let Some(a) = a {
             a.finish(None, res.as_ref().map(|_| details).map_err(|e| e.0.clone()))

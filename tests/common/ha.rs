@@ -57,6 +57,8 @@ pub struct HaDaemons {
     pub daemons: Vec<Option<Child>>,
     /// Each member's config.
     pub cfgs: Vec<PathBuf>,
+    /// Each member's daemon's `/metrics` port.
+    pub listens: Vec<u16>,
     /// Config for `dr ha` commands (direct to etcd, no member).
     pub op_cfg: PathBuf,
     /// The shared audit log.
@@ -132,6 +134,64 @@ impl HaCluster {
             "pg_ctl stop: {}",
             String::from_utf8_lossy(&o.stderr)
         );
+    }
+
+    /// Names every server after its member (`cluster_name`, the
+    /// `application_name` its WAL receiver reports) and sets
+    /// `synchronous_standby_names` to `names` on all of them (a server never
+    /// waits for itself), then restarts them. Before any daemon starts.
+    pub fn synchronous(&self, names: &str) {
+        for (n, node) in self.names.iter().zip(&self.nodes) {
+            // One statement each: ALTER SYSTEM refuses a transaction block.
+            for sql in [
+                format!("ALTER SYSTEM SET cluster_name = '{n}'"),
+                format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'"),
+            ] {
+                self.topo.sql(node.port, &sql);
+            }
+            self.topo.restart(node);
+        }
+        let p = self.nodes[0].port;
+        for node in &self.nodes[1..] {
+            self.topo.wait_streaming(node.port, p);
+        }
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, `KILL`) to member `name`'s daemon.
+    pub fn signal_daemon(&self, name: &str, signal: &str) {
+        let pid = self.daemons[self.idx(name)]
+            .as_ref()
+            .unwrap_or_else(|| panic!("daemon {name} is not running"))
+            .id();
+        send_signal(pid, signal);
+    }
+
+    /// SIGKILLs member `name`'s postmaster (its pid from `postmaster.pid`),
+    /// as a crash of the server would.
+    pub fn kill_postmaster(&self, name: &str) {
+        let pidfile = self.nodes[self.idx(name)].data.join("postmaster.pid");
+        let text = std::fs::read_to_string(&pidfile).expect("postmaster.pid");
+        let pid: u32 = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {}: {text:?}", pidfile.display()));
+        send_signal(pid, "KILL");
+    }
+
+    /// Member `name`'s daemon's `/metrics`, or None when it does not answer.
+    pub fn metrics(&self, name: &str) -> Option<String> {
+        super::http_get(self.listens[self.idx(name)], "/metrics")
+            .filter(|(status, _)| *status == 200)
+            .map(|(_, body)| body)
+    }
+
+    /// The sample `family{cluster="main",member=name,labels…}` of member
+    /// `name`'s daemon.
+    pub fn metric(&self, name: &str, family: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let mut all = vec![("cluster", "main"), ("member", name)];
+        all.extend_from_slice(labels);
+        super::sample(&self.metrics(name)?, family, &all)
     }
 
     /// `dr ha status --json --cluster main`.
@@ -213,11 +273,13 @@ impl HaDaemons {
         let etcd_port = endpoint_port(etcd);
         let mut gates = Vec::new();
         let mut cfgs = Vec::new();
+        let mut listens = Vec::new();
         for n in &names {
             let gate = Gate::start(etcd_port);
+            let listen = free_port();
+            listens.push(listen);
             let daemon = format!(
-                "[daemon]\nlisten = \"127.0.0.1:{}\"\nstate_dir = \"{}\"\n\n",
-                free_port(),
+                "[daemon]\nlisten = \"127.0.0.1:{listen}\"\nstate_dir = \"{}\"\n\n",
                 dir.path().join(format!("state-{n}")).display()
             );
             let p = dir.path().join(format!("{n}.toml"));
@@ -235,6 +297,7 @@ impl HaDaemons {
             names,
             gates,
             cfgs,
+            listens,
             op_cfg,
             audit,
         }
@@ -459,6 +522,19 @@ impl Drop for OwnEtcd {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `kill -s <signal> <pid>`: one process, by its id.
+fn send_signal(pid: u32, signal: &str) {
+    let o = Command::new("kill")
+        .args(["-s", signal, &pid.to_string()])
+        .output()
+        .expect("kill");
+    assert!(
+        o.status.success(),
+        "kill -s {signal} {pid}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 impl Drop for HaDaemons {

@@ -160,6 +160,8 @@ pub struct State {
     /// Finished runs of all jobs: the catalog probe rereads the repository
     /// when it changed.
     pub finished_runs: u64,
+    /// What the automatic-failover loops report (empty without `[ha]`).
+    pub ha: std::sync::Arc<crate::ha::HaStats>,
 }
 
 /// The state behind a lock; every update is a short, non-async section.
@@ -185,6 +187,7 @@ impl Shared {
             failovers: BTreeMap::new(),
             last_failover: BTreeMap::new(),
             finished_runs: 0,
+            ha: Default::default(),
         }))
     }
 

@@ -3,6 +3,8 @@
 
 use super::*;
 
+mod ha;
+
 /// Seconds since the epoch, as Prometheus timestamps are written.
 fn ts(t: &DateTime<Utc>) -> f64 {
     t.timestamp_millis() as f64 / 1000.0
@@ -19,6 +21,7 @@ impl State {
         self.render_catalog(&mut m);
         self.render_failovers(&mut m);
         self.render_regions(&mut m);
+        ha::render(&self.ha, &mut m, std::time::Instant::now());
         m.out
     }
 

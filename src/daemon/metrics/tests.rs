@@ -142,3 +142,40 @@ fn catalog_failover_and_schedule_gauges_render_with_their_labels() {
         "{text}"
     );
 }
+
+#[test]
+fn failover_members_show_in_metrics_only_with_ha() {
+    let s = Shared::new(2);
+    let text = s.with(|st| st.render(Utc::now()));
+    assert!(!text.contains("dr_ha_"), "{text}");
+    let ha = s.with(|st| st.ha.clone());
+    ha.update("main", "b", |m| {
+        m.role = "primary".into();
+        m.leader = true;
+        m.timeline = 2;
+        m.lag_bytes = Some(0);
+        m.failovers.ok = 1;
+        m.renewals.ok = 7;
+        m.renewals.failed = 1;
+        m.lease_expires = Some(std::time::Instant::now() + std::time::Duration::from_secs(60));
+    });
+    let text = s.with(|st| st.render(Utc::now()));
+    let b = r#"cluster="main",member="b""#;
+    for want in [
+        format!("dr_ha_leader{{{b}}} 1\n"),
+        format!("dr_ha_timeline{{{b}}} 2\n"),
+        format!("dr_ha_member_role{{{b},role=\"primary\"}} 1\n"),
+        format!("dr_ha_member_role{{{b},role=\"standby\"}} 0\n"),
+        format!("dr_ha_failovers_total{{{b},outcome=\"ok\"}} 1\n"),
+        format!("dr_ha_failovers_total{{{b},outcome=\"failed\"}} 0\n"),
+        format!("dr_ha_lease_renewals_total{{{b},outcome=\"failed\"}} 1\n"),
+        format!("dr_ha_fences_total{{{b}}} 0\n"),
+    ] {
+        assert!(text.contains(&want), "no {want:?} in {text}");
+    }
+    let left = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("dr_ha_lease_seconds_left{{{b}}} ")))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(left.is_some_and(|l| l > 50.0 && l <= 60.0), "{left:?}");
+}
