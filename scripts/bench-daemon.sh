@@ -11,6 +11,7 @@
 # other allocator settings in the environment to compare them.
 #
 # Usage (as root on Debian 12): scripts/bench-daemon.sh [MINUTES]   (default 4)
+# DR_BIN=/path/to/dr uses that binary instead of building a release one.
 # Everything lives in $DR_BENCH_DIR (default /tmp/dr-bench-daemon), recreated
 # each run; the servers it starts are stopped on exit.
 set -euo pipefail
@@ -36,8 +37,12 @@ for tool in redis-server redis-cli curl python3; do
     command -v "$tool" >/dev/null || die "missing $tool: run scripts/setup.sh first"
 done
 
-step "Building dr (release)"
-cargo build --release --locked --quiet
+if [[ -z ${DR_BIN:-} ]]; then
+    step "Building dr (release)"
+    cargo build --release --locked --quiet
+    DR_BIN=$CARGO_TARGET_DIR/release/dr
+fi
+[[ -x $DR_BIN ]] || die "DR_BIN=$DR_BIN is not an executable"
 
 DATA=$BENCH/data
 DAEMON_PID= LOAD_PID= REDIS_PID=
@@ -52,7 +57,7 @@ cleanup() {
 cleanup
 rm -rf "$BENCH"
 mkdir -p "$BENCH"/{bin,repo,state,scratch,redis}
-cp "$CARGO_TARGET_DIR/release/dr" "$BENCH/bin/dr" # /root is not traversable by postgres
+cp "$DR_BIN" "$BENCH/bin/dr" # /root is not traversable by postgres
 chown -R "$OS_USER:" "$BENCH"
 chmod 755 "$BENCH"
 cd "$BENCH"

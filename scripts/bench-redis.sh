@@ -8,7 +8,8 @@
 # and for dr with `sync = "auto"` and `sync = "diskless"`.
 #
 # Usage: scripts/bench-redis.sh [KEYS]        (default 3000000)
-# Environment: RUNS (default 3; the best run of each side counts).
+# Environment: RUNS (default 3; the best run of each side counts); DR_BIN
+# to time that dr binary instead of building a release one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KEYS=${1:-3000000}
@@ -21,9 +22,14 @@ for tool in redis-server redis-cli zstd age /usr/bin/time python3; do
     command -v "$tool" >/dev/null || { echo "missing $tool: run scripts/setup.sh" >&2; exit 1; }
 done
 
-echo "== building dr (release)"
-cargo build --release --locked --quiet
-DR="$CARGO_TARGET_DIR/release/dr"
+if [[ -n ${DR_BIN:-} ]]; then
+    DR=$DR_BIN
+else
+    echo "== building dr (release)"
+    cargo build --release --locked --quiet
+    DR="$CARGO_TARGET_DIR/release/dr"
+fi
+[[ -x $DR ]] || { echo "no dr binary at $DR" >&2; exit 1; }
 
 WORK=$(mktemp -d /tmp/dr-bench-redis.XXXXXX)
 chmod 755 "$WORK"

@@ -27,7 +27,8 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(pg: &TestPg, cfg: &Path, log: &Path) -> Daemon {
+    /// `dr --config cfg daemon args…`.
+    fn start(pg: &TestPg, cfg: &Path, log: &Path, args: &[&str]) -> Daemon {
         let err = std::fs::File::create(log).expect("log file");
         common::pg::chown(log, &pg.user);
         let id = |flag: &str| common::pg::os_id(&pg.user, flag);
@@ -35,6 +36,7 @@ impl Daemon {
             .arg("--config")
             .arg(cfg)
             .arg("daemon")
+            .args(args)
             .env("DR_LOG", "info")
             .uid(id("-u"))
             .gid(id("-g"))
@@ -192,8 +194,8 @@ fn two_daemons_split_the_jobs_one_killed_mid_backup_is_taken_over_and_no_run_ove
     let audit = pg.dir.path().join("audit.jsonl");
     let (log1, log2) = (pg.dir.path().join("n1.log"), pg.dir.path().join("n2.log"));
     let logs = [log1.as_path(), log2.as_path()];
-    let mut d1 = Daemon::start(&pg, &cfg1, &log1);
-    let mut d2 = Daemon::start(&pg, &cfg2, &log2);
+    let mut d1 = Daemon::start(&pg, &cfg1, &log1, &[]);
+    let mut d2 = Daemon::start(&pg, &cfg2, &log2, &[]);
 
     // Jobs in name order dealt round the nodes: the backup to n1, the
     // snapshot to n2.
@@ -275,7 +277,7 @@ fn two_daemons_split_the_jobs_one_killed_mid_backup_is_taken_over_and_no_run_ove
 
     // n1 comes back and gets its share again.
     let d1_back = ok_runs(&runs(&audit), BACKUP, "n1");
-    let _d1 = Daemon::start(&pg, &cfg1, &log1);
+    let _d1 = Daemon::start(&pg, &cfg1, &log1, &[]);
     wait_until("n1 backs up again", Duration::from_secs(60), &logs, || {
         ok_runs(&runs(&audit), BACKUP, "n1") > d1_back
     });
@@ -327,11 +329,28 @@ fn wal_is_streamed_by_one_daemon_of_the_fleet_and_another_takes_over_when_it_die
     let repo = tempfile::tempdir().expect("tempdir");
     let pg = TestPg::streaming(&fs_repo(&repo), "stream_flush_interval = \"200ms\"\n");
     let prefix = format!("/t{}", unique("fleetwal"));
-    let cfgs = ["n1", "n2"].map(|n| fleet_config(&pg, n, &prefix, "").0);
+    // One config file for both: each daemon names itself, its address and
+    // its state directory on its command line.
+    let etcd = require_env("DR_TEST_ETCD_ENDPOINTS", "etcd");
+    let cfg = pg.dir.path().join("shared.toml");
+    let text = std::fs::read_to_string(&pg.cfg).expect("config")
+        + &format!(
+            "\n[ha]\nendpoints = [\"{etcd}\"]\nprefix = \"{prefix}\"\nttl = \"3s\"\nloop_wait = \"1s\"\n"
+        );
+    std::fs::write(&cfg, text).expect("write config");
+    common::pg::chown(&cfg, &pg.user);
     let logs = ["n1", "n2"].map(|n| pg.dir.path().join(format!("{n}.log")));
     let log_refs = [logs[0].as_path(), logs[1].as_path()];
-    let mut daemons: Vec<Daemon> = (0..2)
-        .map(|i| Daemon::start(&pg, &cfgs[i], &logs[i]))
+    let mut daemons: Vec<Daemon> = ["n1", "n2"]
+        .iter()
+        .zip(&logs)
+        .map(|(n, log)| {
+            let listen = format!("127.0.0.1:{}", free_port());
+            let state = pg.dir.path().join(format!("state-{n}"));
+            let state = state.to_str().expect("utf-8 path");
+            let args = ["--member", n, "--listen", &listen, "--state-dir", state];
+            Daemon::start(&pg, &cfg, log, &args)
+        })
         .collect();
     let streamers =
         || pg.sql("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'dr_main'");

@@ -15,17 +15,29 @@ pub struct Args {
     /// Which `[ha]` member this daemon is (default: `[ha] member`).
     #[arg(long, env = "DR_HA_MEMBER")]
     pub member: Option<String>,
+    /// Metrics and health address, over `[daemon] listen` (several daemons
+    /// sharing one config file on one host).
+    #[arg(long, env = "DR_DAEMON_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// State directory (holds the daemon lock), over `[daemon] state_dir`.
+    #[arg(long, env = "DR_DAEMON_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 pub async fn run(args: Args, config: Option<&Path>, out: &Out) -> anyhow::Result<ExitCode> {
     let path = config
         .map(Path::to_path_buf)
         .unwrap_or_else(dr::config::default_config_path);
+    let overrides = dr::daemon::Overrides {
+        member: args.member.clone(),
+        listen: args.listen.clone(),
+        state_dir: args.state_dir.clone(),
+    };
     if !args.check {
-        dr::daemon::run(&path, args.member.as_deref()).await?;
+        dr::daemon::run(&path, &overrides).await?;
         return Ok(ExitCode::SUCCESS);
     }
-    let plan = dr::daemon::load_plan(&path)?;
+    let plan = dr::daemon::load_plan_with(&path, &overrides)?;
     let member = dr::daemon::ha_member(&plan.cfg, args.member.as_deref())?;
     let now = chrono::Utc::now();
     let next = |j: &dr::daemon::jobs::JobSpec| -> Vec<String> {

@@ -75,9 +75,44 @@ pub enum DaemonError {
     NoMember(String),
 }
 
+/// What one daemon sets on its command line over the shared config, so
+/// several daemons (a fleet, or HA members on one host) can share one file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// Its `[ha]` member (over `[ha] member`).
+    pub member: Option<String>,
+    /// Its metrics address (over `[daemon] listen`).
+    pub listen: Option<String>,
+    /// Its state directory (over `[daemon] state_dir`).
+    pub state_dir: Option<std::path::PathBuf>,
+}
+
+impl Overrides {
+    fn apply(&self, cfg: &mut Config) {
+        if self.listen.is_none() && self.state_dir.is_none() {
+            return;
+        }
+        let mut d = cfg.daemon();
+        if let Some(l) = &self.listen {
+            d.listen = l.clone();
+        }
+        if let Some(s) = &self.state_dir {
+            d.state_dir = s.clone();
+        }
+        let span = cfg.daemon.as_ref().map(|d| d.span()).unwrap_or(0..0);
+        cfg.daemon = Some(toml::Spanned::new(span, d));
+    }
+}
+
 /// Loads `path` and the jobs it schedules.
 pub fn load_plan(path: &Path) -> Result<Plan, ConfigError> {
-    let cfg = crate::validate::load(path)?;
+    load_plan_with(path, &Overrides::default())
+}
+
+/// Loads `path` with this daemon's `overrides`, and the jobs it schedules.
+pub fn load_plan_with(path: &Path, overrides: &Overrides) -> Result<Plan, ConfigError> {
+    let mut cfg = crate::validate::load(path)?;
+    overrides.apply(&mut cfg);
     let jobs = jobs::plan(&cfg)?;
     Ok(Plan {
         cfg: Arc::new(cfg),
@@ -147,8 +182,9 @@ pub fn ha_member(cfg: &Config, cli: Option<&str>) -> Result<Option<String>, Daem
 
 /// Runs the daemon for the config at `path` until SIGTERM or SIGINT; with
 /// `[ha]`, also the automatic-failover loop of member `member`.
-pub async fn run(path: &Path, member: Option<&str>) -> Result<(), DaemonError> {
-    let plan = load_plan(path)?;
+pub async fn run(path: &Path, overrides: &Overrides) -> Result<(), DaemonError> {
+    let member = overrides.member.as_deref();
+    let plan = load_plan_with(path, overrides)?;
     let ha_member = ha_member(&plan.cfg, member)?;
     let settings = plan.cfg.daemon();
     let _lock = lock(&settings.state_dir, path)?;
@@ -231,7 +267,7 @@ pub async fn run(path: &Path, member: Option<&str>) -> Result<(), DaemonError> {
 
     let signal_name = loop {
         tokio::select! {
-            _ = hup.recv() => reload(path, &plan_tx, &state),
+            _ = hup.recv() => reload(path, overrides, &plan_tx, &state),
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
         }
@@ -436,8 +472,8 @@ fn announce(plan: &Plan, listen: &str) {
 }
 
 /// SIGHUP: apply the config on disk if it is valid, else keep the running one.
-fn reload(path: &Path, plans: &watch::Sender<Arc<Plan>>, state: &Shared) {
-    match load_plan(path) {
+fn reload(path: &Path, overrides: &Overrides, plans: &watch::Sender<Arc<Plan>>, state: &Shared) {
+    match load_plan_with(path, overrides) {
         Ok(plan) => {
             let old = plans.borrow().cfg.daemon();
             let new = plan.cfg.daemon();
