@@ -10,11 +10,15 @@ use super::{Out, load_config};
 /// `dr ha` subcommands.
 #[derive(clap::Subcommand)]
 pub enum Command {
-    /// Members, roles, lag, the leader and the time left on its lease.
+    /// Members, roles, lag, the leader and the time left on its lease
+    /// (every PostgreSQL cluster and Redis group unless one is named).
     Status {
         /// Cluster (default: the only [ha.postgres.*]).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "group")]
         cluster: Option<String>,
+        /// Redis group (`[ha.redis.<group>]`).
+        #[arg(long)]
+        group: Option<String>,
     },
     /// Planned, zero-loss handover to a standby: the leader stops, the
     /// target replays everything it wrote, then is promoted.
@@ -33,72 +37,48 @@ pub enum Command {
     /// restart or rejoin); a leader cut off from etcd still fences itself.
     Pause {
         /// Cluster (default: the only [ha.postgres.*]).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "group")]
         cluster: Option<String>,
+        /// Redis group (`[ha.redis.<group>]`) instead of a cluster.
+        #[arg(long)]
+        group: Option<String>,
     },
     /// End maintenance mode.
     Resume {
         /// Cluster (default: the only [ha.postgres.*]).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "group")]
         cluster: Option<String>,
+        /// Redis group (`[ha.redis.<group>]`) instead of a cluster.
+        #[arg(long)]
+        group: Option<String>,
     },
 }
 
 pub async fn run(cmd: Command, config: Option<&Path>, out: &Out) -> anyhow::Result<ExitCode> {
     let cfg = load_config(config)?;
     match cmd {
-        Command::Status { cluster } => {
+        Command::Status { cluster, group } => {
+            let ha = dr::ha::settings(&cfg)?;
+            let redis = group.is_some()
+                || (cluster.is_none() && ha.postgres.is_empty() && !ha.redis.is_empty());
+            if redis {
+                let s = dr::ha::redis_ops::status(&cfg, group.as_deref()).await?;
+                if out.json {
+                    out.json(&s);
+                } else {
+                    print_redis(&s);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            if cluster.is_none() && !ha.redis.is_empty() {
+                return status_all(&cfg, out).await;
+            }
             let s = dr::ha::ops::status(&cfg, cluster.as_deref()).await?;
             if out.json {
                 out.json(&s);
                 return Ok(ExitCode::SUCCESS);
             }
-            let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
-            let rows: Vec<Vec<String>> = s
-                .members
-                .iter()
-                .map(|m| {
-                    vec![
-                        m.name.clone(),
-                        if m.leader {
-                            format!("{} (leader)", m.role)
-                        } else {
-                            m.role.clone()
-                        },
-                        opt(m.timeline.map(|t| t.to_string())),
-                        opt(m.received_lsn.map(|l| l.to_string())),
-                        opt(m.replayed_lsn.map(|l| l.to_string())),
-                        opt(m.lag_bytes.map(|l| l.to_string())),
-                        if m.healthy { "yes" } else { "no" }.into(),
-                    ]
-                })
-                .collect();
-            println!(
-                "{}",
-                table(
-                    &[
-                        "MEMBER",
-                        "ROLE",
-                        "TL",
-                        "RECEIVED",
-                        "REPLAYED",
-                        "LAG BYTES",
-                        "HEALTHY"
-                    ],
-                    &rows
-                )
-            );
-            match (&s.leader, s.lease_left_seconds) {
-                (Some(l), Some(t)) => println!("\nleader {l}, lease {t}s left"),
-                (Some(l), None) => println!("\nleader {l}"),
-                _ => println!("\nno leader"),
-            }
-            if s.paused {
-                println!("paused: no automatic action (dr ha resume)");
-            }
-            if let Some(sw) = &s.switchover {
-                println!("switchover in progress: {sw}");
-            }
+            print_pg(&s);
             Ok(ExitCode::SUCCESS)
         }
         Command::Switchover {
@@ -122,24 +102,162 @@ pub async fn run(cmd: Command, config: Option<&Path>, out: &Out) -> anyhow::Resu
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Pause { cluster } => pause(&cfg, cluster.as_deref(), true, out).await,
-        Command::Resume { cluster } => pause(&cfg, cluster.as_deref(), false, out).await,
+        Command::Pause { cluster, group } => {
+            pause(&cfg, cluster.as_deref(), group.as_deref(), true, out).await
+        }
+        Command::Resume { cluster, group } => {
+            pause(&cfg, cluster.as_deref(), group.as_deref(), false, out).await
+        }
     }
 }
 
 async fn pause(
     cfg: &dr::config::Config,
     cluster: Option<&str>,
+    group: Option<&str>,
     paused: bool,
     out: &Out,
 ) -> anyhow::Result<ExitCode> {
-    let c = dr::ha::ops::set_paused(cfg, cluster, paused).await?;
+    let ha = dr::ha::settings(cfg)?;
+    let redis =
+        group.is_some() || (cluster.is_none() && ha.postgres.is_empty() && !ha.redis.is_empty());
+    let c = if redis {
+        dr::ha::redis_ops::set_paused(cfg, group, paused).await?
+    } else {
+        dr::ha::ops::set_paused(cfg, cluster, paused).await?
+    };
     if out.json {
         out.json(&serde_json::json!({ "cluster": c, "paused": paused }));
     } else if paused {
         println!("{c}: paused; the daemons take no automatic action until `dr ha resume`");
     } else {
         println!("{c}: resumed");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The table of a PostgreSQL cluster's members, its leader and state.
+pub(super) fn print_pg(s: &dr::ha::ops::ClusterStatus) {
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let rows: Vec<Vec<String>> = s
+        .members
+        .iter()
+        .map(|m| {
+            vec![
+                m.name.clone(),
+                if m.leader {
+                    format!("{} (leader)", m.role)
+                } else {
+                    m.role.clone()
+                },
+                opt(m.timeline.map(|t| t.to_string())),
+                opt(m.received_lsn.map(|l| l.to_string())),
+                opt(m.replayed_lsn.map(|l| l.to_string())),
+                opt(m.lag_bytes.map(|l| l.to_string())),
+                if m.healthy { "yes" } else { "no" }.into(),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table(
+            &[
+                "MEMBER",
+                "ROLE",
+                "TL",
+                "RECEIVED",
+                "REPLAYED",
+                "LAG BYTES",
+                "HEALTHY"
+            ],
+            &rows
+        )
+    );
+    print_leader(&s.leader, s.lease_left_seconds, s.paused, "");
+    if let Some(sw) = &s.switchover {
+        println!("switchover in progress: {sw}");
+    }
+}
+
+/// The table of a Redis group's members, its leader and state.
+pub(super) fn print_redis(s: &dr::ha::redis_ops::RedisGroupStatus) {
+    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let rows: Vec<Vec<String>> = s
+        .members
+        .iter()
+        .map(|m| {
+            let role = match (m.leader, m.fenced) {
+                (true, _) => format!("{} (leader)", m.role),
+                (false, true) => format!("{} (fenced)", m.role),
+                _ => m.role.clone(),
+            };
+            vec![
+                m.name.clone(),
+                role,
+                opt(m.offset.map(|o| o.to_string())),
+                opt(m.lag_bytes.map(|l| l.to_string())),
+                opt(m.master.clone()),
+                if m.link_up { "up" } else { "-" }.into(),
+                if m.healthy { "yes" } else { "no" }.into(),
+            ]
+        })
+        .collect();
+    println!("redis group {}", s.group);
+    println!(
+        "{}",
+        table(
+            &[
+                "MEMBER",
+                "ROLE",
+                "OFFSET",
+                "LAG BYTES",
+                "MASTER",
+                "LINK",
+                "HEALTHY"
+            ],
+            &rows
+        )
+    );
+    let resume = format!(" --group {}", s.group);
+    print_leader(&s.leader, s.lease_left_seconds, s.paused, &resume);
+}
+
+/// The leader line under a members table; `resume` completes the hint.
+fn print_leader(leader: &Option<String>, lease_left: Option<i64>, paused: bool, resume: &str) {
+    match (leader, lease_left) {
+        (Some(l), Some(t)) => println!("\nleader {l}, lease {t}s left"),
+        (Some(l), None) => println!("\nleader {l}"),
+        _ => println!("\nno leader"),
+    }
+    if paused {
+        println!("paused: no automatic action (dr ha resume{resume})");
+    }
+}
+
+/// Every PostgreSQL cluster and Redis group; JSON as
+/// `{"postgres": [...], "redis": [...]}`.
+async fn status_all(cfg: &dr::config::Config, out: &Out) -> anyhow::Result<ExitCode> {
+    let ha = dr::ha::settings(cfg)?;
+    let mut pg = Vec::new();
+    for c in ha.postgres.keys() {
+        pg.push(dr::ha::ops::status(cfg, Some(c)).await?);
+    }
+    let mut redis = Vec::new();
+    for g in ha.redis.keys() {
+        redis.push(dr::ha::redis_ops::status(cfg, Some(g)).await?);
+    }
+    if out.json {
+        out.json(&serde_json::json!({ "postgres": pg, "redis": redis }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    for s in &pg {
+        println!("postgres cluster {}", s.cluster);
+        print_pg(s);
+        println!();
+    }
+    for s in &redis {
+        print_redis(s);
+        println!();
     }
     Ok(ExitCode::SUCCESS)
 }

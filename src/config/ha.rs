@@ -43,6 +43,9 @@ pub struct HaConfig {
     /// Protected PostgreSQL clusters (`[ha.postgres.<cluster>]`).
     #[serde(default)]
     pub postgres: std::collections::BTreeMap<String, Spanned<HaPgCluster>>,
+    /// Protected Redis groups (`[ha.redis.<group>]`).
+    #[serde(default)]
+    pub redis: std::collections::BTreeMap<String, Spanned<HaRedisGroup>>,
 }
 
 /// `[ha.postgres.<cluster>]`: the members of one replicated cluster.
@@ -165,8 +168,8 @@ impl Config {
                 h.prefix
             ));
         }
-        if h.postgres.is_empty() && !h.fleet {
-            return err("[ha] protects no cluster and has fleet = false, so it does nothing; add [ha.postgres.<cluster>.member.<name>] sections (conninfo, data_dir) for each member, or remove fleet = false to share the scheduled jobs between daemons".into());
+        if h.postgres.is_empty() && h.redis.is_empty() && !h.fleet {
+            return err("[ha] protects no cluster and has fleet = false, so it does nothing; add [ha.postgres.<cluster>.member.<name>] sections (conninfo, data_dir) or [ha.redis.<group>.member.<name>] sections (url) for each member, or remove fleet = false to share the scheduled jobs between daemons".into());
         }
         for (cluster, c) in &h.postgres {
             let cerr = |m: String| Err(self.err(text, c.span(), m));
@@ -204,15 +207,13 @@ impl Config {
                 }
             }
         }
+        self.validate_ha_redis(text, h)?;
         if let Some(m) = &h.member
-            && !h.postgres.is_empty()
-            && !h
-                .postgres
-                .values()
-                .any(|c| c.get_ref().member.contains_key(m))
+            && !(h.postgres.is_empty() && h.redis.is_empty())
+            && !h.member_names().contains(m)
         {
             return err(format!(
-                "[ha] member = {m:?} is not a member of any [ha.postgres.<cluster>]; use one of the names under member."
+                "[ha] member = {m:?} is not a member of any [ha.postgres.<cluster>] or [ha.redis.<group>]; use one of the names under member."
             ));
         }
         Ok(())

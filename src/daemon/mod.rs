@@ -167,14 +167,13 @@ where
 /// The member this daemon is in `[ha]`: `cli` (from `--member`) or
 /// `[ha] member`, which must name a configured member; `None` without `[ha]`.
 pub fn ha_member(cfg: &Config, cli: Option<&str>) -> Result<Option<String>, DaemonError> {
-    let Some(ha) = cfg.ha().filter(|h| !h.postgres.is_empty()) else {
+    let Some(ha) = cfg
+        .ha()
+        .filter(|h| !h.postgres.is_empty() || !h.redis.is_empty())
+    else {
         return Ok(None);
     };
-    let names: Vec<String> = ha
-        .postgres
-        .values()
-        .flat_map(|c| c.get_ref().member.keys().cloned())
-        .collect();
+    let names = ha.member_names();
     match ha.member_name(cli) {
         Some(m) if names.iter().any(|n| n == m) => Ok(Some(m.to_string())),
         _ => Err(DaemonError::NoMember(names.join(", "))),

@@ -3,7 +3,9 @@
 //! `<prefix>/<cluster>/leader` (leased; the leader's name),
 //! `<prefix>/<cluster>/members/<name>` (leased; [`MemberState`] as JSON),
 //! `<prefix>/<cluster>/optime` (the last position the leader published),
-//! `<prefix>/<cluster>/pause` and `<prefix>/<cluster>/switchover`.
+//! `<prefix>/<cluster>/pause` and `<prefix>/<cluster>/switchover`. A Redis
+//! group's keys are the same under `<prefix>/redis/<group>/`, with its own
+//! member and optime shapes ([`ClusterView`] is generic over them).
 //! Every call is bounded by a timeout, so a cut-off daemon notices in time
 //! to fence its server.
 
@@ -16,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
 };
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::HaError;
@@ -40,6 +43,18 @@ pub struct MemberState {
     /// Primary only: `application_name`s of its synchronous standbys.
     #[serde(default)]
     pub sync_standbys: Vec<String>,
+}
+
+/// A published member state, known by its member's name.
+pub trait Named {
+    /// The member's name.
+    fn name(&self) -> &str;
+}
+
+impl Named for MemberState {
+    fn name(&self) -> &str {
+        &self.name
+    }
 }
 
 /// The position the leader last published, kept after its lease ends so
@@ -78,27 +93,42 @@ pub struct Leader {
     pub lease: i64,
 }
 
-/// One read of a cluster's keys.
-#[derive(Debug, Clone, Default)]
-pub struct ClusterView {
+/// One read of a cluster's keys: PostgreSQL's member states and positions
+/// by default, another engine's with `M` and `O`.
+#[derive(Debug, Clone)]
+pub struct ClusterView<M = MemberState, O = Optime> {
     /// The leader key, if held.
     pub leader: Option<Leader>,
     /// Live members (their leases hold).
-    pub members: Vec<MemberState>,
+    pub members: Vec<M>,
     /// Last published leader position.
-    pub optime: Option<Optime>,
+    pub optime: Option<O>,
     /// Automatic actions are paused.
     pub paused: bool,
     /// A pending planned switchover.
     pub switchover: Option<Switchover>,
 }
 
-impl ClusterView {
-    /// The live state of member `name`.
-    pub fn member(&self, name: &str) -> Option<&MemberState> {
-        self.members.iter().find(|m| m.name == name)
+impl<M, O> Default for ClusterView<M, O> {
+    fn default() -> Self {
+        ClusterView {
+            leader: None,
+            members: Vec::new(),
+            optime: None,
+            paused: false,
+            switchover: None,
+        }
     }
+}
 
+impl<M: Named, O> ClusterView<M, O> {
+    /// The live state of member `name`.
+    pub fn member(&self, name: &str) -> Option<&M> {
+        self.members.iter().find(|m| m.name() == name)
+    }
+}
+
+impl ClusterView {
     /// The newest position known of the leader: its live state, else the
     /// position it last published.
     pub fn leader_lsn(&self) -> Option<Lsn> {
@@ -280,10 +310,10 @@ impl Dcs {
     }
 
     /// Publishes a member's state under `lease`.
-    pub async fn put_member(&self, lease: i64, s: &MemberState) -> Result<(), HaError> {
+    pub async fn put_member<S: Serialize + Named>(&self, lease: i64, s: &S) -> Result<(), HaError> {
         let body = serde_json::to_vec(s).map_err(|e| etcd("encoding member state", e))?;
         let mut c = self.client.clone();
-        let key = self.key(&format!("members/{}", s.name));
+        let key = self.key(&format!("members/{}", s.name()));
         self.bounded(
             "publishing member state",
             c.put(key, body, Some(PutOptions::new().with_lease(lease))),
@@ -308,6 +338,28 @@ impl Dcs {
         Ok(r.succeeded())
     }
 
+    /// As [`Dcs::try_acquire`], and publishes `optime` in the same
+    /// transaction: a leader that dies right after taking the key has still
+    /// published the position its successors are judged against.
+    pub async fn try_acquire_with_optime<O: Serialize>(
+        &self,
+        name: &str,
+        lease: i64,
+        optime: &O,
+    ) -> Result<bool, HaError> {
+        let body = serde_json::to_vec(optime).map_err(|e| etcd("encoding optime", e))?;
+        let key = self.leader_key();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([
+                TxnOp::put(key, name, Some(PutOptions::new().with_lease(lease))),
+                TxnOp::put(self.key("optime"), body, None),
+            ]);
+        let mut c = self.client.clone();
+        let r = self.bounded("taking the leader key", c.txn(txn)).await?;
+        Ok(r.succeeded())
+    }
+
     /// Deletes the leader key if `name` holds it.
     pub async fn release(&self, name: &str) -> Result<bool, HaError> {
         let key = self.leader_key();
@@ -320,7 +372,7 @@ impl Dcs {
     }
 
     /// Publishes the leader's position (no lease: it outlives the leader).
-    pub async fn put_optime(&self, o: &Optime) -> Result<(), HaError> {
+    pub async fn put_optime<O: Serialize>(&self, o: &O) -> Result<(), HaError> {
         let body = serde_json::to_vec(o).map_err(|e| etcd("encoding optime", e))?;
         let mut c = self.client.clone();
         self.bounded("publishing optime", c.put(self.key("optime"), body, None))
@@ -406,8 +458,16 @@ impl Dcs {
         }
     }
 
-    /// Reads every key of the cluster in one request (one revision).
+    /// Reads every key of a PostgreSQL cluster in one request (one revision).
     pub async fn view(&self) -> Result<ClusterView, HaError> {
+        self.view_as().await
+    }
+
+    /// Reads every key in one request (one revision), member states and
+    /// the optime parsed as `M` and `O`.
+    pub async fn view_as<M: Named + DeserializeOwned, O: DeserializeOwned>(
+        &self,
+    ) -> Result<ClusterView<M, O>, HaError> {
         let mut c = self.client.clone();
         let prefix = format!("{}/", self.root);
         let r = self
@@ -416,7 +476,7 @@ impl Dcs {
                 c.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
             )
             .await?;
-        let mut v = ClusterView::default();
+        let mut v = ClusterView::<M, O>::default();
         for kv in r.kvs() {
             let Some(k) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) else {
                 continue;
@@ -442,7 +502,7 @@ impl Dcs {
                 _ => {}
             }
         }
-        v.members.sort_by(|a, b| a.name.cmp(&b.name));
+        v.members.sort_by(|a, b| a.name().cmp(b.name()));
         Ok(v)
     }
 }

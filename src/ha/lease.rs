@@ -1,13 +1,14 @@
 //! The member's lease and the fence behind it. The keeper renews the lease
 //! every `loop_wait` and publishes the fencing deadline, `ttl − loop_wait`
-//! after the last renewal sent; the watchdog stops the server when that
-//! deadline passes while the member leads. Both run apart from the member's
+//! after the last renewal sent; the watchdog fences the server (each engine
+//! its own way) when that deadline passes while the member leads. Both run apart from the member's
 //! main loop, so a slow promotion or hook never delays a renewal or a fence.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -85,15 +86,13 @@ pub(super) async fn keep_lease(
     }
 }
 
-/// Stops the server when the deadline passes while this member leads: its
+/// Runs `fence` when the deadline passes while this member leads: its
 /// lease may be about to expire, and a standby to promote.
 pub(super) async fn watchdog(
     mut deadline: watch::Receiver<Option<Instant>>,
     leader: Arc<AtomicBool>,
-    me: PgTarget,
-    audit: AuditLog,
-    who: String,
-    report: Report,
+    fence: Fence,
+    report: Option<Report>,
     stop: CancellationToken,
 ) {
     loop {
@@ -109,8 +108,10 @@ pub(super) async fn watchdog(
             r = deadline.changed() => if r.is_err() { return },
             _ = expired => {
                 if leader.swap(false, Ordering::SeqCst) {
-                    report.fence();
-                    fence_now(&me, &audit, &who).await;
+                    if let Some(r) = &report {
+                        r.fence();
+                    }
+                    fence().await;
                 }
                 // Wait for a new renewal before arming again.
                 if deadline.changed().await.is_err() {
@@ -119,6 +120,18 @@ pub(super) async fn watchdog(
             }
         }
     }
+}
+
+/// What the watchdog runs: a fence of the member's own server, which
+/// audits itself and never fails (it logs what went wrong).
+pub(super) type Fence = Box<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// PostgreSQL's fence for the watchdog: stop the server, audited.
+pub(super) fn pg_fence(me: PgTarget, audit: AuditLog, who: String) -> Fence {
+    Box::new(move || {
+        let (me, audit, who) = (me.clone(), audit.clone(), who.clone());
+        Box::pin(async move { fence_now(&me, &audit, &who).await })
+    })
 }
 
 /// Stops the server now and records why.

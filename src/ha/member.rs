@@ -8,64 +8,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::HaError;
 use super::dcs::{ClusterView, Dcs, MemberState, Optime, Switchover};
-use super::lease::{ctx, keep_lease, stop_server, watchdog};
+use super::driver::{Background, HURRY, Tick, reclaim, run_hooks, step_down};
+use super::lease::{ctx, pg_fence, stop_server};
 use super::pg::{self, Observed, Role};
-use super::stats::{HaStats, Report};
+use super::stats::Report;
 use crate::audit::{Audit, AuditLog};
 use crate::config::{Config, EnvConfig, HaConfig, HaPgCluster, PgTarget};
 use crate::playbook::Targets;
 use crate::playbook::actions;
 use crate::playbook::model::{Action, FenceMode};
-
-/// How soon a member looks again while it waits for something quick (a
-/// switchover target replaying the old primary's last WAL).
-const HURRY: Duration = Duration::from_millis(50);
-
-/// Runs the automatic-failover loops of member `member` (every cluster it
-/// belongs to) until `stop` is cancelled, reporting through `stats`.
-pub async fn run(
-    cfg: Arc<Config>,
-    member: String,
-    stats: Arc<HaStats>,
-    stop: CancellationToken,
-) -> Result<(), HaError> {
-    let ha = super::settings(&cfg)?;
-    let clusters: Vec<String> = ha
-        .postgres
-        .iter()
-        .filter(|(_, c)| c.get_ref().member.contains_key(&member))
-        .map(|(n, _)| n.clone())
-        .collect();
-    if clusters.is_empty() {
-        return Err(HaError::Config(format!(
-            "member {member:?} is in no [ha.postgres.<cluster>]; pass --member with one of the configured member names"
-        )));
-    }
-    let mut tasks = tokio::task::JoinSet::new();
-    for cluster in clusters {
-        let report = Report::new(stats.clone(), &cluster, &member);
-        tasks.spawn(run_member(
-            cfg.clone(),
-            cluster,
-            member.clone(),
-            report,
-            stop.clone(),
-        ));
-    }
-    while let Some(r) = tasks.join_next().await {
-        match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(e) => return Err(HaError::Refused(format!("failover loop crashed: {e}"))),
-        }
-    }
-    Ok(())
-}
 
 /// A member's view of one cluster and what it needs to act.
 struct Member {
@@ -88,7 +44,7 @@ struct Member {
 }
 
 /// Runs member `name` of `cluster` until `stop` is cancelled.
-async fn run_member(
+pub(super) async fn run_member(
     cfg: Arc<Config>,
     cluster: String,
     name: String,
@@ -119,83 +75,32 @@ async fn run_member(
         redis: Default::default(),
         rabbitmq: Default::default(),
     };
-    // etcd may be down when the daemon starts: keep trying, never give up.
-    let dcs = loop {
-        match Dcs::connect(&ha, &cluster, ha.loop_wait).await {
-            Ok(d) => break d,
-            Err(e) => {
-                tracing::warn!(cluster, member = name, "{e}; retrying");
-                tokio::select! {
-                    _ = stop.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(ha.loop_wait) => {}
-                }
-            }
-        }
+    let who = format!("{cluster}/{name}");
+    let fence = pg_fence(me.clone(), AuditLog::from_config(&cfg), who.clone());
+    let Some(bg) = Background::start(&ha, &cluster, &who, fence, report.clone(), &stop).await
+    else {
+        return Ok(());
     };
-    let (lease_tx, lease_rx) = watch::channel(None);
-    let (deadline_tx, deadline_rx) = watch::channel(None);
-    let leader = Arc::new(AtomicBool::new(false));
-    let keeper = tokio::spawn(keep_lease(
-        dcs.clone(),
-        ha.ttl,
-        ha.loop_wait,
-        lease_tx,
-        deadline_tx,
-        Some(report.clone()),
-        stop.clone(),
-    ));
-    let dog = tokio::spawn(watchdog(
-        deadline_rx.clone(),
-        leader.clone(),
-        me.clone(),
-        AuditLog::from_config(&cfg),
-        format!("{cluster}/{name}"),
-        report.clone(),
-        stop.clone(),
-    ));
-    tracing::info!(
-        cluster,
-        member = name,
-        "automatic failover: member loop started"
-    );
     let mut m = Member {
         targets: Targets::new(&format!("ha.{cluster}"), &env),
         name,
         cluster,
         me,
-        dcs,
+        dcs: bg.dcs.clone(),
         audit: AuditLog::from_config(&cfg),
         hooks,
-        lease: lease_rx,
-        deadline: deadline_rx,
-        leader,
+        lease: bg.lease.clone(),
+        deadline: bg.deadline.clone(),
+        leader: bg.leader.clone(),
         report,
         down_since: None,
         hurry: false,
         spec,
         ha,
     };
-    let wake = Arc::new(Notify::new());
-    let watcher = tokio::spawn({
-        let (d, w, s, retry) = (m.dcs.clone(), wake.clone(), stop.clone(), m.ha.loop_wait);
-        async move { d.watch_changes(w, retry, s).await }
-    });
-    loop {
-        m.hurry = false;
-        if let Err(e) = m.tick().await {
-            tracing::warn!(cluster = m.cluster, member = m.name, "{e}");
-        }
-        let pause = if m.hurry { HURRY } else { m.ha.loop_wait };
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(pause) => {}
-            _ = wake.notified() => {}
-        }
-    }
+    let loop_wait = m.ha.loop_wait;
+    bg.run(&mut m, loop_wait, &stop).await;
     m.shutdown().await;
-    keeper.abort();
-    dog.abort();
-    watcher.abort();
     Ok(())
 }
 
@@ -208,6 +113,20 @@ fn state(name: &str, o: &Observed) -> MemberState {
         replayed_lsn: o.replayed,
         healthy: o.role != Role::Down,
         sync_standbys: o.sync_standbys.clone(),
+    }
+}
+
+impl Tick for Member {
+    async fn tick(&mut self) -> Result<(), HaError> {
+        Member::tick(self).await
+    }
+
+    fn hurry(&mut self) -> bool {
+        std::mem::take(&mut self.hurry)
+    }
+
+    fn who(&self) -> String {
+        format!("{}/{}", self.cluster, self.name)
     }
 }
 
@@ -390,13 +309,8 @@ impl Member {
             return self.elect(obs, view, lease).await;
         };
         if leader.name == self.name {
-            // Our name under an old lease (the daemon restarted): take it
-            // over if the server is still a healthy primary, else free it.
-            self.dcs.release(&self.name).await?;
-            if obs.role == Role::Primary {
-                self.dcs.try_acquire(&self.name, lease).await?;
-            }
-            return Ok(());
+            let serving = obs.role == Role::Primary;
+            return reclaim(&self.dcs, &self.name, lease, serving).await;
         }
         let leads = view
             .member(&leader.name)
@@ -461,16 +375,29 @@ impl Member {
                         ))
                         .await;
                 }
-                if self.dcs.try_acquire(&self.name, lease).await? {
+                // With its position, in the same transaction: standbys run
+                // for leader only once a leader has published one, and this
+                // one may die right after taking the key.
+                let taken = match obs.received {
+                    Some(lsn) => {
+                        let o = Optime {
+                            leader: self.name.clone(),
+                            lsn,
+                            sync_standbys: obs.sync_standbys.clone(),
+                        };
+                        self.dcs
+                            .try_acquire_with_optime(&self.name, lease, &o)
+                            .await?
+                    }
+                    None => self.dcs.try_acquire(&self.name, lease).await?,
+                };
+                if taken {
                     self.leader.store(true, Ordering::SeqCst);
                     tracing::info!(
                         cluster = self.cluster,
                         member = self.name,
                         "leader key taken"
                     );
-                    // At once, not a loop later: standbys run for leader
-                    // only once a leader has published a position.
-                    self.publish_optime(obs).await?;
                 }
                 Ok(())
             }
@@ -577,13 +504,7 @@ impl Member {
             self.dcs.set_switchover(None).await?;
         }
         let repointed = self.repoint_others(view).await;
-        let mut hooks = Vec::new();
-        for (i, h) in self.hooks.iter().enumerate() {
-            let r = actions::run(h, &self.targets, &ctx(&self.name)).await;
-            hooks.push(
-                json!({ "hook": i + 1, "ok": r.is_ok(), "detail": r.unwrap_or_else(|e| e.0) }),
-            );
-        }
+        let hooks = run_hooks(&self.hooks, &self.targets, &self.name).await;
         details["promote_seconds"] = json!(promoted);
         details["total_seconds"] = json!(t0.elapsed().as_secs_f64());
         details["new_timeline"] = json!(now.timeline);
@@ -733,14 +654,12 @@ impl Member {
     async fn shutdown(&mut self) {
         let lease = *self.lease.borrow();
         let paused = self.dcs.view().await.map(|v| v.paused).unwrap_or(false);
-        if self.leader.load(Ordering::SeqCst) && !paused {
+        let fence = async {
             if let Err(e) = stop_server(&self.me).await {
                 tracing::error!(member = self.name, "stopping the server on shutdown: {e}");
             }
-            let _ = self.dcs.release(&self.name).await;
-        }
-        if let Some(l) = lease {
-            let _ = self.dcs.revoke(l).await;
-        }
+        };
+        let leading = self.leader.load(Ordering::SeqCst);
+        step_down(&self.dcs, &self.name, lease, leading, paused, fence).await;
     }
 }

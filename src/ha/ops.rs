@@ -74,6 +74,11 @@ pub fn cluster<'a>(
         Some((n, c)) => Ok((ha, n.clone(), c.get_ref())),
         None => Err(HaError::Config(match name {
             Some(n) => format!("no [ha.postgres.{n}]; configured: {list}"),
+            None if names.is_empty() => {
+                "no [ha.postgres.<cluster>] is configured (a planned switchover is \
+                 PostgreSQL-only; for a Redis group, dr ha status|pause|resume take --group NAME)"
+                    .to_string()
+            }
             None => format!("several clusters are configured ({list}); name one with --cluster"),
         })),
     }

@@ -1,8 +1,8 @@
 //! A replicated PostgreSQL cluster under automatic failover: the
-//! [`PgTopology`] servers, one real `dr daemon` per member, each reaching the
-//! real etcd of `scripts/testenv.sh` through its own [`Gate`] so a test can
-//! cut one member off from etcd, and an operator config that reaches etcd
-//! directly.
+//! [`PgTopology`] servers and an [`HaDaemons`]: one real `dr daemon` per
+//! member, each reaching the real etcd of `scripts/testenv.sh` through its
+//! own [`Gate`] so a test can cut one member off from etcd, and an operator
+//! config that reaches etcd directly. Redis groups reuse [`HaDaemons`].
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -20,16 +20,37 @@ pub const TTL: Duration = Duration::from_secs(6);
 /// Loop period in the tests.
 pub const LOOP_WAIT: Duration = Duration::from_secs(1);
 
-/// Members `a` (the primary), `b`, `c`, … with their daemons.
+/// Members `a` (the primary), `b`, `c`, … with their daemons (the
+/// [`HaDaemons`] fields and methods are reached through `Deref`).
 pub struct HaCluster {
-    /// The servers (dropped last: daemons are killed first).
+    /// The daemons (dropped, so killed, first).
+    pub d: HaDaemons,
+    /// The servers.
     pub topo: PgTopology,
+    /// Each member's server.
+    pub nodes: Vec<PgNode>,
+}
+
+impl std::ops::Deref for HaCluster {
+    type Target = HaDaemons;
+    fn deref(&self) -> &HaDaemons {
+        &self.d
+    }
+}
+
+impl std::ops::DerefMut for HaCluster {
+    fn deref_mut(&mut self) -> &mut HaDaemons {
+        &mut self.d
+    }
+}
+
+/// Members named `a`, `b`, … with one `dr daemon` each, their configs,
+/// gates to etcd, logs and the shared audit log.
+pub struct HaDaemons {
     /// Configs, daemon logs, audit log.
     pub dir: tempfile::TempDir,
     /// Member names, `a` first.
     pub names: Vec<String>,
-    /// Each member's server.
-    pub nodes: Vec<PgNode>,
     /// Each member's way to etcd.
     pub gates: Vec<Gate>,
     /// Running daemons.
@@ -54,97 +75,31 @@ impl HaCluster {
 
     /// As [`HaCluster::new`], through the etcd at `etcd` (a URL).
     pub fn with_etcd(standbys: usize, etcd: &str) -> HaCluster {
+        HaCluster::with_more(standbys, etcd, "")
+    }
+
+    /// As [`HaCluster::with_etcd`], with `more` `[ha]` TOML in every config
+    /// (e.g. a Redis group of the same members).
+    pub fn with_more(standbys: usize, etcd: &str, more: &str) -> HaCluster {
         let topo = PgTopology::new(standbys);
-        let dir = tempfile::tempdir().expect("tempdir");
         let mut nodes = vec![topo.primary.clone()];
         nodes.extend(topo.standbys.iter().cloned());
-        let names: Vec<String> = (0..nodes.len())
-            .map(|i| char::from(b'a' + i as u8).to_string())
-            .collect();
-        let prefix = format!("/t{}", unique("ha"));
-        let audit = dir.path().join("audit.jsonl");
+        let names = member_names(nodes.len());
         let members: String = names
             .iter()
             .zip(&nodes)
             .map(|(n, node)| topo.server_toml(&format!("ha.postgres.main.member.{n}"), node))
             .collect();
-        let base = |endpoint: &str, extra: &str| {
-            format!(
-                "[repository]\nrecipients = [\"{RECIPIENT}\"]\n\n[[region]]\nname = \"local\"\ntype = \"fs\"\npath = \"{}\"\n\n[audit]\npath = \"{}\"\n\n{extra}[ha]\nendpoints = [\"{endpoint}\"]\nprefix = \"{prefix}\"\nttl = \"{}s\"\nloop_wait = \"{}s\"\n\n{members}",
-                dir.path().join("repo").display(),
-                audit.display(),
-                TTL.as_secs(),
-                LOOP_WAIT.as_secs(),
-            )
-        };
-        let op_cfg = dir.path().join("operator.toml");
-        std::fs::write(&op_cfg, base(etcd, "")).expect("write config");
-        let etcd_port = endpoint_port(etcd);
-        let mut gates = Vec::new();
-        let mut cfgs = Vec::new();
-        let mut listens = Vec::new();
-        for n in &names {
-            let gate = Gate::start(etcd_port);
-            let listen = free_port();
-            listens.push(listen);
-            let daemon = format!(
-                "[daemon]\nlisten = \"127.0.0.1:{listen}\"\nstate_dir = \"{}\"\n\n",
-                dir.path().join(format!("state-{n}")).display()
-            );
-            let p = dir.path().join(format!("{n}.toml"));
-            std::fs::write(
-                &p,
-                base(&format!("http://127.0.0.1:{}", gate.port), &daemon),
-            )
-            .expect("write config");
-            gates.push(gate);
-            cfgs.push(p);
-        }
         HaCluster {
-            daemons: names.iter().map(|_| None).collect(),
+            d: HaDaemons::new(names, etcd, &format!("{members}{more}")),
             topo,
-            dir,
-            names,
             nodes,
-            gates,
-            cfgs,
-            listens,
-            op_cfg,
-            audit,
         }
-    }
-
-    /// Index of member `name`.
-    pub fn idx(&self, name: &str) -> usize {
-        self.names
-            .iter()
-            .position(|n| n == name)
-            .unwrap_or_else(|| panic!("no member {name}"))
     }
 
     /// Port of member `name`'s server.
     pub fn port(&self, name: &str) -> u16 {
         self.nodes[self.idx(name)].port
-    }
-
-    /// Starts `dr daemon --member name`, logging to `daemon-<name>.log`.
-    pub fn start_daemon(&mut self, name: &str) {
-        let i = self.idx(name);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(format!("daemon-{name}.log")))
-            .expect("log");
-        let child = Command::new(dr_bin())
-            .arg("--config")
-            .arg(&self.cfgs[i])
-            .args(["-v", "daemon", "--member", name])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start dr daemon");
-        self.daemons[i] = Some(child);
     }
 
     /// Starts every member's daemon and waits until `a` leads and the
@@ -155,15 +110,6 @@ impl HaCluster {
         }
         let others: Vec<&str> = self.names[1..].iter().map(String::as_str).collect();
         self.wait_settled("a", &others, timeout);
-    }
-
-    /// SIGKILLs member `name`'s daemon.
-    pub fn kill_daemon(&mut self, name: &str) {
-        let i = self.idx(name);
-        if let Some(mut c) = self.daemons[i].take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 
     /// Stops member `name`'s server the hard way (`pg_ctl -m immediate`),
@@ -248,57 +194,14 @@ impl HaCluster {
         super::sample(&self.metrics(name)?, family, &all)
     }
 
-    /// Runs `dr --config <operator config> args…`.
-    pub fn dr(&self, args: &[&str]) -> Output {
-        Command::new(dr_bin())
-            .arg("--config")
-            .arg(&self.op_cfg)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run dr")
-    }
-
-    /// `dr ha status --json`.
+    /// `dr ha status --json --cluster main`.
     pub fn status(&self) -> serde_json::Value {
-        let o = self.dr(&["--json", "ha", "status"]);
-        assert!(
-            o.status.success(),
-            "dr ha status: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        serde_json::from_slice(&o.stdout).expect("status json")
-    }
-
-    /// The daemons' logs, for failure messages.
-    pub fn logs(&self) -> String {
-        self.names
-            .iter()
-            .map(|n| {
-                let p = self.dir.path().join(format!("daemon-{n}.log"));
-                let t = std::fs::read_to_string(&p).unwrap_or_default();
-                let lines: Vec<&str> = t.lines().collect();
-                let head = &lines[..lines.len().min(25)];
-                let tail = &lines[lines.len().saturating_sub(25).max(head.len())..];
-                format!(
-                    "---- daemon {n} ----\n{}\n…\n{}\n",
-                    head.join("\n"),
-                    tail.join("\n")
-                )
-            })
-            .collect()
+        self.status_json(&["--cluster", "main"])
     }
 
     /// Polls until `f` holds, or fails the test with the daemons' logs.
-    pub fn wait(&self, what: &str, timeout: Duration, mut f: impl FnMut(&HaCluster) -> bool) {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if f(self) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("{what}: not within {timeout:?}\n{}", self.logs());
+    pub fn wait(&self, what: &str, timeout: Duration, f: impl FnMut(&HaCluster) -> bool) {
+        self.d.wait_with(self, what, timeout, f)
     }
 
     /// Waits until `leader` holds the key and each of `followers` is a
@@ -339,6 +242,133 @@ impl HaCluster {
             )
             .is_ok()
     }
+}
+
+/// `a`, `b`, … for `n` members.
+pub fn member_names(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| char::from(b'a' + i as u8).to_string())
+        .collect()
+}
+
+impl HaDaemons {
+    /// Configs for members `names` whose `[ha]` member sections are
+    /// `members` (TOML), each daemon reaching the etcd at `etcd` through
+    /// its own gate; no daemon started yet.
+    pub fn new(names: Vec<String>, etcd: &str, members: &str) -> HaDaemons {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let prefix = format!("/t{}", unique("ha"));
+        let audit = dir.path().join("audit.jsonl");
+        let base = |endpoint: &str, extra: &str| {
+            format!(
+                "[repository]\nrecipients = [\"{RECIPIENT}\"]\n\n[[region]]\nname = \"local\"\ntype = \"fs\"\npath = \"{}\"\n\n[audit]\npath = \"{}\"\n\n{extra}[ha]\nendpoints = [\"{endpoint}\"]\nprefix = \"{prefix}\"\nttl = \"{}s\"\nloop_wait = \"{}s\"\n\n{members}",
+                dir.path().join("repo").display(),
+                audit.display(),
+                TTL.as_secs(),
+                LOOP_WAIT.as_secs(),
+            )
+        };
+        let op_cfg = dir.path().join("operator.toml");
+        std::fs::write(&op_cfg, base(etcd, "")).expect("write config");
+        let etcd_port = endpoint_port(etcd);
+        let mut gates = Vec::new();
+        let mut cfgs = Vec::new();
+        let mut listens = Vec::new();
+        for n in &names {
+            let gate = Gate::start(etcd_port);
+            let listen = free_port();
+            listens.push(listen);
+            let daemon = format!(
+                "[daemon]\nlisten = \"127.0.0.1:{listen}\"\nstate_dir = \"{}\"\n\n",
+                dir.path().join(format!("state-{n}")).display()
+            );
+            let p = dir.path().join(format!("{n}.toml"));
+            std::fs::write(
+                &p,
+                base(&format!("http://127.0.0.1:{}", gate.port), &daemon),
+            )
+            .expect("write config");
+            gates.push(gate);
+            cfgs.push(p);
+        }
+        HaDaemons {
+            daemons: names.iter().map(|_| None).collect(),
+            dir,
+            names,
+            gates,
+            cfgs,
+            listens,
+            op_cfg,
+            audit,
+        }
+    }
+
+    /// Index of member `name`.
+    pub fn idx(&self, name: &str) -> usize {
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .unwrap_or_else(|| panic!("no member {name}"))
+    }
+
+    /// Starts `dr daemon --member name`, logging to `daemon-<name>.log`.
+    pub fn start_daemon(&mut self, name: &str) {
+        let i = self.idx(name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("daemon-{name}.log")))
+            .expect("log");
+        let child = Command::new(dr_bin())
+            .arg("--config")
+            .arg(&self.cfgs[i])
+            .args(["-v", "daemon", "--member", name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start dr daemon");
+        self.daemons[i] = Some(child);
+    }
+
+    /// SIGKILLs member `name`'s daemon.
+    pub fn kill_daemon(&mut self, name: &str) {
+        let i = self.idx(name);
+        if let Some(mut c) = self.daemons[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs `dr --config <operator config> args…`.
+    pub fn dr(&self, args: &[&str]) -> Output {
+        Command::new(dr_bin())
+            .arg("--config")
+            .arg(&self.op_cfg)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run dr")
+    }
+
+    /// The daemons' logs, for failure messages.
+    pub fn logs(&self) -> String {
+        self.names
+            .iter()
+            .map(|n| {
+                let p = self.dir.path().join(format!("daemon-{n}.log"));
+                let t = std::fs::read_to_string(&p).unwrap_or_default();
+                let lines: Vec<&str> = t.lines().collect();
+                let head = &lines[..lines.len().min(25)];
+                let tail = &lines[lines.len().saturating_sub(25).max(head.len())..];
+                format!(
+                    "---- daemon {n} ----\n{}\n…\n{}\n",
+                    head.join("\n"),
+                    tail.join("\n")
+                )
+            })
+            .collect()
+    }
 
     /// Finished, successful audit records with action `action`.
     pub fn audited_ok(&self, action: &str) -> Vec<serde_json::Value> {
@@ -356,6 +386,37 @@ impl HaCluster {
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|r| r["action"] == action)
             .collect()
+    }
+
+    /// `dr --json ha status <args…>`, parsed.
+    pub fn status_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json", "ha", "status"];
+        all.extend_from_slice(args);
+        let o = self.dr(&all);
+        assert!(
+            o.status.success(),
+            "dr ha status: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout).expect("status json")
+    }
+
+    /// Polls until `f(ctx)` holds, or fails the test with the daemons' logs.
+    pub fn wait_with<T>(
+        &self,
+        ctx: &T,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut(&T) -> bool,
+    ) {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if f(ctx) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{what}: not within {timeout:?}\n{}", self.logs());
     }
 }
 
@@ -476,7 +537,7 @@ fn send_signal(pid: u32, signal: &str) {
     );
 }
 
-impl Drop for HaCluster {
+impl Drop for HaDaemons {
     fn drop(&mut self) {
         for c in self.daemons.iter_mut().flatten() {
             let _ = c.kill();

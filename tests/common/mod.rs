@@ -77,6 +77,7 @@ pub fn fs_region_toml(name: &str, path: &Path) -> String {
 pub mod chaos;
 pub mod garage;
 pub mod ha;
+pub mod ha_redis;
 pub mod load;
 pub mod pg;
 pub mod redis;

@@ -301,7 +301,9 @@ pub struct RedisPair {
     pub replica: RedisNode,
 }
 
-fn start_redis(dir: &Path, name: &str, replicaof: Option<u16>) -> RedisNode {
+/// Starts `redis-server` in `dir/name` on a free port, as a replica of
+/// `replicaof` when given, and waits until it answers.
+pub fn start_redis(dir: &Path, name: &str, replicaof: Option<u16>) -> RedisNode {
     let bin = require_env("DR_TEST_REDIS_SERVER_BIN", "Redis");
     let port = free_port();
     let d = dir.join(name);
