@@ -213,6 +213,30 @@ fn two_daemons_split_the_jobs_one_killed_mid_backup_is_taken_over_and_no_run_ove
     assert_eq!(ok_runs(&before, SNAPSHOT, "n1"), 0, "{before:#?}");
     let elsewhere = metric(port2, "dr_job_runs_elsewhere_total", BACKUP);
     assert!(elsewhere.is_some_and(|n| n >= 1.0), "{elsewhere:?}");
+    // `dr ha fleet` shows both daemons and who claimed what.
+    let v = common::json_of(&pg.dr_with(&cfg1, &["--json", "ha", "fleet"]));
+    let nodes: Vec<&str> = v["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["node"].as_str())
+        .collect();
+    assert_eq!(nodes, ["n1", "n2"], "{v}");
+    let claims = |job: &str| {
+        v["jobs"]
+            .as_array()
+            .expect("jobs")
+            .iter()
+            .find(|j| j["job"] == job)
+            .map(|j| j["last"][0].clone())
+    };
+    assert_eq!(claims(BACKUP), Some(Value::from("n1")), "{v}");
+    assert_eq!(claims(SNAPSHOT), Some(Value::from("n2")), "{v}");
+    let text = String::from_utf8_lossy(&pg.dr_with(&cfg2, &["ha", "status"]).stdout).into_owned();
+    assert!(
+        text.contains("DAEMON") && text.contains("n2") && text.contains(SNAPSHOT),
+        "{text}"
+    );
 
     // SIGKILL n1 in the middle of a backup.
     let mut killed = None;

@@ -20,6 +20,9 @@ pub enum Command {
         #[arg(long)]
         group: Option<String>,
     },
+    /// The daemons sharing this config's jobs (`[ha]` fleet): who is live,
+    /// what runs where now, and who claimed each job's latest time.
+    Fleet,
     /// Planned, zero-loss handover to a standby: the leader stops, the
     /// target replays everything it wrote, then is promoted.
     Switchover {
@@ -57,8 +60,13 @@ pub enum Command {
 pub async fn run(cmd: Command, config: Option<&Path>, out: &Out) -> anyhow::Result<ExitCode> {
     let cfg = load_config(config)?;
     match cmd {
+        Command::Fleet => fleet(&cfg, out).await,
         Command::Status { cluster, group } => {
             let ha = dr::ha::settings(&cfg)?;
+            if cluster.is_none() && group.is_none() && ha.postgres.is_empty() && ha.redis.is_empty()
+            {
+                return fleet(&cfg, out).await;
+            }
             let redis = group.is_some()
                 || (cluster.is_none() && ha.postgres.is_empty() && !ha.redis.is_empty());
             if redis {
@@ -259,5 +267,50 @@ async fn status_all(cfg: &dr::config::Config, out: &Out) -> anyhow::Result<ExitC
         print_redis(s);
         println!();
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dr ha fleet`: live daemons and each job's claims.
+async fn fleet(cfg: &dr::config::Config, out: &Out) -> anyhow::Result<ExitCode> {
+    let ha = dr::ha::settings(cfg)?;
+    if !ha.fleet {
+        anyhow::bail!(
+            "{}: [ha] fleet = false, so the daemons do not share jobs; remove it to let them",
+            cfg.source.display()
+        );
+    }
+    let v = dr::ha::fleet::view(ha).await?;
+    if out.json {
+        out.json(&v);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let t = |d: &chrono::DateTime<chrono::Utc>| d.format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let nodes: Vec<Vec<String>> = v
+        .nodes
+        .iter()
+        .map(|n| vec![n.node.clone(), n.pid.to_string(), t(&n.since)])
+        .collect();
+    println!("{}", table(&["DAEMON", "PID", "SINCE"], &nodes));
+    if nodes.is_empty() {
+        println!("no daemon of this config holds a fleet lease: start `dr daemon` on the hosts");
+    }
+    let jobs: Vec<Vec<String>> = v
+        .jobs
+        .iter()
+        .map(|j| {
+            let running = j.running.as_ref().map_or("-".into(), |(n, at, since)| {
+                format!("{n} (time {}, since {})", t(at), t(since))
+            });
+            let last = j
+                .last
+                .as_ref()
+                .map_or("-".into(), |(n, at)| format!("{n} at {}", t(at)));
+            vec![j.job.clone(), running, last]
+        })
+        .collect();
+    println!(
+        "\n{}",
+        table(&["JOB", "RUNNING ON", "LAST CLAIMED BY"], &jobs)
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -280,12 +280,12 @@ async fn register(
     stop: CancellationToken,
 ) {
     let key = dcs.key(&format!("nodes/{node}"));
-    let body = serde_json::json!({
-        "node": node,
-        "pid": std::process::id(),
-        "since": Utc::now(),
+    let body = serde_json::to_string(&NodeInfo {
+        node: node.clone(),
+        pid: std::process::id(),
+        since: Utc::now(),
     })
-    .to_string();
+    .unwrap_or_default();
     loop {
         let id = *lease.borrow_and_update();
         let mut ok = true;
@@ -475,6 +475,90 @@ impl RunGuard {
 
 fn encode<T: Serialize>(what: &str, r: &T) -> Result<Vec<u8>, HaError> {
     serde_json::to_vec(r).map_err(|e| HaError::Etcd(format!("encoding {what}: {e}")))
+}
+
+/// A live daemon of the fleet, as `dr ha fleet` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Its name.
+    pub node: String,
+    /// Its process id on its host.
+    pub pid: u32,
+    /// When it joined.
+    pub since: DateTime<Utc>,
+}
+
+/// One job's claims, as `dr ha fleet` shows them.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobInfo {
+    /// Job name.
+    pub job: String,
+    /// The daemon running it now, its scheduled time and start.
+    pub running: Option<(String, DateTime<Utc>, DateTime<Utc>)>,
+    /// The daemon that claimed the latest scheduled time, and that time.
+    pub last: Option<(String, DateTime<Utc>)>,
+}
+
+/// What etcd holds about the fleet: live daemons and each job's claims.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetView {
+    /// Live daemons, by name.
+    pub nodes: Vec<NodeInfo>,
+    /// Jobs ever claimed, by name.
+    pub jobs: Vec<JobInfo>,
+}
+
+/// Reads the fleet's keys in one request.
+pub async fn view(ha: &HaConfig) -> Result<FleetView, HaError> {
+    let dcs = Dcs::connect(ha, FLEET, ha.loop_wait.max(Duration::from_secs(5))).await?;
+    let prefix = dcs.key("");
+    let mut c = dcs.client();
+    let r = dcs
+        .bounded(
+            "reading the fleet",
+            c.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
+    let mut v = FleetView {
+        nodes: Vec::new(),
+        jobs: Vec::new(),
+    };
+    let mut jobs: std::collections::BTreeMap<String, JobInfo> = Default::default();
+    for kv in r.kvs() {
+        let Some(k) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) else {
+            continue;
+        };
+        if k.starts_with("nodes/") {
+            if let Ok(n) = serde_json::from_slice::<NodeInfo>(kv.value()) {
+                v.nodes.push(n);
+            }
+            continue;
+        }
+        let Some((job, what)) = k.strip_prefix("jobs/").and_then(|j| j.rsplit_once('/')) else {
+            continue;
+        };
+        let e = jobs.entry(job.to_string()).or_insert_with(|| JobInfo {
+            job: job.to_string(),
+            running: None,
+            last: None,
+        });
+        match what {
+            "run" => {
+                if let Ok(r) = serde_json::from_slice::<RunRecord>(kv.value()) {
+                    e.running = Some((r.node, r.scheduled, r.started));
+                }
+            }
+            "last" => {
+                if let Ok(l) = serde_json::from_slice::<LastRecord>(kv.value()) {
+                    e.last = Some((l.node, l.scheduled));
+                }
+            }
+            _ => {}
+        }
+    }
+    v.nodes.sort_by(|a, b| a.node.cmp(&b.node));
+    v.jobs = jobs.into_values().collect();
+    Ok(v)
 }
 
 #[cfg(test)]
