@@ -47,7 +47,9 @@ fi
 DATA=$BENCH/data
 DAEMON_PID= LOAD_PID= REDIS_PID=
 cleanup() {
-    [[ -n $LOAD_PID ]] && kill "$LOAD_PID" 2>/dev/null && wait "$LOAD_PID" 2>/dev/null
+    # Each step tolerates failure: under `set -e` a failed step would end
+    # this handler and leave the servers below running.
+    if [[ -n $LOAD_PID ]] && kill "$LOAD_PID" 2>/dev/null; then wait "$LOAD_PID" 2>/dev/null || true; fi
     if [[ -n $DAEMON_PID ]] && kill "$DAEMON_PID" 2>/dev/null; then wait "$DAEMON_PID" 2>/dev/null || true; fi
     if [[ -n $REDIS_PID ]] && kill "$REDIS_PID" 2>/dev/null; then
         while kill -0 "$REDIS_PID" 2>/dev/null; do sleep 0.1; done
