@@ -53,7 +53,9 @@ cargo build --release --locked --quiet
 DATA=$BENCH/data
 STANDBY_PID=
 cleanup() {
-    [[ -n $STANDBY_PID ]] && kill "$STANDBY_PID" 2>/dev/null && wait "$STANDBY_PID" 2>/dev/null
+    # Tolerates failure: under `set -e` a failed step would end this handler
+    # and leave the server below running.
+    if [[ -n $STANDBY_PID ]] && kill "$STANDBY_PID" 2>/dev/null; then wait "$STANDBY_PID" 2>/dev/null || true; fi
     if [[ -f $DATA/postmaster.pid ]]; then as_pg "$PGBIN/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null 2>&1 || true; fi
 }
 cleanup # a server an interrupted earlier run left behind
