@@ -229,6 +229,28 @@ impl Dcs {
         })
     }
 
+    /// Connects as [`Dcs::connect`] does, retrying every `loop_wait` while
+    /// etcd is down (a daemon may start before it); `None` once `stop` fires.
+    pub async fn connect_retrying(
+        ha: &HaConfig,
+        scope: &str,
+        who: &str,
+        stop: &CancellationToken,
+    ) -> Option<Dcs> {
+        loop {
+            match Dcs::connect(ha, scope, ha.loop_wait).await {
+                Ok(d) => return Some(d),
+                Err(e) => {
+                    tracing::warn!(member = who, "{e}; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return None,
+                        _ = tokio::time::sleep(ha.loop_wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
     /// The full name of key `k` under this connection's root.
     pub(super) fn key(&self, k: &str) -> String {
         format!("{}/{k}", self.root)

@@ -63,18 +63,7 @@ impl Background {
         report: Report,
         stop: &CancellationToken,
     ) -> Option<Background> {
-        let dcs = loop {
-            match Dcs::connect(ha, scope, ha.loop_wait).await {
-                Ok(d) => break d,
-                Err(e) => {
-                    tracing::warn!(member = who, "{e}; retrying");
-                    tokio::select! {
-                        _ = stop.cancelled() => return None,
-                        _ = tokio::time::sleep(ha.loop_wait) => {}
-                    }
-                }
-            }
-        };
+        let dcs = Dcs::connect_retrying(ha, scope, who, stop).await?;
         let (lease_tx, lease) = watch::channel(None);
         let (deadline_tx, deadline) = watch::channel(None);
         let leader = Arc::new(AtomicBool::new(false));

@@ -107,17 +107,8 @@ impl Fleet {
         };
         let ha = ha.clone();
         tokio::spawn(async move {
-            let dcs = loop {
-                match Dcs::connect(&ha, FLEET, ha.loop_wait).await {
-                    Ok(d) => break d,
-                    Err(e) => {
-                        tracing::warn!(node, "fleet: {e}; retrying");
-                        tokio::select! {
-                            _ = stop.cancelled() => return,
-                            _ = tokio::time::sleep(ha.loop_wait) => {}
-                        }
-                    }
-                }
+            let Some(dcs) = Dcs::connect_retrying(&ha, FLEET, &node, &stop).await else {
+                return;
             };
             dcs_tx.send_replace(Some(dcs.clone()));
             tokio::spawn(keep_lease(
