@@ -153,7 +153,10 @@ async fn run_job(ctx: Arc<Ctx>, plan: Arc<Plan>, job: JobSpec, at: DateTime<Utc>
     // Stopped at the end of the grace period, or when a fleet claim may be lost.
     let cancel = ctx.abort.child_token();
     let lost = fleet::stop_on_loss(fleet_run.as_ref(), &cancel);
-    tracing::info!(job = %job.name, "job started");
+    // Measured after the slot and the claim: what a user sees as lateness.
+    let delay = (Utc::now() - at).num_milliseconds() as f64 / 1000.0;
+    ctx.state.started(&job.name, delay);
+    tracing::info!(job = %job.name, scheduled = %at.format("%Y-%m-%dT%H:%M:%SZ"), delay_seconds = delay, "job started");
     let t0 = Instant::now();
     let policy = RetryPolicy::from(&cfg.daemon());
     let work = jobs::retry(

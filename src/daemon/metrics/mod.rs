@@ -51,6 +51,38 @@ pub struct JobStats {
     pub last_error: Option<String>,
     /// Next scheduled time.
     pub next_run: Option<DateTime<Utc>>,
+    /// How late runs started after their scheduled time.
+    pub start_delay: DelayHistogram,
+}
+
+/// Upper bounds (seconds) of the start-delay buckets: a run normally starts
+/// within milliseconds; seconds mean the slots (`max_concurrent_jobs`) or
+/// the fleet claim held it back.
+pub const START_DELAY_BUCKETS: [f64; 9] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0, 300.0];
+
+/// A cumulative histogram of start delays, as Prometheus wants it.
+#[derive(Debug, Clone, Default)]
+pub struct DelayHistogram {
+    /// Runs that started within each bound of [`START_DELAY_BUCKETS`].
+    pub le: [u64; START_DELAY_BUCKETS.len()],
+    /// All runs that started.
+    pub count: u64,
+    /// Sum of their delays, seconds.
+    pub sum: f64,
+}
+
+impl DelayHistogram {
+    /// Adds one start `seconds` after its scheduled time.
+    pub fn observe(&mut self, seconds: f64) {
+        let seconds = seconds.max(0.0);
+        for (n, bound) in self.le.iter_mut().zip(START_DELAY_BUCKETS) {
+            if seconds <= bound {
+                *n += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
 }
 
 /// Last probe of one cluster's WAL archiving.
@@ -226,6 +258,7 @@ impl Shared {
                     running: false,
                     last_error: None,
                     next_run: None,
+                    start_delay: DelayHistogram::default(),
                 });
                 if let Some(st) = s.jobs.get_mut(&j.name) {
                     st.interval = j.cron.longest_interval(now, 32);
@@ -288,6 +321,15 @@ impl Shared {
                     j.consecutive_failures += 1;
                     j.last_error = Some(e);
                 }
+            }
+        })
+    }
+
+    /// Records that a run of `job` started `seconds` after its scheduled time.
+    pub fn started(&self, job: &str, seconds: f64) {
+        self.with(|s| {
+            if let Some(j) = s.jobs.get_mut(job) {
+                j.start_delay.observe(seconds);
             }
         })
     }

@@ -136,6 +136,30 @@ impl State {
                 }
             }
         }
+        self.render_start_delay(m);
+    }
+
+    /// How late runs started: `dr_job_start_delay_seconds`, a histogram.
+    fn render_start_delay(&self, m: &mut Metrics) {
+        let name = "dr_job_start_delay_seconds";
+        m.family(
+            name,
+            "histogram",
+            "Seconds from a scheduled time to the start of its run (after waiting for a slot and, in a fleet, the claim).",
+        );
+        for (job, j) in &self.jobs {
+            let [a, b, c] = job_labels(job, j);
+            let h = &j.start_delay;
+            m.current = format!("{name}_bucket");
+            for (n, bound) in h.le.iter().zip(START_DELAY_BUCKETS) {
+                m.sample(&[a, b, c, ("le", &bound.to_string())], *n as f64);
+            }
+            m.sample(&[a, b, c, ("le", "+Inf")], h.count as f64);
+            m.current = format!("{name}_sum");
+            m.sample(&[a, b, c], h.sum);
+            m.current = format!("{name}_count");
+            m.sample(&[a, b, c], h.count as f64);
+        }
     }
 
     /// Verified restores: when, RTO and RPO (once a verify job succeeded).

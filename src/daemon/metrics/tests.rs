@@ -179,3 +179,27 @@ fn failover_members_show_in_metrics_only_with_ha() {
         .and_then(|v| v.parse::<f64>().ok());
     assert!(left.is_some_and(|l| l > 50.0 && l <= 60.0), "{left:?}");
 }
+
+#[test]
+fn start_delays_are_a_cumulative_histogram() {
+    let s = Shared::new(2);
+    s.set_jobs(&[job("redis.cache.snapshot", JobKind::RedisSnapshot)]);
+    for d in [0.01, 0.3, 1.5, 400.0] {
+        s.started("redis.cache.snapshot", d);
+    }
+    let text = s.with(|st| st.render(Utc::now()));
+    let l = r#"name="redis.cache.snapshot",kind="snapshot",source="main""#;
+    for (le, n) in [
+        ("0.05", 1),
+        ("0.5", 2),
+        ("1", 2),
+        ("2.5", 3),
+        ("300", 3),
+        ("+Inf", 4),
+    ] {
+        let line = format!("dr_job_start_delay_seconds_bucket{{{l},le=\"{le}\"}} {n}\n");
+        assert!(text.contains(&line), "missing {line} in {text}");
+    }
+    assert!(text.contains(&format!("dr_job_start_delay_seconds_count{{{l}}} 4\n")));
+    assert!(text.contains(&format!("dr_job_start_delay_seconds_sum{{{l}}} 401.81\n")));
+}
