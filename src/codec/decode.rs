@@ -37,6 +37,7 @@ pub(super) fn decode_blocking(
         .map_err(DecodeFail::Age)?;
     let mut z = zstd::stream::read::Decoder::new(plain_reader).map_err(DecodeFail::Io)?;
     let mut hasher = blake3::Hasher::new();
+    let mut pieces = expect.pieces.clone().map(pieces::PieceChecker::new);
     let mut total = 0u64;
     loop {
         let mut buf = vec![0u8; CHUNK];
@@ -52,7 +53,12 @@ pub(super) fn decode_blocking(
             break;
         }
         buf.truncate(filled);
-        hasher.update(&buf);
+        if expect.plain_hash.is_some() {
+            hasher.update(&buf);
+        }
+        if let Some(c) = pieces.as_mut() {
+            c.update(&buf).map_err(DecodeFail::Hash)?;
+        }
         total += filled as u64;
         if out.blocking_send(Ok(Bytes::from(buf))).is_err() {
             // The consumer went away; nothing more to do.
@@ -74,6 +80,9 @@ pub(super) fn decode_blocking(
         return Err(DecodeFail::Hash(format!(
             "plaintext is {total} bytes, manifest says {sz}"
         )));
+    }
+    if let Some(c) = pieces {
+        c.finish().map_err(DecodeFail::Hash)?;
     }
     if let Some(h) = &expect.plain_hash {
         let got = hasher.finalize().to_hex().to_string();
@@ -117,6 +126,12 @@ pub(super) fn decode_whole(
             "plaintext is {} bytes, manifest says {size}",
             out.len()
         )));
+    }
+    if let Some(p) = &expect.pieces {
+        let mut c = pieces::PieceChecker::new(p.clone());
+        c.update(&out)
+            .and_then(|()| c.finish())
+            .map_err(DecodeFail::Hash)?;
     }
     if let Some(h) = &expect.plain_hash {
         let got = blake3::hash(&out).to_hex().to_string();

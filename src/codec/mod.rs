@@ -17,12 +17,14 @@ use tokio::sync::{mpsc, oneshot};
 use crate::store::{ByteStream, channel_stream};
 
 mod decode;
+mod pieces;
 mod pipes;
 #[cfg(test)]
 mod tests;
 
 pub use decode::into_codec_error;
 use decode::*;
+pub use pieces::{PieceHash, normalize as normalize_pieces, piece_hash};
 use pipes::*;
 
 /// Size of the chunks passed between pipeline stages.
@@ -125,6 +127,10 @@ pub struct Expect {
     pub plain_hash: Option<String>,
     /// Plaintext size.
     pub plain_size: Option<u64>,
+    /// Hashed ranges of the plaintext, sorted and non-overlapping (see
+    /// [`normalize_pieces`]): for objects recorded without a whole-object
+    /// hash, every range the reader uses is checked instead.
+    pub pieces: Option<Arc<[PieceHash]>>,
 }
 
 impl Expect {
@@ -135,6 +141,7 @@ impl Expect {
             stored_size: Some(e.stored_size),
             plain_hash: Some(e.plain_hash.clone()),
             plain_size: Some(e.plain_size),
+            pieces: None,
         }
     }
 }
@@ -331,7 +338,8 @@ impl Codec {
     /// Encodes an in-memory buffer (packs, WAL segments, manifests) in one
     /// blocking task: one-shot zstd over the whole buffer avoids the streaming
     /// encoder's window copies, and there are no channel hand-offs.
-    /// `known_hash` is the plaintext BLAKE3 when the caller already computed it.
+    /// `known_hash` is the plaintext BLAKE3 when the caller already computed it,
+    /// or a marker when the manifest checks the object by other hashes.
     pub async fn encode_bytes(
         &self,
         data: Bytes,

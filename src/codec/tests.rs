@@ -84,6 +84,60 @@ async fn wrong_key_truncation_and_bitflip_are_distinct() {
     assert!(matches!(e, CodecError::Foreign { .. }), "{e}");
 }
 
+#[tokio::test]
+async fn objects_checked_by_pieces_refuse_other_content() {
+    let (c, _) = codec();
+    let data = sample(3 << 20);
+    let cuts = [
+        (0u64, 128u64 << 10),
+        (128 << 10, 1 << 20),
+        (2 << 20, 1 << 20),
+    ];
+    let pieces: Vec<PieceHash> = cuts
+        .iter()
+        .map(|&(o, l)| PieceHash {
+            offset: o,
+            len: l,
+            hash: piece_hash(&data[o as usize..(o + l) as usize]),
+        })
+        .collect();
+    let expect = |enc: &Encoded| Expect {
+        plain_hash: None,
+        pieces: Some(normalize_pieces(pieces.clone()).expect("pieces")),
+        ..Expect::from_encoded("obj", enc)
+    };
+    let (stored, enc) = c
+        .encode_bytes(data.clone(), Some("extents".into()))
+        .await
+        .expect("encode");
+    let back = c
+        .decode_bytes(crate::store::once(stored.clone()), expect(&enc))
+        .await
+        .expect("intact");
+    assert_eq!(back, data);
+    let streamed = crate::store::collect(c.decode(crate::store::once(stored), expect(&enc)))
+        .await
+        .expect("intact, streamed");
+    assert_eq!(streamed, data);
+
+    // Valid encryption, one byte changed inside a piece: refused both ways.
+    let mut other = data.to_vec();
+    other[(2 << 20) + 5] ^= 1;
+    let (forged, enc2) = c
+        .encode_bytes(Bytes::from(other), Some("extents".into()))
+        .await
+        .expect("encode");
+    let e = c
+        .decode_bytes(crate::store::once(forged.clone()), expect(&enc2))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CodecError::Corrupt { .. }), "{e}");
+    let e = crate::store::collect(c.decode(crate::store::once(forged), expect(&enc2)))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("the manifest records"), "{e}");
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
     /// Any single bit flip or truncation of a stored object is an error,

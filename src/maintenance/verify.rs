@@ -247,8 +247,10 @@ async fn add_pg(
                 n: d.n,
             }
             .to_string();
-            let e = Expect::from_encoded(&key, &d.encoded);
-            add(out, &key, e);
+            match m.expect_object(&key, d) {
+                Ok(e) => add(out, &key, e),
+                Err(e) => found.unreadable.push((o.key.clone(), e)),
+            }
         }
     }
     let mut loose: BTreeMap<String, u64> = BTreeMap::new();
@@ -347,10 +349,20 @@ fn stored(key: &str, size: u64) -> Expect {
 }
 
 fn add(out: &mut BTreeMap<String, ExpectedObject>, key: &str, expect: Expect) {
-    out.entry(key.to_string()).or_insert(ExpectedObject {
+    let entry = out.entry(key.to_string()).or_insert(ExpectedObject {
         key: key.to_string(),
-        expect,
+        expect: expect.clone(),
     });
+    // An object checked by pieces: every manifest that uses it adds the
+    // extents it reads (the owner's cover it whole; it may be expired).
+    if let (Some(have), Some(more)) = (&entry.expect.pieces, &expect.pieces)
+        && have != more
+    {
+        let union = have.iter().chain(more.iter()).cloned().collect();
+        if let Ok(p) = crate::codec::normalize_pieces(union) {
+            entry.expect.pieces = Some(p);
+        }
+    }
 }
 
 /// Checks `expected` in every region (or only `only`).

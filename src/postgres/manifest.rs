@@ -5,11 +5,19 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::Lsn;
-use crate::codec::Encoded;
+use crate::codec::{Encoded, Expect, PieceHash};
 use crate::repo::layout::BackupId;
 
-/// Manifest format version.
-pub const MANIFEST_VERSION: u32 = 1;
+/// Manifest format version. Version 2 records data objects with
+/// [`PIECES_HASHED`] instead of a whole-object hash; version 1 manifests
+/// are still read.
+pub const MANIFEST_VERSION: u32 = 2;
+
+/// The `plain_hash` of a data object checked by the hashes of its extents
+/// (each block's BLAKE3, computed once while backing up) rather than by a
+/// hash of the whole object. Were it taken for a whole-object hash, every
+/// read would fail as corrupt: never silently unchecked.
+pub const PIECES_HASHED: &str = "extents";
 
 /// A PostgreSQL base backup.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -166,6 +174,38 @@ impl PgManifest {
             .chain(self.backup_id())
             .map(|b| b.time())
             .min()
+    }
+
+    /// The extents of this manifest's files that point into data object
+    /// `n` of backup `owner` (`None`: this one), as the ranges a reader
+    /// checks.
+    pub fn pieces_of(&self, owner: &Option<String>, n: u32) -> Vec<PieceHash> {
+        let owner = owner.as_deref().unwrap_or(&self.id);
+        self.files
+            .iter()
+            .chain(&self.server_manifest)
+            .flat_map(|f| &f.extents)
+            .filter(|e| e.object == n && e.backup.as_deref().unwrap_or(&self.id) == owner)
+            .map(|e| PieceHash {
+                offset: e.offset,
+                len: e.len,
+                hash: e.hash.clone(),
+            })
+            .collect()
+    }
+
+    /// What reading data object `o` under `key` must check: its recorded
+    /// whole-object hash, or for a [`PIECES_HASHED`] object the hash of
+    /// every extent of this manifest inside it.
+    pub fn expect_object(&self, key: &str, o: &DataObject) -> Result<Expect, String> {
+        let mut expect = Expect::from_encoded(key, &o.encoded);
+        if o.encoded.plain_hash == PIECES_HASHED {
+            expect.plain_hash = None;
+            let pieces = crate::codec::normalize_pieces(self.pieces_of(&o.backup, o.n))
+                .map_err(|e| format!("manifest of backup {}: object {key}: {e}", self.id))?;
+            expect.pieces = Some(pieces);
+        }
+        Ok(expect)
     }
 
     /// Stored bytes this backup added (objects it owns).

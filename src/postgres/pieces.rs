@@ -43,6 +43,7 @@ pub(crate) async fn streamed_segment(
                 key,
                 stored_size: Some(stored),
                 plain_size: Some(u64::from(end - start)),
+                pieces: None,
             };
             let (_, data) = repo.get_verified(&expect.key.clone(), expect).await?;
             Ok((start, end, data))

@@ -369,6 +369,7 @@ async fn read_reports<T: serde::de::DeserializeOwned>(
                 stored_size: Some(o.size),
                 plain_hash: None,
                 plain_size: None,
+                pieces: None,
             };
             let res = match repo.get_verified(&o.key, expect).await {
                 Ok((_, body)) => serde_json::from_slice(&body).map_err(|e| e.to_string()),

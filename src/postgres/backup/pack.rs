@@ -9,7 +9,9 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 
-use super::super::manifest::{BLOCK_SIZE, DataObject, Extent, FileEntry, PgManifest};
+use super::super::manifest::{
+    BLOCK_SIZE, DataObject, Extent, FileEntry, PIECES_HASHED, PgManifest,
+};
 use super::super::{PgError, checksum};
 use crate::progress::Progress;
 use crate::repo::Repository;
@@ -91,10 +93,6 @@ pub(super) fn prev_blocks(prev: Option<&PgManifest>) -> PrevBlocks {
     out
 }
 
-fn block_hash(b: &[u8]) -> String {
-    hex::encode(&blake3::hash(b).as_bytes()[..16])
-}
-
 /// The receiving end of the packs went away (an upload failed).
 #[derive(Debug)]
 pub(super) struct Stopped;
@@ -144,7 +142,7 @@ impl Packer {
         if let Some(c) = &self.checks {
             c.check(rel, file_off, data);
         }
-        let hash = block_hash(data);
+        let hash = crate::codec::piece_hash(data);
         let reused = self
             .prev
             .get(&(rel.to_string(), file_off / BLOCK_SIZE as u64))
@@ -241,7 +239,13 @@ pub(super) async fn upload(
                 backup: t.id.clone(),
                 n: pack.n,
             };
-            let (enc, _) = t.repo.put_buffer(&key, pack.data, None).await?;
+            // Every byte of a pack is in a block whose hash the manifest
+            // records: that is what readers check, so the pack is not
+            // hashed a second time.
+            let (enc, _) = t
+                .repo
+                .put_buffer(&key, pack.data, Some(PIECES_HASHED.to_string()))
+                .await?;
             Ok((
                 pack.pieces,
                 Some(DataObject {

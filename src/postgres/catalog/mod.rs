@@ -205,6 +205,7 @@ impl Catalog {
                 stored_size: Some(o.size),
                 plain_hash: o.key.rsplit('-').next().map(str::to_string),
                 plain_size: None,
+                pieces: None,
             };
             let history = match repo.get_verified(&o.key, expect).await {
                 Ok((_, text)) => parse_history(&String::from_utf8_lossy(&text))
@@ -416,7 +417,7 @@ pub async fn read_manifest(
     let (_, bytes) = repo.get_verified(key, expect).await?;
     let m: PgManifest = serde_json::from_slice(&bytes)
         .map_err(|e| PgError::Other(format!("{key}: not a dr PostgreSQL manifest ({e})")))?;
-    if m.kind != "dr-pg-backup" || m.version != super::manifest::MANIFEST_VERSION {
+    if m.kind != "dr-pg-backup" || !(1..=super::manifest::MANIFEST_VERSION).contains(&m.version) {
         return Err(PgError::Other(format!(
             "{key}: manifest kind {:?} version {} is not supported by this dr",
             m.kind, m.version

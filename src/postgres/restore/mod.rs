@@ -14,7 +14,6 @@ use serde::Serialize;
 use super::PgError;
 use super::catalog::Catalog;
 use super::manifest::{PgManifest, safe_relative_path};
-use crate::codec::Expect;
 use crate::config::PgConfig;
 use crate::repo::Repository;
 use crate::repo::layout::ObjectKey;

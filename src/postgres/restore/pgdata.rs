@@ -122,7 +122,7 @@ fn prepare(m: &PgManifest, dir: &Path, delta: bool) -> Result<Prepared, PgError>
             let same = existing && file_off + ext.len <= old_len && {
                 buf.resize(ext.len as usize, 0);
                 file.read_exact_at(&mut buf, file_off).is_ok()
-                    && hex::encode(&blake3::hash(&buf).as_bytes()[..16]) == ext.hash
+                    && crate::codec::piece_hash(&buf) == ext.hash
             };
             if same {
                 prepared.unchanged += ext.len;
@@ -199,7 +199,7 @@ async fn write_objects(
                         m.id
                     ))
                 })?;
-                let expect = Expect::from_encoded(&key, &o.encoded);
+                let expect = m.expect_object(&key, o).map_err(PgError::Other)?;
                 let (_, data) = repo.get_verified(&key, expect).await?;
                 let paths: Vec<PathBuf> = pieces
                     .iter()

@@ -251,6 +251,7 @@ async fn remove_invalid(
             stored_size: Some(*stored),
             plain_hash: key.rsplit('-').next().map(str::to_string),
             plain_size: None,
+            pieces: None,
         };
         let stream = repo
             .regions
@@ -578,6 +579,7 @@ async fn download(
         stored_size: Some(stored),
         plain_hash: Some(hash),
         plain_size: None,
+        pieces: None,
     };
     let (region, data) = repo.get_verified(key, expect).await?;
     save(path, data).await?;
