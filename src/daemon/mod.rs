@@ -277,20 +277,31 @@ pub async fn run(path: &Path, overrides: &Overrides) -> Result<(), DaemonError> 
     tracing::info!(
         signal = signal_name,
         running,
-        "stopping: no new jobs; running jobs get {}s to finish",
+        "stopping: no new jobs; running jobs get {}s to finish (a second SIGTERM or SIGINT aborts them now)",
         grace.as_secs()
     );
     state.with(|s| s.stopping = true);
     ctx.stop.cancel();
     ctx.tracker.close();
-    if tokio::time::timeout(grace, ctx.tracker.wait())
-        .await
-        .is_err()
-    {
+    // An operator who signals twice wants the daemon gone now, not after
+    // the grace period (as with most service managers and shells).
+    let finished = tokio::select! {
+        r = tokio::time::timeout(grace, ctx.tracker.wait()) => r.is_ok(),
+        s = async {
+            tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            }
+        } => {
+            tracing::warn!(signal = s, "second signal: not waiting for the grace period");
+            false
+        }
+    };
+    if !finished {
         tracing::warn!(
-            "grace period of {}s is over; aborting {} running job(s)",
-            grace.as_secs(),
-            ctx.tracker.len()
+            "aborting {} running job(s) (grace period {}s over or cut short)",
+            ctx.tracker.len(),
+            grace.as_secs()
         );
         ctx.abort.cancel();
         if tokio::time::timeout(Duration::from_secs(10), ctx.tracker.wait())
