@@ -4,7 +4,9 @@
 # backup's size in the repository, a restore of it, and the latency of
 # archiving one WAL segment; then dr's remote mode (BASE_BACKUP over the
 # replication protocol) versus `pg_basebackup -Ft -X none -D - | zstd | age`;
-# prints tables with ratios and a JSON line.
+# and, in the same rounds, the floors: `tar | zstd -1` of PGDATA for a backup
+# and writing the restored bytes with `dd conv=fsync` for a restore. Prints
+# tables with ratios and a JSON line.
 #
 # Usage (as root on Debian 12): scripts/bench-postgres.sh [SCALE] [SEGMENTS]
 #   SCALE     pgbench scale factor (default 100, about 1.5 GB of data)
@@ -12,6 +14,7 @@
 # ROUNDS (default 3) sets how often each backup and restore is timed; the
 # medians are reported.
 # DR_COMPRESSION_LEVEL sets dr's zstd level for data files (default 3).
+# DR_BIN=/path/to/dr uses that binary instead of building a release one.
 # Everything lives in $DR_BENCH_DIR (default /tmp/dr-bench-pg), recreated each
 # run; the PostgreSQL server it starts is stopped on exit.
 #
@@ -85,8 +88,12 @@ command -v cargo >/dev/null || die "cargo not found; install the Rust toolchain"
 id "$OS_USER" >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql --shell /bin/bash "$OS_USER"
 PGBACKREST=$(command -v pgbackrest)
 
-step "Building dr (release)"
-cargo build --release --locked --quiet
+if [[ -z ${DR_BIN:-} ]]; then
+    step "Building dr (release)"
+    cargo build --release --locked --quiet --bin dr
+    DR_BIN=$CARGO_TARGET_DIR/release/dr
+fi
+[[ -x $DR_BIN ]] || die "DR_BIN=$DR_BIN is not an executable"
 
 DATA=$BENCH/data
 stop_pg() {
@@ -95,7 +102,7 @@ stop_pg() {
 stop_pg # a server an interrupted earlier run left behind
 rm -rf "$BENCH"
 mkdir -p "$BENCH"/{bin,sock,walcopy,dr,pgbr/{conf,lock,log,spool}}
-cp "$CARGO_TARGET_DIR/release/dr" "$BENCH/bin/dr" # /root is not traversable by postgres
+cp "$DR_BIN" "$BENCH/bin/dr" # /root is not traversable by postgres
 chown -R "$OS_USER:" "$BENCH"
 chmod 755 "$BENCH"
 cd "$BENCH" # postgres tools warn about a cwd they cannot read
@@ -282,12 +289,41 @@ restore_pgbr() { # restore_pgbr ROUND
     PGBR_RESTORE+=("$(elapsed "$t0" "$(now)")")
     echo "round $1, pgBackRest: ${PGBR_RESTORE[-1]} s" >&2
 }
+# The floors: what the same work costs without any backup tool. For a
+# backup, `tar | zstd -1` of PGDATA (read from memory, one compressor thread
+# per core) into a file made durable; for a restore, writing as many bytes
+# as the restored PGDATA holds with `dd conv=fsync`, from memory.
+floor_backup() { # floor_backup ROUND
+    local t0
+    wait_archived
+    prepare
+    t0=$(now)
+    tar -cf - -C "$DATA" --exclude=./pg_wal . | zstd -q -1 -T0 -o "$BENCH/floor.tar.zst" -f
+    sync
+    FLOOR_BACKUP+=("$(elapsed "$t0" "$(now)")")
+    rm -f "$BENCH/floor.tar.zst"
+    echo "round $1, tar | zstd -1: ${FLOOR_BACKUP[-1]} s" >&2
+}
+floor_restore() { # floor_restore ROUND
+    local t0
+    [[ -f $BENCH/floor.src ]] || tar -cf "$BENCH/floor.src" -C "$BENCH/restore-dr" .
+    cat "$BENCH/floor.src" >/dev/null
+    rm -f "$BENCH/floor.out"
+    sync
+    t0=$(now)
+    dd if="$BENCH/floor.src" of="$BENCH/floor.out" bs=4M conv=fsync status=none
+    sync
+    FLOOR_RESTORE+=("$(elapsed "$t0" "$(now)")")
+    rm -f "$BENCH/floor.out"
+    echo "round $1, dd conv=fsync of the restored bytes: ${FLOOR_RESTORE[-1]} s" >&2
+}
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-DR_BACKUP=() PGBR_BACKUP=() DR_RESTORE=() PGBR_RESTORE=()
+DR_BACKUP=() PGBR_BACKUP=() DR_RESTORE=() PGBR_RESTORE=() FLOOR_BACKUP=() FLOOR_RESTORE=()
 
 for round in $(seq "$ROUNDS"); do
     step "Full backup, round $round of $ROUNDS"
     if ((round % 2)); then backup_dr "$round"; backup_pgbr "$round"; else backup_pgbr "$round"; backup_dr "$round"; fi
+    floor_backup "$round"
     if ((round == 1)); then
         # Backup only: dr's data objects and manifests; pgBackRest's backup
         # set and its backup.info/manifest. WAL is compared separately below.
@@ -300,7 +336,11 @@ cp "$BENCH/dr-backup-1.json" "$BENCH/dr-backup.json"
 for round in $(seq "$ROUNDS"); do
     step "Restore, round $round of $ROUNDS"
     if ((round % 2)); then restore_dr "$round"; restore_pgbr "$round"; else restore_pgbr "$round"; restore_dr "$round"; fi
+    floor_restore "$round"
 done
+rm -f "$BENCH/floor.src"
+FLOOR_BACKUP_S=$(median "${FLOOR_BACKUP[@]}")
+FLOOR_RESTORE_S=$(median "${FLOOR_RESTORE[@]}")
 DR_BACKUP_S=$(median "${DR_BACKUP[@]}")
 PGBR_BACKUP_S=$(median "${PGBR_BACKUP[@]}")
 DR_RESTORE_S=$(median "${DR_RESTORE[@]}")
@@ -404,6 +444,8 @@ r = {
     "restore_seconds_runs": {"dr": [${DR_RESTORE[*]/%/,}], "pgbackrest": [${PGBR_RESTORE[*]/%/,}]},
     "restore_seconds_reported_by_dr": dr_r.get("restore_seconds"),
     "restored_bytes": {"dr": $DR_RESTORED, "pgbackrest": $PGBR_RESTORED},
+    "floor_seconds": {"backup_tar_zstd1": $FLOOR_BACKUP_S, "restore_dd_fsync": $FLOOR_RESTORE_S},
+    "floor_seconds_runs": {"backup_tar_zstd1": [${FLOOR_BACKUP[*]/%/,}], "restore_dd_fsync": [${FLOOR_RESTORE[*]/%/,}]},
     "wal_archive_bytes": {"dr": $DR_ARCHIVE, "pgbackrest": $PGBR_ARCHIVE}, "wal_archive_segments": $DR_ARCHIVED,
     "wal_push_ms_median": {"dr": statistics.median(dr_ms), "pgbackrest": statistics.median(pg_ms)},
     "wal_push_ms_mean": {"dr": statistics.fmean(dr_ms), "pgbackrest": statistics.fmean(pg_ms)},
@@ -430,6 +472,15 @@ table = [
     (f"WAL archive of the load ({r['wal_archive_segments']} seg.)", mib(r["wal_archive_bytes"]["dr"]), mib(r["wal_archive_bytes"]["pgbackrest"]), ratio("wal_archive_bytes", True)),
     ("database backed up", mib(r["database_bytes"]["dr"]), mib(r["database_bytes"]["pgbackrest"]), ""),
     ("restored PGDATA", mib(r["restored_bytes"]["dr"]), mib(r["restored_bytes"]["pgbackrest"]), ""),
+]
+fl = r["floor_seconds"]
+r["floor_ratios"] = {
+    "backup_vs_tar_zstd1": round(r["backup_seconds"]["dr"] / fl["backup_tar_zstd1"], 3),
+    "restore_vs_dd_fsync": round(r["restore_seconds"]["dr"] / fl["restore_dd_fsync"], 3),
+}
+table += [
+    ("floor: tar | zstd -1 of PGDATA", sec(fl["backup_tar_zstd1"]), "", f"dr {r['floor_ratios']['backup_vs_tar_zstd1']:.2f}x it"),
+    ("floor: dd conv=fsync, restored bytes", sec(fl["restore_dd_fsync"]), "", f"dr {r['floor_ratios']['restore_vs_dd_fsync']:.2f}x it"),
 ]
 w = [max(len(row[i]) for row in table) for i in range(4)]
 for row in table:
