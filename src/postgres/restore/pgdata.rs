@@ -2,9 +2,14 @@
 //! and the tablespace links.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use super::*;
+
+/// Bytes written to one file before they are flushed while the restore
+/// goes on: the disk writes behind the decoding instead of all at the end,
+/// when each file's last piece is in.
+const FLUSH_BEHIND: u64 = 32 << 20;
 
 /// Where one extent of a file comes from: (file index, offset in the file,
 /// offset in the object, length).
@@ -173,8 +178,10 @@ async fn write_objects(
             needed[p.0] += 1;
         }
     }
-    let remaining: Arc<Vec<AtomicUsize>> =
-        Arc::new(needed.into_iter().map(AtomicUsize::new).collect());
+    let files = Arc::new(FileProgress {
+        dirty: needed.iter().map(|_| AtomicU64::new(0)).collect(),
+        remaining: needed.into_iter().map(AtomicUsize::new).collect(),
+    });
     // Items carry indices, not references: a stream of borrowing items is
     // not provably `Send` to a spawned task (the daemon runs restores).
     let jobs = (0..m.objects.len())
@@ -182,7 +189,7 @@ async fn write_objects(
         .filter(|(_, pieces)| !pieces.is_empty())
         .map(|(oi, pieces)| {
             let o = &m.objects[oi];
-            let remaining = remaining.clone();
+            let files = files.clone();
             let key = m.owner(&o.backup).map(|backup| {
                 ObjectKey::PgData {
                     cluster: m.cluster.clone(),
@@ -205,8 +212,7 @@ async fn write_objects(
                     .iter()
                     .map(|p| dir.join(&m.files[p.0].path))
                     .collect();
-                let n =
-                    blocking(move || write_pieces(&key, &data, &pieces, paths, &remaining)).await?;
+                let n = blocking(move || write_pieces(&key, &data, &pieces, paths, &files)).await?;
                 progress.add(n);
                 Ok(n)
             }
@@ -222,14 +228,22 @@ async fn write_objects(
     Ok(total)
 }
 
+/// Per file of the manifest: pieces still to write, and bytes written
+/// since it was last flushed.
+struct FileProgress {
+    remaining: Vec<AtomicUsize>,
+    dirty: Vec<AtomicU64>,
+}
+
 /// Writes one object's pieces into their files (grouped by file, each
-/// opened once), fsyncing a file once its last piece is in.
+/// opened once), flushing a file every [`FLUSH_BEHIND`] bytes and fsyncing
+/// it once its last piece is in.
 fn write_pieces(
     key: &str,
     data: &[u8],
     pieces: &[Piece],
     paths: Vec<PathBuf>,
-    remaining: &[AtomicUsize],
+    files: &FileProgress,
 ) -> Result<u64, PgError> {
     let mut n = 0;
     let mut open: Option<(usize, std::fs::File)> = None;
@@ -251,8 +265,15 @@ fn write_pieces(
         if let Some((_, f)) = &open {
             f.write_all_at(slice, *file_off)
                 .map_err(|e| PgError::io(&path, e))?;
-            if remaining[*fi].fetch_sub(1, Ordering::AcqRel) == 1 {
+            let dirty = files.dirty[*fi].fetch_add(*len, Ordering::AcqRel) + *len;
+            if files.remaining[*fi].fetch_sub(1, Ordering::AcqRel) == 1 {
                 f.sync_all().map_err(|e| PgError::io(&path, e))?;
+            } else if dirty >= FLUSH_BEHIND
+                // One writer of a file flushes it; counts lost to a race
+                // only delay the next flush.
+                && files.dirty[*fi].swap(0, Ordering::AcqRel) >= FLUSH_BEHIND
+            {
+                f.sync_data().map_err(|e| PgError::io(&path, e))?;
             }
         }
         n += *len;
