@@ -12,6 +12,13 @@
 #   SECONDS  pgbench duration of each run (default 30)
 #   ROUNDS   runs of each configuration (default 2)
 #   CLIENTS  pgbench clients (default 8)
+# Environment:
+#   REGIONS  the dr repositories to stream into, each its own configuration
+#            in every round (default "fs"): "fs" (a directory on the same
+#            disk), "s3" (a Garage bucket on loopback), "fs+s3" (both,
+#            min_regions = 2: a flush waits for the slower). Any S3 mode
+#            starts a scripts/testenv.sh environment for its Garage.
+#   DR_BIN   a built dr to use instead of building a release one.
 # Everything lives in $DR_BENCH_DIR (default /tmp/dr-bench-stream), recreated
 # each run; the servers it starts are stopped on exit.
 #
@@ -47,21 +54,32 @@ done
     die "PostgreSQL 15 is not installed; run scripts/setup.sh first"
 id "$OS_USER" >/dev/null 2>&1 || die "no '$OS_USER' user; run scripts/setup.sh first"
 
-step "Building dr (release)"
-cargo build --release --locked --quiet
+REGIONS=${REGIONS:-fs}
+for mode in $REGIONS; do
+    [[ $mode =~ ^(fs|s3|fs\+s3)$ ]] || die "REGIONS: unknown mode '$mode' (use fs, s3 or fs+s3)"
+done
+if [[ -z ${DR_BIN:-} ]]; then
+    step "Building dr (release)"
+    cargo build --release --locked --quiet --bin dr
+    DR_BIN=$CARGO_TARGET_DIR/release/dr
+fi
+[[ -x $DR_BIN ]] || die "DR_BIN=$DR_BIN is not an executable"
 
 DATA=$BENCH/data
+TESTENV=$BENCH/testenv
 STANDBY_PID=
 cleanup() {
     # Tolerates failure: under `set -e` a failed step would end this handler
     # and leave the server below running.
     if [[ -n $STANDBY_PID ]] && kill "$STANDBY_PID" 2>/dev/null; then wait "$STANDBY_PID" 2>/dev/null || true; fi
     if [[ -f $DATA/postmaster.pid ]]; then as_pg "$PGBIN/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null 2>&1 || true; fi
+    if [[ -f $TESTENV/env.sh ]]; then DR_TESTENV_DIR=$TESTENV bash "$REPO_DIR/scripts/testenv.sh" stop >/dev/null 2>&1 || true; fi
 }
+REPO_DIR=$PWD
 cleanup # a server an interrupted earlier run left behind
 rm -rf "$BENCH"
 mkdir -p "$BENCH"/{bin,receivewal,dr}
-cp "$CARGO_TARGET_DIR/release/dr" "$BENCH/bin/dr" # /root is not traversable by postgres
+cp "$DR_BIN" "$BENCH/bin/dr" # /root is not traversable by postgres
 chown -R "$OS_USER:" "$BENCH"
 chmod 755 "$BENCH"
 cd "$BENCH"
@@ -85,28 +103,57 @@ CONF
 as_pg "$PGBIN/pg_ctl" -D "$DATA" -l "$BENCH/postgres.log" -w start >/dev/null
 "$PGBIN/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres -i -q -s "$SCALE" postgres >/dev/null 2>&1
 
+if [[ $REGIONS == *s3* ]]; then
+    step "Garage for the S3 region (scripts/testenv.sh in $TESTENV)"
+    (cd "$REPO_DIR" && DR_TESTENV_DIR=$TESTENV bash scripts/testenv.sh start >/dev/null)
+fi
+
 as_pg "$DR" keygen --output "$BENCH/identity.txt" >/dev/null
 RCPT=$(grep -o 'age1[0-9a-z]*' "$BENCH/identity.txt" | head -1)
-cat >"$BENCH/dr.toml" <<TOML
-[repository]
-recipients = ["$RCPT"]
-
+fs_region() {
+    printf '[[region]]\nname = "local"\ntype = "fs"\npath = "%s"\n\n' "$BENCH/dr/repo-$1"
+}
+s3_region() {
+    (
+        # shellcheck disable=SC1091
+        source "$TESTENV/env.sh"
+        cat <<TOML
 [[region]]
-name = "local"
-type = "fs"
-path = "$BENCH/dr/repo"
+name = "garage"
+type = "s3"
+endpoint = "$DR_TEST_S3_ENDPOINT"
+bucket = "$DR_TEST_S3_BUCKET"
+prefix = "bench-stream-$1"
+s3_region = "$DR_TEST_S3_REGION"
+path_style = true
+access_key_id = "$DR_TEST_S3_ACCESS_KEY_ID"
+secret_access_key = "$DR_TEST_S3_SECRET_ACCESS_KEY"
 
+TOML
+    )
+}
+# One configuration (and repository) per mode; `fs+s3` needs both regions.
+for mode in $REGIONS; do
+    tag=${mode/+/-}
+    {
+        printf '[repository]\nrecipients = ["%s"]\nmin_regions = %d\n\n' "$RCPT" "$(($(tr -cd + <<<"$mode" | wc -c) + 1))"
+        [[ $mode == *fs* ]] && fs_region "$tag"
+        [[ $mode == *s3* ]] && s3_region "$tag"
+        cat <<TOML
 [postgres.bench]
 conninfo = "host=127.0.0.1 port=$PORT user=postgres dbname=postgres"
 data_dir = "$DATA"
 bin_dir = "$PGBIN"
 os_user = "$OS_USER"
-state_dir = "$BENCH/dr/state"
+state_dir = "$BENCH/dr/state-$tag"
 wal = "stream"
 synchronous = true
 TOML
-chown "$OS_USER:" "$BENCH/dr.toml" "$BENCH/identity.txt"
-as_pg "$DR" --config "$BENCH/dr.toml" repo init >/dev/null
+    } >"$BENCH/dr-$tag.toml"
+    chown "$OS_USER:" "$BENCH/dr-$tag.toml"
+    as_pg "$DR" --config "$BENCH/dr-$tag.toml" repo init >/dev/null
+done
+chown "$OS_USER:" "$BENCH/identity.txt"
 sql "SELECT pg_create_physical_replication_slot('recv', true)" >/dev/null
 
 # Sets synchronous_standby_names and waits until `app` is the sync standby.
@@ -162,31 +209,45 @@ for round in $(seq "$ROUNDS"); do
     with_standby pg_receivewal pg_receivewal "$BENCH/receivewal.log" \
         "$PGBIN/pg_receivewal" -h 127.0.0.1 -p "$PORT" -U postgres -D "$BENCH/receivewal" \
         -S recv --synchronous --no-loop
-    with_standby dr_sync dr_bench "$BENCH/dr-stream.log" \
-        "$DR" --config "$BENCH/dr.toml" wal-stream
+    for mode in $REGIONS; do
+        tag=${mode/+/-}
+        with_standby "dr_$mode" dr_bench "$BENCH/dr-stream-$tag.log" \
+            "$DR" --config "$BENCH/dr-$tag.toml" wal-stream
+    done
 done
 
 step "Results"
-python3 - "$SECS" "$ROUNDS" "$CLIENTS" "${TPS[baseline]}" "${LAT[baseline]}" \
-    "${TPS[pg_receivewal]}" "${LAT[pg_receivewal]}" "${TPS[dr_sync]}" "${LAT[dr_sync]}" "$(du -sb "$BENCH/dr/repo" | cut -f1)" \
-    "$(du -sb "$BENCH/receivewal" | cut -f1)" <<'PY'
+args=("$SECS" "$ROUNDS" "$CLIENTS" "$(du -sb "$BENCH/receivewal" | cut -f1)")
+for label in baseline pg_receivewal; do args+=("$label" "${TPS[$label]}" "${LAT[$label]}" 0); done
+for mode in $REGIONS; do
+    bytes=0
+    [[ -d $BENCH/dr/repo-${mode/+/-} ]] && bytes=$(du -sb "$BENCH/dr/repo-${mode/+/-}" | cut -f1)
+    args+=("dr_$mode" "${TPS[dr_$mode]}" "${LAT[dr_$mode]}" "$bytes")
+done
+python3 - "${args[@]}" <<'PY'
 import json, statistics, sys
-secs, rounds, clients = (int(x) for x in sys.argv[1:4])
-vals = [[float(x) for x in a.split()] for a in sys.argv[4:10]]
-mean = statistics.mean
-b_tps, b_lat, r_tps, r_lat, d_tps, d_lat = (mean(v) for v in vals)
-dr_bytes, recv_bytes = int(sys.argv[10]), int(sys.argv[11])
+secs, rounds, clients, recv_bytes = (int(x) for x in sys.argv[1:5])
+rows = {}
+rest = sys.argv[5:]
+for i in range(0, len(rest), 4):
+    label, tps, lat, size = rest[i:i + 4]
+    rows[label] = {"tps": statistics.mean(float(x) for x in tps.split()),
+                   "latency_ms": statistics.mean(float(x) for x in lat.split()),
+                   "runs_tps": [float(x) for x in tps.split()], "stored_bytes": int(size)}
+names = {"baseline": "no sync standby", "pg_receivewal": "pg_receivewal --synchronous"}
+r = rows["pg_receivewal"]
 print(f"pgbench TPC-B, scale 10, {clients} clients, {secs} s x {rounds} rounds (means)")
-print(f"{'':26}{'TPS':>10}{'latency ms':>12}")
-print(f"{'no sync standby':26}{b_tps:10.1f}{b_lat:12.3f}")
-print(f"{'pg_receivewal --synchronous':26}{r_tps:10.1f}{r_lat:12.3f}")
-print(f"{'dr wal-stream synchronous':26}{d_tps:10.1f}{d_lat:12.3f}")
-print(f"dr vs pg_receivewal: TPS x{d_tps / r_tps:.2f}, latency x{d_lat / r_lat:.2f}")
-print(f"stored WAL: dr {dr_bytes / 2**20:.1f} MiB (compressed, encrypted), pg_receivewal {recv_bytes / 2**20:.1f} MiB")
-print(json.dumps({"clients": clients, "seconds": secs, "rounds": rounds,
-                  "baseline": {"tps": b_tps, "latency_ms": b_lat},
-                  "pg_receivewal": {"tps": r_tps, "latency_ms": r_lat},
-                  "dr": {"tps": d_tps, "latency_ms": d_lat},
-                  "tps_ratio": d_tps / r_tps, "latency_ratio": d_lat / r_lat},
-                 separators=(",", ":")))
+print(f"{'':32}{'TPS':>10}{'latency ms':>12}{'vs pg_receivewal':>20}")
+for label, v in rows.items():
+    name = names.get(label, f"dr wal-stream, {label[3:]}")
+    ratio = "" if label in names else f"TPS x{v['tps'] / r['tps']:.2f}, lat x{v['latency_ms'] / r['latency_ms']:.2f}"
+    print(f"{name:32}{v['tps']:10.1f}{v['latency_ms']:12.3f}{ratio:>28}")
+    if label not in names:
+        v["tps_ratio"] = v["tps"] / r["tps"]
+        v["latency_ratio"] = v["latency_ms"] / r["latency_ms"]
+fs = [l for l in rows if l.startswith("dr_fs")]
+for l in fs:
+    print(f"stored WAL: {l} {rows[l]['stored_bytes'] / 2**20:.1f} MiB (compressed, encrypted), "
+          f"pg_receivewal {recv_bytes / 2**20:.1f} MiB")
+print(json.dumps({"clients": clients, "seconds": secs, "rounds": rounds, **rows}, separators=(",", ":")))
 PY

@@ -224,6 +224,40 @@ async fn fs_objects_are_create_only() {
     );
 }
 
+/// The fs store writes a buffer in one blocking call and a stream through
+/// a channel: both publish only a whole, synced file, refuse an existing
+/// name, and leave no temp file behind either way.
+#[tokio::test]
+async fn fs_buffer_and_stream_puts_are_create_only_and_leave_no_temp_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fs = FsStore::new(dir.path());
+    let store = Store::Fs(FsStore::new(dir.path()));
+    store
+        .put_bytes("d/buffer", Bytes::from_static(b"buffer"))
+        .await
+        .expect("buffer put");
+    store
+        .put("d/stream", dr::store::once(Bytes::from_static(b"stream")))
+        .await
+        .expect("stream put");
+    for key in ["d/buffer", "d/stream"] {
+        let err = store
+            .put_bytes(key, Bytes::from_static(b"other"))
+            .await
+            .expect_err("a buffer put over an existing object");
+        assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err}");
+        let err = store
+            .put(key, dr::store::once(Bytes::from_static(b"other")))
+            .await
+            .expect_err("a stream put over an existing object");
+        assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err}");
+    }
+    assert_eq!(store.get_bytes("d/buffer").await.expect("get"), "buffer");
+    assert_eq!(store.get_bytes("d/stream").await.expect("get"), "stream");
+    let left = fs.temp_files().await.expect("temp files");
+    assert!(left.is_empty(), "temp files left behind: {left:?}");
+}
+
 /// S3 puts are create-only (`If-None-Match: *`) on servers that honour it,
 /// as moto does (Garage ignores the header): a second put of a key fails as
 /// the fs store's does, single-part and multipart alike, and `hide` clears

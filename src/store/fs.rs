@@ -3,7 +3,9 @@
 //! A put writes a temp file under `<root>/.tmp/`, fsyncs it, hard-links it to its
 //! final name (which fails if the name exists, so objects are create-only), and
 //! fsyncs the directories. A crash at any point leaves at most a temp file, which
-//! is never listed.
+//! is never listed. A put of a buffer does all of it in one blocking call: a
+//! synchronous WAL stream waits for one such put per commit group, and every
+//! hand-off between threads is latency on a busy machine.
 
 use std::io;
 use std::ops::Range;
@@ -117,22 +119,35 @@ impl FsStore {
             tokio::task::spawn_blocking(move || publish(&root, &tmp2, &dest2))
                 .await
                 .map_err(|e| self.err("put", key, io::Error::other(e)))?
-                .map_err(|e| {
-                    if e.kind() == io::ErrorKind::AlreadyExists {
-                        StoreError::AlreadyExists {
-                            store: self.describe(),
-                            key: key.to_string(),
-                        }
-                    } else {
-                        self.err("put", key, e)
-                    }
-                })?;
+                .map_err(|e| self.put_err(key, e))?;
             Ok(n)
         }
         .await;
         // The temp file is garbage whether the put succeeded (it was linked) or not.
         let _ = tokio::fs::remove_file(&tmp).await;
         result
+    }
+
+    /// Creates `key` from a buffer: the same protocol as [`FsStore::put`]
+    /// (temp file, fsync, hard link, directory fsync) in one blocking call.
+    pub(super) async fn put_bytes(&self, key: &str, body: Bytes) -> Result<u64, StoreError> {
+        let (root, k) = (self.root.clone(), key.to_string());
+        tokio::task::spawn_blocking(move || write_object(&root, &k, &body))
+            .await
+            .map_err(|e| self.err("put", key, io::Error::other(e)))?
+            .map_err(|e| self.put_err(key, e))
+    }
+
+    /// A failed put's error: an existing name is [`StoreError::AlreadyExists`].
+    fn put_err(&self, key: &str, e: io::Error) -> StoreError {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            StoreError::AlreadyExists {
+                store: self.describe(),
+                key: key.to_string(),
+            }
+        } else {
+            self.err("put", key, e)
+        }
     }
 
     pub(super) async fn get(
@@ -232,6 +247,26 @@ impl FsStore {
             Err(e) => Err(self.err("delete", key, e)),
         }
     }
+}
+
+/// Writes `body` to a synced temp file, publishes it as `key` and removes
+/// the temp file (whether or not the put succeeded: once linked it is a
+/// second name of the object, otherwise garbage).
+fn write_object(root: &Path, key: &str, body: &[u8]) -> io::Result<u64> {
+    let tmp_dir = root.join(TMP_DIR);
+    std::fs::create_dir_all(&tmp_dir)?;
+    let tmp = tmp_dir.join(format!("{:016x}", rand::random::<u64>()));
+    let res = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(body)?;
+            f.sync_all()
+        })
+        .and_then(|()| publish(root, &tmp, &root.join(key)));
+    let _ = std::fs::remove_file(&tmp);
+    res.map(|()| body.len() as u64)
 }
 
 /// Links the synced temp file to its final name and makes the new directory

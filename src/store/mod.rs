@@ -228,7 +228,12 @@ impl Store {
 
     /// Creates `key` from a buffer.
     pub async fn put_bytes(&self, key: &str, body: Bytes) -> Result<u64, StoreError> {
-        self.put(key, once(body)).await
+        validate_key(key)?;
+        match self {
+            Store::Fs(s) => s.put_bytes(key, body).await,
+            Store::S3(s) => s.put(key, once(body)).await,
+            Store::Faulty(s) => Box::pin(s.put(key, once(body))).await,
+        }
     }
 
     /// Streams an object, or the byte `range` of it.

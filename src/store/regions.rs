@@ -395,21 +395,7 @@ impl Regions {
         // Closed (the sender dropped) once the pump has handed over the
         // whole body.
         let (done_tx, done_rx) = tokio::sync::watch::channel(());
-        let down = self.skipped();
-        for r in &self.regions {
-            if let Some(why) = down.get(&r.name) {
-                skipped.push((
-                    r.name.clone(),
-                    StoreError::Backend {
-                        store: r.name.clone(),
-                        op: "put",
-                        key: key.to_string(),
-                        message: format!("skipped: {why}"),
-                        transient: true,
-                    },
-                ));
-                continue;
-            }
+        for r in self.writable(key, &mut skipped) {
             let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
             senders.push(Some(tx));
             let stalled = Stalled {
@@ -488,6 +474,45 @@ impl Regions {
                 source,
             });
         }
+        self.settle(key, live_regions, results, skipped)
+    }
+
+    /// The regions a write goes to; the skipped ones (see `down`) are added
+    /// to `skipped` with the reason.
+    fn writable<'r>(
+        &'r self,
+        key: &str,
+        skipped: &mut Vec<(String, StoreError)>,
+    ) -> Vec<&'r Region> {
+        let down = self.skipped();
+        let mut live = Vec::with_capacity(self.regions.len());
+        for r in &self.regions {
+            match down.get(&r.name) {
+                Some(why) => skipped.push((
+                    r.name.clone(),
+                    StoreError::Backend {
+                        store: r.name.clone(),
+                        op: "put",
+                        key: key.to_string(),
+                        message: format!("skipped: {why}"),
+                        transient: true,
+                    },
+                )),
+                None => live.push(r),
+            }
+        }
+        live
+    }
+
+    /// Turns the per-region outcomes of a write into its report, marking
+    /// regions up or down, and fails it below `min_regions`.
+    fn settle(
+        &self,
+        key: &str,
+        live_regions: Vec<&Region>,
+        results: Vec<Result<u64, StoreError>>,
+        skipped: Vec<(String, StoreError)>,
+    ) -> Result<PutReport, RegionsError> {
         let mut report = PutReport {
             bytes: 0,
             ok: Vec::new(),
@@ -526,9 +551,33 @@ impl Regions {
         Ok(report)
     }
 
-    /// Writes a small buffer to every region.
+    /// Writes a buffer to every region. Unlike [`Regions::put`] nothing is
+    /// pumped through channels and no task is spawned: each region gets the
+    /// whole buffer at once, so a put costs one round trip (for fs, one
+    /// blocking call), which is what a synchronous WAL stream waits for per
+    /// commit group. A region that has not finished `stall_timeout` after
+    /// the hand-over is abandoned, as in [`Regions::put`].
     pub async fn put_bytes(&self, key: &str, body: Bytes) -> Result<PutReport, RegionsError> {
-        self.put(key, super::once(body)).await
+        let mut skipped = Vec::new();
+        let live = self.writable(key, &mut skipped);
+        let timeout = self.stall_timeout;
+        let puts = live.iter().map(|r| {
+            let body = body.clone();
+            async move {
+                match tokio::time::timeout(timeout, r.store.put_bytes(key, body)).await {
+                    Ok(res) => res,
+                    Err(_) => Err(StoreError::Backend {
+                        store: r.name.clone(),
+                        op: "put",
+                        key: key.to_string(),
+                        message: super::stall::stalled_message(timeout),
+                        transient: true,
+                    }),
+                }
+            }
+        });
+        let results = futures::future::join_all(puts).await;
+        self.settle(key, live, results, skipped)
     }
 
     /// Lists `prefix` in every region and returns the union (an object one

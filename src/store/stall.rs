@@ -63,10 +63,7 @@ pub(super) fn region_put(
         };
         res.unwrap_or_else(|e| {
             let message = if e.is_cancelled() && stalled.marked() {
-                format!(
-                    "stalled: made no progress for {}; write abandoned",
-                    humantime::format_duration(stalled.timeout)
-                )
+                stalled_message(stalled.timeout)
             } else {
                 format!("upload task failed: {e}")
             };
@@ -80,4 +77,12 @@ pub(super) fn region_put(
         })
     };
     (abort, put)
+}
+
+/// Why a region's write was abandoned after `timeout` without progress.
+pub(super) fn stalled_message(timeout: std::time::Duration) -> String {
+    format!(
+        "stalled: made no progress for {}; write abandoned",
+        humantime::format_duration(timeout)
+    )
 }
