@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Lsn;
 use crate::codec::Encoded;
-use crate::repo::layout::BackupId;
+use crate::repo::layout::{BackupId, BackupSummary, ObjectKey};
 
 /// Manifest format version.
 pub const MANIFEST_VERSION: u32 = 1;
@@ -166,6 +166,30 @@ impl PgManifest {
             .chain(self.backup_id())
             .map(|b| b.time())
             .min()
+    }
+
+    /// What the summary written after this manifest says of it; `None` when
+    /// its id or segments do not parse (the catalog then reads the manifest).
+    pub fn summary(&self) -> Option<BackupSummary> {
+        Some(BackupSummary {
+            backup: self.backup_id()?,
+            timeline: self.timeline,
+            start_lsn: self.start_lsn.0,
+            stop_lsn: self.stop_lsn.0,
+            start_segment: self.start_segment.parse().ok()?,
+            stop_segment: self.stop_segment.parse().ok()?,
+            start_time: self.start_time,
+            stop_time: self.stop_time,
+        })
+    }
+
+    /// The key of that summary.
+    pub fn summary_key(&self) -> Option<ObjectKey> {
+        Some(ObjectKey::PgSummary {
+            cluster: self.cluster.clone(),
+            system_id: self.system_id,
+            summary: self.summary()?,
+        })
     }
 
     /// Stored bytes this backup added (objects it owns).
