@@ -89,7 +89,7 @@ async fn restore_plan_only(
             "backup_stop_time": p.backup.stop_time, "timeline": p.timeline,
             "window": w, "stop_after_lsn": p.stop_after_lsn,
             "stop_at_backup_end": p.stop_at_backup_end, "gave_up": p.gave_up,
-            "wal_newest": p.wal_newest, "whole_catalog_read": !p.scoped,
+            "whole_catalog_read": !p.scoped,
         }));
         return Ok(ExitCode::SUCCESS);
     }

@@ -27,10 +27,40 @@ pub struct RestorePlan {
     /// The window the target lies in. Planned from part of the history, its
     /// end may be earlier than the whole window's: it reaches the target.
     pub window: Window,
-    /// Newest complete WAL segment archived on the timeline, and when.
-    pub wal_newest: Option<(String, DateTime<Utc>)>,
+    /// Newest complete segment read on the timeline, and when.
+    newest_read: Option<(String, DateTime<Utc>)>,
+    /// The timeline's newest WAL prefix, where planning did not read it.
+    newest_prefix: Option<String>,
     /// Whether only part of the history was read.
     pub scoped: bool,
+}
+
+impl RestorePlan {
+    /// The newest complete WAL segment archived on the plan's timeline, and
+    /// when: for reports. A plan to a past time did not read that far, so
+    /// this lists the timeline's newest prefix then (one request).
+    pub async fn wal_newest(
+        &self,
+        repo: &Repository,
+    ) -> Result<Option<(String, DateTime<Utc>)>, PgError> {
+        let Some(prefix) = &self.newest_prefix else {
+            return Ok(self.newest_read.clone());
+        };
+        let (_, objects) = repo.regions.list(prefix).await?;
+        let newest = objects
+            .iter()
+            .filter_map(|o| match o.key.parse::<ObjectKey>() {
+                Ok(ObjectKey::Wal {
+                    segment,
+                    suffix: WalSuffix::None,
+                    ..
+                }) if segment.timeline.0 == self.timeline => Some((segment, o.modified)),
+                _ => None,
+            })
+            .max_by_key(|(s, _)| *s)
+            .map(|(s, at)| (s.to_string(), at.unwrap_or(self.backup.stop_time)));
+        Ok(newest.or_else(|| self.newest_read.clone()))
+    }
 }
 
 /// Backups without a summary read one by one before the whole catalog is
@@ -82,7 +112,8 @@ impl Catalog {
             gave_up: p.gave_up,
             stop_after_lsn: p.stop_after_lsn,
             stop_at_backup_end: p.stop_at_backup_end,
-            wal_newest: cat.newest_on(p.timeline, p.backup.stop_time),
+            newest_read: cat.newest_on(p.timeline, p.backup.stop_time),
+            newest_prefix: None,
             window,
             scoped: false,
         })
@@ -207,23 +238,13 @@ impl Catalog {
             p.stop_after_lsn,
             p.stop_at_backup_end,
         );
-        // The newest segment on the timeline, for the report.
-        if let Some(&top_log) = tree.logs.get(&timeline).and_then(|l| l.last())
-            && top_log > upto
-        {
-            let (_, objects) = repo
-                .regions
-                .list(&tree.log_prefix(timeline, top_log))
-                .await?;
-            for o in &objects {
-                if let Ok(ObjectKey::Wal {
-                    segment, suffix, ..
-                }) = o.key.parse::<ObjectKey>()
-                {
-                    cat.absorb_wal(o, segment, suffix);
-                }
-            }
-        }
+        // The newest segment on the timeline is for reports, read on demand.
+        let newest_prefix = tree
+            .logs
+            .get(&timeline)
+            .and_then(|l| l.last())
+            .filter(|&&top| top > upto)
+            .map(|&top| tree.log_prefix(timeline, top));
         let backup = if tree.stand_ins.contains(&b.id) {
             match real_manifest(repo, root, &b).await {
                 Some(m) => m,
@@ -237,7 +258,8 @@ impl Catalog {
             gave_up,
             stop_after_lsn,
             stop_at_backup_end,
-            wal_newest: cat.newest_on(timeline, backup.stop_time),
+            newest_read: cat.newest_on(timeline, backup.stop_time),
+            newest_prefix,
             backup,
             window: w,
             scoped: true,

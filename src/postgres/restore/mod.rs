@@ -252,7 +252,7 @@ pub async fn restore(
     };
     // Reads what this target needs, not the whole history.
     let plan = Catalog::plan_restore(repo, cluster, when, opts.accept_gap, opts.timeline).await?;
-    let (m, gave_up, timeline) = (plan.backup, plan.gave_up, plan.timeline);
+    let (m, gave_up, timeline) = (plan.backup.clone(), plan.gave_up.clone(), plan.timeline);
     if let Some(g) = &gave_up {
         tracing::warn!(shortfall = %g, "restoring short of the archived WAL (--accept-gap)");
     }
@@ -266,7 +266,7 @@ pub async fn restore(
     let settings = recovery_settings(opts, timeline, stop)?;
     accept_target(&opts.dir, &found, m.system_id, opts)?;
     let wal_last_contiguous = Some(plan.window.last_segment.clone());
-    let wal_newest = plan.wal_newest;
+    let wal_newest = plan.wal_newest(repo).await?;
     tracing::info!(backup = %m.id, "restoring");
     let links = tablespace_links(&m, opts)?;
     if matches!(found, Found::Absent) {
