@@ -339,19 +339,32 @@ impl Catalog {
             return Ok(None);
         }
         // Taken before summaries existed, cut short between manifest and
-        // summary, or still running (no manifest yet: not a backup).
+        // summary, or still running (no manifest yet: not a backup). A HEAD
+        // each, not a listing of a directory of data objects.
         for dir in unsummarised {
-            let (_, objects) = repo.regions.list(&dir).await?;
-            for o in &objects {
-                if let Ok(ObjectKey::PgManifest { .. }) = o.key.parse::<ObjectKey>() {
-                    match read_manifest(repo, &o.key, o.size).await {
-                        Ok(m) => cat.backups.push(m),
-                        Err(e) => {
-                            tracing::debug!(key = %o.key, error = %e,
-                                "unreadable manifest: planning from the whole catalog");
-                            return Ok(None);
-                        }
+            let key = format!("{dir}manifest");
+            let mut size = None;
+            for r in repo.regions.iter() {
+                match r.store.head(&key).await {
+                    Ok(Some(n)) => {
+                        size = Some(n);
+                        break;
                     }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::debug!(region = %r.name, key, error = %e,
+                            "cannot tell whether a manifest exists: planning from the whole catalog");
+                        return Ok(None);
+                    }
+                }
+            }
+            let Some(size) = size else { continue };
+            match read_manifest(repo, &key, size).await {
+                Ok(m) => cat.backups.push(m),
+                Err(e) => {
+                    tracing::debug!(key, error = %e,
+                        "unreadable manifest: planning from the whole catalog");
+                    return Ok(None);
                 }
             }
         }
