@@ -56,6 +56,12 @@ async fn counted<T>(f: impl std::future::Future<Output = T>) -> (u64, T) {
 /// Plans `target` both ways and checks they agree; returns the requests
 /// the scoped plan cost and its backup id.
 async fn plan_both(repo: &Repository, target: Option<DateTime<Utc>>) -> (u64, String) {
+    let (n, id, _) = plan_both_on(repo, target).await;
+    (n, id)
+}
+
+/// As [`plan_both`], with the timeline followed.
+async fn plan_both_on(repo: &Repository, target: Option<DateTime<Utc>>) -> (u64, String, u32) {
     let (n, scoped) = counted(Catalog::plan_restore(
         repo,
         "main",
@@ -84,7 +90,7 @@ async fn plan_both(repo: &Repository, target: Option<DateTime<Utc>>) -> (u64, St
         whole_cost > MAX_PLAN_REQUESTS,
         "the whole catalog cost only {whole_cost} requests: the history is too short to test the bound"
     );
-    (n, scoped.backup.id)
+    (n, scoped.backup.id, scoped.timeline)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,4 +181,27 @@ async fn a_gap_still_blocks_the_restores_that_cross_it() {
     let t = h.time_of(old - 25);
     let (_, id) = plan_both(&s.repo, Some(t)).await;
     assert_eq!(id, common::catalog_fixture::manifest(&h, 3).id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plans_follow_a_timeline_branch_from_part_of_the_history() {
+    let s = setup().await;
+    let mut h = History::new("main", 1_200, 12);
+    // Timeline 2 branches in segment 900: backup 9 (segments 898-899) is
+    // on timeline 1 before the branch, backups 10 and 11 on timeline 2.
+    h.branch = Some(900);
+    write(&s.repo, &h, 64).await;
+    let (latest, id, tli) = plan_both_on(&s.repo, None).await;
+    assert_eq!((id, tli), (common::catalog_fixture::manifest(&h, 11).id, 2));
+    // After the branch, before backup 10: backup 9, crossing to timeline 2.
+    let t = h.time_of(950);
+    let (crossing, id, tli) = plan_both_on(&s.repo, Some(t)).await;
+    assert_eq!((id, tli), (common::catalog_fixture::manifest(&h, 9).id, 2));
+    // Before the last commit on timeline 1 (segment 895): timeline 1.
+    let t = h.time_of(890);
+    let (before, id, tli) = plan_both_on(&s.repo, Some(t)).await;
+    assert_eq!((id, tli), (common::catalog_fixture::manifest(&h, 8).id, 1));
+    eprintln!(
+        "S3 requests to plan across a branch: latest {latest}, crossing {crossing}, before {before}"
+    );
 }

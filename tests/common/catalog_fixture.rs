@@ -35,6 +35,9 @@ pub struct History {
     pub backups: u64,
     /// Backups written without a summary (as before summaries existed).
     pub without_summary: Vec<u64>,
+    /// A promotion inside segment `n`: timeline 2 branches off there and
+    /// holds every later segment (timeline 1 ends with segment `n`).
+    pub branch: Option<u64>,
 }
 
 impl History {
@@ -47,6 +50,7 @@ impl History {
             segments,
             backups,
             without_summary: Vec::new(),
+            branch: None,
         }
     }
 
@@ -60,9 +64,23 @@ impl History {
         1 + k * (self.segments - 3) / self.backups.max(1)
     }
 
-    fn name(n: u64) -> WalSegmentName {
+    /// Where timeline 2 branches off, if it does.
+    pub fn switch_lsn(&self) -> Option<u64> {
+        self.branch.map(|n| n * SEGMENT + 0x1000)
+    }
+
+    /// The timeline segment `n` of a backup lies on.
+    pub fn timeline_of(&self, n: u64) -> u32 {
+        if self.branch.is_some_and(|b| n > b) {
+            2
+        } else {
+            1
+        }
+    }
+
+    fn name(tli: u32, n: u64) -> WalSegmentName {
         WalSegmentName {
-            timeline: TimelineId(1),
+            timeline: TimelineId(tli),
             log: (n / 256) as u32,
             seg: (n % 256) as u32,
         }
@@ -102,7 +120,13 @@ pub async fn write(repo: &Repository, h: &History, parallel: usize) {
         .encode_bytes(zero, None)
         .await
         .expect("encode a segment");
-    let wal = futures::stream::iter(1..=h.segments).map(|n| {
+    // Timeline 2 begins with its own copy of the switch segment.
+    let placed = (1..=h.segments).flat_map(|n| match h.branch {
+        Some(b) if n == b => vec![(1, n), (2, n)],
+        Some(b) if n > b => vec![(2, n)],
+        _ => vec![(1, n)],
+    });
+    let wal = futures::stream::iter(placed).map(|(tli, n)| {
         let zero_stored = zero_stored.clone();
         let zero_hash = zero_enc.plain_hash.clone();
         async move {
@@ -120,7 +144,7 @@ pub async fn write(repo: &Repository, h: &History, parallel: usize) {
             let key = ObjectKey::Wal {
                 cluster: h.cluster.clone(),
                 system_id: h.system_id,
-                segment: History::name(n),
+                segment: History::name(tli, n),
                 suffix: WalSuffix::None,
                 hash,
             };
@@ -131,6 +155,28 @@ pub async fn write(repo: &Repository, h: &History, parallel: usize) {
         }
     });
     wal.buffer_unordered(parallel).collect::<Vec<()>>().await;
+    if let Some(lsn) = h.switch_lsn() {
+        let text = format!(
+            "1\t{:X}/{:X}\tno recovery target specified\n",
+            lsn >> 32,
+            lsn & 0xffff_ffff
+        );
+        let (stored, enc) = repo
+            .wal_codec
+            .encode_bytes(Bytes::from(text), None)
+            .await
+            .expect("encode a history file");
+        let key = ObjectKey::TimelineHistory {
+            cluster: h.cluster.clone(),
+            system_id: h.system_id,
+            timeline: TimelineId(2),
+            hash: enc.plain_hash,
+        };
+        repo.regions
+            .put_bytes(&key.to_string(), stored)
+            .await
+            .expect("put a history file");
+    }
     let backups = futures::stream::iter(0..h.backups).map(|k| async move {
         let m = manifest(h, k);
         let key = ObjectKey::PgManifest {
@@ -156,6 +202,7 @@ pub async fn write(repo: &Repository, h: &History, parallel: usize) {
 /// the catalog reads.
 pub fn manifest(h: &History, k: u64) -> PgManifest {
     let s = h.backup_start(k);
+    let tli = h.timeline_of(s);
     let start_time = h.time_of(s);
     let stop_time = h.time_of(s + 1) - Duration::seconds(10);
     let id = format!(
@@ -175,9 +222,9 @@ pub fn manifest(h: &History, k: u64) -> PgManifest {
         stop_time,
         start_lsn: Lsn(s * SEGMENT + 0x28),
         stop_lsn: Lsn((s + 1) * SEGMENT + 0x100),
-        timeline: 1,
-        start_segment: History::name(s).to_string(),
-        stop_segment: History::name(s + 1).to_string(),
+        timeline: tli,
+        start_segment: History::name(tli, s).to_string(),
+        stop_segment: History::name(tli, s + 1).to_string(),
         wal_segment_size: SEGMENT,
         backup_label: format!("START WAL LOCATION: {s}\n"),
         tablespace_map: String::new(),
