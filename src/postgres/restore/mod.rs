@@ -216,7 +216,9 @@ pub struct RestoreReport {
     pub socket_dir: Option<String>,
     /// When the restored backup ended (the earliest restorable point).
     pub backup_stop_time: DateTime<Utc>,
-    /// Last WAL segment reachable from the backup without a gap.
+    /// Last WAL segment reachable from the backup without a gap, as far as
+    /// planning read: for `latest` the end of the archive, for a past time
+    /// at least the segment that reaches it.
     pub wal_last_contiguous: Option<String>,
     /// Newest WAL segment archived on the backup's timeline, and when.
     pub wal_newest: Option<(String, DateTime<Utc>)>,
