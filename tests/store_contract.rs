@@ -83,6 +83,42 @@ async fn list_many(store: Store) {
     assert!(store.list("nothing/").await.expect("list").is_empty());
 }
 
+async fn one_level_listing(store: Store) {
+    // > 1000 directories forces S3 pagination of common prefixes too.
+    let keys: Vec<String> = (0..1050)
+        .map(|i| format!("tree/d{i:05}/x"))
+        .chain([
+            "tree/d00001/y/z".into(),
+            "tree/top".into(),
+            "treetop".into(),
+        ])
+        .collect();
+    futures::stream::iter(keys.iter().cloned())
+        .for_each_concurrent(32, |k| {
+            let store = &store;
+            async move {
+                store
+                    .put_bytes(&k, Bytes::from_static(b"12"))
+                    .await
+                    .expect("put");
+            }
+        })
+        .await;
+    let l = store.list_dirs("tree/").await.expect("list dirs");
+    let dirs: Vec<String> = (0..1050).map(|i| format!("tree/d{i:05}/")).collect();
+    assert_eq!(l.dirs, dirs, "every directory once, sorted");
+    let objects: Vec<&str> = l.objects.iter().map(|o| o.key.as_str()).collect();
+    assert_eq!(objects, ["tree/top"]);
+    assert_eq!(l.objects[0].size, 2);
+    let l = store.list_dirs("tree/d00001/").await.expect("list dirs");
+    assert_eq!(l.dirs, ["tree/d00001/y/"]);
+    assert_eq!(l.objects.len(), 1);
+    assert_eq!(
+        store.list_dirs("nothing/").await.expect("list dirs"),
+        Default::default()
+    );
+}
+
 async fn delete_is_idempotent(store: Store) {
     store
         .put_bytes("del/x", Bytes::from_static(b"1"))
@@ -172,6 +208,11 @@ macro_rules! contract {
             async fn list_many() {
                 let (store, _guard) = $make;
                 super::list_many(store).await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn one_level_listing() {
+                let (store, _guard) = $make;
+                super::one_level_listing(store).await
             }
             #[tokio::test(flavor = "multi_thread")]
             async fn delete_is_idempotent() {

@@ -291,6 +291,9 @@ pub fn run() -> ExitCode {
             } => pg::wal_fetch(cluster, file, dest, until, cli.config.as_deref(), &out).await,
         }
     });
+    // What the command cost the object store: benchmarks and operators read
+    // it with DR_LOG=dr=debug rather than trusting an estimate.
+    tracing::debug!(s3_requests = dr::store::s3_requests(), "store requests");
     match result {
         Ok(code) => code,
         Err(e) => {

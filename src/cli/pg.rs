@@ -22,8 +22,12 @@ pub struct RestoreArgs {
     to: String,
     /// Directory to restore into: absent or empty (with --delta, also a
     /// stopped data directory of the same cluster).
-    #[arg(long)]
-    target: PathBuf,
+    #[arg(long, required_unless_present = "dry_run")]
+    target: Option<PathBuf>,
+    /// Plan only: print the backup, timeline and window the restore would
+    /// use, reading only the WAL prefixes it needs, and write nothing.
+    #[arg(long, conflicts_with_all = ["start", "delta"])]
+    dry_run: bool,
     /// Stop at this LSN instead of the time (the time still picks the backup).
     #[arg(long, conflicts_with_all = ["xid", "restore_point"])]
     lsn: Option<String>,
@@ -62,6 +66,56 @@ pub struct RestoreArgs {
     /// refused when two diverged timelines both do.
     #[arg(long, default_value = "auto")]
     timeline: dr::postgres::timeline::TimelineChoice,
+}
+
+/// `dr restore pg --dry-run`: the plan a restore would follow, nothing written.
+async fn restore_plan_only(
+    cfg: &dr::config::Config,
+    cluster: &str,
+    args: &RestoreArgs,
+    target: Target,
+    out: &Out,
+) -> anyhow::Result<ExitCode> {
+    let repo = Repository::open(cfg).await?;
+    let when = match target {
+        Target::Latest => None,
+        Target::Time(t) => Some(t),
+    };
+    let p = Catalog::plan_restore(&repo, cluster, when, args.accept_gap, args.timeline).await?;
+    let w = &p.window;
+    if out.json {
+        out.json(&serde_json::json!({
+            "ok": true, "cluster": cluster, "to": args.to, "backup": p.backup.id,
+            "backup_stop_time": p.backup.stop_time, "timeline": p.timeline,
+            "window": w, "stop_after_lsn": p.stop_after_lsn,
+            "stop_at_backup_end": p.stop_at_backup_end, "gave_up": p.gave_up,
+            "whole_catalog_read": !p.scoped,
+        }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let fmt = |t: &chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S%.3fZ").to_string();
+    println!("restore of {cluster} to {} would use:", args.to);
+    println!(
+        "  backup    {} (ended {})",
+        p.backup.id,
+        fmt(&p.backup.stop_time)
+    );
+    println!("  timeline  {}", p.timeline);
+    println!(
+        "  window    {} .. {} ({}), replaying WAL through {}",
+        fmt(&w.from),
+        fmt(&w.to),
+        serde_json::to_value(w.end_basis)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        w.last_segment
+    );
+    if let Some(g) = &p.gave_up {
+        println!("  gives up  {g}");
+    }
+    println!("nothing was written (--dry-run)");
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn backup(
@@ -147,6 +201,9 @@ pub async fn restore(
         None => Target::Latest,
         Some(t) => Target::Time(t),
     };
+    let Some(target_dir) = args.target.clone().filter(|_| !args.dry_run) else {
+        return restore_plan_only(&cfg, &cluster, &args, target, out).await;
+    };
     // Bad input is refused before anything is audited or touched.
     let tablespace_map = args
         .tablespace_map
@@ -183,7 +240,7 @@ pub async fn restore(
         connect_user: restore::default_connect_user(pg),
         timeline: args.timeline,
         accept_gap: args.accept_gap,
-        ..RestoreOptions::new(target, args.target, restore_command)
+        ..RestoreOptions::new(target, target_dir, restore_command)
     };
     let progress = dr::progress::Progress::new();
     let r = with_progress(

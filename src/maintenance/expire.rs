@@ -155,6 +155,7 @@ async fn plan_pg_cluster(
     let (_, objects) = repo.regions.list(&format!("pg/{cluster}/")).await?;
     let mut data = Vec::new();
     let mut wal = Vec::new();
+    let mut summaries = Vec::new();
     for o in &objects {
         match o.key.parse::<ObjectKey>() {
             Ok(ObjectKey::PgData { backup, .. }) => {
@@ -162,6 +163,9 @@ async fn plan_pg_cluster(
             }
             Ok(ObjectKey::PgStarted { backup, .. }) => {
                 data.push(to_stored(o, backup.to_string(), "marker"))
+            }
+            Ok(ObjectKey::PgSummary { summary, .. }) => {
+                summaries.push((summary.backup.to_string(), o.key.clone()))
             }
             Ok(ObjectKey::Wal {
                 system_id, segment, ..
@@ -213,9 +217,32 @@ async fn plan_pg_cluster(
             reads,
         });
     }
-    Ok(plan_pg(
-        cluster, &backups, &data, &wal, policy, now, orphan_age,
-    ))
+    let mut plan = plan_pg(cluster, &backups, &data, &wal, policy, now, orphan_age);
+    // A backup's summary goes before its manifest: a summary vouches for a
+    // manifest, so it must never outlive it by design (a stale one left by
+    // a failed delete only costs the planner a manifest read).
+    let expiring: Vec<String> = plan
+        .deletions
+        .iter()
+        .filter(|d| d.kind == "manifest")
+        .filter_map(|d| match d.key.parse::<ObjectKey>() {
+            Ok(ObjectKey::PgManifest { backup, .. }) => Some(backup.to_string()),
+            _ => None,
+        })
+        .collect();
+    let first: Vec<Deletion> = summaries
+        .into_iter()
+        .filter(|(id, _)| expiring.contains(id))
+        .map(|(id, key)| Deletion {
+            key,
+            // Part of the manifest's record: deleted with the manifests.
+            kind: "manifest".into(),
+            why: format!("backup {id} expires (its summary, before its manifest)"),
+            orphan: false,
+        })
+        .collect();
+    plan.deletions.splice(0..0, first);
+    Ok(plan)
 }
 
 /// What happened to one source.

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Lsn;
 use crate::codec::{Encoded, Expect, PieceHash};
-use crate::repo::layout::BackupId;
+use crate::repo::layout::{BackupId, BackupSummary, ObjectKey};
 
 /// Manifest format version. Version 2 records data objects with
 /// [`PIECES_HASHED`] instead of a whole-object hash; version 1 manifests
@@ -206,6 +206,30 @@ impl PgManifest {
             expect.pieces = Some(pieces);
         }
         Ok(expect)
+    }
+
+    /// What the summary written after this manifest says of it; `None` when
+    /// its id or segments do not parse (the catalog then reads the manifest).
+    pub fn summary(&self) -> Option<BackupSummary> {
+        Some(BackupSummary {
+            backup: self.backup_id()?,
+            timeline: self.timeline,
+            start_lsn: self.start_lsn.0,
+            stop_lsn: self.stop_lsn.0,
+            start_segment: self.start_segment.parse().ok()?,
+            stop_segment: self.stop_segment.parse().ok()?,
+            start_time: self.start_time,
+            stop_time: self.stop_time,
+        })
+    }
+
+    /// The key of that summary.
+    pub fn summary_key(&self) -> Option<ObjectKey> {
+        Some(ObjectKey::PgSummary {
+            cluster: self.cluster.clone(),
+            system_id: self.system_id,
+            summary: self.summary()?,
+        })
     }
 
     /// Stored bytes this backup added (objects it owns).

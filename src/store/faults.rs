@@ -278,6 +278,11 @@ impl FaultyStore {
         self.inner.list(prefix).await
     }
 
+    pub(super) async fn list_dirs(&self, prefix: &str) -> Result<super::Listing, StoreError> {
+        self.down("list", prefix).await?;
+        self.inner.list_dirs(prefix).await
+    }
+
     pub(super) async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.down("delete", key).await?;
         self.inner.delete(key).await

@@ -86,6 +86,43 @@ pub struct ObjectInfo {
     pub modified: Option<chrono::DateTime<chrono::Utc>>,
 }
 
+/// One level of a listing: the objects directly under a prefix and the
+/// "directories" (next `/`-ended components) below it, so a caller can walk
+/// a tree without listing every key in it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Prefixes one level down, each ending in `/`, sorted.
+    pub dirs: Vec<String>,
+    /// Objects directly under the prefix, sorted by key.
+    pub objects: Vec<ObjectInfo>,
+}
+
+impl Listing {
+    /// Folds a full listing of `prefix` into one level.
+    pub fn fold(prefix: &str, all: Vec<ObjectInfo>) -> Listing {
+        let mut out = Listing::default();
+        for o in all {
+            match o.key.get(prefix.len()..).and_then(|rest| rest.find('/')) {
+                Some(i) => {
+                    let dir = &o.key[..prefix.len() + i + 1];
+                    if out.dirs.last().map(String::as_str) != Some(dir) {
+                        out.dirs.push(dir.to_string());
+                    }
+                }
+                None => out.objects.push(o),
+            }
+        }
+        out.dirs.dedup();
+        out
+    }
+}
+
+/// HTTP requests sent to S3 by this process (retries included): what a
+/// command cost, read by `dr` at exit and by tests that bound it.
+pub fn s3_requests() -> u64 {
+    s3::REQUESTS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A storage failure, with whether retrying can help.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -278,6 +315,16 @@ impl Store {
             Store::Fs(s) => s.list(prefix).await,
             Store::S3(s) => s.list(prefix).await,
             Store::Faulty(s) => Box::pin(s.list(prefix)).await,
+        }
+    }
+
+    /// One level of `prefix` (which should end in `/`): one request per
+    /// thousand entries on S3 however many keys lie deeper.
+    pub async fn list_dirs(&self, prefix: &str) -> Result<Listing, StoreError> {
+        match self {
+            Store::Fs(s) => Ok(Listing::fold(prefix, s.list(prefix).await?)),
+            Store::S3(s) => s.list_dirs(prefix).await,
+            Store::Faulty(s) => Box::pin(s.list_dirs(prefix)).await,
         }
     }
 

@@ -611,6 +611,44 @@ impl Regions {
         }
     }
 
+    /// One level of `prefix` (see [`crate::store::Store::list_dirs`]), the
+    /// union over the regions that answer, as [`Regions::list`] does.
+    pub async fn list_dirs(&self, prefix: &str) -> Result<crate::store::Listing, RegionsError> {
+        let lists = self
+            .regions
+            .iter()
+            .map(|r| async move { (r.name.clone(), r.store.list_dirs(prefix).await) });
+        let mut tried = Vec::new();
+        let mut any = false;
+        let mut dirs = std::collections::BTreeSet::new();
+        let mut objects: std::collections::BTreeMap<String, ObjectInfo> = Default::default();
+        for (name, res) in futures::future::join_all(lists).await {
+            match res {
+                Ok(l) => {
+                    any = true;
+                    dirs.extend(l.dirs);
+                    for o in l.objects {
+                        objects.entry(o.key.clone()).or_insert(o);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(region = %name, error = %e, "listing failed; using the other regions");
+                    tried.push(format!("[{name}] {e}"));
+                }
+            }
+        }
+        if !any {
+            return Err(RegionsError::Unavailable {
+                key: prefix.to_string(),
+                details: tried.join("; "),
+            });
+        }
+        Ok(crate::store::Listing {
+            dirs: dirs.into_iter().collect(),
+            objects: objects.into_values().collect(),
+        })
+    }
+
     /// Lists `prefix` in every region concurrently, in preference order.
     pub async fn list_each(
         &self,

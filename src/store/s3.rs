@@ -28,6 +28,30 @@ crate::message_error!(
     S3SetupError
 );
 
+/// Requests sent by every S3 client of this process; see [`super::s3_requests`].
+pub(super) static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counts each request as it goes on the wire, retries included, so the
+/// count is what the server saw rather than what the code meant to send.
+#[derive(Debug)]
+struct CountRequests;
+
+impl aws_sdk_s3::config::Intercept for CountRequests {
+    fn name(&self) -> &'static str {
+        "CountRequests"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _: &aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _: &aws_sdk_s3::config::RuntimeComponents,
+        _: &mut aws_sdk_s3::config::ConfigBag,
+    ) -> Result<(), aws_sdk_s3::error::BoxError> {
+        REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 /// Parts uploaded concurrently per object.
 const PARTS_IN_FLIGHT: usize = 4;
 
@@ -75,7 +99,8 @@ impl S3Store {
             .region(SdkRegion::new(cfg.s3_region.clone()))
             .force_path_style(cfg.path_style)
             .timeout_config(timeouts)
-            .retry_config(retry);
+            .retry_config(retry)
+            .interceptor(CountRequests);
         if let Some(ep) = &cfg.endpoint {
             builder = builder.endpoint_url(ep);
         }
@@ -450,6 +475,50 @@ impl S3Store {
             }
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    pub(super) async fn list_dirs(&self, prefix: &str) -> Result<super::Listing, StoreError> {
+        let full_prefix = self.full(prefix);
+        let strip = if self.prefix.is_empty() {
+            0
+        } else {
+            self.prefix.len() + 1
+        };
+        let mut out = super::Listing::default();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full_prefix)
+            .delimiter("/")
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.err("list", prefix, e))?;
+            for p in page.common_prefixes() {
+                if let Some(k) = p.prefix()
+                    && k.len() >= strip
+                {
+                    out.dirs.push(k[strip..].to_string());
+                }
+            }
+            for o in page.contents() {
+                if let Some(k) = o.key()
+                    && k.len() >= strip
+                {
+                    out.objects.push(ObjectInfo {
+                        key: k[strip..].to_string(),
+                        size: o.size().unwrap_or(0).max(0) as u64,
+                        modified: o.last_modified().and_then(|t| {
+                            chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())
+                        }),
+                    });
+                }
+            }
+        }
+        out.dirs.sort();
+        out.objects.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
 

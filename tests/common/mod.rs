@@ -74,6 +74,7 @@ pub fn fs_region_toml(name: &str, path: &Path) -> String {
 }
 
 /// Path of the built `dr` binary.
+pub mod catalog_fixture;
 pub mod chaos;
 pub mod garage;
 pub mod ha;

@@ -274,6 +274,7 @@ async fn record(
     let (_, put) = repo
         .put_buffer(&key, Bytes::from(body.clone()), None)
         .await?;
+    write_summary(repo, &manifest).await;
     save_state(cfg, cluster, t.system_id, &body).await;
     let reused: u64 = manifest
         .files
@@ -489,5 +490,19 @@ async fn save_state(cfg: &PgConfig, cluster: &str, system_id: u64, manifest: &[u
     .await;
     if let Err(e) = res {
         tracing::warn!(state = %path.display(), error = %e, "cannot save backup state; the next backup may be full");
+    }
+}
+
+/// Writes the backup's summary, after its manifest and never before: a
+/// summary vouches for a durable manifest. A crash or a failed put here
+/// leaves a backup without one, which the catalog reads from its manifest
+/// as it reads backups taken before summaries existed.
+pub async fn write_summary(repo: &Repository, manifest: &PgManifest) {
+    let Some(key) = manifest.summary_key() else {
+        return;
+    };
+    if let Err(e) = repo.regions.put_bytes(&key.to_string(), Bytes::new()).await {
+        tracing::warn!(backup = %manifest.id, error = %e,
+            "backup summary not written; catalogs read this backup's manifest instead");
     }
 }

@@ -122,6 +122,8 @@ pub struct Catalog {
 
 mod commits;
 mod plan;
+mod scoped;
+pub use scoped::RestorePlan;
 #[cfg(test)]
 mod tests;
 
@@ -139,12 +141,9 @@ impl Catalog {
     /// backups and WAL names and need not decode a segment per window.
     pub async fn load_backups(repo: &Repository, cluster: &str) -> Result<Catalog, PgError> {
         let (_, objects) = repo.regions.list(&format!("pg/{cluster}/")).await?;
+        let mut cat = Catalog::empty();
         let mut manifests = Vec::new();
-        let mut wal = BTreeMap::new();
-        let mut streamed: BTreeMap<WalSegmentName, Option<DateTime<Utc>>> = BTreeMap::new();
-        let mut piece_times: BTreeMap<WalSegmentName, Option<DateTime<Utc>>> = BTreeMap::new();
         let mut histories = Vec::new();
-        let mut pieces: BTreeMap<WalSegmentName, Vec<crate::store::ObjectInfo>> = BTreeMap::new();
         for o in &objects {
             match o.key.parse::<ObjectKey>() {
                 Ok(ObjectKey::PgManifest { .. }) => manifests.push(o.clone()),
@@ -152,35 +151,10 @@ impl Catalog {
                     histories.push((timeline.0, o.clone()))
                 }
                 Ok(ObjectKey::Wal {
-                    segment,
-                    suffix: WalSuffix::None,
-                    ..
-                }) => {
-                    wal.insert(
-                        segment,
-                        WalEntry {
-                            key: o.key.clone(),
-                            archived: o.modified,
-                        },
-                    );
-                }
-                Ok(ObjectKey::Wal {
-                    segment,
-                    suffix: WalSuffix::Stream { start, .. },
-                    ..
-                }) => {
-                    pieces.entry(segment).or_default().push(o.clone());
-                    let t = piece_times.entry(segment).or_default();
-                    *t = (*t).max(o.modified);
-                    if start == 0 {
-                        streamed.insert(segment, None);
-                    }
-                }
+                    segment, suffix, ..
+                }) => cat.absorb_wal(o, segment, suffix),
                 _ => {}
             }
-        }
-        for (seg, t) in streamed.iter_mut() {
-            *t = piece_times.get(seg).copied().flatten();
         }
         let read: Vec<(String, Result<PgManifest, PgError>)> = futures::stream::iter(manifests)
             .map(|o| async move {
@@ -190,15 +164,65 @@ impl Catalog {
             .buffered(8)
             .collect()
             .await;
-        let mut backups = Vec::new();
-        let mut unreadable = Vec::new();
         for (key, r) in read {
             match r {
-                Ok(m) => backups.push(m),
-                Err(e) => unreadable.push((key, e.to_string())),
+                Ok(m) => cat.backups.push(m),
+                Err(e) => cat.unreadable.push((key, e.to_string())),
             }
         }
-        let mut timelines = BTreeMap::new();
+        cat.read_histories(repo, histories).await;
+        cat.settle();
+        Ok(cat)
+    }
+
+    /// A catalog of nothing, to be filled from listings.
+    fn empty() -> Catalog {
+        Catalog {
+            backups: Vec::new(),
+            wal: BTreeMap::new(),
+            streamed: BTreeMap::new(),
+            pieces: BTreeMap::new(),
+            windows: Vec::new(),
+            timelines: BTreeMap::new(),
+            unreadable: Vec::new(),
+        }
+    }
+
+    /// Files one listed WAL object (complete segments and streamed pieces;
+    /// `.partial` and `.backup` files play no part in windows).
+    fn absorb_wal(
+        &mut self,
+        o: &crate::store::ObjectInfo,
+        segment: WalSegmentName,
+        suffix: WalSuffix,
+    ) {
+        match suffix {
+            WalSuffix::None => {
+                self.wal.insert(
+                    segment,
+                    WalEntry {
+                        key: o.key.clone(),
+                        archived: o.modified,
+                    },
+                );
+            }
+            WalSuffix::Stream { start, .. } => {
+                self.pieces.entry(segment).or_default().push(o.clone());
+                if start == 0 {
+                    self.streamed.insert(segment, None);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Reads the timeline history files; one that cannot be read is said,
+    /// not hidden, since without it the branch cannot be followed.
+    async fn read_histories(
+        &mut self,
+        repo: &Repository,
+        histories: Vec<(u32, crate::store::ObjectInfo)>,
+    ) {
         for (tli, o) in histories {
             let expect = Expect {
                 key: o.key.clone(),
@@ -214,14 +238,29 @@ impl Catalog {
             };
             match history {
                 Ok(history) => {
-                    timelines.insert(tli, timeline_info(tli, history, o.modified));
+                    self.timelines
+                        .insert(tli, timeline_info(tli, history, o.modified));
                 }
-                // Without it the branch cannot be followed; said, not hidden.
-                Err(e) => unreadable.push((o.key.clone(), e)),
+                Err(e) => self.unreadable.push((o.key.clone(), e)),
             }
         }
-        for seg in wal.keys() {
-            let t = timelines
+    }
+
+    /// Derives what follows from the listed objects: streamed segments'
+    /// times, per-timeline segment counts, backup order and the windows.
+    fn settle(&mut self) {
+        for (seg, t) in self.streamed.iter_mut() {
+            *t = self
+                .pieces
+                .get(seg)
+                .and_then(|p| p.iter().filter_map(|o| o.modified).max());
+        }
+        for t in self.timelines.values_mut() {
+            (t.first_segment, t.last_segment, t.segments) = (None, None, 0);
+        }
+        for seg in self.wal.keys() {
+            let t = self
+                .timelines
                 .entry(seg.timeline.0)
                 .or_insert_with(|| timeline_info(seg.timeline.0, Vec::new(), None));
             let name = seg.to_string();
@@ -231,18 +270,9 @@ impl Catalog {
         }
         // Ids have one-second resolution and a random suffix, so two backups
         // taken in the same second would otherwise be ordered by chance.
-        backups.sort_by(|a, b| (a.start_time, &a.id).cmp(&(b.start_time, &b.id)));
-        let mut cat = Catalog {
-            backups,
-            wal,
-            streamed,
-            pieces,
-            windows: Vec::new(),
-            timelines,
-            unreadable,
-        };
-        cat.windows = cat.compute_windows();
-        Ok(cat)
+        self.backups
+            .sort_by(|a, b| (a.start_time, &a.id).cmp(&(b.start_time, &b.id)));
+        self.windows = self.compute_windows();
     }
 
     /// Holes in the archived WAL: per timeline, runs of segments missing
@@ -403,6 +433,16 @@ pub async fn read_manifest(
     key: &str,
     stored: u64,
 ) -> Result<PgManifest, PgError> {
+    read_manifest_sized(repo, key, Some(stored)).await
+}
+
+/// Reads and decodes one manifest whose stored size may not be known (it
+/// was not listed); the plaintext is still checked as any manifest is.
+async fn read_manifest_sized(
+    repo: &Repository,
+    key: &str,
+    stored: Option<u64>,
+) -> Result<PgManifest, PgError> {
     if !repo.codec.can_decrypt() {
         return Err(PgError::Other(format!(
             "manifests are encrypted and the catalog needs the private key: {}",
@@ -411,7 +451,7 @@ pub async fn read_manifest(
     }
     let expect = Expect {
         key: key.to_string(),
-        stored_size: Some(stored),
+        stored_size: stored,
         ..Expect::default()
     };
     let (_, bytes) = repo.get_verified(key, expect).await?;

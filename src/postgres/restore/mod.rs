@@ -215,7 +215,9 @@ pub struct RestoreReport {
     pub socket_dir: Option<String>,
     /// When the restored backup ended (the earliest restorable point).
     pub backup_stop_time: DateTime<Utc>,
-    /// Last WAL segment reachable from the backup without a gap.
+    /// Last WAL segment reachable from the backup without a gap, as far as
+    /// planning read: for `latest` the end of the archive, for a past time
+    /// at least the segment that reaches it.
     pub wal_last_contiguous: Option<String>,
     /// Newest WAL segment archived on the backup's timeline, and when.
     pub wal_newest: Option<(String, DateTime<Utc>)>,
@@ -245,13 +247,13 @@ pub async fn restore(
     // Everything that can be refused is refused before anything is written.
     opts.extra.validate()?;
     let found = inspect_target(&opts.dir)?;
-    let catalog = Catalog::load(repo, cluster).await?;
     let when = match opts.target {
         Target::Latest => None,
         Target::Time(t) => Some(t),
     };
-    let plan = catalog.plan(when, opts.accept_gap, opts.timeline)?;
-    let (m, gave_up, timeline) = (plan.backup.clone(), plan.gave_up, plan.timeline);
+    // Reads what this target needs, not the whole history.
+    let plan = Catalog::plan_restore(repo, cluster, when, opts.accept_gap, opts.timeline).await?;
+    let (m, gave_up, timeline) = (plan.backup.clone(), plan.gave_up.clone(), plan.timeline);
     if let Some(g) = &gave_up {
         tracing::warn!(shortfall = %g, "restoring short of the archived WAL (--accept-gap)");
     }
@@ -264,17 +266,8 @@ pub async fn restore(
     };
     let settings = recovery_settings(opts, timeline, stop)?;
     accept_target(&opts.dir, &found, m.system_id, opts)?;
-    let wal_last_contiguous = catalog
-        .windows
-        .iter()
-        .find(|w| w.backup == m.id && w.timeline == timeline)
-        .map(|w| w.last_segment.clone());
-    let wal_newest = catalog
-        .wal
-        .iter()
-        .rev()
-        .find(|(seg, _)| seg.timeline.0 == timeline)
-        .map(|(seg, e)| (seg.to_string(), e.archived.unwrap_or(m.stop_time)));
+    let wal_last_contiguous = Some(plan.window.last_segment.clone());
+    let wal_newest = plan.wal_newest(repo).await?;
     tracing::info!(backup = %m.id, "restoring");
     let links = tablespace_links(&m, opts)?;
     if matches!(found, Found::Absent) {

@@ -257,6 +257,17 @@ pub enum ObjectKey {
         /// Backup id.
         backup: BackupId,
     },
+    /// `pg/<cluster>/<system-id>/summaries/<summary>`: an empty object whose
+    /// name says what the catalog needs of a backup, written once after its
+    /// manifest (see [`BackupSummary`]).
+    PgSummary {
+        /// Cluster name.
+        cluster: String,
+        /// System identifier.
+        system_id: u64,
+        /// What the name says.
+        summary: BackupSummary,
+    },
     /// `pg/<cluster>/<system-id>/backups/<id>/started`: written once when the
     /// backup starts, so `dr expire` can tell a running backup's data (no
     /// manifest yet) from an orphan by the object's age alone.
@@ -385,6 +396,11 @@ impl fmt::Display for ObjectKey {
                 system_id,
                 backup,
             } => write!(f, "pg/{cluster}/{system_id}/backups/{backup}/started"),
+            ObjectKey::PgSummary {
+                cluster,
+                system_id,
+                summary,
+            } => write!(f, "pg/{cluster}/{system_id}/summaries/{summary}"),
             ObjectKey::PgData {
                 cluster,
                 system_id,
@@ -468,6 +484,11 @@ impl FromStr for ObjectKey {
                 cluster: name(c)?,
                 system_id: sysid(sid)?,
                 backup: b.parse()?,
+            }),
+            ["pg", c, sid, "summaries", summary] => Ok(ObjectKey::PgSummary {
+                cluster: name(c)?,
+                system_id: sysid(sid)?,
+                summary: summary.parse()?,
             }),
             ["pg", c, sid, "backups", b, "started"] => Ok(ObjectKey::PgStarted {
                 cluster: name(c)?,
@@ -565,6 +586,9 @@ impl FromStr for ObjectKey {
         }
     }
 }
+
+mod summary;
+pub use summary::BackupSummary;
 
 #[cfg(test)]
 mod tests;

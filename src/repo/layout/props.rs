@@ -57,6 +57,30 @@ fn key() -> impl Strategy<Value = ObjectKey> {
                 backup,
             }
         }),
+        (
+            name(),
+            any::<u64>(),
+            (id(), any::<u32>(), any::<u64>(), any::<u64>()),
+            (segment(), segment(), 0i64.., 0i64..)
+        )
+            .prop_map(
+                |(cluster, system_id, (backup, timeline, a, b), (s, e, t0, t1))| {
+                    ObjectKey::PgSummary {
+                        cluster,
+                        system_id,
+                        summary: BackupSummary {
+                            backup,
+                            timeline,
+                            start_lsn: a,
+                            stop_lsn: b,
+                            start_segment: s,
+                            stop_segment: e,
+                            start_time: DateTime::from_timestamp_nanos(t0),
+                            stop_time: DateTime::from_timestamp_nanos(t1),
+                        },
+                    }
+                }
+            ),
         (name(), any::<u64>(), id(), any::<u32>()).prop_map(|(cluster, system_id, backup, n)| {
             ObjectKey::PgData {
                 cluster,
