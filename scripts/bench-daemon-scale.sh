@@ -34,10 +34,8 @@ BENCH=${DR_BENCH_DIR:-/tmp/dr-bench-scale}
 PGBIN=/usr/lib/postgresql/15/bin
 OS_USER=postgres
 
-step() { printf '\n\033[1m== %s\033[0m (at %d s)\n' "$*" "$SECONDS" >&2; }
-die() { printf 'error: %s\n' "$*" >&2; exit 1; }
-as_pg() { runuser -u "$OS_USER" -- "$@"; }
-bg_as_pg() { exec setpriv --reuid="$OS_USER" --regid="$OS_USER" --init-groups -- "$@"; }
+# shellcheck source=scripts/bench-lib.sh
+source scripts/bench-lib.sh
 free_ports() {
     python3 - "$1" <<'PY'
 import socket, sys
@@ -58,12 +56,7 @@ for tool in redis-server redis-cli curl python3; do
     command -v "$tool" >/dev/null || die "missing $tool: run scripts/setup.sh first"
 done
 
-if [[ -z ${DR_BIN:-} ]]; then
-    step "Building dr (release)"
-    cargo build --release --locked --quiet --bin dr
-    DR_BIN=$CARGO_TARGET_DIR/release/dr
-fi
-[[ -x $DR_BIN ]] || die "DR_BIN=$DR_BIN is not an executable"
+bench_dr_binary
 
 DAEMON_PID=
 LOAD_PIDS=()
@@ -83,30 +76,14 @@ cleanup() {
     done
 }
 cleanup
-rm -rf "$BENCH"
-mkdir -p "$BENCH"/{bin,repo,state,pg,redis}
-cp "$DR_BIN" "$BENCH/bin/dr" # /root is not traversable by postgres
-chown -R "$OS_USER:" "$BENCH"
-chmod 755 "$BENCH"
-cd "$BENCH"
-DR=$BENCH/bin/dr
+bench_prepare repo state pg redis
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
-
-as_pg "$DR" keygen --output "$BENCH/identity.txt" >/dev/null
-RCPT=$(grep -o 'age1[0-9a-z]*' "$BENCH/identity.txt" | head -1)
 read -r -a PORTS <<<"$(free_ports $((NPG + NREDIS + 1)))"
 MPORT=${PORTS[0]}
 
-cat >"$BENCH/dr.toml" <<TOML
-[repository]
-recipients = ["$RCPT"]
-identity_file = "$BENCH/identity.txt"
-
-[[region]]
-name = "local"
-type = "fs"
-path = "$BENCH/repo"
+bench_repo_toml
+cat >>"$BENCH/dr.toml" <<TOML
 
 [retention]
 schedule = "30 * * * * *"
@@ -224,10 +201,7 @@ while ((SECONDS < end)); do
     fi
     sleep 5
 done
-curl -fsS "http://127.0.0.1:$MPORT/metrics" >"$BENCH/metrics.txt" || die "no /metrics"
-kill "$DAEMON_PID"
-wait "$DAEMON_PID" 2>/dev/null || true
-DAEMON_PID=
+bench_stop_daemon
 
 step "Results"
 python3 - "$BENCH" "$MINUTES" "$NPG" "$NREDIS" <<'PY'

@@ -24,10 +24,8 @@ BENCH=${DR_BENCH_DIR:-/tmp/dr-bench-daemon}
 PGBIN=/usr/lib/postgresql/15/bin
 OS_USER=postgres
 
-step() { printf '\n\033[1m== %s\033[0m (at %d s)\n' "$*" "$SECONDS" >&2; }
-die() { printf 'error: %s\n' "$*" >&2; exit 1; }
-as_pg() { runuser -u "$OS_USER" -- "$@"; }
-bg_as_pg() { exec setpriv --reuid="$OS_USER" --regid="$OS_USER" --init-groups -- "$@"; }
+# shellcheck source=scripts/bench-lib.sh
+source scripts/bench-lib.sh
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 [[ $(id -u) -eq 0 ]] || die "run as root: the benchmark runs PostgreSQL and Redis as the '$OS_USER' user"
@@ -37,12 +35,7 @@ for tool in redis-server redis-cli curl python3; do
     command -v "$tool" >/dev/null || die "missing $tool: run scripts/setup.sh first"
 done
 
-if [[ -z ${DR_BIN:-} ]]; then
-    step "Building dr (release)"
-    cargo build --release --locked --quiet
-    DR_BIN=$CARGO_TARGET_DIR/release/dr
-fi
-[[ -x $DR_BIN ]] || die "DR_BIN=$DR_BIN is not an executable"
+bench_dr_binary
 
 DATA=$BENCH/data
 DAEMON_PID= LOAD_PID= REDIS_PID=
@@ -57,18 +50,9 @@ cleanup() {
     if [[ -f $DATA/postmaster.pid ]]; then as_pg "$PGBIN/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null 2>&1 || true; fi
 }
 cleanup
-rm -rf "$BENCH"
-mkdir -p "$BENCH"/{bin,repo,state,scratch,redis}
-cp "$DR_BIN" "$BENCH/bin/dr" # /root is not traversable by postgres
-chown -R "$OS_USER:" "$BENCH"
-chmod 755 "$BENCH"
-cd "$BENCH"
-DR=$BENCH/bin/dr
+bench_prepare repo state scratch redis
 trap cleanup EXIT
 trap 'exit 130' INT TERM HUP
-
-as_pg "$DR" keygen --output "$BENCH/identity.txt" >/dev/null
-RCPT=$(grep -o 'age1[0-9a-z]*' "$BENCH/identity.txt" | head -1)
 PORT=$(free_port)
 RPORT=$(free_port)
 MPORT=$(free_port)
@@ -94,15 +78,8 @@ done
 REDIS_PID=$(cat "$BENCH/redis/redis.pid")
 redis-cli -p "$RPORT" eval 'for i = 1, 200000 do redis.call("SET", "k:" .. i, string.rep("v", 64)) end return 1' 0 >/dev/null
 
-cat >"$BENCH/dr.toml" <<TOML
-[repository]
-recipients = ["$RCPT"]
-identity_file = "$BENCH/identity.txt"
-
-[[region]]
-name = "local"
-type = "fs"
-path = "$BENCH/repo"
+bench_repo_toml
+cat >>"$BENCH/dr.toml" <<TOML
 
 [postgres.bench]
 conninfo = "host=127.0.0.1 port=$PORT user=postgres dbname=postgres"
@@ -170,10 +147,7 @@ while ((SECONDS < end)); do
     printf '%d\t%d\n' "$SECONDS" "$rss" >>"$BENCH/rss.tsv"
     sleep 2
 done
-curl -fsS "http://127.0.0.1:$MPORT/metrics" >"$BENCH/metrics.txt" || die "no /metrics"
-kill "$DAEMON_PID"
-wait "$DAEMON_PID" 2>/dev/null || true
-DAEMON_PID=
+bench_stop_daemon
 
 step "Results"
 python3 - "$BENCH/rss.tsv" "$BENCH/metrics.txt" "$MINUTES" "${MALLOC_ARENA_MAX:-}" "${LD_PRELOAD:-}" <<'PY'
