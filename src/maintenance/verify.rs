@@ -232,6 +232,7 @@ async fn add_pg(
             &m.start_segment,
             &m.stop_segment,
         );
+        let index = m.piece_index();
         for d in &m.objects {
             let backup = d.backup.clone().unwrap_or_else(|| m.id.to_string());
             let Ok(backup) = backup.parse() else {
@@ -247,7 +248,7 @@ async fn add_pg(
                 n: d.n,
             }
             .to_string();
-            match m.expect_object(&key, d) {
+            match m.expect_object(&key, d, &index) {
                 Ok(e) => add(out, &key, e),
                 Err(e) => found.unreadable.push((o.key.clone(), e)),
             }

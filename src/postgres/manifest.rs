@@ -19,6 +19,10 @@ pub const MANIFEST_VERSION: u32 = 2;
 /// read would fail as corrupt: never silently unchecked.
 pub const PIECES_HASHED: &str = "extents";
 
+/// Per data object (owner backup id, number), the extents a manifest
+/// reads from it.
+pub type PieceIndex = std::collections::HashMap<(String, u32), Vec<PieceHash>>;
+
 /// A PostgreSQL base backup.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -176,32 +180,43 @@ impl PgManifest {
             .min()
     }
 
-    /// The extents of this manifest's files that point into data object
-    /// `n` of backup `owner` (`None`: this one), as the ranges a reader
-    /// checks.
-    pub fn pieces_of(&self, owner: &Option<String>, n: u32) -> Vec<PieceHash> {
-        let owner = owner.as_deref().unwrap_or(&self.id);
-        self.files
+    /// The extents of this manifest's files, per data object they point
+    /// into (owner backup id, number): the ranges a reader checks, gathered
+    /// in one pass rather than once per object.
+    pub fn piece_index(&self) -> PieceIndex {
+        let mut index = PieceIndex::new();
+        for e in self
+            .files
             .iter()
             .chain(&self.server_manifest)
             .flat_map(|f| &f.extents)
-            .filter(|e| e.object == n && e.backup.as_deref().unwrap_or(&self.id) == owner)
-            .map(|e| PieceHash {
+        {
+            let owner = e.backup.clone().unwrap_or_else(|| self.id.clone());
+            index.entry((owner, e.object)).or_default().push(PieceHash {
                 offset: e.offset,
                 len: e.len,
                 hash: e.hash.clone(),
-            })
-            .collect()
+            });
+        }
+        index
     }
 
     /// What reading data object `o` under `key` must check: its recorded
     /// whole-object hash, or for a [`PIECES_HASHED`] object the hash of
     /// every extent of this manifest inside it.
-    pub fn expect_object(&self, key: &str, o: &DataObject) -> Result<Expect, String> {
+    /// `index` is this manifest's [`PgManifest::piece_index`].
+    pub fn expect_object(
+        &self,
+        key: &str,
+        o: &DataObject,
+        index: &PieceIndex,
+    ) -> Result<Expect, String> {
         let mut expect = Expect::from_encoded(key, &o.encoded);
         if o.encoded.plain_hash == PIECES_HASHED {
             expect.plain_hash = None;
-            let pieces = crate::codec::normalize_pieces(self.pieces_of(&o.backup, o.n))
+            let owner = o.backup.clone().unwrap_or_else(|| self.id.clone());
+            let pieces = index.get(&(owner, o.n)).cloned().unwrap_or_default();
+            let pieces = crate::codec::normalize_pieces(pieces)
                 .map_err(|e| format!("manifest of backup {}: object {key}: {e}", self.id))?;
             expect.pieces = Some(pieces);
         }

@@ -182,6 +182,8 @@ async fn write_objects(
         dirty: needed.iter().map(|_| AtomicU64::new(0)).collect(),
         remaining: needed.into_iter().map(AtomicUsize::new).collect(),
     });
+    let index = m.piece_index();
+    let index = &index;
     // Items carry indices, not references: a stream of borrowing items is
     // not provably `Send` to a spawned task (the daemon runs restores).
     let jobs = (0..m.objects.len())
@@ -206,7 +208,7 @@ async fn write_objects(
                         m.id
                     ))
                 })?;
-                let expect = m.expect_object(&key, o).map_err(PgError::Other)?;
+                let expect = m.expect_object(&key, o, index).map_err(PgError::Other)?;
                 let (_, data) = repo.get_verified(&key, expect).await?;
                 let paths: Vec<PathBuf> = pieces
                     .iter()
