@@ -203,18 +203,65 @@ fn superseded_pieces(repo: &Path) -> Vec<String> {
         .collect();
     names
         .iter()
-        .filter(|n| n.contains(".stream.") && whole.contains(&n[..24]))
+        .filter(|n| streamed(n) && whole.contains(&n[..24]))
         .cloned()
         .collect()
 }
 
+/// Whether a WAL object name is a streamed piece or a segment journal.
+fn streamed(name: &str) -> bool {
+    name.contains(".stream.") || name.contains(".journal.")
+}
+
+/// Streamed WAL object names under `repo`: (pieces, journals).
+fn streamed_objects(repo: &Path) -> (usize, usize) {
+    let names: Vec<String> = common::walk_files(repo)
+        .into_iter()
+        .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
+        .collect();
+    (
+        names.iter().filter(|n| n.contains(".stream.")).count(),
+        names.iter().filter(|n| n.contains(".journal.")).count(),
+    )
+}
+
+/// Where the kill-the-primary workload streams to.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Target {
+    /// One filesystem region: synchronous flushes go to segment journals.
+    Fs,
+    /// A filesystem and a Garage region, `min_regions = 2`: pieces.
+    FsAndS3,
+}
+
 /// Runs the kill-the-primary workload and returns (acked, lost ids with their
 /// age at the kill).
-async fn loss_after_primary_loss(synchronous: bool) -> (usize, Vec<Duration>) {
+async fn loss_after_primary_loss(synchronous: bool, target: Target) -> (usize, Vec<Duration>) {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let regions = fs_repo(&tmp);
+    let mut regions = fs_repo(&tmp);
+    if target == Target::FsAndS3 {
+        regions.push_str(&common::s3_region_toml(
+            "garage",
+            &common::require_env("DR_TEST_S3_ENDPOINT", "Garage (S3)"),
+            &common::require_env("DR_TEST_S3_BUCKET", "Garage (S3)"),
+            &common::unique("stream"),
+            &common::require_env("DR_TEST_S3_REGION", "Garage (S3)"),
+            "DR_TEST_S3_ACCESS_KEY_ID",
+            "DR_TEST_S3_SECRET_ACCESS_KEY",
+            "",
+        ));
+    }
     let extra = format!("synchronous = {synchronous}\nstream_flush_interval = \"1s\"\n");
     let mut pg = TestPg::streaming(&regions, &extra);
+    if target == Target::FsAndS3 {
+        let text = std::fs::read_to_string(&pg.cfg).expect("cfg");
+        let text = text.replacen("[repository]\n", "[repository]\nmin_regions = 2\n", 1);
+        assert!(
+            text.contains("min_regions = 2"),
+            "no [repository] in {text}"
+        );
+        std::fs::write(&pg.cfg, text).expect("write cfg");
+    }
     let streamer = Streamer::start(&pg, &pg.cfg);
     wait_replication(&pg, "async");
     if synchronous {
@@ -231,6 +278,20 @@ async fn loss_after_primary_loss(synchronous: bool) -> (usize, Vec<Duration>) {
         left.is_empty(),
         "pieces of stored segments remain: {left:?}"
     );
+    // The unfinished last segment is in a journal exactly when every
+    // region can append and the stream is synchronous; pieces otherwise.
+    let (pieces, journals) = streamed_objects(&tmp.path().join("repo"));
+    if synchronous && target == Target::Fs {
+        assert!(
+            journals > 0 && pieces == 0,
+            "{pieces} pieces, {journals} journals"
+        );
+    } else {
+        assert!(
+            pieces > 0 && journals == 0,
+            "{pieces} pieces, {journals} journals"
+        );
+    }
     let (port, _, report) = restore_started(&mut pg, "latest", "restored");
     eprintln!("restore: {report}");
     let ids = pg.sql_at(port, "SELECT string_agg(id::text, ',') FROM acked");
@@ -259,7 +320,16 @@ async fn loss_after_primary_loss(synchronous: bool) -> (usize, Vec<Duration>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn synchronous_streaming_loses_no_acknowledged_commit() {
-    let (acked, lost) = loss_after_primary_loss(true).await;
+    synchronous_loses_nothing(Target::Fs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn synchronous_streaming_to_two_regions_loses_no_acknowledged_commit() {
+    synchronous_loses_nothing(Target::FsAndS3).await;
+}
+
+async fn synchronous_loses_nothing(target: Target) {
+    let (acked, lost) = loss_after_primary_loss(true, target).await;
     assert!(acked >= 10_000);
     assert!(
         lost.is_empty(),
@@ -270,7 +340,7 @@ async fn synchronous_streaming_loses_no_acknowledged_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn asynchronous_streaming_loses_at_most_the_flush_interval() {
-    let (acked, lost) = loss_after_primary_loss(false).await;
+    let (acked, lost) = loss_after_primary_loss(false, Target::Fs).await;
     assert!(acked >= 10_000);
     // stream_flush_interval = 1 s, plus the time one upload takes.
     if let Some(oldest) = lost.iter().max() {

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::store::{ByteStream, channel_stream};
 
 mod decode;
+mod journal;
 mod pieces;
 mod pipes;
 #[cfg(test)]
@@ -24,6 +25,7 @@ mod tests;
 
 pub use decode::into_codec_error;
 use decode::*;
+pub use journal::{JournalRead, JournalWriter, RECORD_OVERHEAD};
 pub use pieces::{PieceHash, normalize as normalize_pieces, piece_hash};
 use pipes::*;
 

@@ -88,7 +88,10 @@ pub async fn wal_coverage(
             if let Ok(ObjectKey::Wal {
                 system_id,
                 segment,
-                suffix: WalSuffix::None | WalSuffix::Stream { start: 0, .. },
+                suffix:
+                    WalSuffix::None
+                    | WalSuffix::Stream { start: 0, .. }
+                    | WalSuffix::Journal { start: 0 },
                 ..
             }) = o.key.parse::<ObjectKey>()
             {

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use super::verify::{Expected, Level, Scope, Sources, expected_objects};
-use crate::repo::layout::ObjectKey;
+use crate::repo::layout::{ObjectKey, WalSuffix};
 use crate::repo::{RepoError, Repository};
 use crate::store::StoreError;
 
@@ -240,16 +240,25 @@ pub async fn sync(
 }
 
 /// Not worth copying: a WAL segment below the start of every backup of its
-/// system, or an object of a directory without a manifest (a running
+/// system, an object of a directory without a manifest (a running
 /// backup writes every region itself; an expired one's leftovers would
-/// only come back).
+/// only come back), or a streamer's journal (still growing: a copy would be
+/// a snapshot never brought up to date).
 fn unneeded(expected: &Expected, key: &str) -> bool {
     expected.orphan_keys.contains(key)
-        || matches!(
-            key.parse::<ObjectKey>(),
-            Ok(ObjectKey::Wal { cluster, system_id, segment, .. })
-                if expected.wal.below_floor(&cluster, system_id, &segment)
-        )
+        || match key.parse::<ObjectKey>() {
+            Ok(ObjectKey::Wal {
+                suffix: WalSuffix::Journal { .. },
+                ..
+            }) => true,
+            Ok(ObjectKey::Wal {
+                cluster,
+                system_id,
+                segment,
+                ..
+            }) => expected.wal.below_floor(&cluster, system_id, &segment),
+            _ => false,
+        }
 }
 
 /// Regions holding a good copy of `key`, in preference order.

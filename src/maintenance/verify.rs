@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::coverage::WalNeeds;
 use crate::codec::Expect;
-use crate::repo::layout::ObjectKey;
+use crate::repo::layout::{ObjectKey, WalSuffix};
 use crate::repo::snapshots::{Catalog, SnapshotManifest, list_objects};
 use crate::repo::{RepoError, Repository};
 use crate::store::ObjectInfo;
@@ -257,6 +257,13 @@ async fn add_pg(
     let mut loose: BTreeMap<String, u64> = BTreeMap::new();
     for (k, o) in &keys {
         match k {
+            // A journal is appended to while its segment fills and has no
+            // content hash: fetches read it, and it goes once the segment
+            // is stored whole.
+            ObjectKey::Wal {
+                suffix: WalSuffix::Journal { .. },
+                ..
+            } => {}
             ObjectKey::Wal {
                 system_id,
                 segment,

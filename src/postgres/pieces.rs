@@ -1,6 +1,7 @@
 //! Streamed pieces of a WAL segment: `wal-stream` stores each flushed range
-//! as its own write-once object, and a fetch assembles the longest run from
-//! the segment's start out of the fewest of them.
+//! as its own write-once object (or, in synchronous mode on filesystem
+//! regions, appends it to the segment's journal), and a fetch assembles the
+//! longest run from the segment's start out of the fewest of them.
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -11,33 +12,68 @@ use crate::repo::Repository;
 use crate::repo::layout::WalSuffix;
 use crate::store::ObjectInfo;
 
-/// The streamed pieces named `<prefix><range>-<hash>` in `listed` that cover
-/// the segment from its start, assembled and zero-padded to a whole segment,
-/// with the number of bytes streamed; `None` when no piece starts at 0.
+/// What one streamed object holds: a piece not yet fetched, or a
+/// journal's bytes (read whole to learn where it ends).
+enum Held {
+    Piece { key: String, stored: u64 },
+    Read(Bytes),
+}
+
+/// The streamed pieces and journals of the segment whose keys start with
+/// `seg_prefix` (`…/<segment>`) in `listed`, that cover the segment from its
+/// start, assembled and zero-padded to a whole segment, with the number of
+/// bytes streamed; `None` when nothing starts at 0. A journal that cannot
+/// be read fails the fetch: what it holds may reach further than the rest.
 pub(crate) async fn streamed_segment(
     repo: &Repository,
-    prefix: &str,
+    seg_prefix: &str,
     listed: &[ObjectInfo],
 ) -> Result<Option<(Vec<u8>, usize)>, PgError> {
-    let pieces: Vec<(u32, u32, String, u64)> = listed
-        .iter()
-        .filter_map(|o| {
-            let (range, hash) = o.key.strip_prefix(prefix)?.rsplit_once('-')?;
-            let WalSuffix::Stream { start, end } = WalSuffix::parse(&format!(".stream.{range}"))?
-            else {
-                return None;
-            };
-            (hash.len() == 64).then(|| (start, end, o.key.clone(), o.size))
-        })
-        .collect();
-    let ranges: Vec<(u32, u32)> = pieces.iter().map(|p| (p.0, p.1)).collect();
+    let mut held: Vec<(u32, u32, Held)> = Vec::new();
+    for o in listed {
+        let Some((suffix, hash)) = o
+            .key
+            .strip_prefix(seg_prefix)
+            .and_then(|rest| rest.rsplit_once('-'))
+        else {
+            continue;
+        };
+        if hash.len() != 64 {
+            continue;
+        }
+        match WalSuffix::parse(suffix) {
+            Some(WalSuffix::Stream { start, end }) => {
+                let piece = Held::Piece {
+                    key: o.key.clone(),
+                    stored: o.size,
+                };
+                held.push((start, end, piece));
+            }
+            Some(WalSuffix::Journal { .. }) => {
+                let j = repo.read_journal(&o.key).await?;
+                if !j.data.is_empty() {
+                    held.push((j.start, j.end(), Held::Read(Bytes::from(j.data))));
+                }
+            }
+            _ => {}
+        }
+    }
+    let ranges: Vec<(u32, u32)> = held.iter().map(|p| (p.0, p.1)).collect();
     let needed = cover(&ranges);
     if needed.is_empty() {
         return Ok(None);
     }
-    let pieces: Vec<_> = needed.into_iter().map(|i| pieces[i].clone()).collect();
-    let fetched: Vec<Result<(u32, u32, Bytes), PgError>> = futures::stream::iter(pieces)
-        .map(|(start, end, key, stored)| async move {
+    let mut chosen: Vec<Option<(u32, u32, Held)>> = held.into_iter().map(Some).collect();
+    let chain: Vec<(u32, u32, Held)> = needed
+        .into_iter()
+        .filter_map(|i| chosen[i].take())
+        .collect();
+    let fetched: Vec<Result<(u32, u32, Bytes), PgError>> = futures::stream::iter(chain)
+        .map(|(start, end, held)| async move {
+            let (key, stored) = match held {
+                Held::Read(data) => return Ok((start, end, data)),
+                Held::Piece { key, stored } => (key, stored),
+            };
             let expect = Expect {
                 plain_hash: key.rsplit('-').next().map(str::to_string),
                 key,

@@ -8,7 +8,11 @@
 //!
 //! Bytes of the segment being filled are written as `.stream.S.E` pieces
 //! (offsets `[S, E)` of that segment) at most `stream_flush_interval` apart,
-//! or as soon as they arrive in synchronous mode; a completed segment is
+//! or as soon as they arrive in synchronous mode. In synchronous mode on
+//! filesystem regions they are appended to the segment's `.journal.S`
+//! instead: one `fdatasync` per commit group, as `pg_receivewal` does,
+//! where a new object costs a file, two fsyncs and an age header. A
+//! completed segment is
 //! stored exactly as `wal-push` stores it, so nothing downstream needs to
 //! know how it arrived. `wal-fetch` assembles pieces only for a segment
 //! that was never completed: the last one before the primary was lost.
@@ -29,8 +33,8 @@ use super::replication::{ReplicationConn, ReplicationMessage};
 use super::wal::{WalFile, concurrent_duplicate, push_bytes};
 use super::{Lsn, PgError, WAL_SEGMENT_SIZE};
 use crate::config::PgConfig;
-use crate::repo::Repository;
 use crate::repo::layout::{ObjectKey, TimelineId, WalSegmentName, WalSuffix};
+use crate::repo::{JournalWorker, Repository};
 
 /// A piece never starts more than this far before the bytes it adds, so a
 /// segment is assembled from at most 16 MiB / this pieces (256) while a
@@ -43,6 +47,11 @@ const PIECE_REBASE: usize = 64 << 10;
 /// cores are busy, the extra pieces' CPU cost more commit latency than the
 /// shorter wait saved (BENCHMARKS.md).
 const SYNC_INFLIGHT: usize = 2;
+/// Synchronous mode on filesystem regions: journal appends queued at once.
+/// The journal thread writes whatever queued during one `fdatasync` with
+/// the next, so a second one waiting saves a round trip, and more only
+/// wait longer.
+const JOURNAL_INFLIGHT: usize = 2;
 /// Messages already received that are taken together before a piece is
 /// queued (bounded so a fast stream still gets its pieces started).
 const READY_BATCH: usize = 64;
@@ -321,6 +330,10 @@ struct Streamer<'a> {
     superseded: HashMap<u64, WalSegmentName>,
     /// Deletions of superseded pieces.
     cleanup: FuturesUnordered<BoxFuture<'a, ()>>,
+    /// Synchronous mode on filesystem regions: appends to segment journals.
+    journal: Option<JournalWorker>,
+    /// The current segment's journal, once its first append is queued.
+    journal_key: Option<ObjectKey>,
     last_status: Instant,
     last_saved: Instant,
 }
@@ -368,6 +381,8 @@ impl<'a> Streamer<'a> {
             seg_pieces_inflight: HashMap::new(),
             superseded: HashMap::new(),
             cleanup: FuturesUnordered::new(),
+            journal: journal_worker(repo, cfg, cluster),
+            journal_key: None,
             last_status: Instant::now(),
             // The first report saves: a new timeline shows at once.
             last_saved: Instant::now()
@@ -506,8 +521,16 @@ impl<'a> Streamer<'a> {
         }
     }
 
-    /// Queues the completed segment as `wal-push` would store it.
+    /// Queues the completed segment as `wal-push` would store it. A segment
+    /// with a journal gets its last bytes journaled too, so commits in them
+    /// wait for one append rather than for the whole segment's upload.
     fn complete_segment(&mut self) {
+        if self.journal_key.is_some() && self.queued < self.buf.len() {
+            self.journal_append();
+        }
+        if let (Some(w), Some(key)) = (&self.journal, self.journal_key.take()) {
+            w.close(&key);
+        }
         let name = self.segment_name();
         let data = std::mem::replace(&mut self.buf, Vec::with_capacity(WAL_SEGMENT_SIZE as usize));
         let range = (self.seg_start, self.seg_start + WAL_SEGMENT_SIZE);
@@ -531,8 +554,13 @@ impl<'a> Streamer<'a> {
         if waiting == 0 {
             return;
         }
+        let limit = if self.journal.is_some() {
+            JOURNAL_INFLIGHT
+        } else {
+            SYNC_INFLIGHT
+        };
         let due = now
-            || (self.synchronous && self.pieces_inflight() < SYNC_INFLIGHT)
+            || (self.synchronous && self.pieces_inflight() < limit)
             || (!self.synchronous
                 && self.pieces_inflight() < 2
                 && (waiting >= EARLY_FLUSH
@@ -540,6 +568,10 @@ impl<'a> Streamer<'a> {
                         .waiting_since
                         .is_some_and(|t| t.elapsed() >= self.flush_interval)));
         if !due {
+            return;
+        }
+        if self.journal.is_some() {
+            self.journal_append();
             return;
         }
         if self.queued - self.piece_base >= PIECE_REBASE {
@@ -570,6 +602,39 @@ impl<'a> Streamer<'a> {
             {
                 return Err(e.into());
             }
+            Ok((range.0, range.1, true))
+        }));
+        self.queued = to;
+        self.waiting_since = None;
+    }
+
+    /// Queues the bytes not yet queued to the current segment's journal
+    /// (created with its first append, from where that append starts).
+    fn journal_append(&mut self) {
+        let Some(w) = &self.journal else {
+            return;
+        };
+        let (from, to) = (self.queued, self.buf.len());
+        let segment = self.segment_name_at(self.seg_start);
+        let key = self.journal_key.get_or_insert_with(|| ObjectKey::Wal {
+            cluster: self.cluster.to_string(),
+            system_id: self.system_id,
+            segment,
+            suffix: WalSuffix::Journal { start: from as u32 },
+            hash: hex::encode(rand::random::<[u8; 32]>()),
+        });
+        let durable = w.append(
+            key,
+            from as u32,
+            Bytes::copy_from_slice(&self.buf[from..to]),
+        );
+        let range = (self.seg_start + from as u64, self.seg_start + to as u64);
+        *self
+            .seg_pieces_inflight
+            .entry(segment_of(self.seg_start))
+            .or_default() += 1;
+        self.inflight.push(Box::pin(async move {
+            durable.await?;
             Ok((range.0, range.1, true))
         }));
         self.queued = to;
@@ -657,7 +722,7 @@ impl<'a> Streamer<'a> {
             // streamer left go too.
             let whole =
                 WalFile::Segment(name, WalSuffix::None).key_prefix(self.cluster, self.system_id);
-            let prefix = format!("{}.stream.", whole.trim_end_matches('-'));
+            let prefix = format!("{}.", whole.trim_end_matches('-'));
             let repo = self.repo;
             self.cleanup.push(Box::pin(async move {
                 for r in repo.regions.iter() {
@@ -668,7 +733,16 @@ impl<'a> Streamer<'a> {
                             continue;
                         }
                     };
-                    for o in pieces {
+                    let streamed = pieces.into_iter().filter(|o| {
+                        matches!(
+                            o.key.parse::<ObjectKey>(),
+                            Ok(ObjectKey::Wal {
+                                suffix: WalSuffix::Stream { .. } | WalSuffix::Journal { .. },
+                                ..
+                            })
+                        )
+                    });
+                    for o in streamed {
                         if let Err(e) = r.store.delete(&o.key).await {
                             tracing::debug!(region = %r.name, key = o.key, error = %e, "superseded WAL piece not deleted");
                         }
@@ -680,13 +754,36 @@ impl<'a> Streamer<'a> {
 
     /// Waits for every queued upload and reports the final position.
     async fn drain(&mut self, conn: &mut ReplicationConn) -> Result<(), PgError> {
-        while let Some(res) = self.inflight.next().await {
-            self.completed(res?);
+        loop {
+            self.maybe_flush(true);
+            match self.inflight.next().await {
+                Some(res) => self.completed(res?),
+                None => break,
+            }
         }
         while self.cleanup.next().await.is_some() {}
         self.report(conn).await?;
         self.save_status();
         Ok(())
+    }
+}
+
+/// The journal thread, in synchronous mode when every region is a
+/// filesystem; `None` (pieces) otherwise.
+fn journal_worker(repo: &Repository, cfg: &PgConfig, cluster: &str) -> Option<JournalWorker> {
+    if !cfg.synchronous {
+        return None;
+    }
+    let journals = repo.journals()?;
+    match JournalWorker::start(journals) {
+        Ok(w) => {
+            tracing::info!(%cluster, "synchronous flushes go to segment journals (every region is a filesystem)");
+            Some(w)
+        }
+        Err(e) => {
+            tracing::warn!(%cluster, error = %e, "cannot start the journal thread; storing pieces");
+            None
+        }
     }
 }
 

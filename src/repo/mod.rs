@@ -1,8 +1,11 @@
 //! The repository: regions + codec + the `dr-repo.json` descriptor.
 
+mod journal;
 pub mod layout;
 pub mod retention;
 pub mod snapshots;
+
+pub use journal::{JournalWorker, Journals, WalJournal};
 
 use std::time::Instant;
 

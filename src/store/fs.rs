@@ -249,6 +249,72 @@ impl FsStore {
     }
 }
 
+/// An append-only journal in a filesystem region: the one kind of object
+/// written to after it is published (the streamer's segment journal).
+/// Its space is filled with zeros before it is published, so an append's
+/// `fdatasync` flushes data, not the file's size: PostgreSQL's own WAL
+/// files work the same way, and `pg_receivewal` writes them so.
+pub struct JournalFile {
+    file: std::fs::File,
+    /// Where the next append writes.
+    pos: u64,
+}
+
+impl FsStore {
+    /// Publishes `key` holding `header` followed by zeros up to `reserve`
+    /// bytes, durable like any put (temp file, fsync, hard link, directory
+    /// fsync), and keeps it open for appends. Blocking.
+    pub fn create_journal(
+        &self,
+        key: &str,
+        header: &[u8],
+        reserve: u64,
+    ) -> Result<JournalFile, StoreError> {
+        super::validate_key(key)?;
+        let zeros = vec![0u8; 1 << 20];
+        let create = || -> io::Result<JournalFile> {
+            let tmp_dir = self.root.join(TMP_DIR);
+            std::fs::create_dir_all(&tmp_dir)?;
+            let tmp = tmp_dir.join(format!("{:016x}", rand::random::<u64>()));
+            let res = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .and_then(|mut f| {
+                    f.write_all(header)?;
+                    let mut left = reserve.saturating_sub(header.len() as u64);
+                    while left > 0 {
+                        let n = left.min(zeros.len() as u64) as usize;
+                        f.write_all(&zeros[..n])?;
+                        left -= n as u64;
+                    }
+                    f.sync_all()?;
+                    publish(&self.root, &tmp, &self.root.join(key))?;
+                    Ok(JournalFile {
+                        file: f,
+                        pos: header.len() as u64,
+                    })
+                });
+            let _ = std::fs::remove_file(&tmp);
+            res
+        };
+        create().map_err(|e| self.put_err(key, e))
+    }
+}
+
+impl JournalFile {
+    /// Writes `bytes` after what the journal holds and waits until they are
+    /// durable. Blocking.
+    pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(bytes, self.pos)?;
+        self.file.sync_data()?;
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+}
+
 /// Writes `body` to a synced temp file, publishes it as `key` and removes
 /// the temp file (whether or not the put succeeded: once linked it is a
 /// second name of the object, otherwise garbage).

@@ -17,7 +17,7 @@ use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 
 pub use faults::{FAULTS_ENV, FaultPlan, FaultyStore};
-pub use fs::FsStore;
+pub use fs::{FsStore, JournalFile};
 pub use regions::{DEFAULT_STALL_TIMEOUT, PutReport, Region, Regions, RegionsError};
 pub use s3::S3Store;
 

@@ -106,7 +106,8 @@ impl Catalog {
     ) -> Option<LastCommit> {
         let listed = self.pieces.get(&seg)?;
         let key = &listed.first()?.key;
-        let prefix = &key[..key.find(".stream.")? + ".stream.".len()];
+        // `…/<segment>`: the 24-digit name after the last slash.
+        let prefix = key.get(..key.rfind('/')? + 1 + 24)?;
         match crate::postgres::pieces::streamed_segment(repo, prefix, listed).await {
             Ok(Some((data, _))) => tokio::task::spawn_blocking(move || {
                 crate::postgres::wal_records::last_commit(&data, n)

@@ -206,7 +206,7 @@ impl Catalog {
                     },
                 );
             }
-            WalSuffix::Stream { start, .. } => {
+            WalSuffix::Stream { start, .. } | WalSuffix::Journal { start } => {
                 self.pieces.entry(segment).or_default().push(o.clone());
                 if start == 0 {
                     self.streamed.insert(segment, None);

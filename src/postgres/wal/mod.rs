@@ -34,8 +34,9 @@ impl WalFile {
         }
         let seg: WalSegmentName = name[..24].parse().ok()?;
         match WalSuffix::parse(&name[24..])? {
-            // Streamed pieces are dr's own objects, never PostgreSQL file names.
-            WalSuffix::Stream { .. } => None,
+            // Streamed pieces and journals are dr's own objects, never
+            // PostgreSQL file names.
+            WalSuffix::Stream { .. } | WalSuffix::Journal { .. } => None,
             suffix => Some(WalFile::Segment(seg, suffix)),
         }
     }
@@ -553,7 +554,7 @@ async fn fetch_streamed(
     listed: &[crate::store::ObjectInfo],
     dest: &Path,
 ) -> Result<FetchOutcome, PgError> {
-    let prefix = format!("{dir}{seg}.stream.");
+    let prefix = format!("{dir}{seg}");
     let Some((data, streamed)) = super::pieces::streamed_segment(repo, &prefix, listed).await?
     else {
         return Ok(FetchOutcome::NotFound);

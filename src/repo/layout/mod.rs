@@ -178,6 +178,14 @@ pub enum WalSuffix {
         /// Offset after the last byte.
         end: u32,
     },
+    /// `.journal.SSSSSSSS`: the synchronous streamer's append-only journal
+    /// of a segment from offset `start`, on a filesystem region only. Its
+    /// end is in its content, and the 64 hex digits after `-` are the
+    /// journal's random id, not a content hash (the content grows).
+    Journal {
+        /// Offset in the segment of the first byte journaled.
+        start: u32,
+    },
 }
 
 impl fmt::Display for WalSuffix {
@@ -187,6 +195,7 @@ impl fmt::Display for WalSuffix {
             WalSuffix::Partial => f.write_str(".partial"),
             WalSuffix::Backup(off) => write!(f, ".{off:08X}.backup"),
             WalSuffix::Stream { start, end } => write!(f, ".stream.{start:08X}.{end:08X}"),
+            WalSuffix::Journal { start } => write!(f, ".journal.{start:08X}"),
         }
     }
 }
@@ -202,6 +211,9 @@ impl WalSuffix {
                     let (a, b) = range.split_once('.')?;
                     let (start, end) = (hex8(a)?, hex8(b)?);
                     return (start < end).then_some(WalSuffix::Stream { start, end });
+                }
+                if let Some(start) = s.strip_prefix(".journal.") {
+                    return hex8(start).map(|start| WalSuffix::Journal { start });
                 }
                 let off = s.strip_prefix('.')?.strip_suffix(".backup")?;
                 hex8(off).map(WalSuffix::Backup)
@@ -302,7 +314,7 @@ pub enum ObjectKey {
         segment: WalSegmentName,
         /// Which file of that segment.
         suffix: WalSuffix,
-        /// BLAKE3 of the plaintext, 64 hex digits.
+        /// BLAKE3 of the plaintext, 64 hex digits (a journal's random id).
         hash: String,
     },
     /// `pg/<cluster>/<system-id>/wal/<timeline>.history-<blake3>`

@@ -33,6 +33,7 @@ fn suffix() -> impl Strategy<Value = WalSuffix> {
         (any::<u32>(), any::<u32>())
             .prop_filter("start < end", |(a, b)| a < b)
             .prop_map(|(start, end)| WalSuffix::Stream { start, end }),
+        any::<u32>().prop_map(|start| WalSuffix::Journal { start }),
     ]
 }
 

@@ -57,7 +57,8 @@ fn keys_round_trip() {
                         start: 0x2000,
                         end: 0x1000000,
                     },
-                ][rng.random_range(0..4)],
+                    WalSuffix::Journal { start: 0 },
+                ][rng.random_range(0..5)],
                 hash: hex::encode(rng.random::<[u8; 32]>()),
             },
             ObjectKey::TimelineHistory {
