@@ -603,3 +603,54 @@ fn the_window_end_in_streamed_pieces_restores_exactly() {
     let end = w["to"].as_str().expect("to").to_string();
     restore_and_check(&mut pg, &end, "tail-end", &balance, &history);
 }
+
+/// A journal damaged before its last record is never read shorter: the
+/// restore to the latest point fails and names it.
+#[test]
+fn a_damaged_journal_fails_the_restore_instead_of_shortening_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let regions = fs_repo(&tmp);
+    let mut pg = TestPg::streaming(&regions, "synchronous = true\n");
+    let streamer = Streamer::start(&pg, &pg.cfg);
+    wait_replication(&pg, "async");
+    pg.sql("ALTER SYSTEM SET synchronous_standby_names = 'dr_main'");
+    pg.sql("SELECT pg_reload_conf()");
+    wait_replication(&pg, "sync");
+    pg.sql("CREATE TABLE t (id int)");
+    pg.dr(&["backup", "pg"]);
+    // One commit, one journal record each.
+    for i in 0..20 {
+        pg.sql(&format!("INSERT INTO t VALUES ({i})"));
+    }
+    streamer.stop();
+    let journal = common::walk_files(&tmp.path().join("repo"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".journal."))
+        .max_by_key(|p| p.to_string_lossy().to_string())
+        .expect("no journal stored");
+    let mut bytes = std::fs::read(&journal).expect("read journal");
+    let header = u32::from_le_bytes(bytes[11..15].try_into().expect("4 bytes")) as usize;
+    // The first record's first sealed byte.
+    let at = 15 + header + 8;
+    bytes[at] ^= 0x40;
+    std::fs::write(&journal, &bytes).expect("write journal");
+
+    let target = pg.target("restored");
+    pg.track(target.clone());
+    let o = pg.restore_raw("latest", &target, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "restore succeeded on a damaged journal: {err}"
+    );
+    let name = journal.file_name().and_then(|n| n.to_str()).expect("name");
+    assert!(
+        err.contains("would stop short") && err.contains(name) && err.contains("corrupt"),
+        "{err}"
+    );
+    // The listing says so too.
+    let v: serde_json::Value =
+        serde_json::from_slice(&pg.dr(&["--json", "list", "pg"]).stdout).expect("list json");
+    let damaged = v["damaged_tails"].to_string();
+    assert!(damaged.contains(name), "{v}");
+}

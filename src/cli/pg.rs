@@ -376,6 +376,9 @@ pub async fn list(
             "wal_segments": cat.wal.len(), "windows": cat.windows,
             "timelines": cat.timelines.values().collect::<Vec<_>>(),
             "unreadable": cat.unreadable,
+            "damaged_tails": cat.damaged_tails.iter()
+                .map(|(seg, why)| serde_json::json!({ "segment": seg.to_string(), "error": why }))
+                .collect::<Vec<_>>(),
             "stream": streaming.as_ref().map(|s| serde_json::json!({
                 "status": s, "lag_seconds": s.lag_seconds(chrono::Utc::now()),
             })),
@@ -478,6 +481,11 @@ pub async fn list(
     }
     for (k, e) in &cat.unreadable {
         println!("warning: {k}: {e}");
+    }
+    for (seg, e) in &cat.damaged_tails {
+        println!(
+            "warning: the streamed WAL of unfinished segment {seg} cannot be read; windows end before it: {e}"
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

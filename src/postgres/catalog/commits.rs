@@ -33,8 +33,13 @@ impl Catalog {
             let mut searched = 0;
             if w.streamed_tail {
                 // The newest commits are in the pieces of the unfinished segment.
-                if let Some(t) = self.tail_last_commit(repo, seg, segno(&seg)).await {
-                    found = Some(t);
+                match self.tail_last_commit(repo, seg, segno(&seg)).await {
+                    Ok(t) => found = t,
+                    // Said, not hidden: `--to latest` refuses to stop short
+                    // of it (see `shortfall`).
+                    Err(e) => {
+                        self.damaged_tails.insert(seg, e);
+                    }
                 }
                 searched += 1;
             }
@@ -97,28 +102,37 @@ impl Catalog {
     }
 
     /// The last commit in the streamed pieces of `seg`, assembled as
-    /// `wal-fetch` serves them.
+    /// `wal-fetch` serves them; an error when they cannot be read.
     pub(super) async fn tail_last_commit(
         &self,
         repo: &Repository,
         seg: WalSegmentName,
         n: u64,
-    ) -> Option<LastCommit> {
-        let listed = self.pieces.get(&seg)?;
-        let key = &listed.first()?.key;
+    ) -> Result<Option<LastCommit>, String> {
+        let Some(key) = self
+            .pieces
+            .get(&seg)
+            .and_then(|l| l.first())
+            .map(|o| &o.key)
+        else {
+            return Ok(None);
+        };
+        let listed = &self.pieces[&seg];
         // `…/<segment>`: the 24-digit name after the last slash.
-        let prefix = key.get(..key.rfind('/')? + 1 + 24)?;
+        let Some(prefix) = key.rfind('/').and_then(|i| key.get(..i + 1 + 24)) else {
+            return Ok(None);
+        };
         match crate::postgres::pieces::streamed_segment(repo, prefix, listed).await {
-            Ok(Some((data, _))) => tokio::task::spawn_blocking(move || {
+            Ok(Some((data, _))) => Ok(tokio::task::spawn_blocking(move || {
                 crate::postgres::wal_records::last_commit(&data, n)
             })
             .await
             .ok()
-            .flatten(),
-            Ok(None) => None,
+            .flatten()),
+            Ok(None) => Ok(None),
             Err(e) => {
-                tracing::warn!(segment = %seg, error = %e, "cannot read streamed pieces for their commit times");
-                None
+                tracing::warn!(segment = %seg, error = %e, "cannot read the streamed WAL of an unfinished segment");
+                Err(e.to_string())
             }
         }
     }

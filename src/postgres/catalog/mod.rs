@@ -118,6 +118,9 @@ pub struct Catalog {
     pub timelines: BTreeMap<u32, TimelineInfo>,
     /// Backups whose manifests could not be read (id, reason).
     pub unreadable: Vec<(String, String)>,
+    /// Unfinished segments whose streamed WAL (pieces or journal) could not
+    /// be read, with why: a window ending there ends before them.
+    pub damaged_tails: BTreeMap<WalSegmentName, String>,
 }
 
 mod commits;
@@ -185,6 +188,7 @@ impl Catalog {
             windows: Vec::new(),
             timelines: BTreeMap::new(),
             unreadable: Vec::new(),
+            damaged_tails: BTreeMap::new(),
         }
     }
 

@@ -236,6 +236,13 @@ impl Catalog {
     /// could not be read (they may be backups that would bridge the gap).
     pub fn shortfall(&self, w: &Window) -> Option<String> {
         let end = w.last_segment.parse::<WalSegmentName>().ok()?;
+        if let Some(why) = self.damaged_tails.get(&end).filter(|_| w.streamed_tail) {
+            return Some(format!(
+                "the streamed WAL of unfinished segment {end} cannot be read, so replay ends \
+                 at {}: {why}",
+                w.to.format("%Y-%m-%dT%H:%M:%SZ")
+            ));
+        }
         let missing = next_segment(end);
         let later: Vec<(&WalSegmentName, &WalEntry)> = self
             .wal

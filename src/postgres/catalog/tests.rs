@@ -137,6 +137,7 @@ fn catalog(h: &History) -> Catalog {
         windows: Vec::new(),
         timelines,
         unreadable: Vec::new(),
+        damaged_tails: BTreeMap::new(),
     };
     cat.windows = cat.compute_windows();
     cat
