@@ -2,8 +2,11 @@
 # Synchronous WAL streaming benchmark: pgbench commit latency and TPS on one
 # PostgreSQL 15 server with, as its only synchronous standby, either
 #   - PostgreSQL's own `pg_receivewal --synchronous` writing to local disk, or
-#   - `dr wal-stream` with synchronous = true, writing compressed, encrypted
-#     pieces to a local filesystem repository (the same disk),
+#   - `dr wal-stream` with synchronous = true into a local filesystem
+#     repository on the same disk, appending each commit group as an
+#     encrypted record to the segment's journal (one fdatasync, as
+#     pg_receivewal does); with an S3 region in the mix, as compressed,
+#     encrypted pieces (one object per commit group),
 # plus a baseline with no synchronous standby. The rounds are interleaved
 # (baseline, pg_receivewal, dr, baseline, …) so drift hits all three alike;
 # prints the mean of each with ratios, and a JSON line.
@@ -24,7 +27,7 @@
 #
 # Both standbys use a physical replication slot and report flush only once
 # the WAL is durable: pg_receivewal fsyncs its segment file, dr waits until
-# the piece holding the WAL is fsynced in the repository.
+# the journal record or piece holding the WAL is durable in min_regions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH:/usr/sbin:/sbin"
