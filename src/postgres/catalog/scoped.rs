@@ -517,8 +517,8 @@ fn stand_in(cluster: &str, system_id: u64, s: &BackupSummary) -> PgManifest {
         dirs: Vec::new(),
         files: Vec::new(),
         objects: Vec::new(),
-        size: 0,
-        stored_size: 0,
+        size: s.sizes.map_or(0, |z| z.size),
+        stored_size: s.sizes.map_or(0, |z| z.stored_size),
         duration_seconds: 0.0,
         checksum_failures: Vec::new(),
         tablespaces: Vec::new(),
@@ -531,7 +531,13 @@ fn stand_in(cluster: &str, system_id: u64, s: &BackupSummary) -> PgManifest {
 async fn real_manifest(repo: &Repository, root: &str, b: &PgManifest) -> Option<PgManifest> {
     let key = format!("{root}backups/{}/manifest", b.id);
     match read_manifest_sized(repo, &key, None).await {
-        Ok(m) if m.summary() == b.summary() => Some(m),
+        // Positions and times only: a stand-in lists no files.
+        Ok(m)
+            if m.summary().map(BackupSummary::without_sizes)
+                == b.summary().map(BackupSummary::without_sizes) =>
+        {
+            Some(m)
+        }
         Ok(_) => {
             tracing::warn!(backup = %b.id, "backup summary disagrees with its manifest; planning from the whole catalog");
             None
