@@ -118,9 +118,20 @@ pub struct Catalog {
     pub timelines: BTreeMap<u32, TimelineInfo>,
     /// Backups whose manifests could not be read (id, reason).
     pub unreadable: Vec<(String, String)>,
+    /// WAL prefixes (timeline, log) filled from their summaries: only the
+    /// boundary segments' keys and times are known, the rest is listed
+    /// when needed (see [`Catalog::materialise`]).
+    hinted: std::collections::BTreeSet<(u32, u32)>,
+    /// A listing contradicted a prefix summary: this catalog is not the
+    /// whole catalog's, and its reader loads the whole one instead.
+    hint_broken: bool,
+    /// `pg/<cluster>/<system-id>/` of the hinted prefixes.
+    root: String,
 }
 
 mod commits;
+mod listing;
+pub use listing::Listed;
 mod plan;
 mod scoped;
 pub use scoped::RestorePlan;
@@ -185,6 +196,9 @@ impl Catalog {
             windows: Vec::new(),
             timelines: BTreeMap::new(),
             unreadable: Vec::new(),
+            hinted: Default::default(),
+            hint_broken: false,
+            root: String::new(),
         }
     }
 
