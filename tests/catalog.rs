@@ -235,7 +235,10 @@ async fn list_both(repo: &Repository) -> (u64, u64) {
     let listed = listed.expect("listing from summaries");
     let (whole_cost, whole) = counted(Listed::whole(repo, "main")).await;
     let whole = whole.expect("whole catalog");
-    assert!(listed.scoped, "listed from summaries, not the whole catalog");
+    assert!(
+        listed.scoped,
+        "listed from summaries, not the whole catalog"
+    );
     assert!(!whole.scoped);
     let a = serde_json::to_string_pretty(&listed.to_json()).expect("json");
     let b = serde_json::to_string_pretty(&whole.to_json()).expect("json");
@@ -312,8 +315,14 @@ async fn listing_from_summaries_matches_the_whole_catalog_through_gaps_branches_
     // gap, the last segment of 0C by the key its summary names; on
     // timeline 1 two, on timeline 2 one).
     let bound = 4 + 2 + 1 + 4 + 2 + 6 + 5;
-    assert!(n <= bound, "listing cost {n} requests (bound {bound}), whole catalog {whole}");
-    assert!(whole > 2 * bound, "whole catalog only {whole}: history too short");
+    assert!(
+        n <= bound,
+        "listing cost {n} requests (bound {bound}), whole catalog {whole}"
+    );
+    assert!(
+        whole > 2 * bound,
+        "whole catalog only {whole}: history too short"
+    );
 
     // Expire the three oldest backups and the WAL before backup 3: prefix 0
     // goes, prefix 01 loses segments 256..299 and so its summary first.
@@ -342,6 +351,8 @@ async fn listing_from_summaries_matches_the_whole_catalog_through_gaps_branches_
     eprintln!("S3 requests to list after expire: {n}; whole catalog {whole}");
     // The backups without a summary expired; one older summary is left.
     let bound = 4 + 2 + 1 + 1 + 6 + 5;
-    assert!(n <= bound, "listing cost {n} requests (bound {bound}), whole catalog {whole}");
-
+    assert!(
+        n <= bound,
+        "listing cost {n} requests (bound {bound}), whole catalog {whole}"
+    );
 }

@@ -383,7 +383,12 @@ pub async fn list(
                 format!("{}..{}", b.start_lsn, b.stop_lsn),
                 b.timeline.to_string(),
                 bytes(listed.sizes.get(&b.id).map_or(b.size, |z| z.size)),
-                bytes(listed.sizes.get(&b.id).map_or(b.stored_size, |z| z.stored_size)),
+                bytes(
+                    listed
+                        .sizes
+                        .get(&b.id)
+                        .map_or(b.stored_size, |z| z.stored_size),
+                ),
             ]
         })
         .collect();

@@ -170,11 +170,9 @@ pub async fn write(repo: &Repository, h: &History, parallel: usize) {
     // As the archiver does after storing each prefix's last segment.
     futures::stream::iter(prefixes)
         .map(|(tli, log)| async move {
-            dr::postgres::wal::prefix::summarise_prefix(
-                repo, &h.cluster, h.system_id, tli, log,
-            )
-            .await
-            .expect("summarise a WAL prefix");
+            dr::postgres::wal::prefix::summarise_prefix(repo, &h.cluster, h.system_id, tli, log)
+                .await
+                .expect("summarise a WAL prefix");
         })
         .buffer_unordered(parallel)
         .collect::<Vec<()>>()
