@@ -346,6 +346,7 @@ async fn list_keys_only(repo: &Repository, cluster: &str, out: &Out) -> anyhow::
 
 pub async fn list(
     name: Option<String>,
+    whole_catalog: bool,
     config: Option<&Path>,
     out: &Out,
 ) -> anyhow::Result<ExitCode> {
@@ -355,7 +356,11 @@ pub async fn list(
     if !repo.codec.can_decrypt() {
         return list_keys_only(&repo, &cluster, out).await;
     }
-    let listed = dr::postgres::catalog::Listed::load(&repo, &cluster).await?;
+    let listed = if whole_catalog {
+        dr::postgres::catalog::Listed::whole(&repo, &cluster).await?
+    } else {
+        dr::postgres::catalog::Listed::load(&repo, &cluster).await?
+    };
     tracing::debug!(from_summaries = listed.scoped, "catalog listed");
     let cat = &listed.catalog;
     let streaming = (pg.wal == dr::config::WalMode::Stream)
