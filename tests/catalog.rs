@@ -356,3 +356,55 @@ async fn listing_from_summaries_matches_the_whole_catalog_through_gaps_branches_
         "listing cost {n} requests (bound {bound}), whole catalog {whole}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archiving_the_last_segment_of_a_complete_prefix_summarises_it() {
+    use dr::postgres::wal::{WalFile, push_bytes};
+    use dr::repo::layout::{TimelineId, WalSegmentName, WalSuffix};
+    let s = setup().await;
+    let sid = 7_400_000_000_000_000_002;
+    // Prefix 01 complete; prefix 02 without segment 10, its FF archived.
+    let mut segments: Vec<(u32, u32)> = (0..=0xFF).map(|n| (1, n)).collect();
+    segments.extend((0..=0xFF).filter(|&n| n != 0x10).map(|n| (2, n)));
+    let push = |log: u32, seg: u32| {
+        let repo = &s.repo;
+        async move {
+            let name = WalSegmentName {
+                timeline: TimelineId(1),
+                log,
+                seg,
+            };
+            let file = WalFile::Segment(name, WalSuffix::None);
+            push_bytes(
+                repo,
+                "main",
+                sid,
+                file,
+                &name.to_string(),
+                vec![seg as u8; 64],
+            )
+            .await
+            .expect("push a segment");
+        }
+    };
+    // In order, as PostgreSQL archives: each prefix's FF last.
+    let (last, rest): (Vec<_>, Vec<_>) = segments.into_iter().partition(|&(_, n)| n == 0xFF);
+    futures::future::join_all(rest.into_iter().map(|(log, seg)| push(log, seg))).await;
+    assert!(
+        complete(&s.repo).await.is_empty(),
+        "no summary before an FF"
+    );
+    for (log, seg) in last {
+        push(log, seg).await;
+    }
+    let summaries = complete(&s.repo).await;
+    assert_eq!(
+        summaries.len(),
+        1,
+        "one summary, of the complete prefix: {summaries:#?}"
+    );
+    assert!(
+        summaries[0].contains("/wal/00000001/00000001.full."),
+        "{summaries:?}"
+    );
+}
