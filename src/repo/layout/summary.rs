@@ -99,13 +99,9 @@ fn decimal(s: &str) -> Option<u64> {
     s.parse().ok()
 }
 
-fn nanos(s: &str) -> Option<DateTime<Utc>> {
-    // As Display writes it: decimal digits, no sign, no leading zero.
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0'))
-    {
-        return None;
-    }
-    Some(DateTime::from_timestamp_nanos(s.parse().ok()?))
+/// Unix nanoseconds as Display writes them (no sign, no leading zero).
+pub(super) fn nanos(s: &str) -> Option<DateTime<Utc>> {
+    Some(DateTime::from_timestamp_nanos(decimal(s)?.try_into().ok()?))
 }
 
 impl FromStr for BackupSummary {

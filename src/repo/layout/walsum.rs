@@ -12,6 +12,7 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 
+use super::summary::nanos;
 use super::{ParseKeyError, hex8, is_hash, perr};
 
 /// What a prefix summary says of one complete WAL prefix.
@@ -53,15 +54,6 @@ impl FromStr for WalPrefixSummary {
         let parts: Vec<&str> = s.split('.').collect();
         let [log, word, a, b, ta, tb] = parts.as_slice() else {
             return perr("WAL prefix summary", s);
-        };
-        let nanos = |t: &str| -> Option<DateTime<Utc>> {
-            if t.is_empty()
-                || !t.bytes().all(|b| b.is_ascii_digit())
-                || (t.len() > 1 && t.starts_with('0'))
-            {
-                return None;
-            }
-            Some(DateTime::from_timestamp_nanos(t.parse().ok()?))
         };
         let parsed = (|| {
             if *word != FULL || !is_hash(a) || !is_hash(b) {
