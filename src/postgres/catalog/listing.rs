@@ -82,7 +82,9 @@ impl Listed {
             return Ok(None);
         };
         let mut sizes = tree.sizes.clone();
-        cat.read_unsized(repo, &tree, &mut sizes).await;
+        if !cat.read_unsized(repo, &tree, &mut sizes).await {
+            return Ok(None);
+        }
         let mut listings = Vec::new();
         for (&tli, logs) in &tree.logs {
             for &log in logs {
@@ -139,13 +141,15 @@ fn sizes_of(m: &PgManifest) -> BackupSizes {
 
 impl Catalog {
     /// Replaces the stand-ins whose summary carries no sizes (written before
-    /// sizes were) by their manifests, one GET each.
+    /// sizes were) by their manifests, one GET each. False when one cannot
+    /// be read: missing (a summary left behind) or damaged, only the whole
+    /// catalog says which, as it says it.
     async fn read_unsized(
         &mut self,
         repo: &Repository,
         tree: &Tree,
         sizes: &mut BTreeMap<String, BackupSizes>,
-    ) {
+    ) -> bool {
         let without: Vec<String> = self
             .backups
             .iter()
@@ -173,9 +177,13 @@ impl Catalog {
                     sizes.insert(id, sizes_of(&m));
                     self.backups.push(m);
                 }
-                Err(e) => self.unreadable.push((key, e.to_string())),
+                Err(e) => {
+                    tracing::debug!(key, error = %e, "manifest unreadable; listing the whole catalog");
+                    return false;
+                }
             }
         }
+        true
     }
 
     /// Files every listed WAL object.
