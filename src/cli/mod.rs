@@ -183,6 +183,11 @@ enum ListCmd {
     Pg {
         /// Cluster name (default: the only [postgres.*]).
         name: Option<String>,
+        /// Read every WAL key and every manifest instead of the summaries
+        /// (the same output at the cost of the whole history; a check of
+        /// the summaries, and what they save).
+        #[arg(long)]
+        whole_catalog: bool,
     },
     /// Redis snapshots.
     Redis {
@@ -267,9 +272,10 @@ pub fn run() -> ExitCode {
             Command::Restore(RestoreCmd::Pg(args)) => {
                 pg::restore(args, cli.config.as_deref(), &out).await
             }
-            Command::List(ListCmd::Pg { name }) => {
-                pg::list(name, cli.config.as_deref(), &out).await
-            }
+            Command::List(ListCmd::Pg {
+                name,
+                whole_catalog,
+            }) => pg::list(name, whole_catalog, cli.config.as_deref(), &out).await,
             Command::Failover(args) => failover::run(args, cli.config.as_deref(), &out).await,
             Command::Drill(args) => drill::run(args, cli.config.as_deref(), &out).await,
             Command::Report(args) => report::run(args, cli.config.as_deref(), &out).await,

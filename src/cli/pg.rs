@@ -346,6 +346,7 @@ async fn list_keys_only(repo: &Repository, cluster: &str, out: &Out) -> anyhow::
 
 pub async fn list(
     name: Option<String>,
+    whole_catalog: bool,
     config: Option<&Path>,
     out: &Out,
 ) -> anyhow::Result<ExitCode> {
@@ -355,34 +356,30 @@ pub async fn list(
     if !repo.codec.can_decrypt() {
         return list_keys_only(&repo, &cluster, out).await;
     }
-    let cat = Catalog::load(&repo, &cluster).await?;
+    let listed = if whole_catalog {
+        dr::postgres::catalog::Listed::whole(&repo, &cluster).await?
+    } else {
+        dr::postgres::catalog::Listed::load(&repo, &cluster).await?
+    };
+    tracing::debug!(from_summaries = listed.scoped, "catalog listed");
+    let cat = &listed.catalog;
     let streaming = (pg.wal == dr::config::WalMode::Stream)
         .then(|| stream::StreamStatus::load(pg, &cluster))
         .flatten();
     if out.json {
-        let backups: Vec<_> = cat
-            .backups
+        let mut v = listed.to_json();
+        v["ok"] = true.into();
+        v["cluster"] = cluster.clone().into();
+        v["damaged_tails"] = cat
+            .damaged_tails
             .iter()
-            .map(|b| {
-                serde_json::json!({
-                    "id": b.id, "start_time": b.start_time, "stop_time": b.stop_time,
-                    "start_lsn": b.start_lsn, "stop_lsn": b.stop_lsn, "timeline": b.timeline,
-                    "size": b.size, "stored_size": b.stored_size, "files": b.files.len(),
-                })
-            })
-            .collect();
-        out.json(&serde_json::json!({
-            "ok": true, "cluster": cluster, "backups": backups,
-            "wal_segments": cat.wal.len(), "windows": cat.windows,
-            "timelines": cat.timelines.values().collect::<Vec<_>>(),
-            "unreadable": cat.unreadable,
-            "damaged_tails": cat.damaged_tails.iter()
-                .map(|(seg, why)| serde_json::json!({ "segment": seg.to_string(), "error": why }))
-                .collect::<Vec<_>>(),
-            "stream": streaming.as_ref().map(|s| serde_json::json!({
-                "status": s, "lag_seconds": s.lag_seconds(chrono::Utc::now()),
-            })),
-        }));
+            .map(|(seg, why)| serde_json::json!({ "segment": seg.to_string(), "error": why }))
+            .collect::<Vec<_>>()
+            .into();
+        v["stream"] = serde_json::json!(streaming.as_ref().map(|s| serde_json::json!({
+            "status": s, "lag_seconds": s.lag_seconds(chrono::Utc::now()),
+        })));
+        out.json(&v);
         return Ok(ExitCode::SUCCESS);
     }
     let fmt = |t: &chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%SZ").to_string();
@@ -396,8 +393,13 @@ pub async fn list(
                 fmt(&b.stop_time),
                 format!("{}..{}", b.start_lsn, b.stop_lsn),
                 b.timeline.to_string(),
-                bytes(b.size),
-                bytes(b.stored_size),
+                bytes(listed.sizes.get(&b.id).map_or(b.size, |z| z.size)),
+                bytes(
+                    listed
+                        .sizes
+                        .get(&b.id)
+                        .map_or(b.stored_size, |z| z.stored_size),
+                ),
             ]
         })
         .collect();

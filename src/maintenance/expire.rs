@@ -156,6 +156,7 @@ async fn plan_pg_cluster(
     let mut data = Vec::new();
     let mut wal = Vec::new();
     let mut summaries = Vec::new();
+    let mut prefix_summaries = Vec::new();
     for o in &objects {
         match o.key.parse::<ObjectKey>() {
             Ok(ObjectKey::PgData { backup, .. }) => {
@@ -167,6 +168,12 @@ async fn plan_pg_cluster(
             Ok(ObjectKey::PgSummary { summary, .. }) => {
                 summaries.push((summary.backup.to_string(), o.key.clone()))
             }
+            Ok(ObjectKey::WalPrefixSummary {
+                system_id,
+                timeline,
+                summary,
+                ..
+            }) => prefix_summaries.push(((system_id, timeline.0, summary.log), o.key.clone())),
             Ok(ObjectKey::Wal {
                 system_id, segment, ..
             }) => wal.push(PgWal {
@@ -230,7 +237,7 @@ async fn plan_pg_cluster(
             _ => None,
         })
         .collect();
-    let first: Vec<Deletion> = summaries
+    let mut first: Vec<Deletion> = summaries
         .into_iter()
         .filter(|(id, _)| expiring.contains(id))
         .map(|(id, key)| Deletion {
@@ -241,6 +248,31 @@ async fn plan_pg_cluster(
             orphan: false,
         })
         .collect();
+    // A prefix summary says every segment of its prefix exists: it goes
+    // before any of them does, with the manifests, so it never outlives one.
+    let thinned: std::collections::BTreeSet<(u64, u32, u32)> = plan
+        .deletions
+        .iter()
+        .filter_map(|d| match d.key.parse::<ObjectKey>() {
+            Ok(ObjectKey::Wal {
+                system_id, segment, ..
+            }) => Some((system_id, segment.timeline.0, segment.log)),
+            _ => None,
+        })
+        .collect();
+    first.extend(
+        prefix_summaries
+            .into_iter()
+            .filter(|(at, _)| thinned.contains(at))
+            .map(|((_, tli, log), key)| Deletion {
+                key,
+                kind: "manifest".into(),
+                why: format!(
+                    "WAL prefix {log:08X} of timeline {tli} loses segments (its summary, first)"
+                ),
+                orphan: false,
+            }),
+    );
     plan.deletions.splice(0..0, first);
     Ok(plan)
 }
@@ -274,6 +306,22 @@ pub async fn execute(repo: &Repository, plan: SourcePlan) -> Executed {
     };
     let (manifests, rest): (Vec<&Deletion>, Vec<&Deletion>) =
         plan.deletions.iter().partition(|d| d.kind == "manifest");
+    // Summaries vouch for manifests and segments: while one stays, what it
+    // names stays too.
+    let (summaries, manifests): (Vec<&Deletion>, Vec<&Deletion>) =
+        manifests.into_iter().partition(|d| {
+            matches!(
+                d.key.parse::<ObjectKey>(),
+                Ok(ObjectKey::PgSummary { .. } | ObjectKey::WalPrefixSummary { .. })
+            )
+        });
+    for d in summaries {
+        delete_everywhere(repo, &d.key, &mut ex).await;
+    }
+    if !ex.locked.is_empty() || !ex.failed.is_empty() {
+        ex.skipped = manifests.len() + rest.len();
+        return ex;
+    }
     for d in manifests {
         delete_everywhere(repo, &d.key, &mut ex).await;
     }

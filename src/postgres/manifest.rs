@@ -235,6 +235,11 @@ impl PgManifest {
             stop_segment: self.stop_segment.parse().ok()?,
             start_time: self.start_time,
             stop_time: self.stop_time,
+            sizes: Some(crate::repo::layout::BackupSizes {
+                size: self.size,
+                stored_size: self.stored_size,
+                files: self.files.len() as u64,
+            }),
         })
     }
 

@@ -38,6 +38,10 @@ pub struct History {
     /// A promotion inside segment `n`: timeline 2 branches off there and
     /// holds every later segment (timeline 1 ends with segment `n`).
     pub branch: Option<u64>,
+    /// Backups whose summary is of the older form, without sizes.
+    pub old_summary: Vec<u64>,
+    /// Segments never archived (a gap).
+    pub missing: Vec<u64>,
 }
 
 impl History {
@@ -51,6 +55,8 @@ impl History {
             backups,
             without_summary: Vec::new(),
             branch: None,
+            old_summary: Vec::new(),
+            missing: Vec::new(),
         }
     }
 
@@ -121,11 +127,17 @@ pub async fn write(repo: &Repository, h: &History, parallel: usize) {
         .await
         .expect("encode a segment");
     // Timeline 2 begins with its own copy of the switch segment.
-    let placed = (1..=h.segments).flat_map(|n| match h.branch {
-        Some(b) if n == b => vec![(1, n), (2, n)],
-        Some(b) if n > b => vec![(2, n)],
-        _ => vec![(1, n)],
-    });
+    let placed = (1..=h.segments)
+        .filter(|n| !h.missing.contains(n))
+        .flat_map(|n| match h.branch {
+            Some(b) if n == b => vec![(1, n), (2, n)],
+            Some(b) if n > b => vec![(2, n)],
+            _ => vec![(1, n)],
+        });
+    let prefixes: std::collections::BTreeSet<(u32, u32)> = placed
+        .clone()
+        .map(|(tli, n)| (tli, (n / 256) as u32))
+        .collect();
     let wal = futures::stream::iter(placed).map(|(tli, n)| {
         let zero_stored = zero_stored.clone();
         let zero_hash = zero_enc.plain_hash.clone();
@@ -155,6 +167,16 @@ pub async fn write(repo: &Repository, h: &History, parallel: usize) {
         }
     });
     wal.buffer_unordered(parallel).collect::<Vec<()>>().await;
+    // As the archiver does after storing each prefix's last segment.
+    futures::stream::iter(prefixes)
+        .map(|(tli, log)| async move {
+            dr::postgres::wal::prefix::summarise_prefix(repo, &h.cluster, h.system_id, tli, log)
+                .await
+                .expect("summarise a WAL prefix");
+        })
+        .buffer_unordered(parallel)
+        .collect::<Vec<()>>()
+        .await;
     if let Some(lsn) = h.switch_lsn() {
         let text = format!(
             "1\t{:X}/{:X}\tno recovery target specified\n",
@@ -188,7 +210,16 @@ pub async fn write(repo: &Repository, h: &History, parallel: usize) {
         repo.put_buffer(&key, body, None)
             .await
             .expect("put a manifest");
-        if !h.without_summary.contains(&k) {
+        if h.old_summary.contains(&k) {
+            let mut key = m.summary_key().expect("summary key");
+            if let ObjectKey::PgSummary { summary, .. } = &mut key {
+                summary.sizes = None;
+            }
+            repo.regions
+                .put_bytes(&key.to_string(), Bytes::new())
+                .await
+                .expect("put an old summary");
+        } else if !h.without_summary.contains(&k) {
             dr::postgres::backup::write_summary(repo, &m).await;
         }
     });
@@ -231,8 +262,8 @@ pub fn manifest(h: &History, k: u64) -> PgManifest {
         dirs: Vec::new(),
         files: Vec::new(),
         objects: Vec::new(),
-        size: 0,
-        stored_size: 0,
+        size: 1000 * (k + 1),
+        stored_size: 700 * (k + 1),
         duration_seconds: 1.0,
         checksum_failures: Vec::new(),
         tablespaces: Vec::new(),

@@ -44,6 +44,10 @@ impl Catalog {
                 searched += 1;
             }
             while found.is_none() {
+                if self.wal.get(&seg).is_some_and(|e| e.key.is_empty()) {
+                    // Inside a summarised prefix: its keys come from a listing.
+                    self.materialise(repo, seg.timeline.0, seg.log).await;
+                }
                 if let Some(e) = self.wal.get(&seg) {
                     let t = match seen.get(&seg) {
                         Some(t) => *t,

@@ -68,17 +68,21 @@ impl RestorePlan {
 const MAX_UNSUMMARISED: usize = 16;
 
 /// One system id's WAL, as listed a level at a time.
-struct Tree {
+pub(super) struct Tree {
     /// `pg/<cluster>/<system-id>/`.
-    root: String,
+    pub(super) root: String,
     /// Each timeline's 4 GiB prefixes (the high 32 bits of the LSN), ascending.
-    logs: BTreeMap<u32, Vec<u32>>,
+    pub(super) logs: BTreeMap<u32, Vec<u32>>,
     /// Backups known from their summaries only (stand-ins).
-    stand_ins: std::collections::BTreeSet<String>,
+    pub(super) stand_ins: std::collections::BTreeSet<String>,
+    /// Sizes the stand-ins' summaries carry (older summaries carry none).
+    pub(super) sizes: BTreeMap<String, crate::repo::layout::BackupSizes>,
+    /// Summaries of complete prefixes, by (timeline, log).
+    pub(super) complete: BTreeMap<(u32, u32), crate::repo::layout::WalPrefixSummary>,
 }
 
 impl Tree {
-    fn log_prefix(&self, tli: u32, log: u32) -> String {
+    pub(super) fn log_prefix(&self, tli: u32, log: u32) -> String {
         format!("{}wal/{}/{log:08X}/", self.root, TimelineId(tli))
     }
 }
@@ -290,7 +294,7 @@ impl Catalog {
 
     /// Backups (from summaries, or manifests where there is none), timeline
     /// histories and each timeline's WAL prefixes, without listing a WAL key.
-    async fn index(
+    pub(super) async fn index(
         repo: &Repository,
         cluster: &str,
         root: &str,
@@ -323,6 +327,7 @@ impl Catalog {
         let mut cat = Catalog::empty();
         let mut unsummarised = Vec::new();
         let mut stand_ins = std::collections::BTreeSet::new();
+        let mut sizes = BTreeMap::new();
         // A summary counts only while its backup's directory exists: one
         // left behind by an interrupted expire names nothing.
         for dir in &backups.dirs {
@@ -331,6 +336,9 @@ impl Catalog {
                 Some(s) => {
                     cat.backups.push(stand_in(cluster, system_id, s));
                     stand_ins.insert(id.to_string());
+                    if let Some(z) = s.sizes {
+                        sizes.insert(id.to_string(), z);
+                    }
                 }
                 None => unsummarised.push(dir.clone()),
             }
@@ -393,8 +401,18 @@ impl Catalog {
             }))
             .await;
         let mut logs = BTreeMap::new();
+        let mut complete = BTreeMap::new();
         for (t, l) in timelines.iter().zip(listed) {
             let l = l?;
+            for o in &l.objects {
+                if let Ok(ObjectKey::WalPrefixSummary {
+                    timeline, summary, ..
+                }) = o.key.parse::<ObjectKey>()
+                    && timeline.0 == *t
+                {
+                    complete.insert((*t, summary.log), summary);
+                }
+            }
             let prefix = format!("{root}wal/{}/", TimelineId(*t));
             let v: Vec<u32> = l
                 .dirs
@@ -412,6 +430,8 @@ impl Catalog {
             root: root.to_string(),
             logs,
             stand_ins,
+            sizes,
+            complete,
         };
         Ok(Some((cat, tree)))
     }
@@ -517,8 +537,8 @@ fn stand_in(cluster: &str, system_id: u64, s: &BackupSummary) -> PgManifest {
         dirs: Vec::new(),
         files: Vec::new(),
         objects: Vec::new(),
-        size: 0,
-        stored_size: 0,
+        size: s.sizes.map_or(0, |z| z.size),
+        stored_size: s.sizes.map_or(0, |z| z.stored_size),
         duration_seconds: 0.0,
         checksum_failures: Vec::new(),
         tablespaces: Vec::new(),
@@ -531,7 +551,13 @@ fn stand_in(cluster: &str, system_id: u64, s: &BackupSummary) -> PgManifest {
 async fn real_manifest(repo: &Repository, root: &str, b: &PgManifest) -> Option<PgManifest> {
     let key = format!("{root}backups/{}/manifest", b.id);
     match read_manifest_sized(repo, &key, None).await {
-        Ok(m) if m.summary() == b.summary() => Some(m),
+        // Positions and times only: a stand-in lists no files.
+        Ok(m)
+            if m.summary().map(BackupSummary::without_sizes)
+                == b.summary().map(BackupSummary::without_sizes) =>
+        {
+            Some(m)
+        }
         Ok(_) => {
             tracing::warn!(backup = %b.id, "backup summary disagrees with its manifest; planning from the whole catalog");
             None

@@ -129,16 +129,8 @@ fn catalog(h: &History) -> Catalog {
         backups.push(manifest(&format!("b{i}"), tl, start, start + 1));
     }
     backups.sort_by(|a, b| (a.start_time, &a.id).cmp(&(b.start_time, &b.id)));
-    let mut cat = Catalog {
-        backups,
-        wal,
-        streamed: BTreeMap::new(),
-        pieces: BTreeMap::new(),
-        windows: Vec::new(),
-        timelines,
-        unreadable: Vec::new(),
-        damaged_tails: BTreeMap::new(),
-    };
+    let mut cat = Catalog::empty();
+    (cat.backups, cat.wal, cat.timelines) = (backups, wal, timelines);
     cat.windows = cat.compute_windows();
     cat
 }

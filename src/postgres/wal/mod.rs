@@ -196,9 +196,14 @@ async fn push_checked(
                  (on a host with the identity) checks it and replaces it"
             )));
         }
+        if let WalFile::Segment(seg, _) = file {
+            // The replacement changes a key a prefix summary may name.
+            prefix::forget_prefix(repo, cluster, system_id, seg.timeline.0, seg.log).await?;
+        }
         replaced = remove_invalid(repo, system_id, file, name, &conflicts).await?;
     }
     if present_in.len() >= repo.regions.min_regions() {
+        summarise_if_last(repo, cluster, system_id, file).await;
         return Ok(PushReport {
             file: name.to_string(),
             key: key.to_string(),
@@ -216,6 +221,7 @@ async fn push_checked(
             None => return Err(e.into()),
         },
     };
+    summarise_if_last(repo, cluster, system_id, file).await;
     Ok(PushReport {
         file: name.to_string(),
         key: key.to_string(),
@@ -224,6 +230,25 @@ async fn push_checked(
         regions,
         replaced,
     })
+}
+
+/// After the last segment of a 4 GiB prefix is stored, writes the prefix's
+/// summary if the prefix is complete (one listing per 256 segments). A
+/// summary only saves catalog requests, so failing to write one is logged,
+/// never a failed push.
+async fn summarise_if_last(repo: &Repository, cluster: &str, system_id: u64, file: WalFile) {
+    let WalFile::Segment(seg, WalSuffix::None) = file else {
+        return;
+    };
+    if seg.seg != crate::repo::layout::MAX_SEG {
+        return;
+    }
+    match prefix::summarise_prefix(repo, cluster, system_id, seg.timeline.0, seg.log).await {
+        Ok(Some(key)) => tracing::debug!(key, "WAL prefix summarised"),
+        Ok(None) => tracing::debug!(segment = %seg, "WAL prefix not complete; not summarised"),
+        Err(e) => tracing::warn!(segment = %seg, error = %e,
+            "WAL prefix summary not written; catalogs list the prefix instead"),
+    }
 }
 
 /// Deletes archived copies in `conflicts` (`(region, key, stored size)`)
@@ -650,6 +675,8 @@ pub fn next_segment(s: WalSegmentName) -> WalSegmentName {
         }
     }
 }
+
+pub mod prefix;
 
 #[cfg(test)]
 mod tests;

@@ -317,6 +317,20 @@ pub enum ObjectKey {
         /// BLAKE3 of the plaintext, 64 hex digits (a journal's random id).
         hash: String,
     },
+    /// `pg/<cluster>/<system-id>/wal/<timeline>/<summary>`: an empty object
+    /// saying every segment of one 4 GiB prefix of the timeline is archived
+    /// (see [`WalPrefixSummary`]). A hint: readers that list the prefix
+    /// trust the listing.
+    WalPrefixSummary {
+        /// Cluster name.
+        cluster: String,
+        /// System identifier.
+        system_id: u64,
+        /// Timeline of the prefix.
+        timeline: TimelineId,
+        /// What the name says.
+        summary: WalPrefixSummary,
+    },
     /// `pg/<cluster>/<system-id>/wal/<timeline>.history-<blake3>`
     TimelineHistory {
         /// Cluster name.
@@ -436,6 +450,12 @@ impl fmt::Display for ObjectKey {
                 timeline,
                 hash,
             } => write!(f, "pg/{cluster}/{system_id}/wal/{timeline}.history-{hash}"),
+            ObjectKey::WalPrefixSummary {
+                cluster,
+                system_id,
+                timeline,
+                summary,
+            } => write!(f, "pg/{cluster}/{system_id}/wal/{timeline}/{summary}"),
             ObjectKey::RedisManifest { instance, snapshot } => {
                 write!(f, "redis/{instance}/snapshots/{snapshot}/manifest")
             }
@@ -546,6 +566,12 @@ impl FromStr for ObjectKey {
                     hash: hash.to_string(),
                 })
             }
+            ["pg", c, sid, "wal", tli, summary] => Ok(ObjectKey::WalPrefixSummary {
+                cluster: name(c)?,
+                system_id: sysid(sid)?,
+                timeline: tli.parse()?,
+                summary: summary.parse()?,
+            }),
             ["pg", c, sid, "wal", hist] => {
                 let Some((t, hash)) = hist.split_once(".history-") else {
                     return bad();
@@ -600,7 +626,9 @@ impl FromStr for ObjectKey {
 }
 
 mod summary;
-pub use summary::BackupSummary;
+pub use summary::{BackupSizes, BackupSummary};
+mod walsum;
+pub use walsum::WalPrefixSummary;
 
 #[cfg(test)]
 mod tests;

@@ -62,10 +62,11 @@ fn key() -> impl Strategy<Value = ObjectKey> {
             name(),
             any::<u64>(),
             (id(), any::<u32>(), any::<u64>(), any::<u64>()),
-            (segment(), segment(), 0i64.., 0i64..)
+            (segment(), segment(), 0i64.., 0i64..),
+            proptest::option::of((any::<u64>(), any::<u64>(), any::<u64>()))
         )
             .prop_map(
-                |(cluster, system_id, (backup, timeline, a, b), (s, e, t0, t1))| {
+                |(cluster, system_id, (backup, timeline, a, b), (s, e, t0, t1), z)| {
                     ObjectKey::PgSummary {
                         cluster,
                         system_id,
@@ -78,10 +79,39 @@ fn key() -> impl Strategy<Value = ObjectKey> {
                             stop_segment: e,
                             start_time: DateTime::from_timestamp_nanos(t0),
                             stop_time: DateTime::from_timestamp_nanos(t1),
+                            sizes: z.map(|(size, stored_size, files)| BackupSizes {
+                                size,
+                                stored_size,
+                                files,
+                            }),
                         },
                     }
                 }
             ),
+        (
+            name(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<u32>(),
+            hash(),
+            hash(),
+            0i64..,
+            0i64..
+        )
+            .prop_map(|(cluster, system_id, tli, log, a, b, t0, t1)| {
+                ObjectKey::WalPrefixSummary {
+                    cluster,
+                    system_id,
+                    timeline: TimelineId(tli),
+                    summary: WalPrefixSummary {
+                        log,
+                        first_hash: a,
+                        last_hash: b,
+                        first_time: DateTime::from_timestamp_nanos(t0),
+                        last_time: DateTime::from_timestamp_nanos(t1),
+                    },
+                }
+            }),
         (name(), any::<u64>(), id(), any::<u32>()).prop_map(|(cluster, system_id, backup, n)| {
             ObjectKey::PgData {
                 cluster,

@@ -31,6 +31,29 @@ pub struct BackupSummary {
     pub start_time: DateTime<Utc>,
     /// When it ended: the earliest point a restore of it reaches.
     pub stop_time: DateTime<Utc>,
+    /// What `dr list pg` shows of its size; `None` in summaries written
+    /// before sizes were part of the name (the listing reads the manifest).
+    pub sizes: Option<BackupSizes>,
+}
+
+/// A backup's sizes as its manifest records them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackupSizes {
+    /// Plaintext bytes of every file.
+    pub size: u64,
+    /// Stored (compressed, encrypted) bytes.
+    pub stored_size: u64,
+    /// Files in the backup.
+    pub files: u64,
+}
+
+impl BackupSummary {
+    /// The summary without its sizes: what restore planning compares with
+    /// the manifest (the older name form carries no sizes).
+    pub fn without_sizes(mut self) -> BackupSummary {
+        self.sizes = None;
+        self
+    }
 }
 
 impl fmt::Display for BackupSummary {
@@ -48,7 +71,11 @@ impl fmt::Display for BackupSummary {
             self.stop_segment,
             ns(&self.start_time),
             ns(&self.stop_time)
-        )
+        )?;
+        match &self.sizes {
+            Some(z) => write!(f, ".{}.{}.{}", z.size, z.stored_size, z.files),
+            None => Ok(()),
+        }
     }
 }
 
@@ -63,20 +90,30 @@ fn hex16(s: &str) -> Option<u64> {
     u64::from_str_radix(s, 16).ok()
 }
 
-fn nanos(s: &str) -> Option<DateTime<Utc>> {
-    // As Display writes it: decimal digits, no sign, no leading zero.
+/// Decimal digits as Display writes them: no sign, no leading zero.
+fn decimal(s: &str) -> Option<u64> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0'))
     {
         return None;
     }
-    Some(DateTime::from_timestamp_nanos(s.parse().ok()?))
+    s.parse().ok()
+}
+
+/// Unix nanoseconds as Display writes them (no sign, no leading zero).
+pub(super) fn nanos(s: &str) -> Option<DateTime<Utc>> {
+    Some(DateTime::from_timestamp_nanos(decimal(s)?.try_into().ok()?))
 }
 
 impl FromStr for BackupSummary {
     type Err = ParseKeyError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let parts: Vec<&str> = s.split('.').collect();
-        let [id, tli, start, stop, sseg, eseg, st, et] = parts.as_slice() else {
+        // Eight fields, or eleven with the sizes appended.
+        let (head, sizes) = match parts.as_slice() {
+            [h @ .., a, b, c] if parts.len() == 11 => (h, Some((*a, *b, *c))),
+            h => (h, None),
+        };
+        let [id, tli, start, stop, sseg, eseg, st, et] = head else {
             return perr("backup summary", s);
         };
         let parsed = (|| {
@@ -89,6 +126,14 @@ impl FromStr for BackupSummary {
                 stop_segment: eseg.parse().ok()?,
                 start_time: nanos(st)?,
                 stop_time: nanos(et)?,
+                sizes: match sizes {
+                    Some((a, b, c)) => Some(BackupSizes {
+                        size: decimal(a)?,
+                        stored_size: decimal(b)?,
+                        files: decimal(c)?,
+                    }),
+                    None => None,
+                },
             })
         })();
         match parsed {
@@ -113,9 +158,29 @@ mod tests {
             stop_segment: "00000002000000010000002A".parse().unwrap(),
             start_time: DateTime::from_timestamp_nanos(1_764_096_252_123_456_789),
             stop_time: DateTime::from_timestamp_nanos(1_764_096_300_000_000_001),
+            sizes: None,
         };
         let text = s.to_string();
         assert_eq!(text.parse::<BackupSummary>().unwrap(), s);
+        let sized = BackupSummary {
+            sizes: Some(BackupSizes {
+                size: 1 << 40,
+                stored_size: 0,
+                files: 1234,
+            }),
+            ..s.clone()
+        };
+        let long = sized.to_string();
+        assert!(long.ends_with(".1099511627776.0.1234"), "{long}");
+        assert_eq!(long.parse::<BackupSummary>().unwrap(), sized);
+        for bad in [
+            format!("{text}.1.2"),
+            format!("{text}.01.2.3"),
+            format!("{text}.1.2.-3"),
+            format!("{long}.4"),
+        ] {
+            assert!(bad.parse::<BackupSummary>().is_err(), "{bad:?} accepted");
+        }
         for bad in [
             text.replace(".00000002.", ".2."),
             text.replace("1764096300000000001", "01764096300000000001"),
