@@ -11,8 +11,10 @@ use super::layout::{ObjectKey, WalSuffix};
 use super::{RepoError, Repository};
 
 /// Room reserved (zero-filled) for a journal: a whole segment's WAL, its
-/// record framing at one record per 4 KiB, and the header.
-const RESERVE: u64 = (16 << 20) + (16 << 20) / 4096 * RECORD_OVERHEAD as u64 + (64 << 10);
+/// record framing at one record per 512 bytes (a lone small commit's WAL),
+/// and the header. A journal that outgrows it still works; its appends then
+/// also flush the file's size.
+const RESERVE: u64 = (16 << 20) + (16 << 20) / 512 * RECORD_OVERHEAD as u64 + (64 << 10);
 
 /// One segment's journal, open in every region.
 pub struct WalJournal {
