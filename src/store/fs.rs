@@ -273,9 +273,7 @@ impl FsStore {
         super::validate_key(key)?;
         let zeros = vec![0u8; 1 << 20];
         let create = || -> io::Result<JournalFile> {
-            let tmp_dir = self.root.join(TMP_DIR);
-            std::fs::create_dir_all(&tmp_dir)?;
-            let tmp = tmp_dir.join(format!("{:016x}", rand::random::<u64>()));
+            let tmp = temp_path(&self.root)?;
             let res = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -319,9 +317,7 @@ impl JournalFile {
 /// the temp file (whether or not the put succeeded: once linked it is a
 /// second name of the object, otherwise garbage).
 fn write_object(root: &Path, key: &str, body: &[u8]) -> io::Result<u64> {
-    let tmp_dir = root.join(TMP_DIR);
-    std::fs::create_dir_all(&tmp_dir)?;
-    let tmp = tmp_dir.join(format!("{:016x}", rand::random::<u64>()));
+    let tmp = temp_path(root)?;
     let res = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -333,6 +329,13 @@ fn write_object(root: &Path, key: &str, body: &[u8]) -> io::Result<u64> {
         .and_then(|()| publish(root, &tmp, &root.join(key)));
     let _ = std::fs::remove_file(&tmp);
     res.map(|()| body.len() as u64)
+}
+
+/// A fresh name under `<root>/.tmp/` (created if missing), never listed.
+fn temp_path(root: &Path) -> io::Result<PathBuf> {
+    let tmp_dir = root.join(TMP_DIR);
+    std::fs::create_dir_all(&tmp_dir)?;
+    Ok(tmp_dir.join(format!("{:016x}", rand::random::<u64>())))
 }
 
 /// Links the synced temp file to its final name and makes the new directory
