@@ -622,6 +622,10 @@ fn a_damaged_journal_fails_the_restore_instead_of_shortening_it() {
     for i in 0..20 {
         pg.sql(&format!("INSERT INTO t VALUES ({i})"));
     }
+    let after = pg.sql(
+        "SELECT to_char((clock_timestamp() + interval '1 second') AT TIME ZONE 'utc', \
+         'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
+    );
     streamer.stop();
     let journal = common::walk_files(&tmp.path().join("repo"))
         .into_iter()
@@ -646,6 +650,14 @@ fn a_damaged_journal_fails_the_restore_instead_of_shortening_it() {
     let name = journal.file_name().and_then(|n| n.to_str()).expect("name");
     assert!(
         err.contains("would stop short") && err.contains(name) && err.contains("corrupt"),
+        "{err}"
+    );
+    // A time past the readable WAL is refused for the same reason.
+    let o = pg.restore_raw(&after, &target, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "restore to {after} succeeded: {err}");
+    assert!(
+        err.contains("cannot be read") && err.contains(name),
         "{err}"
     );
     // The listing says so too.

@@ -324,8 +324,19 @@ impl Catalog {
                     .find(|(l, _)| l.timeline == end.timeline)?;
                 Some((next_segment(end), later))
             });
-            match beyond {
-                Some((missing, (later, e))) => format!(
+            // An unreadable streamed tail holds the WAL the target needs.
+            let damaged = newest_window.filter(|w| w.streamed_tail).and_then(|w| {
+                let end = w.last_segment.parse::<WalSegmentName>().ok()?;
+                let why = self.damaged_tails.get(&end)?;
+                Some(format!(
+                    "is beyond what can be read: the streamed WAL of unfinished segment {end} \
+                     cannot be read, so replay stops at {}: {why}",
+                    fmt(&last)
+                ))
+            });
+            match (damaged, beyond) {
+                (Some(d), _) => d,
+                (None, Some((missing, (later, e)))) => format!(
                     "is beyond a gap in the archived WAL: segment {missing} is missing in every region, \
                      so replay stops at {} although {later} was archived{}",
                     fmt(&last),
@@ -333,7 +344,7 @@ impl Catalog {
                         .map(|a| format!(" ({})", fmt(&a)))
                         .unwrap_or_default()
                 ),
-                None => format!("is after the last archived WAL ({})", fmt(&last)),
+                (None, None) => format!("is after the last archived WAL ({})", fmt(&last)),
             }
         } else {
             let before = self
