@@ -275,27 +275,19 @@ fn kill_restore_pg() {
     let (_fs, mut pg) = pg_setup(false);
     pg.pgbench(&["-n", "-t", "200"]);
     pg.archive_now();
-    // The shorter of two unkilled runs: the first reads a cold cache and
-    // can take twice as long, so delays drawn from it outlast later runs.
-    let span = (0..2)
-        .map(|n| {
-            let dir = pg.target(&format!("rk-measure-{n}"));
-            let took = timed(
-                &pg,
-                &[
-                    "restore",
-                    "pg",
-                    "--to",
-                    "latest",
-                    "--target",
-                    dir.to_str().expect("utf8"),
-                ],
-            );
-            remove(&dir);
-            took
-        })
-        .min()
-        .expect("two runs");
+    let first = pg.target("rk-measure");
+    let span = timed(
+        &pg,
+        &[
+            "restore",
+            "pg",
+            "--to",
+            "latest",
+            "--target",
+            first.to_str().expect("utf8"),
+        ],
+    );
+    remove(&first);
     eprintln!("restore: an unkilled run takes {span:?}");
     for i in 0..c.kills {
         let d = c.delay(span);
